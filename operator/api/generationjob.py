@@ -1,0 +1,79 @@
+"""GenerationJob: render prompts in the style of one or more LoRAs."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .common import (
+    ARTIFACT_POLICY_DESCRIPTION,
+    DNS1123_SUBDOMAIN,
+    NO_CROSS_NAMESPACE,
+    ArtifactPolicy,
+    CommonStatus,
+    Model,
+    ModelSelection,
+    Scheduling,
+)
+
+Prompt = Annotated[str, Field(min_length=1, max_length=4000)]
+
+
+class LoRAReference(Model):
+    """A trained (StyleLoRA) or fused (LoRAFusion) LoRA in this namespace, with its weight."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"x-kubernetes-validations": [NO_CROSS_NAMESPACE]})
+
+    kind: Literal["StyleLoRA", "LoRAFusion"] = Field(default="StyleLoRA", description="StyleLoRA or LoRAFusion.")
+    name: str = Field(description="Name of the referenced object.", max_length=253, pattern=DNS1123_SUBDOMAIN)
+    namespace: str | None = Field(
+        default=None,
+        description="Must be omitted: references stay within the referring object's namespace.",
+        max_length=63,
+    )
+    weight: float = Field(default=1.0, ge=-2, le=2, description="LoRA scale, -2 to 2 (1.0 = as trained).")
+
+
+class GenerationJobSpec(Model):
+    """Prompts to render with FLUX.2 [klein] and the given LoRAs."""
+
+    loras: list[LoRAReference] = Field(
+        description="LoRAs to apply, 1 to 8; each must be Succeeded first.", min_length=1, max_length=8
+    )
+    prompts: list[Prompt] = Field(description="Prompts to render, 1 to 64.", min_length=1, max_length=64)
+    negativePrompt: str = Field(default="", max_length=4000, description="Negative prompt for real CFG.")
+    textPipeline: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Gemini prompt reformulation: auto (policy: off for boards of 1-3 images), on, or off.",
+    )
+    width: int = Field(default=2048, ge=256, le=2048, multiple_of=16, description="Width: 256-2048, multiple of 16.")
+    height: int = Field(
+        default=2048, ge=256, le=2048, multiple_of=16, description="Height: 256-2048, multiple of 16."
+    )
+    steps: int = Field(default=50, ge=1, le=200, description="Inference steps, 1 to 200 (Base models: 50).")
+    guidance: float = Field(default=4.0, ge=0, le=30, description="CFG guidance scale (Base models: 4.0).")
+    seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Seed of the first image; image i uses seed + i.")
+    count: int = Field(default=1, ge=1, le=16, description="Images per prompt, 1 to 16.")
+    model: ModelSelection = Field(default_factory=ModelSelection, description="Base model.")
+    scheduling: Scheduling = Field(default_factory=Scheduling, description="Queue, priority and node pool.")
+    artifactPolicy: ArtifactPolicy = Field(default="Retain", description=ARTIFACT_POLICY_DESCRIPTION)
+
+
+class GeneratedImage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    uri: str = Field(description="Where the PNG is.")
+    prompt: str = Field(description="The prompt as given.")
+    promptUsed: str | None = Field(default=None, description="The prompt actually rendered (after reformulation).")
+    seed: int = Field(description="Seed of this image.")
+    seconds: float | None = Field(default=None, description="Render time.")
+
+
+class GenerationJobStatus(CommonStatus):
+    """Observed state of a GenerationJob."""
+
+    imagesDone: int | None = Field(default=None, description="Images rendered so far.")
+    imagesTotal: int | None = Field(default=None, description="Images to render (prompts x count).")
+    images: list[GeneratedImage] = Field(default_factory=list, description="Rendered images.")
+    contactSheetURI: str | None = Field(default=None, description="A labelled grid of all images.")

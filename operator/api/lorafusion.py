@@ -1,0 +1,51 @@
+"""LoRAFusion: fuse several LoRAs into one."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import ConfigDict, Field
+
+from .common import ARTIFACT_POLICY_DESCRIPTION, ArtifactPolicy, CommonStatus, Model, Scheduling, cel
+from .generationjob import LoRAReference
+
+
+class LoRAFusionSpec(Model):
+    """Fuse 2-8 LoRAs, weighted, into one LoRA."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel("!(has(self.rank) && has(self.energy))", "set rank or energy, not both", ".energy"),
+                cel(
+                    "self.method != 'concat' || (!has(self.rank) && !has(self.energy))",
+                    "concat keeps every rank exactly: rank and energy apply to svd and klora only",
+                    ".method",
+                ),
+            ]
+        },
+    )
+
+    sources: list[LoRAReference] = Field(
+        description="LoRAs to fuse, 2 to 8, with weights.", min_length=2, max_length=8
+    )
+    method: Literal["concat", "svd", "klora"] = Field(
+        default="svd",
+        description="concat (exact, rank = sum of ranks), svd (exact low-rank truncation), klora (K-LoRA selection).",
+    )
+    rank: int | None = Field(default=None, ge=1, le=1024, description="Target rank for svd/klora.")
+    energy: float | None = Field(
+        default=None, gt=0, le=1, description="Alternative to rank: keep the smallest rank holding this energy."
+    )
+    scheduling: Scheduling = Field(default_factory=Scheduling, description="Queue, priority and node pool.")
+    artifactPolicy: ArtifactPolicy = Field(default="Retain", description=ARTIFACT_POLICY_DESCRIPTION)
+
+
+class LoRAFusionStatus(CommonStatus):
+    """Observed state of a LoRAFusion."""
+
+    loraURI: str | None = Field(default=None, description="The fused LoRA.")
+    rank: int | None = Field(default=None, description="Rank of the fused LoRA.")
+    energyKept: float | None = Field(default=None, description="Fraction of the weighted sum's energy kept.")
+    durationSeconds: float | None = Field(default=None, description="Time the fusion took.")

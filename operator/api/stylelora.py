@@ -1,0 +1,138 @@
+"""StyleLoRA: train a style LoRA on a StyleBoard's dataset."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .common import (
+    ARTIFACT_POLICY_DESCRIPTION,
+    ArtifactPolicy,
+    CommonStatus,
+    Model,
+    ModelSelection,
+    ObjectReference,
+    Scheduling,
+    cel,
+)
+
+Variant = Literal["auto", "GEM+A", "GEM+B", "B_r128", "GEM+D"]
+
+BlockName = Annotated[str, Field(pattern=r"^(double|single)_blocks\.[0-9]{1,2}$", max_length=20)]
+
+
+class TrainingSettings(Model):
+    """Explicit training settings. Each one set here overrides the policy; unset ones come from the policy."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.targetBlocks == 'custom' ? has(self.blocks) : !has(self.blocks)",
+                    "blocks must be set exactly when targetBlocks is custom",
+                    ".blocks",
+                ),
+            ]
+        },
+    )
+
+    rank: Literal[16, 32, 64, 128] | None = Field(default=None, description="LoRA rank: 16, 32, 64 or 128.")
+    alpha: int | None = Field(
+        default=None, ge=1, le=256, description="LoRA alpha (the builtin backend; ai-toolkit uses alpha = rank)."
+    )
+    optimizer: Literal["adafactor", "adamw8bit", "adamw"] | None = Field(
+        default=None, description="Optimizer: adafactor (policy default), adamw8bit or adamw."
+    )
+    learningRate: float | None = Field(
+        default=None, gt=0, le=0.01, description="Learning rate, greater than 0 and at most 0.01 (policy: 1e-4)."
+    )
+    weightDecay: float | None = Field(default=None, ge=0, le=1, description="Weight decay (policy: 1e-4).")
+    steps: int | None = Field(
+        default=None, ge=100, le=10000, description="Training steps, 100 to 10000; unset uses the policy's formula."
+    )
+    captionDropout: float | None = Field(
+        default=None, ge=0, le=1, description="Probability, 0 to 1, of dropping a whole caption (policy: 0.05)."
+    )
+    resolution: int | None = Field(
+        default=None, ge=256, le=2048, multiple_of=64, description="Training resolution in pixels (policy: 1024)."
+    )
+    scheduler: Literal["cosine", "constant", "linear"] | None = Field(
+        default=None, description="Learning-rate schedule (policy: cosine)."
+    )
+    targetBlocks: Literal["all", "single", "double", "custom"] = Field(
+        default="all",
+        description="Which transformer blocks get LoRA layers: all, single (single-stream, style-leaning), "
+        "double, or custom (list them in blocks).",
+    )
+    blocks: list[BlockName] | None = Field(
+        default=None,
+        description="With targetBlocks custom: block names such as single_blocks.4 or double_blocks.7.",
+        min_length=1,
+        max_length=32,
+    )
+    checkpointEvery: int | None = Field(
+        default=None, ge=50, le=5000, description="Steps between checkpoints (each one is evaluated)."
+    )
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1, description="Random seed for a reproducible run.")
+
+
+class EarlyStopping(Model):
+    """Stop at the best checkpoint instead of the last one."""
+
+    enabled: bool = Field(default=True, description="Evaluate checkpoints and stop when they stop improving.")
+    patience: int = Field(default=3, ge=1, le=20, description="Evaluations without improvement before stopping.")
+    warmupSteps: int | None = Field(
+        default=None, ge=0, le=10000, description="No stop before this step; unset: a third of the planned steps."
+    )
+
+
+class StyleLoRASpec(Model):
+    """A style LoRA trained on a StyleBoard's dataset."""
+
+    boardRef: ObjectReference = Field(description="The StyleBoard whose dataset is used; it must become Ready.")
+    variant: Variant = Field(
+        default="auto",
+        description="Training recipe: auto picks from the dataset size (the reference matrix); GEM+A (rank 32, "
+        "adafactor), GEM+B (rank 128, adamw8bit), B_r128 (rank 128, no text pipeline), GEM+D (small datasets).",
+    )
+    training: TrainingSettings | None = Field(default=None, description="Explicit settings overriding the variant.")
+    mode: Literal["standard", "two-step"] = Field(
+        default="standard",
+        description="standard, or two-step (a content LoRA first, then the style LoRA on top: ConsisLoRA).",
+    )
+    earlyStopping: EarlyStopping = Field(default_factory=EarlyStopping, description="Early stopping.")
+    backend: Literal["auto", "ai-toolkit", "builtin"] = Field(
+        default="auto", description="Trainer: ai-toolkit, builtin (diffusers + peft), or auto (operator's default)."
+    )
+    model: ModelSelection = Field(default_factory=ModelSelection, description="Base model.")
+    scheduling: Scheduling = Field(default_factory=Scheduling, description="Queue, priority and node pool.")
+    artifactPolicy: ArtifactPolicy = Field(default="Retain", description=ARTIFACT_POLICY_DESCRIPTION)
+
+
+class Checkpoint(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    step: int = Field(description="Training step of the checkpoint.")
+    uri: str = Field(description="Where the checkpoint is.")
+    score: float | None = Field(default=None, description="Evaluation score (higher is better).")
+
+
+class StyleLoRAStatus(CommonStatus):
+    """Observed state of a StyleLoRA."""
+
+    step: int | None = Field(default=None, description="Current training step.")
+    totalSteps: int | None = Field(default=None, description="Planned training steps.")
+    progressText: str | None = Field(default=None, description="step/total and percent, for kubectl get.")
+    loss: float | None = Field(default=None, description="Latest training loss.")
+    eta: str | None = Field(default=None, description="Estimated time left.")
+    checkpoints: list[Checkpoint] = Field(default_factory=list, description="Checkpoints with their scores.")
+    bestCheckpoint: int | None = Field(default=None, description="Step of the best checkpoint.")
+    loraURI: str | None = Field(default=None, description="The trained LoRA (the best checkpoint).")
+    stopReason: str | None = Field(default=None, description="Why training ended.")
+    plan: dict[str, Any] | None = Field(
+        default=None,
+        description="Key values of the training plan and where each came from (policy or spec).",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )

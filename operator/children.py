@@ -1,0 +1,238 @@
+"""Pure builders of the children of a resource, as plain manifests (dicts).
+
+A run is a ConfigMap holding the RunSpec and a Job that reads it, plus a ServiceAccount, Role and RoleBinding that
+let the Job patch its owner's status (and nothing else). Pods run non-root on a read-only root filesystem with all
+capabilities dropped; API keys reach them only through secretKeyRef.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kleinstyle.runtime.spec import RunSpec
+
+from .config import OperatorConfig
+from .naming import owner_labels, run_labels, run_name, runner_name
+
+RUNSPEC_KEY = "runspec.json"
+RUNSPEC_DIR = "/etc/kleinstyle"
+GPU_STEPS = frozenset({"train", "generate"})
+# Exit code the runtime uses for input it can never succeed on (bad dataset, missing model): no retry.
+EXIT_INVALID_INPUT = 2
+
+
+@dataclass(frozen=True)
+class SecretEnv:
+    """An env var filled from a Secret key (the only way API keys reach a pod)."""
+
+    env: str
+    secret: str
+    key: str
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class Run:
+    """What the builders need to know about one run of one owner."""
+
+    runspec: RunSpec
+    step: str
+    run_hash: str
+    owner_api_version: str
+    gpus: int = 0
+    node_pool: str | None = None
+    queue_name: str | None = None
+    priority_class: str | None = None
+    secret_env: tuple[SecretEnv, ...] = ()
+    # PVCs mounted read-only at /references/CLAIM (pvc:// image sources).
+    reference_claims: tuple[str, ...] = ()
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def owner(self):
+        return self.runspec.owner
+
+    @property
+    def name(self) -> str:
+        return run_name(self.owner.name, self.step, self.run_hash)
+
+    @property
+    def runner(self) -> str:
+        return runner_name(self.owner.name, self.step)
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return run_labels(self.owner.kind, self.owner.uid, self.step, self.run_hash)
+
+
+def owner_reference(run: Run) -> dict:
+    return {
+        "apiVersion": run.owner_api_version,
+        "kind": run.owner.kind,
+        "name": run.owner.name,
+        "uid": run.owner.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _meta(run: Run, name: str, labels: dict[str, str]) -> dict:
+    return {
+        "name": name,
+        "namespace": run.owner.namespace,
+        "labels": labels,
+        "ownerReferences": [owner_reference(run)],
+    }
+
+
+def build_configmap(run: Run) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(run, run.name, run.labels),
+        "data": {RUNSPEC_KEY: run.runspec.to_json()},
+    }
+
+
+def build_rbac(run: Run) -> list[dict]:
+    """A ServiceAccount allowed to read its owner and patch the owner's status, by name, and nothing else."""
+    labels = owner_labels(run.owner.kind, run.owner.uid)
+    group = run.owner_api_version.split("/")[0]
+    plural = run.owner.plural
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(run, run.runner, labels)},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": _meta(run, run.runner, labels),
+            "rules": [
+                {"apiGroups": [group], "resources": [plural], "resourceNames": [run.owner.name], "verbs": ["get"]},
+                {
+                    "apiGroups": [group],
+                    "resources": [f"{plural}/status"],
+                    "resourceNames": [run.owner.name],
+                    "verbs": ["get", "patch"],
+                },
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": _meta(run, run.runner, labels),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": run.runner},
+            "subjects": [{"kind": "ServiceAccount", "name": run.runner, "namespace": run.owner.namespace}],
+        },
+    ]
+
+
+def _env(run: Run, cfg: OperatorConfig) -> list[dict]:
+    plain = {"HOME": "/tmp", "XDG_CACHE_HOME": "/tmp/cache", "HF_HUB_OFFLINE": "1", **run.extra_env}
+    env: list[dict] = [{"name": k, "value": v} for k, v in plain.items()]
+    for item in run.secret_env:
+        ref = {"name": item.secret, "key": item.key}
+        if item.optional:
+            ref["optional"] = True
+        env.append({"name": item.env, "valueFrom": {"secretKeyRef": ref}})
+    return env
+
+
+def _volumes(run: Run, cfg: OperatorConfig) -> tuple[list[dict], list[dict]]:
+    volumes = [
+        {"name": "runspec", "configMap": {"name": run.name}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts = [
+        {"name": "runspec", "mountPath": RUNSPEC_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    if cfg.artifacts.uri is None:
+        volumes.append({"name": "artifacts", "persistentVolumeClaim": {"claimName": cfg.artifacts.claimName}})
+        mounts.append({"name": "artifacts", "mountPath": cfg.artifacts.mountPath})
+    if run.step in GPU_STEPS:
+        volumes.append(
+            {"name": "models", "persistentVolumeClaim": {"claimName": cfg.modelCacheClaim, "readOnly": True}}
+        )
+        mounts.append({"name": "models", "mountPath": cfg.modelCacheMountPath, "readOnly": True})
+    for i, claim in enumerate(run.reference_claims):
+        volumes.append({"name": f"ref-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        mounts.append({"name": f"ref-{i}", "mountPath": f"/references/{claim}", "readOnly": True})
+    return volumes, mounts
+
+
+def _resources(run: Run, cfg: OperatorConfig) -> dict:
+    gpu = run.step in GPU_STEPS
+    size = cfg.gpuResources if gpu else cfg.cpuResources
+    requests = {"cpu": size.cpu, "memory": size.memory}
+    limits: dict[str, str | int] = {"memory": size.memory}
+    if gpu:
+        limits["nvidia.com/gpu"] = max(1, run.gpus)
+    return {"requests": requests, "limits": limits}
+
+
+def build_job(run: Run, cfg: OperatorConfig) -> dict:
+    volumes, mounts = _volumes(run, cfg)
+    labels = dict(run.labels)
+    if run.queue_name:
+        labels["kueue.x-k8s.io/queue-name"] = run.queue_name
+        if run.priority_class:
+            labels["kueue.x-k8s.io/priority-class"] = run.priority_class
+    pod_spec: dict = {
+        "restartPolicy": "Never",
+        "serviceAccountName": run.runner,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": cfg.runAsUser,
+            "runAsGroup": cfg.runAsUser,
+            "fsGroup": cfg.runAsUser,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [
+            {
+                "name": run.step,
+                "image": cfg.runtimeImage,
+                "imagePullPolicy": cfg.imagePullPolicy,
+                "command": ["kleinstyle", run.step, "--spec", f"{RUNSPEC_DIR}/{RUNSPEC_KEY}"],
+                "env": _env(run, cfg),
+                "resources": _resources(run, cfg),
+                "volumeMounts": mounts,
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+                "securityContext": {
+                    "allowPrivilegeEscalation": False,
+                    "readOnlyRootFilesystem": True,
+                    "capabilities": {"drop": ["ALL"]},
+                },
+            }
+        ],
+        "volumes": volumes,
+    }
+    if run.step in GPU_STEPS:
+        pool = cfg.nodePools[run.node_pool or cfg.defaultNodePool]
+        if pool.nodeSelector:
+            pod_spec["nodeSelector"] = dict(pool.nodeSelector)
+        if pool.tolerations:
+            pod_spec["tolerations"] = [t.model_dump(exclude_none=True) for t in pool.tolerations]
+    if run.priority_class and not run.queue_name:
+        pod_spec["priorityClassName"] = run.priority_class
+    spec: dict = {
+        "backoffLimit": cfg.backoffLimit,
+        "activeDeadlineSeconds": cfg.activeDeadlineSeconds,
+        # Bad input fails the Job at once; a preempted or evicted pod does not count against backoffLimit.
+        "podFailurePolicy": {
+            "rules": [
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {"containerName": run.step, "operator": "In", "values": [EXIT_INVALID_INPUT]},
+                },
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            ]
+        },
+        "template": {"metadata": {"labels": dict(run.labels)}, "spec": pod_spec},
+    }
+    if run.queue_name:
+        spec["suspend"] = True  # Kueue admits (unsuspends) it when quota allows.
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(run, run.name, labels), "spec": spec}
+
+
+def build_children(run: Run, cfg: OperatorConfig) -> list[dict]:
+    """Every child of a run, in creation order: RBAC and the RunSpec before the Job that needs them."""
+    return [*build_rbac(run), build_configmap(run), build_job(run, cfg)]

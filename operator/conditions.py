@@ -1,0 +1,37 @@
+"""Kubernetes-style conditions, merged so that lastTransitionTime moves only when a condition's status does."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Condition:
+    type: str
+    status: str  # "True", "False" or "Unknown"
+    reason: str
+    message: str = ""
+
+
+def merge_conditions(
+    old: Sequence[Mapping[str, Any]], new: Sequence[Condition], now: str, generation: int | None
+) -> list[dict[str, Any]]:
+    """Old conditions updated by `new` (by type); types not in `new` are kept as they were."""
+    previous = {c["type"]: c for c in old}
+    merged: dict[str, dict[str, Any]] = {t: dict(c) for t, c in previous.items()}
+    for cond in new:
+        before = previous.get(cond.type)
+        changed = before is None or before.get("status") != cond.status
+        entry = {
+            "type": cond.type,
+            "status": cond.status,
+            "reason": cond.reason,
+            "message": cond.message,
+            "lastTransitionTime": now if changed else before.get("lastTransitionTime", now),
+        }
+        if generation is not None:
+            entry["observedGeneration"] = generation
+        merged[cond.type] = entry
+    return list(merged.values())

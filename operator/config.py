@@ -1,0 +1,100 @@
+"""The operator's configuration: what a cluster admin sets once (Helm values), never a tenant's spec.
+
+Read from a YAML/JSON file named by KLEINSTYLE_OPERATOR_CONFIG (the chart mounts one), with defaults for an H200
+node pool. Fetch limits and the private-network allow-list live here so a tenant cannot open internal addresses.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+CONFIG_ENV = "KLEINSTYLE_OPERATOR_CONFIG"
+
+
+class Toleration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    key: str
+    operator: str = "Exists"
+    value: str | None = None
+    effect: str | None = "NoSchedule"
+
+
+class NodePool(BaseModel):
+    """Placement of GPU Jobs: nodeSelector and tolerations (Kueue may overwrite both on admission)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    nodeSelector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+
+
+H200_POOL = NodePool(
+    nodeSelector={"nvidia.com/gpu.product": "NVIDIA-H200"},
+    tolerations=[Toleration(key="nvidia.com/gpu")],
+)
+
+
+class Resources(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    cpu: str
+    memory: str
+
+
+class ArtifactStore(BaseModel):
+    """Where runs write artifacts: a PVC mounted at mountPath (default) or an object-store URI."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    claimName: str = "kleinstyle-artifacts"
+    mountPath: str = "/artifacts"
+    # s3://bucket/prefix or gs://bucket/prefix; when set, runs write there instead of the PVC.
+    uri: str | None = None
+    credentialsSecret: str | None = None
+
+
+class OperatorConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    runtimeImage: str = "ghcr.io/kleinstyle/runtime:0.1.0"
+    imagePullPolicy: str = "IfNotPresent"
+    defaultBackend: str = "ai-toolkit"
+    nodePools: dict[str, NodePool] = Field(default_factory=lambda: {"h200": H200_POOL})
+    defaultNodePool: str = "h200"
+    artifacts: ArtifactStore = Field(default_factory=ArtifactStore)
+    modelCacheClaim: str = "kleinstyle-models"
+    modelCacheMountPath: str = "/models"
+    # Model directory names inside the model cache, per spec.model.name.
+    modelDirs: dict[str, str] = Field(
+        default_factory=lambda: {"klein-base-9b": "FLUX.2-klein-base-9B", "klein-base-4b": "FLUX.2-klein-base-4B"}
+    )
+    cpuResources: Resources = Field(default_factory=lambda: Resources(cpu="2", memory="4Gi"))
+    gpuResources: Resources = Field(default_factory=lambda: Resources(cpu="16", memory="120Gi"))
+    backoffLimit: int = 2
+    activeDeadlineSeconds: int = 6 * 3600
+    # Seconds between reconciles of an unfinished resource (Jobs and dependencies are polled).
+    resyncSeconds: float = 5.0
+    # CIDRs that prepare may fetch from although private (an internal mirror, say). Empty: none.
+    fetchAllowedCIDRs: list[str] = Field(default_factory=list)
+    fetchMaxBytes: int = 50 * 1024 * 1024
+    fetchMaxPixels: int = 64 * 1024 * 1024
+    runAsUser: int = 1000
+    # Where the operator itself sees the artifact PVC (the chart mounts it read-write); needed only to honour
+    # artifactPolicy: Delete. Unset: artifacts are always kept and a Warning event says so.
+    artifactsLocalPath: str | None = None
+    # Port of the Prometheus metrics endpoint; 0 disables it.
+    metricsPort: int = 8080
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> OperatorConfig:
+    """The config from `path` or $KLEINSTYLE_OPERATOR_CONFIG; defaults when neither is given."""
+    path = path or os.environ.get(CONFIG_ENV)
+    if not path:
+        return OperatorConfig()
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    return OperatorConfig.model_validate(data)

@@ -1,0 +1,99 @@
+"""A thin async shell over the Kubernetes REST API for the operator's children: create, get, list, delete.
+
+Generic by apiVersion and plural so one code path serves Jobs, ConfigMaps, RBAC and the custom kinds; bodies and
+answers stay plain dicts (the pure reconcile works on dicts). Calls run in a thread: the official client is sync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+
+from .api import BY_KIND, GROUP, VERSION
+
+PLURALS: dict[str, tuple[str, str]] = {
+    "Job": ("batch/v1", "jobs"),
+    "Pod": ("v1", "pods"),
+    "ConfigMap": ("v1", "configmaps"),
+    "ServiceAccount": ("v1", "serviceaccounts"),
+    "Role": ("rbac.authorization.k8s.io/v1", "roles"),
+    "RoleBinding": ("rbac.authorization.k8s.io/v1", "rolebindings"),
+    **{k.kind: (f"{GROUP}/{VERSION}", k.plural) for k in BY_KIND.values()},
+}
+
+
+def collection_path(kind: str, namespace: str) -> str:
+    api_version, plural = PLURALS[kind]
+    prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    return f"{prefix}/namespaces/{namespace}/{plural}"
+
+
+def load_client_config() -> None:
+    """In-cluster credentials when running in a pod, the kubeconfig otherwise."""
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+
+
+class Kube:
+    def __init__(self, api_client: client.ApiClient | None = None) -> None:
+        self.api = api_client or client.ApiClient()
+
+    def _call(self, method: str, path: str, body: Any = None, query: list | None = None) -> Any:
+        headers = {"Accept": "application/json", "Content-Type": "application/json"}
+        response = self.api.call_api(
+            path,
+            method,
+            query_params=query or [],
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+            _preload_content=False,
+            _return_http_data_only=True,
+        )
+        data = response.data
+        return json.loads(data) if data else None
+
+    async def request(self, method: str, path: str, body: Any = None, query: list | None = None) -> Any:
+        return await asyncio.to_thread(self._call, method, path, body, query)
+
+    async def create(self, obj: dict) -> bool:
+        """Create `obj`; False when it already exists (adopted: a created child's spec is never re-applied)."""
+        path = collection_path(obj["kind"], obj["metadata"]["namespace"])
+        try:
+            await self.request("POST", path, obj)
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
+
+    async def get(self, kind: str, namespace: str, name: str) -> dict | None:
+        try:
+            return await self.request("GET", f"{collection_path(kind, namespace)}/{name}")
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def list(self, kind: str, namespace: str, label_selector: str) -> list[dict]:
+        answer = await self.request("GET", collection_path(kind, namespace), query=[("labelSelector", label_selector)])
+        items = (answer or {}).get("items") or []
+        api_version = PLURALS[kind][0]
+        # Some servers (and the emulator) omit kind/apiVersion on list items; the reconcile needs them.
+        return [{"apiVersion": api_version, "kind": kind, **item} for item in items]
+
+    async def delete(self, kind: str, namespace: str, name: str) -> bool:
+        body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+        try:
+            await self.request("DELETE", f"{collection_path(kind, namespace)}/{name}", body)
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True

@@ -1,0 +1,56 @@
+"""Run the operator: kopf with kleinstyle's handlers and settings, in a cluster or against the dev cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import kopf
+
+from . import metrics
+from .config import OperatorConfig
+from .handlers import register
+from .kube import Kube, load_client_config
+
+
+def configure(settings: kopf.OperatorSettings) -> None:
+    """Settings that must hold everywhere: kopf's bookkeeping in annotations, not in our structural status."""
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kopf.kleinstyle.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="kopf.kleinstyle.dev", key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = "kleinstyle.dev/cleanup"
+    settings.posting.level = logging.WARNING  # Our own Events say what matters; kopf's are noise to a user.
+    # Explicit namespaces need no namespace scanning (and the emulator cannot list namespaces).
+    settings.scanning.disabled = True
+    settings.networking.request_timeout = 30
+    settings.watching.server_timeout = 60
+
+
+async def run_operator(
+    cfg: OperatorConfig,
+    namespaces: Sequence[str],
+    stop_flag: asyncio.Event | None = None,
+    ready_flag: asyncio.Event | None = None,
+    liveness_endpoint: str | None = None,
+) -> None:
+    """Run until `stop_flag` is set. An empty `namespaces` watches the whole cluster."""
+    load_client_config()
+    registry = kopf.OperatorRegistry()
+    register(registry, cfg.resyncSeconds)
+    settings = kopf.OperatorSettings()
+    configure(settings)
+    if cfg.metricsPort:
+        metrics.serve(cfg.metricsPort)
+    await kopf.operator(
+        registry=registry,
+        settings=settings,
+        standalone=True,
+        clusterwide=not namespaces,
+        namespaces=list(namespaces),
+        stop_flag=stop_flag,
+        ready_flag=ready_flag,
+        liveness_endpoint=liveness_endpoint,
+        memo=kopf.Memo(config=cfg, kube=Kube()),
+    )

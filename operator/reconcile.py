@@ -1,0 +1,197 @@
+"""Reconcile as a pure function: (resource, observed world, config) -> (children to create or delete, status, events).
+
+The phase machine, in one place:
+
+    Waiting    a dependency is missing, failed or not Succeeded yet (condition DependenciesReady=False)
+    Pending    the run's Job is not running yet: just created, queued (suspended by Kueue), or the runtime has
+               no such step yet (condition JobCreated=False, reason StepNotAvailable)
+    Running    the Job has an active pod
+    Succeeded  the Job completed; the run's result is copied into status
+    Failed     the Job failed; the message carries the pod's reason (exit code, termination message)
+
+Spec changes: a run is keyed by the hash of its RunSpec. When the spec (or a dependency's output) changes, the hash
+changes, a new ConfigMap and Job are created under new names, and the children of older runs are deleted, running
+or not. A finished run is never silently kept for a spec it does not match.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kleinstyle.runtime.spec import AVAILABLE_STEPS
+from pydantic import ValidationError
+
+from .children import build_children, build_configmap
+from .conditions import Condition, merge_conditions
+from .config import OperatorConfig
+from .naming import RUN_HASH
+from .runs import KIND_RUNS, NotReady, check_dependencies
+
+RUN_CHILD_KINDS = ("Job", "ConfigMap")
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the handler read from the API for one reconcile."""
+
+    body: Mapping[str, Any]
+    dependencies: Mapping[tuple[str, str], Mapping[str, Any] | None] = field(default_factory=dict)
+    # Every child labelled with the owner's uid (ConfigMaps, Jobs, ServiceAccount, Role, RoleBinding).
+    children: Sequence[Mapping[str, Any]] = ()
+    # Pods of the current run's Job, for the failure reason.
+    pods: Sequence[Mapping[str, Any]] = ()
+
+
+@dataclass(frozen=True)
+class Decision:
+    create: list[dict] = field(default_factory=list)
+    delete: list[dict] = field(default_factory=list)
+    status: dict[str, Any] = field(default_factory=dict)
+    events: list[Event] = field(default_factory=list)
+
+
+def _key(obj: Mapping[str, Any]) -> tuple[str, str]:
+    return obj["kind"], obj["metadata"]["name"]
+
+
+def _job_condition(job: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
+    for cond in (job.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == type_ and cond.get("status") == "True":
+            return cond
+    return None
+
+
+def pod_failure_reason(pods: Sequence[Mapping[str, Any]]) -> str | None:
+    """The newest failed pod's reason, exit code and termination message, for a Failed status."""
+    failed = []
+    for pod in pods:
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
+            if term and term.get("exitCode", 0) != 0:
+                failed.append((term.get("finishedAt") or "", pod["metadata"]["name"], term))
+    if not failed:
+        return None
+    _, name, term = max(failed, key=lambda item: (item[0], item[1]))
+    detail = (term.get("message") or "").strip().splitlines()
+    tail = f": {detail[-1]}" if detail else ""
+    return f"pod {name}: {term.get('reason') or 'Error'} (exit code {term.get('exitCode')}){tail}"
+
+
+def job_phase(job: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]]) -> tuple[str, str, str]:
+    """(phase, reason, message) of a run from its Job and pods."""
+    if job is None:
+        return "Pending", "JobCreated", "Job created, waiting for it to start"
+    name = job["metadata"]["name"]
+    status = job.get("status") or {}
+    if _job_condition(job, "Complete") or _job_condition(job, "SuccessCriteriaMet"):
+        return "Succeeded", "JobComplete", f"Job {name} completed"
+    failed = _job_condition(job, "Failed")
+    if failed:
+        detail = pod_failure_reason(pods) or failed.get("message") or "no reason given"
+        return "Failed", failed.get("reason") or "JobFailed", f"Job {name} failed ({failed.get('reason')}): {detail}"
+    if (job.get("spec") or {}).get("suspend"):
+        queue = job["metadata"].get("labels", {}).get("kueue.x-k8s.io/queue-name", "")
+        return "Pending", "Queued", f"Job {name} is queued (suspended) in queue {queue or '-'}"
+    if status.get("active"):
+        return "Running", "JobRunning", f"Job {name} is running"
+    if status.get("failed"):
+        return "Running", "JobRetrying", f"Job {name} is retrying after {status['failed']} failed pod(s)"
+    return "Pending", "JobPending", f"Job {name} is waiting for a pod"
+
+
+def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
+    body = observed.body
+    kind_run = KIND_RUNS[body["kind"]]
+    meta = body["metadata"]
+    generation = meta.get("generation")
+    old_status = body.get("status") or {}
+
+    def finish(phase: str, reason: str, message: str, conds: list[Condition], **fields: Any) -> Decision:
+        decision_status = {"phase": phase, "message": message, "observedGeneration": generation, **fields}
+        decision_status["conditions"] = merge_conditions(old_status.get("conditions") or [], conds, now, generation)
+        return Decision(status=decision_status, events=_transition_events(old_status, decision_status, reason))
+
+    try:
+        spec = kind_run.kind.spec.model_validate(body.get("spec") or {})
+    except ValidationError as exc:  # The CRD schema normally refuses this at apply time.
+        message = "; ".join(f"spec.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return finish("Failed", "InvalidSpec", message, [Condition("Ready", "False", "InvalidSpec", message)])
+
+    try:
+        check_dependencies(kind_run.dependencies(spec), observed.dependencies)
+    except NotReady as wait:
+        conds = [
+            Condition("DependenciesReady", "False", wait.reason, wait.message),
+            Condition("Ready", "False", "Waiting", wait.message),
+        ]
+        return finish("Waiting", wait.reason, wait.message, conds)
+
+    run = kind_run.build(kind_run.kind, body, spec, observed.dependencies, cfg)
+    short_hash = run.run_hash[:10]
+    available = kind_run.step in AVAILABLE_STEPS
+    desired = build_children(run, cfg) if available else [build_configmap(run)]
+    existing = {_key(child) for child in observed.children}
+    create = [child for child in desired if _key(child) not in existing]
+    delete = [
+        child
+        for child in observed.children
+        if child["kind"] in RUN_CHILD_KINDS and (child["metadata"].get("labels") or {}).get(RUN_HASH) != short_hash
+    ]
+    job = next((c for c in observed.children if _key(c) == ("Job", run.name)), None)
+
+    fields: dict[str, Any] = {
+        "runHash": short_hash,
+        "jobName": run.name if available else None,
+        "artifactURI": run.runspec.output_display_uri,
+    }
+    conds = [Condition("DependenciesReady", "True", "Ready", "all dependencies are Succeeded")]
+    if not available:
+        message = f"the runtime has no '{kind_run.step}' step yet: {kind_run.arrives_with} brings it"
+        conds += [
+            Condition("JobCreated", "False", "StepNotAvailable", message),
+            Condition("Ready", "False", "StepNotAvailable", message),
+        ]
+        decision = finish("Pending", "StepNotAvailable", message, conds, **fields)
+        return Decision(create=create, delete=delete, status=decision.status, events=decision.events)
+
+    phase, reason, message = job_phase(job, observed.pods)
+    job_status = (job or {}).get("status") or {}
+    fields["startTime"] = job_status.get("startTime")
+    fields["completionTime"] = job_status.get("completionTime")
+    conds.append(Condition("JobCreated", "True", "Created", f"Job {run.name}"))
+    if phase == "Succeeded":
+        progress = old_status.get("progress") or {}
+        result = progress.get("result") if progress.get("runHash") == short_hash else None
+        if result is None:
+            phase, reason, message = "Running", "AwaitingResult", f"Job {run.name} completed; waiting for its result"
+        else:
+            if kind_run.result_status:
+                fields.update(kind_run.result_status(result))
+            warnings = list(result.get("warnings") or [])
+            conds.append(
+                Condition("Warning", "True", "RunWarnings", "; ".join(warnings))
+                if warnings
+                else Condition("Warning", "False", "NoWarnings", "")
+            )
+    conds.append(Condition("Ready", "True" if phase == "Succeeded" else "False", reason, message))
+    decision = finish(phase, reason, message, conds, **fields)
+    events = list(decision.events)
+    if delete and any(c["kind"] == "Job" for c in delete):
+        events.append(Event("Normal", "Superseded", f"spec changed: replacing the run with run {short_hash}"))
+    return Decision(create=create, delete=delete, status=decision.status, events=events)
+
+
+def _transition_events(old: Mapping[str, Any], new: Mapping[str, Any], reason: str) -> list[Event]:
+    if old.get("phase") == new["phase"] and old.get("runHash") == new.get("runHash"):
+        return []
+    kind = "Warning" if new["phase"] == "Failed" else "Normal"
+    return [Event(kind, reason, f"{new['phase']}: {new['message']}")]

@@ -1,0 +1,115 @@
+"""`kleinstyle`: one command, a subcommand per step. Each subcommand imports what it needs only when it runs, so
+the operator image (no torch) and the runtime image share this entry point."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable
+
+Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+
+
+def _operator_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        default=[],
+        help="namespace to watch (repeatable); none: the whole cluster",
+    )
+    p.add_argument("--config", help="operator configuration file (default: $KLEINSTYLE_OPERATOR_CONFIG)")
+    p.add_argument("--liveness", default="http://0.0.0.0:8081/healthz", help="liveness endpoint URL")
+
+
+def _operator(args: argparse.Namespace) -> int:
+    from kleinstyle.operator.config import load_config
+    from kleinstyle.operator.main import run_operator
+
+    asyncio.run(run_operator(load_config(args.config), args.namespace, liveness_endpoint=args.liveness))
+    return 0
+
+
+def _crds_args(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--write", metavar="DIR", help="write one YAML file per CRD into DIR")
+    group.add_argument("--check", metavar="DIR", help="exit 1 when DIR's CRDs differ from the models")
+
+
+def _crds(args: argparse.Namespace) -> int:
+    from kleinstyle.operator import crdgen
+
+    if args.write:
+        for path in crdgen.write_crds(args.write):
+            print(path)
+        return 0
+    if args.check:
+        stale = crdgen.stale_crds(args.check)
+        for line in stale:
+            print(f"stale: {line}", file=sys.stderr)
+        if stale:
+            print("run `make crds` to regenerate them from operator/api", file=sys.stderr)
+        return 1 if stale else 0
+    print("---\n".join(crdgen.render_yaml(crd) for crd in crdgen.build_crds().values()), end="")
+    return 0
+
+
+def _spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spec", required=True, help="path of the RunSpec JSON (the Job mounts it from a ConfigMap)")
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from kleinstyle.runtime.prepare import main
+
+    return main(args.spec)
+
+
+def _dev_cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", default=".kleinstyle-dev", help="folder for volumes, logs and the kubeconfig")
+    p.add_argument("--namespace", "-n", default="kleinstyle-demo", help="namespace the operator watches")
+    p.add_argument("--apply", "-f", action="append", default=[], help="YAML file or folder to apply at start")
+
+
+def _dev_cluster(args: argparse.Namespace) -> int:
+    from kleinstyle.operator.devcluster.demo import serve
+
+    return asyncio.run(serve(args.root, args.namespace, args.apply))
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", default=".kleinstyle-dev", help="folder for volumes, logs and the kubeconfig")
+    p.add_argument("--examples", default="examples", help="folder of YAML to apply")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the resources to settle")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from kleinstyle.operator.devcluster.demo import demo
+
+    return asyncio.run(demo(args.root, args.examples, args.timeout))
+
+
+COMMANDS: dict[str, Command] = {
+    "operator": ("run the kopf operator", _operator_args, _operator),
+    "crds": ("print, write or check the CRDs generated from the resource models", _crds_args, _crds),
+    "prepare": ("StyleBoard step: fetch, validate and caption the references into a dataset", _spec_args, _prepare),
+    "dev-cluster": (
+        "run an embedded cluster (API emulator, operator, local Job executor)",
+        _dev_cluster_args,
+        _dev_cluster,
+    ),
+    "demo": ("run the whole flow on the embedded cluster and show where the artifacts are", _demo_args, _demo),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kleinstyle", description="Style LoRAs for FLUX.2 [klein] on Kubernetes.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_args, _) in COMMANDS.items():
+        add_args(sub.add_parser(name, help=help_text, description=help_text))
+    args = parser.parse_args(argv)
+    return COMMANDS[args.command][2](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Where a pod path lives on this machine.
+
+In a cluster a path such as /artifacts/x is a volume mount and is used as is. The dev cluster's local executor runs
+pods as plain processes and lays their mounts out under a per-pod folder named by KLEINSTYLE_ROOTFS (symlinks to
+local folders); every file the runtime opens by pod path goes through `local_path` so both cases share one code path.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ROOTFS_ENV = "KLEINSTYLE_ROOTFS"
+TERMINATION_LOG = "/dev/termination-log"
+
+
+def local_path(pod_path: str | os.PathLike[str]) -> Path:
+    path = Path(pod_path)
+    rootfs = os.environ.get(ROOTFS_ENV)
+    if rootfs and path.is_absolute():
+        return Path(rootfs) / path.relative_to("/")
+    return path
+
+
+def is_object_store(uri: str) -> bool:
+    return uri.startswith(("s3://", "gs://"))

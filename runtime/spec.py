@@ -1,0 +1,135 @@
+"""The RunSpec: the one JSON document a Job reads (DESIGN.md, Contracts).
+
+The operator writes it into a ConfigMap; the runtime reads it from the mounted file. The runtime never reads a
+custom resource's spec and the operator never imports torch, so this module imports nothing heavy.
+Paths in a RunSpec are as the pod sees them (a volume mount such as /artifacts/...) or object-store URIs
+(s3://, gs://).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+RUNSPEC_VERSION = "kleinstyle.dev/runspec-v1"
+
+# Steps this version of the runtime can run. The operator creates a Job only for these; a resource whose step is
+# not here yet waits with a condition saying which issue brings it, instead of a Job that is bound to fail.
+AVAILABLE_STEPS: frozenset[str] = frozenset({"prepare"})
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Owner(_Frozen):
+    """The custom resource a run belongs to; the runtime reports progress to it."""
+
+    apiVersion: str = "kleinstyle.dev/v1alpha1"
+    kind: str
+    plural: str
+    namespace: str
+    name: str
+    uid: str
+
+
+class ImageInput(_Frozen):
+    """One reference image: an https/s3/gs URI or a path in the pod (a mounted volume)."""
+
+    source: str
+    caption: str | None = None
+
+
+class FetchPolicy(_Frozen):
+    """Limits on what `prepare` may download; set by the cluster admin in the operator's configuration."""
+
+    allowed_cidrs: tuple[str, ...] = ()
+    max_bytes: int = 50 * 1024 * 1024
+    max_pixels: int = 64 * 1024 * 1024
+    timeout_s: float = 30.0
+
+
+class PrepareSpec(_Frozen):
+    step: Literal["prepare"] = "prepare"
+    trigger_word: str
+    images: tuple[ImageInput, ...]
+    captioning_provider: Literal["gemini", "openrouter", "none"] = "none"
+    captioning_model: str | None = None
+    min_short_side: int = 512
+    max_images: int = 50
+    # Near-duplicate threshold on a 64-bit difference hash (Hamming distance).
+    near_duplicate_distance: int = 6
+    fetch: FetchPolicy = FetchPolicy()
+
+
+class LoraInput(_Frozen):
+    uri: str
+    weight: float = 1.0
+    trigger_word: str | None = None
+
+
+class TrainSpec(_Frozen):
+    step: Literal["train"] = "train"
+    dataset_uri: str
+    trigger_word: str
+    image_count: int
+    backend: Literal["ai-toolkit", "builtin"]
+    model_path: str
+    variant: str
+    mode: Literal["standard", "two-step"] = "standard"
+    # Explicit training settings from the spec, snake_case; the TrainingPlan (issue 3) fills in the rest.
+    overrides: dict[str, object] = Field(default_factory=dict)
+    early_stopping: dict[str, object] = Field(default_factory=dict)
+
+
+class GenerateSpec(_Frozen):
+    step: Literal["generate"] = "generate"
+    model_path: str
+    loras: tuple[LoraInput, ...]
+    prompts: tuple[str, ...]
+    negative_prompt: str = ""
+    text_pipeline: Literal["auto", "on", "off"] = "auto"
+    width: int = 2048
+    height: int = 2048
+    steps: int = 50
+    guidance: float = 4.0
+    seeds: tuple[int, ...] = (0,)
+    count: int = 1
+
+
+class FuseSpec(_Frozen):
+    step: Literal["fuse"] = "fuse"
+    sources: tuple[LoraInput, ...]
+    method: Literal["concat", "svd", "klora"]
+    rank: int | None = None
+    energy: float | None = None
+
+
+StepSpec = Annotated[PrepareSpec | TrainSpec | GenerateSpec | FuseSpec, Field(discriminator="step")]
+
+
+class RunSpec(_Frozen):
+    """Everything one run needs. Its hash names the run's Job, so it holds no timestamps or placement."""
+
+    apiVersion: Literal["kleinstyle.dev/runspec-v1"] = RUNSPEC_VERSION
+    owner: Owner
+    # Where the run writes its artifacts: a path in the pod or an s3://, gs:// URI. Unique per run.
+    output_uri: str
+    # The same place as the user should read it (pvc://CLAIM/..., s3://...), for status and metadata.
+    output_display_uri: str
+    work: StepSpec
+
+    def content_hash(self) -> str:
+        """A stable hash of what the run computes; the owner's uid and the output path are excluded."""
+        payload = self.model_dump(mode="json", exclude={"owner", "output_uri", "output_display_uri"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunSpec:
+        return cls.model_validate_json(text)

@@ -1,0 +1,244 @@
+"""The pure reconcile: phases, children, spec changes, dependencies, events. Table-driven where it reads best."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from kleinstyle.operator.config import OperatorConfig
+from kleinstyle.operator.naming import RUN_HASH
+from kleinstyle.operator.reconcile import Observed, reconcile
+
+NOW = "2026-11-26T12:00:00Z"
+LATER = "2026-11-26T12:05:00Z"
+CFG = OperatorConfig()
+
+
+def board(generation: int = 1, **spec) -> dict:
+    body = {
+        "apiVersion": "kleinstyle.dev/v1alpha1",
+        "kind": "StyleBoard",
+        "metadata": {"name": "bd9", "namespace": "team-a", "uid": "uid-board", "generation": generation},
+        "spec": {
+            "triggerWord": "bd9style",
+            "images": [{"source": "pvc://refs/bd9/01.png", "caption": "a sun"}, {"source": "https://x.test/2.png"}],
+            "captioning": {"provider": "gemini", "apiKeySecret": {"name": "gemini", "key": "GEMINI_API_KEY"}},
+        },
+    }
+    body["spec"].update(spec)
+    return body
+
+
+def lora(**spec) -> dict:
+    return {
+        "apiVersion": "kleinstyle.dev/v1alpha1",
+        "kind": "StyleLoRA",
+        "metadata": {"name": "bd9-lora", "namespace": "team-a", "uid": "uid-lora", "generation": 1},
+        "spec": {"boardRef": {"name": "bd9"}, **spec},
+    }
+
+
+def ready_board() -> dict:
+    body = board()
+    body["status"] = {
+        "phase": "Succeeded",
+        "observedGeneration": 1,
+        "datasetURI": "pvc://kleinstyle-artifacts/team-a/styleboard/bd9/uid-board/abc/dataset",
+        "imagesAccepted": 12,
+    }
+    return body
+
+
+def step(body: dict, children=(), pods=(), deps=None, now: str = NOW):
+    return reconcile(Observed(body=body, dependencies=deps or {}, children=list(children), pods=list(pods)), CFG, now)
+
+
+def with_status(body: dict, decision) -> dict:
+    body = copy.deepcopy(body)
+    body["status"] = {**body.get("status", {}), **decision.status}
+    return body
+
+
+def job_of(decision) -> dict:
+    return next(c for c in decision.create if c["kind"] == "Job")
+
+
+def test_new_board_creates_its_run_and_waits_for_the_job():
+    decision = step(board())
+    assert [c["kind"] for c in decision.create] == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Job"]
+    assert decision.status["phase"] == "Pending"
+    assert decision.status["jobName"] == job_of(decision)["metadata"]["name"]
+    assert decision.status["artifactURI"].startswith("pvc://kleinstyle-artifacts/team-a/styleboard/bd9/uid-board/")
+    assert [e.reason for e in decision.events] == ["JobCreated"]
+
+
+def test_child_names_are_deterministic_and_existing_children_are_adopted():
+    first, second = step(board()), step(board())
+    assert [c["metadata"]["name"] for c in first.create] == [c["metadata"]["name"] for c in second.create]
+    again = step(with_status(board(), first), children=first.create)
+    assert again.create == [] and again.delete == []
+    assert again.events == []  # no transition, no event
+
+
+def test_job_is_restricted_and_reads_its_runspec():
+    job = job_of(step(board()))
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"] == ["kleinstyle", "prepare", "--spec", "/etc/kleinstyle/runspec.json"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    key_env = next(e for e in container["env"] if e["name"] == "GEMINI_API_KEY")
+    assert key_env["valueFrom"]["secretKeyRef"] == {"name": "gemini", "key": "GEMINI_API_KEY", "optional": True}
+    assert not any("value" in e and "KEY" in e["name"] for e in container["env"])
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert {"/etc/kleinstyle", "/tmp", "/artifacts", "/references/refs"} <= mounts
+    assert "nvidia.com/gpu" not in container["resources"]["limits"]  # prepare is CPU work
+    assert job["metadata"]["ownerReferences"][0]["uid"] == "uid-board"
+
+
+def test_runspec_maps_pvc_sources_to_their_mount():
+    cm = next(c for c in step(board()).create if c["kind"] == "ConfigMap")
+    assert '"/references/refs/bd9/01.png"' in cm["data"]["runspec.json"]
+    assert '"https://x.test/2.png"' in cm["data"]["runspec.json"]
+
+
+def _job(decision, **status) -> dict:
+    job = copy.deepcopy(job_of(decision))
+    job["status"] = status
+    return job
+
+
+@pytest.mark.parametrize(
+    ("job_status", "spec_extra", "phase", "reason"),
+    [
+        ({}, {}, "Pending", "JobPending"),
+        ({"active": 1, "startTime": NOW}, {}, "Running", "JobRunning"),
+        ({"failed": 1}, {}, "Running", "JobRetrying"),
+        ({"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}, {}, "Failed",
+         "BackoffLimitExceeded"),
+        ({"conditions": [{"type": "Complete", "status": "True"}]}, {}, "Running", "AwaitingResult"),
+        ({}, {"suspend": True}, "Pending", "Queued"),
+    ],
+)
+def test_phase_follows_the_job(job_status, spec_extra, phase, reason):
+    first = step(board())
+    job = _job(first, **job_status)
+    job["spec"].update(spec_extra)
+    children = [*[c for c in first.create if c["kind"] != "Job"], job]
+    decision = step(with_status(board(), first), children=children)
+    assert decision.status["phase"] == phase
+    ready = next(c for c in decision.status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == reason
+
+
+def test_failed_job_names_the_pods_reason():
+    first = step(board())
+    job = _job(first, failed=3, conditions=[{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}])
+    pod = {
+        "metadata": {"name": "bd9-prepare-x-abcde", "labels": {"job-name": job["metadata"]["name"]}},
+        "status": {"containerStatuses": [{"state": {"terminated": {
+            "exitCode": 1, "reason": "Error", "message": "fetching\nno image was accepted", "finishedAt": NOW}}}]},
+    }
+    decision = step(with_status(board(), first), children=[*first.create[:-1], job], pods=[pod])
+    assert decision.status["phase"] == "Failed"
+    assert "pod bd9-prepare-x-abcde: Error (exit code 1): no image was accepted" in decision.status["message"]
+    assert [e.type for e in decision.events] == ["Warning"]
+
+
+def test_success_copies_the_result_of_this_run_only():
+    first = step(board())
+    run_hash = first.status["runHash"]
+    job = _job(first, succeeded=1, conditions=[{"type": "Complete", "status": "True"}])
+    result = {
+        "accepted": [{"source": "a"}, {"source": "b"}],
+        "rejected": [{"source": "c", "reason": "short side 256 px is below 512 px"}],
+        "duplicates": [{"source": "b", "similar_to": "a", "distance": 3}],
+        "warnings": ["captions fell back to the trigger word for 1 image"],
+        "dataset_display_uri": "pvc://kleinstyle-artifacts/x/dataset",
+    }
+    body = with_status(board(), first)
+    body["status"]["progress"] = {"runHash": "someother", "result": result}
+    assert step(body, children=[*first.create[:-1], job]).status["phase"] == "Running"
+    body["status"]["progress"] = {"runHash": run_hash, "result": result}
+    decision = step(body, children=[*first.create[:-1], job])
+    assert decision.status["phase"] == "Succeeded"
+    assert decision.status["imagesAccepted"] == 2 and decision.status["imagesRejected"] == 1
+    assert decision.status["rejected"][0]["reason"].startswith("short side")
+    assert decision.status["duplicates"] == [{"source": "b", "similarTo": "a", "distance": 3}]
+    warning = next(c for c in decision.status["conditions"] if c["type"] == "Warning")
+    assert warning["status"] == "True" and "trigger word" in warning["message"]
+
+
+def test_spec_change_starts_a_new_run_and_deletes_the_old_one():
+    first = step(board())
+    body = with_status(board(generation=2, triggerWord="newstyle"), first)
+    decision = step(body, children=first.create)
+    created = {(c["kind"], c["metadata"]["name"]) for c in decision.create}
+    deleted = {(c["kind"], c["metadata"]["name"]) for c in decision.delete}
+    assert {k for k, _ in created} == {"ConfigMap", "Job"}  # RBAC is per owner and stays
+    assert {k for k, _ in deleted} == {"ConfigMap", "Job"}
+    assert created.isdisjoint(deleted)
+    assert all(c["metadata"]["labels"][RUN_HASH] == decision.status["runHash"] for c in decision.create)
+    assert decision.status["observedGeneration"] == 2
+    assert "Superseded" in [e.reason for e in decision.events]
+
+
+@pytest.mark.parametrize(
+    ("dep", "reason"),
+    [
+        (None, "StyleBoardNotFound"),
+        ({**board(), "status": {"phase": "Running", "observedGeneration": 1}}, "StyleBoardNotReady"),
+        ({**board(), "status": {"phase": "Failed", "message": "no image", "observedGeneration": 1}},
+         "StyleBoardFailed"),
+        ({**ready_board(), "metadata": {**board()["metadata"], "generation": 2}}, "StyleBoardNotReady"),
+    ],
+)
+def test_lora_waits_for_its_board(dep, reason):
+    decision = step(lora(), deps={("StyleBoard", "bd9"): dep})
+    assert decision.status["phase"] == "Waiting"
+    assert decision.create == []
+    cond = next(c for c in decision.status["conditions"] if c["type"] == "DependenciesReady")
+    assert (cond["status"], cond["reason"]) == ("False", reason)
+    assert "bd9" in cond["message"]
+
+
+def test_lora_with_a_ready_board_is_pending_until_the_runtime_can_train():
+    decision = step(lora(), deps={("StyleBoard", "bd9"): ready_board()})
+    assert [c["kind"] for c in decision.create] == ["ConfigMap"]
+    runspec = decision.create[0]["data"]["runspec.json"]
+    assert '"/artifacts/team-a/styleboard/bd9/uid-board/abc/dataset"' in runspec
+    assert '"image_count": 12' in runspec
+    assert decision.status["phase"] == "Pending"
+    cond = next(c for c in decision.status["conditions"] if c["type"] == "JobCreated")
+    assert cond["reason"] == "StepNotAvailable" and "issue #3" in cond["message"]
+
+
+def test_conditions_keep_their_transition_time_while_unchanged():
+    first = step(board(), now=NOW)
+    again = step(with_status(board(), first), children=first.create, now=LATER)
+    times = {c["type"]: c["lastTransitionTime"] for c in again.status["conditions"]}
+    assert times["DependenciesReady"] == NOW
+
+
+def test_gpu_job_gets_the_pool_and_kueue_labels():
+    from kleinstyle.operator.children import build_job
+    from kleinstyle.operator.runs import KIND_RUNS
+
+    body = lora(scheduling={"queueName": "team-a", "priorityClassName": "low", "gpus": 2})
+    kind_run = KIND_RUNS["StyleLoRA"]
+    spec = kind_run.kind.spec.model_validate(body["spec"])
+    run = kind_run.build(kind_run.kind, body, spec, {("StyleBoard", "bd9"): ready_board()}, CFG)
+    job = build_job(run, CFG)
+    pod = job["spec"]["template"]["spec"]
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "low"
+    assert job["spec"]["suspend"] is True
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H200"}
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert "priorityClassName" not in pod  # Kueue's priority class applies instead
