@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .common import (
     ARTIFACT_POLICY_DESCRIPTION,
     ArtifactPolicy,
+    DNS1123_SUBDOMAIN,
     CommonStatus,
     Model,
     SecretKeySelector,
@@ -74,6 +75,7 @@ class StyleBoardSpec(Model):
         description="Secret with object-store credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY for s3, "
         "GOOGLE_APPLICATION_CREDENTIALS_JSON for gs) used to read s3:// and gs:// sources.",
         max_length=253,
+        pattern=DNS1123_SUBDOMAIN,
     )
     artifactPolicy: ArtifactPolicy = Field(default="Retain", description=ARTIFACT_POLICY_DESCRIPTION)
 
