@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 
+from kleinstyle.runtime.spec import RUN_ID_LENGTH
+
 MANAGED_BY = "app.kubernetes.io/managed-by"
 OWNER_KIND = "kleinstyle.dev/owner-kind"
 OWNER_UID = "kleinstyle.dev/owner-uid"
 RUN_HASH = "kleinstyle.dev/run-hash"
 STEP = "kleinstyle.dev/step"
-HASH_LEN = 10
+HASH_LEN = RUN_ID_LENGTH
 MAX_NAME = 63  # Job names end up in the job-name label of their pods: a label value is at most 63 characters.
 
 

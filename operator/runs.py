@@ -206,7 +206,7 @@ def _run(
 def _board_result(result: Mapping[str, Any]) -> dict[str, Any]:
     rejected = [{"source": r["source"], "reason": r["reason"]} for r in result.get("rejected", [])]
     duplicates = [
-        {"source": d["source"], "similarTo": d["similar_to"], "distance": int(d["distance"])}
+        {"source": d["source"], "similarTo": d["resembles"], "distance": int(d["distance"])}
         for d in result.get("duplicates", [])
     ]
     return {

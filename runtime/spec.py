@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 RUNSPEC_VERSION = "kleinstyle.dev/runspec-v1"
+# Length of the hash prefix that names a run (its Job, ConfigMap, artifact folder and progress reports).
+RUN_ID_LENGTH = 10
 
 # Steps this version of the runtime can run. The operator creates a Job only for these; a resource whose step is
 # not here yet waits with a condition saying which issue brings it, instead of a Job that is bound to fail.
@@ -126,6 +128,10 @@ class RunSpec(_Frozen):
         """A stable hash of what the run computes; the owner's uid and the output path are excluded."""
         payload = self.model_dump(mode="json", exclude={"owner", "output_uri", "output_display_uri"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    def run_id(self) -> str:
+        """The short hash that names this run everywhere; progress reports carry it as `runHash`."""
+        return self.content_hash()[:RUN_ID_LENGTH]
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)

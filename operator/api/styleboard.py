@@ -8,8 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .common import (
     ARTIFACT_POLICY_DESCRIPTION,
-    ArtifactPolicy,
     DNS1123_SUBDOMAIN,
+    ArtifactPolicy,
     CommonStatus,
     Model,
     SecretKeySelector,
@@ -90,7 +90,7 @@ class RejectedImage(BaseModel):
 class DuplicateImage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    source: str = Field(description="An image that looks almost the same as another one (kept, but flagged).")
+    source: str = Field(description="An image that repeats another: exact copies are rejected, near copies kept.")
     similarTo: str = Field(description="The image it resembles.")
     distance: int = Field(description="Hamming distance of the two 64-bit difference hashes (0 = identical).")
 
@@ -101,5 +101,5 @@ class StyleBoardStatus(CommonStatus):
     imagesAccepted: int | None = Field(default=None, description="Images in the dataset.")
     imagesRejected: int | None = Field(default=None, description="Images left out (see rejected).")
     rejected: list[RejectedImage] = Field(default_factory=list, description="Each image left out, with its reason.")
-    duplicates: list[DuplicateImage] = Field(default_factory=list, description="Near-duplicate images, flagged.")
+    duplicates: list[DuplicateImage] = Field(default_factory=list, description="Exact and near duplicates, flagged.")
     datasetURI: str | None = Field(default=None, description="The prepared dataset: images with captions beside them.")

@@ -157,7 +157,7 @@ def test_success_copies_the_result_of_this_run_only():
     result = {
         "accepted": [{"source": "a"}, {"source": "b"}],
         "rejected": [{"source": "c", "reason": "short side 256 px is below 512 px"}],
-        "duplicates": [{"source": "b", "similar_to": "a", "distance": 3}],
+        "duplicates": [{"kind": "near", "source": "b", "resembles": "a", "resembles_file": "000.png", "distance": 3}],
         "warnings": ["captions fell back to the trigger word for 1 image"],
         "dataset_display_uri": "pvc://kleinstyle-artifacts/x/dataset",
     }

@@ -1,0 +1,325 @@
+"""Fetch one reference image into memory, refusing what a Job inside the cluster must not reach.
+
+A StyleBoard lists URLs chosen by a tenant, and the prepare Job runs inside the cluster network, so every https hop
+is a server-side request forgery risk: the cloud metadata service (169.254.169.254), the API server, other tenants'
+services. Each hop's host is resolved once, every address is checked against the policy, and the connection goes to
+the vetted address itself (Host header and TLS SNI keep the original name), so a DNS answer that changes between the
+check and the connect (DNS rebinding) cannot redirect it. Plain http is refused: a tenant's images travel over TLS.
+
+Sources: `https://` (httpx), `s3://` and `gs://` (fsspec, with credentials from the pod's environment), and absolute
+paths in the pod (a mounted volume, read through `local_path`). Everything is capped at `FetchPolicy.max_bytes`
+while it streams, so a huge or endless response never sits in memory.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import ssl
+import stat
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+
+import httpx
+
+from .paths import local_path
+from .spec import FetchPolicy
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+MAX_REDIRECTS = 5
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+USER_AGENT = "kleinstyle-prepare"
+# fsspec protocol -> the package that implements it (the `cloud` extra).
+OBJECT_STORE_PACKAGES = {"s3": "s3fs", "gs": "gcsfs"}
+# NAT64's well-known prefix carries an IPv4 address in its last 32 bits; judge the address it reaches.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_REASON_MAX = 200
+
+
+class FetchError(Exception):
+    """A source that could not be fetched; `reason` is short and meant for the user (a StyleBoard rejection)."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+def fetch(source: str, policy: FetchPolicy, *, verify: ssl.SSLContext | None = None) -> bytes:
+    """Return the bytes of one image source, or raise FetchError.
+
+    `verify` is the TLS trust for https; None means the system default (certifi, or SSL_CERT_FILE when set).
+    Tests pass a context that trusts their own CA; verification itself is never turned off.
+    """
+    scheme = source.partition("://")[0].lower() if "://" in source else ""
+    if scheme == "https":
+        return _fetch_https(source, policy, verify)
+    if scheme in OBJECT_STORE_PACKAGES:
+        return _fetch_object(source, scheme, policy.max_bytes)
+    if scheme == "http":
+        raise FetchError(source, "plain http:// is not allowed; use https://")
+    if scheme:
+        raise FetchError(source, f"{scheme}:// sources are not supported; use https://, s3://, gs:// or a pod path")
+    if source.startswith("/"):
+        return _read_pod_file(source, policy.max_bytes)
+    raise FetchError(source, "not a URL or an absolute path")
+
+
+# --- address policy (pure) -------------------------------------------------------------------------------------
+
+
+def parse_cidrs(cidrs: Iterable[str]) -> tuple[IPNetwork, ...]:
+    """Parse `FetchPolicy.allowed_cidrs`; host bits are tolerated (10.1.2.3/8 means 10.0.0.0/8)."""
+    return tuple(ipaddress.ip_network(cidr.strip(), strict=False) for cidr in cidrs)
+
+
+def classify_address(address: IPAddress, allowed: Sequence[IPNetwork] = ()) -> str | None:
+    """Why a connection to `address` is refused ("loopback", "private", ...), or None when it is allowed.
+
+    Only globally routable addresses are allowed, unless an admin listed the address in `allowed` (an in-cluster
+    image mirror, say). IPv4-mapped and NAT64 IPv6 addresses are judged by the IPv4 address they reach.
+    """
+    effective: IPAddress = address
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            effective = address.ipv4_mapped
+        elif address in _NAT64:
+            effective = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if any(address in net or effective in net for net in allowed):
+        return None
+    checks = (
+        ("unspecified", effective.is_unspecified),
+        ("loopback", effective.is_loopback),
+        ("link-local", effective.is_link_local),
+        ("multicast", effective.is_multicast),
+        ("reserved", effective.is_reserved),
+        ("private", effective.is_private),
+        ("not public", not effective.is_global),
+    )
+    return next((label for label, hit in checks if hit), None)
+
+
+def pick_address(host: str, addresses: Sequence[IPAddress], allowed: Sequence[IPNetwork]) -> IPAddress:
+    """The first allowed address of `host`; raises ValueError with a user-facing reason when none is."""
+    refusals: list[tuple[IPAddress, str]] = []
+    for address in addresses:
+        label = classify_address(address, allowed)
+        if label is None:
+            return address
+        refusals.append((address, label))
+    if not refusals:
+        raise ValueError(f"{host} has no address")
+    address, label = refusals[0]
+    if _is_ip_literal(host):
+        raise ValueError(f"address {address} is {label}; not allowed")
+    raise ValueError(f"{host} resolves to {address}, which is {label}; not allowed")
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+# --- https -----------------------------------------------------------------------------------------------------
+
+
+def _fetch_https(source: str, policy: FetchPolicy, verify: ssl.SSLContext | None) -> bytes:
+    deadline = time.monotonic() + policy.timeout_s
+    try:
+        allowed = parse_cidrs(policy.allowed_cidrs)
+    except ValueError as exc:
+        raise FetchError(source, f"the cluster's allowed_cidrs setting is invalid: {exc}") from None
+    context = verify if verify is not None else httpx.create_ssl_context()
+    try:
+        url = httpx.URL(source)
+    except httpx.InvalidURL as exc:
+        raise FetchError(source, f"not a valid URL: {exc}") from None
+    for _hop in range(MAX_REDIRECTS + 1):
+        if url.scheme != "https":
+            raise FetchError(source, f"redirected to {url.scheme}://, which is not allowed; only https://")
+        host = url.raw_host.decode("ascii")
+        if not host:
+            raise FetchError(source, "URL has no host")
+        port = url.port or 443
+        try:
+            address = pick_address(host, _resolve(host, port, _remaining(source, deadline, policy)), allowed)
+        except ValueError as exc:
+            raise FetchError(source, str(exc)) from None
+        outcome = _get_pinned(source, url, address, context, policy, deadline)
+        if isinstance(outcome, bytes):
+            return outcome
+        url = outcome
+    raise FetchError(source, f"more than {MAX_REDIRECTS} redirects")
+
+
+def _resolve(host: str, port: int, timeout_s: float) -> list[IPAddress]:
+    """All addresses of `host`, in the resolver's order; a literal address is returned as is."""
+    if _is_ip_literal(host):
+        return [ipaddress.ip_address(host)]
+    # getaddrinfo has no timeout of its own; a stuck resolver must not hold the Job past the policy's timeout.
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        infos = pool.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM).result(timeout=timeout_s)
+    except FutureTimeout:
+        raise ValueError(f"resolving {host} timed out") from None
+    except socket.gaierror as exc:
+        raise ValueError(f"cannot resolve {host}: {exc.strerror or exc}") from None
+    except UnicodeError:
+        raise ValueError(f"{host} is not a valid host name") from None
+    finally:
+        pool.shutdown(wait=False)
+    addresses: list[IPAddress] = []
+    for _family, _type, _proto, _canon, sockaddr in infos:
+        # Drop an IPv6 scope id ("fe80::1%eth0"); the address itself decides.
+        address = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+        if address not in addresses:
+            addresses.append(address)
+    return addresses
+
+
+def _get_pinned(
+    source: str,
+    url: httpx.URL,
+    address: IPAddress,
+    context: ssl.SSLContext,
+    policy: FetchPolicy,
+    deadline: float,
+) -> bytes | httpx.URL:
+    """One GET to `address`, speaking to `url`'s host: the body, or where a redirect points; anything else raises.
+
+    A fresh client per hop: a pooled connection verified for one name must not carry a request for another.
+    """
+    host = url.raw_host.decode("ascii")
+    timeout = httpx.Timeout(_remaining(source, deadline, policy))
+    with httpx.Client(verify=context, trust_env=False, follow_redirects=False, timeout=timeout) as client:
+        request = client.build_request(
+            "GET",
+            url.copy_with(host=str(address)),
+            headers={"Host": url.netloc.decode("ascii"), "Accept-Encoding": "identity", "User-Agent": USER_AGENT},
+            extensions={"sni_hostname": host},
+        )
+        try:
+            response = client.send(request, stream=True)
+            try:
+                return _read_response(source, url, response, policy, deadline)
+            finally:
+                response.close()
+        except httpx.TimeoutException:
+            raise FetchError(source, f"timed out after {policy.timeout_s:g} s") from None
+        except httpx.HTTPError as exc:
+            raise FetchError(source, _transport_reason(exc)) from None
+
+
+def _read_response(
+    source: str, url: httpx.URL, response: httpx.Response, policy: FetchPolicy, deadline: float
+) -> bytes | httpx.URL:
+    status = response.status_code
+    if status in REDIRECT_STATUSES:
+        location = response.headers.get("location")
+        if not location:
+            raise FetchError(source, f"HTTP {status} without a Location header")
+        try:
+            return url.join(location)
+        except httpx.InvalidURL:
+            raise FetchError(source, f"HTTP {status} to an invalid URL") from None
+    if status != 200:
+        raise FetchError(source, f"HTTP {status}")
+    too_big = f"larger than {policy.max_bytes} bytes"
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > policy.max_bytes:
+        raise FetchError(source, too_big)
+    chunks: list[bytes] = []
+    total = 0
+    for chunk in response.iter_bytes():
+        total += len(chunk)
+        if total > policy.max_bytes:
+            raise FetchError(source, too_big)
+        if time.monotonic() > deadline:
+            raise FetchError(source, f"timed out after {policy.timeout_s:g} s")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _remaining(source: str, deadline: float, policy: FetchPolicy) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise FetchError(source, f"timed out after {policy.timeout_s:g} s")
+    return left
+
+
+def _transport_reason(exc: httpx.HTTPError) -> str:
+    text = str(exc) or type(exc).__name__
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+        return f"TLS certificate not trusted: {_short(text)}"
+    if isinstance(exc, httpx.ConnectError):
+        return f"could not connect: {_short(text)}"
+    return f"download failed: {_short(text)}"
+
+
+def _short(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _REASON_MAX else text[: _REASON_MAX - 3] + "..."
+
+
+# --- object stores and pod paths ------------------------------------------------------------------------------
+
+
+def _fetch_object(source: str, scheme: str, max_bytes: int) -> bytes:
+    """Read an s3:// or gs:// object with fsspec; credentials come from the pod (IRSA, workload identity, env)."""
+    import fsspec
+
+    package = OBJECT_STORE_PACKAGES[scheme]
+    try:
+        fs = fsspec.get_filesystem_class(scheme)()
+    except ImportError:
+        raise FetchError(
+            source, f"reading {scheme}:// needs the {package} package, which is not installed (kleinstyle[cloud])"
+        ) from None
+    too_big = f"larger than {max_bytes} bytes"
+    try:
+        size = fs.size(source)
+        if size is not None and size > max_bytes:
+            raise FetchError(source, too_big)
+        with fs.open(source, "rb") as handle:
+            data = handle.read(max_bytes + 1)
+    except FetchError:
+        raise
+    except FileNotFoundError:
+        raise FetchError(source, "not found") from None
+    except PermissionError:
+        raise FetchError(source, "access denied") from None
+    except Exception as exc:  # object-store clients raise their own types; one image must not crash the run
+        raise FetchError(source, f"could not read: {_short(str(exc) or type(exc).__name__)}") from None
+    if len(data) > max_bytes:
+        raise FetchError(source, too_big)
+    return data
+
+
+def _read_pod_file(source: str, max_bytes: int) -> bytes:
+    """Read a file on a volume mounted into the pod; only regular files (not /dev/zero, not a FIFO)."""
+    path = local_path(source)
+    too_big = f"larger than {max_bytes} bytes"
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise FetchError(source, "not a regular file")
+        if info.st_size > max_bytes:
+            raise FetchError(source, too_big)
+        with path.open("rb") as handle:
+            data = handle.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise FetchError(source, "no such file in the pod (is its volume mounted?)") from None
+    except PermissionError:
+        raise FetchError(source, "permission denied") from None
+    except OSError as exc:
+        raise FetchError(source, f"could not read: {_short(exc.strerror or str(exc))}") from None
+    if len(data) > max_bytes:
+        raise FetchError(source, too_big)
+    return data
