@@ -16,6 +16,7 @@ from .naming import owner_labels, run_labels, run_name, runner_name
 
 RUNSPEC_KEY = "runspec.json"
 RUNSPEC_DIR = "/etc/kleinstyle"
+REFERENCES_MOUNT = "/references"
 GPU_STEPS = frozenset({"train", "generate"})
 # Exit code the runtime uses for input it can never succeed on (bad dataset, missing model): no retry.
 EXIT_INVALID_INPUT = 2
@@ -44,7 +45,7 @@ class Run:
     queue_name: str | None = None
     priority_class: str | None = None
     secret_env: tuple[SecretEnv, ...] = ()
-    # PVCs mounted read-only at /references/CLAIM (pvc:// image sources).
+    # PVCs mounted read-only at REFERENCES_MOUNT/CLAIM (pvc:// image sources).
     reference_claims: tuple[str, ...] = ()
     extra_env: dict[str, str] = field(default_factory=dict)
 
@@ -155,7 +156,7 @@ def _volumes(run: Run, cfg: OperatorConfig) -> tuple[list[dict], list[dict]]:
         mounts.append({"name": "models", "mountPath": cfg.modelCacheMountPath, "readOnly": True})
     for i, claim in enumerate(run.reference_claims):
         volumes.append({"name": f"ref-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
-        mounts.append({"name": f"ref-{i}", "mountPath": f"/references/{claim}", "readOnly": True})
+        mounts.append({"name": f"ref-{i}", "mountPath": f"{REFERENCES_MOUNT}/{claim}", "readOnly": True})
     return volumes, mounts
 
 

@@ -61,7 +61,7 @@ def status_changes(current: dict, desired: dict) -> dict:
     return {k: v for k, v in desired.items() if current.get(k) != v}
 
 
-async def reconcile_resource(body: Any, patch: Any, memo: Any, logger: Any) -> None:
+async def reconcile_resource(body: Any, patch: Any, memo: Any, logger: Any, **_: Any) -> None:
     kind, meta = body["kind"], body["metadata"]
     if settled(body):
         return
@@ -91,7 +91,7 @@ async def reconcile_resource(body: Any, patch: Any, memo: Any, logger: Any) -> N
         metrics.RECONCILE_SECONDS.labels(kind).observe(time.perf_counter() - started)
 
 
-async def delete_resource(body: Any, memo: Any, logger: Any) -> None:
+async def delete_resource(body: Any, memo: Any, logger: Any, **_: Any) -> None:
     """Children go with their owner (explicitly, so no garbage collector is needed); artifacts stay unless asked."""
     meta = body["metadata"]
     kube: Kube = memo.kube
@@ -114,8 +114,12 @@ async def delete_resource(body: Any, memo: Any, logger: Any) -> None:
 
 
 def register(registry: kopf.OperatorRegistry, resync_seconds: float) -> None:
-    """Attach the handlers of all four kinds to `registry`."""
+    """Attach the handlers of all four kinds to `registry`, and log in as the kubernetes client does (kubeconfig
+    or in-cluster ServiceAccount): a registry of our own starts without kopf's default login handlers."""
+    kopf.on.login(registry=registry)(kopf.login_via_client)
     for kind in KINDS:
         resource = (GROUP, VERSION, kind.plural)
-        kopf.timer(*resource, interval=resync_seconds, registry=registry, id="reconcile")(reconcile_resource)
+        kopf.timer(*resource, interval=resync_seconds, backoff=resync_seconds, registry=registry, id="reconcile")(
+            reconcile_resource
+        )
         kopf.on.delete(*resource, registry=registry, id="cleanup")(delete_resource)

@@ -46,18 +46,19 @@ class Kube:
 
     def _call(self, method: str, path: str, body: Any = None, query: list | None = None) -> Any:
         headers = {"Accept": "application/json", "Content-Type": "application/json"}
-        response = self.api.call_api(
-            path,
-            method,
+        method, url, headers, body, _ = self.api.param_serialize(
+            method=method,
+            resource_path=path,
             query_params=query or [],
             header_params=headers,
             body=body,
             auth_settings=["BearerToken"],
-            _preload_content=False,
-            _return_http_data_only=True,
         )
-        data = response.data
-        return json.loads(data) if data else None
+        response = self.api.call_api(method, url, header_params=headers, body=body)
+        response.read()
+        if not 200 <= response.status < 300:
+            raise ApiException(http_resp=response)
+        return json.loads(response.data) if response.data else None
 
     async def request(self, method: str, path: str, body: Any = None, query: list | None = None) -> Any:
         return await asyncio.to_thread(self._call, method, path, body, query)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import kopf
 
@@ -34,13 +34,17 @@ async def run_operator(
     stop_flag: asyncio.Event | None = None,
     ready_flag: asyncio.Event | None = None,
     liveness_endpoint: str | None = None,
+    tune: Callable[[kopf.OperatorSettings], object] | None = None,
 ) -> None:
-    """Run until `stop_flag` is set. An empty `namespaces` watches the whole cluster."""
+    """Run until `stop_flag` is set. An empty `namespaces` watches the whole cluster. `tune` adjusts kopf's
+    settings after ours (the dev cluster uses it to run kopf inside its own process and event loop)."""
     load_client_config()
     registry = kopf.OperatorRegistry()
     register(registry, cfg.resyncSeconds)
     settings = kopf.OperatorSettings()
     configure(settings)
+    if tune is not None:
+        tune(settings)
     if cfg.metricsPort:
         metrics.serve(cfg.metricsPort)
     await kopf.operator(

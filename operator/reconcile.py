@@ -131,7 +131,7 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
     except NotReady as wait:
         conds = [
             Condition("DependenciesReady", "False", wait.reason, wait.message),
-            Condition("Ready", "False", "Waiting", wait.message),
+            Condition("Ready", "False", wait.reason, wait.message),
         ]
         return finish("Waiting", wait.reason, wait.message, conds)
 

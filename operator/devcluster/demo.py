@@ -1,0 +1,212 @@
+"""`kleinstyle demo` and `kleinstyle dev-cluster`: the operator, for real, on the embedded cluster.
+
+The demo applies examples/ and prints each resource's status as it moves, then where every artifact is. Steps the
+runtime has show their real result; steps it lacks show as Pending with the reason, never as a faked success.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import kopf
+from kleinstyle.operator import admission, crdgen
+from kleinstyle.operator.api import KINDS
+from kleinstyle.operator.config import ArtifactStore, OperatorConfig
+from kleinstyle.operator.main import run_operator
+
+from .cluster import DevCluster
+from .references import write_references
+
+NAMESPACE = "kleinstyle-demo"
+ARTIFACT_CLAIM = "kleinstyle-artifacts"
+REFERENCE_CLAIM = "kleinstyle-references"
+# Shown before the examples: a StyleLoRA the schema refuses, as `kubectl apply` would.
+BAD_LORA = {
+    "apiVersion": "kleinstyle.dev/v1alpha1",
+    "kind": "StyleLoRA",
+    "metadata": {"name": "too-wide"},
+    "spec": {"boardRef": {"name": "bd9"}, "training": {"rank": 48, "learningRate": 0}},
+}
+
+
+def dev_config(root: Path) -> OperatorConfig:
+    """The operator's configuration on the embedded cluster: quick resyncs, no metrics port, local artifacts."""
+    return OperatorConfig(
+        runtimeImage="local",
+        defaultBackend="builtin",
+        resyncSeconds=0.5,
+        metricsPort=0,
+        artifacts=ArtifactStore(claimName=ARTIFACT_CLAIM),
+        artifactsLocalPath=str(root / "volumes" / ARTIFACT_CLAIM),
+    )
+
+
+def embedded(settings: kopf.OperatorSettings) -> None:
+    """kopf shares the process and loop with the emulator client and executor: never kill the process on exit;
+    retry API errors quickly (a local emulator is never overloaded)."""
+    settings.process.ultimate_exiting_timeout = None
+    settings.networking.error_backoffs = [0.1, 0.2, 0.5, 1.0]
+
+
+def cluster_for(root: Path, namespace: str) -> DevCluster:
+    root.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(
+        filename=root / "operator.log", level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    cfg = dev_config(root)
+    operator = partial(_operator, cfg, namespace)
+    return DevCluster(
+        root, crds=crdgen.build_crds().values(), admit=admission.admit, operator=operator, namespace=namespace
+    )
+
+
+async def _operator(cfg: OperatorConfig, namespace: str, stop: asyncio.Event) -> None:
+    await run_operator(cfg, [namespace], stop_flag=stop, tune=embedded)
+
+
+def load_documents(paths: Iterable[str]) -> list[dict[str, Any]]:
+    """YAML documents from files or folders (sorted), read as kubectl reads numbers such as 1e-4."""
+    files: list[Path] = []
+    for item in paths:
+        path = Path(item)
+        files += sorted([*path.glob("*.yaml"), *path.glob("*.yml")]) if path.is_dir() else [path]
+    return [doc for file in files for doc in admission.load_manifests(file.read_text()) if doc]
+
+
+def local_artifact(root: Path, uri: str | None) -> str | None:
+    """pvc://CLAIM/PATH as the folder the embedded cluster keeps that claim in."""
+    if not uri or not uri.startswith("pvc://"):
+        return uri
+    claim, _, rest = uri[len("pvc://") :].partition("/")
+    return str(root / "volumes" / claim / rest)
+
+
+def _reason(obj: dict[str, Any]) -> str:
+    ready = next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == "Ready"), None)
+    return ready["reason"] if ready else ""
+
+
+def settled(objs: list[dict[str, Any]]) -> bool:
+    """Nothing more will happen without a new step in the runtime: every resource finished, waits on another, or
+    waits for a step the runtime lacks."""
+
+    def done(obj: dict[str, Any]) -> bool:
+        status = obj.get("status") or {}
+        if status.get("observedGeneration") != obj["metadata"].get("generation"):
+            return False
+        return status.get("phase") in ("Succeeded", "Failed", "Waiting") or _reason(obj) == "StepNotAvailable"
+
+    return bool(objs) and all(done(o) for o in objs)
+
+
+async def _all(cluster: DevCluster, namespace: str) -> list[dict[str, Any]]:
+    return [obj for kind in KINDS for obj in await cluster.list(kind.plural, namespace)]
+
+
+def _line(elapsed: float, obj: dict[str, Any]) -> str:
+    status = obj.get("status") or {}
+    name = f"{obj['kind']}/{obj['metadata']['name']}"
+    return f"[{elapsed:5.1f}s] {name:<26} {status.get('phase') or '-':<10} {status.get('message') or ''}"
+
+
+async def watch(cluster: DevCluster, namespace: str, timeout: float, quiet: float = 2.0) -> list[dict[str, Any]]:
+    """Print a line whenever a resource's phase or message changes; return the objects once they are settled
+    and nothing changed for `quiet` seconds (a Waiting resource may still move when its dependency finishes)."""
+    start = last_change = time.monotonic()
+    seen: dict[tuple[str, str], tuple[Any, Any]] = {}
+    while True:
+        objs = await _all(cluster, namespace)
+        now = time.monotonic()
+        for obj in objs:
+            status = obj.get("status") or {}
+            key, value = (obj["kind"], obj["metadata"]["name"]), (status.get("phase"), status.get("message"))
+            if seen.get(key) != value:
+                seen[key], last_change = value, now
+                print(_line(now - start, obj), flush=True)
+        if settled(objs) and now - last_change >= quiet:
+            return objs
+        if now - start > timeout:
+            raise TimeoutError(f"the resources did not settle within {timeout:.0f}s")
+        await asyncio.sleep(0.3)
+
+
+def report(root: Path, objs: list[dict[str, Any]]) -> int:
+    """Print each resource's outcome and artifacts; 0 when every step that exists succeeded."""
+    print("\nWhere things are:")
+    failed = False
+    for obj in objs:
+        status = obj.get("status") or {}
+        name = f"{obj['kind']}/{obj['metadata']['name']}"
+        phase = status.get("phase")
+        failed |= phase == "Failed"
+        print(f"  {name}: {phase} ({_reason(obj)})")
+        if obj["kind"] == "StyleBoard" and phase == "Succeeded":
+            print(f"    accepted {status.get('imagesAccepted')} images, rejected {status.get('imagesRejected')}:")
+            for item in status.get("rejected", []):
+                print(f"      - {item['source']}: {item['reason']}")
+            dataset = local_artifact(root, status.get("datasetURI"))
+            print(f"    dataset: {status.get('datasetURI')}\n      on this machine: {dataset}")
+            if dataset and Path(dataset).is_dir():
+                files = sorted(p.name for p in Path(dataset).iterdir())
+                print(f"      files: {', '.join(files[:6])}{', ...' if len(files) > 6 else ''}")
+        elif phase in ("Pending", "Waiting"):
+            print(f"    {status.get('message')}")
+        if status.get("artifactURI") and phase in ("Running", "Succeeded", "Failed"):
+            print(f"    run artifacts: {local_artifact(root, status['artifactURI'])}")
+    print(f"\nPod logs: {root / 'logs'}\nOperator log: {root / 'operator.log'}")
+    return 1 if failed else 0
+
+
+async def demo(root: str, examples: str, timeout: float) -> int:
+    root_path = Path(root).resolve()
+    write_references(root_path / "volumes" / REFERENCE_CLAIM / "bd9")
+    docs = load_documents([examples])
+    async with cluster_for(root_path, NAMESPACE) as cluster:
+        print(f"embedded cluster at {cluster.url}, namespace {NAMESPACE}, files in {root_path}\n")
+        await cluster.apply([_gemini_secret()])
+        try:
+            await cluster.apply([BAD_LORA])
+            print("unexpected: the invalid StyleLoRA was accepted")
+            return 1
+        except Exception as refused:
+            print(f"kubectl apply of an invalid StyleLoRA is refused:\n  {getattr(refused, 'message', refused)}\n")
+        applied = await cluster.apply(docs)
+        print("applied: " + ", ".join(f"{d['kind']}/{d['metadata']['name']}" for d in applied) + "\n")
+        objs = await watch(cluster, NAMESPACE, timeout)
+        return report(root_path, objs)
+
+
+def _gemini_secret() -> dict[str, Any]:
+    """The Secret examples/styleboard.yaml names; filled from GEMINI_API_KEY when set, otherwise empty."""
+    data = {"GEMINI_API_KEY": os.environ["GEMINI_API_KEY"]} if os.environ.get("GEMINI_API_KEY") else {}
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "kleinstyle-gemini"}, "stringData": data}
+
+
+async def serve(root: str, namespace: str, apply: list[str]) -> int:
+    """Run the embedded cluster until interrupted."""
+    root_path = Path(root).resolve()
+    write_references(root_path / "volumes" / REFERENCE_CLAIM / "bd9")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    async with cluster_for(root_path, namespace) as cluster:
+        await cluster.apply([_gemini_secret()])
+        if apply:
+            await cluster.apply(load_documents(apply))
+        print(f"API emulator at {cluster.url}; namespace {namespace}\n"
+              f"  export KUBECONFIG={cluster.kubeconfig_path}\n  volumes: {root_path / 'volumes'}\n"
+              f"  pod logs: {root_path / 'logs'}\nCtrl-C stops it.", flush=True)
+        await stop.wait()
+    return 0
