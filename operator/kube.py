@@ -42,7 +42,14 @@ def load_client_config() -> None:
 
 class Kube:
     def __init__(self, api_client: client.ApiClient | None = None) -> None:
-        self.api = api_client or client.ApiClient()
+        self._api = api_client
+
+    @property
+    def api(self) -> client.ApiClient:
+        """Made on first use, so it takes the client configuration loaded when the operator starts."""
+        if self._api is None:
+            self._api = client.ApiClient()
+        return self._api
 
     def _call(self, method: str, path: str, body: Any = None, query: list | None = None) -> Any:
         headers = {"Accept": "application/json", "Content-Type": "application/json"}

@@ -35,6 +35,7 @@ async def run_operator(
     ready_flag: asyncio.Event | None = None,
     liveness_endpoint: str | None = None,
     tune: Callable[[kopf.OperatorSettings], object] | None = None,
+    kube: Kube | None = None,
 ) -> None:
     """Run until `stop_flag` is set. An empty `namespaces` watches the whole cluster. `tune` adjusts kopf's
     settings after ours (the dev cluster uses it to run kopf inside its own process and event loop)."""
@@ -56,5 +57,5 @@ async def run_operator(
         stop_flag=stop_flag,
         ready_flag=ready_flag,
         liveness_endpoint=liveness_endpoint,
-        memo=kopf.Memo(config=cfg, kube=Kube()),
+        memo=kopf.Memo(config=cfg, kube=kube or Kube()),
     )

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 STEP = "prepare"
 REPORT_FILE = "report.json"
 DATASET_DIR = "dataset"
+# 2 is also what the Job's podFailurePolicy treats as "never retry": input that cannot succeed.
 EXIT_OK, EXIT_FAILED, EXIT_BAD_SPEC = 0, 1, 2
 
 
@@ -51,6 +52,8 @@ class AcceptedImage(BaseModel):
 class Rejection(BaseModel):
     source: str
     reason: str
+    # A fetch failure may pass on a retry (a 503, a timeout); a bad or duplicate image never will.
+    retryable: bool = False
 
 
 class Duplicate(BaseModel):
@@ -211,9 +214,10 @@ def _build_dataset(work: PrepareSpec, out: ArtifactDir, result: PrepareResult) -
             data = fetch(item.source, work.fetch)
             image = validate_image(data, max_pixels=work.fetch.max_pixels, min_short_side=work.min_short_side)
         except (FetchError, ImageRejected) as exc:
-            reason = exc.reason if isinstance(exc, FetchError) else str(exc)
+            fetching = isinstance(exc, FetchError)
+            reason = exc.reason if fetching else str(exc)
             log.info("image %d/%d rejected: %s: %s", position, total, item.source, reason)
-            result.rejected.append(Rejection(source=item.source, reason=reason))
+            result.rejected.append(Rejection(source=item.source, reason=reason, retryable=fetching))
             continue
         except Exception as exc:  # a bug or an odd input must cost one image, not the board
             log.exception("image %d/%d failed unexpectedly: %s", position, total, item.source)
@@ -289,4 +293,7 @@ def main(spec_path: str) -> int:
         write_termination_message(message)
         return EXIT_FAILED
     write_termination_message(result.message)
-    return EXIT_OK if result.succeeded else EXIT_FAILED
+    if result.succeeded:
+        return EXIT_OK
+    # No usable image and no fetch that a retry could fix: the board itself must change, so don't retry.
+    return EXIT_FAILED if any(r.retryable for r in result.rejected) else EXIT_BAD_SPEC

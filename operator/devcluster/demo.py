@@ -57,21 +57,25 @@ def embedded(settings: kopf.OperatorSettings) -> None:
     settings.networking.error_backoffs = [0.1, 0.2, 0.5, 1.0]
 
 
-def cluster_for(root: Path, namespace: str) -> DevCluster:
-    root.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(
-        filename=root / "operator.log", level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    cfg = dev_config(root)
-    operator = partial(_operator, cfg, namespace)
+def cluster_for(root: Path, namespace: str, **operator_args: Any) -> DevCluster:
+    """The embedded cluster with the CRDs, offline admission and the operator (`operator_args` go to it)."""
+    operator = partial(embedded_operator, dev_config(root), namespace, **operator_args)
     return DevCluster(
         root, crds=crdgen.build_crds().values(), admit=admission.admit, operator=operator, namespace=namespace
     )
 
 
-async def _operator(cfg: OperatorConfig, namespace: str, stop: asyncio.Event) -> None:
-    await run_operator(cfg, [namespace], stop_flag=stop, tune=embedded)
+async def embedded_operator(cfg: OperatorConfig, namespace: str, stop: asyncio.Event, **kwargs: Any) -> None:
+    await run_operator(cfg, [namespace], stop_flag=stop, tune=embedded, **kwargs)
+
+
+def log_to(root: Path) -> None:
+    """The operator's log goes to a file: the terminal shows the resources' story."""
+    root.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(
+        filename=root / "operator.log", level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
 def load_documents(paths: Iterable[str]) -> list[dict[str, Any]]:
@@ -169,6 +173,7 @@ def report(root: Path, objs: list[dict[str, Any]]) -> int:
 
 async def demo(root: str, examples: str, timeout: float) -> int:
     root_path = Path(root).resolve()
+    log_to(root_path)
     write_references(root_path / "volumes" / REFERENCE_CLAIM / "bd9")
     docs = load_documents([examples])
     async with cluster_for(root_path, NAMESPACE) as cluster:
@@ -195,6 +200,7 @@ def _gemini_secret() -> dict[str, Any]:
 async def serve(root: str, namespace: str, apply: list[str]) -> int:
     """Run the embedded cluster until interrupted."""
     root_path = Path(root).resolve()
+    log_to(root_path)
     write_references(root_path / "volumes" / REFERENCE_CLAIM / "bd9")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -9,7 +9,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 SIZE = 768
 INK = (34, 28, 48)
@@ -93,12 +93,9 @@ SUBJECTS: tuple[Callable[[Draw], None], ...] = (
 
 
 def draw(subject: Callable[[Draw], None], seed: int) -> Image.Image:
-    image = Image.new("RGB", (SIZE, SIZE))
-    d = ImageDraw.Draw(image)
-    for y in range(SIZE):
-        t = y / (SIZE - 1)
-        d.line((0, y, SIZE, y), fill=tuple(int(a + (b - a) * t) for a, b in zip(SKY_TOP, SKY_BOTTOM, strict=True)))
-    subject(d)
+    sky = Image.linear_gradient("L").resize((SIZE, SIZE))
+    image = ImageOps.colorize(sky, SKY_TOP, SKY_BOTTOM)
+    subject(ImageDraw.Draw(image))
     rng = random.Random(seed)
     grain = Image.effect_noise((SIZE, SIZE), 24).convert("RGB")
     return Image.blend(image, grain, 0.06 + rng.random() * 0.02)
@@ -111,11 +108,11 @@ def write_references(folder: Path) -> list[Path]:
     for i, subject in enumerate(SUBJECTS, start=1):
         path = folder / f"ref-{i:02d}.png"
         if not path.exists():
-            draw(subject, i).save(path)
+            draw(subject, i).save(path, compress_level=1)
         paths.append(path)
     thumbnail = folder / "thumbnail.png"
     if not thumbnail.exists():
-        draw(sun_hills, 99).resize((256, 256)).save(thumbnail)
+        draw(sun_hills, 99).resize((256, 256)).save(thumbnail, compress_level=1)
     copy = folder / "ref-01-copy.png"
     if not copy.exists():
         shutil.copyfile(paths[0], copy)

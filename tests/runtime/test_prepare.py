@@ -179,6 +179,15 @@ def test_no_usable_image_fails_and_writes_nothing(
     assert dev_termination_log.read_text() == finished["message"]
 
 
+def test_a_board_that_can_never_succeed_exits_2_so_the_job_does_not_retry(
+    rootfs: Path, kube_api: KubeApi, picture: Picture, encode: Encode
+) -> None:
+    kube_api.serve_status(STATUS_PATH)
+    tiny = put(rootfs, "/boards/tiny.png", encode(picture(1, (32, 32))))
+    assert main(write_spec(rootfs, board((tiny, None)))) == 2  # the podFailurePolicy's FailJob exit code
+    # A fetch failure might pass on a retry: that run exits 1 (see the test above).
+
+
 def test_a_failure_midway_leaves_no_partial_output(
     rootfs: Path,
     kube_api: KubeApi,
