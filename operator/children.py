@@ -146,7 +146,7 @@ def _volumes(run: Run, cfg: OperatorConfig) -> tuple[list[dict], list[dict]]:
         {"name": "runspec", "mountPath": RUNSPEC_DIR, "readOnly": True},
         {"name": "tmp", "mountPath": "/tmp"},
     ]
-    if cfg.artifacts.uri is None:
+    if not cfg.artifacts.uri:
         volumes.append({"name": "artifacts", "persistentVolumeClaim": {"claimName": cfg.artifacts.claimName}})
         mounts.append({"name": "artifacts", "mountPath": cfg.artifacts.mountPath})
     if run.step in GPU_STEPS:

@@ -104,7 +104,7 @@ async def delete_resource(body: Any, memo: Any, logger: Any, **_: Any) -> None:
         return
     cfg: OperatorConfig = memo.config
     root = cfg.artifactsLocalPath
-    if root is None:
+    if root is None or cfg.artifacts.uri:
         message = "artifactPolicy is Delete, but the operator has no access to the artifact store"
         kopf.warn(body, reason="ArtifactsKept", message=message)
         return
