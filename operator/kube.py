@@ -93,7 +93,7 @@ class Kube:
         answer = await self.request("GET", collection_path(kind, namespace), query=[("labelSelector", label_selector)])
         items = (answer or {}).get("items") or []
         api_version = PLURALS[kind][0]
-        # Some servers (and the emulator) omit kind/apiVersion on list items; the reconcile needs them.
+        # List items carry no kind/apiVersion in Kubernetes; the reconcile needs them.
         return [{"apiVersion": api_version, "kind": kind, **item} for item in items]
 
     async def delete(self, kind: str, namespace: str, name: str) -> bool:

@@ -22,7 +22,7 @@ def configure(settings: kopf.OperatorSettings) -> None:
     )
     settings.persistence.finalizer = "kleinstyle.dev/cleanup"
     settings.posting.level = logging.WARNING  # Our own Events say what matters; kopf's are noise to a user.
-    # Explicit namespaces need no namespace scanning (and the emulator cannot list namespaces).
+    # Explicit namespaces need no namespace scanning, hence no cluster-wide permission to list namespaces.
     settings.scanning.disabled = True
     settings.networking.request_timeout = 30
     settings.watching.server_timeout = 60

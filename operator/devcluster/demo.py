@@ -17,7 +17,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import kopf
 from kleinstyle.operator import admission, crdgen
 from kleinstyle.operator.api import KINDS
 from kleinstyle.operator.config import ArtifactStore, OperatorConfig
@@ -25,6 +24,7 @@ from kleinstyle.operator.main import run_operator
 
 from .cluster import DevCluster
 from .references import write_references
+from .wiring import configure_kopf_for_emulator
 
 NAMESPACE = "kleinstyle-demo"
 ARTIFACT_CLAIM = "kleinstyle-artifacts"
@@ -50,13 +50,6 @@ def dev_config(root: Path) -> OperatorConfig:
     )
 
 
-def embedded(settings: kopf.OperatorSettings) -> None:
-    """kopf shares the process and loop with the emulator client and executor: never kill the process on exit;
-    retry API errors quickly (a local emulator is never overloaded)."""
-    settings.process.ultimate_exiting_timeout = None
-    settings.networking.error_backoffs = [0.1, 0.2, 0.5, 1.0]
-
-
 def cluster_for(root: Path, namespace: str, **operator_args: Any) -> DevCluster:
     """The embedded cluster with the CRDs, offline admission and the operator (`operator_args` go to it)."""
     operator = partial(embedded_operator, dev_config(root), namespace, **operator_args)
@@ -66,7 +59,7 @@ def cluster_for(root: Path, namespace: str, **operator_args: Any) -> DevCluster:
 
 
 async def embedded_operator(cfg: OperatorConfig, namespace: str, stop: asyncio.Event, **kwargs: Any) -> None:
-    await run_operator(cfg, [namespace], stop_flag=stop, tune=embedded, **kwargs)
+    await run_operator(cfg, [namespace], stop_flag=stop, tune=configure_kopf_for_emulator, **kwargs)
 
 
 def log_to(root: Path) -> None:
@@ -211,8 +204,11 @@ async def serve(root: str, namespace: str, apply: list[str]) -> int:
         await cluster.apply([_gemini_secret()])
         if apply:
             await cluster.apply(load_documents(apply))
-        print(f"API emulator at {cluster.url}; namespace {namespace}\n"
-              f"  export KUBECONFIG={cluster.kubeconfig_path}\n  volumes: {root_path / 'volumes'}\n"
-              f"  pod logs: {root_path / 'logs'}\nCtrl-C stops it.", flush=True)
+        print(
+            f"API emulator at {cluster.url}; namespace {namespace}\n"
+            f"  export KUBECONFIG={cluster.kubeconfig_path}\n  volumes: {root_path / 'volumes'}\n"
+            f"  pod logs: {root_path / 'logs'}\nCtrl-C stops it.",
+            flush=True,
+        )
         await stop.wait()
     return 0

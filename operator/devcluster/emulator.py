@@ -1,0 +1,494 @@
+"""A Kubernetes API emulator on a loopback port: kmock serves HTTP and discovery, `ObjectStore` keeps the objects.
+
+kmock's `KubernetesScaffold` answers discovery (`/api`, `/apis`, `/apis/GROUP/VERSION`) from its `resources` table
+and logs every request; its stateful `KubernetesEmulator` lacks what the operator relies on (FINDINGS.md), so
+resource URLs are routed to `ObjectStore` instead: CRUD with real metadata rules, PUT, `/status`, selectors,
+finalizers, garbage collection, admission, and watches that resume from a resourceVersion and send bookmarks.
+
+The server runs in its own thread with its own event loop. Code that blocks the caller's loop (a synchronous
+`kubernetes` client call inside an `async def` kopf handler) then stalls only itself instead of deadlocking
+against the server it is waiting for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import aiohttp.web
+import attrs
+import kmock
+import yaml
+
+from .errors import ApiError, bad_request
+from .resources import CRD_GROUP, CRD_PLURAL, KindRegistry, ResourceKind
+from .selectors import parse_field_selector, parse_label_selector
+from .store import Admit, ObjectStore, WatchEvent, translate_event
+
+DEV_TOKEN = "devcluster-token"  # any bearer token is accepted; kubeconfigs carry this one
+_NAMESPACE_LIST = re.compile(r"^/api/v1/namespaces/?$")
+
+
+@dataclass(frozen=True)
+class ApiPath:
+    group: str
+    version: str
+    plural: str
+    namespace: str | None = None
+    name: str | None = None
+    subresource: str | None = None
+
+
+def parse_api_path(path: str) -> ApiPath | None:
+    """The resource a URL addresses, or None for discovery and non-API paths."""
+    parts = [part for part in path.split("/") if part]
+    if len(parts) >= 2 and parts[0] == "api":
+        group, version, rest = "", parts[1], parts[2:]
+    elif len(parts) >= 3 and parts[0] == "apis":
+        group, version, rest = parts[1], parts[2], parts[3:]
+    else:
+        return None
+    if not rest:
+        return None
+    # /api/v1/namespaces[/NAME[/status|/finalize]] is the Namespace kind itself, not a namespace prefix.
+    namespace_kind = len(rest) <= 2 or (len(rest) == 3 and rest[2] in ("status", "finalize"))
+    if group == "" and rest[0] == "namespaces" and namespace_kind:
+        name, subresource = [*rest[1:], None, None][:2]
+        return ApiPath("", version, "namespaces", None, name, subresource)
+    namespace = None
+    if rest[0] == "namespaces":
+        namespace, rest = rest[1], rest[2:]
+        if not rest:
+            return None
+    name = rest[1] if len(rest) > 1 else None
+    subresource = "/".join(rest[2:]) or None
+    return ApiPath(group, version, rest[0], namespace, name, subresource)
+
+
+@dataclass(frozen=True)
+class ApiRequest:
+    """One request to a resource URL, as tests assert on it: `POST .../jobs` with a body naming the Job."""
+
+    method: str
+    path: str
+    params: dict[str, str]
+    body: Any
+    status: int
+
+    @property
+    def name(self) -> str | None:
+        """The object's name from the body (creates) or from the URL."""
+        if isinstance(self.body, dict) and isinstance(self.body.get("metadata"), dict):
+            name = self.body["metadata"].get("name")
+            if name:
+                return str(name)
+        target = parse_api_path(self.path)
+        return target.name if target else None
+
+
+@attrs.define(kw_only=True)
+class ApiServer(kmock.KubernetesScaffold):
+    """kmock's scaffold with resource URLs served from an `ObjectStore`."""
+
+    store: ObjectStore
+    bookmark_interval: float = 5.0
+    log: list[ApiRequest] = attrs.field(factory=list, init=False)
+    _closing: bool = attrs.field(default=False, init=False)
+    _tick: asyncio.Future[None] | None = attrs.field(default=None, init=False)
+    _loop: asyncio.AbstractEventLoop | None = attrs.field(default=None, init=False)
+    _discovery_revision: int = attrs.field(default=-1, init=False)
+
+    async def __aenter__(self) -> ApiServer:
+        self._loop = asyncio.get_running_loop()
+        self.store.subscribe(self._on_change)
+        return await super().__aenter__()
+
+    def close_watches(self) -> None:
+        """End every watch stream (at shutdown, so the HTTP server need not wait for them)."""
+        self._closing = True
+        self._wake()
+
+    def _on_change(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        if self._tick is not None and not self._tick.done():
+            self._tick.set_result(None)
+
+    def _next_tick(self) -> asyncio.Future[None]:
+        if self._tick is None or self._tick.done():
+            self._tick = asyncio.get_running_loop().create_future()
+        return self._tick
+
+    def _sync_discovery(self) -> None:
+        kinds = self.store.kinds
+        if kinds.revision == self._discovery_revision:
+            return
+        self.resources.clear()
+        for kind in kinds:
+            self.resources[kmock.resource(kind.group, kind.version, kind.plural)] = kmock.ResourceInfo(
+                kind=kind.kind,
+                namespaced=kind.namespaced,
+                singular=kind.singular,
+                verbs=set(kind.verbs),
+                shortnames=set(kind.shortnames),
+                subresources=set(kind.subresources),
+            )
+        self._discovery_revision = kinds.revision
+
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        # kmock's URL parser fails on the bare namespace list; build its Request for that one path ourselves.
+        if not _NAMESPACE_LIST.match(raw_request.path):
+            return await super().__call__(raw_request)
+        body = await raw_request.read()
+        request = kmock.Request(
+            id=len(self._requests),
+            method=raw_request.method,
+            url=raw_request.url,
+            params=dict(raw_request.query),
+            headers=dict(raw_request.headers),
+            body=body,
+            text=body.decode("utf-8", "replace"),
+            data=_json_or_none(body),
+            resource=kmock.resource("", "v1", "namespaces"),
+            raw_request=raw_request,
+        )
+        self._requests.append(request)
+        return await self._handle(request)
+
+    async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        target = parse_api_path(request.url.path)
+        if target is None:
+            self._sync_discovery()
+            return await super()._handle(request)
+        body = _request_body(request)
+        try:
+            kind = self.store.kinds.get(target.group, target.version, target.plural)
+            if kind is None:
+                raise ApiError(404, "NotFound", "the server could not find the requested resource")
+            status, payload = await self._dispatch(request, kind, target, body)
+        except ApiError as exc:
+            status, payload = exc.code, exc.status
+        self.log.append(ApiRequest(str(request.method.value), request.url.path, dict(request.params), body, status))
+        return await kmock.Response(status=status, payload=payload)(request)
+
+    async def _dispatch(
+        self, request: kmock.Request, kind: ResourceKind, target: ApiPath, body: Any
+    ) -> tuple[int, Any]:
+        method = str(request.method.value).upper()
+        params = request.params
+        namespace = target.namespace if kind.namespaced else None
+        if params.get("dryRun"):
+            raise bad_request("dryRun is not supported by the dev cluster")  # refuse rather than write for real
+        if method == "GET" and params.get("watch") in ("true", "1"):
+            return 200, self._watch(kind, namespace, target.name, dict(params))
+        if target.name is None:
+            if method == "GET":
+                items, rv = self.store.list(kind, namespace, *_selectors(params))
+                return 200, self._list_body(kind, items, rv)
+            if method == "POST":
+                return 201, self.store.create(kind, namespace, body or {})
+            if method == "DELETE":
+                deleted = self.store.delete_collection(
+                    kind, namespace, *_selectors(params), _delete_options(params, body)
+                )
+                return 200, self._list_body(kind, deleted, self.store.resource_version)
+        elif method == "GET":
+            return 200, self.store.get(kind, namespace, target.name)
+        elif method == "PUT":
+            return 200, self.store.replace(kind, namespace, target.name, body or {}, target.subresource)
+        elif method == "PATCH":
+            content_type = request.headers.get("Content-Type", "application/merge-patch+json")
+            return 200, self.store.patch(kind, namespace, target.name, body, content_type, target.subresource)
+        elif method == "DELETE":
+            return 200, self.store.delete(kind, namespace, target.name, _delete_options(params, body))
+        raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
+
+    @staticmethod
+    def _list_body(kind: ResourceKind, items: list[dict[str, Any]], rv: str) -> dict[str, Any]:
+        return {
+            "apiVersion": kind.api_version,
+            "kind": f"{kind.kind}List",
+            "metadata": {"resourceVersion": rv},
+            "items": items,
+        }
+
+    def _watch(
+        self, kind: ResourceKind, namespace: str | None, name: str | None, params: dict[str, str]
+    ) -> AsyncIterator[Any]:
+        labels, fields = _selectors(params)
+        if name is not None:
+            fields = [*fields, ("metadata.name", "=", name)]
+        since = params.get("resourceVersion") or ""
+        if since not in ("", "0") and not since.isdigit():
+            raise bad_request(f"invalid resourceVersion {since!r}")
+        initial = params.get("sendInitialEvents") == "true"
+        bookmarks = params.get("allowWatchBookmarks") == "true"
+        timeout = float(params["timeoutSeconds"]) if params.get("timeoutSeconds") else None
+        if initial or since in ("", "0"):
+            snapshot, rv = self.store.list(kind, namespace, labels, fields)
+            cursor = int(rv)
+        else:
+            snapshot, cursor = [], int(since)
+
+        async def stream() -> AsyncIterator[Any]:
+            nonlocal cursor
+            yield b""  # send the headers now: clients wait for them before reading events
+            for obj in snapshot:
+                yield {"type": "ADDED", "object": obj}
+            if initial:
+                yield self._bookmark(kind, cursor, initial_end=True)
+            deadline = time.monotonic() + timeout if timeout else None
+            last_sent = time.monotonic()
+            while not self._closing:
+                tick = self._next_tick()
+                try:
+                    events = self.store.events_since(kind, cursor)
+                except ApiError as exc:
+                    yield {"type": "ERROR", "object": exc.status}
+                    return
+                for event in events:
+                    cursor = event.rv
+                    shown = translate_event(event, namespace if kind.namespaced else None, labels, fields)
+                    if shown is not None:
+                        yield {"type": shown, "object": self._event_object(kind, event)}
+                        last_sent = time.monotonic()
+                if events:
+                    continue
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    return
+                if bookmarks and now - last_sent >= self.bookmark_interval:
+                    yield self._bookmark(kind, int(self.store.resource_version))
+                    last_sent = now
+                wait = self.bookmark_interval if deadline is None else min(self.bookmark_interval, deadline - now)
+                await asyncio.wait({tick}, timeout=max(wait, 0.01))
+
+        return stream()
+
+    def _event_object(self, kind: ResourceKind, event: WatchEvent) -> dict[str, Any]:
+        return self.store.present(kind, event.obj)
+
+    @staticmethod
+    def _bookmark(kind: ResourceKind, rv: int, initial_end: bool = False) -> dict[str, Any]:
+        meta: dict[str, Any] = {"resourceVersion": str(rv)}
+        if initial_end:
+            meta["annotations"] = {"k8s.io/initial-events-end": "true"}
+        return {"type": "BOOKMARK", "object": {"apiVersion": kind.api_version, "kind": kind.kind, "metadata": meta}}
+
+
+def _json_or_none(body: bytes) -> Any:
+    try:
+        return json.loads(body) if body else None
+    except ValueError:
+        return None
+
+
+def _request_body(request: kmock.Request) -> Any:
+    if request.data is not None and not isinstance(request.data, (bytes, str)):
+        return request.data if isinstance(request.data, (dict, list)) else dict(request.data)
+    if request.text and "yaml" in request.headers.get("Content-Type", ""):
+        return yaml.safe_load(request.text)  # server-side apply bodies (applied as merge patches)
+    return None
+
+
+def _selectors(params: Any) -> tuple[list[Any], list[tuple[str, str, str]]]:
+    try:
+        return parse_label_selector(params.get("labelSelector")), parse_field_selector(params.get("fieldSelector"))
+    except ValueError as exc:
+        raise bad_request(str(exc)) from exc
+
+
+def _delete_options(params: Any, body: Any) -> dict[str, Any]:
+    options = dict(body) if isinstance(body, dict) else {}
+    if params.get("propagationPolicy"):
+        options["propagationPolicy"] = params["propagationPolicy"]
+    return options
+
+
+class Emulator:
+    """The API emulator, served from a background thread on a loopback port.
+
+    `async with Emulator(crds, admit=hook) as api:` (or `with ...`, or `start()`/`stop()`); then `api.url`,
+    `api.kubeconfig(path)`, and the test helpers `get`, `list`, `requests`, `count_creates`. Objects are written
+    only over HTTP, like on a real cluster; the helpers read the store directly.
+    """
+
+    def __init__(
+        self,
+        crds: Iterable[dict[str, Any]] = (),
+        admit: Admit | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        bookmark_interval: float = 5.0,
+    ) -> None:
+        self.store = ObjectStore(admit=admit)
+        self.register_crds(crds)
+        self._host, self._port = host, port
+        self._bookmark_interval = bookmark_interval
+        self._server: ApiServer | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._url: str | None = None
+
+    @property
+    def kinds(self) -> KindRegistry:
+        return self.store.kinds
+
+    @property
+    def url(self) -> str:
+        if self._url is None:
+            raise RuntimeError("the emulator is not running")
+        return self._url
+
+    def register_crds(self, crds: Iterable[dict[str, Any]]) -> None:
+        """Serve the custom kinds of these CRD documents (also stored, so `kubectl get crd` lists them)."""
+        crd_kind = self.store.kinds.get(CRD_GROUP, "v1", CRD_PLURAL)
+        assert crd_kind is not None
+        for crd in crds:
+            name = (crd.get("metadata") or {}).get("name")
+            if name and any(item["metadata"]["name"] == name for item in self.store.list(crd_kind)[0]):
+                self.store.replace(crd_kind, None, name, crd)
+            else:
+                self.store.create(crd_kind, None, crd)
+
+    # --- lifecycle -----------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("the emulator is already running")
+        self._ready.clear()
+        self._thread = threading.Thread(target=self._thread_main, name="devcluster-api", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            self._thread.join()
+            self._thread = None
+            raise RuntimeError("the emulator failed to start") from self._error
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        if self._loop is not None and self._stopping is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop may have just closed
+                self._loop.call_soon_threadsafe(self._stopping.set)
+        self._thread.join(timeout=30)
+        self._thread = None
+        self._url = None
+
+    def __enter__(self) -> Emulator:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> Emulator:
+        await asyncio.to_thread(self.start)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await asyncio.to_thread(self.stop)
+
+    def _thread_main(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as exc:  # reported to start() if it happens before the server is ready
+            self._error = exc
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        server = ApiServer(store=self.store, bookmark_interval=self._bookmark_interval)
+        async with server:
+            runner = aiohttp.web.ServerRunner(aiohttp.web.Server(server), shutdown_timeout=1.0)
+            await runner.setup()
+            site = aiohttp.web.TCPSite(runner, self._host, self._port)
+            await site.start()
+            host, port = runner.addresses[0][:2]
+            self._url = f"http://{host}:{port}"
+            self._server = server
+            self._ready.set()
+            try:
+                await self._stopping.wait()
+            finally:
+                server.close_watches()
+                await asyncio.sleep(0.05)  # let the streams see the close and end their responses
+                await runner.cleanup()
+
+    # --- test helpers --------------------------------------------------------------------------------------------
+
+    def kubeconfig(self, path: str | Path, namespace: str = "default") -> Path:
+        """Write a kubeconfig for this emulator (plain http, a dummy bearer token) and return its path."""
+        return write_kubeconfig(path, self.url, namespace=namespace)
+
+    def get(self, resource: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        """The object as the API would return it, or None. `resource` is a plural, kind, or `group/version/plural`."""
+        try:
+            return self.store.get(self.kinds.find(resource), namespace, name)
+        except ApiError as exc:
+            if exc.code == 404:
+                return None
+            raise
+
+    def list(
+        self, resource: str, namespace: str | None = None, label_selector: str | None = None
+    ) -> list[dict[str, Any]]:
+        return self.store.list(self.kinds.find(resource), namespace, parse_label_selector(label_selector))[0]
+
+    def requests(self) -> list[ApiRequest]:
+        """Every request to a resource URL so far, oldest first (discovery requests are in kmock's own log)."""
+        return list(self._server.log) if self._server is not None else []
+
+    def count_creates(self, resource: str, name: str, namespace: str | None = None, *, attempts: bool = False) -> int:
+        """How many times `POST .../{plural}` created an object called `name` (or tried to, with `attempts`)."""
+        kind = self.kinds.find(resource)
+        count = 0
+        for request in self.requests():
+            target = parse_api_path(request.path)
+            if request.method != "POST" or target is None or target.name is not None:
+                continue
+            if (target.group, target.plural) != kind.storage_key or (namespace and target.namespace != namespace):
+                continue
+            if request.name == name and (attempts or request.status == 201):
+                count += 1
+        return count
+
+    @property
+    def kmock(self) -> ApiServer | None:
+        """The underlying kmock handler (its request log includes discovery); None when stopped."""
+        return self._server
+
+
+def write_kubeconfig(path: str | Path, url: str, *, namespace: str = "default") -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "devcluster", "cluster": {"server": url}}],
+        "users": [{"name": "devcluster", "user": {"token": DEV_TOKEN}}],
+        "contexts": [
+            {"name": "devcluster", "context": {"cluster": "devcluster", "user": "devcluster", "namespace": namespace}}
+        ],
+        "current-context": "devcluster",
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path

@@ -1,0 +1,298 @@
+"""Turn a Pod's first container into a local process: its rootfs folder, volumes, environment and argv.
+
+Each pod gets `{root}/pods/{namespace}/{pod}/` as its filesystem root: every `volumeMount.mountPath` becomes a
+symlink there to a local folder (a PVC is `{root}/volumes/{claimName}`, shared by all pods as a real claim would
+be), and `KLEINSTYLE_ROOTFS` names it so the runtime resolves pod paths under it (runtime/paths.py). The process
+sees a minimal environment plus the pod's, not the operator's: a Job that works here does not lean on a variable
+that only the developer's shell has.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import sys
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOTFS_ENV = "KLEINSTYLE_ROOTFS"
+KUBE_API_ENV = "KLEINSTYLE_KUBE_API"
+DEFAULT_TERMINATION_LOG = "/dev/termination-log"
+INHERITED_ENV = ("PATH", "HOME", "PYTHONPATH", "LANG")
+
+# Reads a ConfigMap or Secret ("configmaps"/"secrets", namespace, name); None when it does not exist.
+ObjectReader = Callable[[str, str, str], Awaitable[dict[str, Any] | None]]
+
+
+class PodSetupError(Exception):
+    """The container cannot start yet; the kubelet reports `reason` as the container's waiting state and retries."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class PreparedContainer:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    cwd: Path
+    rootfs: Path
+    termination_log: Path  # where the container's terminationMessagePath lands on this machine
+    fallback_to_logs: bool  # terminationMessagePolicy: FallbackToLogsOnError
+
+
+def pod_rootfs(root: Path, namespace: str, pod: str) -> Path:
+    return root / "pods" / namespace / pod
+
+
+def _source_files(obj: dict[str, Any], is_secret: bool) -> dict[str, bytes]:
+    """The files a ConfigMap or Secret projects: key -> content."""
+    if is_secret:
+        return {key: base64.b64decode(value) for key, value in (obj.get("data") or {}).items()}
+    files = {key: str(value).encode() for key, value in (obj.get("data") or {}).items()}
+    files.update({key: base64.b64decode(value) for key, value in (obj.get("binaryData") or {}).items()})
+    return files
+
+
+def _write_projection(folder: Path, files: dict[str, bytes], items: Sequence[Mapping[str, Any]] | None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    selected = {item["path"]: files[item["key"]] for item in items or () if item.get("key") in files}
+    for relative, content in (selected if items else files).items():
+        target = folder / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content)
+
+
+async def _projection(
+    read: ObjectReader, namespace: str, source: Mapping[str, Any], is_secret: bool, folder: Path, volume: str
+) -> None:
+    name = source.get("secretName" if is_secret else "name") or source.get("name", "")
+    plural = "secrets" if is_secret else "configmaps"
+    what = "secret" if is_secret else "configmap"
+    obj = await read(plural, namespace, name)
+    if obj is None:
+        if source.get("optional"):
+            folder.mkdir(parents=True, exist_ok=True)
+            return
+        raise PodSetupError(
+            "ContainerCreating", f'MountVolume.SetUp failed for volume "{volume}" : {what} "{name}" not found'
+        )
+    files = _source_files(obj, is_secret)
+    missing = [item["key"] for item in source.get("items") or () if item.get("key") not in files]
+    if missing and not source.get("optional"):
+        raise PodSetupError(
+            "ContainerCreating",
+            f'MountVolume.SetUp failed for volume "{volume}" : {what} references non-existent config key: {missing[0]}',
+        )
+    _write_projection(folder, files, source.get("items"))
+
+
+async def prepare_volumes(pod: dict[str, Any], root: Path, rootfs: Path, read: ObjectReader) -> dict[str, Path]:
+    """Materialise the pod's volumes as local folders: volume name -> folder."""
+    namespace = pod["metadata"]["namespace"]
+    folders: dict[str, Path] = {}
+    for volume in pod["spec"].get("volumes") or []:
+        name = volume["name"]
+        private = rootfs / ".volumes" / name
+        if "persistentVolumeClaim" in volume:
+            folder = root / "volumes" / volume["persistentVolumeClaim"]["claimName"]
+            folder.mkdir(parents=True, exist_ok=True)
+        elif "configMap" in volume:
+            folder = private
+            await _projection(read, namespace, volume["configMap"], False, folder, name)
+        elif "secret" in volume:
+            folder = private
+            await _projection(read, namespace, volume["secret"], True, folder, name)
+        elif "projected" in volume:
+            folder = private
+            folder.mkdir(parents=True, exist_ok=True)
+            for source in volume["projected"].get("sources") or []:
+                if "configMap" in source:
+                    await _projection(read, namespace, source["configMap"], False, folder, name)
+                elif "secret" in source:
+                    await _projection(read, namespace, source["secret"], True, folder, name)
+                elif "serviceAccountToken" in source:
+                    (folder / source["serviceAccountToken"].get("path", "token")).write_text("devcluster-token")
+        elif "hostPath" in volume:
+            folder = Path(volume["hostPath"]["path"])
+        else:  # emptyDir, and anything this executor does not model
+            folder = private
+            folder.mkdir(parents=True, exist_ok=True)
+        folders[name] = folder
+    return folders
+
+
+def mount_volumes(container: dict[str, Any], rootfs: Path, folders: Mapping[str, Path]) -> None:
+    """Make each `mountPath` (with its `subPath`) a symlink under the rootfs to the volume's folder."""
+    mounts = sorted(container.get("volumeMounts") or [], key=lambda mount: mount["mountPath"].count("/"))
+    for mount in mounts:
+        if mount["name"] not in folders:
+            raise PodSetupError("CreateContainerConfigError", f'volume "{mount["name"]}" not found in the pod spec')
+        source = folders[mount["name"]]
+        if mount.get("subPath"):
+            source = source / mount["subPath"]
+            if not source.exists():
+                source.mkdir(parents=True, exist_ok=True)  # kubelet creates a missing subPath as a directory
+        link = rootfs / mount["mountPath"].strip("/")
+        if link == rootfs:
+            raise PodSetupError("CreateContainerConfigError", "mounting a volume at / is not supported here")
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink():
+            link.unlink()
+        elif link.exists():
+            # Only a mount nested in another volume can land on existing content; never touch a volume's files.
+            raise PodSetupError(
+                "CreateContainerConfigError", f"cannot mount {mount['mountPath']}: something already exists there"
+            )
+        link.symlink_to(source.resolve(), target_is_directory=source.is_dir())
+
+
+_VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+
+
+def expand(text: str, env: Mapping[str, str]) -> str:
+    """Kubernetes `$(VAR)` expansion: known names are replaced, unknown ones left as written, `$$` escapes."""
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        return env.get(match.group(1), match.group(0))
+
+    return _VAR_REF.sub(replace, text)
+
+
+def _field_ref(pod: dict[str, Any], path: str) -> str:
+    meta = pod["metadata"]
+    simple = {
+        "metadata.name": meta.get("name"),
+        "metadata.namespace": meta.get("namespace"),
+        "metadata.uid": meta.get("uid"),
+        "spec.nodeName": pod["spec"].get("nodeName", "devcluster"),
+        "spec.serviceAccountName": pod["spec"].get("serviceAccountName", "default"),
+        "status.podIP": "127.0.0.1",
+        "status.hostIP": "127.0.0.1",
+    }
+    if path in simple:
+        return str(simple[path] or "")
+    match = re.fullmatch(r"metadata\.(labels|annotations)\['(.+)'\]", path)
+    if match:
+        return str((meta.get(match.group(1)) or {}).get(match.group(2), ""))
+    raise PodSetupError("CreateContainerConfigError", f"unsupported fieldRef {path!r}")
+
+
+async def container_env(pod: dict[str, Any], container: dict[str, Any], read: ObjectReader) -> dict[str, str]:
+    """The container's own variables: `envFrom` first, then `env` in order (later ones may refer to earlier)."""
+    namespace = pod["metadata"]["namespace"]
+    env: dict[str, str] = {}
+
+    async def lookup(plural: str, ref: Mapping[str, Any], key: str | None) -> dict[str, str] | str | None:
+        what = "secret" if plural == "secrets" else "configmap"
+        obj = await read(plural, namespace, ref.get("name", ""))
+        if obj is None:
+            if ref.get("optional"):
+                return None
+            raise PodSetupError("CreateContainerConfigError", f'{what} "{ref.get("name")}" not found')
+        files = {k: v.decode("utf-8", "replace") for k, v in _source_files(obj, plural == "secrets").items()}
+        if key is None:
+            return files
+        if key not in files:
+            if ref.get("optional"):
+                return None
+            raise PodSetupError(
+                "CreateContainerConfigError",
+                f"couldn't find key {key} in {what.capitalize()} {namespace}/{ref.get('name')}",
+            )
+        return files[key]
+
+    for source in container.get("envFrom") or []:
+        prefix = source.get("prefix", "")
+        for plural, field in (("configmaps", "configMapRef"), ("secrets", "secretRef")):
+            if field in source:
+                values = await lookup(plural, source[field], None)
+                if isinstance(values, dict):
+                    env.update({prefix + key: value for key, value in values.items()})
+    for var in container.get("env") or []:
+        name = var["name"]
+        if "value" in var or "valueFrom" not in var:
+            env[name] = expand(str(var.get("value", "")), env)
+            continue
+        value_from = var["valueFrom"]
+        value: Any = None
+        if "secretKeyRef" in value_from:
+            value = await lookup("secrets", value_from["secretKeyRef"], value_from["secretKeyRef"].get("key"))
+        elif "configMapKeyRef" in value_from:
+            value = await lookup("configmaps", value_from["configMapKeyRef"], value_from["configMapKeyRef"].get("key"))
+        elif "fieldRef" in value_from:
+            value = _field_ref(pod, value_from["fieldRef"]["fieldPath"])
+        elif "resourceFieldRef" in value_from:
+            value = "0"  # limits are not enforced here
+        if isinstance(value, str):
+            env[name] = value
+    return env
+
+
+def resolve_command(argv: Sequence[str], search_path: str) -> list[str]:
+    """Find argv[0] on the search path (the current venv's bin first); an absolute path must exist here."""
+    if not argv:
+        raise PodSetupError("StartError", "no command: the container has no command and no default was configured")
+    program = argv[0]
+    if os.sep in program:
+        if Path(program).exists():
+            return list(argv)
+        program = Path(program).name  # an image path such as /usr/local/bin/kleinstyle: look it up by name
+    found = shutil.which(program, path=search_path)
+    if found is None:
+        raise PodSetupError("StartError", f'exec: "{argv[0]}": executable file not found in $PATH')
+    return [found, *argv[1:]]
+
+
+def base_env() -> dict[str, str]:
+    """The minimal environment every pod process starts from (plus its own variables)."""
+    venv_bin = str(Path(sys.executable).parent)
+    env = {key: os.environ[key] for key in INHERITED_ENV if key in os.environ}
+    env["PATH"] = os.pathsep.join([venv_bin, env.get("PATH", os.defpath)])
+    return env
+
+
+async def prepare_container(
+    pod: dict[str, Any],
+    root: Path,
+    read: ObjectReader,
+    *,
+    api_url: str,
+    default_command: Sequence[str] | None = None,
+) -> PreparedContainer:
+    """Lay out the pod's rootfs and compute how to run its first container; raise PodSetupError if it cannot run."""
+    meta = pod["metadata"]
+    rootfs = pod_rootfs(root, meta["namespace"], meta["name"])
+    (rootfs / "dev").mkdir(parents=True, exist_ok=True)
+    container = pod["spec"]["containers"][0]
+    folders = await prepare_volumes(pod, root, rootfs, read)
+    mount_volumes(container, rootfs, folders)
+    env = base_env()
+    own = await container_env(pod, container, read)
+    env.update(own)
+    env.update({"HOSTNAME": meta["name"], ROOTFS_ENV: str(rootfs), KUBE_API_ENV: api_url})
+    command = container.get("command") or list(default_command or [])
+    argv = [expand(str(part), own) for part in [*command, *(container.get("args") or [])]]
+    argv = resolve_command(argv, env["PATH"])
+    working_dir = container.get("workingDir")
+    cwd = rootfs / working_dir.strip("/") if working_dir else rootfs
+    cwd.mkdir(parents=True, exist_ok=True)
+    termination_path = container.get("terminationMessagePath") or DEFAULT_TERMINATION_LOG
+    return PreparedContainer(
+        name=container.get("name", "main"),
+        argv=argv,
+        env=env,
+        cwd=cwd,
+        rootfs=rootfs,
+        termination_log=rootfs / termination_path.strip("/"),
+        fallback_to_logs=container.get("terminationMessagePolicy") == "FallbackToLogsOnError",
+    )

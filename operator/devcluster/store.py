@@ -1,0 +1,517 @@
+"""The object semantics of a Kubernetes API server, which kmock's emulator leaves out.
+
+kmock stores objects as plain dicts: no uid, resourceVersion or generation; `/status` not isolated; no selectors,
+finalizer-aware deletion that never cascades; watches that replay everything. The operator's idempotency, kopf's
+consistency checks and on.delete handlers all lean on the real behaviour, so this store implements it:
+
+- `metadata.uid`, `creationTimestamp`; `resourceVersion` from one cluster-wide counter, bumped on every change
+  (a write that changes nothing keeps it, as on a real server); `generation` 1 on create, +1 only when something
+  outside `metadata` and `status` changes.
+- Kinds with a status subresource: main-resource writes keep the stored status, `/status` writes change only status,
+  status is dropped on create.
+- Deletion: finalizers hold an object with `deletionTimestamp` set until they are emptied; removal cascades to
+  objects whose `ownerReferences` name it (background propagation; `Orphan` strips the references instead).
+- Admission: an optional `admit(obj) -> obj` hook for custom kinds on create and spec writes; an exception with a
+  `message` attribute becomes HTTP 422 `Invalid`.
+- A watch-event log per kind so watches resume from a resourceVersion (410 Gone when it is older than the log).
+
+It is synchronous and guarded by one re-entrant lock: the HTTP server writes from its own thread while tests read.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import datetime
+import random
+import string
+import threading
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import errors
+from .errors import ApiError
+from .patching import MERGE_PATCH, PatchError, apply_patch
+from .resources import CRD_GROUP, CRD_PLURAL, KindRegistry, ResourceKind, builtin_kinds, kinds_from_crd
+from .selectors import Requirement, fields_match, labels_match
+from .validation import object_errors
+
+Admit = Callable[[dict[str, Any]], dict[str, Any]]
+StorageKey = tuple[str, str]
+ObjectKey = tuple[str | None, str]
+
+_SYSTEM_META = ("uid", "creationTimestamp", "name", "namespace", "deletionTimestamp", "deletionGracePeriodSeconds")
+_NAMESPACES: StorageKey = ("", "namespaces")
+_SECRETS: StorageKey = ("", "secrets")
+
+
+def now_rfc3339() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def random_suffix(length: int = 5) -> str:
+    return "".join(random.choices(string.ascii_lowercase + string.digits, k=length))
+
+
+def _meta(obj: dict[str, Any]) -> dict[str, Any]:
+    return obj.setdefault("metadata", {})
+
+
+def _content(obj: dict[str, Any]) -> dict[str, Any]:
+    """What `generation` tracks: everything except metadata, status and the type fields."""
+    return {key: value for key, value in obj.items() if key not in ("metadata", "status", "apiVersion", "kind")}
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    rv: int
+    type: str  # ADDED, MODIFIED, DELETED
+    obj: dict[str, Any]
+    old: dict[str, Any] | None
+
+
+def translate_event(
+    event: WatchEvent,
+    namespace: str | None,
+    labels: list[Requirement],
+    fields: list[tuple[str, str, str]],
+) -> str | None:
+    """The event type a filtered watch sees: an object leaving the selection is DELETED for it, entering is ADDED."""
+
+    def selected(obj: dict[str, Any] | None) -> bool:
+        if obj is None:
+            return False
+        if namespace is not None and obj.get("metadata", {}).get("namespace") != namespace:
+            return False
+        return labels_match(labels, obj) and fields_match(fields, obj)
+
+    if event.type == "DELETED":
+        return "DELETED" if selected(event.obj) else None
+    now, before = selected(event.obj), selected(event.old)
+    if now and before:
+        return "MODIFIED"
+    if now:
+        return "ADDED"
+    if before:
+        return "DELETED"
+    return None
+
+
+class ObjectStore:
+    """In-memory objects of every served kind, with the API server's metadata, deletion and admission rules."""
+
+    def __init__(self, kinds: KindRegistry | None = None, admit: Admit | None = None, *, history: int = 20_000):
+        self.kinds = kinds if kinds is not None else KindRegistry(builtin_kinds())
+        self.admit = admit
+        self.lock = threading.RLock()
+        self._objects: dict[StorageKey, dict[ObjectKey, dict[str, Any]]] = defaultdict(dict)
+        self._storage_kinds: dict[StorageKey, ResourceKind] = {kind.storage_key: kind for kind in self.kinds}
+        self._uids: dict[str, tuple[StorageKey, ObjectKey]] = {}
+        self._events: dict[StorageKey, list[WatchEvent]] = defaultdict(list)
+        self._floor: dict[StorageKey, int] = defaultdict(int)  # events up to this rv were dropped
+        self._history = history
+        self._rv = 0
+        self._listeners: list[Callable[[], None]] = []
+
+    # --- reading -------------------------------------------------------------------------------------------------
+
+    @property
+    def resource_version(self) -> str:
+        return str(self._rv)
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call `listener` after every change (the server wakes its watches with it)."""
+        self._listeners.append(listener)
+
+    def get(self, kind: ResourceKind, namespace: str | None, name: str) -> dict[str, Any]:
+        with self.lock:
+            return self._present(kind, self._require(kind, namespace, name))
+
+    def list(
+        self,
+        kind: ResourceKind,
+        namespace: str | None = None,
+        labels: list[Requirement] | None = None,
+        fields: list[tuple[str, str, str]] | None = None,
+    ) -> tuple[list[dict[str, Any]], str]:
+        """Matching objects sorted by namespace and name, and the resourceVersion the listing is consistent with."""
+        with self.lock:
+            found = []
+            objects = self._objects[kind.storage_key]
+            for ns, name in sorted(objects, key=lambda key: (key[0] or "", key[1])):
+                obj = objects[(ns, name)]
+                if namespace is not None and kind.namespaced and ns != namespace:
+                    continue
+                if labels_match(labels or [], obj) and fields_match(fields or [], obj):
+                    found.append(self._present(kind, obj))
+            return found, str(self._rv)
+
+    def events_since(self, kind: ResourceKind, rv: int) -> list[WatchEvent]:
+        """Events of this kind after `rv`; 410 Gone when the log no longer reaches back that far, or when `rv` is
+        from the future (another emulator's), so the client lists again instead of missing events."""
+        with self.lock:
+            key = kind.storage_key
+            if rv < self._floor[key]:
+                raise ApiError(410, "Expired", f"too old resource version: {rv} ({self._floor[key] + 1})")
+            if rv > self._rv:
+                raise ApiError(410, "Expired", f"too large resource version: {rv}, current: {self._rv}")
+            events = self._events[key]
+            start = len(events)
+            while start > 0 and events[start - 1].rv > rv:  # usually only the last few events are new
+                start -= 1
+            return events[start:]
+
+    def present(self, kind: ResourceKind, obj: dict[str, Any]) -> dict[str, Any]:
+        return self._present(kind, obj)
+
+    # --- writing -------------------------------------------------------------------------------------------------
+
+    def create(self, kind: ResourceKind, namespace: str | None, body: dict[str, Any]) -> dict[str, Any]:
+        with self.lock:
+            if not isinstance(body, dict) or not isinstance(body.get("metadata", {}), dict):
+                raise errors.bad_request("the body of a create must be an object with a metadata object")
+            obj = copy.deepcopy(body)
+            meta = _meta(obj)
+            namespace = self._namespace_for(kind, namespace, meta)
+            name = meta.get("name") or ""
+            if not name and meta.get("generateName"):
+                name = self._generate_name(kind, namespace, meta["generateName"])
+            if not name:
+                raise errors.invalid(
+                    kind.kind,
+                    kind.group,
+                    "",
+                    f"{kind.kind} is invalid: metadata.name: Required value: name or generateName is required",
+                )
+            if (namespace, name) in self._objects[kind.storage_key]:
+                raise errors.already_exists(kind.qualified, name)
+            for key in (*_SYSTEM_META, "resourceVersion", "generation", "managedFields", "selfLink"):
+                meta.pop(key, None)
+            if kind.has_status:
+                obj.pop("status", None)
+            if kind.storage_key == _NAMESPACES:
+                obj["status"] = {"phase": "Active"}
+            meta.update(name=name, uid=str(uuid.uuid4()), creationTimestamp=now_rfc3339(), generation=1)
+            if namespace is not None:
+                meta["namespace"] = namespace
+            system = {key: meta[key] for key in _SYSTEM_META if key in meta} | {"generation": 1}
+            obj = self._normalise(kind, obj)
+            if kind.custom:
+                obj = self._admitted(kind, obj, system, status=None)
+            self._validate(kind, obj)
+            if kind.group == CRD_GROUP and kind.plural == CRD_PLURAL:
+                self._register_crd(obj)
+            if namespace is not None:
+                self._ensure_namespace(namespace)
+            return self._store(kind, obj, None, "ADDED")
+
+    def replace(
+        self, kind: ResourceKind, namespace: str | None, name: str, body: dict[str, Any], subresource: str | None = None
+    ) -> dict[str, Any]:
+        with self.lock:
+            current = self._require(kind, namespace, name)
+            if not isinstance(body, dict):
+                raise errors.bad_request("the body of an update must be an object")
+            meta = body.get("metadata") or {}
+            if meta.get("name", name) != name:
+                raise errors.bad_request("the name of the object does not match the name on the URL")
+            self._check_version(kind, current, meta.get("resourceVersion"))
+            return self._write(kind, current, copy.deepcopy(body), subresource)
+
+    def patch(
+        self,
+        kind: ResourceKind,
+        namespace: str | None,
+        name: str,
+        patch: Any,
+        content_type: str = MERGE_PATCH,
+        subresource: str | None = None,
+    ) -> dict[str, Any]:
+        with self.lock:
+            current = self._require(kind, namespace, name)
+            if isinstance(patch, dict):
+                self._check_version(kind, current, (patch.get("metadata") or {}).get("resourceVersion"))
+            try:
+                merged = apply_patch(current, patch, content_type)
+            except PatchError as exc:
+                raise errors.invalid(kind.kind, kind.group, name, f"the patch does not apply: {exc}") from exc
+            return self._write(kind, current, merged, subresource)
+
+    def delete(
+        self, kind: ResourceKind, namespace: str | None, name: str, options: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        with self.lock:
+            current = self._require(kind, namespace, name)
+            options = options or {}
+            preconditions = options.get("preconditions") or {}
+            meta = current["metadata"]
+            if preconditions.get("uid") not in (None, meta["uid"]):
+                raise errors.conflict(kind.qualified, name)
+            self._check_version(kind, current, preconditions.get("resourceVersion"))
+            return self._delete(kind, current, self._propagation(options))
+
+    def delete_collection(
+        self,
+        kind: ResourceKind,
+        namespace: str | None,
+        labels: list[Requirement] | None = None,
+        fields: list[tuple[str, str, str]] | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> list[dict[str, Any]]:
+        with self.lock:
+            policy = self._propagation(options or {})
+            deleted = []
+            for item in self.list(kind, namespace, labels, fields)[0]:
+                current = self._objects[kind.storage_key].get(self._key(item))
+                if current is not None:
+                    deleted.append(self._delete(kind, current, policy))
+            return deleted
+
+    # --- internals -----------------------------------------------------------------------------------------------
+
+    def _present(self, kind: ResourceKind, obj: dict[str, Any]) -> dict[str, Any]:
+        # Stored dicts are never mutated in place, so a shallow copy is a safe snapshot.
+        body = {key: value for key, value in obj.items() if key not in ("apiVersion", "kind")}
+        return {"apiVersion": kind.api_version, "kind": kind.kind, **body}
+
+    @staticmethod
+    def _key(obj: dict[str, Any]) -> ObjectKey:
+        meta = obj["metadata"]
+        return meta.get("namespace"), meta["name"]
+
+    def _require(self, kind: ResourceKind, namespace: str | None, name: str) -> dict[str, Any]:
+        obj = self._objects[kind.storage_key].get((namespace if kind.namespaced else None, name))
+        if obj is None:
+            raise errors.not_found(kind.qualified, name)
+        return obj
+
+    def _namespace_for(self, kind: ResourceKind, namespace: str | None, meta: dict[str, Any]) -> str | None:
+        if not kind.namespaced:
+            meta.pop("namespace", None)
+            return None
+        in_body = meta.get("namespace")
+        if namespace and in_body and in_body != namespace:
+            raise errors.bad_request(
+                "the namespace of the provided object does not match the namespace sent on the request"
+            )
+        resolved = namespace or in_body
+        if not resolved:
+            raise errors.bad_request(f"a namespace is required to create {kind.qualified}")
+        return resolved
+
+    def _generate_name(self, kind: ResourceKind, namespace: str | None, prefix: str) -> str:
+        while True:
+            name = f"{prefix[:58]}{random_suffix()}"
+            if (namespace, name) not in self._objects[kind.storage_key]:
+                return name
+
+    def _check_version(self, kind: ResourceKind, current: dict[str, Any], expected: str | None) -> None:
+        if expected not in (None, "") and str(expected) != current["metadata"]["resourceVersion"]:
+            raise errors.conflict(kind.qualified, current["metadata"]["name"])
+
+    @staticmethod
+    def _propagation(options: dict[str, Any]) -> str:
+        policy = options.get("propagationPolicy") or ("Orphan" if options.get("orphanDependents") else "Background")
+        if policy not in ("Background", "Foreground", "Orphan"):
+            raise errors.bad_request(f"unknown propagationPolicy {policy!r}")
+        return policy
+
+    def _normalise(self, kind: ResourceKind, obj: dict[str, Any]) -> dict[str, Any]:
+        if kind.storage_key == _SECRETS and obj.get("stringData"):
+            data = dict(obj.get("data") or {})
+            for key, value in obj.pop("stringData").items():
+                data[key] = base64.b64encode(str(value).encode()).decode()
+            obj["data"] = data
+        return obj
+
+    def _admitted(
+        self, kind: ResourceKind, obj: dict[str, Any], system: dict[str, Any], status: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """Run the admission hook; keep the fields it may not change (system metadata, and status on spec writes)."""
+        if self.admit is None:
+            return obj
+        try:
+            result = self.admit(copy.deepcopy(obj))
+        except Exception as exc:
+            message = getattr(exc, "message", None)
+            if message is None:
+                raise
+            raise errors.invalid(kind.kind, kind.group, system.get("name", ""), str(message)) from exc
+        admitted = copy.deepcopy(result) if result is not None else obj
+        meta = _meta(admitted)
+        for key in (*_SYSTEM_META, "generation"):
+            meta.pop(key, None)
+        meta.update(system)
+        admitted["apiVersion"], admitted["kind"] = obj.get("apiVersion"), obj.get("kind")
+        if kind.has_status:
+            admitted.pop("status", None)
+            if status is not None:
+                admitted["status"] = status
+        return admitted
+
+    def _validate(self, kind: ResourceKind, obj: dict[str, Any]) -> None:
+        problems = object_errors(kind, obj)
+        if problems:
+            name = obj["metadata"].get("name", "")
+            prefix = f"{kind.kind}.{kind.group}" if kind.group else kind.kind
+            raise errors.invalid(kind.kind, kind.group, name, f'{prefix} "{name}" is invalid: ' + ", ".join(problems))
+
+    def _write(
+        self, kind: ResourceKind, current: dict[str, Any], new: dict[str, Any], subresource: str | None
+    ) -> dict[str, Any]:
+        """Finish an update (replace or patch): isolate status, keep system fields, admit, bump generation."""
+        if subresource not in (None, "status") or (subresource == "status" and not kind.has_status):
+            raise errors.not_found(f"{kind.qualified}/{subresource}", current["metadata"]["name"])
+        if subresource == "status":
+            updated = copy.deepcopy(current)
+            if new.get("status") is None:
+                updated.pop("status", None)
+            else:
+                updated["status"] = new["status"]
+            new = updated
+        elif kind.has_status:
+            new.pop("status", None)
+            if "status" in current:
+                new["status"] = copy.deepcopy(current["status"])
+        old_meta = current["metadata"]
+        meta = _meta(new)
+        for key in _SYSTEM_META:
+            meta.pop(key, None)
+            if key in old_meta:
+                meta[key] = old_meta[key]
+        meta["generation"] = old_meta.get("generation", 1)
+        meta["resourceVersion"] = old_meta["resourceVersion"]
+        meta.pop("managedFields", None)
+        new["apiVersion"], new["kind"] = current.get("apiVersion"), current.get("kind")
+        new = self._normalise(kind, new)
+        if kind.custom and subresource is None:
+            system = {key: meta[key] for key in _SYSTEM_META if key in meta}
+            system |= {"generation": meta["generation"], "resourceVersion": meta["resourceVersion"]}
+            new = self._admitted(kind, new, system, current.get("status"))
+            meta = new["metadata"]
+        if _content(new) != _content(current):
+            meta["generation"] = old_meta.get("generation", 1) + 1
+        if old_meta.get("deletionTimestamp"):
+            added = set(meta.get("finalizers") or ()) - set(old_meta.get("finalizers") or ())
+            if added:
+                raise errors.invalid(
+                    kind.kind,
+                    kind.group,
+                    meta["name"],
+                    f"metadata.finalizers: Forbidden: no new finalizers can be added if the object is being deleted, "
+                    f"found new finalizers {sorted(added)!r}",
+                )
+        self._validate(kind, new)
+        if new == current:
+            return self._present(kind, current)  # a no-op write: no new resourceVersion, no watch event
+        if kind.group == CRD_GROUP and kind.plural == CRD_PLURAL:
+            self._register_crd(new)
+        if meta.get("deletionTimestamp") and not meta.get("finalizers"):
+            return self._remove(kind, new, "Background")
+        return self._store(kind, new, current, "MODIFIED")
+
+    def _delete(self, kind: ResourceKind, current: dict[str, Any], policy: str) -> dict[str, Any]:
+        meta = current["metadata"]
+        if meta.get("finalizers"):
+            if meta.get("deletionTimestamp"):
+                return self._present(kind, current)
+            marked = copy.deepcopy(current)
+            marked["metadata"].update(deletionTimestamp=now_rfc3339(), deletionGracePeriodSeconds=0)
+            return self._store(kind, marked, current, "MODIFIED")
+        return self._remove(kind, current, policy)
+
+    def _store(self, kind: ResourceKind, new: dict[str, Any], old: dict[str, Any] | None, event: str) -> dict[str, Any]:
+        self._rv += 1
+        new["metadata"]["resourceVersion"] = str(self._rv)
+        key = self._key(new)
+        self._objects[kind.storage_key][key] = new
+        self._storage_kinds.setdefault(kind.storage_key, kind)
+        self._uids[new["metadata"]["uid"]] = (kind.storage_key, key)
+        self._log(kind.storage_key, WatchEvent(self._rv, event, new, old))
+        self._notify()
+        return self._present(kind, new)
+
+    def _remove(self, kind: ResourceKind, obj: dict[str, Any], policy: str) -> dict[str, Any]:
+        key = self._key(obj)
+        self._objects[kind.storage_key].pop(key, None)
+        uid = obj["metadata"]["uid"]
+        self._uids.pop(uid, None)
+        self._rv += 1
+        gone = {**obj, "metadata": {**obj["metadata"], "resourceVersion": str(self._rv)}}
+        self._log(kind.storage_key, WatchEvent(self._rv, "DELETED", gone, obj))
+        if kind.storage_key == _NAMESPACES:
+            self._delete_namespace_contents(obj["metadata"]["name"])
+        if kind.group == CRD_GROUP and kind.plural == CRD_PLURAL:
+            self._unregister_crd(obj)
+        self._collect_garbage(uid, policy)
+        self._notify()
+        return self._present(kind, gone)
+
+    def _collect_garbage(self, owner_uid: str, policy: str) -> None:
+        """Delete (or orphan) the dependents of a removed owner, as the garbage collector would."""
+        for storage_key, objects in list(self._objects.items()):
+            dependent_kind = self._storage_kinds.get(storage_key)
+            if dependent_kind is None:
+                continue
+            for obj in list(objects.values()):
+                refs = obj["metadata"].get("ownerReferences") or []
+                if not any(ref.get("uid") == owner_uid for ref in refs):
+                    continue
+                if self._objects[storage_key].get(self._key(obj)) is not obj:
+                    continue  # already removed by an earlier cascade
+                if policy == "Orphan":
+                    orphaned = copy.deepcopy(obj)
+                    orphaned["metadata"]["ownerReferences"] = [ref for ref in refs if ref.get("uid") != owner_uid]
+                    self._store(dependent_kind, orphaned, obj, "MODIFIED")
+                elif not any(ref.get("uid") in self._uids for ref in refs):
+                    self._delete(dependent_kind, obj, "Background")
+
+    def _delete_namespace_contents(self, namespace: str) -> None:
+        for storage_key, objects in list(self._objects.items()):
+            kind = self._storage_kinds.get(storage_key)
+            if kind is None or not kind.namespaced:
+                continue
+            for (ns, _), obj in list(objects.items()):
+                if ns == namespace and self._objects[storage_key].get((ns, obj["metadata"]["name"])) is obj:
+                    self._delete(kind, obj, "Background")
+
+    def _ensure_namespace(self, namespace: str) -> None:
+        """Namespaces spring into existence on first use: the dev cluster has no admin to create them."""
+        kind = self._storage_kinds.get(_NAMESPACES)
+        if kind is None or (None, namespace) in self._objects[_NAMESPACES]:
+            return
+        self.create(kind, None, {"metadata": {"name": namespace}})
+
+    def _register_crd(self, crd: dict[str, Any]) -> None:
+        try:
+            kinds = kinds_from_crd(crd)
+        except (ValueError, KeyError, TypeError) as exc:
+            name = crd.get("metadata", {}).get("name", "")
+            raise errors.invalid("CustomResourceDefinition", CRD_GROUP, name, str(exc)) from exc
+        for kind in kinds:
+            self.kinds.add(kind)
+            self._storage_kinds[kind.storage_key] = kind
+
+    def _unregister_crd(self, crd: dict[str, Any]) -> None:
+        kinds = kinds_from_crd(crd)
+        for kind in kinds:
+            self.kinds.remove(kind)
+        storage_key = kinds[0].storage_key
+        for obj in list(self._objects[storage_key].values()):
+            self._remove(kinds[0], obj, "Background")
+        self._storage_kinds.pop(storage_key, None)
+
+    def _log(self, key: StorageKey, event: WatchEvent) -> None:
+        events = self._events[key]
+        events.append(event)
+        if len(events) > 2 * self._history:
+            dropped = len(events) - self._history
+            self._floor[key] = events[dropped - 1].rv
+            del events[:dropped]
+
+    def _notify(self) -> None:
+        for listener in self._listeners:
+            listener()
