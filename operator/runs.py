@@ -85,15 +85,10 @@ def _image_input(source: str, caption: str | None) -> tuple[ImageInput, str | No
     """pvc://CLAIM/PATH becomes the path where the prepare pod mounts that claim."""
     if source.startswith("pvc://"):
         claim, _, path = source[len("pvc://") :].partition("/")
-        return ImageInput(source=f"{REFERENCES_MOUNT}/{claim}/{path}", caption=caption), claim
+        return ImageInput(source=f"{REFERENCES_MOUNT}/{claim}/{path}", caption=caption, label=source), claim
     return ImageInput(source=source, caption=caption), None
 
 
-def spec_source(pod_source: str) -> str:
-    """The inverse of `_image_input`: a source as the user wrote it, for status."""
-    if pod_source.startswith(f"{REFERENCES_MOUNT}/"):
-        return f"pvc://{pod_source[len(REFERENCES_MOUNT) + 1 :]}"
-    return pod_source
 
 
 PROVIDER_KEY_ENV = {"gemini": "GEMINI_API_KEY", "openrouter": "OPENROUTER_API_KEY"}
@@ -211,9 +206,9 @@ def _run(
 
 
 def _board_result(result: Mapping[str, Any]) -> dict[str, Any]:
-    rejected = [{"source": spec_source(r["source"]), "reason": r["reason"]} for r in result.get("rejected", [])]
+    rejected = [{"source": r["source"], "reason": r["reason"]} for r in result.get("rejected", [])]
     duplicates = [
-        {"source": spec_source(d["source"]), "similarTo": spec_source(d["resembles"]), "distance": int(d["distance"])}
+        {"source": d["source"], "similarTo": d["resembles"], "distance": int(d["distance"])}
         for d in result.get("duplicates", [])
     ]
     return {

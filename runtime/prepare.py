@@ -208,27 +208,27 @@ def _build_dataset(work: PrepareSpec, out: ArtifactDir, result: PrepareResult) -
     for position, item in enumerate(work.images, start=1):
         if len(kept) >= work.max_images:
             over_limit += 1
-            result.rejected.append(Rejection(source=item.source, reason=f"over the limit of {work.max_images} images"))
+            result.rejected.append(Rejection(source=item.shown, reason=f"over the limit of {work.max_images} images"))
             continue
         try:
-            data = fetch(item.source, work.fetch)
+            data = fetch(item.source, work.fetch)  # the pod path; reports use item.shown
             image = validate_image(data, max_pixels=work.fetch.max_pixels, min_short_side=work.min_short_side)
         except (FetchError, ImageRejected) as exc:
             fetching = isinstance(exc, FetchError)
             reason = exc.reason if fetching else str(exc)
-            log.info("image %d/%d rejected: %s: %s", position, total, item.source, reason)
-            result.rejected.append(Rejection(source=item.source, reason=reason, retryable=fetching))
+            log.info("image %d/%d rejected: %s: %s", position, total, item.shown, reason)
+            result.rejected.append(Rejection(source=item.shown, reason=reason, retryable=fetching))
             continue
         except Exception as exc:  # a bug or an odd input must cost one image, not the board
-            log.exception("image %d/%d failed unexpectedly: %s", position, total, item.source)
-            result.rejected.append(Rejection(source=item.source, reason=f"unexpected error: {type(exc).__name__}"))
+            log.exception("image %d/%d failed unexpectedly: %s", position, total, item.shown)
+            result.rejected.append(Rejection(source=item.shown, reason=f"unexpected error: {type(exc).__name__}"))
             continue
         del data
         stem = f"{len(kept) + 1:03d}"
-        duplicate = find_duplicate(item.source, image, kept, work.near_duplicate_distance, file=f"{stem}.png")
+        duplicate = find_duplicate(item.shown, image, kept, work.near_duplicate_distance, file=f"{stem}.png")
         if duplicate is not None and duplicate.kind == "exact":
             result.duplicates.append(duplicate)
-            result.rejected.append(Rejection(source=item.source, reason=f"exact duplicate of {duplicate.resembles}"))
+            result.rejected.append(Rejection(source=item.shown, reason=f"exact duplicate of {duplicate.resembles}"))
             continue
         caption, fell_back = caption_for(work.trigger_word, item.caption)
         fallbacks += fell_back
@@ -237,13 +237,13 @@ def _build_dataset(work: PrepareSpec, out: ArtifactDir, result: PrepareResult) -
         if duplicate is not None:
             result.duplicates.append(duplicate)
             result.warnings.append(
-                f"{stem}.png ({item.source}) looks like a near copy of {duplicate.resembles_file} "
+                f"{stem}.png ({item.shown}) looks like a near copy of {duplicate.resembles_file} "
                 f"({duplicate.resembles}), distance {duplicate.distance}; remove one unless both are wanted."
             )
-        kept.append(KeptImage(source=item.source, file=f"{stem}.png", sha256=image.sha256, dhash=image.dhash))
+        kept.append(KeptImage(source=item.shown, file=f"{stem}.png", sha256=image.sha256, dhash=image.dhash))
         result.accepted.append(
             AcceptedImage(
-                source=item.source,
+                source=item.shown,
                 file=f"{stem}.png",
                 width=image.width,
                 height=image.height,
@@ -251,7 +251,7 @@ def _build_dataset(work: PrepareSpec, out: ArtifactDir, result: PrepareResult) -
                 caption=caption,
             )
         )
-        log.info("image %d/%d accepted as %s: %s", position, total, stem, item.source)
+        log.info("image %d/%d accepted as %s: %s", position, total, stem, item.shown)
     return kept, fallbacks, over_limit
 
 

@@ -43,6 +43,12 @@ class ImageInput(_Frozen):
 
     source: str
     caption: str | None = None
+    # The source as the user wrote it (pvc://CLAIM/PATH for a mounted path), for reports and status.
+    label: str | None = None
+
+    @property
+    def shown(self) -> str:
+        return self.label or self.source
 
 
 class FetchPolicy(_Frozen):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 from kleinstyle.operator.config import OperatorConfig
@@ -102,8 +103,9 @@ def test_job_is_restricted_and_reads_its_runspec():
 
 def test_runspec_maps_pvc_sources_to_their_mount():
     cm = next(c for c in step(board()).create if c["kind"] == "ConfigMap")
-    assert '"/references/refs/bd9/01.png"' in cm["data"]["runspec.json"]
-    assert '"https://x.test/2.png"' in cm["data"]["runspec.json"]
+    images = json.loads(cm["data"]["runspec.json"])["work"]["images"]
+    assert images[0] == {"source": "/references/refs/bd9/01.png", "caption": "a sun", "label": "pvc://refs/bd9/01.png"}
+    assert images[1] == {"source": "https://x.test/2.png", "caption": None, "label": None}
 
 
 def _job(decision, **status) -> dict:
@@ -118,8 +120,12 @@ def _job(decision, **status) -> dict:
         ({}, {}, "Pending", "JobPending"),
         ({"active": 1, "startTime": NOW}, {}, "Running", "JobRunning"),
         ({"failed": 1}, {}, "Running", "JobRetrying"),
-        ({"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}, {}, "Failed",
-         "BackoffLimitExceeded"),
+        (
+            {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]},
+            {},
+            "Failed",
+            "BackoffLimitExceeded",
+        ),
         ({"conditions": [{"type": "Complete", "status": "True"}]}, {}, "Running", "AwaitingResult"),
         ({}, {"suspend": True}, "Pending", "Queued"),
     ],
@@ -140,8 +146,20 @@ def test_failed_job_names_the_pods_reason():
     job = _job(first, failed=3, conditions=[{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}])
     pod = {
         "metadata": {"name": "bd9-prepare-x-abcde", "labels": {"job-name": job["metadata"]["name"]}},
-        "status": {"containerStatuses": [{"state": {"terminated": {
-            "exitCode": 1, "reason": "Error", "message": "fetching\nno image was accepted", "finishedAt": NOW}}}]},
+        "status": {
+            "containerStatuses": [
+                {
+                    "state": {
+                        "terminated": {
+                            "exitCode": 1,
+                            "reason": "Error",
+                            "message": "fetching\nno image was accepted",
+                            "finishedAt": NOW,
+                        }
+                    }
+                }
+            ]
+        },
     }
     decision = step(with_status(board(), first), children=[*first.create[:-1], job], pods=[pod])
     assert decision.status["phase"] == "Failed"
@@ -155,7 +173,7 @@ def test_success_copies_the_result_of_this_run_only():
     job = _job(first, succeeded=1, conditions=[{"type": "Complete", "status": "True"}])
     result = {
         "accepted": [{"source": "a"}, {"source": "b"}],
-        "rejected": [{"source": "/references/refs/bd9/c.png", "reason": "short side 256 px is below 512 px"}],
+        "rejected": [{"source": "pvc://refs/bd9/c.png", "reason": "short side 256 px is below 512 px"}],
         "duplicates": [{"kind": "near", "source": "b", "resembles": "a", "resembles_file": "000.png", "distance": 3}],
         "warnings": ["captions fell back to the trigger word for 1 image"],
         "dataset_display_uri": "pvc://kleinstyle-artifacts/x/dataset",
@@ -168,7 +186,7 @@ def test_success_copies_the_result_of_this_run_only():
     assert decision.status["phase"] == "Succeeded"
     assert decision.status["imagesAccepted"] == 2 and decision.status["imagesRejected"] == 1
     assert decision.status["rejected"] == [
-        {"source": "pvc://refs/bd9/c.png", "reason": "short side 256 px is below 512 px"}  # as the user wrote it
+        {"source": "pvc://refs/bd9/c.png", "reason": "short side 256 px is below 512 px"}
     ]
     assert decision.status["duplicates"] == [{"source": "b", "similarTo": "a", "distance": 3}]
     warning = next(c for c in decision.status["conditions"] if c["type"] == "Warning")
@@ -194,8 +212,10 @@ def test_spec_change_starts_a_new_run_and_deletes_the_old_one():
     [
         (None, "StyleBoardNotFound"),
         ({**board(), "status": {"phase": "Running", "observedGeneration": 1}}, "StyleBoardNotReady"),
-        ({**board(), "status": {"phase": "Failed", "message": "no image", "observedGeneration": 1}},
-         "StyleBoardFailed"),
+        (
+            {**board(), "status": {"phase": "Failed", "message": "no image", "observedGeneration": 1}},
+            "StyleBoardFailed",
+        ),
         ({**ready_board(), "metadata": {**board()["metadata"], "generation": 2}}, "StyleBoardNotReady"),
     ],
 )
