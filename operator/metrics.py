@@ -15,7 +15,9 @@ RECONCILE_SECONDS = Histogram(
     "kleinstyle_reconcile_seconds", "Time spent in one reconcile, API calls included.", ["kind"], registry=REGISTRY
 )
 CHILDREN_CREATED = Counter(
-    "kleinstyle_children_created_total", "Children created, by owner kind and child kind.", ["kind", "child"],
+    "kleinstyle_children_created_total",
+    "Children created, by owner kind and child kind.",
+    ["kind", "child"],
     registry=REGISTRY,
 )
 PHASE = Gauge(

@@ -65,7 +65,7 @@ def pod_path(cfg: OperatorConfig, display_uri: str) -> str:
     """Map an artifact URI from status (pvc://CLAIM/...) back to where a pod sees it."""
     prefix = f"pvc://{cfg.artifacts.claimName}/"
     if display_uri.startswith(prefix):
-        return f"{cfg.artifacts.mountPath}/{display_uri[len(prefix):]}"
+        return f"{cfg.artifacts.mountPath}/{display_uri[len(prefix) :]}"
     return display_uri
 
 
@@ -87,8 +87,6 @@ def _image_input(source: str, caption: str | None) -> tuple[ImageInput, str | No
         claim, _, path = source[len("pvc://") :].partition("/")
         return ImageInput(source=f"{REFERENCES_MOUNT}/{claim}/{path}", caption=caption, label=source), claim
     return ImageInput(source=source, caption=caption), None
-
-
 
 
 PROVIDER_KEY_ENV = {"gemini": "GEMINI_API_KEY", "openrouter": "OPENROUTER_API_KEY"}
@@ -140,8 +138,7 @@ def _train(kind: Kind, body: Mapping, spec: StyleLoRASpec, deps: Mapping, cfg: O
 
 def _lora_inputs(refs: list[LoRAReference], deps: Mapping, cfg: OperatorConfig) -> tuple[LoraInput, ...]:
     return tuple(
-        LoraInput(uri=pod_path(cfg, deps[(ref.kind, ref.name)]["status"]["loraURI"]), weight=ref.weight)
-        for ref in refs
+        LoraInput(uri=pod_path(cfg, deps[(ref.kind, ref.name)]["status"]["loraURI"]), weight=ref.weight) for ref in refs
     )
 
 

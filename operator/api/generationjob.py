@@ -48,9 +48,7 @@ class GenerationJobSpec(Model):
         description="Gemini prompt reformulation: auto (policy: off for boards of 1-3 images), on, or off.",
     )
     width: int = Field(default=2048, ge=256, le=2048, multiple_of=16, description="Width: 256-2048, multiple of 16.")
-    height: int = Field(
-        default=2048, ge=256, le=2048, multiple_of=16, description="Height: 256-2048, multiple of 16."
-    )
+    height: int = Field(default=2048, ge=256, le=2048, multiple_of=16, description="Height: 256-2048, multiple of 16.")
     steps: int = Field(default=50, ge=1, le=200, description="Inference steps, 1 to 200 (Base models: 50).")
     guidance: float = Field(default=4.0, ge=0, le=30, description="CFG guidance scale (Base models: 4.0).")
     seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Seed of the first image; image i uses seed + i.")

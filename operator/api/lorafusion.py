@@ -27,9 +27,7 @@ class LoRAFusionSpec(Model):
         },
     )
 
-    sources: list[LoRAReference] = Field(
-        description="LoRAs to fuse, 2 to 8, with weights.", min_length=2, max_length=8
-    )
+    sources: list[LoRAReference] = Field(description="LoRAs to fuse, 2 to 8, with weights.", min_length=2, max_length=8)
     method: Literal["concat", "svd", "klora"] = Field(
         default="svd",
         description="concat (exact, rank = sum of ranks), svd (exact low-rank truncation), klora (K-LoRA selection).",

@@ -127,7 +127,7 @@ async def watch(cluster: DevCluster, namespace: str, timeout: float, quiet: floa
         for obj in objs:
             status = obj.get("status") or {}
             key, value = (obj["kind"], obj["metadata"]["name"]), (status.get("phase"), status.get("message"))
-            if seen.get(key) != value:
+            if value[0] and seen.get(key) != value:  # from its first reconcile on
                 seen[key], last_change = value, now
                 print(_line(now - start, obj), flush=True)
         if settled(objs) and now - last_change >= quiet:

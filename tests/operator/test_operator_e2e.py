@@ -12,6 +12,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+from kleinstyle.operator import metrics
 from kleinstyle.operator.devcluster.demo import (
     REFERENCE_CLAIM,
     cluster_for,
@@ -88,6 +89,16 @@ async def test_board_is_prepared_and_its_status_tells_the_story(root: Path):
         events = cluster.emulator.list("events", NS)
         reasons = [e["reason"] for e in events if e["involvedObject"]["name"] == "bd9"]
         assert "JobCreated" in reasons and "JobComplete" in reasons
+
+        sample = metrics.REGISTRY.get_sample_value
+        assert (
+            sample(
+                "kleinstyle_resource_phase",
+                {"namespace": NS, "kind": "StyleBoard", "name": "bd9", "phase": "Succeeded"},
+            )
+            == 1
+        )
+        assert sample("kleinstyle_children_created_total", {"kind": "StyleBoard", "child": "Job"}) >= 1
 
         # The StyleLoRA waits with a reason, then stays Pending because the runtime cannot train yet.
         await cluster.apply([LORA])
