@@ -48,6 +48,8 @@ class Run:
     # PVCs mounted read-only at REFERENCES_MOUNT/CLAIM (pvc:// image sources).
     reference_claims: tuple[str, ...] = ()
     extra_env: dict[str, str] = field(default_factory=dict)
+    # More files beside the RunSpec in the ConfigMap (e.g. the ai-toolkit config the trainer launches with).
+    files: dict[str, str] = field(default_factory=dict)
 
     @property
     def owner(self):
@@ -91,7 +93,7 @@ def build_configmap(run: Run) -> dict:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _meta(run, run.name, run.labels),
-        "data": {RUNSPEC_KEY: run.runspec.to_json()},
+        "data": {RUNSPEC_KEY: run.runspec.to_json(), **run.files},
     }
 
 

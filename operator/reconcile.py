@@ -154,11 +154,16 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
         "artifactURI": run.runspec.output_display_uri,
     }
     conds = [Condition("DependenciesReady", "True", "Ready", "all dependencies are Succeeded")]
+    warnings: list[str] = []
+    if kind_run.run_status:
+        run_fields, warnings = kind_run.run_status(run)
+        fields.update(run_fields)
     if not available:
         message = f"the runtime has no '{kind_run.step}' step yet: {kind_run.arrives_with} brings it"
         conds += [
             Condition("JobCreated", "False", "StepNotAvailable", message),
             Condition("Ready", "False", "StepNotAvailable", message),
+            warning_condition(warnings),
         ]
         decision = finish("Pending", "StepNotAvailable", message, conds, **fields)
         return Decision(create=create, delete=delete, status=decision.status, events=decision.events)
@@ -176,18 +181,20 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
         else:
             if kind_run.result_status:
                 fields.update(kind_run.result_status(result))
-            warnings = list(result.get("warnings") or [])
-            conds.append(
-                Condition("Warning", "True", "RunWarnings", "; ".join(warnings))
-                if warnings
-                else Condition("Warning", "False", "NoWarnings", "")
-            )
+            warnings += list(result.get("warnings") or [])
+    conds.append(warning_condition(warnings))
     conds.append(Condition("Ready", "True" if phase == "Succeeded" else "False", reason, message))
     decision = finish(phase, reason, message, conds, **fields)
     events = list(decision.events)
     if delete and any(c["kind"] == "Job" for c in delete):
         events.append(Event("Normal", "Superseded", f"spec changed: replacing the run with run {short_hash}"))
     return Decision(create=create, delete=delete, status=decision.status, events=events)
+
+
+def warning_condition(warnings: Sequence[str]) -> Condition:
+    if warnings:
+        return Condition("Warning", "True", "RunWarnings", "; ".join(warnings))
+    return Condition("Warning", "False", "NoWarnings", "")
 
 
 def _transition_events(old: Mapping[str, Any], new: Mapping[str, Any], reason: str) -> list[Event]:

@@ -7,9 +7,12 @@ changes what a run computes (the spec, a dependency's output) starts a new run, 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+import yaml
+from kleinstyle.runtime.aitoolkit import aitoolkit_config
+from kleinstyle.runtime.plan import TrainingPlan, plan_training
 from kleinstyle.runtime.spec import (
     FetchPolicy,
     FuseSpec,
@@ -122,18 +125,32 @@ def _prepare(kind: Kind, body: Mapping, spec: StyleBoardSpec, deps: Mapping, cfg
 def _train(kind: Kind, body: Mapping, spec: StyleLoRASpec, deps: Mapping, cfg: OperatorConfig) -> Run:
     board = deps[("StyleBoard", spec.boardRef.name)]
     status = board.get("status", {})
+    images = int(status.get("imagesAccepted") or 0)
+    backend = cfg.defaultBackend if spec.backend == "auto" else spec.backend
+    spec_dict = {**spec.model_dump(mode="json", exclude_none=True), "backend": backend}
     work = TrainSpec(
         dataset_uri=pod_path(cfg, status["datasetURI"]),
         trigger_word=board["spec"]["triggerWord"],
-        image_count=int(status.get("imagesAccepted") or 0),
-        backend=cfg.defaultBackend if spec.backend == "auto" else spec.backend,
+        image_count=images,
+        backend=backend,
+        model=spec.model.name,
         model_path=model_path(cfg, spec.model.name),
-        variant=spec.variant,
         mode=spec.mode,
-        overrides=spec.training.model_dump(exclude_none=True) if spec.training else {},
-        early_stopping=spec.earlyStopping.model_dump(exclude_none=True),
+        plan=plan_training(images, spec_dict),
     )
-    return _run(kind, body, work, cfg, "train", spec.scheduling)
+    run = _run(kind, body, work, cfg, "train", spec.scheduling)
+    if backend != "ai-toolkit":
+        return run
+    config = aitoolkit_config(
+        work.plan,
+        name=run.owner.name,
+        dataset_dir=work.dataset_uri,
+        training_folder=f"{run.runspec.output_uri}/aitoolkit",
+        trigger_word=work.trigger_word,
+        model=work.model,
+        model_path=work.model_path,
+    )
+    return replace(run, files={"aitoolkit.yaml": yaml.safe_dump(config, sort_keys=False)})
 
 
 def _lora_inputs(refs: list[LoRAReference], deps: Mapping, cfg: OperatorConfig) -> tuple[LoraInput, ...]:
@@ -199,6 +216,35 @@ def _run(
     )
 
 
+# ---- status of a run before and after it ----
+
+
+def _plan_status(run: Run) -> tuple[dict[str, Any], list[str]]:
+    """The plan's key values for `kubectl get -o yaml`, and its warnings for the Warning condition."""
+    plan: TrainingPlan = run.runspec.work.plan
+    values = plan.values()
+    from_spec = sorted(name for name, item in plan if getattr(item, "source", None) == "spec")
+    summary = {
+        "variant": plan.variant,
+        "variantReason": plan.variant_reason,
+        "rank": values["rank"],
+        "alpha": values["alpha"],
+        "optimizer": values["optimizer"],
+        "learningRate": values["learning_rate"],
+        "steps": values["steps"],
+        "stepsReason": plan.steps.reason,
+        "checkpointEvery": values["checkpoint_every"],
+        "captionDropout": values["caption_dropout"],
+        "resolution": values["resolution"],
+        "targetBlocks": values["target_blocks"],
+        "earlyStopping": plan.early_stopping,
+        "textPipeline": values["text_pipeline"],
+        "fromSpec": from_spec,
+        "hash": plan.plan_hash(),
+    }
+    return {"plan": summary, "totalSteps": values["steps"]}, list(plan.warnings)
+
+
 # ---- results ----------------------------------------------------------------------------------------------------
 
 
@@ -226,6 +272,8 @@ class KindRun:
     dependencies: Callable[[Any], list[Dependency]]
     build: Callable[[Kind, Mapping, Any, Mapping, OperatorConfig], Run]
     result_status: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
+    # Status fields (and warnings) known as soon as the run is planned, before any Job runs.
+    run_status: Callable[[Run], tuple[dict[str, Any], list[str]]] | None = None
     # Which issue brings this step's runtime, for the condition shown while the runtime lacks it.
     arrives_with: str = ""
 
@@ -241,6 +289,7 @@ KIND_RUNS: dict[str, KindRun] = {
         "train",
         lambda s: [Dependency("StyleBoard", s.boardRef.name, "datasetURI")],
         _train,
+        run_status=_plan_status,
         arrives_with="training (issue #3)",
     ),
     "GenerationJob": KindRun(

@@ -65,6 +65,61 @@ def _prepare(args: argparse.Namespace) -> int:
     return main(args.spec)
 
 
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("stylelora", help="StyleLoRA YAML file")
+    p.add_argument("--images", type=int, required=True, help="accepted images on the board")
+    p.add_argument(
+        "-o",
+        "--output",
+        choices=("yaml", "json", "aitoolkit"),
+        default="yaml",
+        help="the whole plan (yaml, json) or the config ai-toolkit would receive (aitoolkit)",
+    )
+    p.add_argument("--trigger", help="trigger word for the ai-toolkit config (default: the board's name)")
+    p.add_argument("--dataset", default="/artifacts/dataset", help="dataset folder in the ai-toolkit config")
+    p.add_argument("--training-folder", default="/artifacts/aitoolkit", help="ai-toolkit's output folder")
+    p.add_argument("--model-path", help="local model directory (default: the hub name)")
+
+
+def _plan(args: argparse.Namespace) -> int:
+
+    import yaml
+    from kleinstyle.operator.admission import AdmissionRejected, admit, load_manifests
+    from kleinstyle.runtime.aitoolkit import aitoolkit_config
+    from kleinstyle.runtime.plan import plan_training
+
+    with open(args.stylelora, encoding="utf-8") as handle:
+        docs = [d for d in load_manifests(handle.read()) if d and d.get("kind") == "StyleLoRA"]
+    if len(docs) != 1:
+        print(f"{args.stylelora}: expected one StyleLoRA, found {len(docs)}", file=sys.stderr)
+        return 2
+    try:
+        obj = admit(docs[0])  # the same defaults and validation the API server applies
+        plan = plan_training(args.images, obj["spec"])
+    except (AdmissionRejected, ValueError) as exc:
+        print(getattr(exc, "message", str(exc)), file=sys.stderr)
+        return 2
+    if args.output == "json":
+        print(plan.model_dump_json(indent=2))
+    elif args.output == "yaml":
+        print(yaml.safe_dump(plan.model_dump(mode="json"), sort_keys=False), end="")
+    else:
+        spec = obj["spec"]
+        config = aitoolkit_config(
+            plan,
+            name=obj["metadata"]["name"],
+            dataset_dir=args.dataset,
+            training_folder=args.training_folder,
+            trigger_word=args.trigger or spec["boardRef"]["name"],
+            model=spec["model"]["name"],
+            model_path=args.model_path,
+        )
+        print(yaml.safe_dump(config, sort_keys=False), end="")
+    for warning in plan.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
 def _dev_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", default=".kleinstyle-dev", help="folder for volumes, logs and the kubeconfig")
     p.add_argument("--namespace", "-n", default="kleinstyle-demo", help="namespace the operator watches")
@@ -92,6 +147,7 @@ def _demo(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Command] = {
     "operator": ("run the kopf operator", _operator_args, _operator),
     "crds": ("print, write or check the CRDs generated from the resource models", _crds_args, _crds),
+    "plan": ("print the training plan of a StyleLoRA for a board of N images", _plan_args, _plan),
     "prepare": ("StyleBoard step: fetch, validate and caption the references into a dataset", _spec_args, _prepare),
     "dev-cluster": (
         "run an embedded cluster (API emulator, operator, local Job executor)",

@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .plan import TrainingPlan
+
 RUNSPEC_VERSION = "kleinstyle.dev/runspec-v1"
 # Length of the hash prefix that names a run (its Job, ConfigMap, artifact folder and progress reports).
 RUN_ID_LENGTH = 10
@@ -85,12 +87,11 @@ class TrainSpec(_Frozen):
     trigger_word: str
     image_count: int
     backend: Literal["ai-toolkit", "builtin"]
+    model: str = "klein-base-9b"
     model_path: str
-    variant: str
     mode: Literal["standard", "two-step"] = "standard"
-    # Explicit training settings from the spec, snake_case; the TrainingPlan (issue 3) fills in the rest.
-    overrides: dict[str, object] = Field(default_factory=dict)
-    early_stopping: dict[str, object] = Field(default_factory=dict)
+    # Every training setting, with where it came from (kleinstyle.runtime.plan).
+    plan: TrainingPlan
 
 
 class GenerateSpec(_Frozen):

@@ -6,6 +6,7 @@ import copy
 import json
 
 import pytest
+import yaml
 from kleinstyle.operator.config import OperatorConfig
 from kleinstyle.operator.naming import RUN_HASH
 from kleinstyle.operator.reconcile import Observed, reconcile
@@ -237,6 +238,25 @@ def test_lora_with_a_ready_board_is_pending_until_the_runtime_can_train():
     assert decision.status["phase"] == "Pending"
     cond = next(c for c in decision.status["conditions"] if c["type"] == "JobCreated")
     assert cond["reason"] == "StepNotAvailable" and "issue #3" in cond["message"]
+    # The plan is visible before any training: 12 references -> GEM+A, rank 32, max(500, 30 x 12) steps.
+    plan = decision.status["plan"]
+    assert (plan["variant"], plan["rank"], plan["steps"], plan["fromSpec"]) == ("GEM+A", 32, 500, [])
+    assert decision.status["totalSteps"] == 500
+    # The operator's default backend is ai-toolkit: its config travels beside the RunSpec.
+    config = yaml.safe_load(decision.create[0]["data"]["aitoolkit.yaml"])
+    process = config["config"]["process"][0]
+    assert process["network"]["linear"] == 32 and process["train"]["steps"] == 500
+    assert process["datasets"][0]["folder_path"] == "/artifacts/team-a/styleboard/bd9/uid-board/abc/dataset"
+    assert process["model"]["name_or_path"] == "/models/FLUX.2-klein-base-9B"
+
+
+def test_lora_plan_warnings_become_a_condition():
+    small = ready_board()
+    small["status"]["imagesAccepted"] = 2
+    decision = step(lora(), deps={("StyleBoard", "bd9"): small})
+    warning = next(c for c in decision.status["conditions"] if c["type"] == "Warning")
+    assert warning["status"] == "True" and "nothing works reliably" in warning["message"]
+    assert decision.status["plan"]["textPipeline"] is False
 
 
 def test_conditions_keep_their_transition_time_while_unchanged():

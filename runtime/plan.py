@@ -1,0 +1,266 @@
+"""The TrainingPlan: the reference document's training policy as one pure function.
+
+`plan_training(images, spec)` turns the number of accepted references and a StyleLoRA spec into every training
+setting, records for each whether it came from the policy or from the spec, and says why. No torch: the operator
+computes the plan and the runtime executes it.
+
+Sources are `../shared/reference/seed-klein-style-lora-system.txt` ("the document") and FINDINGS.md, which corrects
+it for klein (block names, no conv layers, alpha ignored by ai-toolkit). Decisions where the document is silent or
+contradicts itself:
+
+- Variant by board size. The matrix names 1-3 (B_r128), 5-7 (GEM+B), 10-15 (GEM+A) and 30+ (any). 4 references
+  fall between "Gemini hurts 1-3" and "Gemini helps 5+": we take GEM+D, the document's own small-dataset variant,
+  which keeps the text pipeline (93% win rate); the plan warns. 8-9 and 16-29 take GEM+A: the gotchas say "prefer
+  rank32 unless dataset is 30+" and rank 128 on fewer than 10 images overfits; 30+ takes GEM+A (best overall).
+- GEM+D's settings are not given; we read "small dataset variant" as GEM+A with caption dropout 0.1 (the top of the
+  document's 0.05-0.1 range, which makes the style less dependent on the few captions).
+- Steps. The formulas (rank 32: max(500, 30 N); rank 128: max(500, 20 N)) floor at 500 for small boards, while the
+  convergence table saw later sweet spots there (7 refs: 1500 at both ranks; 5 refs: 1000 at rank 32). We plan the
+  larger of formula and observed sweet spot for the board's size regime: too few steps can never be recovered,
+  too many cost only the time until early stopping picks the best checkpoint. Ranks 16 and 64, for which the
+  document has no formula, use rank 32's and the midpoint (25 N).
+- Checkpoints: every ~10% of the run in multiples of 50 (at most 250, every 100 for rank 128 on under 10 images
+  so the ~500-step peak is seen), plus the cosine midpoint, which the document says to check explicitly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Variant = Literal["GEM+A", "GEM+B", "B_r128", "GEM+D"]
+Source = Literal["policy", "variant", "spec"]
+
+# Klein 9B: 8 double-stream and 24 single-stream blocks (FINDINGS.md; not FLUX.1's "20-29, 30-57").
+KLEIN_BLOCKS = {"klein-base-9b": (8, 24), "klein-base-4b": (5, 20)}
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "GEM+A": {"rank": 32, "optimizer": "adafactor", "text_pipeline": True},
+    "GEM+B": {"rank": 128, "optimizer": "adamw8bit", "text_pipeline": True},
+    "B_r128": {"rank": 128, "optimizer": "adamw8bit", "text_pipeline": False},
+    "GEM+D": {"rank": 32, "optimizer": "adafactor", "text_pipeline": True, "caption_dropout": 0.1},
+}
+DEFAULTS: dict[str, Any] = {
+    "learning_rate": 1e-4,
+    "weight_decay": 1e-4,
+    "caption_dropout": 0.05,
+    "resolution": 1024,
+    "scheduler": "cosine",
+    "noise_scheduler": "flowmatch",
+    "target_blocks": "all",
+}
+# Observed sweet spots (the document's convergence table), by size regime: rows for 5, 7 and 31 references.
+SWEET_SPOTS: dict[str, dict[int, int]] = {"small": {32: 1000, 128: 500}, "medium": {32: 1500, 128: 1500}}
+STEPS_PER_IMAGE = {16: 30, 32: 30, 64: 25, 128: 20}
+
+
+class Planned(BaseModel):
+    """One planned value and where it came from."""
+
+    model_config = ConfigDict(frozen=True)
+
+    value: Any
+    source: Source
+    reason: str = ""
+
+
+class TrainingPlan(BaseModel):
+    """Every setting of one training run, with its provenance, the checkpoints to evaluate and the warnings."""
+
+    model_config = ConfigDict(frozen=True)
+
+    images: int
+    variant: Variant
+    variant_source: Source
+    variant_reason: str
+    rank: Planned
+    alpha: Planned
+    optimizer: Planned
+    learning_rate: Planned
+    weight_decay: Planned
+    steps: Planned
+    caption_dropout: Planned
+    resolution: Planned
+    scheduler: Planned
+    noise_scheduler: Planned
+    target_blocks: Planned
+    blocks: tuple[str, ...] = Field(description="BFL/ai-toolkit block names that get LoRA layers.")
+    checkpoint_every: Planned
+    checkpoint_steps: tuple[int, ...]
+    early_stopping: bool
+    patience: int
+    warmup_steps: int
+    text_pipeline: Planned
+    seed: int
+    warnings: tuple[str, ...] = ()
+
+    def values(self) -> dict[str, Any]:
+        """The settings alone, without provenance."""
+        return {k: v.value if isinstance(v, Planned) else v for k, v in self}
+
+    def plan_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def variant_for(images: int) -> tuple[Variant, str]:
+    """The dataset-size matrix, with the gaps decided (see the module docstring)."""
+    if images <= 3:
+        return "B_r128", f"{images} references: rank 128 without the text pipeline (Gemini hurts 1-3 references)"
+    if images == 4:
+        return "GEM+D", "4 references: the small-dataset variant GEM+D (between the matrix's 1-3 and 5-7 rows)"
+    if images <= 7:
+        return "GEM+B", f"{images} references: GEM+B (Gemini + rank 128), the matrix's choice for 5-7"
+    return "GEM+A", f"{images} references: GEM+A (Gemini + rank 32), best overall for 8 or more"
+
+
+def regime(images: int) -> str | None:
+    if images <= 5:
+        return "small"
+    if images <= 9:
+        return "medium"
+    return None
+
+
+def planned_steps(rank: int, images: int) -> tuple[int, str]:
+    per_image = STEPS_PER_IMAGE[rank]
+    formula = max(500, per_image * images)
+    why = f"max(500, {per_image} x {images} images) = {formula}"
+    size = regime(images)
+    observed = SWEET_SPOTS[size].get(min(SWEET_SPOTS[size], key=lambda r: abs(r - rank))) if size else None
+    if observed and observed > formula:
+        return observed, f"{why}, raised to {observed}: the sweet spot observed on {size} boards; early stopping trims"
+    return formula, why
+
+
+def checkpoint_interval(steps: int, rank: int, images: int) -> int:
+    if rank >= 128 and images < 10:
+        return 100
+    return min(250, max(50, round(steps / 10 / 50) * 50))
+
+
+def checkpoint_steps(steps: int, every: int, scheduler: str) -> tuple[int, ...]:
+    """Every `every` steps, the last step, and the cosine midpoint (the document: check ~500-600 explicitly)."""
+    marks = set(range(every, steps + 1, every)) | {steps}
+    if scheduler == "cosine":
+        marks.add(max(every, round(steps / 2 / 50) * 50))
+    return tuple(sorted(m for m in marks if 0 < m <= steps))
+
+
+def block_names(target: str, custom: list[str] | None, model: str) -> tuple[str, ...]:
+    double, single = KLEIN_BLOCKS[model]
+    if target == "custom":
+        return tuple(custom or ())
+    names: list[str] = []
+    if target in ("all", "double"):
+        names += [f"double_blocks.{i}" for i in range(double)]
+    if target in ("all", "single"):
+        names += [f"single_blocks.{i}" for i in range(single)]
+    return tuple(names)
+
+
+def plan_training(images: int, spec: dict[str, Any]) -> TrainingPlan:
+    """The plan for a board of `images` accepted references and a StyleLoRA `spec` (the admitted, camelCase dict)."""
+    if images < 1:
+        raise ValueError("the board has no accepted images: nothing to train on")
+    training = spec.get("training") or {}
+    stopping = spec.get("earlyStopping") or {}
+    model = (spec.get("model") or {}).get("name", "klein-base-9b")
+    warnings: list[str] = []
+
+    if spec.get("variant", "auto") == "auto":
+        variant, variant_reason = variant_for(images)
+        variant_source: Source = "policy"
+    else:
+        variant, variant_reason, variant_source = spec["variant"], "set in the spec", "spec"
+    recipe = {**DEFAULTS, **VARIANTS[variant]}
+
+    def pick(field: str, key: str) -> Planned:
+        """The spec's value when set, else the variant's, else the document's default."""
+        if training.get(field) is not None:
+            return Planned(value=training[field], source="spec", reason="set in spec.training")
+        if key in VARIANTS[variant]:
+            return Planned(value=recipe[key], source="variant", reason=f"the {variant} recipe")
+        return Planned(value=recipe[key], source="policy", reason="the document's training configuration")
+
+    rank = pick("rank", "rank")
+    alpha = (
+        Planned(value=training["alpha"], source="spec", reason="set in spec.training")
+        if training.get("alpha") is not None
+        else Planned(value=rank.value, source="policy", reason="alpha = rank (scale 1.0), as ai-toolkit uses for klein")
+    )
+    scheduler = pick("scheduler", "scheduler")
+    if training.get("steps") is not None:
+        steps = Planned(value=training["steps"], source="spec", reason="set in spec.training")
+    else:
+        value, why = planned_steps(rank.value, images)
+        steps = Planned(value=value, source="policy", reason=why)
+    checkpoint_every = (
+        Planned(value=training["checkpointEvery"], source="spec", reason="set in spec.training")
+        if training.get("checkpointEvery") is not None
+        else Planned(
+            value=checkpoint_interval(steps.value, rank.value, images),
+            source="policy",
+            reason="about 10% of the run; 100 for rank 128 under 10 images",
+        )
+    )
+    target = training.get("targetBlocks") or "all"
+    target_blocks = Planned(
+        value=target,
+        source="spec" if training.get("targetBlocks") not in (None, "all") else "policy",
+        reason="all blocks: the document's winning runs trained every block",
+    )
+    early = bool(stopping.get("enabled", True))
+    text_pipeline = Planned(
+        value=VARIANTS[variant]["text_pipeline"] and images > 3,
+        source="policy",
+        reason="off for 1-3 references (Gemini hurts them), on otherwise"
+        if images > 3
+        else f"off: {images} references (the document: Gemini breaks 1-3 reference boards)",
+    )
+
+    if images <= 2:
+        warnings.append(f"{images} references: nothing works reliably with 2 or fewer; add references if you can")
+    elif images == 4:
+        warnings.append("4 references sit between the document's regimes; if generations drift, set textPipeline: off")
+    if rank.value >= 128 and images < 10:
+        warnings.append(
+            f"rank {rank.value} on {images} references overfits after ~500 steps: checkpoints every "
+            f"{checkpoint_every.value} steps; early stopping {'picks the best' if early else 'is OFF: enable it'}"
+        )
+    if spec.get("backend") == "ai-toolkit" and alpha.source == "spec" and alpha.value != rank.value:
+        warnings.append("ai-toolkit ignores alpha for klein (alpha = rank); the builtin backend honours it")
+    if variant_source == "spec" and variant == "B_r128" and images > 3:
+        warnings.append("B_r128 turns the text pipeline off; it is meant for 1-3 references")
+
+    warmup = stopping.get("warmupSteps")
+    if warmup is None:
+        warmup = min(steps.value // 3, 300) if rank.value >= 128 and images < 10 else steps.value // 3
+    return TrainingPlan(
+        images=images,
+        variant=variant,
+        variant_source=variant_source,
+        variant_reason=variant_reason,
+        rank=rank,
+        alpha=alpha,
+        optimizer=pick("optimizer", "optimizer"),
+        learning_rate=pick("learningRate", "learning_rate"),
+        weight_decay=pick("weightDecay", "weight_decay"),
+        steps=steps,
+        caption_dropout=pick("captionDropout", "caption_dropout"),
+        resolution=pick("resolution", "resolution"),
+        scheduler=scheduler,
+        noise_scheduler=Planned(value="flowmatch", source="policy", reason="klein is a flow-matching model"),
+        target_blocks=target_blocks,
+        blocks=block_names(target, training.get("blocks"), model),
+        checkpoint_every=checkpoint_every,
+        checkpoint_steps=checkpoint_steps(steps.value, checkpoint_every.value, scheduler.value),
+        early_stopping=early,
+        patience=int(stopping.get("patience", 3)),
+        warmup_steps=int(warmup),
+        text_pipeline=text_pipeline,
+        seed=int(training.get("seed") or 0),
+        warnings=tuple(warnings),
+    )
