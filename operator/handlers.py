@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shutil
 import time
 from datetime import UTC, datetime
@@ -16,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import kopf
+from kubernetes.client.rest import ApiException
 
 from . import metrics
 from .api import GROUP, KINDS, VERSION
 from .config import OperatorConfig
 from .kube import Kube
 from .naming import OWNER_UID, owner_labels, selector
-from .reconcile import Observed, reconcile
+from .reconcile import Observed, blocked, foreign_child, reconcile
 from .runs import KIND_RUNS
 
 CHILD_KINDS = ("ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Job")
@@ -57,6 +59,13 @@ async def observe(kube: Kube, body: Any) -> Observed:
     return Observed(body=dict(body), dependencies=dependencies, children=children, pods=pods)
 
 
+def _api_message(exc: ApiException) -> str:
+    try:
+        return json.loads(exc.body or "{}").get("message") or ""
+    except ValueError:
+        return str(exc.body or "")[:300]
+
+
 def status_changes(current: dict, desired: dict) -> dict:
     return {k: v for k, v in desired.items() if current.get(k) != v}
 
@@ -77,12 +86,26 @@ async def reconcile_resource(body: Any, patch: Any, memo: Any, logger: Any, **_:
             if await kube.create(child):
                 metrics.CHILDREN_CREATED.labels(kind, child["kind"]).inc()
                 logger.info(f"created {child['kind']} {child['metadata']['name']}")
+                continue
+            # 409: adopt it only if it is really ours; never create the rest (the Job) on top of a stranger.
+            existing = await kube.get(child["kind"], meta["namespace"], child["metadata"]["name"])
+            if conflict := foreign_child(child, existing):
+                decision = blocked(body, "ChildConflict", conflict, now_rfc3339())
+                break
         changes = status_changes(dict(body.get("status") or {}), decision.status)
         for key, value in changes.items():
             patch.status[key] = value
         for event in decision.events:
             kopf.event(body, type=event.type, reason=event.reason, message=event.message)
         metrics.set_phase(meta["namespace"], kind, meta["name"], decision.status.get("phase"))
+    except ApiException as exc:
+        # Refused by the API (quota, a policy webhook, RBAC): say so in status, try again at the next resync.
+        outcome = "error"
+        message = f"the Kubernetes API refused a request: {exc.status} {exc.reason}: {_api_message(exc)}"
+        decision = blocked(body, "ApiError", message, now_rfc3339())
+        for key, value in status_changes(dict(body.get("status") or {}), decision.status).items():
+            patch.status[key] = value
+        kopf.warn(body, reason="ApiError", message=message)
     except Exception:
         outcome = "error"
         raise

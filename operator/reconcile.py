@@ -111,14 +111,10 @@ def job_phase(job: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]]) 
 def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
     body = observed.body
     kind_run = KIND_RUNS[body["kind"]]
-    meta = body["metadata"]
-    generation = meta.get("generation")
     old_status = body.get("status") or {}
 
     def finish(phase: str, reason: str, message: str, conds: list[Condition], **fields: Any) -> Decision:
-        decision_status = {"phase": phase, "message": message, "observedGeneration": generation, **fields}
-        decision_status["conditions"] = merge_conditions(old_status.get("conditions") or [], conds, now, generation)
-        return Decision(status=decision_status, events=_transition_events(old_status, decision_status, reason))
+        return _decided(body, now, phase, reason, message, conds, **fields)
 
     try:
         spec = kind_run.kind.spec.model_validate(body.get("spec") or {})
@@ -139,25 +135,37 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
     short_hash = run.run_hash[:10]
     available = kind_run.step in AVAILABLE_STEPS
     desired = build_children(run, cfg) if available else [build_configmap(run)]
-    existing = {_key(child) for child in observed.children}
-    create = [child for child in desired if _key(child) not in existing]
+    by_key = {_key(child): child for child in observed.children}
+    create = [child for child in desired if _key(child) not in by_key]
     delete = [
         child
         for child in observed.children
         if child["kind"] in RUN_CHILD_KINDS and (child["metadata"].get("labels") or {}).get(RUN_HASH) != short_hash
     ]
-    job = next((c for c in observed.children if _key(c) == ("Job", run.name)), None)
+    job = by_key.get(("Job", run.name))
 
     fields: dict[str, Any] = {
         "runHash": short_hash,
         "jobName": run.name if available else None,
         "artifactURI": run.runspec.output_display_uri,
     }
+    if old_status.get("runHash") != short_hash:
+        fields.update(kind_run.cleared_fields)  # a new run: the previous run's results no longer describe it
     conds = [Condition("DependenciesReady", "True", "Ready", "all dependencies are Succeeded")]
     warnings: list[str] = []
     if kind_run.run_status:
         run_fields, warnings = kind_run.run_status(run)
         fields.update(run_fields)
+
+    conflict = next((why for d in desired if (why := foreign_child(d, by_key.get(_key(d))))), None)
+    if conflict:
+        conds += [
+            Condition("JobCreated", "False", "ChildConflict", conflict),
+            Condition("Ready", "False", "ChildConflict", conflict),
+        ]
+        decision = finish("Pending", "ChildConflict", conflict, conds, **fields)
+        return Decision(delete=delete, status=decision.status, events=decision.events)  # create nothing
+
     if not available:
         message = f"the runtime has no '{kind_run.step}' step yet: {kind_run.arrives_with} brings it"
         conds += [
@@ -173,15 +181,15 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
     fields["startTime"] = job_status.get("startTime")
     fields["completionTime"] = job_status.get("completionTime")
     conds.append(Condition("JobCreated", "True", "Created", f"Job {run.name}"))
-    if phase == "Succeeded":
-        progress = old_status.get("progress") or {}
-        result = progress.get("result") if progress.get("runHash") == short_hash else None
-        if result is None:
-            phase, reason, message = "Running", "AwaitingResult", f"Job {run.name} completed; waiting for its result"
-        else:
-            if kind_run.result_status:
-                fields.update(kind_run.result_status(result))
-            warnings += list(result.get("warnings") or [])
+    progress = old_status.get("progress") or {}
+    result = progress.get("result") if progress.get("runHash") == short_hash else None
+    if result is not None and phase in ("Succeeded", "Failed"):
+        # Counts and reasons come from the run; where the artifacts are comes from the RunSpec, never the pod.
+        if kind_run.result_status:
+            fields.update(kind_run.result_status(result, run))
+        warnings += list(result.get("warnings") or [])
+    elif phase == "Succeeded":
+        phase, reason, message = "Running", "AwaitingResult", f"Job {run.name} completed; waiting for its result"
     conds.append(warning_condition(warnings))
     conds.append(Condition("Ready", "True" if phase == "Succeeded" else "False", reason, message))
     decision = finish(phase, reason, message, conds, **fields)
@@ -189,6 +197,40 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
     if delete and any(c["kind"] == "Job" for c in delete):
         events.append(Event("Normal", "Superseded", f"spec changed: replacing the run with run {short_hash}"))
     return Decision(create=create, delete=delete, status=decision.status, events=events)
+
+
+def _decided(
+    body: Mapping[str, Any], now: str, phase: str, reason: str, message: str, conds: list[Condition], **fields: Any
+) -> Decision:
+    old_status = body.get("status") or {}
+    generation = body["metadata"].get("generation")
+    status = {"phase": phase, "message": message, "observedGeneration": generation, **fields}
+    status["conditions"] = merge_conditions(old_status.get("conditions") or [], conds, now, generation)
+    return Decision(status=status, events=_transition_events(old_status, status, reason))
+
+
+def blocked(body: Mapping[str, Any], reason: str, message: str, now: str) -> Decision:
+    """Pending with `reason` (ChildConflict, ApiError): the run cannot start until someone acts; retried at resync."""
+    conds = [Condition("JobCreated", "False", reason, message), Condition("Ready", "False", reason, message)]
+    return _decided(body, now, "Pending", reason, message, conds)
+
+
+def foreign_child(desired: Mapping[str, Any], existing: Mapping[str, Any] | None) -> str | None:
+    """Why an existing object under a child's name is not that child (None when it is, or when there is none).
+
+    Names are predictable, so anyone who may create objects in the namespace could plant one first; adopting it
+    would run their RunSpec (their fetch policy, their output path) under the operator's authority.
+    """
+    if existing is None:
+        return None
+    kind, name = _key(desired)
+    owner_uid = desired["metadata"]["ownerReferences"][0]["uid"]
+    controllers = [r for r in existing["metadata"].get("ownerReferences") or [] if r.get("controller")]
+    if [r.get("uid") for r in controllers] != [owner_uid]:
+        return f"{kind} {name} already exists and is not controlled by this object: delete it or rename this one"
+    if kind == "ConfigMap" and existing.get("data") != desired.get("data"):
+        return f"ConfigMap {name} exists with a RunSpec this operator did not write: delete it to let the run start"
+    return None
 
 
 def warning_condition(warnings: Sequence[str]) -> Condition:

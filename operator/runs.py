@@ -7,7 +7,7 @@ changes what a run computes (the spec, a dependency's output) starts a new run, 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import yaml
@@ -92,6 +92,12 @@ def _image_input(source: str, caption: str | None) -> tuple[ImageInput, str | No
     return ImageInput(source=source, caption=caption), None
 
 
+# storageSecret key -> the env var the prepare step reads it from (runtime/fetch.py SOURCE_CREDENTIAL_ENV).
+SOURCE_SECRET_KEYS = {
+    "AWS_ACCESS_KEY_ID": "KLEINSTYLE_SOURCE_AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY": "KLEINSTYLE_SOURCE_AWS_SECRET_ACCESS_KEY",
+    "GOOGLE_APPLICATION_CREDENTIALS_JSON": "KLEINSTYLE_SOURCE_GOOGLE_CREDENTIALS_JSON",
+}
 PROVIDER_KEY_ENV = {"gemini": "GEMINI_API_KEY", "openrouter": "OPENROUTER_API_KEY"}
 
 
@@ -117,8 +123,9 @@ def _prepare(kind: Kind, body: Mapping, spec: StyleBoardSpec, deps: Mapping, cfg
         # Optional: without the key, prepare uses the given captions and says so in a warning.
         secrets.append(SecretEnv(PROVIDER_KEY_ENV[spec.captioning.provider], key.name, key.key, optional=True))
     if spec.storageSecret:
-        for env in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "GOOGLE_APPLICATION_CREDENTIALS_JSON"):
-            secrets.append(SecretEnv(env, spec.storageSecret, env, optional=True))
+        # Under their own names: the artifact store's credentials (standard AWS_* names) must never read sources.
+        for key, env in SOURCE_SECRET_KEYS.items():
+            secrets.append(SecretEnv(env, spec.storageSecret, key, optional=True))
     return _run(kind, body, work, cfg, "prepare", None, secrets, claims)
 
 
@@ -248,7 +255,7 @@ def _plan_status(run: Run) -> tuple[dict[str, Any], list[str]]:
 # ---- results ----------------------------------------------------------------------------------------------------
 
 
-def _board_result(result: Mapping[str, Any]) -> dict[str, Any]:
+def _board_result(result: Mapping[str, Any], run: Run) -> dict[str, Any]:
     rejected = [{"source": r["source"], "reason": r["reason"]} for r in result.get("rejected", [])]
     duplicates = [
         {"source": d["source"], "similarTo": d["resembles"], "distance": int(d["distance"])}
@@ -259,7 +266,7 @@ def _board_result(result: Mapping[str, Any]) -> dict[str, Any]:
         "imagesRejected": len(rejected),
         "rejected": rejected,
         "duplicates": duplicates,
-        "datasetURI": result.get("dataset_display_uri"),
+        "datasetURI": f"{run.runspec.output_display_uri}/dataset" if result.get("accepted") else None,
     }
 
 
@@ -271,7 +278,9 @@ class KindRun:
     step: str
     dependencies: Callable[[Any], list[Dependency]]
     build: Callable[[Kind, Mapping, Any, Mapping, OperatorConfig], Run]
-    result_status: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
+    result_status: Callable[[Mapping[str, Any], Run], dict[str, Any]] | None = None
+    # Result fields reset when a new run starts, so status never shows an older run's outcome as the current one.
+    cleared_fields: Mapping[str, Any] = field(default_factory=dict)
     # Status fields (and warnings) known as soon as the run is planned, before any Job runs.
     run_status: Callable[[Run], tuple[dict[str, Any], list[str]]] | None = None
     # Which issue brings this step's runtime, for the condition shown while the runtime lacks it.
@@ -283,7 +292,20 @@ def _lora_deps(refs: list[LoRAReference]) -> list[Dependency]:
 
 
 KIND_RUNS: dict[str, KindRun] = {
-    "StyleBoard": KindRun(BY_KIND["StyleBoard"], "prepare", lambda s: [], _prepare, _board_result),
+    "StyleBoard": KindRun(
+        BY_KIND["StyleBoard"],
+        "prepare",
+        lambda s: [],
+        _prepare,
+        _board_result,
+        cleared_fields={
+            "imagesAccepted": None,
+            "imagesRejected": None,
+            "rejected": [],
+            "duplicates": [],
+            "datasetURI": None,
+        },
+    ),
     "StyleLoRA": KindRun(
         BY_KIND["StyleLoRA"],
         "train",

@@ -6,7 +6,7 @@ services. Each hop's host is resolved once, every address is checked against the
 the vetted address itself (Host header and TLS SNI keep the original name), so a DNS answer that changes between the
 check and the connect (DNS rebinding) cannot redirect it. Plain http is refused: a tenant's images travel over TLS.
 
-Sources: `https://` (httpx), `s3://` and `gs://` (fsspec, with credentials from the pod's environment), and absolute
+Sources: `https://` (httpx), `s3://` and `gs://` (fsspec, with the board's credentials or anonymous), and absolute
 paths in the pod (a mounted volume, read through `local_path`). Everything is capped at `FetchPolicy.max_bytes`
 while it streams, so a huge or endless response never sits in memory.
 """
@@ -14,13 +14,16 @@ while it streams, so a huge or endless response never sits in memory.
 from __future__ import annotations
 
 import ipaddress
+import json
+import os
 import socket
 import ssl
 import stat
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import PurePosixPath
 
 import httpx
 
@@ -35,8 +38,19 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 USER_AGENT = "kleinstyle-prepare"
 # fsspec protocol -> the package that implements it (the `cloud` extra).
 OBJECT_STORE_PACKAGES = {"s3": "s3fs", "gs": "gcsfs"}
-# NAT64's well-known prefix carries an IPv4 address in its last 32 bits; judge the address it reaches.
+# IPv6 forms that carry an IPv4 address are judged by the IPv4 address they reach: NAT64 (last 32 bits),
+# 6to4 (bits 16-48) and Teredo (the client address, inverted, in the last 32 bits).
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_6TO4 = ipaddress.ip_network("2002::/16")
+_TEREDO = ipaddress.ip_network("2001::/32")
+# Deprecated site-local space: still routed internally by some networks; Python's is_global may not flag it.
+_SITE_LOCAL = ipaddress.ip_network("fec0::/10")
+# s3:// and gs:// sources are read with these credentials (from the board's storageSecret) or anonymously, never
+# with the node's or the pod's own identity, which may reach other tenants' objects.
+SOURCE_CREDENTIAL_ENV = {
+    "s3": ("KLEINSTYLE_SOURCE_AWS_ACCESS_KEY_ID", "KLEINSTYLE_SOURCE_AWS_SECRET_ACCESS_KEY"),
+    "gs": ("KLEINSTYLE_SOURCE_GOOGLE_CREDENTIALS_JSON",),
+}
 _REASON_MAX = 200
 
 
@@ -89,8 +103,14 @@ def classify_address(address: IPAddress, allowed: Sequence[IPNetwork] = ()) -> s
             effective = address.ipv4_mapped
         elif address in _NAT64:
             effective = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        elif address in _6TO4:
+            effective = ipaddress.IPv4Address((int(address) >> 80) & 0xFFFFFFFF)
+        elif address in _TEREDO:
+            effective = ipaddress.IPv4Address(~int(address) & 0xFFFFFFFF)
     if any(address in net or effective in net for net in allowed):
         return None
+    if address in _SITE_LOCAL:
+        return "site-local"
     checks = (
         ("unspecified", effective.is_unspecified),
         ("loopback", effective.is_loopback),
@@ -271,17 +291,29 @@ def _short(text: str) -> str:
 # --- object stores and pod paths ------------------------------------------------------------------------------
 
 
+def source_storage_options(scheme: str, env: Mapping[str, str] | None = None) -> dict[str, object]:
+    """fsspec options for a user's s3/gs source: the board's own credentials, or anonymous access."""
+    env = os.environ if env is None else env
+    if scheme == "s3":
+        key, secret = (env.get(name, "") for name in SOURCE_CREDENTIAL_ENV["s3"])
+        return {"key": key, "secret": secret} if key and secret else {"anon": True}
+    token = env.get(SOURCE_CREDENTIAL_ENV["gs"][0], "")
+    return {"token": json.loads(token)} if token else {"token": "anon"}
+
+
 def _fetch_object(source: str, scheme: str, max_bytes: int) -> bytes:
-    """Read an s3:// or gs:// object with fsspec; credentials come from the pod (IRSA, workload identity, env)."""
+    """Read an s3:// or gs:// object with fsspec, with the board's credentials or anonymously (never the pod's)."""
     import fsspec
 
     package = OBJECT_STORE_PACKAGES[scheme]
     try:
-        fs = fsspec.get_filesystem_class(scheme)()
+        fs = fsspec.get_filesystem_class(scheme)(**source_storage_options(scheme))
     except ImportError:
         raise FetchError(
             source, f"reading {scheme}:// needs the {package} package, which is not installed (kleinstyle[cloud])"
         ) from None
+    except ValueError as exc:
+        raise FetchError(source, f"bad storage credentials: {_short(str(exc))}") from None
     too_big = f"larger than {max_bytes} bytes"
     try:
         size = fs.size(source)
@@ -303,7 +335,10 @@ def _fetch_object(source: str, scheme: str, max_bytes: int) -> bytes:
 
 
 def _read_pod_file(source: str, max_bytes: int) -> bytes:
-    """Read a file on a volume mounted into the pod; only regular files (not /dev/zero, not a FIFO)."""
+    """Read a file on a volume mounted into the pod; only regular files (not /dev/zero, not a FIFO), and never
+    through '..' (a path must stay inside the volume it names)."""
+    if ".." in PurePosixPath(source).parts:
+        raise FetchError(source, "'..' is not allowed in a path")
     path = local_path(source)
     too_big = f"larger than {max_bytes} bytes"
     try:

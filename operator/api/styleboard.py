@@ -13,6 +13,7 @@ from .common import (
     CommonStatus,
     Model,
     SecretKeySelector,
+    cel,
 )
 
 IMAGE_SOURCE_PATTERN = r"^(https://[^\s/]+/\S*|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/\S+|gs://[a-z0-9][a-z0-9._-]{1,220}/\S+|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/\S+)$"
@@ -20,6 +21,19 @@ IMAGE_SOURCE_PATTERN = r"^(https://[^\s/]+/\S*|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z
 
 class ReferenceImage(Model):
     """One reference image and, optionally, its content caption."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!self.source.matches('/[.][.](/|$)')",
+                    "'..' path segments are not allowed: a source must stay inside its bucket or volume",
+                    ".source",
+                )
+            ]
+        },
+    )
 
     source: str = Field(
         description=(

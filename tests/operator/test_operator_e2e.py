@@ -198,3 +198,20 @@ async def test_operator_restarts_never_duplicate_children(root: Path):
         for plural, names in kids.items():
             # Each child was POSTed once: no duplicate, not even a create attempt answered 409.
             assert cluster.emulator.count_creates(plural, names[0], NS, attempts=True) == 1, plural
+
+
+async def test_a_planted_child_blocks_the_run_instead_of_being_adopted(root: Path):
+    from kleinstyle.operator.runs import KIND_RUNS
+
+    kind_run = KIND_RUNS["StyleBoard"]
+    body = {**copy.deepcopy(BOARD), "metadata": {"name": "bd9", "namespace": NS, "uid": "not-known-yet"}}
+    spec = kind_run.kind.spec.model_validate(BOARD["spec"])
+    name = kind_run.build(kind_run.kind, body, spec, {}, dev_config(root)).name  # names are predictable
+    planted = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": {"runspec.json": "{}"}}
+    async with cluster_for(root, NS) as cluster:
+        await cluster.apply([planted, BOARD])
+        board = await cluster.wait_for(phase_is(cluster, "styleboards", "bd9", "Pending"), timeout=30)
+        await asyncio.sleep(1.0)  # a few resyncs
+        ready = next(c for c in board["status"]["conditions"] if c["type"] == "Ready")
+        assert ready["reason"] == "ChildConflict"
+        assert cluster.emulator.list("jobs", NS) == []

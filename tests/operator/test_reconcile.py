@@ -283,3 +283,49 @@ def test_gpu_job_gets_the_pool_and_kueue_labels():
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H200"}
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert "priorityClassName" not in pod  # Kueue's priority class applies instead
+
+
+def test_a_planted_configmap_is_never_adopted():
+    first = step(board())
+    planted = copy.deepcopy(next(c for c in first.create if c["kind"] == "ConfigMap"))
+    planted["data"]["runspec.json"] = planted["data"]["runspec.json"].replace('"allowed_cidrs": []', '"x": 1')
+    children = [*[c for c in first.create if c["kind"] not in ("ConfigMap", "Job")], planted]
+    decision = step(with_status(board(), first), children=children)
+    assert decision.create == []  # above all, no Job on top of a RunSpec the operator did not write
+    assert decision.status["phase"] == "Pending"
+    cond = next(c for c in decision.status["conditions"] if c["type"] == "JobCreated")
+    assert cond["reason"] == "ChildConflict" and "did not write" in cond["message"]
+
+    stranger = copy.deepcopy(next(c for c in first.create if c["kind"] == "ConfigMap"))
+    stranger["metadata"]["ownerReferences"][0]["uid"] = "someone-else"
+    decision = step(with_status(board(), first), children=[*children[:-1], stranger])
+    assert decision.create == [] and "not controlled by this object" in decision.status["message"]
+
+
+def test_a_failed_run_still_lists_its_rejected_images():
+    first = step(board())
+    job = _job(first, failed=1, conditions=[{"type": "Failed", "status": "True", "reason": "PodFailurePolicy"}])
+    body = with_status(board(), first)
+    rejected = [{"source": "pvc://refs/bd9/01.png", "reason": "too small"}]
+    body["status"]["progress"] = {"runHash": first.status["runHash"], "result": {"accepted": [], "rejected": rejected}}
+    decision = step(body, children=[*first.create[:-1], job])
+    assert decision.status["phase"] == "Failed"
+    assert decision.status["rejected"] == rejected and decision.status["datasetURI"] is None
+
+
+def test_a_new_run_clears_the_previous_runs_results():
+    body = with_status(board(generation=2, triggerWord="other"), step(board()))
+    body["status"].update(imagesAccepted=8, datasetURI="pvc://old/dataset", rejected=[{"source": "a", "reason": "b"}])
+    decision = step(body)
+    assert decision.status["imagesAccepted"] is None and decision.status["datasetURI"] is None
+    assert decision.status["rejected"] == []
+
+
+def test_the_dataset_location_comes_from_the_runspec_not_the_pod():
+    first = step(board())
+    job = _job(first, succeeded=1, conditions=[{"type": "Complete", "status": "True"}])
+    body = with_status(board(), first)
+    result = {"accepted": [{"source": "a"}], "dataset_display_uri": "pvc://another-tenant/dataset"}
+    body["status"]["progress"] = {"runHash": first.status["runHash"], "result": result}
+    decision = step(body, children=[*first.create[:-1], job])
+    assert decision.status["datasetURI"] == first.status["artifactURI"] + "/dataset"

@@ -57,6 +57,10 @@ def reason_of(source: str, policy: FetchPolicy = DEFAULT, **kwargs: object) -> s
         ("::ffff:127.0.0.1", (), "loopback"),  # IPv4-mapped
         ("::ffff:169.254.169.254", (), "link-local"),
         ("64:ff9b::a01:203", (), "private"),  # NAT64 of 10.1.2.3
+        ("2002:7f00:1::", (), "loopback"),  # 6to4 wrapping 127.0.0.1
+        ("2002:a9fe:a9fe::", (), "link-local"),  # 6to4 wrapping 169.254.169.254
+        ("2001:0:4136:e378:8000:63bf:5601:fefe", (), "link-local"),  # Teredo, client 169.254.1.1 inverted
+        ("fec0::1", (), "site-local"),
         ("8.8.8.8", (), None),
         ("2001:4860:4860::8888", (), None),
         ("127.0.0.1", ("127.0.0.0/8",), None),
@@ -227,6 +231,28 @@ def test_object_store_through_fsspec(monkeypatch: pytest.MonkeyPatch) -> None:
     assert reason_of("s3://bucket/big.png", FetchPolicy(max_bytes=1000)) == "larger than 1000 bytes"
 
 
+class RecordingS3(FakeS3):
+    options: dict = {}  # type: ignore[type-arg]
+
+    def __init__(self, **options: object) -> None:
+        RecordingS3.options = options
+        super().__init__()
+
+
+def test_object_store_sources_never_use_the_pods_own_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(FSSPEC_REGISTRY, "s3", RecordingS3)
+    monkeypatch.setattr(FakeS3, "store", {})
+    FakeS3().pipe_file("s3://bucket/a.png", BODY)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "artifact-store-key")  # the operator's, for artifacts only
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "artifact-store-secret")
+    assert fetch("s3://bucket/a.png", FetchPolicy()) == BODY
+    assert RecordingS3.options == {"anon": True}
+    monkeypatch.setenv("KLEINSTYLE_SOURCE_AWS_ACCESS_KEY_ID", "board-key")
+    monkeypatch.setenv("KLEINSTYLE_SOURCE_AWS_SECRET_ACCESS_KEY", "board-secret")
+    assert fetch("s3://bucket/a.png", FetchPolicy()) == BODY
+    assert RecordingS3.options == {"key": "board-key", "secret": "board-secret"}
+
+
 def test_missing_object_store_package_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delitem(FSSPEC_REGISTRY, "gs", raising=False)
     monkeypatch.setitem(sys.modules, "gcsfs", None)  # as if not installed
@@ -245,3 +271,4 @@ def test_pod_paths_go_through_the_rootfs(rootfs: Path) -> None:
     assert reason_of("/boards/big.png", FetchPolicy(max_bytes=1000)) == "larger than 1000 bytes"
     assert reason_of("/boards/missing.png").startswith("no such file in the pod")
     assert reason_of("/boards") == "not a regular file"
+    assert reason_of("/boards/../boards/a.png") == "'..' is not allowed in a path"
