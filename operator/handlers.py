@@ -24,8 +24,8 @@ from .api import GROUP, KINDS, VERSION
 from .config import OperatorConfig
 from .kube import Kube
 from .naming import OWNER_UID, owner_labels, selector
-from .reconcile import Observed, blocked, foreign_child, reconcile
-from .runs import KIND_RUNS
+from .reconcile import Observed, blocked, foreign_child, job_failed, reconcile
+from .runs import KIND_RUNS, NotReady, check_dependencies
 
 CHILD_KINDS = ("ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Job")
 TERMINAL = ("Succeeded", "Failed")
@@ -42,20 +42,24 @@ def settled(body: Any) -> bool:
 
 
 async def observe(kube: Kube, body: Any) -> Observed:
+    """Read what reconcile needs, and no more: children only once the dependencies are ready, pods only when a
+    Job failed (for the pod's reason)."""
     meta = body["metadata"]
     namespace, kind = meta["namespace"], body["kind"]
-    spec_model = KIND_RUNS[kind].kind.spec
     deps_wanted: list = []
     with contextlib.suppress(ValueError):  # an invalid spec is reported by reconcile
-        deps_wanted = KIND_RUNS[kind].dependencies(spec_model.model_validate(body.get("spec") or {}))
+        deps_wanted = KIND_RUNS[kind].dependencies(KIND_RUNS[kind].kind.spec.model_validate(body.get("spec") or {}))
+    found = await asyncio.gather(*(kube.get(d.kind, namespace, d.name) for d in deps_wanted))
+    dependencies = {(d.kind, d.name): obj for d, obj in zip(deps_wanted, found, strict=True)}
+    try:
+        check_dependencies(deps_wanted, dependencies)
+    except NotReady:
+        return Observed(body=dict(body), dependencies=dependencies)
     labels = selector({OWNER_UID: meta["uid"]})
-    dep_results, child_lists, pods = await asyncio.gather(
-        asyncio.gather(*(kube.get(d.kind, namespace, d.name) for d in deps_wanted)),
-        asyncio.gather(*(kube.list(k, namespace, labels) for k in CHILD_KINDS)),
-        kube.list("Pod", namespace, labels),
-    )
-    dependencies = {(d.kind, d.name): obj for d, obj in zip(deps_wanted, dep_results, strict=True)}
-    children = [child for group in child_lists for child in group]
+    groups = await asyncio.gather(*(kube.list(k, namespace, labels) for k in CHILD_KINDS))
+    children = [child for group in groups for child in group]
+    failed = any(c["kind"] == "Job" and job_failed(c) for c in children)
+    pods = await kube.list("Pod", namespace, labels) if failed else []
     return Observed(body=dict(body), dependencies=dependencies, children=children, pods=pods)
 
 
@@ -133,7 +137,10 @@ async def delete_resource(body: Any, memo: Any, logger: Any, **_: Any) -> None:
         return
     folder = Path(root) / meta["namespace"] / body["kind"].lower() / meta["name"] / meta["uid"]
     await asyncio.to_thread(shutil.rmtree, folder, True)
-    logger.info(f"deleted artifacts in {folder}")
+    if folder.exists():
+        kopf.warn(body, reason="ArtifactsKept", message=f"could not delete all artifacts in {folder}")
+    else:
+        logger.info(f"deleted artifacts in {folder}")
 
 
 def register(registry: kopf.OperatorRegistry, resync_seconds: float) -> None:

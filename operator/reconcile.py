@@ -70,6 +70,10 @@ def _job_condition(job: Mapping[str, Any], type_: str) -> Mapping[str, Any] | No
     return None
 
 
+def job_failed(job: Mapping[str, Any]) -> bool:
+    return _job_condition(job, "Failed") is not None
+
+
 def pod_failure_reason(pods: Sequence[Mapping[str, Any]]) -> str | None:
     """The newest failed pod's reason, exit code and termination message, for a Failed status."""
     failed = []

@@ -186,9 +186,13 @@ async def test_operator_restarts_never_duplicate_children(root: Path):
         # Restart between child creations: a healthy operator takes over.
         await cluster.stop_operator()
         await cluster.start_operator(partial(embedded_operator, dev_config(root), NS))
+
+        # Restart as soon as every child exists, while the Job is still pending or running.
+        await cluster.wait_for(lambda: cluster.emulator.list("jobs", NS), timeout=30)
+        await cluster.restart_operator()
         done = await cluster.wait_for(phase_is(cluster, "styleboards", "bd9", "Succeeded"), timeout=60)
 
-        # Restart after every child exists, and let it resync a few times.
+        # And once more after it finished, letting it resync a few times.
         await cluster.restart_operator()
         await asyncio.sleep(2.0)
         assert (await cluster.get("styleboards", NS, "bd9"))["status"]["phase"] == "Succeeded"
