@@ -1,0 +1,34 @@
+"""A TEST DOUBLE of ai-toolkit's `run.py`: it follows ai-toolkit's file and log conventions (tqdm progress redrawn
+with carriage returns, `{training_folder}/{name}/{name}_{step:09d}.safetensors` checkpoints, resume from the newest
+one) without training anything. Config names ending in -oom or -nomodel make it fail the way ai-toolkit does."""
+
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+config = yaml.safe_load(Path(sys.argv[1]).read_text())
+name = config["config"]["name"]
+process = config["config"]["process"][0]
+steps, every = process["train"]["steps"], process["save"]["save_every"]
+folder = Path(process["training_folder"]) / name
+folder.mkdir(parents=True, exist_ok=True)
+if name.endswith("-nomodel"):
+    print(f"OSError: {process['model']['name_or_path']} is not a local folder and is not a valid model identifier")
+    sys.exit(1)
+done = sorted(int(p.stem.rsplit("_", 1)[1]) for p in folder.glob(f"{name}_*.safetensors"))
+start = done[-1] if done else 0
+for step in range(start + 1, steps + 1):
+    loss = 1.0 / step
+    bar = f"{name}:  {100 * step // steps}%|###| {step}/{steps}"
+    sys.stdout.write(f"\r{bar} [00:01<00:02, 9.9it/s, lr: 1.0e-04 loss: {loss:.3e}]")
+    sys.stdout.flush()
+    if name.endswith("-oom") and step == 3:
+        print("\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+        sys.exit(1)
+    if step % every == 0:
+        (folder / f"{name}_{step:09d}.safetensors").write_bytes(b"lora")
+    time.sleep(0.002)
+(folder / f"{name}.safetensors").write_bytes(b"lora")
+print("\nDone")
