@@ -1,0 +1,108 @@
+"""Facts about the FLUX.2 [klein] architecture in diffusers that the trainer and the generator share.
+
+Kept apart from the trainer so that generation, fusion and the ai-toolkit backend name blocks and text-encoder
+layers exactly the way training does (FINDINGS.md, "FLUX.2 [klein] in diffusers").
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+
+from torch import nn
+
+# Klein embeds a prompt as the Qwen3 hidden states of three decoder layers, stacked on the feature axis. The real
+# text encoders (Qwen3-8B for 9B, Qwen3-4B for 4B) have 36 layers and Klein reads layers (9, 18, 27): a quarter, a
+# half and three quarters of the way up. `hidden_states[0]` is the embedding output, so index i is decoder layer i.
+KLEIN_TEXT_ENCODER_LAYERS: tuple[int, int, int] = (9, 18, 27)
+
+DOUBLE_BLOCKS = "transformer_blocks"
+SINGLE_BLOCKS = "single_transformer_blocks"
+
+# The LoRA-targetable linears of each block kind, relative to the block. Klein has no conv layers.
+DOUBLE_BLOCK_LINEARS: tuple[str, ...] = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.linear_in",
+    "ff.linear_out",
+    "ff_context.linear_in",
+    "ff_context.linear_out",
+)
+SINGLE_BLOCK_LINEARS: tuple[str, ...] = ("attn.to_qkv_mlp_proj", "attn.to_out")
+
+NAMED_TARGETS = ("all", "single", "double")
+
+_BLOCK_LINEAR = re.compile(
+    rf"^(?P<kind>{DOUBLE_BLOCKS}|{SINGLE_BLOCKS})\.(?P<index>\d+)\.(?P<linear>.+)$",
+)
+
+
+def text_encoder_layers(num_hidden_layers: int) -> tuple[int, int, int]:
+    """The hidden-state indices Klein stacks for a text encoder with `num_hidden_layers` decoder layers.
+
+    ceil(k * n / 4) for k = 1, 2, 3: exactly (9, 18, 27) for the real 36-layer encoders, and three distinct
+    existing layers for small test encoders ((1, 2, 3) for 3 layers), so the tiny pipeline exercises the same
+    stacking code path. Pass the result as `text_encoder_out_layers` to the pipeline and to prompt encoding.
+    """
+    if num_hidden_layers < 3:
+        raise ValueError(f"Klein stacks three text-encoder layers; this encoder has only {num_hidden_layers}")
+    return tuple(math.ceil(k * num_hidden_layers / 4) for k in (1, 2, 3))  # type: ignore[return-value]
+
+
+def lora_linear_names(transformer: nn.Module) -> list[str]:
+    """Every LoRA-targetable linear of a Klein transformer, by its full diffusers module name, in module order."""
+    names = []
+    for name, module in transformer.named_modules():
+        match = _BLOCK_LINEAR.match(name)
+        if match is None or not isinstance(module, nn.Linear):
+            continue
+        allowed = DOUBLE_BLOCK_LINEARS if match["kind"] == DOUBLE_BLOCKS else SINGLE_BLOCK_LINEARS
+        if match["linear"] in allowed:
+            names.append(name)
+    return names
+
+
+def select_lora_targets(transformer: nn.Module, target: str | Sequence[str]) -> list[str]:
+    """Resolve a target spec to full module names.
+
+    `target` is "all", "single" (single-stream blocks: the "style" blocks on Klein), "double", or a list of
+    diffusers module-name prefixes such as "single_transformer_blocks.3." (keep the trailing dot: without it
+    "single_transformer_blocks.1" also matches 10-19, as in ai-toolkit's substring filters). A prefix that
+    selects nothing is an error, so a FLUX.1 block number or an ai-toolkit name fails loudly instead of
+    silently training nothing.
+    """
+    names = lora_linear_names(transformer)
+    if isinstance(target, str):
+        if target not in NAMED_TARGETS:
+            raise ValueError(f"target must be one of {NAMED_TARGETS} or a list of module-name prefixes, not {target!r}")
+        if target == "all":
+            return names
+        kind = SINGLE_BLOCKS if target == "single" else DOUBLE_BLOCKS
+        return [n for n in names if n.startswith(kind + ".")]
+    return _by_prefixes(names, target)
+
+
+def _by_prefixes(names: list[str], prefixes: Iterable[str]) -> list[str]:
+    prefixes = list(prefixes)
+    if not prefixes:
+        raise ValueError("target prefix list is empty")
+    unmatched = [p for p in prefixes if not any(n.startswith(p) for n in names)]
+    if unmatched:
+        raise ValueError(
+            f"target prefixes {unmatched} match no LoRA-targetable linear; use diffusers names such as "
+            f"'{SINGLE_BLOCKS}.0.' or '{DOUBLE_BLOCKS}.0.' (this model has {_block_counts(names)})"
+        )
+    return [n for n in names if any(n.startswith(p) for p in prefixes)]
+
+
+def _block_counts(names: list[str]) -> str:
+    double = {m["index"] for n in names if (m := _BLOCK_LINEAR.match(n)) and m["kind"] == DOUBLE_BLOCKS}
+    single = {m["index"] for n in names if (m := _BLOCK_LINEAR.match(n)) and m["kind"] == SINGLE_BLOCKS}
+    return f"{len(double)} double-stream and {len(single)} single-stream blocks"

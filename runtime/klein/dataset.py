@@ -1,0 +1,76 @@
+"""Reading an ai-toolkit style dataset folder and assigning aspect-ratio buckets.
+
+Layout (what `prepare` writes and ai-toolkit reads): `NNN.png` (or .jpg/.jpeg/.webp) next to `NNN.txt` holding
+its caption, trigger word included. Buckets keep each image near `resolution`^2 pixels at its own aspect ratio,
+instead of square-cropping away composition that a style LoRA should learn from.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+# Widest aspect ratio a bucket may have; more extreme images are cropped to it.
+MAX_ASPECT = 4.0
+
+
+class DatasetError(ValueError):
+    """The dataset folder cannot be trained on (missing, empty, unreadable); the message says why."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: Path
+    caption: str
+
+
+def read_dataset(directory: str | Path) -> list[Sample]:
+    """Samples sorted by file name, so that the order (and so every seeded choice) is stable across runs.
+
+    A missing caption file means an empty caption (trained like a dropped caption), with a warning.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {root} does not exist")
+    samples = []
+    for image in sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+        caption_file = image.with_suffix(".txt")
+        if caption_file.is_file():
+            caption = caption_file.read_text(encoding="utf-8").strip()
+        else:
+            log.warning("no caption file for %s; training it with an empty caption", image.name)
+            caption = ""
+        samples.append(Sample(image=image, caption=caption))
+    if not samples:
+        raise DatasetError(f"dataset folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return samples
+
+
+def bucket_sizes(resolution: int, multiple: int) -> list[tuple[int, int]]:
+    """All (width, height) buckets: sides multiples of `multiple`, area at most `resolution`^2, aspect <= 4:1.
+
+    For each width the height is the largest multiple that keeps the area within budget, as in kohya's and
+    ai-toolkit's bucketing.
+    """
+    if resolution % multiple:
+        raise ValueError(f"resolution {resolution} is not a multiple of the bucket step {multiple}")
+    area = resolution * resolution
+    buckets = set()
+    for width in range(multiple, 2 * resolution + 1, multiple):
+        height = (area // width) // multiple * multiple
+        if height >= multiple and max(width / height, height / width) <= MAX_ASPECT:
+            buckets.add((width, height))
+    return sorted(buckets)
+
+
+def assign_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to `size`'s (in log space, so 2:1 and 1:2 are equally far from
+    1:1); ties go to the larger area."""
+    width, height = size
+    aspect = math.log(width / height)
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - aspect), -b[0] * b[1]))

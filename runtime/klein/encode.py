@@ -1,0 +1,154 @@
+"""Encode a dataset once, before training: captions through Qwen3, images through the VAE.
+
+The training loop then sees only cached tensors, so neither the text encoder (Qwen3-8B for klein 9B) nor the VAE
+sits in memory beside the transformer. Both passes go through the pipeline's own code (`encode_prompt`,
+`image_processor.preprocess`, `_encode_vae_image`), so training sees exactly the embeddings and the normalised
+latents (patchified 2x2, `vae.bn` running statistics) that generation produces.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import Flux2KleinPipeline
+from PIL import Image, ImageOps
+
+from .arch import text_encoder_layers
+from .dataset import Sample, assign_bucket, bucket_sizes
+
+
+class ModelDirError(FileNotFoundError):
+    """The model directory is missing or is not a diffusers Klein pipeline."""
+
+
+@dataclass
+class EncodedDataset:
+    """Everything the loop needs, per sample index: latents (1, 4C, h, w) and the caption's embedding (1, L, D).
+
+    `buckets` maps (width, height) in pixels to the sample indices that share it; a batch never mixes buckets.
+    `empty` is the embedding of the empty prompt, used when caption dropout fires (the whole caption, trigger
+    word included, is dropped) and by the pipeline as the CFG negative.
+    """
+
+    latents: list[torch.Tensor]
+    captions: list[torch.Tensor]
+    empty: torch.Tensor
+    buckets: dict[tuple[int, int], list[int]] = field(default_factory=dict)
+    text_layers: tuple[int, ...] = ()
+
+    def caption_for(self, index: int, dropped: bool) -> torch.Tensor:
+        """The embedding sample `index` trains with: its caption's, or the empty prompt's when dropped."""
+        return self.empty if dropped else self.captions[index]
+
+
+def check_model_dir(model_dir: str | Path) -> Path:
+    path = Path(model_dir)
+    if not (path / "model_index.json").is_file():
+        raise ModelDirError(f"no diffusers pipeline at {path} (model_index.json missing)")
+    return path
+
+
+def encode_dataset(
+    model_dir: str | Path,
+    samples: Sequence[Sample],
+    *,
+    resolution: int,
+    bucket_multiple: int,
+    max_sequence_length: int,
+    layers: Sequence[int] | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> EncodedDataset:
+    """Encode captions, then images, loading each encoder only for its own pass and freeing it afterwards."""
+    model_dir = check_model_dir(model_dir)
+    captions, empty, used_layers = encode_captions(
+        model_dir,
+        [s.caption for s in samples],
+        layers=layers,
+        max_sequence_length=max_sequence_length,
+        device=device,
+        dtype=dtype,
+    )
+    latents, buckets = encode_images(
+        model_dir, samples, resolution=resolution, multiple=bucket_multiple, device=device, dtype=dtype
+    )
+    return EncodedDataset(latents=latents, captions=captions, empty=empty, buckets=buckets, text_layers=used_layers)
+
+
+@torch.no_grad()
+def encode_captions(
+    model_dir: Path,
+    captions: Sequence[str],
+    *,
+    layers: Sequence[int] | None,
+    max_sequence_length: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[list[torch.Tensor], torch.Tensor, tuple[int, ...]]:
+    """Per-caption embeddings (identical captions share one tensor), the empty prompt's, and the layers used."""
+    pipe = Flux2KleinPipeline.from_pretrained(model_dir, transformer=None, vae=None, dtype=dtype).to(device)
+    try:
+        used = tuple(layers) if layers else text_encoder_layers(pipe.text_encoder.config.num_hidden_layers)
+        cache: dict[str, torch.Tensor] = {}
+        for caption in ["", *captions]:
+            if caption not in cache:
+                embeds, _ = pipe.encode_prompt(
+                    prompt=caption,
+                    device=device,
+                    max_sequence_length=max_sequence_length,
+                    text_encoder_out_layers=used,
+                )
+                cache[caption] = embeds.to(dtype)
+        return [cache[c] for c in captions], cache[""], used
+    finally:
+        del pipe
+        _free_memory()
+
+
+@torch.no_grad()
+def encode_images(
+    model_dir: Path,
+    samples: Sequence[Sample],
+    *,
+    resolution: int,
+    multiple: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[list[torch.Tensor], dict[tuple[int, int], list[int]]]:
+    """Normalised packed-ready latents per sample, each at its bucket's size, and the bucket membership."""
+    pipe = Flux2KleinPipeline.from_pretrained(
+        model_dir, transformer=None, text_encoder=None, tokenizer=None, dtype=dtype
+    ).to(device)
+    try:
+        pixel_multiple = pipe.vae_scale_factor * 2  # VAE downsampling x 2x2 patchify
+        if multiple % pixel_multiple:
+            raise ValueError(f"bucket step {multiple} must be a multiple of {pixel_multiple} for this VAE")
+        sizes = bucket_sizes(resolution, multiple)
+        latents: list[torch.Tensor] = []
+        buckets: dict[tuple[int, int], list[int]] = {}
+        for index, sample in enumerate(samples):
+            image = _load_rgb(sample.image)
+            width, height = assign_bucket(image.size, sizes)
+            pixels = pipe.image_processor.preprocess(image, height=height, width=width, resize_mode="crop")
+            latent = pipe._encode_vae_image(pixels.to(device=device, dtype=dtype), generator=None)
+            latents.append(latent.to(dtype))
+            buckets.setdefault((width, height), []).append(index)
+        return latents, buckets
+    finally:
+        del pipe
+        _free_memory()
+
+
+def _load_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return ImageOps.exif_transpose(image).convert("RGB")
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,39 @@
+"""The one LoRA file format kleinstyle publishes for FLUX.2 [klein] (issue 3: both backends produce it).
+
+Format `klein-diffusers-v1`:
+- a safetensors file whose keys are diffusers/peft names with the pipeline-component prefix:
+  `transformer.<diffusers module name>.lora_A.weight` (rank x in) and `...lora_B.weight` (out x rank), for example
+  `transformer.single_transformer_blocks.3.attn.to_qkv_mlp_proj.lora_A.weight`;
+- the training scale alpha / rank is **baked into lora_B**, so the update is exactly `B @ A` (alpha = rank,
+  scale 1.0). That is the convention ai-toolkit's Klein LoRAs already follow (FINDINGS: it ignores
+  `linear_alpha`), and the one every loader assumes when a file carries no alpha: diffusers'
+  `Flux2KleinPipeline.load_lora_weights` infers rank from the shapes and sets alpha = rank. No `.alpha` keys.
+- string metadata in the safetensors header: `format=pt` plus `kleinstyle.*` keys (format name, rank, the alpha
+  that was baked in, step, base architecture) for humans and the artifact store; loaders ignore them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+FORMAT_NAME = "klein-diffusers-v1"
+COMPONENT_PREFIX = "transformer."
+
+
+def to_artifact_state_dict(
+    peft_state: Mapping[str, torch.Tensor], *, rank: int, alpha: float, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """Turn peft's adapter state dict (keys without adapter name, as `get_peft_model_state_dict` returns) into
+    the published key set: prefix the component and fold alpha / rank into lora_B."""
+    scale = alpha / rank
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in peft_state.items():
+        if ".lora_A." not in key and ".lora_B." not in key:
+            raise ValueError(f"unexpected key in a LoRA state dict: {key}")
+        value = tensor.detach().to("cpu", torch.float32)
+        if ".lora_B." in key and scale != 1.0:
+            value = value * scale
+        out[COMPONENT_PREFIX + key] = value.to(dtype).contiguous()
+    return out
