@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kleinstyle.runtime.spec import RunSpec
+from kleinstyle.runtime.spec import EXIT_BAD_SPEC, RunSpec
 
 from .config import OperatorConfig
 from .naming import owner_labels, run_labels, run_name, runner_name
@@ -18,8 +18,6 @@ RUNSPEC_KEY = "runspec.json"
 RUNSPEC_DIR = "/etc/kleinstyle"
 REFERENCES_MOUNT = "/references"
 GPU_STEPS = frozenset({"train", "generate"})
-# Exit code the runtime uses for input it can never succeed on (bad dataset, missing model): no retry.
-EXIT_INVALID_INPUT = 2
 
 
 @dataclass(frozen=True)
@@ -224,7 +222,7 @@ def build_job(run: Run, cfg: OperatorConfig) -> dict:
             "rules": [
                 {
                     "action": "FailJob",
-                    "onExitCodes": {"containerName": run.step, "operator": "In", "values": [EXIT_INVALID_INPUT]},
+                    "onExitCodes": {"containerName": run.step, "operator": "In", "values": [EXIT_BAD_SPEC]},
                 },
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
             ]

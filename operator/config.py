@@ -58,6 +58,15 @@ class ArtifactStore(BaseModel):
     credentialsSecret: str | None = None
 
 
+class TrainingLimits(BaseModel):
+    """Caps the operator applies to every StyleLoRA's plan (a shared cluster, the demo); None: no cap."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    maxSteps: int | None = Field(default=None, ge=1)
+    maxResolution: int | None = Field(default=None, ge=64)
+
+
 class OperatorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -89,6 +98,8 @@ class OperatorConfig(BaseModel):
     artifactsLocalPath: str | None = None
     # Port of the Prometheus metrics endpoint; 0 disables it.
     metricsPort: int = 8080
+    # Caps on training plans (steps, resolution); recorded in each plan with the reason.
+    trainingLimits: TrainingLimits = Field(default_factory=TrainingLimits)
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> OperatorConfig:

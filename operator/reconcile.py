@@ -186,7 +186,10 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
     fields["completionTime"] = job_status.get("completionTime")
     conds.append(Condition("JobCreated", "True", "Created", f"Job {run.name}"))
     progress = old_status.get("progress") or {}
-    result = progress.get("result") if progress.get("runHash") == short_hash else None
+    current = progress.get("runHash") == short_hash
+    result = progress.get("result") if current else None
+    if current and kind_run.progress_status and isinstance(progress.get("progress"), Mapping):
+        fields.update(kind_run.progress_status(progress["progress"]))  # live step, loss, ETA; a result overrides
     if result is not None and phase in ("Succeeded", "Failed"):
         # Counts and reasons come from the run; where the artifacts are comes from the RunSpec, never the pod.
         if kind_run.result_status:

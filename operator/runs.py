@@ -143,7 +143,7 @@ def _train(kind: Kind, body: Mapping, spec: StyleLoRASpec, deps: Mapping, cfg: O
         model=spec.model.name,
         model_path=model_path(cfg, spec.model.name),
         mode=spec.mode,
-        plan=plan_training(images, spec_dict),
+        plan=plan_training(images, spec_dict, cfg.trainingLimits.model_dump()),
     )
     run = _run(kind, body, work, cfg, "train", spec.scheduling)
     if backend != "ai-toolkit":
@@ -270,6 +270,69 @@ def _board_result(result: Mapping[str, Any], run: Run) -> dict[str, Any]:
     }
 
 
+def _checkpoint_status(items: Any) -> list[dict[str, Any]]:
+    """Checkpoints as status shows them; URIs the pod reports are shown as given but never used by the operator."""
+    out = []
+    for item in items or []:
+        if isinstance(item, Mapping) and isinstance(item.get("step"), int):
+            loss = item.get("loss")
+            out.append(
+                {
+                    "step": item["step"],
+                    "uri": str(item.get("uri") or ""),
+                    "loss": float(loss) if isinstance(loss, int | float) else None,
+                }
+            )
+    return out
+
+
+def _eta(seconds: Any) -> str | None:
+    if not isinstance(seconds, int | float) or seconds < 0:
+        return None
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def lora_progress_status(progress: Mapping[str, Any]) -> dict[str, Any]:
+    """A StyleLoRA's live status from its run's `status.progress.progress` (step, total, loss, ETA, checkpoints)."""
+    step, total = progress.get("step"), progress.get("totalSteps")
+    fields: dict[str, Any] = {}
+    if isinstance(step, int):
+        fields["step"] = step
+        if isinstance(total, int) and total > 0:
+            fields["totalSteps"] = total
+            fields["progressText"] = f"{step}/{total} ({100 * step // total}%)"
+    if isinstance(progress.get("loss"), int | float):
+        fields["loss"] = float(progress["loss"])
+    if (eta := _eta(progress.get("etaSeconds"))) is not None:
+        fields["eta"] = eta
+    if "checkpoints" in progress:
+        fields["checkpoints"] = _checkpoint_status(progress.get("checkpoints"))
+    return fields
+
+
+def _lora_result(result: Mapping[str, Any], run: Run) -> dict[str, Any]:
+    """The trained LoRA: where it is comes from the RunSpec, never from the pod."""
+    steps, total = result.get("steps"), result.get("total_steps")
+    fields: dict[str, Any] = {
+        "loraURI": f"{run.runspec.output_display_uri}/lora.safetensors",
+        "stopReason": result.get("stop_reason"),
+        "checkpoints": _checkpoint_status(result.get("checkpoints")),
+        "eta": None,
+    }
+    if isinstance(steps, int):
+        fields["step"] = steps
+        total = total if isinstance(total, int) and total > 0 else None
+        if total:
+            fields["totalSteps"] = total
+            fields["progressText"] = f"{steps}/{total} ({100 * steps // total}%)"
+    if isinstance(result.get("final_loss"), int | float):
+        fields["loss"] = float(result["final_loss"])
+    return fields
+
+
 @dataclass(frozen=True)
 class KindRun:
     """How one kind runs: the spec model, its dependencies, its Run and its result's status fields."""
@@ -285,6 +348,8 @@ class KindRun:
     run_status: Callable[[Run], tuple[dict[str, Any], list[str]]] | None = None
     # Which issue brings this step's runtime, for the condition shown while the runtime lacks it.
     arrives_with: str = ""
+    # Status fields from a running run's `status.progress.progress` (the runHash matching), e.g. step and ETA.
+    progress_status: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
 
 
 def _lora_deps(refs: list[LoRAReference]) -> list[Dependency]:
@@ -311,8 +376,20 @@ KIND_RUNS: dict[str, KindRun] = {
         "train",
         lambda s: [Dependency("StyleBoard", s.boardRef.name, "datasetURI")],
         _train,
+        _lora_result,
+        cleared_fields={
+            "step": None,
+            "progressText": None,
+            "loss": None,
+            "eta": None,
+            "checkpoints": [],
+            "bestCheckpoint": None,
+            "loraURI": None,
+            "stopReason": None,
+        },
         run_status=_plan_status,
         arrives_with="training (issue #3)",
+        progress_status=lora_progress_status,
     ),
     "GenerationJob": KindRun(
         BY_KIND["GenerationJob"],

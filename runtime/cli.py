@@ -65,6 +65,12 @@ def _prepare(args: argparse.Namespace) -> int:
     return main(args.spec)
 
 
+def _train(args: argparse.Namespace) -> int:
+    from kleinstyle.runtime.train import main
+
+    return main(args.spec)
+
+
 def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("stylelora", help="StyleLoRA YAML file")
     p.add_argument("--images", type=int, required=True, help="accepted images on the board")
@@ -149,6 +155,7 @@ COMMANDS: dict[str, Command] = {
     "crds": ("print, write or check the CRDs generated from the resource models", _crds_args, _crds),
     "plan": ("print the training plan of a StyleLoRA for a board of N images", _plan_args, _plan),
     "prepare": ("StyleBoard step: fetch, validate and caption the references into a dataset", _spec_args, _prepare),
+    "train": ("StyleLoRA step: train the LoRA of the plan, report progress, publish it", _spec_args, _train),
     "dev-cluster": (
         "run an embedded cluster (API emulator, operator, local Job executor)",
         _dev_cluster_args,

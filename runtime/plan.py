@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -161,8 +162,21 @@ def block_names(target: str, custom: list[str] | None, model: str) -> tuple[str,
     return tuple(names)
 
 
-def plan_training(images: int, spec: dict[str, Any]) -> TrainingPlan:
-    """The plan for a board of `images` accepted references and a StyleLoRA `spec` (the admitted, camelCase dict)."""
+def _capped(item: Planned, cap: int | None, what: str) -> Planned:
+    """`item` held to the operator's cap (its trainingLimits), the cap recorded as the reason."""
+    if cap is None or item.value <= cap:
+        return item
+    why = f"capped at {cap} by the operator's trainingLimits ({what} {item.value}: {item.reason or item.source})"
+    return Planned(value=cap, source="policy", reason=why)
+
+
+def plan_training(images: int, spec: dict[str, Any], limits: Mapping[str, Any] | None = None) -> TrainingPlan:
+    """The plan for a board of `images` accepted references and a StyleLoRA `spec` (the admitted, camelCase dict).
+
+    `limits` (the operator's trainingLimits: maxSteps, maxResolution, None for no cap) bound steps and resolution
+    whatever the policy or the spec says; a capped run checkpoints about every third of its steps.
+    """
+    limits = limits or {}
     if images < 1:
         raise ValueError("the board has no accepted images: nothing to train on")
     training = spec.get("training") or {}
@@ -197,6 +211,8 @@ def plan_training(images: int, spec: dict[str, Any]) -> TrainingPlan:
     else:
         value, why = planned_steps(rank.value, images)
         steps = Planned(value=value, source="policy", reason=why)
+    uncapped_steps = steps.value
+    steps = _capped(steps, limits.get("maxSteps"), "planned")
     checkpoint_every = (
         Planned(value=training["checkpointEvery"], source="spec", reason="set in spec.training")
         if training.get("checkpointEvery") is not None
@@ -206,6 +222,19 @@ def plan_training(images: int, spec: dict[str, Any]) -> TrainingPlan:
             reason="about 10% of the run; 100 for rank 128 under 10 images",
         )
     )
+    if (
+        steps.value < uncapped_steps
+        and checkpoint_every.source == "policy"
+        and checkpoint_every.value > steps.value // 2
+    ):
+        checkpoint_every = Planned(
+            value=max(1, steps.value // 3), source="policy", reason="a third of the run capped by trainingLimits"
+        )
+    if steps.value < uncapped_steps:
+        warnings.append(f"steps capped at {steps.value} (planned {uncapped_steps}) by the operator's trainingLimits")
+    resolution = _capped(pick("resolution", "resolution"), limits.get("maxResolution"), "planned")
+    if resolution.source == "policy" and "capped" in resolution.reason:
+        warnings.append(f"resolution capped at {resolution.value} px by the operator's trainingLimits")
     target = training.get("targetBlocks") or "all"
     target_blocks = Planned(
         value=target,
@@ -250,7 +279,7 @@ def plan_training(images: int, spec: dict[str, Any]) -> TrainingPlan:
         weight_decay=pick("weightDecay", "weight_decay"),
         steps=steps,
         caption_dropout=pick("captionDropout", "caption_dropout"),
-        resolution=pick("resolution", "resolution"),
+        resolution=resolution,
         scheduler=scheduler,
         noise_scheduler=Planned(value="flowmatch", source="policy", reason="klein is a flow-matching model"),
         target_blocks=target_blocks,

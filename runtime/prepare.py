@@ -29,15 +29,13 @@ from .fetch import FetchError, fetch
 from .images import ImageRejected, ValidImage, hamming, validate_image
 from .paths import local_path
 from .report import api_target, report_progress, write_termination_message
-from .spec import PrepareSpec, RunSpec
+from .spec import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK, PrepareSpec, RunSpec
 
 log = logging.getLogger(__name__)
 
 STEP = "prepare"
 REPORT_FILE = "report.json"
 DATASET_DIR = "dataset"
-# 2 is also what the Job's podFailurePolicy treats as "never retry": input that cannot succeed.
-EXIT_OK, EXIT_FAILED, EXIT_BAD_SPEC = 0, 1, 2
 
 
 class AcceptedImage(BaseModel):

@@ -133,3 +133,31 @@ def write_termination_message(text: str) -> bool:
         log.warning("cannot write the termination message to %s: %s", path, exc)
         return False
     return True
+
+
+def owner_path(owner: Owner) -> str:
+    """The owner object itself, e.g. /apis/kleinstyle.dev/v1alpha1/namespaces/ns/styleloras/l."""
+    return f"/apis/{owner.apiVersion}/namespaces/{owner.namespace}/{owner.plural}/{owner.name}"
+
+
+def read_owner(owner: Owner, *, target: ApiTarget | None = None, timeout_s: float = 10.0) -> dict[str, Any] | None:
+    """GET the owner (to read `status.stopRequest`); None without an API or when the read fails. Never raises."""
+    target = target or api_target()
+    if target is None:
+        return None
+    headers = {"Authorization": f"Bearer {target.token}"} if target.token else {}
+    url = target.base_url + owner_path(owner)
+    try:
+        with httpx.Client(verify=target.verify, timeout=timeout_s, trust_env=False) as client:
+            response = client.get(url, headers=headers)
+    except httpx.HTTPError as exc:
+        log.warning("reading %s failed: %s: %s", url, type(exc).__name__, exc)
+        return None
+    if not response.is_success:
+        log.warning("reading %s failed: HTTP %d", url, response.status_code)
+        return None
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None

@@ -19,10 +19,13 @@ from .plan import TrainingPlan
 RUNSPEC_VERSION = "kleinstyle.dev/runspec-v1"
 # Length of the hash prefix that names a run (its Job, ConfigMap, artifact folder and progress reports).
 RUN_ID_LENGTH = 10
+# Exit codes of every step. 2 = input the run can never succeed on: the Job's podFailurePolicy fails it at once
+# instead of retrying; 1 = a failure a retry may fix.
+EXIT_OK, EXIT_FAILED, EXIT_BAD_SPEC = 0, 1, 2
 
 # Steps this version of the runtime can run. The operator creates a Job only for these; a resource whose step is
 # not here yet waits with a condition saying which issue brings it, instead of a Job that is bound to fail.
-AVAILABLE_STEPS: frozenset[str] = frozenset({"prepare"})
+AVAILABLE_STEPS: frozenset[str] = frozenset({"prepare", "train"})
 
 
 class _Frozen(BaseModel):

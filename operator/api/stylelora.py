@@ -117,6 +117,7 @@ class Checkpoint(BaseModel):
     step: int = Field(description="Training step of the checkpoint.")
     uri: str = Field(description="Where the checkpoint is.")
     score: float | None = Field(default=None, description="Evaluation score (higher is better).")
+    loss: float | None = Field(default=None, description="Training loss at the checkpoint.")
 
 
 class StyleLoRAStatus(CommonStatus):
@@ -131,6 +132,11 @@ class StyleLoRAStatus(CommonStatus):
     bestCheckpoint: int | None = Field(default=None, description="Step of the best checkpoint.")
     loraURI: str | None = Field(default=None, description="The trained LoRA (the best checkpoint).")
     stopReason: str | None = Field(default=None, description="Why training ended.")
+    stopRequest: str | None = Field(
+        default=None,
+        description="Set it (any text, e.g. with kubectl patch --subresource=status) to stop training: the run "
+        "promotes its latest checkpoint to the LoRA and succeeds.",
+    )
     plan: dict[str, Any] | None = Field(
         default=None,
         description="Key values of the training plan and where each came from (policy or spec).",

@@ -2,6 +2,8 @@
 
 The demo applies examples/ and prints each resource's status as it moves, then where every artifact is. Steps the
 runtime has show their real result; steps it lacks show as Pending with the reason, never as a faked success.
+The StyleLoRA trains for real with the builtin backend on a tiny random klein written into the model-cache volume,
+held to a few steps at low resolution by the operator's trainingLimits so it finishes in seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 from kleinstyle.operator import admission, crdgen
 from kleinstyle.operator.api import KINDS
-from kleinstyle.operator.config import ArtifactStore, OperatorConfig
+from kleinstyle.operator.config import ArtifactStore, OperatorConfig, TrainingLimits
 from kleinstyle.operator.main import run_operator
 
 from .cluster import DevCluster
@@ -29,6 +31,8 @@ from .wiring import configure_kopf_for_emulator
 NAMESPACE = "kleinstyle-demo"
 ARTIFACT_CLAIM = "kleinstyle-artifacts"
 REFERENCE_CLAIM = "kleinstyle-references"
+DEMO_MAX_STEPS = 30
+DEMO_MAX_RESOLUTION = 128
 # Shown before the examples: a StyleLoRA the schema refuses, as `kubectl apply` would.
 BAD_LORA = {
     "apiVersion": "kleinstyle.dev/v1alpha1",
@@ -47,7 +51,22 @@ def dev_config(root: Path) -> OperatorConfig:
         metricsPort=0,
         artifacts=ArtifactStore(claimName=ARTIFACT_CLAIM),
         artifactsLocalPath=str(root / "volumes" / ARTIFACT_CLAIM),
+        # The tiny model on a CPU: a handful of steps at low resolution train in seconds.
+        trainingLimits=TrainingLimits(maxSteps=DEMO_MAX_STEPS, maxResolution=DEMO_MAX_RESOLUTION),
     )
+
+
+def write_model_cache(root: Path, model: str = "klein-base-9b") -> Path:
+    """The tiny random klein where the embedded cluster's model-cache volume keeps `model` (kept if present)."""
+    cfg = dev_config(root)
+    target = root / "volumes" / cfg.modelCacheClaim / cfg.modelDirs[model]
+    if not (target / "model_index.json").is_file():
+        from kleinstyle.runtime.klein.tiny import write_tiny_klein
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # "Writing model shards" would open the demo's output
+        write_tiny_klein(target)
+    return target
 
 
 def cluster_for(root: Path, namespace: str, **operator_args: Any) -> DevCluster:
@@ -113,20 +132,24 @@ async def _all(cluster: DevCluster, namespace: str) -> list[dict[str, Any]]:
 def _line(elapsed: float, obj: dict[str, Any]) -> str:
     status = obj.get("status") or {}
     name = f"{obj['kind']}/{obj['metadata']['name']}"
-    return f"[{elapsed:5.1f}s] {name:<26} {status.get('phase') or '-':<10} {status.get('message') or ''}"
+    progress = (
+        f"  [{status['progressText']}]" if status.get("progressText") and status.get("phase") == "Running" else ""
+    )
+    return f"[{elapsed:5.1f}s] {name:<26} {status.get('phase') or '-':<10} {status.get('message') or ''}{progress}"
 
 
 async def watch(cluster: DevCluster, namespace: str, timeout: float, quiet: float = 2.0) -> list[dict[str, Any]]:
     """Print a line whenever a resource's phase or message changes; return the objects once they are settled
     and nothing changed for `quiet` seconds (a Waiting resource may still move when its dependency finishes)."""
     start = last_change = time.monotonic()
-    seen: dict[tuple[str, str], tuple[Any, Any]] = {}
+    seen: dict[tuple[str, str], tuple[Any, ...]] = {}
     while True:
         objs = await _all(cluster, namespace)
         now = time.monotonic()
         for obj in objs:
             status = obj.get("status") or {}
-            key, value = (obj["kind"], obj["metadata"]["name"]), (status.get("phase"), status.get("message"))
+            key = (obj["kind"], obj["metadata"]["name"])
+            value = (status.get("phase"), status.get("message"), status.get("progressText"))
             if value[0] and seen.get(key) != value:  # from its first reconcile on
                 seen[key], last_change = value, now
                 print(_line(now - start, obj), flush=True)
@@ -135,6 +158,10 @@ async def watch(cluster: DevCluster, namespace: str, timeout: float, quiet: floa
         if now - start > timeout:
             raise TimeoutError(f"the resources did not settle within {timeout:.0f}s")
         await asyncio.sleep(0.3)
+
+
+def _num(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, int | float) else "-"
 
 
 def report(root: Path, objs: list[dict[str, Any]]) -> int:
@@ -156,7 +183,19 @@ def report(root: Path, objs: list[dict[str, Any]]) -> int:
             if dataset and Path(dataset).is_dir():
                 files = sorted(p.name for p in Path(dataset).iterdir())
                 print(f"      files: {', '.join(files[:6])}{', ...' if len(files) > 6 else ''}")
-        elif phase in ("Pending", "Waiting"):
+        elif obj["kind"] == "StyleLoRA" and phase == "Succeeded":
+            print(f"    {status.get('message')}")
+            print(
+                f"    trained {status.get('progressText')}, loss {_num(status.get('loss'))}, {status.get('stopReason')}"
+            )
+            print("    checkpoints:")
+            for item in status.get("checkpoints", []):
+                print(
+                    f"      step {item['step']:>4}: loss {_num(item.get('loss'))}  {local_artifact(root, item['uri'])}"
+                )
+            lora = local_artifact(root, status.get("loraURI"))
+            print(f"    LoRA: {status.get('loraURI')}\n      on this machine: {lora}")
+        elif phase in ("Pending", "Waiting", "Failed"):
             print(f"    {status.get('message')}")
         if status.get("artifactURI") and phase in ("Running", "Succeeded", "Failed"):
             print(f"    run artifacts: {local_artifact(root, status['artifactURI'])}")
@@ -168,6 +207,7 @@ async def demo(root: str, examples: str, timeout: float) -> int:
     root_path = Path(root).resolve()
     log_to(root_path)
     write_references(root_path / "volumes" / REFERENCE_CLAIM / "bd9")
+    write_model_cache(root_path)
     docs = load_documents([examples])
     async with cluster_for(root_path, NAMESPACE) as cluster:
         print(f"embedded cluster at {cluster.url}, namespace {NAMESPACE}, files in {root_path}\n")
@@ -195,6 +235,7 @@ async def serve(root: str, namespace: str, apply: list[str]) -> int:
     root_path = Path(root).resolve()
     log_to(root_path)
     write_references(root_path / "volumes" / REFERENCE_CLAIM / "bd9")
+    write_model_cache(root_path)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

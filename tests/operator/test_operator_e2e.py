@@ -19,6 +19,7 @@ from kleinstyle.operator.devcluster.demo import (
     dev_config,
     embedded_operator,
     local_artifact,
+    write_model_cache,
 )
 from kleinstyle.operator.devcluster.references import write_references
 from kleinstyle.operator.kube import Kube
@@ -100,12 +101,27 @@ async def test_board_is_prepared_and_its_status_tells_the_story(root: Path):
         )
         assert sample("kleinstyle_children_created_total", {"kind": "StyleBoard", "child": "Job"}) >= 1
 
-        # The StyleLoRA waits with a reason, then stays Pending because the runtime cannot train yet.
+        # Without a model in the model cache the StyleLoRA's Job fails at once (exit 2), naming what is missing.
         await cluster.apply([LORA])
-        lora = await cluster.wait_for(phase_is(cluster, "styleloras", "bd9-lora", "Pending"), timeout=30)
-        not_available = next(c for c in lora["status"]["conditions"] if c["type"] == "JobCreated")
-        assert not_available["reason"] == "StepNotAvailable"
-        assert children_of(cluster, lora["metadata"]["uid"])["jobs"] == []
+        lora = await cluster.wait_for(phase_is(cluster, "styleloras", "bd9-lora", "Failed"), timeout=60)
+        message = lora["status"]["message"]
+        assert "exit code 2" in message and "model_index.json missing" in message
+
+
+async def test_a_lora_trains_for_real_and_status_points_at_it(root: Path):
+    write_model_cache(root)  # the tiny random klein, where the model-cache volume keeps klein-base-9b
+    async with cluster_for(root, NS) as cluster:
+        await cluster.apply([BOARD, LORA])
+        lora = await cluster.wait_for(phase_is(cluster, "styleloras", "bd9-lora", "Succeeded"), timeout=120)
+        status = lora["status"]
+        limit = dev_config(root).trainingLimits.maxSteps
+        assert status["loraURI"] == f"{status['artifactURI']}/lora.safetensors"
+        assert Path(local_artifact(root, status["loraURI"])).is_file()
+        assert (status["step"], status["totalSteps"], status["stopReason"]) == (limit, limit, "completed")
+        assert status["progressText"] == f"{limit}/{limit} (100%)" and status["loss"] > 0
+        assert [c["step"] for c in status["checkpoints"]] == [10, 20, 30]
+        assert all(Path(local_artifact(root, c["uri"])).is_dir() for c in status["checkpoints"])
+        assert "capped at 30" in status["plan"]["stepsReason"]
 
 
 async def test_a_lora_waits_for_its_board_with_a_condition(root: Path):

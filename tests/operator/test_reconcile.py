@@ -229,25 +229,86 @@ def test_lora_waits_for_its_board(dep, reason):
     assert "bd9" in cond["message"]
 
 
-def test_lora_with_a_ready_board_is_pending_until_the_runtime_can_train():
+def test_lora_with_a_ready_board_creates_its_train_job():
     decision = step(lora(), deps={("StyleBoard", "bd9"): ready_board()})
-    assert [c["kind"] for c in decision.create] == ["ConfigMap"]
-    runspec = decision.create[0]["data"]["runspec.json"]
+    assert [c["kind"] for c in decision.create] == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Job"]
+    cm = next(c for c in decision.create if c["kind"] == "ConfigMap")
+    runspec = cm["data"]["runspec.json"]
     assert '"/artifacts/team-a/styleboard/bd9/uid-board/abc/dataset"' in runspec
     assert '"image_count": 12' in runspec
     assert decision.status["phase"] == "Pending"
-    cond = next(c for c in decision.status["conditions"] if c["type"] == "JobCreated")
-    assert cond["reason"] == "StepNotAvailable" and "issue #3" in cond["message"]
+    assert job_of(decision)["spec"]["template"]["spec"]["containers"][0]["command"][:2] == ["kleinstyle", "train"]
     # The plan is visible before any training: 12 references -> GEM+A, rank 32, max(500, 30 x 12) steps.
     plan = decision.status["plan"]
     assert (plan["variant"], plan["rank"], plan["steps"], plan["fromSpec"]) == ("GEM+A", 32, 500, [])
     assert decision.status["totalSteps"] == 500
     # The operator's default backend is ai-toolkit: its config travels beside the RunSpec.
-    config = yaml.safe_load(decision.create[0]["data"]["aitoolkit.yaml"])
+    config = yaml.safe_load(cm["data"]["aitoolkit.yaml"])
     process = config["config"]["process"][0]
     assert process["network"]["linear"] == 32 and process["train"]["steps"] == 500
     assert process["datasets"][0]["folder_path"] == "/artifacts/team-a/styleboard/bd9/uid-board/abc/dataset"
     assert process["model"]["name_or_path"] == "/models/FLUX.2-klein-base-9B"
+
+
+def _running_lora(progress: dict) -> tuple[dict, object, list[dict]]:
+    """A StyleLoRA whose Job runs (or ran) and whose status carries `progress` for the current run."""
+    deps = {("StyleBoard", "bd9"): ready_board()}
+    first = step(lora(), deps=deps)
+    body = with_status(lora(), first)
+    body["status"]["progress"] = {"runHash": first.status["runHash"], "step": "train", **progress}
+    return body, first, deps
+
+
+def test_a_running_lora_shows_its_progress():
+    checkpoints = [{"step": 50, "uri": "pvc://x/work/checkpoints/step_000050", "loss": 0.4}]
+    live = {"step": 120, "totalSteps": 500, "loss": 0.31, "etaSeconds": 3725, "checkpoints": checkpoints}
+    body, first, deps = _running_lora({"state": "Running", "progress": live})
+    job = _job(first, active=1)
+    decision = step(body, children=[*first.create[:-1], job], deps=deps)
+    status = decision.status
+    assert status["phase"] == "Running"
+    assert (status["step"], status["totalSteps"], status["progressText"]) == (120, 500, "120/500 (24%)")
+    assert (status["loss"], status["eta"]) == (0.31, "1h02m")
+    assert status["checkpoints"] == [{"step": 50, "uri": "pvc://x/work/checkpoints/step_000050", "loss": 0.4}]
+    assert "loraURI" not in status
+
+    # Progress of another run (an older spec) is never shown as this run's.
+    body["status"]["progress"]["runHash"] = "0000000000"
+    assert "progressText" not in step(body, children=[*first.create[:-1], job], deps=deps).status
+
+
+def test_a_finished_lora_points_at_its_run_and_says_why_it_stopped():
+    result = {
+        "lora_file": "pvc://somewhere/else/lora.safetensors",  # never trusted
+        "steps": 200,
+        "total_steps": 500,
+        "final_loss": 0.25,
+        "checkpoints": [{"step": 100, "uri": "pvc://x/a", "loss": 0.3}, {"step": 200, "uri": "pvc://x/b"}],
+        "stopped_early": True,
+        "stop_reason": "stop requested",
+    }
+    body, first, deps = _running_lora({"state": "Succeeded", "result": result, "progress": {"step": 230}})
+    job = _job(first, succeeded=1, conditions=[{"type": "Complete", "status": "True"}])
+    status = step(body, children=[*first.create[:-1], job], deps=deps).status
+    assert status["phase"] == "Succeeded"
+    assert status["loraURI"] == f"{first.status['artifactURI']}/lora.safetensors"
+    assert (status["step"], status["progressText"], status["loss"]) == (200, "200/500 (40%)", 0.25)
+    assert status["stopReason"] == "stop requested" and status["eta"] is None
+    assert [c["step"] for c in status["checkpoints"]] == [100, 200] and status["checkpoints"][1]["loss"] is None
+
+
+def test_training_limits_cap_the_plan():
+    from kleinstyle.operator.config import TrainingLimits
+
+    capped = CFG.model_copy(update={"trainingLimits": TrainingLimits(maxSteps=30, maxResolution=128)})
+    body = lora(training={"steps": 2000, "resolution": 1024})
+    decision = reconcile(Observed(body=body, dependencies={("StyleBoard", "bd9"): ready_board()}), capped, NOW)
+    plan = decision.status["plan"]
+    assert (plan["steps"], plan["resolution"], decision.status["totalSteps"]) == (30, 128, 30)
+    assert "capped at 30 by the operator's trainingLimits" in plan["stepsReason"]
+    assert plan["checkpointEvery"] == 10
+    warning = next(c for c in decision.status["conditions"] if c["type"] == "Warning")
+    assert "capped" in warning["message"]
 
 
 def test_lora_plan_warnings_become_a_condition():

@@ -1,0 +1,276 @@
+"""`kleinstyle train` on the tiny klein in a pod filesystem: the plan mapped to the builtin trainer, progress reports
+to a recording API stand-in, a stop request that promotes a checkpoint, and bad input that exits 2."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import yaml
+from kleinstyle.runtime import train
+from kleinstyle.runtime.plan import plan_training
+from kleinstyle.runtime.spec import Owner, RunSpec, TrainSpec
+from safetensors.torch import load_file
+
+if TYPE_CHECKING:
+    from conftest import KubeApi
+
+OWNER = Owner(kind="StyleLoRA", plural="styleloras", namespace="team-a", name="wc-lora", uid="uid-2")
+OWNER_PATH = "/apis/kleinstyle.dev/v1alpha1/namespaces/team-a/styleloras/wc-lora"
+OUTPUT = "/artifacts/team-a/stylelora/wc-lora/uid-2/abc"
+DISPLAY = "pvc://kleinstyle-artifacts/team-a/stylelora/wc-lora/uid-2/abc"
+SPEC_PATH = "/etc/kleinstyle/runspec.json"
+QUICK = {
+    "rank": 16,
+    "steps": 6,
+    "checkpointEvery": 2,
+    "resolution": 64,
+    "optimizer": "adamw",
+    "learningRate": 1e-2,
+    "captionDropout": 0.0,
+}
+
+
+# --- pure mapping ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("block", "prefix"),
+    [
+        ("double_blocks.0", "transformer_blocks.0."),
+        ("double_blocks.7", "transformer_blocks.7."),
+        ("single_blocks.1", "single_transformer_blocks.1."),
+        ("single_blocks.23", "single_transformer_blocks.23."),
+    ],
+)
+def test_bfl_block_names_map_to_diffusers_prefixes(block: str, prefix: str) -> None:
+    assert train.diffusers_prefix(block) == prefix
+
+
+@pytest.mark.parametrize("block", ["blocks.1", "single_blocks", "single_blocks.x", "transformer_blocks.1"])
+def test_unknown_block_names_are_bad_input(block: str) -> None:
+    with pytest.raises(train.BadInput):
+        train.diffusers_prefix(block)
+
+
+def test_plan_maps_to_train_settings() -> None:
+    plan = plan_training(12, {"training": {"alpha": 16, "seed": 7}})
+    cfg = train.train_settings(plan)
+    v = plan.values()
+    assert (cfg.rank, cfg.alpha, cfg.optimizer, cfg.steps) == (32, 16.0, "adafactor", v["steps"])
+    assert (cfg.learning_rate, cfg.weight_decay, cfg.scheduler) == (1e-4, 1e-4, "cosine")
+    assert (cfg.caption_dropout, cfg.resolution, cfg.checkpoint_every, cfg.seed) == (
+        0.05,
+        1024,
+        v["checkpoint_every"],
+        7,
+    )
+    assert cfg.target == "all"  # a name, so it fits every klein size
+
+    custom = plan_training(
+        12, {"training": {"targetBlocks": "custom", "blocks": ["single_blocks.1", "double_blocks.3"]}}
+    )
+    assert train.train_settings(custom).target == ("single_transformer_blocks.1.", "transformer_blocks.3.")
+    assert train.train_settings(plan_training(12, {"training": {"targetBlocks": "single"}})).target == "single"
+
+
+# --- the step on the tiny model ----------------------------------------------------------------------------------
+
+
+def runspec(rootfs: Path, tiny_klein: Path, dataset: Path, **training: Any) -> str:
+    models = rootfs / "models"
+    models.mkdir(exist_ok=True)
+    if not (models / "tiny").exists():
+        (models / "tiny").symlink_to(tiny_klein, target_is_directory=True)
+    data = rootfs / "artifacts" / "data"
+    if not data.exists():
+        data.parent.mkdir(parents=True, exist_ok=True)
+        data.symlink_to(dataset, target_is_directory=True)
+    plan = plan_training(2, {"backend": "builtin", "training": {**QUICK, **training}})
+    spec = RunSpec(
+        owner=OWNER,
+        output_uri=OUTPUT,
+        output_display_uri=DISPLAY,
+        work=TrainSpec(
+            dataset_uri="/artifacts/data",
+            trigger_word="tokstyle",
+            image_count=2,
+            backend="builtin",
+            model_path="/models/tiny",
+            plan=plan,
+        ),
+    )
+    path = rootfs / SPEC_PATH.lstrip("/")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(spec.to_json())
+    (rootfs / "dev").mkdir(exist_ok=True)
+    return SPEC_PATH
+
+
+def serve_owner(kube_api: KubeApi, stop_when: Callable[[], bool] = lambda: False) -> None:
+    """GET of the owner answers with `status.stopRequest` once `stop_when()`; PATCH of its status is recorded."""
+    kube_api.serve_status(OWNER_PATH + "/status")
+
+    def handle(request: BaseHTTPRequestHandler) -> None:
+        body = json.dumps({"kind": "StyleLoRA", "status": {"stopRequest": "enough" if stop_when() else None}})
+        request.send_response(200)
+        request.send_header("Content-Type", "application/json")
+        request.send_header("Content-Length", str(len(body)))
+        request.end_headers()
+        request.wfile.write(body.encode())
+
+    kube_api.server.routes[OWNER_PATH] = handle
+
+
+def progress_reports(kube_api: KubeApi) -> list[dict[str, Any]]:
+    return [p.json()["status"]["progress"] for p in kube_api.patches]  # type: ignore[index]
+
+
+def output(rootfs: Path) -> Path:
+    return rootfs / OUTPUT.lstrip("/")
+
+
+def test_train_publishes_the_lora_and_reports_progress(
+    rootfs: Path, kube_api: KubeApi, tiny_klein: Path, two_images: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(train, "REPORT_INTERVAL_S", 0.0)
+    serve_owner(kube_api)
+    assert train.main(runspec(rootfs, tiny_klein, two_images)) == 0
+
+    lora = load_file(output(rootfs) / "lora.safetensors")
+    assert lora and all(k.startswith("transformer.") for k in lora)
+    sidecar = json.loads((output(rootfs) / "lora.json").read_text())
+    assert (sidecar["backend"], sidecar["trained_steps"], sidecar["uri"]) == (
+        "builtin",
+        6,
+        f"{DISPLAY}/lora.safetensors",
+    )
+    assert sidecar["plan_hash"] and sidecar["runspec_hash"]
+    assert sorted(p.name for p in (output(rootfs) / "work" / "checkpoints").iterdir()) == [
+        "step_000002",
+        "step_000004",
+        "step_000006",
+    ]
+
+    reports = progress_reports(kube_api)
+    assert {r["step"] for r in reports} == {"train"} and len({r["runHash"] for r in reports}) == 1
+    assert reports[0]["state"] == "Running" and reports[-1]["state"] == "Succeeded"
+    steps = [r["progress"]["step"] for r in reports if r["state"] == "Running"]
+    assert steps == sorted(steps) and max(steps) == 6
+    live = next(r["progress"] for r in reports if r["progress"]["step"] == 3)
+    assert live["totalSteps"] == 6 and live["loss"] > 0 and live["secondsPerStep"] > 0 and live["etaSeconds"] >= 0
+    assert [c["step"] for c in live["checkpoints"]] == [2]
+    result = reports[-1]["result"]
+    assert result["lora_file"] == f"{DISPLAY}/lora.safetensors"
+    assert (result["steps"], result["stopped_early"], result["stop_reason"]) == (6, False, "completed")
+    assert [c["step"] for c in result["checkpoints"]] == [2, 4, 6]
+    assert result["checkpoints"][0]["uri"] == f"{DISPLAY}/work/checkpoints/step_000002"
+    assert (rootfs / "dev/termination-log").read_text().startswith("trained 6 steps")
+
+
+def test_a_stop_request_promotes_the_latest_checkpoint(
+    rootfs: Path, kube_api: KubeApi, tiny_klein: Path, two_images: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(train, "STOP_POLL_S", 0.0)
+
+    def checkpointed() -> bool:
+        return any(r.get("progress", {}).get("checkpoints") for r in progress_reports(kube_api))
+
+    serve_owner(kube_api, checkpointed)
+    assert train.main(runspec(rootfs, tiny_klein, two_images)) == 0
+
+    final = progress_reports(kube_api)[-1]
+    assert final["state"] == "Succeeded"
+    result = final["result"]
+    assert (result["steps"], result["stopped_early"], result["stop_reason"]) == (2, True, "stop requested")
+    promoted = load_file(output(rootfs) / "lora.safetensors")
+    checkpoint = load_file(output(rootfs) / "work/checkpoints/step_000002/lora.safetensors")
+    assert promoted.keys() == checkpoint.keys()
+    assert all((promoted[k] == checkpoint[k]).all() for k in promoted)
+    assert not (output(rootfs) / "work/checkpoints/step_000006").exists()
+
+
+def test_bad_input_exits_2_with_a_clear_message(
+    rootfs: Path, kube_api: KubeApi, tiny_klein: Path, tmp_path: Path
+) -> None:
+    serve_owner(kube_api)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert train.main(runspec(rootfs, tiny_klein, empty)) == 2
+    message = (rootfs / "dev/termination-log").read_text()
+    assert "bad input" in message and "holds no images" in message
+    assert progress_reports(kube_api)[-1]["state"] == "Failed"
+
+
+def test_a_target_naming_no_layer_exits_2(rootfs: Path, tiny_klein: Path, two_images: Path) -> None:
+    spec = runspec(rootfs, tiny_klein, two_images, targetBlocks="custom", blocks=["single_blocks.20"])
+    assert train.main(spec) == 2
+    assert "match no LoRA-targetable linear" in (rootfs / "dev/termination-log").read_text()
+
+
+def test_a_missing_model_exits_2(rootfs: Path, tiny_klein: Path, two_images: Path) -> None:
+    spec = runspec(rootfs, tiny_klein, two_images)
+    (rootfs / "models" / "tiny").unlink()
+    assert train.main(spec) == 2
+    assert "model_index.json missing" in (rootfs / "dev/termination-log").read_text()
+
+
+# --- the ai-toolkit backend, against the test double of ai-toolkit's run.py ---------------------------------------
+
+DOUBLE = Path(__file__).parents[1] / "data" / "aitoolkit_double"
+
+
+def aitoolkit_runspec(rootfs: Path, name: str) -> str:
+    from kleinstyle.runtime.aitoolkit import aitoolkit_config
+
+    plan = plan_training(12, {"training": {"steps": 20, "checkpointEvery": 5}})
+    spec = RunSpec(
+        owner=OWNER,
+        output_uri=OUTPUT,
+        output_display_uri=DISPLAY,
+        work=TrainSpec(
+            dataset_uri="/artifacts/data",
+            trigger_word="tokstyle",
+            image_count=12,
+            backend="ai-toolkit",
+            model_path="/models/klein",
+            plan=plan,
+        ),
+    )
+    config = aitoolkit_config(
+        plan,
+        name=name,
+        dataset_dir="/artifacts/data",
+        training_folder=f"{OUTPUT}/work/aitoolkit",
+        trigger_word="tokstyle",
+        model_path="/models/klein",
+    )
+    etc = rootfs / "etc/kleinstyle"
+    etc.mkdir(parents=True, exist_ok=True)
+    (etc / "runspec.json").write_text(spec.to_json())
+    (etc / "aitoolkit.yaml").write_text(yaml.safe_dump(config))
+    (rootfs / "dev").mkdir(exist_ok=True)
+    return SPEC_PATH
+
+
+def test_aitoolkit_backend_publishes_its_final_file(
+    rootfs: Path, kube_api: KubeApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AI_TOOLKIT_DIR", str(DOUBLE))
+    serve_owner(kube_api)
+    assert train.main(aitoolkit_runspec(rootfs, "wc-lora")) == 0
+    assert (output(rootfs) / "lora.safetensors").read_bytes() == b"lora"
+    result = progress_reports(kube_api)[-1]["result"]
+    assert (result["steps"], result["stop_reason"]) == (20, "completed")
+    assert [c["step"] for c in result["checkpoints"]] == [5, 10, 15, 20]
+    assert result["checkpoints"][0]["uri"] == f"{DISPLAY}/work/aitoolkit/wc-lora/wc-lora_000000005.safetensors"
+
+
+def test_aitoolkit_failures_are_named(rootfs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AI_TOOLKIT_DIR", str(DOUBLE))
+    assert train.main(aitoolkit_runspec(rootfs, "wc-nomodel")) == 2
+    assert (rootfs / "dev/termination-log").read_text().startswith("ModelMissing")
