@@ -386,6 +386,7 @@ KIND_RUNS: dict[str, KindRun] = {
             "bestCheckpoint": None,
             "loraURI": None,
             "stopReason": None,
+            "stopRequest": None,  # a stop asked of an earlier run is not one for this run
         },
         run_status=_plan_status,
         arrives_with="training (issue #3)",

@@ -2,7 +2,7 @@
 
 Output under the run's `output_uri` (a path on the artifact volume):
     work/                       the backend's working folder: checkpoints (builtin: work/checkpoints/step_NNNNNN/,
-                                ai-toolkit: work/aitoolkit/NAME/), kept on the volume so a restarted pod resumes
+                                ai-toolkit: aitoolkit/NAME/), kept on the volume so a restarted pod resumes
     lora.safetensors            the published LoRA (copied atomically: staged name, then rename)
     lora.json                   its sidecar: step, loss, plan hash, backend, versions, RunSpec hash
 Policy, decided here:
@@ -177,8 +177,11 @@ class Reporter:
             return False
         self._last_poll = now
         owner = read_owner(self.spec.owner)
-        request = ((owner or {}).get("status") or {}).get("stopRequest")
-        if request:
+        status = (owner or {}).get("status") or {}
+        request = status.get("stopRequest")
+        # The operator clears stopRequest in the same write that moves runHash to a new run, so a request is this
+        # run's only while runHash names it: a stop left from an earlier run never stops this one.
+        if request and status.get("runHash") == self.spec.run_id():
             log.info("stop requested: %s", request)
             self.stop_requested = True
         return self.stop_requested
@@ -255,7 +258,7 @@ def _check_builtin_input(work: TrainSpec, target: str | tuple[str, ...]) -> None
 
 def run_builtin(spec: RunSpec, reporter: Reporter) -> tuple[int, str, dict[str, Any] | None]:
     """(exit code, message, result) of a builtin training run."""
-    from .klein.lora_train import StepInfo, train_lora
+    from .klein.lora_train import ResumeError, StepInfo, train_lora
 
     work = spec.work
     assert isinstance(work, TrainSpec)
@@ -277,16 +280,19 @@ def run_builtin(spec: RunSpec, reporter: Reporter) -> tuple[int, str, dict[str, 
     def on_checkpoint(step: int, path: Path, loss: float) -> None:
         reporter.on_checkpoint(step, _display(spec, work_dir, path), loss)
 
-    result = train_lora(
-        local_path(work.model_path),
-        local_path(work.dataset_uri),
-        work_dir,
-        cfg,
-        on_checkpoint=on_checkpoint,
-        should_stop=reporter.should_stop,
-        on_step=on_step,
-        handle_sigterm=True,
-    )
+    try:
+        result = train_lora(
+            local_path(work.model_path),
+            local_path(work.dataset_uri),
+            work_dir,
+            cfg,
+            on_checkpoint=on_checkpoint,
+            should_stop=reporter.should_stop,
+            on_step=on_step,
+            handle_sigterm=True,
+        )
+    except ResumeError as exc:  # the work folder holds another plan's checkpoints: a retry cannot fix that
+        raise BadInput(str(exc)) from exc
     from .klein import checkpoints as ckpt
 
     # Checkpoints from an earlier pod of this run (a resume) belong in the list too.

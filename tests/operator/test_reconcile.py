@@ -390,3 +390,11 @@ def test_the_dataset_location_comes_from_the_runspec_not_the_pod():
     body["status"]["progress"] = {"runHash": first.status["runHash"], "result": result}
     decision = step(body, children=[*first.create[:-1], job])
     assert decision.status["datasetURI"] == first.status["artifactURI"] + "/dataset"
+
+
+def test_a_new_training_run_clears_an_earlier_stop_request():
+    body = lora()
+    body["status"] = {"runHash": "an-earlier-run", "stopRequest": "enough", "loraURI": "pvc://old/lora.safetensors"}
+    decision = step(body, deps={("StyleBoard", "bd9"): ready_board()})
+    assert decision.status["stopRequest"] is None and decision.status["loraURI"] is None
+    assert decision.status["runHash"] != "an-earlier-run"

@@ -111,12 +111,14 @@ def runspec(rootfs: Path, tiny_klein: Path, dataset: Path, **training: Any) -> s
     return SPEC_PATH
 
 
-def serve_owner(kube_api: KubeApi, stop_when: Callable[[], bool] = lambda: False) -> None:
-    """GET of the owner answers with `status.stopRequest` once `stop_when()`; PATCH of its status is recorded."""
+def serve_owner(kube_api: KubeApi, stop_when: Callable[[], bool] = lambda: False, run_hash: str = "") -> None:
+    """GET of the owner answers with `status.stopRequest` once `stop_when()` (and `status.runHash`, which the
+    operator writes); PATCH of its status is recorded."""
     kube_api.serve_status(OWNER_PATH + "/status")
 
     def handle(request: BaseHTTPRequestHandler) -> None:
-        body = json.dumps({"kind": "StyleLoRA", "status": {"stopRequest": "enough" if stop_when() else None}})
+        status = {"stopRequest": "enough" if stop_when() else None, "runHash": run_hash}
+        body = json.dumps({"kind": "StyleLoRA", "status": status})
         request.send_response(200)
         request.send_header("Content-Type", "application/json")
         request.send_header("Content-Length", str(len(body)))
@@ -180,8 +182,10 @@ def test_a_stop_request_promotes_the_latest_checkpoint(
     def checkpointed() -> bool:
         return any(r.get("progress", {}).get("checkpoints") for r in progress_reports(kube_api))
 
-    serve_owner(kube_api, checkpointed)
-    assert train.main(runspec(rootfs, tiny_klein, two_images)) == 0
+    spec_path = runspec(rootfs, tiny_klein, two_images)
+    run_id = RunSpec.from_json((rootfs / spec_path.lstrip("/")).read_text()).run_id()
+    serve_owner(kube_api, checkpointed, run_hash=run_id)
+    assert train.main(spec_path) == 0
 
     final = progress_reports(kube_api)[-1]
     assert final["state"] == "Succeeded"
@@ -192,6 +196,15 @@ def test_a_stop_request_promotes_the_latest_checkpoint(
     assert promoted.keys() == checkpoint.keys()
     assert all((promoted[k] == checkpoint[k]).all() for k in promoted)
     assert not (output(rootfs) / "work/checkpoints/step_000006").exists()
+
+
+def test_a_stop_request_left_from_an_earlier_run_is_ignored(
+    rootfs: Path, kube_api: KubeApi, tiny_klein: Path, two_images: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(train, "STOP_POLL_S", 0.0)
+    serve_owner(kube_api, lambda: True, run_hash="an-earlier-run")
+    assert train.main(runspec(rootfs, tiny_klein, two_images)) == 0
+    assert progress_reports(kube_api)[-1]["result"]["stop_reason"] == "completed"
 
 
 def test_bad_input_exits_2_with_a_clear_message(
