@@ -362,6 +362,8 @@ def run_aitoolkit(spec: RunSpec, reporter: Reporter) -> tuple[int, str, dict[str
 
     from . import aitoolkit_run
 
+    if is_object_store(spec.output_uri):
+        raise BadInput("ai-toolkit trains into a folder on the artifact volume (a PVC), not an object store")
     source = local_path(AITOOLKIT_CONFIG)
     if not source.is_file():
         raise BadInput(f"the ai-toolkit config {AITOOLKIT_CONFIG} is missing from the run's ConfigMap")
