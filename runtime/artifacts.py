@@ -121,7 +121,7 @@ class ArtifactDir:
                     self.discard()
                     return False
                 raise
-        _fsync_dir(final.parent)
+        fsync_path(final.parent)
         return True
 
     def _publish_remote(self) -> bool:
@@ -167,7 +167,7 @@ def write_json_atomic(uri: str, obj: object) -> None:
         os.replace(temporary, final)
     finally:
         temporary.unlink(missing_ok=True)
-    _fsync_dir(final.parent)
+    fsync_path(final.parent)
 
 
 def read_json(uri: str) -> Any | None:
@@ -223,7 +223,8 @@ def _write_durably(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder by path (a folder's fsync makes a rename inside it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

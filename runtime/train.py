@@ -16,7 +16,6 @@ Policy, decided here:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
@@ -26,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .artifacts import join_uri
+from .artifacts import join_uri, write_json_atomic
 from .paths import is_object_store, local_path
 from .plan import TrainingPlan
 from .report import api_target, read_owner, report_progress, write_termination_message
@@ -201,15 +200,6 @@ def _atomic_copy(source: Path, target: Path) -> None:
         staging.unlink(missing_ok=True)
 
 
-def _atomic_write(target: Path, text: str) -> None:
-    staging = target.with_name(f".{target.name}.tmp-{secrets.token_hex(6)}")
-    try:
-        staging.write_text(text, encoding="utf-8")
-        os.replace(staging, target)
-    finally:
-        staging.unlink(missing_ok=True)
-
-
 def publish_lora(spec: RunSpec, source: Path, info: dict[str, Any]) -> str:
     """Copy `source` to `{output_uri}/lora.safetensors` with its sidecar; return the display URI."""
     from .artifacts import kleinstyle_version
@@ -232,7 +222,7 @@ def publish_lora(spec: RunSpec, source: Path, info: dict[str, Any]) -> str:
         **info,
     }
     _atomic_copy(source, out / LORA_FILE)
-    _atomic_write(out / LORA_SIDECAR, json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
+    write_json_atomic(join_uri(spec.output_uri, LORA_SIDECAR), sidecar)
     return sidecar["uri"]
 
 
@@ -381,7 +371,7 @@ def run_aitoolkit(spec: RunSpec, reporter: Reporter) -> tuple[int, str, dict[str
     work_dir.mkdir(parents=True, exist_ok=True)
     training_folder.mkdir(parents=True, exist_ok=True)
     config_path = work_dir / "aitoolkit.yaml"
-    _atomic_write(config_path, yaml.safe_dump(config, sort_keys=False))
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")  # rewritten by every pod
     seen: set[int] = set()
 
     def on_progress(progress: aitoolkit_run.Progress) -> None:

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from ..artifacts import fsync_path
+
 CHECKPOINTS = "checkpoints"
 LORA_FILE = "lora.safetensors"
 STATE_FILE = "training_state.pt"
@@ -84,11 +86,11 @@ def write_checkpoint(
         torch.save(dict(training_state), staging / STATE_FILE)
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
         for name in _REQUIRED:
-            _fsync(staging / name)
+            fsync_path(staging / name)
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
-        _fsync(final.parent)
+        fsync_path(final.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return final
@@ -108,7 +110,7 @@ def publish_copy(source: Path, target: Path) -> Path:
     staging = target.with_name(f".{target.name}.tmp-{secrets.token_hex(6)}")
     try:
         shutil.copyfile(source, staging)
-        _fsync(staging)
+        fsync_path(staging)
         os.replace(staging, target)
     finally:
         staging.unlink(missing_ok=True)
@@ -123,11 +125,3 @@ def library_versions() -> dict[str, str]:
         except importlib_metadata.PackageNotFoundError:
             versions[name] = "unknown"
     return versions
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
