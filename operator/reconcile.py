@@ -153,8 +153,11 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
         "jobName": run.name if available else None,
         "artifactURI": run.runspec.output_display_uri,
     }
+    # Result fields are rewritten on every reconcile, from this run's result or empty: a value left by an older
+    # run, or written by a pod (RBAC cannot narrow its status patch to `progress`), never stands.
+    fields.update(kind_run.cleared_fields)
     if old_status.get("runHash") != short_hash:
-        fields.update(kind_run.cleared_fields)  # a new run: the previous run's results no longer describe it
+        fields.update(kind_run.new_run_fields)
     conds = [Condition("DependenciesReady", "True", "Ready", "all dependencies are Succeeded")]
     warnings: list[str] = []
     if kind_run.run_status:

@@ -342,8 +342,10 @@ class KindRun:
     dependencies: Callable[[Any], list[Dependency]]
     build: Callable[[Kind, Mapping, Any, Mapping, OperatorConfig], Run]
     result_status: Callable[[Mapping[str, Any], Run], dict[str, Any]] | None = None
-    # Result fields reset when a new run starts, so status never shows an older run's outcome as the current one.
+    # Result fields, rewritten on every reconcile from the current run's result or emptied.
     cleared_fields: Mapping[str, Any] = field(default_factory=dict)
+    # Fields reset only when a new run starts (e.g. a request the user made of the run before).
+    new_run_fields: Mapping[str, Any] = field(default_factory=dict)
     # Status fields (and warnings) known as soon as the run is planned, before any Job runs.
     run_status: Callable[[Run], tuple[dict[str, Any], list[str]]] | None = None
     # Which issue brings this step's runtime, for the condition shown while the runtime lacks it.
@@ -386,8 +388,8 @@ KIND_RUNS: dict[str, KindRun] = {
             "bestCheckpoint": None,
             "loraURI": None,
             "stopReason": None,
-            "stopRequest": None,  # a stop asked of an earlier run is not one for this run
         },
+        new_run_fields={"stopRequest": None},  # a stop asked of an earlier run is not one for this run
         run_status=_plan_status,
         arrives_with="training (issue #3)",
         progress_status=lora_progress_status,

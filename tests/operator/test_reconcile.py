@@ -270,11 +270,11 @@ def test_a_running_lora_shows_its_progress():
     assert (status["step"], status["totalSteps"], status["progressText"]) == (120, 500, "120/500 (24%)")
     assert (status["loss"], status["eta"]) == (0.31, "1h02m")
     assert status["checkpoints"] == [{"step": 50, "uri": "pvc://x/work/checkpoints/step_000050", "loss": 0.4}]
-    assert "loraURI" not in status
+    assert status.get("loraURI") is None
 
     # Progress of another run (an older spec) is never shown as this run's.
     body["status"]["progress"]["runHash"] = "0000000000"
-    assert "progressText" not in step(body, children=[*first.create[:-1], job], deps=deps).status
+    assert step(body, children=[*first.create[:-1], job], deps=deps).status.get("progressText") is None
 
 
 def test_a_finished_lora_points_at_its_run_and_says_why_it_stopped():
@@ -398,3 +398,20 @@ def test_a_new_training_run_clears_an_earlier_stop_request():
     decision = step(body, deps={("StyleBoard", "bd9"): ready_board()})
     assert decision.status["stopRequest"] is None and decision.status["loraURI"] is None
     assert decision.status["runHash"] != "an-earlier-run"
+
+
+def test_result_fields_written_by_a_pod_do_not_stand():
+    first = step(board())
+    job = _job(first, active=1, startTime=NOW)
+    body = with_status(board(), first)
+    body["status"]["datasetURI"] = "pvc://another-tenant/dataset"  # patched in by the run's ServiceAccount
+    decision = step(body, children=[*first.create[:-1], job])
+    assert decision.status["phase"] == "Running" and decision.status["datasetURI"] is None
+
+
+def test_a_stop_request_stands_while_its_run_runs():
+    checkpoints = [{"step": 50, "uri": "pvc://x/work/checkpoints/step_000050", "loss": 0.4}]
+    body, first, deps = _running_lora({"state": "Running", "progress": {"step": 60, "checkpoints": checkpoints}})
+    body["status"]["stopRequest"] = "enough"
+    decision = step(body, children=[*first.create[:-1], _job(first, active=1)], deps=deps)
+    assert "stopRequest" not in decision.status  # not overwritten: the trainer must still see it
