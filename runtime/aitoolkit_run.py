@@ -8,6 +8,7 @@ conventions into events; it does not import ai-toolkit, which lives in its own v
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -76,6 +77,24 @@ def checkpoints(training_folder: str | Path, name: str) -> list[tuple[int, Path]
         if match := _CHECKPOINT.search(path.name):
             found.append((int(match.group("step")), path))
     return sorted(found)
+
+
+def is_complete(path: str | Path) -> bool:
+    """Whether a .safetensors file is whole: its header parses and the file is exactly as long as the header says.
+
+    ai-toolkit writes checkpoints under their final name and cannot be stopped gracefully, so a checkpoint cut off
+    mid-save looks like any other; promoting one would publish a broken LoRA.
+    """
+    try:
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(size))
+            handle.seek(0, os.SEEK_END)
+            length = handle.tell()
+    except (OSError, ValueError):
+        return False
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    return bool(ends) and length == 8 + size + max(ends)
 
 
 def classify_failure(output_tail: str) -> tuple[str, str]:

@@ -264,6 +264,15 @@ def run_builtin(spec: RunSpec, reporter: Reporter) -> tuple[int, str, dict[str, 
     _check_builtin_input(work, cfg.target)
     work_dir = local_path(join_uri(spec.output_uri, WORK_DIR))
 
+    from .klein import checkpoints as ckpt
+
+    # A restarted pod reports the checkpoints of the pods before it from the start, not only its own.
+    for path in ckpt.list_checkpoints(work_dir):
+        step = int(path.name.split("_")[-1])
+        loss = ckpt.read_metadata(path).get("loss")
+        reporter.checkpoints.append({"step": step, "uri": _display(spec, work_dir, path), "loss": loss})
+        reporter.step = max(reporter.step, step)
+
     def on_step(info: StepInfo) -> None:
         reporter.on_step(info.step, info.total, info.loss, info.lr, info.seconds)
 
@@ -283,14 +292,6 @@ def run_builtin(spec: RunSpec, reporter: Reporter) -> tuple[int, str, dict[str, 
         )
     except ResumeError as exc:  # the work folder holds another plan's checkpoints: a retry cannot fix that
         raise BadInput(str(exc)) from exc
-    from .klein import checkpoints as ckpt
-
-    # Checkpoints from an earlier pod of this run (a resume) belong in the list too.
-    for path in result.checkpoints:
-        step = int(path.name.split("_")[-1])
-        if not any(c["step"] == step for c in reporter.checkpoints):
-            loss = ckpt.read_metadata(path).get("loss")
-            reporter.checkpoints.append({"step": step, "uri": _display(spec, work_dir, path), "loss": loss})
     reporter.checkpoints.sort(key=lambda c: c["step"])
     reporter.step = result.steps_done
     reporter.loss = result.final_loss
@@ -382,27 +383,35 @@ def run_aitoolkit(spec: RunSpec, reporter: Reporter) -> tuple[int, str, dict[str
                 reporter.checkpoints.append({"step": step, "uri": uri, "loss": reporter.loss})
         reporter.on_step(progress.step, progress.total, progress.loss, progress.lr, None)
 
+    total = int(process["train"]["steps"])
+    final = training_folder / name / f"{name}.safetensors"
+    if aitoolkit_run.is_complete(final):  # an earlier pod of this run finished training but not its report
+        log.info("ai-toolkit already finished this run; publishing %s", final)
+        return _finish(spec, reporter, final, total, total, None, "completed", "ai-toolkit")
     outcome = aitoolkit_run.launch(config_path, on_progress=on_progress, should_stop=reporter.should_stop)
-    found = aitoolkit_run.checkpoints(training_folder, name)
+    found = [
+        (step, path)
+        for step, path in aitoolkit_run.checkpoints(training_folder, name)
+        if aitoolkit_run.is_complete(path)
+    ]
     for step, path in found:
         if step not in seen:
             uri = join_uri(spec.output_display_uri, str(path.relative_to(local_path(spec.output_uri))))
             reporter.checkpoints.append({"step": step, "uri": uri, "loss": None})
     reporter.checkpoints.sort(key=lambda c: c["step"])
-    total = int(process["train"]["steps"])
     last_loss = outcome.last.loss if outcome.last else None
     if outcome.stopped:
         if not found:
             return EXIT_BAD_SPEC, "stop requested before ai-toolkit saved a checkpoint: nothing to promote", None
-        step, path = found[-1]
-        return _finish(spec, reporter, path, step, total, last_loss, STOP_REQUESTED, "ai-toolkit")
+        step, path = found[-1]  # the newest complete checkpoint; its loss is the one reported at that step
+        loss = next((c["loss"] for c in reporter.checkpoints if c["step"] == step), None)
+        return _finish(spec, reporter, path, step, total, loss, STOP_REQUESTED, "ai-toolkit")
     if outcome.failure is not None:
         reason, message = outcome.failure
         code = EXIT_BAD_SPEC if reason in ("ModelMissing", "BadDataset") else EXIT_FAILED
         return code, f"{reason}: {message} (ai-toolkit exit code {outcome.exit_code})", None
-    final = training_folder / name / f"{name}.safetensors"
-    if not final.is_file():
-        return EXIT_FAILED, f"ai-toolkit finished without writing {final.name}", None
+    if not aitoolkit_run.is_complete(final):
+        return EXIT_FAILED, f"ai-toolkit finished without a complete {final.name}", None
     return _finish(spec, reporter, final, total, total, last_loss, "completed", "ai-toolkit")
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 from kleinstyle.runtime.aitoolkit import aitoolkit_config
-from kleinstyle.runtime.aitoolkit_run import checkpoints, classify_failure, launch, parse_progress
+from kleinstyle.runtime.aitoolkit_run import checkpoints, classify_failure, is_complete, launch, parse_progress
 from kleinstyle.runtime.plan import plan_training
 
 DOUBLE = Path(__file__).parent / "data" / "aitoolkit_double"
@@ -39,6 +39,15 @@ def test_progress_lines(line, step, total, loss, lr):
     assert (progress.step, progress.total) == (step, total)
     assert progress.loss == pytest.approx(loss) if loss is not None else progress.loss is None
     assert progress.lr == pytest.approx(lr) if lr is not None else progress.lr is None
+
+
+def test_only_whole_safetensors_files_are_complete(tmp_path):
+    header = b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}'
+    whole = len(header).to_bytes(8, "little") + header + bytes(8)
+    for name, data, complete in [("whole", whole, True), ("cut", whole[:-3], False), ("junk", b"lora", False)]:
+        (tmp_path / name).write_bytes(data)
+        assert is_complete(tmp_path / name) is complete, name
+    assert not is_complete(tmp_path / "missing")
 
 
 def test_lines_without_progress_are_ignored():

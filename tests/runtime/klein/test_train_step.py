@@ -198,6 +198,26 @@ def test_a_stop_request_promotes_the_latest_checkpoint(
     assert not (output(rootfs) / "work/checkpoints/step_000006").exists()
 
 
+def test_a_resumed_pod_reports_the_checkpoints_of_the_pods_before_it(
+    rootfs: Path, kube_api: KubeApi, tiny_klein: Path, two_images: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(train, "STOP_POLL_S", 0.0)
+    spec_path = runspec(rootfs, tiny_klein, two_images)
+    run_id = RunSpec.from_json((rootfs / spec_path.lstrip("/")).read_text()).run_id()
+    stop = {"now": True}
+    serve_owner(
+        kube_api,
+        lambda: stop["now"] and bool(progress_reports(kube_api)[-1]["progress"]["checkpoints"]),
+        run_hash=run_id,
+    )
+    assert train.main(spec_path) == 0  # stopped after the step-2 checkpoint
+    stop["now"] = False
+    before = len(progress_reports(kube_api))
+    assert train.main(spec_path) == 0  # the next pod resumes and trains on to step 6
+    later = [r for r in progress_reports(kube_api)[before:] if r["progress"]["step"] >= 3]
+    assert [c["step"] for c in later[0]["progress"]["checkpoints"]][:1] == [2]
+
+
 def test_a_stop_request_left_from_an_earlier_run_is_ignored(
     rootfs: Path, kube_api: KubeApi, tiny_klein: Path, two_images: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -275,12 +295,36 @@ def test_aitoolkit_backend_publishes_its_final_file(
 ) -> None:
     monkeypatch.setenv("AI_TOOLKIT_DIR", str(DOUBLE))
     serve_owner(kube_api)
-    assert train.main(aitoolkit_runspec(rootfs, "wc-lora")) == 0
-    assert (output(rootfs) / "lora.safetensors").read_bytes() == b"lora"
+    spec_path = aitoolkit_runspec(rootfs, "wc-lora")
+    assert train.main(spec_path) == 0
+    final = output(rootfs) / "work/aitoolkit/wc-lora/wc-lora.safetensors"
+    assert (output(rootfs) / "lora.safetensors").read_bytes() == final.read_bytes()
     result = progress_reports(kube_api)[-1]["result"]
     assert (result["steps"], result["stop_reason"]) == (20, "completed")
     assert [c["step"] for c in result["checkpoints"]] == [5, 10, 15, 20]
     assert result["checkpoints"][0]["uri"] == f"{DISPLAY}/work/aitoolkit/wc-lora/wc-lora_000000005.safetensors"
+
+    # A pod restarted after ai-toolkit finished (its report lost) publishes again without launching it.
+    monkeypatch.setenv("AI_TOOLKIT_DIR", str(rootfs / "no-ai-toolkit-here"))
+    assert train.main(spec_path) == 0
+    assert progress_reports(kube_api)[-1]["state"] == "Succeeded"
+
+
+def test_a_stopped_aitoolkit_run_never_promotes_a_cut_off_checkpoint(
+    rootfs: Path, kube_api: KubeApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AI_TOOLKIT_DIR", str(DOUBLE))
+    monkeypatch.setattr(train, "STOP_POLL_S", 0.0)
+    spec_path = aitoolkit_runspec(rootfs, "wc-truncate")
+    run_id = RunSpec.from_json((rootfs / spec_path.lstrip("/")).read_text()).run_id()
+    folder = output(rootfs) / "work/aitoolkit/wc-truncate"
+    serve_owner(kube_api, lambda: len(list(folder.glob("wc-truncate_*.safetensors"))) >= 2, run_hash=run_id)
+    assert train.main(spec_path) == 0
+    result = progress_reports(kube_api)[-1]["result"]
+    assert result["stop_reason"] == "stop requested" and result["steps"] == 5  # step 10's save was cut off
+    assert (output(rootfs) / "lora.safetensors").read_bytes() == (
+        folder / "wc-truncate_000000005.safetensors"
+    ).read_bytes()
 
 
 def test_aitoolkit_failures_are_named(rootfs: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,12 +1,20 @@
 """A TEST DOUBLE of ai-toolkit's `run.py`: it follows ai-toolkit's file and log conventions (tqdm progress redrawn
 with carriage returns, `{training_folder}/{name}/{name}_{step:09d}.safetensors` checkpoints, resume from the newest
-one) without training anything. Config names ending in -oom or -nomodel make it fail the way ai-toolkit does."""
+one) without training anything. Config names ending in -oom or -nomodel make it fail the way ai-toolkit does;
+-truncate leaves its second checkpoint cut off, as a kill during a save would."""
 
 import sys
 import time
 from pathlib import Path
 
 import yaml
+
+
+def safetensors_bytes() -> bytes:
+    """A real (tiny) .safetensors file: little-endian header length, JSON header, data."""
+    header = b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    return len(header).to_bytes(8, "little") + header + bytes(4)
+
 
 config = yaml.safe_load(Path(sys.argv[1]).read_text())
 name = config["config"]["name"]
@@ -28,7 +36,11 @@ for step in range(start + 1, steps + 1):
         print("\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
         sys.exit(1)
     if step % every == 0:
-        (folder / f"{name}_{step:09d}.safetensors").write_bytes(b"lora")
+        whole = safetensors_bytes()
+        cut = name.endswith("-truncate") and step == 2 * every  # a save cut off by a kill, under the final name
+        (folder / f"{name}_{step:09d}.safetensors").write_bytes(whole[:20] if cut else whole)
+        if cut:
+            time.sleep(30)  # hangs, as a save that is being killed; the launcher's stop interrupts it
     time.sleep(0.002)
-(folder / f"{name}.safetensors").write_bytes(b"lora")
+(folder / f"{name}.safetensors").write_bytes(safetensors_bytes())
 print("\nDone")
