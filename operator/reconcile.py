@@ -30,6 +30,7 @@ from .naming import RUN_HASH
 from .runs import KIND_RUNS, NotReady, check_dependencies
 
 RUN_CHILD_KINDS = ("Job", "ConfigMap")
+RUNNER_KINDS = ("ServiceAccount", "Role", "RoleBinding")
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,10 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
         phase, reason, message = "Running", "AwaitingResult", f"Job {run.name} completed; waiting for its result"
     conds.append(warning_condition(warnings))
     conds.append(Condition("Ready", "True" if phase == "Succeeded" else "False", reason, message))
+    if phase in ("Succeeded", "Failed"):
+        # The run is over: its ServiceAccount may no longer write this object's status (a new run makes another).
+        create = [c for c in create if c["kind"] not in RUNNER_KINDS]
+        delete += [c for c in observed.children if c["kind"] in RUNNER_KINDS]
     decision = finish(phase, reason, message, conds, **fields)
     events = list(decision.events)
     if delete and any(c["kind"] == "Job" for c in delete):

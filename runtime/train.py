@@ -40,6 +40,7 @@ LORA_SIDECAR = "lora.json"
 AITOOLKIT_CONFIG = "/etc/kleinstyle/aitoolkit.yaml"
 REPORT_INTERVAL_S = 2.0
 STOP_POLL_S = 5.0
+STOP_READ_TIMEOUT_S = 2.0
 STOP_REQUESTED = "stop requested"
 
 
@@ -175,7 +176,8 @@ class Reporter:
         if now - self._last_poll < self.stop_poll:
             return False
         self._last_poll = now
-        owner = read_owner(self.spec.owner)
+        # Polled from inside the training loop: a slow API may cost a step a little, never a long stall.
+        owner = read_owner(self.spec.owner, timeout_s=STOP_READ_TIMEOUT_S)
         status = (owner or {}).get("status") or {}
         request = status.get("stopRequest")
         # The operator clears stopRequest in the same write that moves runHash to a new run, so a request is this

@@ -415,3 +415,14 @@ def test_a_stop_request_stands_while_its_run_runs():
     body["status"]["stopRequest"] = "enough"
     decision = step(body, children=[*first.create[:-1], _job(first, active=1)], deps=deps)
     assert "stopRequest" not in decision.status  # not overwritten: the trainer must still see it
+
+
+def test_a_finished_run_takes_away_its_service_accounts_rights():
+    first = step(board())
+    job = _job(first, succeeded=1, conditions=[{"type": "Complete", "status": "True"}])
+    body = with_status(board(), first)
+    body["status"]["progress"] = {"runHash": first.status["runHash"], "result": {"accepted": [{"source": "a"}]}}
+    decision = step(body, children=[*first.create[:-1], job])
+    assert decision.status["phase"] == "Succeeded"
+    assert sorted(c["kind"] for c in decision.delete) == ["Role", "RoleBinding", "ServiceAccount"]
+    assert decision.create == []
