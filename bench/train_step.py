@@ -20,6 +20,8 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -131,14 +133,24 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--cpu", action="store_true", help="the tiny model on the CPU even when a GPU is there")
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one variant, print its row as JSON
     args = parser.parse_args()
     gpu = torch.cuda.is_available() and not args.cpu
+    if args.one:
+        print(json.dumps(asdict(measure(args.one, gpu, args.steps, args.warmup))))
+        return
     machine = torch.cuda.get_device_name() if gpu else f"{platform.processor() or platform.machine()} CPU"
     print(f"{machine}, torch {torch.__version__}\n")
     print("| variant | model | px | s/step | peak GiB | vs 0.84 s (document) |\n| --- | --- | --- | --- | --- | --- |")
     rows = []
     for variant in args.variants.split(","):
-        row = measure(variant, gpu, args.steps, args.warmup)
+        # Each variant in a fresh process: compiled and eager runs in one process crashed inductor (torch 2.11).
+        command = [sys.executable, __file__, "--one", variant, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        done = subprocess.run([*command, *(["--cpu"] if args.cpu else [])], capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"| {variant} | failed: {done.stderr.strip().splitlines()[-1:]} | | | | |", flush=True)
+            continue
+        row = Row(**json.loads(done.stdout.strip().splitlines()[-1]))
         rows.append(row)
         peak = f"{row.peak_gib:.1f}" if row.peak_gib is not None else "-"
         ratio = f"{0.84 / row.seconds_per_step:.2f}x" if gpu else "-"

@@ -90,6 +90,7 @@ def train_settings(plan: TrainingPlan) -> Any:
         target=builtin_target(plan),
         checkpoint_every=int(v["checkpoint_every"]),
         seed=int(v["seed"]),
+        compile_blocks=True,  # on CUDA only
     )
 
 

@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 FINAL_LORA = "lora.safetensors"
 CHECKPOINT_FORMAT = "kleinstyle-klein-checkpoint-v1"
 # Settings that change neither the arithmetic nor the draws: a resumed run may differ in these.
-_RESUME_NEUTRAL = frozenset({"checkpoint_every", "gradient_checkpointing"})
+_RESUME_NEUTRAL = frozenset({"checkpoint_every", "gradient_checkpointing", "compile_blocks"})
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -78,6 +78,9 @@ class TrainSettings:
     checkpoint_every: int = 250
     seed: int = 0
     gradient_checkpointing: bool = False
+    # torch.compile each transformer block on CUDA (bench/train_step.py: 0.551 -> 0.385 s/step for klein 9B on an
+    # H200); ignored on the CPU, where compiling costs more than the few steps of a test gain.
+    compile_blocks: bool = False
     batch_size: int = 1
     timestep_sampling: Literal["sigmoid", "uniform"] = "sigmoid"
     max_grad_norm: float | None = 1.0
@@ -275,6 +278,9 @@ class _Trainer:
         if cfg.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         self.transformer = transformer.to(device).train()
+        if cfg.compile_blocks and torch.device(device).type == "cuda":
+            for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+                block.compile()  # regional: the 32 blocks share two compiled graphs
         self.optimizer, self.optimizer_name = make_optimizer(
             self.params.values(), cfg.optimizer, lr=cfg.learning_rate, weight_decay=cfg.weight_decay
         )

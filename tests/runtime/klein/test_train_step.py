@@ -70,6 +70,7 @@ def test_plan_maps_to_train_settings() -> None:
         7,
     )
     assert cfg.target == "all"  # a name, so it fits every klein size
+    assert cfg.compile_blocks  # on CUDA; the CPU runs in these tests ignore it
 
     custom = plan_training(
         12, {"training": {"targetBlocks": "custom", "blocks": ["single_blocks.1", "double_blocks.3"]}}
