@@ -22,10 +22,11 @@ import yaml
 from cel_expr_python import cel
 from cel_expr_python.ext import ext_strings
 
+from .api import common as api_common
 from .crdgen import build_crds
 
-DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+DNS1123_SUBDOMAIN = re.compile(api_common.DNS1123_SUBDOMAIN)
+DNS1123_LABEL = re.compile(api_common.DNS1123_LABEL)
 SUBDOMAIN_MESSAGE = (
     "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start "
     "and end with an alphanumeric character (e.g. 'example.com', regex used for validation is "
