@@ -65,8 +65,12 @@ def conflict(qualified: str, name: str) -> ApiError:
     )
 
 
-def invalid(kind: str, group: str, name: str, message: str) -> ApiError:
-    return ApiError(422, "Invalid", message, {"name": name, "group": group, "kind": kind})
+def invalid(kind: str, group: str, name: str, message: str, causes: list[dict[str, Any]] | None = None) -> ApiError:
+    """422 Invalid; `causes` ({reason, message, field}) are what kubectl lists under "is invalid:"."""
+    details: dict[str, Any] = {"name": name, "group": group, "kind": kind}
+    if causes:
+        details["causes"] = [{k: c[k] for k in ("reason", "message", "field") if k in c} for c in causes]
+    return ApiError(422, "Invalid", message, details)
 
 
 def bad_request(message: str) -> ApiError:

@@ -339,7 +339,8 @@ class ObjectStore:
             message = getattr(exc, "message", None)
             if message is None:
                 raise
-            raise errors.invalid(kind.kind, kind.group, system.get("name", ""), str(message)) from exc
+            causes = getattr(exc, "causes", None)
+            raise errors.invalid(kind.kind, kind.group, system.get("name", ""), str(message), causes) from exc
         admitted = copy.deepcopy(result) if result is not None else obj
         meta = _meta(admitted)
         for key in (*_SYSTEM_META, "generation"):

@@ -239,3 +239,15 @@ async def test_a_planted_child_blocks_the_run_instead_of_being_adopted(root: Pat
         ready = next(c for c in board["status"]["conditions"] if c["type"] == "Ready")
         assert ready["reason"] == "ChildConflict"
         assert cluster.emulator.list("jobs", NS) == []
+
+
+async def test_bad_yaml_is_refused_at_apply_with_causes_kubectl_lists(root: Path):
+    from kleinstyle.operator.devcluster import ApiError
+
+    bad = copy.deepcopy(LORA)
+    bad["spec"]["training"] = {"rank": 48}
+    async with cluster_for(root, NS) as cluster:
+        with pytest.raises(ApiError) as refused:
+            await cluster.apply([bad])
+    assert refused.value.code == 422 and "spec.training.rank" in refused.value.message
+    assert [c["field"] for c in refused.value.details["causes"]][0] == "spec.training.rank"
