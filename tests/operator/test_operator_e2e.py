@@ -250,4 +250,4 @@ async def test_bad_yaml_is_refused_at_apply_with_causes_kubectl_lists(root: Path
         with pytest.raises(ApiError) as refused:
             await cluster.apply([bad])
     assert refused.value.code == 422 and "spec.training.rank" in refused.value.message
-    assert [c["field"] for c in refused.value.details["causes"]][0] == "spec.training.rank"
+    assert refused.value.details["causes"][0]["field"] == "spec.training.rank"
