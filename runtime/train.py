@@ -1,8 +1,10 @@
 """The StyleLoRA train step: run the plan on a backend, report progress, honour stop requests, publish the LoRA.
 
 Output under the run's `output_uri` (a path on the artifact volume):
-    work/                       the backend's working folder: checkpoints (builtin: work/checkpoints/step_NNNNNN/,
-                                ai-toolkit: aitoolkit/NAME/), kept on the volume so a restarted pod resumes
+    work/                       the builtin backend's checkpoints (work/checkpoints/step_NNNNNN/) and the localised
+                                ai-toolkit config
+    aitoolkit/NAME/             ai-toolkit's own training folder (set by the operator in aitoolkit.yaml)
+                                both on the volume, so a restarted pod resumes
     lora.safetensors            the published LoRA (copied atomically: staged name, then rename)
     lora.json                   its sidecar: step, loss, plan hash, backend, versions, RunSpec hash
 Policy, decided here:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import yaml
 from kleinstyle.runtime import train
-from kleinstyle.runtime.plan import plan_training
+from kleinstyle.runtime.plan import TrainingPlan, plan_training
 from kleinstyle.runtime.spec import Owner, RunSpec, TrainSpec
 from safetensors.torch import load_file
 
@@ -92,6 +92,11 @@ def runspec(rootfs: Path, tiny_klein: Path, dataset: Path, **training: Any) -> s
         data.parent.mkdir(parents=True, exist_ok=True)
         data.symlink_to(dataset, target_is_directory=True)
     plan = plan_training(2, {"backend": "builtin", "training": {**QUICK, **training}})
+    return write_spec(rootfs, plan, "builtin", "/models/tiny")
+
+
+def write_spec(rootfs: Path, plan: TrainingPlan, backend: str, model_path: str) -> str:
+    """A train RunSpec at SPEC_PATH under the rootfs (with a /dev for the termination log); returns SPEC_PATH."""
     spec = RunSpec(
         owner=OWNER,
         output_uri=OUTPUT,
@@ -99,9 +104,9 @@ def runspec(rootfs: Path, tiny_klein: Path, dataset: Path, **training: Any) -> s
         work=TrainSpec(
             dataset_uri="/artifacts/data",
             trigger_word="tokstyle",
-            image_count=2,
-            backend="builtin",
-            model_path="/models/tiny",
+            image_count=plan.images,
+            backend=backend,
+            model_path=model_path,
             plan=plan,
         ),
     )
@@ -110,6 +115,10 @@ def runspec(rootfs: Path, tiny_klein: Path, dataset: Path, **training: Any) -> s
     path.write_text(spec.to_json())
     (rootfs / "dev").mkdir(exist_ok=True)
     return SPEC_PATH
+
+
+def run_id_of(rootfs: Path, spec_path: str) -> str:
+    return RunSpec.from_json((rootfs / spec_path.lstrip("/")).read_text()).run_id()
 
 
 def serve_owner(kube_api: KubeApi, stop_when: Callable[[], bool] = lambda: False, run_hash: str = "") -> None:
@@ -184,7 +193,7 @@ def test_a_stop_request_promotes_the_latest_checkpoint(
         return any(r.get("progress", {}).get("checkpoints") for r in progress_reports(kube_api))
 
     spec_path = runspec(rootfs, tiny_klein, two_images)
-    run_id = RunSpec.from_json((rootfs / spec_path.lstrip("/")).read_text()).run_id()
+    run_id = run_id_of(rootfs, spec_path)
     serve_owner(kube_api, checkpointed, run_hash=run_id)
     assert train.main(spec_path) == 0
 
@@ -204,7 +213,7 @@ def test_a_resumed_pod_reports_the_checkpoints_of_the_pods_before_it(
 ) -> None:
     monkeypatch.setattr(train, "STOP_POLL_S", 0.0)
     spec_path = runspec(rootfs, tiny_klein, two_images)
-    run_id = RunSpec.from_json((rootfs / spec_path.lstrip("/")).read_text()).run_id()
+    run_id = run_id_of(rootfs, spec_path)
     stop = {"now": True}
     serve_owner(
         kube_api,
@@ -262,33 +271,17 @@ def aitoolkit_runspec(rootfs: Path, name: str) -> str:
     from kleinstyle.runtime.aitoolkit import aitoolkit_config
 
     plan = plan_training(12, {"training": {"steps": 20, "checkpointEvery": 5}})
-    spec = RunSpec(
-        owner=OWNER,
-        output_uri=OUTPUT,
-        output_display_uri=DISPLAY,
-        work=TrainSpec(
-            dataset_uri="/artifacts/data",
-            trigger_word="tokstyle",
-            image_count=12,
-            backend="ai-toolkit",
-            model_path="/models/klein",
-            plan=plan,
-        ),
-    )
+    spec_path = write_spec(rootfs, plan, "ai-toolkit", "/models/klein")
     config = aitoolkit_config(
         plan,
         name=name,
         dataset_dir="/artifacts/data",
-        training_folder=f"{OUTPUT}/work/aitoolkit",
+        training_folder=f"{OUTPUT}/aitoolkit",  # where the operator puts it (operator/runs.py)
         trigger_word="tokstyle",
         model_path="/models/klein",
     )
-    etc = rootfs / "etc/kleinstyle"
-    etc.mkdir(parents=True, exist_ok=True)
-    (etc / "runspec.json").write_text(spec.to_json())
-    (etc / "aitoolkit.yaml").write_text(yaml.safe_dump(config))
-    (rootfs / "dev").mkdir(exist_ok=True)
-    return SPEC_PATH
+    (rootfs / "etc/kleinstyle/aitoolkit.yaml").write_text(yaml.safe_dump(config))
+    return spec_path
 
 
 def test_aitoolkit_backend_publishes_its_final_file(
@@ -298,12 +291,12 @@ def test_aitoolkit_backend_publishes_its_final_file(
     serve_owner(kube_api)
     spec_path = aitoolkit_runspec(rootfs, "wc-lora")
     assert train.main(spec_path) == 0
-    final = output(rootfs) / "work/aitoolkit/wc-lora/wc-lora.safetensors"
+    final = output(rootfs) / "aitoolkit/wc-lora/wc-lora.safetensors"
     assert (output(rootfs) / "lora.safetensors").read_bytes() == final.read_bytes()
     result = progress_reports(kube_api)[-1]["result"]
     assert (result["steps"], result["stop_reason"]) == (20, "completed")
     assert [c["step"] for c in result["checkpoints"]] == [5, 10, 15, 20]
-    assert result["checkpoints"][0]["uri"] == f"{DISPLAY}/work/aitoolkit/wc-lora/wc-lora_000000005.safetensors"
+    assert result["checkpoints"][0]["uri"] == f"{DISPLAY}/aitoolkit/wc-lora/wc-lora_000000005.safetensors"
 
     # A pod restarted after ai-toolkit finished (its report lost) publishes again without launching it.
     monkeypatch.setenv("AI_TOOLKIT_DIR", str(rootfs / "no-ai-toolkit-here"))
@@ -317,8 +310,8 @@ def test_a_stopped_aitoolkit_run_never_promotes_a_cut_off_checkpoint(
     monkeypatch.setenv("AI_TOOLKIT_DIR", str(DOUBLE))
     monkeypatch.setattr(train, "STOP_POLL_S", 0.0)
     spec_path = aitoolkit_runspec(rootfs, "wc-truncate")
-    run_id = RunSpec.from_json((rootfs / spec_path.lstrip("/")).read_text()).run_id()
-    folder = output(rootfs) / "work/aitoolkit/wc-truncate"
+    run_id = run_id_of(rootfs, spec_path)
+    folder = output(rootfs) / "aitoolkit/wc-truncate"
     serve_owner(kube_api, lambda: len(list(folder.glob("wc-truncate_*.safetensors"))) >= 2, run_hash=run_id)
     assert train.main(spec_path) == 0
     result = progress_reports(kube_api)[-1]["result"]
