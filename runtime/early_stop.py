@@ -1,0 +1,180 @@
+"""The early-stopping policy: which checkpoint is best, and whether to stop now (pure; no torch).
+
+Loss is a poor guide for klein style LoRAs (FINDINGS: flat loss while the style still improves), so every checkpoint
+is judged by rendered probes, fixed prompts x seeds, each scored three ways (runtime/klein/evaluate.py):
+- style: similarity of the render to the references' style (higher is better);
+- adherence: similarity of the render's content to the base model's render of the same probe (does the LoRA keep
+  drawing what the prompt asks for);
+- leakage: similarity of the render's content to its nearest training image (a LoRA that copies its references).
+Step 0 (the base model) is the baseline for adherence and leakage.
+
+Per probe, J = style - ADHERENCE_WEIGHT * (1 - adherence) - LEAKAGE_WEIGHT * max(0, leakage - baseline leakage).
+A checkpoint whose mean adherence falls under `min_adherence`, or whose mean leakage rises more than `max_leakage_rise`
+over the baseline, is ineligible. Probes are paired across checkpoints (same prompt, same seed), so differences are
+judged against the standard error of paired differences, which is far smaller than the spread of J across probes.
+- best: the earliest eligible checkpoint whose J is within one paired standard error of the top one; an earlier
+  checkpoint is preferred when the data cannot tell them apart, since it has seen fewer steps to overfit with.
+- stop: after `warmup_steps`, when the smoothed J has not beaten its best by one standard error for `patience`
+  evaluations in a row, or when two evaluations in a row are ineligible (the guards failed twice).
+
+The runtime applies this at each evaluation (no API round trip between a checkpoint and the decision) and the
+operator applies the same function to the reported scores for status, so both always agree.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+ADHERENCE_WEIGHT = 0.5
+LEAKAGE_WEIGHT = 1.0
+SMOOTHING_WINDOW = 2  # the smoothed J is the mean J of the last this-many evaluations: one noisy render is no peak
+
+
+@dataclass(frozen=True)
+class StoppingSettings:
+    enabled: bool = True
+    patience: int = 3
+    warmup_steps: int = 0
+    min_adherence: float = 0.3
+    max_leakage_rise: float = 0.25
+
+
+@dataclass(frozen=True)
+class ProbeScores:
+    """One checkpoint's scores, one entry per probe in a fixed probe order (step 0: the base model)."""
+
+    step: int
+    style: tuple[float, ...]
+    adherence: tuple[float, ...]
+    leakage: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not (len(self.style) == len(self.adherence) == len(self.leakage)) or not self.style:
+            raise ValueError(f"checkpoint {self.step}: every score needs one value per probe, and at least one probe")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ProbeScores:
+        return cls(
+            step=int(data["step"]),
+            style=tuple(map(float, data["style"])),
+            adherence=tuple(map(float, data["adherence"])),
+            leakage=tuple(map(float, data["leakage"])),
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "style": list(self.style),
+            "adherence": list(self.adherence),
+            "leakage": list(self.leakage),
+        }
+
+
+@dataclass(frozen=True)
+class Judged:
+    step: int
+    score: float  # mean J over probes
+    eligible: bool
+    why_not: str = ""
+
+
+@dataclass(frozen=True)
+class Decision:
+    best_step: int | None
+    stop: bool
+    reason: str
+    judged: tuple[Judged, ...] = field(default=())
+
+    def score_of(self, step: int) -> float | None:
+        return next((j.score for j in self.judged if j.step == step), None)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def paired_standard_error(a: Sequence[float], b: Sequence[float]) -> float:
+    """Standard error of the mean of the paired differences a_i - b_i (0 with one probe: no spread to measure)."""
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    n = len(diffs)
+    if n < 2:
+        return 0.0
+    mean = _mean(diffs)
+    return math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n)
+
+
+def probe_objective(scores: ProbeScores, baseline: ProbeScores) -> tuple[float, ...]:
+    """J per probe."""
+    if len(scores.style) != len(baseline.style):
+        raise ValueError(f"checkpoint {scores.step} has {len(scores.style)} probes, the baseline {len(baseline.style)}")
+    return tuple(
+        s - ADHERENCE_WEIGHT * (1.0 - a) - LEAKAGE_WEIGHT * max(0.0, lk - lb)
+        for s, a, lk, lb in zip(scores.style, scores.adherence, scores.leakage, baseline.leakage, strict=True)
+    )
+
+
+def _eligibility(scores: ProbeScores, baseline: ProbeScores, settings: StoppingSettings) -> str:
+    adherence = _mean(scores.adherence)
+    if adherence < settings.min_adherence:
+        return f"adherence {adherence:.3f} < {settings.min_adherence}: the LoRA stopped drawing the prompts"
+    rise = _mean(scores.leakage) - _mean(baseline.leakage)
+    if rise > settings.max_leakage_rise:
+        return f"leakage rose {rise:.3f} > {settings.max_leakage_rise} over the base model: it copies its references"
+    return ""
+
+
+def decide(baseline: ProbeScores, checkpoints: Sequence[ProbeScores], settings: StoppingSettings) -> Decision:
+    """Best checkpoint and stop decision for the checkpoints evaluated so far (any order; one entry per step)."""
+    ordered = sorted(checkpoints, key=lambda c: c.step)
+    if not ordered:
+        return Decision(None, False, "no checkpoint evaluated yet")
+    per_probe = {c.step: probe_objective(c, baseline) for c in ordered}
+    judged = []
+    for c in ordered:
+        why_not = _eligibility(c, baseline, settings)
+        judged.append(Judged(c.step, round(_mean(per_probe[c.step]), 6), not why_not, why_not))
+    eligible = [j for j in judged if j.eligible]
+    best = None
+    if eligible:
+        top = max(eligible, key=lambda j: (j.score, -j.step))
+        for j in eligible:  # ascending steps: the first within one paired standard error of the top wins
+            margin = paired_standard_error(per_probe[top.step], per_probe[j.step])
+            if top.score - j.score <= margin:
+                best = j.step
+                break
+    stop, reason = _stop(ordered, judged, per_probe, settings)
+    return Decision(best, stop, reason, tuple(judged))
+
+
+def _stop(
+    ordered: Sequence[ProbeScores],
+    judged: Sequence[Judged],
+    per_probe: dict[int, tuple[float, ...]],
+    settings: StoppingSettings,
+) -> tuple[bool, str]:
+    if not settings.enabled:
+        return False, "early stopping is off"
+    best_smoothed: float | None = None
+    best_probes: tuple[float, ...] | None = None
+    stale = failed = 0
+    for index, (c, j) in enumerate(zip(ordered, judged, strict=True)):
+        window = judged[max(0, index - SMOOTHING_WINDOW + 1) : index + 1]
+        smoothed = _mean([w.score for w in window])
+        failed = 0 if j.eligible else failed + 1
+        if best_smoothed is None:
+            best_smoothed, best_probes = smoothed, per_probe[c.step]
+            continue
+        margin = paired_standard_error(per_probe[c.step], best_probes or per_probe[c.step])
+        if j.eligible and smoothed > best_smoothed + margin:
+            best_smoothed, best_probes, stale = smoothed, per_probe[c.step], 0
+        else:
+            stale += 1
+        if c.step < settings.warmup_steps:
+            continue
+        if failed >= 2:
+            return True, f"step {c.step}: two evaluations in a row failed the guards ({j.why_not})"
+        if stale >= settings.patience:
+            return True, f"step {c.step}: no improvement beyond one standard error for {stale} evaluations"
+    return False, "still improving" if stale == 0 else f"{stale} evaluation(s) without improvement"

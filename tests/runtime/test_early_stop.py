@@ -1,0 +1,99 @@
+"""The early-stopping policy on hand-made score series (orderings and decisions, not magic numbers)."""
+
+import pytest
+from kleinstyle.runtime.early_stop import ProbeScores, StoppingSettings, decide, paired_standard_error
+
+PROBES = 4
+NOISE = (0.01, -0.01, 0.005, -0.005)  # per-probe wobble, the same at every checkpoint (paired probes)
+
+
+def scores(step: int, style: float, adherence: float = 0.9, leakage: float = 0.2, jitter: float = 0.0) -> ProbeScores:
+    wobble = tuple(style + n + (jitter * (i % 2)) for i, n in enumerate(NOISE))
+    return ProbeScores(step, wobble, (adherence,) * PROBES, (leakage,) * PROBES)
+
+
+BASE = scores(0, 0.1, adherence=1.0, leakage=0.2)
+
+
+def test_best_is_the_top_when_it_is_clearly_better():
+    series = [scores(100, 0.3), scores(200, 0.5), scores(300, 0.4)]
+    decision = decide(BASE, series, StoppingSettings(patience=5))
+    assert decision.best_step == 200
+    assert [j.step for j in decision.judged] == [100, 200, 300]
+    assert decision.score_of(200) > decision.score_of(300) > decision.score_of(100)
+
+
+def test_earliest_checkpoint_within_one_standard_error_wins():
+    # 200 and 300 differ by less than the paired spread: the earlier one is preferred.
+    series = [scores(100, 0.3), scores(200, 0.5, jitter=0.04), scores(300, 0.51)]
+    decision = decide(BASE, series, StoppingSettings(patience=5))
+    assert decision.best_step == 200
+
+
+def test_order_of_reports_does_not_matter():
+    series = [scores(300, 0.4), scores(100, 0.3), scores(200, 0.5)]
+    assert decide(BASE, series, StoppingSettings()).best_step == 200
+
+
+def test_a_checkpoint_that_stops_drawing_the_prompt_is_ineligible():
+    series = [scores(100, 0.3), scores(200, 0.9, adherence=0.1)]
+    decision = decide(BASE, series, StoppingSettings(patience=5))
+    assert decision.best_step == 100
+    assert not decision.judged[1].eligible and "adherence" in decision.judged[1].why_not
+
+
+def test_leakage_rise_is_penalised_and_guarded():
+    series = [scores(100, 0.4), scores(200, 0.42, leakage=0.3), scores(300, 0.9, leakage=0.9)]
+    decision = decide(BASE, series, StoppingSettings(patience=5))
+    assert decision.score_of(200) < decision.score_of(100)  # a small rise costs more than the small style gain
+    assert "leakage" in decision.judged[2].why_not
+    assert decision.best_step == 100
+
+
+def test_stops_after_patience_evaluations_without_improvement_past_warmup():
+    # The smoothed J lags the raw one by an evaluation: it peaks at 300, so patience runs out at 600.
+    falling = [0.3, 0.5, 0.45, 0.44, 0.43, 0.42]
+    series = [scores(100 * (i + 1), s) for i, s in enumerate(falling)]
+    settings = StoppingSettings(patience=3, warmup_steps=0)
+    assert not decide(BASE, series[:5], settings).stop
+    decision = decide(BASE, series, settings)
+    assert decision.stop and "no improvement" in decision.reason
+    assert decision.best_step == 200
+
+
+def test_no_stop_during_warmup_or_when_disabled():
+    series = [scores(100, 0.5), scores(200, 0.4), scores(300, 0.4), scores(400, 0.4)]
+    assert decide(BASE, series, StoppingSettings(patience=2, warmup_steps=1000)).stop is False
+    off = decide(BASE, series, StoppingSettings(enabled=False, patience=1))
+    assert off.stop is False and off.best_step == 100
+
+
+def test_guards_failing_twice_stop_the_run():
+    series = [scores(100, 0.3), scores(200, 0.6, adherence=0.1), scores(300, 0.7, adherence=0.05)]
+    decision = decide(BASE, series, StoppingSettings(patience=10))
+    assert decision.stop and "guards" in decision.reason
+    assert decision.best_step == 100
+
+
+def test_steady_improvement_never_stops():
+    series = [scores(100 * i, 0.1 + 0.1 * i) for i in range(1, 8)]
+    decision = decide(BASE, series, StoppingSettings(patience=2))
+    assert not decision.stop and decision.best_step == 700
+
+
+def test_mismatched_probe_counts_are_refused():
+    with pytest.raises(ValueError, match="probes"):
+        decide(BASE, [ProbeScores(100, (0.1,), (0.9,), (0.2,))], StoppingSettings())
+    with pytest.raises(ValueError, match="one value per probe"):
+        ProbeScores(100, (0.1, 0.2), (0.9,), (0.2,))
+
+
+def test_paired_standard_error():
+    assert paired_standard_error([1.0], [0.0]) == 0.0
+    assert paired_standard_error([1.0, 2.0, 3.0], [0.0, 1.0, 2.0]) == 0.0  # a constant shift has no spread
+    assert paired_standard_error([1.0, 3.0], [0.0, 0.0]) == pytest.approx(1.0)
+
+
+def test_round_trip_through_dicts():
+    s = scores(100, 0.3)
+    assert ProbeScores.from_dict(s.to_dict()) == s
