@@ -159,7 +159,11 @@ def write_json_atomic(uri: str, obj: object) -> None:
         fs, path = _filesystem(uri)
         fs.pipe_file(path, data)
         return
-    final = local_path(uri)
+    write_file_atomic(local_path(uri), data)
+
+
+def write_file_atomic(final: Path, data: bytes) -> None:
+    """Replace one local file in a single step: a durable temporary sibling, a rename, the folder fsynced."""
     final.parent.mkdir(parents=True, exist_ok=True)
     temporary = final.parent / f".{final.name}.tmp-{secrets.token_hex(6)}"
     try:

@@ -106,7 +106,7 @@ def encode_captions(
         return [cache[c] for c in captions], cache[""], used
     finally:
         del pipe
-        _free_memory()
+        free_memory()
 
 
 @torch.no_grad()
@@ -131,7 +131,7 @@ def encode_images(
         latents: list[torch.Tensor] = []
         buckets: dict[tuple[int, int], list[int]] = {}
         for index, sample in enumerate(samples):
-            image = _load_rgb(sample.image)
+            image = load_rgb(sample.image)
             width, height = assign_bucket(image.size, sizes)
             pixels = pipe.image_processor.preprocess(image, height=height, width=width, resize_mode="crop")
             latent = pipe._encode_vae_image(pixels.to(device=device, dtype=dtype), generator=None)
@@ -140,15 +140,15 @@ def encode_images(
         return latents, buckets
     finally:
         del pipe
-        _free_memory()
+        free_memory()
 
 
-def _load_rgb(path: Path) -> Image.Image:
+def load_rgb(path: Path) -> Image.Image:
     with Image.open(path) as image:
         return ImageOps.exif_transpose(image).convert("RGB")
 
 
-def _free_memory() -> None:
+def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
