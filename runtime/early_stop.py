@@ -26,6 +26,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .plan import TrainingPlan
 
 ADHERENCE_WEIGHT = 0.5
 LEAKAGE_WEIGHT = 1.0
@@ -39,6 +43,10 @@ class StoppingSettings:
     warmup_steps: int = 0
     min_adherence: float = 0.3
     max_leakage_rise: float = 0.25
+
+    @classmethod
+    def from_plan(cls, plan: TrainingPlan) -> StoppingSettings:
+        return cls(enabled=plan.early_stopping, patience=plan.patience, warmup_steps=plan.warmup_steps)
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,14 @@ class Decision:
 
     def score_of(self, step: int) -> float | None:
         return next((j.score for j in self.judged if j.step == step), None)
+
+
+def decide_reported(evaluation: dict | None, settings: StoppingSettings) -> Decision | None:
+    """`decide` on the `evaluation` a run reports ({"baseline": ..., "checkpoints": [...]}); None without one."""
+    if not evaluation or not evaluation.get("baseline"):
+        return None
+    baseline = ProbeScores.from_dict(evaluation["baseline"])
+    return decide(baseline, [ProbeScores.from_dict(c) for c in evaluation.get("checkpoints") or []], settings)
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -84,6 +84,19 @@ class LoraInput(_Frozen):
     trigger_word: str | None = None
 
 
+class EvaluationSpec(_Frozen):
+    """Checkpoint evaluation (runtime/klein/evaluate.py): `prompts` probe prompts x `seeds` rendered per checkpoint
+    at `size` px with `steps` steps and CFG `guidance`; `embedder_path`: a local image-encoder directory (None: the
+    offline pixel-statistics embedder)."""
+
+    prompts: int = Field(default=4, ge=1, le=4)
+    seeds: int = Field(default=2, ge=1, le=8)
+    size: int = Field(default=512, ge=32, le=1024, multiple_of=16)
+    steps: int = Field(default=20, ge=1, le=100)
+    guidance: float = Field(default=4.0, ge=1.0, le=20.0)
+    embedder_path: str | None = None
+
+
 class TrainSpec(_Frozen):
     step: Literal["train"] = "train"
     dataset_uri: str
@@ -95,6 +108,8 @@ class TrainSpec(_Frozen):
     mode: Literal["standard", "two-step"] = "standard"
     # Every training setting, with where it came from (kleinstyle.runtime.plan).
     plan: TrainingPlan
+    # How checkpoints are scored for early stopping; None when the plan turns early stopping off.
+    evaluation: EvaluationSpec | None = None
 
 
 class GenerateSpec(_Frozen):

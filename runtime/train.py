@@ -7,10 +7,15 @@ Output under the run's `output_uri` (a path on the artifact volume):
                                 both on the volume, so a restarted pod resumes
     lora.safetensors            the published LoRA (copied atomically: staged name, then rename)
     lora.json                   its sidecar: step, loss, plan hash, backend, versions, RunSpec hash
+    work/evaluation/            probe scores per checkpoint (the evaluation cache a restarted pod reads)
 Policy, decided here:
 - Progress goes to `status.progress` at most every `REPORT_INTERVAL_S` seconds, and at once at each checkpoint.
+- With early stopping on (the plan) and an `evaluation` in the RunSpec, every checkpoint is scored by rendered
+  probes and the pure policy in early_stop.py decides the best checkpoint and when to stop; the best checkpoint,
+  not the last, becomes the LoRA.
 - A stop request (`status.stopRequest` of the owner, polled every `STOP_POLL_S` seconds) ends training at the
-  next step; the latest checkpoint becomes the LoRA and the run succeeds with stop_reason "stop requested".
+  next step; the best checkpoint (the latest one without evaluation) becomes the LoRA and the run succeeds with
+  stop_reason "stop requested".
 - SIGTERM (preemption) saves a checkpoint (builtin) and exits 1: the Job's next pod resumes from it.
 - Input that can never succeed (no dataset, no model directory, a target naming no layer, an object-store output
   for the builtin backend) exits 2, which the Job's podFailurePolicy turns into an immediate failure.
@@ -28,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import join_uri, write_json_atomic
+from .early_stop import Decision, StoppingSettings, decide_reported
 from .paths import is_object_store, local_path
 from .plan import TrainingPlan
 from .report import api_target, read_owner, report_progress, write_termination_message
@@ -125,6 +131,9 @@ class Reporter:
         self._last_poll = float("-inf")
         self._last_step_time: float | None = None
         self.stop_requested = False
+        self.stop_reason = STOP_REQUESTED
+        # Probe scores of the base model and of each checkpoint (early_stop.decide_reported reads them).
+        self.evaluation: dict[str, Any] | None = None
 
     def progress(self) -> dict[str, Any]:
         eta = None
@@ -138,6 +147,7 @@ class Reporter:
             "secondsPerStep": None if self.seconds_per_step is None else round(self.seconds_per_step, 4),
             "etaSeconds": eta,
             "checkpoints": list(self.checkpoints),
+            **({"evaluation": self.evaluation} if self.evaluation else {}),
         }
 
     def send(self, state: str, message: str, result: dict[str, Any] | None = None) -> bool:
@@ -172,6 +182,11 @@ class Reporter:
         self.checkpoints.sort(key=lambda c: c["step"])
         self.send("Running", f"step {self.step}/{self.total}; checkpoint at step {step}")
 
+    def request_stop(self, reason: str) -> None:
+        """Stop at the next step for `reason` (early stopping); a stop request in status says STOP_REQUESTED."""
+        if not self.stop_requested:
+            self.stop_requested, self.stop_reason = True, reason
+
     def should_stop(self) -> bool:
         if self.stop_requested:
             return True
@@ -189,6 +204,70 @@ class Reporter:
             log.info("stop requested: %s", request)
             self.stop_requested = True
         return self.stop_requested
+
+
+# --- checkpoint evaluation ------------------------------------------------------------------------------------
+
+
+class Judge:
+    """Scores each checkpoint (runtime/klein/evaluate.py) and applies the early-stopping policy (early_stop.py):
+    the scores go into progress, a stop decision stops training at the next step, and the best checkpoint is the
+    one promoted to the LoRA."""
+
+    def __init__(self, spec: RunSpec, reporter: Reporter) -> None:
+        from .klein.dataset import read_dataset
+        from .klein.evaluate import Evaluator, VisionModelEmbedder
+        from .klein.lora_train import compute_dtype, default_device
+
+        work = spec.work
+        assert isinstance(work, TrainSpec) and work.evaluation is not None
+        self.reporter = reporter
+        self.settings = StoppingSettings.from_plan(work.plan)
+        device = default_device()
+        evaluation = work.evaluation
+        embedder = (
+            VisionModelEmbedder(local_path(evaluation.embedder_path), device=device)
+            if evaluation.embedder_path
+            else None
+        )
+        self.evaluator = Evaluator(
+            local_path(work.model_path),
+            [sample.image for sample in read_dataset(local_path(work.dataset_uri))],
+            work.trigger_word,
+            evaluation,
+            cache_dir=local_path(join_uri(spec.output_uri, WORK_DIR, "evaluation")),
+            text_encoder_layers=train_settings(work.plan).text_encoder_layers,
+            embedder=embedder,
+            device=device,
+            dtype=compute_dtype(device),
+        )
+        baseline = self.evaluator.score(0, None)
+        reporter.evaluation = {"baseline": baseline.to_dict(), "checkpoints": []}
+        self.decision: Decision | None = None
+
+    def judge(self, step: int, lora_file: Path) -> None:
+        """Score the checkpoint of `step`; ask the run to stop when the policy says so."""
+        scores = self.evaluator.score(step, lora_file)
+        evaluation = self.reporter.evaluation
+        assert evaluation is not None
+        evaluation["checkpoints"] = [c for c in evaluation["checkpoints"] if c["step"] != step] + [scores.to_dict()]
+        self.decision = decide_reported(evaluation, self.settings)
+        assert self.decision is not None
+        log.info(
+            "checkpoint %d scored %.4f; best %s; %s",
+            step,
+            self.decision.score_of(step),
+            self.decision.best_step,
+            self.decision.reason,
+        )
+        if self.decision.stop:
+            self.reporter.request_stop(f"early stopping: {self.decision.reason}")
+
+    def best_step(self) -> int | None:
+        return self.decision.best_step if self.decision else None
+
+    def close(self) -> None:
+        self.evaluator.close()
 
 
 # --- publishing --------------------------------------------------------------------------------------------------
@@ -271,17 +350,23 @@ def run_builtin(spec: RunSpec, reporter: Reporter) -> tuple[int, str, dict[str, 
 
     from .klein import checkpoints as ckpt
 
-    # A restarted pod reports the checkpoints of the pods before it from the start, not only its own.
+    judge = Judge(spec, reporter) if work.evaluation is not None and work.plan.early_stopping else None
+    # A restarted pod reports the checkpoints of the pods before it from the start, not only its own (their
+    # scores come from the evaluation cache).
     for path in ckpt.list_checkpoints(work_dir):
         step = int(path.name.split("_")[-1])
         loss = ckpt.read_metadata(path).get("loss")
         reporter.checkpoints.append({"step": step, "uri": _display(spec, work_dir, path), "loss": loss})
         reporter.step = max(reporter.step, step)
+        if judge is not None:
+            judge.judge(step, path / ckpt.LORA_FILE)
 
     def on_step(info: StepInfo) -> None:
         reporter.on_step(info.step, info.total, info.loss, info.lr, info.seconds)
 
     def on_checkpoint(step: int, path: Path, loss: float) -> None:
+        if judge is not None:
+            judge.judge(step, path / ckpt.LORA_FILE)
         reporter.on_checkpoint(step, _display(spec, work_dir, path), loss)
 
     try:
@@ -297,6 +382,9 @@ def run_builtin(spec: RunSpec, reporter: Reporter) -> tuple[int, str, dict[str, 
         )
     except ResumeError as exc:  # the work folder holds another plan's checkpoints: a retry cannot fix that
         raise BadInput(str(exc)) from exc
+    finally:
+        if judge is not None:
+            judge.close()
     reporter.checkpoints.sort(key=lambda c: c["step"])
     reporter.step = result.steps_done
     reporter.loss = result.final_loss
@@ -304,16 +392,31 @@ def run_builtin(spec: RunSpec, reporter: Reporter) -> tuple[int, str, dict[str, 
         message = f"interrupted at step {result.steps_done} of {result.total_steps} (SIGTERM); the next pod resumes"
         reporter.send("Running", message)
         return EXIT_FAILED, message, None
-    if result.stopped_early:
-        if not result.checkpoints:
-            return EXIT_BAD_SPEC, "stop requested before the first step: there is no checkpoint to promote", None
-        source, stop_reason = result.checkpoints[-1] / ckpt.LORA_FILE, STOP_REQUESTED
-        step = int(result.checkpoints[-1].name.split("_")[-1])
-        loss = ckpt.read_metadata(result.checkpoints[-1]).get("loss")
+    if result.stopped_early and not result.checkpoints:
+        return EXIT_BAD_SPEC, "stop requested before the first step: there is no checkpoint to promote", None
+    stop_reason = reporter.stop_reason if result.stopped_early else "completed"
+    best = judge.best_step() if judge is not None else None
+    if best is not None:
+        chosen = ckpt.checkpoint_path(work_dir, best)
+    elif result.stopped_early:
+        chosen = result.checkpoints[-1]
     else:
         assert result.lora_path is not None
-        source, stop_reason, step, loss = result.lora_path, "completed", result.steps_done, result.final_loss
-    return _finish(spec, reporter, source, step, result.total_steps, loss, stop_reason, "builtin")
+        return _finish(
+            spec,
+            reporter,
+            result.lora_path,
+            result.steps_done,
+            result.total_steps,
+            result.final_loss,
+            stop_reason,
+            "builtin",
+        )
+    step = int(chosen.name.split("_")[-1])
+    loss = ckpt.read_metadata(chosen).get("loss")
+    return _finish(
+        spec, reporter, chosen / ckpt.LORA_FILE, step, result.total_steps, loss, stop_reason, "builtin", best
+    )
 
 
 def _finish(
@@ -325,6 +428,7 @@ def _finish(
     loss: float | None,
     stop_reason: str,
     backend: str,
+    best: int | None = None,
 ) -> tuple[int, str, dict[str, Any]]:
     from .artifacts import kleinstyle_version
 
@@ -341,9 +445,13 @@ def _finish(
         "checkpoints": list(reporter.checkpoints),
         "stopped_early": stop_reason != "completed",
         "stop_reason": stop_reason,
+        "best_checkpoint": best,
+        **({"evaluation": reporter.evaluation} if reporter.evaluation else {}),
     }
-    if stop_reason == "completed":
+    if stop_reason == "completed" and step == total:
         message = f"trained {step} steps (loss {_fmt(loss)}); LoRA at {lora_uri}"
+    elif stop_reason == "completed":
+        message = f"trained {total} steps; the best checkpoint, step {step}, is the LoRA at {lora_uri}"
     else:
         message = f"{stop_reason} at step {reporter.step}: promoted the checkpoint of step {step} to {lora_uri}"
     return EXIT_OK, message, result
@@ -379,45 +487,55 @@ def run_aitoolkit(spec: RunSpec, reporter: Reporter) -> tuple[int, str, dict[str
     config_path = work_dir / "aitoolkit.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")  # rewritten by every pod
     seen: set[int] = set()
+    work = spec.work
+    assert isinstance(work, TrainSpec)
+    # Scoring shares the GPU with ai-toolkit (one more bf16 transformer: ~18 GB on klein 9B).
+    judge = Judge(spec, reporter) if work.evaluation is not None and work.plan.early_stopping else None
+    paths: dict[int, Path] = {}
 
     def on_progress(progress: aitoolkit_run.Progress) -> None:
         for step, path in aitoolkit_run.checkpoints(training_folder, name):
-            if step not in seen:
+            if step not in seen and aitoolkit_run.is_complete(path):
                 seen.add(step)
+                paths[step] = path
                 uri = join_uri(spec.output_display_uri, str(path.relative_to(local_path(spec.output_uri))))
+                if judge is not None:
+                    judge.judge(step, path)
                 reporter.checkpoints.append({"step": step, "uri": uri, "loss": reporter.loss})
         reporter.on_step(progress.step, progress.total, progress.loss, progress.lr, None)
 
     total = int(process["train"]["steps"])
     final = training_folder / name / f"{name}.safetensors"
-    if aitoolkit_run.is_complete(final):  # an earlier pod of this run finished training but not its report
-        log.info("ai-toolkit already finished this run; publishing %s", final)
-        return _finish(spec, reporter, final, total, total, None, "completed", "ai-toolkit")
-    outcome = aitoolkit_run.launch(config_path, on_progress=on_progress, should_stop=reporter.should_stop)
-    found = [
-        (step, path)
-        for step, path in aitoolkit_run.checkpoints(training_folder, name)
-        if aitoolkit_run.is_complete(path)
-    ]
-    for step, path in found:
-        if step not in seen:
-            uri = join_uri(spec.output_display_uri, str(path.relative_to(local_path(spec.output_uri))))
-            reporter.checkpoints.append({"step": step, "uri": uri, "loss": None})
+    try:
+        if aitoolkit_run.is_complete(final):  # an earlier pod of this run finished training but not its report
+            log.info("ai-toolkit already finished this run; publishing from %s", final.parent)
+            on_progress(aitoolkit_run.Progress(total, total))
+            outcome = aitoolkit_run.RunOutcome(exit_code=0, stopped=False, last=None, failure=None)
+        else:
+            outcome = aitoolkit_run.launch(config_path, on_progress=on_progress, should_stop=reporter.should_stop)
+            on_progress(outcome.last or aitoolkit_run.Progress(reporter.step, total))  # the last checkpoints
+    finally:
+        if judge is not None:
+            judge.close()
     reporter.checkpoints.sort(key=lambda c: c["step"])
     last_loss = outcome.last.loss if outcome.last else None
+    best = judge.best_step() if judge is not None else None
     if outcome.stopped:
-        if not found:
+        if not paths:
             return EXIT_BAD_SPEC, "stop requested before ai-toolkit saved a checkpoint: nothing to promote", None
-        step, path = found[-1]  # the newest complete checkpoint; its loss is the one reported at that step
+        step = best if best is not None else max(paths)  # else the newest complete checkpoint
         loss = next((c["loss"] for c in reporter.checkpoints if c["step"] == step), None)
-        return _finish(spec, reporter, path, step, total, loss, STOP_REQUESTED, "ai-toolkit")
+        return _finish(spec, reporter, paths[step], step, total, loss, reporter.stop_reason, "ai-toolkit", best)
     if outcome.failure is not None:
         reason, message = outcome.failure
         code = EXIT_BAD_SPEC if reason in ("ModelMissing", "BadDataset") else EXIT_FAILED
         return code, f"{reason}: {message} (ai-toolkit exit code {outcome.exit_code})", None
     if not aitoolkit_run.is_complete(final):
         return EXIT_FAILED, f"ai-toolkit finished without a complete {final.name}", None
-    return _finish(spec, reporter, final, total, total, last_loss, "completed", "ai-toolkit")
+    if best is not None and best in paths and best != total:
+        loss = next((c["loss"] for c in reporter.checkpoints if c["step"] == best), None)
+        return _finish(spec, reporter, paths[best], best, total, loss, "completed", "ai-toolkit", best)
+    return _finish(spec, reporter, final, total, total, last_loss, "completed", "ai-toolkit", best)
 
 
 # --- the step ----------------------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -33,6 +32,7 @@ from PIL import Image
 
 from ..artifacts import write_file_atomic
 from ..early_stop import ProbeScores
+from ..spec import EvaluationSpec
 from .encode import check_model_dir, encode_captions, free_memory, load_rgb
 
 log = logging.getLogger(__name__)
@@ -46,25 +46,6 @@ PROBE_PROMPTS = (
 )
 EVAL_VERSION = "probes-v1"
 _ADAPTER = "kleinstyle_probe"
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """What is rendered per checkpoint: `prompts` probes x `seeds`, at `size` px, `steps` steps, CFG `guidance`."""
-
-    prompts: int = 4
-    seeds: int = 2
-    size: int = 512
-    steps: int = 20
-    guidance: float = 4.0
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.prompts <= len(PROBE_PROMPTS):
-            raise ValueError(f"prompts must be within 1..{len(PROBE_PROMPTS)}, not {self.prompts}")
-        if self.seeds < 1 or self.steps < 1:
-            raise ValueError("seeds and steps must be at least 1")
-        if self.size < 32 or self.size % 16:
-            raise ValueError(f"size must be a multiple of 16 of at least 32, not {self.size}")
 
 
 class Embedder(Protocol):
@@ -135,7 +116,7 @@ class Evaluator:
         model_dir: str | Path,
         references: Sequence[Path],
         trigger_word: str,
-        settings: EvalSettings,
+        settings: EvaluationSpec,
         *,
         cache_dir: str | Path,
         text_encoder_layers: Sequence[int] | None = None,
@@ -143,6 +124,8 @@ class Evaluator:
         device: torch.device | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
+        if settings.prompts > len(PROBE_PROMPTS):
+            raise ValueError(f"at most {len(PROBE_PROMPTS)} probe prompts, not {settings.prompts}")
         if not references:
             raise ValueError("checkpoint evaluation needs at least one reference image")
         self.settings = settings
@@ -168,7 +151,9 @@ class Evaluator:
         self.reference_style = F.normalize(self.embedder.style(refs).mean(dim=0), dim=0)
         self.reference_content = self.embedder.content(refs)
         self.key = hashlib.sha256(
-            json.dumps([EVAL_VERSION, self.prompts, asdict(settings), [str(p) for p in references]]).encode()
+            json.dumps(
+                [EVAL_VERSION, self.prompts, settings.model_dump(mode="json"), [str(p) for p in references]]
+            ).encode()
         ).hexdigest()[:12]
         self._base_content: torch.Tensor | None = None
 

@@ -202,8 +202,8 @@ def train_lora(
         if state["step"] >= cfg.steps:
             return _already_done(output, cfg, state, resume_from)
 
-    run_device = torch.device(device) if device else _default_device()
-    compute_dtype = torch.bfloat16 if run_device.type == "cuda" else torch.float32
+    run_device = torch.device(device) if device else default_device()
+    dtype = compute_dtype(run_device)
     with _stop_signal(should_stop, handle_sigterm) as stop:
         encoded = encode_dataset(
             model_dir,
@@ -213,9 +213,9 @@ def train_lora(
             max_sequence_length=cfg.max_sequence_length,
             layers=cfg.text_encoder_layers,
             device=run_device,
-            dtype=compute_dtype,
+            dtype=dtype,
         )
-        trainer = _Trainer(model_dir, cfg, encoded, run_device, compute_dtype)
+        trainer = _Trainer(model_dir, cfg, encoded, run_device, dtype)
         if state is not None:
             trainer.restore(state)
             log.info("resuming from %s (step %d of %d)", resume_from, trainer.step, cfg.steps)
@@ -532,8 +532,13 @@ def _already_done(output: Path, cfg: TrainSettings, state: dict[str, Any], lates
     )
 
 
-def _default_device() -> torch.device:
+def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on a GPU (klein's own precision); float32 on the CPU, where bf16 matmuls are slow and imprecise."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 @contextlib.contextmanager

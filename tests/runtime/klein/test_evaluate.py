@@ -9,12 +9,12 @@ import pytest
 import torch
 from kleinstyle.runtime.early_stop import ProbeScores
 from kleinstyle.runtime.klein.arch import lora_linear_names
-from kleinstyle.runtime.klein.evaluate import EvalSettings, Evaluator, PixelStatsEmbedder, VisionModelEmbedder
+from kleinstyle.runtime.klein.evaluate import EvaluationSpec, Evaluator, PixelStatsEmbedder, VisionModelEmbedder
 from kleinstyle.runtime.klein.tiny import TINY_TEXT_ENCODER_LAYERS
 from PIL import Image, ImageOps
 from safetensors.torch import save_file
 
-SMALL = EvalSettings(prompts=2, seeds=2, size=32, steps=2)
+SMALL = EvaluationSpec(prompts=2, seeds=2, size=32, steps=2)
 
 
 def _random_lora(model_dir: Path, path: Path, *, scale: float, seed: int = 0) -> Path:
@@ -101,9 +101,9 @@ def test_pixel_stats_embedder_separates_style_from_content() -> None:
 
 def test_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="multiple of 16"):
-        EvalSettings(size=40)
+        EvaluationSpec(size=40)
     with pytest.raises(ValueError, match="prompts"):
-        EvalSettings(prompts=0)
+        EvaluationSpec(prompts=0)
 
 
 def test_a_vision_model_directory_plugs_in_as_the_embedder(tmp_path: Path) -> None:

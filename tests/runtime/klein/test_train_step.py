@@ -12,8 +12,10 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import yaml
 from kleinstyle.runtime import train
+from kleinstyle.runtime.early_stop import ProbeScores, StoppingSettings, decide_reported
+from kleinstyle.runtime.klein.evaluate import Evaluator
 from kleinstyle.runtime.plan import TrainingPlan, plan_training
-from kleinstyle.runtime.spec import Owner, RunSpec, TrainSpec
+from kleinstyle.runtime.spec import EvaluationSpec, Owner, RunSpec, TrainSpec
 from safetensors.torch import load_file
 
 if TYPE_CHECKING:
@@ -82,7 +84,15 @@ def test_plan_maps_to_train_settings() -> None:
 # --- the step on the tiny model ----------------------------------------------------------------------------------
 
 
-def runspec(rootfs: Path, tiny_klein: Path, dataset: Path, **training: Any) -> str:
+def runspec(
+    rootfs: Path,
+    tiny_klein: Path,
+    dataset: Path,
+    *,
+    evaluation: EvaluationSpec | None = None,
+    stopping: dict[str, Any] | None = None,
+    **training: Any,
+) -> str:
     models = rootfs / "models"
     models.mkdir(exist_ok=True)
     if not (models / "tiny").exists():
@@ -91,11 +101,13 @@ def runspec(rootfs: Path, tiny_klein: Path, dataset: Path, **training: Any) -> s
     if not data.exists():
         data.parent.mkdir(parents=True, exist_ok=True)
         data.symlink_to(dataset, target_is_directory=True)
-    plan = plan_training(2, {"backend": "builtin", "training": {**QUICK, **training}})
-    return write_spec(rootfs, plan, "builtin", "/models/tiny")
+    spec = {"backend": "builtin", "training": {**QUICK, **training}, "earlyStopping": stopping or {}}
+    return write_spec(rootfs, plan_training(2, spec), "builtin", "/models/tiny", evaluation)
 
 
-def write_spec(rootfs: Path, plan: TrainingPlan, backend: str, model_path: str) -> str:
+def write_spec(
+    rootfs: Path, plan: TrainingPlan, backend: str, model_path: str, evaluation: EvaluationSpec | None = None
+) -> str:
     """A train RunSpec at SPEC_PATH under the rootfs (with a /dev for the termination log); returns SPEC_PATH."""
     spec = RunSpec(
         owner=OWNER,
@@ -108,6 +120,7 @@ def write_spec(rootfs: Path, plan: TrainingPlan, backend: str, model_path: str) 
             backend=backend,
             model_path=model_path,
             plan=plan,
+            evaluation=evaluation,
         ),
     )
     path = rootfs / SPEC_PATH.lstrip("/")
@@ -206,6 +219,61 @@ def test_a_stop_request_promotes_the_latest_checkpoint(
     assert promoted.keys() == checkpoint.keys()
     assert all((promoted[k] == checkpoint[k]).all() for k in promoted)
     assert not (output(rootfs) / "work/checkpoints/step_000006").exists()
+
+
+PROBES = EvaluationSpec(prompts=1, seeds=2, size=32, steps=2)
+
+
+def same_file(a: Path, b: Path) -> bool:
+    x, y = load_file(a), load_file(b)
+    return x.keys() == y.keys() and all((x[k] == y[k]).all() for k in x)
+
+
+def test_checkpoints_are_scored_and_the_best_one_becomes_the_lora(
+    rootfs: Path, kube_api: KubeApi, tiny_klein: Path, two_images: Path
+) -> None:
+    serve_owner(kube_api)
+    spec_path = runspec(rootfs, tiny_klein, two_images, evaluation=PROBES, stopping={"patience": 20})
+    assert train.main(spec_path) == 0
+
+    result = progress_reports(kube_api)[-1]["result"]
+    evaluation = result["evaluation"]
+    assert len(evaluation["baseline"]["style"]) == 2
+    assert [c["step"] for c in evaluation["checkpoints"]] == [2, 4, 6]
+    best = decide_reported(evaluation, StoppingSettings(patience=20)).best_step
+    assert result["best_checkpoint"] == best == result["steps"]
+    assert result["stop_reason"] == "completed" and not any(c["step"] > 6 for c in result["checkpoints"])
+    assert same_file(
+        output(rootfs) / "lora.safetensors", output(rootfs) / f"work/checkpoints/step_{best:06d}/lora.safetensors"
+    )
+    assert json.loads((output(rootfs) / "lora.json").read_text())["trained_steps"] == best
+    assert len(list((output(rootfs) / "work/evaluation").glob("step_*.json"))) == 4  # the base model and 3 checkpoints
+
+
+def test_early_stopping_stops_when_scores_fall_and_promotes_the_best(
+    rootfs: Path, kube_api: KubeApi, tiny_klein: Path, two_images: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scores scripted per step (a random tiny model has no style to learn): they peak at step 2 and fall."""
+    style_at = {0: 0.1, 1: 0.3, 2: 0.6, 3: 0.5, 4: 0.4, 5: 0.3, 6: 0.2}
+
+    def scripted(self: Evaluator, step: int, lora_file: Path | None) -> ProbeScores:
+        return ProbeScores(step, (style_at[step], style_at[step] + 0.01), (0.9, 0.9), (0.2, 0.2))
+
+    monkeypatch.setattr(Evaluator, "score", scripted)
+    serve_owner(kube_api)
+    spec_path = runspec(
+        rootfs, tiny_klein, two_images, evaluation=PROBES, stopping={"patience": 1, "warmupSteps": 0}, checkpointEvery=1
+    )
+    assert train.main(spec_path) == 0
+
+    result = progress_reports(kube_api)[-1]["result"]
+    # Smoothed over two evaluations J peaks at step 3; step 4 shows no improvement: stop before step 5.
+    assert result["stop_reason"].startswith("early stopping: step 4") and result["stopped_early"]
+    assert result["best_checkpoint"] == 2 and result["steps"] == 2
+    assert not (output(rootfs) / "work/checkpoints/step_000005").exists()
+    assert same_file(
+        output(rootfs) / "lora.safetensors", output(rootfs) / "work/checkpoints/step_000002/lora.safetensors"
+    )
 
 
 def test_a_resumed_pod_reports_the_checkpoints_of_the_pods_before_it(
