@@ -67,6 +67,22 @@ class TrainingLimits(BaseModel):
     maxResolution: int | None = Field(default=None, ge=64)
 
 
+class CheckpointEvaluation(BaseModel):
+    """How training runs score their checkpoints for early stopping (probes rendered per checkpoint)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: int = Field(default=4, ge=1, le=4)
+    seeds: int = Field(default=2, ge=1, le=8)
+    # Probe size in px; never above the plan's training resolution.
+    size: int = Field(default=512, ge=32, le=1024, multiple_of=16)
+    steps: int = Field(default=20, ge=1, le=100)
+    guidance: float = Field(default=4.0, ge=1.0, le=20.0)
+    # A local image encoder (DINOv2, SigLIP...) in the model cache, by directory name; None: the offline
+    # pixel-statistics embedder.
+    embedderDir: str | None = None
+
+
 class OperatorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -100,6 +116,7 @@ class OperatorConfig(BaseModel):
     metricsPort: int = 8080
     # Caps on training plans (steps, resolution); recorded in each plan with the reason.
     trainingLimits: TrainingLimits = Field(default_factory=TrainingLimits)
+    checkpointEvaluation: CheckpointEvaluation = Field(default_factory=CheckpointEvaluation)
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> OperatorConfig:

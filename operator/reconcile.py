@@ -193,7 +193,7 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
     current = progress.get("runHash") == short_hash
     result = progress.get("result") if current else None
     if current and kind_run.progress_status and isinstance(progress.get("progress"), Mapping):
-        fields.update(kind_run.progress_status(progress["progress"]))  # live step, loss, ETA; a result overrides
+        fields.update(kind_run.progress_status(progress["progress"], run))  # live step, loss, ETA; a result overrides
     if result is not None and phase in ("Succeeded", "Failed"):
         # Counts and reasons come from the run; where the artifacts are comes from the RunSpec, never the pod.
         if kind_run.result_status:

@@ -12,8 +12,10 @@ from typing import Any
 
 import yaml
 from kleinstyle.runtime.aitoolkit import aitoolkit_config
+from kleinstyle.runtime.early_stop import Decision, StoppingSettings, decide_reported
 from kleinstyle.runtime.plan import TrainingPlan, plan_training
 from kleinstyle.runtime.spec import (
+    EvaluationSpec,
     FetchPolicy,
     FuseSpec,
     GenerateSpec,
@@ -135,6 +137,7 @@ def _train(kind: Kind, body: Mapping, spec: StyleLoRASpec, deps: Mapping, cfg: O
     images = int(status.get("imagesAccepted") or 0)
     backend = cfg.defaultBackend if spec.backend == "auto" else spec.backend
     spec_dict = {**spec.model_dump(mode="json", exclude_none=True), "backend": backend}
+    plan = plan_training(images, spec_dict, cfg.trainingLimits.model_dump())
     work = TrainSpec(
         dataset_uri=pod_path(cfg, status["datasetURI"]),
         trigger_word=board["spec"]["triggerWord"],
@@ -143,7 +146,8 @@ def _train(kind: Kind, body: Mapping, spec: StyleLoRASpec, deps: Mapping, cfg: O
         model=spec.model.name,
         model_path=model_path(cfg, spec.model.name),
         mode=spec.mode,
-        plan=plan_training(images, spec_dict, cfg.trainingLimits.model_dump()),
+        plan=plan,
+        evaluation=_evaluation(cfg, plan) if plan.early_stopping else None,
     )
     run = _run(kind, body, work, cfg, "train", spec.scheduling)
     if backend != "ai-toolkit":
@@ -158,6 +162,16 @@ def _train(kind: Kind, body: Mapping, spec: StyleLoRASpec, deps: Mapping, cfg: O
         model_path=work.model_path,
     )
     return replace(run, files={"aitoolkit.yaml": yaml.safe_dump(config, sort_keys=False)})
+
+
+def _evaluation(cfg: OperatorConfig, plan: TrainingPlan) -> EvaluationSpec:
+    """The operator's probe settings, the probe size held to the plan's training resolution."""
+    ev = cfg.checkpointEvaluation
+    size = min(ev.size, int(plan.resolution.value) // 16 * 16)
+    embedder = f"{cfg.modelCacheMountPath}/{ev.embedderDir}" if ev.embedderDir else None
+    return EvaluationSpec(
+        prompts=ev.prompts, seeds=ev.seeds, size=size, steps=ev.steps, guidance=ev.guidance, embedder_path=embedder
+    )
 
 
 def _lora_inputs(refs: list[LoRAReference], deps: Mapping, cfg: OperatorConfig) -> tuple[LoraInput, ...]:
@@ -270,20 +284,45 @@ def _board_result(result: Mapping[str, Any], run: Run) -> dict[str, Any]:
     }
 
 
-def _checkpoint_status(items: Any) -> list[dict[str, Any]]:
-    """Checkpoints as status shows them; URIs the pod reports are shown as given but never used by the operator."""
+def _checkpoint_status(items: Any, decision: Decision | None = None) -> list[dict[str, Any]]:
+    """Checkpoints as status shows them, with their scores when the run evaluates them; URIs the pod reports are
+    shown as given but never used by the operator."""
+    judged = {j.step: j for j in decision.judged} if decision else {}
     out = []
     for item in items or []:
         if isinstance(item, Mapping) and isinstance(item.get("step"), int):
             loss = item.get("loss")
-            out.append(
-                {
-                    "step": item["step"],
-                    "uri": str(item.get("uri") or ""),
-                    "loss": float(loss) if isinstance(loss, int | float) else None,
-                }
-            )
+            entry = {
+                "step": item["step"],
+                "uri": str(item.get("uri") or ""),
+                "loss": float(loss) if isinstance(loss, int | float) else None,
+            }
+            if (j := judged.get(item["step"])) is not None:
+                entry["score"] = j.score
+                if j.why_not:
+                    entry["ineligible"] = j.why_not
+            out.append(entry)
     return out
+
+
+def _decision(reported: Mapping[str, Any], run: Run) -> Decision | None:
+    """The early-stopping policy on the scores a run reports: the same pure function the runtime applies."""
+    evaluation = reported.get("evaluation")
+    if not isinstance(evaluation, Mapping):
+        return None
+    try:
+        return decide_reported(dict(evaluation), StoppingSettings.from_plan(run.runspec.work.plan))
+    except (KeyError, TypeError, ValueError):  # scores a pod reported malformed: shown without them
+        return None
+
+
+def _scored(reported: Mapping[str, Any], run: Run) -> dict[str, Any]:
+    decision = _decision(reported, run)
+    fields: dict[str, Any] = {"checkpoints": _checkpoint_status(reported.get("checkpoints"), decision)}
+    if decision is not None:
+        fields["bestCheckpoint"] = decision.best_step
+        fields["earlyStopping"] = decision.reason
+    return fields
 
 
 def _eta(seconds: Any) -> str | None:
@@ -295,8 +334,9 @@ def _eta(seconds: Any) -> str | None:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-def lora_progress_status(progress: Mapping[str, Any]) -> dict[str, Any]:
-    """A StyleLoRA's live status from its run's `status.progress.progress` (step, total, loss, ETA, checkpoints)."""
+def lora_progress_status(progress: Mapping[str, Any], run: Run) -> dict[str, Any]:
+    """A StyleLoRA's live status from its run's `status.progress.progress` (step, total, loss, ETA, checkpoints
+    with their scores, the best one so far)."""
     step, total = progress.get("step"), progress.get("totalSteps")
     fields: dict[str, Any] = {}
     if isinstance(step, int):
@@ -309,7 +349,7 @@ def lora_progress_status(progress: Mapping[str, Any]) -> dict[str, Any]:
     if (eta := _eta(progress.get("etaSeconds"))) is not None:
         fields["eta"] = eta
     if "checkpoints" in progress:
-        fields["checkpoints"] = _checkpoint_status(progress.get("checkpoints"))
+        fields.update(_scored(progress, run))
     return fields
 
 
@@ -319,8 +359,8 @@ def _lora_result(result: Mapping[str, Any], run: Run) -> dict[str, Any]:
     fields: dict[str, Any] = {
         "loraURI": f"{run.runspec.output_display_uri}/lora.safetensors",
         "stopReason": result.get("stop_reason"),
-        "checkpoints": _checkpoint_status(result.get("checkpoints")),
         "eta": None,
+        **_scored(result, run),
     }
     if isinstance(steps, int):
         fields["step"] = steps
@@ -351,7 +391,7 @@ class KindRun:
     # Which issue brings this step's runtime, for the condition shown while the runtime lacks it.
     arrives_with: str = ""
     # Status fields from a running run's `status.progress.progress` (the runHash matching), e.g. step and ETA.
-    progress_status: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
+    progress_status: Callable[[Mapping[str, Any], Run], dict[str, Any]] | None = None
 
 
 def _lora_deps(refs: list[LoRAReference]) -> list[Dependency]:
@@ -386,6 +426,7 @@ KIND_RUNS: dict[str, KindRun] = {
             "eta": None,
             "checkpoints": [],
             "bestCheckpoint": None,
+            "earlyStopping": None,
             "loraURI": None,
             "stopReason": None,
         },

@@ -439,7 +439,8 @@ def _finish(
     )
     result = {
         "lora_file": lora_uri,
-        "steps": step,
+        "steps": max(reporter.step, step),  # trained; the LoRA is the checkpoint of lora_step
+        "lora_step": step,
         "total_steps": total,
         "final_loss": loss,
         "checkpoints": list(reporter.checkpoints),

@@ -116,7 +116,11 @@ class Checkpoint(BaseModel):
 
     step: int = Field(description="Training step of the checkpoint.")
     uri: str = Field(description="Where the checkpoint is.")
-    score: float | None = Field(default=None, description="Evaluation score (higher is better).")
+    score: float | None = Field(
+        default=None,
+        description="Evaluation score J: probe style minus adherence and leakage penalties (higher is better).",
+    )
+    ineligible: str | None = Field(default=None, description="Why the early-stopping guards rule it out, if they do.")
     loss: float | None = Field(default=None, description="Training loss at the checkpoint.")
 
 
@@ -129,13 +133,17 @@ class StyleLoRAStatus(CommonStatus):
     loss: float | None = Field(default=None, description="Latest training loss.")
     eta: str | None = Field(default=None, description="Estimated time left.")
     checkpoints: list[Checkpoint] = Field(default_factory=list, description="Checkpoints with their scores.")
-    bestCheckpoint: int | None = Field(default=None, description="Step of the best checkpoint.")
+    bestCheckpoint: int | None = Field(
+        default=None,
+        description="Step of the best checkpoint: the earliest within one standard error of the top score.",
+    )
+    earlyStopping: str | None = Field(default=None, description="The early-stopping policy's latest verdict.")
     loraURI: str | None = Field(default=None, description="The trained LoRA (the best checkpoint).")
     stopReason: str | None = Field(default=None, description="Why training ended.")
     stopRequest: str | None = Field(
         default=None,
         description="Set it (any text, e.g. with kubectl patch --subresource=status) to stop training: the run "
-        "promotes its latest checkpoint to the LoRA and succeeds.",
+        "promotes its best checkpoint (the latest when checkpoints are not evaluated) to the LoRA and succeeds.",
     )
     plan: dict[str, Any] | None = Field(
         default=None,

@@ -21,7 +21,7 @@ from typing import Any
 
 from kleinstyle.operator import admission, crdgen
 from kleinstyle.operator.api import KINDS
-from kleinstyle.operator.config import ArtifactStore, OperatorConfig, TrainingLimits
+from kleinstyle.operator.config import ArtifactStore, CheckpointEvaluation, OperatorConfig, TrainingLimits
 from kleinstyle.operator.main import run_operator
 
 from .cluster import DevCluster
@@ -53,6 +53,8 @@ def dev_config(root: Path) -> OperatorConfig:
         artifactsLocalPath=str(root / "volumes" / ARTIFACT_CLAIM),
         # The tiny model on a CPU: a handful of steps at low resolution train in seconds.
         trainingLimits=TrainingLimits(maxSteps=DEMO_MAX_STEPS, maxResolution=DEMO_MAX_RESOLUTION),
+        # Early stopping scores each checkpoint with two 32 px probes of two steps: a fraction of a second here.
+        checkpointEvaluation=CheckpointEvaluation(prompts=2, seeds=1, size=32, steps=2),
     )
 
 

@@ -122,6 +122,13 @@ async def test_a_lora_trains_for_real_and_status_points_at_it(root: Path):
         assert [c["step"] for c in status["checkpoints"]] == [10, 20, 30]
         assert all(Path(local_artifact(root, c["uri"])).is_dir() for c in status["checkpoints"])
         assert "capped at 30" in status["plan"]["stepsReason"]
+        # Every checkpoint is scored; the best one, by the same policy the runtime applied, is the LoRA.
+        assert all(isinstance(c["score"], float) for c in status["checkpoints"])
+        best = status["bestCheckpoint"]
+        assert best in (10, 20, 30) and status["earlyStopping"]
+        published = Path(local_artifact(root, status["loraURI"])).read_bytes()
+        chosen = next(c for c in status["checkpoints"] if c["step"] == best)
+        assert published == (Path(local_artifact(root, chosen["uri"])) / "lora.safetensors").read_bytes()
 
 
 async def test_a_lora_waits_for_its_board_with_a_condition(root: Path):

@@ -241,7 +241,7 @@ def test_checkpoints_are_scored_and_the_best_one_becomes_the_lora(
     assert len(evaluation["baseline"]["style"]) == 2
     assert [c["step"] for c in evaluation["checkpoints"]] == [2, 4, 6]
     best = decide_reported(evaluation, StoppingSettings(patience=20)).best_step
-    assert result["best_checkpoint"] == best == result["steps"]
+    assert result["best_checkpoint"] == best == result["lora_step"] and result["steps"] == 6
     assert result["stop_reason"] == "completed" and not any(c["step"] > 6 for c in result["checkpoints"])
     assert same_file(
         output(rootfs) / "lora.safetensors", output(rootfs) / f"work/checkpoints/step_{best:06d}/lora.safetensors"
@@ -269,7 +269,7 @@ def test_early_stopping_stops_when_scores_fall_and_promotes_the_best(
     result = progress_reports(kube_api)[-1]["result"]
     # Smoothed over two evaluations J peaks at step 3; step 4 shows no improvement: stop before step 5.
     assert result["stop_reason"].startswith("early stopping: step 4") and result["stopped_early"]
-    assert result["best_checkpoint"] == 2 and result["steps"] == 2
+    assert (result["best_checkpoint"], result["lora_step"], result["steps"]) == (2, 2, 4)
     assert not (output(rootfs) / "work/checkpoints/step_000005").exists()
     assert same_file(
         output(rootfs) / "lora.safetensors", output(rootfs) / "work/checkpoints/step_000002/lora.safetensors"
