@@ -170,6 +170,9 @@ def _resources(run: Run, cfg: OperatorConfig) -> dict:
     return {"requests": requests, "limits": limits}
 
 
+TERMINATION_GRACE_S = 120
+
+
 def build_job(run: Run, cfg: OperatorConfig) -> dict:
     volumes, mounts = _volumes(run, cfg)
     labels = dict(run.labels)
@@ -179,6 +182,9 @@ def build_job(run: Run, cfg: OperatorConfig) -> dict:
             labels["kueue.x-k8s.io/priority-class"] = run.priority_class
     pod_spec: dict = {
         "restartPolicy": "Never",
+        # SIGTERM on preemption: the trainer finishes its step and writes a checkpoint (seconds for a LoRA and its
+        # optimizer state) before this runs out and SIGKILL follows.
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
         "serviceAccountName": run.runner,
         "securityContext": {
             "runAsNonRoot": True,
