@@ -145,7 +145,6 @@ def _train(kind: Kind, body: Mapping, spec: StyleLoRASpec, deps: Mapping, cfg: O
         backend=backend,
         model=spec.model.name,
         model_path=model_path(cfg, spec.model.name),
-        mode=spec.mode,
         plan=plan,
         evaluation=_evaluation(cfg, plan) if plan.early_stopping else None,
     )
@@ -259,6 +258,8 @@ def _plan_status(run: Run) -> tuple[dict[str, Any], list[str]]:
         "resolution": values["resolution"],
         "targetBlocks": values["target_blocks"],
         "earlyStopping": plan.early_stopping,
+        "mode": plan.mode,
+        **({"contentStage": plan.content_stage.value} if plan.content_stage else {}),
         "textPipeline": values["text_pipeline"],
         "fromSpec": from_spec,
         "hash": plan.plan_hash(),

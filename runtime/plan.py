@@ -19,6 +19,11 @@ contradicts itself:
   larger of formula and observed sweet spot for the board's size regime: too few steps can never be recovered,
   too many cost only the time until early stopping picks the best checkpoint. Ranks 16 and 64, for which the
   document has no formula, use rank 32's and the midpoint (25 N).
+- Two-step mode (ConsisLoRA): the document gives rank 16 for 1500 steps (content) then rank 16 for 2000 steps
+  (style, on top of the content LoRA). The content stage trains on the captions without the trigger word, so it
+  absorbs what the images depict; its LoRA is merged into the frozen base for the style stage, which trains with the
+  trigger word and learns the residual, the style; only the style LoRA is published. The builtin backend runs it
+  (ai-toolkit has no stage-on-a-merged-LoRA mode): a two-step plan for ai-toolkit is refused.
 - Checkpoints: every ~10% of the run in multiples of 50 (at most 250, every 100 for rank 128 on under 10 images
   so the ~500-step peak is seen), plus the cosine midpoint, which the document says to check explicitly.
 """
@@ -56,6 +61,8 @@ DEFAULTS: dict[str, Any] = {
 # Observed sweet spots (the document's convergence table), by size regime: rows for 5, 7 and 31 references.
 SWEET_SPOTS: dict[str, dict[int, int]] = {"small": {32: 1000, 128: 500}, "medium": {32: 1500, 128: 1500}}
 STEPS_PER_IMAGE = {16: 30, 32: 30, 64: 25, 128: 20}
+# The document's ConsisLoRA recipe: a content LoRA, then the style LoRA on top of it.
+TWO_STEP = {"content_rank": 16, "content_steps": 1500, "style_rank": 16, "style_steps": 2000}
 
 
 class Planned(BaseModel):
@@ -91,6 +98,9 @@ class TrainingPlan(BaseModel):
     blocks: tuple[str, ...] = Field(description="BFL/ai-toolkit block names that get LoRA layers.")
     checkpoint_every: Planned
     checkpoint_steps: tuple[int, ...]
+    mode: Literal["standard", "two-step"] = "standard"
+    # Two-step mode: the content stage's rank and steps, trained before the style stage this plan describes.
+    content_stage: Planned | None = None
     early_stopping: bool
     patience: int
     warmup_steps: int
@@ -170,6 +180,14 @@ def _capped(item: Planned, cap: int | None, what: str) -> Planned:
     return Planned(value=cap, source="policy", reason=why)
 
 
+def _content_stage(max_steps: int | None) -> Planned:
+    steps = TWO_STEP["content_steps"] if max_steps is None else min(TWO_STEP["content_steps"], max_steps)
+    why = "two-step (ConsisLoRA): the content stage, captions without the trigger word"
+    if steps < TWO_STEP["content_steps"]:
+        why += f"; capped at {max_steps} by the operator's trainingLimits"
+    return Planned(value={"rank": TWO_STEP["content_rank"], "steps": steps}, source="policy", reason=why)
+
+
 def plan_training(images: int, spec: dict[str, Any], limits: Mapping[str, Any] | None = None) -> TrainingPlan:
     """The plan for a board of `images` accepted references and a StyleLoRA `spec` (the admitted, camelCase dict).
 
@@ -199,7 +217,12 @@ def plan_training(images: int, spec: dict[str, Any], limits: Mapping[str, Any] |
             return Planned(value=recipe[key], source="variant", reason=f"the {variant} recipe")
         return Planned(value=recipe[key], source="policy", reason="the document's training configuration")
 
+    two_step = spec.get("mode") == "two-step"
+    if two_step and spec.get("backend") == "ai-toolkit":
+        raise ValueError("mode two-step trains on the builtin backend: set backend: builtin")
     rank = pick("rank", "rank")
+    if two_step and rank.source != "spec":
+        rank = Planned(value=TWO_STEP["style_rank"], source="policy", reason="two-step (ConsisLoRA): the style stage")
     alpha = (
         Planned(value=training["alpha"], source="spec", reason="set in spec.training")
         if training.get("alpha") is not None
@@ -208,6 +231,8 @@ def plan_training(images: int, spec: dict[str, Any], limits: Mapping[str, Any] |
     scheduler = pick("scheduler", "scheduler")
     if training.get("steps") is not None:
         steps = Planned(value=training["steps"], source="spec", reason="set in spec.training")
+    elif two_step:
+        steps = Planned(value=TWO_STEP["style_steps"], source="policy", reason="two-step (ConsisLoRA): the style stage")
     else:
         value, why = planned_steps(rank.value, images)
         steps = Planned(value=value, source="policy", reason=why)
@@ -286,6 +311,8 @@ def plan_training(images: int, spec: dict[str, Any], limits: Mapping[str, Any] |
         blocks=block_names(target, training.get("blocks"), model),
         checkpoint_every=checkpoint_every,
         checkpoint_steps=checkpoint_steps(steps.value, checkpoint_every.value, scheduler.value),
+        mode="two-step" if two_step else "standard",
+        content_stage=_content_stage(limits.get("maxSteps")) if two_step else None,
         early_stopping=early,
         patience=int(stopping.get("patience", 3)),
         warmup_steps=int(warmup),

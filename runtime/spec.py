@@ -105,8 +105,7 @@ class TrainSpec(_Frozen):
     backend: Literal["ai-toolkit", "builtin"]
     model: str = "klein-base-9b"
     model_path: str
-    mode: Literal["standard", "two-step"] = "standard"
-    # Every training setting, with where it came from (kleinstyle.runtime.plan).
+    # Every training setting (and the mode: standard or two-step), with where it came from (kleinstyle.runtime.plan).
     plan: TrainingPlan
     # How checkpoints are scored for early stopping; None when the plan turns early stopping off.
     evaluation: EvaluationSpec | None = None

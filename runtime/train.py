@@ -23,6 +23,7 @@ Policy, decided here:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
@@ -132,6 +133,7 @@ class Reporter:
         self._last_step_time: float | None = None
         self.stop_requested = False
         self.stop_reason = STOP_REQUESTED
+        self.stage: str | None = None  # two-step mode: "content", then "style"
         # Probe scores of the base model and of each checkpoint (early_stop.decide_reported reads them).
         self.evaluation: dict[str, Any] | None = None
 
@@ -148,6 +150,7 @@ class Reporter:
             "etaSeconds": eta,
             "checkpoints": list(self.checkpoints),
             **({"evaluation": self.evaluation} if self.evaluation else {}),
+            **({"stage": self.stage} if self.stage else {}),
         }
 
     def send(self, state: str, message: str, result: dict[str, Any] | None = None) -> bool:
@@ -330,6 +333,46 @@ def _check_builtin_input(work: TrainSpec, target: str | tuple[str, ...]) -> None
         raise BadInput(str(exc)) from exc
 
 
+def _content_stage(
+    work: TrainSpec, style: Any, reporter: Reporter, work_dir: Path
+) -> Path | tuple[int, str, dict[str, Any] | None]:
+    """Two-step mode's first stage (plan.py): a content LoRA on trigger-less captions, in work/content/. Returns its
+    LoRA file, or the run's outcome when the stage did not finish (SIGTERM: resume; a stop request: no LoRA yet)."""
+    from .klein.lora_train import StepInfo, train_lora
+
+    assert work.plan.content_stage is not None
+    stage = work.plan.content_stage.value
+    cfg = dataclasses.replace(
+        style,
+        rank=int(stage["rank"]),
+        alpha=None,
+        steps=int(stage["steps"]),
+        checkpoint_every=max(1, int(stage["steps"]) // 4),
+        strip_trigger=work.trigger_word,
+    )
+    reporter.stage, reporter.total = "content", cfg.steps
+
+    def on_step(info: StepInfo) -> None:
+        reporter.on_step(info.step, info.total, info.loss, info.lr, info.seconds)
+
+    result = train_lora(
+        local_path(work.model_path),
+        local_path(work.dataset_uri),
+        work_dir / "content",
+        cfg,
+        should_stop=reporter.should_stop,
+        on_step=on_step,
+        handle_sigterm=True,
+    )
+    if result.lora_path is not None:
+        return result.lora_path
+    if reporter.stop_requested:
+        return EXIT_BAD_SPEC, "stop requested during the content stage: there is no style LoRA to promote yet", None
+    message = f"interrupted in the content stage at step {result.steps_done} (SIGTERM); the next pod resumes"
+    reporter.send("Running", message)
+    return EXIT_FAILED, message, None
+
+
 def run_builtin(spec: RunSpec, reporter: Reporter) -> tuple[int, str, dict[str, Any] | None]:
     """(exit code, message, result) of a builtin training run."""
     from .klein.lora_train import ResumeError, StepInfo, train_lora
@@ -347,6 +390,12 @@ def run_builtin(spec: RunSpec, reporter: Reporter) -> tuple[int, str, dict[str, 
         raise BadInput(f"the plan cannot be trained: {exc}") from exc
     _check_builtin_input(work, cfg.target)
     work_dir = local_path(join_uri(spec.output_uri, WORK_DIR))
+    if work.plan.mode == "two-step":
+        content = _content_stage(work, cfg, reporter, work_dir)
+        if not isinstance(content, Path):
+            return content
+        cfg = dataclasses.replace(cfg, base_lora=str(content))
+        reporter.stage, reporter.total, reporter.step = "style", cfg.steps, 0
 
     from .klein import checkpoints as ckpt
 
@@ -546,8 +595,8 @@ def run_train(spec: RunSpec, reporter: Reporter) -> tuple[int, str, dict[str, An
     work = spec.work
     if not isinstance(work, TrainSpec):
         raise BadInput(f"train cannot run a {work.step} RunSpec")
-    if work.mode != "standard":
-        raise BadInput(f"mode {work.mode!r} is not supported yet; use mode: standard")
+    if work.plan.mode == "two-step" and work.backend != "builtin":
+        raise BadInput("mode two-step trains on the builtin backend: set backend: builtin")
     if work.backend == "builtin":
         return run_builtin(spec, reporter)
     return run_aitoolkit(spec, reporter)

@@ -42,7 +42,7 @@ from .arch import select_lora_targets
 from .batches import BatchPlan, seeded_generator
 from .dataset import Sample, read_dataset
 from .encode import EncodedDataset, check_model_dir, encode_dataset
-from .lora_format import FORMAT_NAME, to_artifact_state_dict
+from .lora_format import COMPONENT_PREFIX, FORMAT_NAME, to_artifact_state_dict
 from .optim import OPTIMIZERS, SCHEDULERS, make_lr_scheduler, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,10 @@ class TrainSettings:
     text_encoder_layers: tuple[int, ...] | None = None
     bucket_multiple: int = 32
     save_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    # Two-step (ConsisLoRA) mode: a LoRA file (artifact format) merged into the frozen base before training, so
+    # this LoRA learns the residual; and a trigger word stripped from the start of every caption (content stage).
+    base_lora: str | None = None
+    strip_trigger: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.target, str):
@@ -191,6 +195,8 @@ def train_lora(
     check_model_dir(model_dir)
     lora_targets(model_dir, cfg.target)  # a bad target fails now, not after minutes of encoding
     samples = read_dataset(dataset_dir)
+    if cfg.strip_trigger:
+        samples = [dataclasses.replace(s, caption=strip_trigger(s.caption, cfg.strip_trigger)) for s in samples]
     fingerprint = dataset_fingerprint(samples)
     ckpt.remove_staging(output)
 
@@ -221,6 +227,36 @@ def train_lora(
             log.info("resuming from %s (step %d of %d)", resume_from, trainer.step, cfg.steps)
         run = _Run(trainer, output, cfg, fingerprint, len(samples), on_checkpoint)
         return run.loop(stop, on_step, resumed_from=state["step"] if state else None)
+
+
+def strip_trigger(caption: str, trigger: str) -> str:
+    """`caption` without a leading trigger word and its separator ("bd9style. A house" -> "A house")."""
+    if caption.startswith(trigger):
+        return caption[len(trigger) :].lstrip(" .,:;")
+    return caption
+
+
+@torch.no_grad()
+def merge_lora(transformer: torch.nn.Module, lora_file: str | Path) -> int:
+    """Add a LoRA file's updates (artifact format: alpha baked into lora_B, so the update is B @ A) into the
+    transformer's weights in place; returns the number of layers changed. Keys that name no layer are an error."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(lora_file))
+    modules = dict(transformer.named_modules())
+    merged = 0
+    for key, down in state.items():
+        if ".lora_A." not in key:
+            continue
+        name = key.removeprefix(COMPONENT_PREFIX).split(".lora_A.")[0]
+        up = state.get(key.replace(".lora_A.", ".lora_B."))
+        module = modules.get(name)
+        if up is None or not isinstance(module, torch.nn.Linear):
+            raise ValueError(f"{lora_file}: {key} names no linear layer of this transformer (or lacks its lora_B)")
+        weight = module.weight
+        weight += (up.float() @ down.float()).to(weight.dtype)
+        merged += 1
+    return merged
 
 
 def lora_targets(model_dir: str | Path, target: str | Sequence[str]) -> list[str]:
@@ -259,6 +295,8 @@ class _Trainer:
         self.losses: list[float] = []
         transformer = Flux2Transformer2DModel.from_pretrained(Path(model_dir), subfolder="transformer", dtype=dtype)
         transformer.requires_grad_(False)
+        if cfg.base_lora:
+            log.info("merged %d layers of %s into the base", merge_lora(transformer, cfg.base_lora), cfg.base_lora)
         self.targets = select_lora_targets(transformer, cfg.target)
         with torch.random.fork_rng(devices=[]):
             # peft draws the lora_A initialisation from the global generator; seed it for this run only.

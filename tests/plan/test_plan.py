@@ -147,3 +147,20 @@ def test_no_image_no_plan():
 def test_ai_toolkit_alpha_warning():
     plan = plan_training(12, {"backend": "ai-toolkit", "training": {"alpha": 8}})
     assert any("ignores alpha" in w for w in plan.warnings)
+
+
+def test_two_step_mode_plans_the_documents_consislora_stages():
+    plan = plan_training(12, {"mode": "two-step", "backend": "builtin"})
+    assert plan.mode == "two-step"
+    assert plan.content_stage.value == {"rank": 16, "steps": 1500}
+    assert (plan.rank.value, plan.steps.value) == (16, 2000) and "two-step" in plan.steps.reason
+    # The spec still wins for the style stage; the operator's cap holds both stages.
+    custom = plan_training(12, {"mode": "two-step", "training": {"rank": 32, "steps": 900}}, {"maxSteps": 600})
+    assert (custom.rank.value, custom.rank.source, custom.steps.value) == (32, "spec", 600)
+    assert custom.content_stage.value == {"rank": 16, "steps": 600} and "capped" in custom.content_stage.reason
+    assert plan_training(12, {}).content_stage is None
+
+
+def test_two_step_mode_is_refused_for_aitoolkit():
+    with pytest.raises(ValueError, match="builtin"):
+        plan_training(12, {"mode": "two-step", "backend": "ai-toolkit"})

@@ -24,6 +24,8 @@ from kleinstyle.runtime.klein.lora_train import (
     TrainResult,
     TrainSettings,
     flow_matching_loss,
+    merge_lora,
+    strip_trigger,
     train_lora,
 )
 from kleinstyle.runtime.klein.tiny import TINY_TEXT_ENCODER_LAYERS
@@ -347,3 +349,51 @@ def test_bad_inputs_fail_before_any_work(
     with pytest.raises(ValueError, match="match no LoRA-targetable"):
         train_lora(tiny_klein, two_images, tmp_path / "out", replace(QUICK, target=("single_blocks.0.",)))
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+# --- two-step building blocks ------------------------------------------------------------------------------------
+
+
+def test_merging_a_lora_into_the_base_renders_like_loading_it(
+    tiny_klein: Path, reference: tuple[Path, TrainResult]
+) -> None:
+    output, _ = reference
+    pipe = Flux2KleinPipeline.from_pretrained(tiny_klein)
+    pipe.set_progress_bar_config(disable=True)
+    assert merge_lora(pipe.transformer, output / "lora.safetensors") > 0
+    merged = pipe(
+        prompt="tokstyle. a red house by a lake",
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        text_encoder_out_layers=TINY_TEXT_ENCODER_LAYERS,
+        output_type="np",
+    ).images
+    np.testing.assert_allclose(merged, _render(tiny_klein, output / "lora.safetensors"), atol=2e-4)
+
+
+def test_merging_a_lora_for_other_layers_is_refused(tiny_klein: Path, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    transformer = Flux2KleinPipeline.from_pretrained(tiny_klein).transformer
+    bad = tmp_path / "bad.safetensors"
+    save_file(
+        {"transformer.blocks.99.attn.lora_A.weight": torch.zeros(2, 4), "x.lora_B.weight": torch.zeros(4, 2)}, bad
+    )
+    with pytest.raises(ValueError, match="blocks.99"):
+        merge_lora(transformer, bad)
+
+
+@pytest.mark.parametrize(
+    ("caption", "expected"),
+    [
+        ("tokstyle. a red house", "a red house"),
+        ("tokstyle, a cat", "a cat"),
+        ("tokstyle a tree", "a tree"),
+        ("a dog, tokstyle", "a dog, tokstyle"),
+        ("tokstyle", ""),
+    ],
+)
+def test_strip_trigger(caption: str, expected: str) -> None:
+    assert strip_trigger(caption, "tokstyle") == expected

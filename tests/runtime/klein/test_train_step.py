@@ -276,6 +276,33 @@ def test_early_stopping_stops_when_scores_fall_and_promotes_the_best(
     )
 
 
+def test_two_step_mode_trains_content_then_style_on_top(
+    rootfs: Path, kube_api: KubeApi, tiny_klein: Path, two_images: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(train, "REPORT_INTERVAL_S", 0.0)
+    serve_owner(kube_api)
+    runspec(rootfs, tiny_klein, two_images)  # links the model and the dataset into the rootfs
+    plan = plan_training(2, {"backend": "builtin", "mode": "two-step", "training": QUICK}, {"maxSteps": 4})
+    assert plan.content_stage.value == {"rank": 16, "steps": 4}
+    assert train.main(write_spec(rootfs, plan, "builtin", "/models/tiny")) == 0
+
+    content = output(rootfs) / "work/content/lora.safetensors"
+    assert content.is_file()  # the content stage's LoRA stays in the work folder; it is not the artifact
+    styled = load_file(output(rootfs) / "lora.safetensors")
+    assert styled.keys() == load_file(content).keys()
+    assert not same_file(output(rootfs) / "lora.safetensors", content)
+    stages = [r["progress"].get("stage") for r in progress_reports(kube_api)]
+    assert stages.index("content") < stages.index("style") and stages[-1] == "style"
+    assert progress_reports(kube_api)[-1]["result"]["steps"] == 4
+
+
+def test_two_step_mode_on_aitoolkit_exits_2(rootfs: Path, kube_api: KubeApi) -> None:
+    serve_owner(kube_api)
+    plan = plan_training(6, {"backend": "builtin", "mode": "two-step"})
+    assert train.main(write_spec(rootfs, plan, "ai-toolkit", "/models/tiny")) == 2
+    assert "builtin" in (rootfs / "dev/termination-log").read_text()
+
+
 def test_a_resumed_pod_reports_the_checkpoints_of_the_pods_before_it(
     rootfs: Path, kube_api: KubeApi, tiny_klein: Path, two_images: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
