@@ -381,7 +381,7 @@ def test_merging_a_lora_for_other_layers_is_refused(tiny_klein: Path, tmp_path: 
     save_file(
         {"transformer.blocks.99.attn.lora_A.weight": torch.zeros(2, 4), "x.lora_B.weight": torch.zeros(4, 2)}, bad
     )
-    with pytest.raises(ValueError, match="blocks.99"):
+    with pytest.raises(ValueError, match=r"blocks\.99"):
         merge_lora(transformer, bad)
 
 
