@@ -190,10 +190,12 @@ def report(root: Path, objs: list[dict[str, Any]]) -> int:
             print(
                 f"    trained {status.get('progressText')}, loss {_num(status.get('loss'))}, {status.get('stopReason')}"
             )
-            print("    checkpoints:")
+            print(f"    checkpoints (early stopping: {status.get('earlyStopping')}):")
             for item in status.get("checkpoints", []):
+                best = "  <- best, the LoRA" if item["step"] == status.get("bestCheckpoint") else ""
                 print(
-                    f"      step {item['step']:>4}: loss {_num(item.get('loss'))}  {local_artifact(root, item['uri'])}"
+                    f"      step {item['step']:>4}: loss {_num(item.get('loss'))}, score {_num(item.get('score'))}"
+                    f"  {local_artifact(root, item['uri'])}{best}"
                 )
             lora = local_artifact(root, status.get("loraURI"))
             print(f"    LoRA: {status.get('loraURI')}\n      on this machine: {lora}")
