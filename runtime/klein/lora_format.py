@@ -8,6 +8,10 @@ Format `klein-diffusers-v1`:
   scale 1.0). That is the convention ai-toolkit's Klein LoRAs already follow (FINDINGS: it ignores
   `linear_alpha`), and the one every loader assumes when a file carries no alpha: diffusers'
   `Flux2KleinPipeline.load_lora_weights` infers rank from the shapes and sets alpha = rank. No `.alpha` keys.
+- ComfyUI loads it as is (read, not run: ComfyUI v0.19.3, commit 3086026): its Flux branch of
+  `model_lora_keys_unet` (Flux2 subclasses Flux) maps `transformer.<diffusers name>` through
+  `comfy.utils.flux_to_diffusers`, split to_q/to_k/to_v onto the fused qkv weight by offsets and
+  `attn.to_qkv_mlp_proj` onto the single blocks' `linear1`; a missing alpha means scale 1.0.
 - string metadata in the safetensors header: `format=pt` plus `kleinstyle.*` keys (format name, rank, the alpha
   that was baked in, step, base architecture) for humans and the artifact store; loaders ignore them.
 """
