@@ -7,6 +7,8 @@ refused (`promptFeedback.blockReason`, no candidates) or the answer stopped (`fi
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
 from typing import Any
 
 import httpx
@@ -16,7 +18,19 @@ from google.genai import errors, types
 from .providers import Answer, Prompt, ProviderRefused, Usage
 from .retry import Transient, parse_duration, parse_retry_after
 
+
+def _optional(name: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
 API_VERSION = "v1beta"
+# The SDK sends through httpx, or through its fork httpx2 when that is installed: catch the errors of both.
+_HTTP_MODULES = [httpx, *([httpx2] if (httpx2 := _optional("httpx2")) else [])]
+TIMEOUTS: tuple[type[Exception], ...] = tuple(m.TimeoutException for m in _HTTP_MODULES)
+TRANSPORT_ERRORS: tuple[type[Exception], ...] = tuple(m.TransportError for m in _HTTP_MODULES)
 RETRY_CODES = frozenset({408, 429, 500, 502, 503, 504})
 BLOCKING_FINISH = frozenset(
     {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY", "LANGUAGE", "OTHER"}
@@ -46,9 +60,9 @@ class GeminiProvider:
             response = self._client.models.generate_content(model=self.model, contents=contents, config=config)
         except errors.APIError as exc:
             raise _classified(exc) from None
-        except httpx.TimeoutException as exc:
+        except TIMEOUTS as exc:
             raise Transient(f"timed out ({type(exc).__name__})") from None
-        except httpx.TransportError as exc:
+        except TRANSPORT_ERRORS as exc:
             raise Transient(f"connection failed ({type(exc).__name__}: {exc})") from None
         except ValueError as exc:  # a 200 whose body is not the API's JSON (a proxy's error page, a cut stream)
             raise Transient(f"unreadable response ({exc})") from None
