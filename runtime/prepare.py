@@ -407,8 +407,10 @@ def _build_dataset(
     return kept, staged, over_limit
 
 
-def main(spec_path: str) -> int:
-    """Run prepare from a RunSpec file (a pod path), report to the owner, and return the process exit code."""
+def main(spec_path: str, *, retry: RetryPolicy | None = None) -> int:
+    """Run prepare from a RunSpec file (a pod path), report to the owner, and return the process exit code.
+
+    `retry` bounds the captioning provider's retries (the default policy when None)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         spec = RunSpec.from_json(local_path(spec_path).read_text(encoding="utf-8"))
@@ -429,7 +431,7 @@ def main(spec_path: str) -> int:
 
     report("Running", f"fetching {len(spec.work.images)} images")
     try:
-        result = run_prepare(spec)
+        result = run_prepare(spec, retry=retry)
     except (ProviderUnavailable, ProviderRefused) as exc:
         # Named, not a stack trace: which images, what the provider said, and (exit code) whether to retry.
         message = f"captioning failed: {exc}"
