@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -117,6 +118,9 @@ class OperatorConfig(BaseModel):
     # Caps on training plans (steps, resolution); recorded in each plan with the reason.
     trainingLimits: TrainingLimits = Field(default_factory=TrainingLimits)
     checkpointEvaluation: CheckpointEvaluation = Field(default_factory=CheckpointEvaluation)
+    # Endpoint overrides of the text providers (an egress proxy, a test server), per provider: gemini, openrouter.
+    # Handed to the Jobs as KLEINSTYLE_GEMINI_BASE_URL / KLEINSTYLE_OPENROUTER_BASE_URL. Empty: the public APIs.
+    textProviderURLs: dict[Literal["gemini", "openrouter"], str] = Field(default_factory=dict)
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> OperatorConfig:

@@ -99,6 +99,7 @@ async def reconcile_resource(body: Any, patch: Any, memo: Any, logger: Any, **_:
         changes = status_changes(dict(body.get("status") or {}), decision.status)
         for key, value in changes.items():
             patch.status[key] = value
+        metrics.count_tokens(kind, dict(body.get("status") or {}), decision.status)
         for event in decision.events:
             kopf.event(body, type=event.type, reason=event.reason, message=event.message)
         metrics.set_phase(meta["namespace"], kind, meta["name"], decision.status.get("phase"))

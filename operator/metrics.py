@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -27,6 +29,12 @@ PHASE = Gauge(
     registry=REGISTRY,
 )
 PHASES = ("Pending", "Waiting", "Running", "Succeeded", "Failed")
+TEXT_TOKENS = Counter(
+    "kleinstyle_text_tokens_total",
+    "Tokens the text provider (Gemini, OpenRouter) spent, by kind, provider, model and direction (prompt, output).",
+    ["kind", "provider", "model", "direction"],
+    registry=REGISTRY,
+)
 
 
 def set_phase(namespace: str, kind: str, name: str, phase: str | None) -> None:
@@ -42,3 +50,15 @@ def forget(namespace: str, kind: str, name: str) -> None:
 
 def serve(port: int) -> None:
     start_http_server(port, registry=REGISTRY)
+
+
+def count_tokens(kind: str, old_status: Mapping[str, Any], new_status: Mapping[str, Any]) -> None:
+    """Add a run's token usage once, when its `tokenUsage` first appears in status (a new run's replaces the old
+    one's, and is counted in turn); reconciles that rewrite the same value add nothing."""
+    usage = new_status.get("tokenUsage")
+    if not isinstance(usage, Mapping) or usage == old_status.get("tokenUsage"):
+        return
+    for direction, field in (("prompt", "promptTokens"), ("output", "outputTokens")):
+        value = usage.get(field)
+        if isinstance(value, int) and value > 0:
+            TEXT_TOKENS.labels(kind, str(usage.get("provider")), str(usage.get("model")), direction).inc(value)

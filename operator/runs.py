@@ -6,6 +6,7 @@ changes what a run computes (the spec, a dependency's output) starts a new run, 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -26,6 +27,7 @@ from kleinstyle.runtime.spec import (
     RunSpec,
     TrainSpec,
 )
+from kleinstyle.runtime.text.profile import StyleProfile
 
 from .api import BY_KIND, Kind
 from .api.common import API_VERSION, Scheduling
@@ -101,6 +103,7 @@ SOURCE_SECRET_KEYS = {
     "GOOGLE_APPLICATION_CREDENTIALS_JSON": "KLEINSTYLE_SOURCE_GOOGLE_CREDENTIALS_JSON",
 }
 PROVIDER_KEY_ENV = {"gemini": "GEMINI_API_KEY", "openrouter": "OPENROUTER_API_KEY"}
+PROVIDER_URL_ENV = {"gemini": "KLEINSTYLE_GEMINI_BASE_URL", "openrouter": "KLEINSTYLE_OPENROUTER_BASE_URL"}
 
 
 def _prepare(kind: Kind, body: Mapping, spec: StyleBoardSpec, deps: Mapping, cfg: OperatorConfig) -> Run:
@@ -115,6 +118,7 @@ def _prepare(kind: Kind, body: Mapping, spec: StyleBoardSpec, deps: Mapping, cfg
         images=tuple(images),
         captioning_provider=spec.captioning.provider,
         captioning_model=spec.captioning.model,
+        given_captions=spec.captioning.givenCaptions,
         fetch=FetchPolicy(
             allowed_cidrs=tuple(cfg.fetchAllowedCIDRs), max_bytes=cfg.fetchMaxBytes, max_pixels=cfg.fetchMaxPixels
         ),
@@ -128,7 +132,9 @@ def _prepare(kind: Kind, body: Mapping, spec: StyleBoardSpec, deps: Mapping, cfg
         # Under their own names: the artifact store's credentials (standard AWS_* names) must never read sources.
         for key, env in SOURCE_SECRET_KEYS.items():
             secrets.append(SecretEnv(env, spec.storageSecret, key, optional=True))
-    return _run(kind, body, work, cfg, "prepare", None, secrets, claims)
+    run = _run(kind, body, work, cfg, "prepare", None, secrets, claims)
+    endpoint = cfg.textProviderURLs.get(spec.captioning.provider)
+    return replace(run, extra_env={PROVIDER_URL_ENV[spec.captioning.provider]: endpoint}) if endpoint else run
 
 
 def _train(kind: Kind, body: Mapping, spec: StyleLoRASpec, deps: Mapping, cfg: OperatorConfig) -> Run:
@@ -282,7 +288,54 @@ def _board_result(result: Mapping[str, Any], run: Run) -> dict[str, Any]:
         "rejected": rejected,
         "duplicates": duplicates,
         "datasetURI": f"{run.runspec.output_display_uri}/dataset" if result.get("accepted") else None,
+        **_text_status(result),
     }
+
+
+def _text_status(result: Mapping[str, Any]) -> dict[str, Any]:
+    """Captions, the STYLE_PROFILE and token usage as status shows them; anything malformed is left out (the pod
+    wrote it), never allowed to break the status patch."""
+    captions = [
+        {
+            "file": str(a.get("file", "")),
+            "source": str(a.get("source", "")),
+            "caption": str(a.get("caption", "")),
+            "origin": a.get("caption_origin") if a.get("caption_origin") in CAPTION_ORIGINS else "given",
+            "note": str(a.get("caption_note") or "") or None,
+            "styleWords": [str(w) for w in a.get("style_words") or []],
+        }
+        for a in result.get("accepted", [])
+        if isinstance(a, Mapping)
+    ]
+    profile = None
+    if isinstance(result.get("style_profile"), Mapping):
+        with contextlib.suppress(ValueError):
+            profile = StyleProfile.model_validate(result["style_profile"]).document()
+    usage = result.get("token_usage")
+    token_usage = None
+    if isinstance(usage, Mapping):
+        token_usage = {
+            "provider": str(usage.get("provider", "")),
+            "model": str(usage.get("model", "")),
+            **{camel: int(usage.get(snake) or 0) for snake, camel in TOKEN_FIELDS.items()},
+        }
+    return {
+        "captioning": str(result.get("captioning") or "") or None,
+        "captions": captions,
+        "styleProfile": profile,
+        "styleProfileImages": [str(f) for f in result.get("style_profile_images") or []] if profile else [],
+        "tokenUsage": token_usage,
+    }
+
+
+CAPTION_ORIGINS = ("given", "generated", "regenerated", "cleaned", "trigger-only")
+TOKEN_FIELDS = {
+    "calls": "calls",
+    "cached_calls": "cachedCalls",
+    "prompt_tokens": "promptTokens",
+    "output_tokens": "outputTokens",
+    "total_tokens": "totalTokens",
+}
 
 
 def _checkpoint_status(items: Any, decision: Decision | None = None) -> list[dict[str, Any]]:
@@ -412,6 +465,11 @@ KIND_RUNS: dict[str, KindRun] = {
             "rejected": [],
             "duplicates": [],
             "datasetURI": None,
+            "captioning": None,
+            "captions": [],
+            "styleProfile": None,
+            "styleProfileImages": [],
+            "tokenUsage": None,
         },
     ),
     "StyleLoRA": KindRun(

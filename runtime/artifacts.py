@@ -154,7 +154,11 @@ def artifact_dir(uri: str, metadata: Mapping[str, Any]) -> Iterator[ArtifactDir]
 
 def write_json_atomic(uri: str, obj: object) -> None:
     """Replace one JSON file in a single step (a temporary sibling and a rename; one PUT on an object store)."""
-    data = _json_bytes(obj)
+    write_bytes_atomic(uri, _json_bytes(obj))
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Replace one file in a single step (a temporary sibling and a rename; one PUT on an object store)."""
     if is_remote(uri):
         fs, path = _filesystem(uri)
         fs.pipe_file(path, data)

@@ -126,6 +126,22 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _text_command(name: str) -> tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]:
+    """The arguments and the runner of a text-pipeline command, imported only when it runs."""
+
+    def add(p: argparse.ArgumentParser) -> None:
+        from kleinstyle.runtime.text import commands
+
+        getattr(commands, f"{name}_args")(p)
+
+    def run(args: argparse.Namespace) -> int:
+        from kleinstyle.runtime.text import commands
+
+        return getattr(commands, name)(args)
+
+    return add, run
+
+
 def _dev_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", default=".kleinstyle-dev", help="folder for volumes, logs and the kubeconfig")
     p.add_argument("--namespace", "-n", default="kleinstyle-demo", help="namespace the operator watches")
@@ -156,6 +172,12 @@ COMMANDS: dict[str, Command] = {
     "plan": ("print the training plan of a StyleLoRA for a board of N images", _plan_args, _plan),
     "prepare": ("StyleBoard step: fetch, validate and caption the references into a dataset", _spec_args, _prepare),
     "train": ("StyleLoRA step: train the LoRA of the plan, report progress, publish it", _spec_args, _train),
+    "caption": (
+        "caption a folder of images, content only, with the trigger word (NAME.txt)",
+        *_text_command("caption"),
+    ),
+    "style-profile": ("extract the L1 STYLE_PROFILE of a folder of references", *_text_command("style_profile")),
+    "reformulate": ("rewrite a prompt in a STYLE_PROFILE's style (L2)", *_text_command("reformulate")),
     "dev-cluster": (
         "run an embedded cluster (API emulator, operator, local Job executor)",
         _dev_cluster_args,

@@ -127,6 +127,34 @@ def variant_for(images: int) -> tuple[Variant, str]:
     return "GEM+A", f"{images} references: GEM+A (Gemini + rank 32), best overall for 8 or more"
 
 
+def text_pipeline_for(variant: Variant, images: int) -> Planned:
+    """Whether generation runs the Gemini text pipeline (L2 reformulation with the board's STYLE_PROFILE): the one
+    place this is decided; a GenerationJob's `textPipeline: on|off` overrides it (`text_pipeline_in_use`).
+
+    Off for 1-3 references: the document found the pipeline breaks them (the model cannot tell style signal from
+    content noise, and more text adds to the noise). On for 5 and more, where it helps. 4 references: on. The
+    document's critical finding draws its line between "breaks 1-3" and "helps 5+"; 4 sits on the helping side of
+    the only mechanism it gives (too few references to separate style from content), its small-dataset variant
+    GEM+D (which we plan for 4) keeps the pipeline with a 93% win rate, and the text it adds at generation is
+    bounded by the MUST/ENRICH structure. The plan warns at 4, naming `textPipeline: off` as the way out. A variant
+    without the pipeline (B_r128) keeps it off at any size.
+    """
+    if images <= 3:
+        return Planned(
+            value=False,
+            source="policy",
+            reason=f"off: {images} references (the document: Gemini breaks 1-3 reference boards)",
+        )
+    if not VARIANTS[variant]["text_pipeline"]:
+        return Planned(value=False, source="variant", reason=f"off: the {variant} recipe has no text pipeline")
+    return Planned(value=True, source="policy", reason="off for 1-3 references (Gemini hurts them), on otherwise")
+
+
+def text_pipeline_in_use(planned: bool, requested: Literal["auto", "on", "off"]) -> bool:
+    """A GenerationJob's `textPipeline`: auto follows the plan's decision, on and off override it."""
+    return planned if requested == "auto" else requested == "on"
+
+
 def regime(images: int) -> str | None:
     if images <= 5:
         return "small"
@@ -267,13 +295,7 @@ def plan_training(images: int, spec: dict[str, Any], limits: Mapping[str, Any] |
         reason="all blocks: the document's winning runs trained every block",
     )
     early = bool(stopping.get("enabled", True))
-    text_pipeline = Planned(
-        value=VARIANTS[variant]["text_pipeline"] and images > 3,
-        source="policy",
-        reason="off for 1-3 references (Gemini hurts them), on otherwise"
-        if images > 3
-        else f"off: {images} references (the document: Gemini breaks 1-3 reference boards)",
-    )
+    text_pipeline = text_pipeline_for(variant, images)
 
     if images <= 2:
         warnings.append(f"{images} references: nothing works reliably with 2 or fewer; add references if you can")

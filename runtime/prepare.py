@@ -10,8 +10,17 @@ Policy, decided here:
   `near_duplicate_distance`) are kept and listed with a warning: at that distance dHash also matches deliberate
   variations of one composition, which a user may well want; a copy only weighs its picture more in training.
 - Images are taken in the order given until `max_images` are accepted; later ones are not even fetched.
-- A caption always starts with the trigger word: a user caption without it gets `"{trigger}. "` in front, and an
-  image without a caption gets the trigger word alone (automatic captioning arrives with issue #4).
+- A caption always starts with the trigger word (`"{trigger}. "` is put in front when missing) and says what the
+  image depicts, never how it looks (text/captions.py). With a provider and its key, images without a caption (or
+  every image, with `given_captions: fallback`) are captioned by the provider; a caption the user wrote is kept and
+  flagged when it describes style. Without a key, given captions are used and the trigger word alone stands in for
+  the rest, and `captioning` says so. An image the provider gives no usable answer for (blocked, malformed twice)
+  falls back the same way with a warning; a provider that stays unavailable after bounded retries fails the step
+  with exit 1, naming the images (answers already given are cached beside the run folders, so the retried Job
+  pays only for the rest); a refused key or model fails it with exit 2.
+- After the captions, the L1 STYLE_PROFILE is extracted from up to 10 references (a diverse subset of larger
+  boards) whenever a provider is available: whether generation uses it is the TrainingPlan's text-pipeline
+  decision (runtime/plan.py), so a small board still has one for a GenerationJob that asks for the pipeline.
 - A retried Job whose run already published its output reports that output again instead of redoing the work.
 """
 
@@ -20,7 +29,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -30,6 +39,17 @@ from .images import ImageRejected, ValidImage, hamming, validate_image
 from .paths import local_path
 from .report import api_target, report_progress, write_termination_message
 from .spec import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK, PrepareSpec, RunSpec
+from .text.captions import (
+    Caption,
+    CaptionTask,
+    Origin,
+    check_given,
+    generate_captions,
+    with_trigger,
+)
+from .text.client import TextClient
+from .text.providers import AnswerRejected, ImagePart, NoApiKey, ProviderRefused, ProviderUnavailable, make_provider
+from .text.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +65,9 @@ class AcceptedImage(BaseModel):
     height: int
     sha256: str = Field(description="SHA-256 of the dataset PNG.")
     caption: str
+    caption_origin: Origin = "given"
+    caption_note: str = ""
+    style_words: list[str] = Field(default_factory=list, description="Style descriptors the caption check found.")
 
 
 class Rejection(BaseModel):
@@ -76,27 +99,30 @@ class PrepareResult(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     dataset_uri: str | None = None
     dataset_display_uri: str | None = None
+    captioning: str = Field(default="", description="How the captions were obtained, in one line.")
+    style_profile: dict[str, Any] | None = Field(default=None, description="The L1 STYLE_PROFILE (document names).")
+    style_profile_images: list[str] = Field(default_factory=list, description="Dataset files the profile saw.")
+    style_profile_error: str | None = None
+    token_usage: dict[str, Any] | None = None
 
 
 # --- policy (pure) ---------------------------------------------------------------------------------------------
 
 
-def starts_with_trigger(caption: str, trigger: str) -> bool:
-    """Whether `caption` opens with the trigger word as a whole word ("sks, a cat" yes; "sksx" no)."""
-    if not caption.startswith(trigger):
-        return False
-    rest = caption[len(trigger) :]
-    return not rest or not (rest[0].isalnum() or rest[0] == "_")
-
-
 def caption_for(trigger: str, caption: str | None) -> tuple[str, bool]:
     """The caption file's text and whether it fell back to the trigger word alone (no caption given)."""
-    text = " ".join((caption or "").split())  # one line: ai-toolkit reads the whole file as the caption
-    if not text:
-        return trigger, True
-    if starts_with_trigger(text, trigger):
-        return text, False
-    return f"{trigger}. {text}", False
+    text = " ".join((caption or "").split())
+    return with_trigger(text, trigger), not text
+
+
+CaptionSource = Literal["given", "provider", "none"]
+
+
+def caption_source(given: str | None, mode: str, has_provider: bool) -> CaptionSource:
+    """Where an image's caption comes from: its given caption, the provider, or nowhere (the trigger word)."""
+    if given and given.strip() and (mode == "use" or not has_provider):
+        return "given"
+    return "provider" if has_provider else "none"
 
 
 @dataclass(frozen=True)
@@ -125,16 +151,34 @@ def find_duplicate(
     )
 
 
-def caption_warning(work: PrepareSpec, fallbacks: int, total: int) -> str | None:
-    if not fallbacks:
-        return None
-    count, their = (f"{fallbacks} of {total} images have", "their") if total > 1 else ("The image has", "its")
-    why = (
-        f"captioning with {work.captioning_provider} is not available yet (it arrives with issue #4)"
-        if work.captioning_provider != "none"
-        else "add captions to the board, or wait for Gemini captioning (issue #4)"
-    )
-    return f"{count} no caption, so the trigger word '{work.trigger_word}' alone is used as {their} caption; {why}."
+def caption_warnings(trigger: str, accepted: Sequence[AcceptedImage]) -> list[str]:
+    """One warning per kind of caption trouble, naming the images."""
+
+    def named(items: list[AcceptedImage], detail: bool = True) -> str:
+        return ", ".join(f"{a.file} ({a.caption_note})" if detail and a.caption_note else a.file for a in items)
+
+    styled = [a for a in accepted if a.caption_origin == "given" and a.style_words]
+    cleaned = [a for a in accepted if a.caption_origin == "cleaned"]
+    bare = [a for a in accepted if a.caption_origin == "trigger-only"]
+    warnings = []
+    if styled:
+        warnings.append(
+            f"{_count(styled, 'given caption describes', 'given captions describe')} how the image looks, not what "
+            f"it shows: {named(styled)}; the LoRA learns less of the style from them"
+        )
+    if cleaned:
+        warnings.append(
+            f"{_count(cleaned, 'provider caption', 'provider captions')} still described style when asked again and "
+            f"lost those words: {named(cleaned)}"
+        )
+    if bare:
+        has = _count(bare, "image has", "images have")
+        warnings.append(f"{has} only the trigger word '{trigger}' as caption: {named(bare)}")
+    return warnings
+
+
+def _count(items: Sequence[object], one: str, many: str) -> str:
+    return f"{len(items)} {one if len(items) == 1 else many}"
 
 
 def summary(result: PrepareResult) -> str:
@@ -149,10 +193,32 @@ def summary(result: PrepareResult) -> str:
 # --- the step --------------------------------------------------------------------------------------------------
 
 
-def run_prepare(spec: RunSpec) -> PrepareResult:
-    """Build the dataset for `spec`; an unusable board gives `succeeded=False`, an I/O failure raises.
+def text_cache_uri(spec: RunSpec) -> str:
+    """Beside the owner's run folders ({...}/{uid}/text-cache): a retried Job, and a later run of a changed board,
+    reuse every answer already paid for."""
+    return join_uri(spec.output_uri.rstrip("/").rsplit("/", 1)[0], "text-cache")
 
-    Nothing is visible at `output_uri` unless the whole output was written.
+
+def text_client(
+    work: PrepareSpec, cache_uri: str | None, retry: RetryPolicy | None = None
+) -> tuple[TextClient | None, str]:
+    """The captioning provider's client, or None and why there is none (no provider, no key)."""
+    from .text.cache import AnswerCache
+
+    if work.captioning_provider == "none":
+        return None, "captioning.provider is none"
+    try:
+        provider = make_provider(work.captioning_provider, work.captioning_model)
+    except NoApiKey as exc:
+        return None, str(exc)
+    return TextClient(provider, AnswerCache(cache_uri), policy=retry), ""
+
+
+def run_prepare(spec: RunSpec, *, retry: RetryPolicy | None = None) -> PrepareResult:
+    """Build the dataset for `spec`; an unusable board gives `succeeded=False`, an I/O failure raises, and so does
+    a captioning provider that stays unavailable (ProviderUnavailable) or refuses the key (ProviderRefused).
+
+    Nothing is visible at `output_uri` unless the whole output was written. `retry` bounds provider retries.
     """
     work = spec.work
     if not isinstance(work, PrepareSpec):
@@ -173,15 +239,21 @@ def run_prepare(spec: RunSpec) -> PrepareResult:
         dataset_uri=dataset_uri,
         dataset_display_uri=join_uri(spec.output_display_uri, DATASET_DIR),
     )
+    client, why_not = text_client(work, text_cache_uri(spec), retry)
     out = ArtifactDir(spec.output_uri, artifact_metadata(spec, inputs=work.model_dump(mode="json")))
     try:
-        kept, fallbacks, over_limit = _build_dataset(work, out, result)
+        kept, staged, over_limit = _build_dataset(work, out, result, api_images=client is not None)
         if over_limit:
             result.warnings.append(
                 f"{over_limit} images after the first {work.max_images} accepted were not used (max_images)."
             )
-        if warning := caption_warning(work, fallbacks, len(kept)):
-            result.warnings.append(warning)
+        _caption(work, client, why_not, staged, result)
+        for item, image in zip(staged, result.accepted, strict=True):
+            out.write_text(f"{DATASET_DIR}/{item.stem}.txt", image.caption + "\n")
+        result.warnings += caption_warnings(work.trigger_word, result.accepted)
+        if client is not None and result.accepted:
+            _profile(client, kept, staged, result)
+            result.token_usage = client.ledger.summary().model_dump(mode="json")
         result.succeeded = bool(result.accepted)
         result.message = summary(result)
         if not result.succeeded:
@@ -198,10 +270,94 @@ def run_prepare(spec: RunSpec) -> PrepareResult:
         out.discard()
 
 
-def _build_dataset(work: PrepareSpec, out: ArtifactDir, result: PrepareResult) -> tuple[list[KeptImage], int, int]:
-    """Fetch, validate and stage each image in order; returns (kept images, caption fallbacks, images over the cap)."""
+@dataclass(frozen=True)
+class Staged:
+    """An accepted image waiting for its caption: its file stem, the caption given, and the image for a provider."""
+
+    stem: str
+    given: str | None
+    api_image: ImagePart | None
+
+
+def _caption(
+    work: PrepareSpec, client: TextClient | None, why_not: str, staged: Sequence[Staged], result: PrepareResult
+) -> None:
+    """Set every accepted image's caption (see the module docstring for the policy) and `result.captioning`."""
+    trigger, accepted = work.trigger_word, result.accepted
+    sources = [caption_source(s.given, work.given_captions, client is not None) for s in staged]
+    asked = [i for i, source in enumerate(sources) if source == "provider"]
+    answers: dict[int, Caption | Exception] = {}
+    if client is not None and asked:
+        tasks = [CaptionTask(accepted[i].file, lambda i=i: staged[i].api_image) for i in asked]  # type: ignore[misc]
+        answers = dict(zip(asked, generate_captions(client, tasks, trigger), strict=True))
+    refused = next((a for a in answers.values() if isinstance(a, ProviderRefused)), None)
+    if refused is not None:
+        raise refused
+    unavailable = [accepted[i].file for i, a in answers.items() if isinstance(a, ProviderUnavailable)]
+    if unavailable:
+        first = next(a for a in answers.values() if isinstance(a, ProviderUnavailable))
+        raise ProviderUnavailable(
+            f"no caption for {len(unavailable)} images ({', '.join(unavailable)}): {first}; the answers for the "
+            "others are cached, a retry asks only for these"
+        )
+    for index, item in enumerate(staged):
+        answer = answers.get(index)
+        if isinstance(answer, Caption):
+            caption = answer
+        elif item.given and item.given.strip():
+            caption = check_given(item.given, trigger)
+        else:
+            caption = Caption(trigger, "trigger-only", note=why_not or "no caption given")
+        if isinstance(answer, AnswerRejected):
+            caption = Caption(caption.text, caption.origin, caption.style_words, f"no usable answer: {answer}")
+        image = accepted[index]
+        image.caption, image.caption_origin = caption.text, caption.origin
+        image.caption_note, image.style_words = caption.note, list(caption.style_words)
+    rejected = [accepted[i].file for i, a in answers.items() if isinstance(a, AnswerRejected)]
+    if rejected:
+        result.warnings.append(
+            f"{client.label if client else 'the provider'} gave no usable caption for {', '.join(rejected)}; "
+            "the given caption or the trigger word stands in (see captions)"
+        )
+    result.captioning = captioning_summary(work, client, why_not, accepted)
+
+
+def captioning_summary(
+    work: PrepareSpec, client: TextClient | None, why_not: str, accepted: Sequence[AcceptedImage]
+) -> str:
+    counts: dict[str, int] = {}
+    for image in accepted:
+        counts[image.caption_origin] = counts.get(image.caption_origin, 0) + 1
+    tally = ", ".join(f"{n} {origin}" for origin, n in counts.items())
+    if client is None:
+        return f"{tally}: no captioning provider ({why_not})"
+    return f"{tally} by {client.label}"
+
+
+def _profile(client: TextClient, kept: Sequence[KeptImage], staged: Sequence[Staged], result: PrepareResult) -> None:
+    """The L1 STYLE_PROFILE from a diverse subset; an unusable answer leaves a warning, not a failed board."""
+    from .text.profile import diverse_subset, extract_profile
+
+    chosen = diverse_subset([k.dhash for k in kept])
+    images = [staged[i].api_image for i in chosen]
+    try:
+        profile = extract_profile(client, [i for i in images if i is not None])
+    except AnswerRejected as exc:
+        result.style_profile_error = str(exc)
+        result.warnings.append(f"no style profile: {exc}; generation will use prompts as written")
+        return
+    result.style_profile = profile.document()
+    result.style_profile_images = [kept[i].file for i in chosen]
+
+
+def _build_dataset(
+    work: PrepareSpec, out: ArtifactDir, result: PrepareResult, *, api_images: bool
+) -> tuple[list[KeptImage], list[Staged], int]:
+    """Fetch, validate and stage each image in order; returns (kept images, their captions to settle, images over
+    the cap). `api_images`: also keep a downscaled copy of each for the captioning provider."""
     kept: list[KeptImage] = []
-    fallbacks = over_limit = 0
+    staged: list[Staged] = []
+    over_limit = 0
     total = len(work.images)
     for position, item in enumerate(work.images, start=1):
         if len(kept) >= work.max_images:
@@ -228,10 +384,8 @@ def _build_dataset(work: PrepareSpec, out: ArtifactDir, result: PrepareResult) -
             result.duplicates.append(duplicate)
             result.rejected.append(Rejection(source=item.shown, reason=f"exact duplicate of {duplicate.resembles}"))
             continue
-        caption, fell_back = caption_for(work.trigger_word, item.caption)
-        fallbacks += fell_back
         out.write_bytes(f"{DATASET_DIR}/{stem}.png", image.png)
-        out.write_text(f"{DATASET_DIR}/{stem}.txt", caption + "\n")
+        staged.append(Staged(stem, item.caption, ImagePart.from_image_bytes(image.png) if api_images else None))
         if duplicate is not None:
             result.duplicates.append(duplicate)
             result.warnings.append(
@@ -246,15 +400,17 @@ def _build_dataset(work: PrepareSpec, out: ArtifactDir, result: PrepareResult) -
                 width=image.width,
                 height=image.height,
                 sha256=image.sha256,
-                caption=caption,
+                caption=caption_for(work.trigger_word, item.caption)[0],
             )
         )
         log.info("image %d/%d accepted as %s: %s", position, total, stem, item.shown)
-    return kept, fallbacks, over_limit
+    return kept, staged, over_limit
 
 
-def main(spec_path: str) -> int:
-    """Run prepare from a RunSpec file (a pod path), report to the owner, and return the process exit code."""
+def main(spec_path: str, *, retry: RetryPolicy | None = None) -> int:
+    """Run prepare from a RunSpec file (a pod path), report to the owner, and return the process exit code.
+
+    `retry` bounds the captioning provider's retries (the default policy when None)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         spec = RunSpec.from_json(local_path(spec_path).read_text(encoding="utf-8"))
@@ -275,7 +431,14 @@ def main(spec_path: str) -> int:
 
     report("Running", f"fetching {len(spec.work.images)} images")
     try:
-        result = run_prepare(spec)
+        result = run_prepare(spec, retry=retry)
+    except (ProviderUnavailable, ProviderRefused) as exc:
+        # Named, not a stack trace: which images, what the provider said, and (exit code) whether to retry.
+        message = f"captioning failed: {exc}"
+        log.error("%s", message)
+        report("Failed", message)
+        write_termination_message(message)
+        return EXIT_FAILED if exc.retryable else EXIT_BAD_SPEC
     except Exception as exc:
         log.exception("prepare failed")
         message = f"prepare failed: {type(exc).__name__}: {exc}"

@@ -71,6 +71,9 @@ class PrepareSpec(_Frozen):
     images: tuple[ImageInput, ...]
     captioning_provider: Literal["gemini", "openrouter", "none"] = "none"
     captioning_model: str | None = None
+    # "use": a caption written in the spec is used as written (checked for style words); "fallback": it is used
+    # only where the provider cannot caption (no key, or no usable answer), the provider captions the rest.
+    given_captions: Literal["use", "fallback"] = "use"
     min_short_side: int = 512
     max_images: int = 50
     # Near-duplicate threshold on a 64-bit difference hash (Hamming distance).

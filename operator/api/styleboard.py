@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from kleinstyle.runtime.text.profile import StyleProfile
 from pydantic import BaseModel, ConfigDict, Field
 
 from .common import (
@@ -69,6 +70,14 @@ class Captioning(Model):
     apiKeySecret: SecretKeySelector | None = Field(
         default=None, description="Secret key holding the provider's API key (mounted as an env var, never logged)."
     )
+    givenCaptions: Literal["use", "fallback"] = Field(
+        default="use",
+        description=(
+            "use: a caption written in images[] is used as written (and flagged when it describes style); the "
+            "provider captions the rest. fallback: the provider captions every image, and a written caption is used "
+            "only where the provider cannot (no API key, or no usable answer)."
+        ),
+    )
 
 
 class StyleBoardSpec(Model):
@@ -109,6 +118,35 @@ class DuplicateImage(BaseModel):
     distance: int = Field(description="Hamming distance of the two 64-bit difference hashes (0 = identical).")
 
 
+class ImageCaption(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    file: str = Field(description="Dataset file of the image, e.g. 001.png (its caption is 001.txt).")
+    source: str = Field(description="The image source as given in the spec.")
+    caption: str = Field(description="The caption the dataset holds, trigger word first.")
+    origin: Literal["given", "generated", "regenerated", "cleaned", "trigger-only"] = Field(
+        description=(
+            "given: written in the spec; generated: by the provider; regenerated: the provider's first caption "
+            "described style and it was asked again; cleaned: it still did and the style words were cut; "
+            "trigger-only: no caption could be had."
+        )
+    )
+    note: str | None = Field(default=None, description="Why, when it is not plain: the style words, the failure.")
+    styleWords: list[str] = Field(default_factory=list, description="Style descriptors the caption check found.")
+
+
+class TokenUsage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    provider: str = Field(description="Text provider: gemini or openrouter.")
+    model: str = Field(description="Model the provider ran.")
+    calls: int = Field(description="Calls paid for.")
+    cachedCalls: int = Field(description="Answers served from the answer cache (not paid again).")
+    promptTokens: int = Field(description="Prompt tokens of the paid calls.")
+    outputTokens: int = Field(description="Output tokens of the paid calls, thinking included.")
+    totalTokens: int = Field(description="All tokens of the paid calls.")
+
+
 class StyleBoardStatus(CommonStatus):
     """Observed state of a StyleBoard."""
 
@@ -117,3 +155,16 @@ class StyleBoardStatus(CommonStatus):
     rejected: list[RejectedImage] = Field(default_factory=list, description="Each image left out, with its reason.")
     duplicates: list[DuplicateImage] = Field(default_factory=list, description="Exact and near duplicates, flagged.")
     datasetURI: str | None = Field(default=None, description="The prepared dataset: images with captions beside them.")
+    captioning: str | None = Field(
+        default=None, description="How the captions were obtained, e.g. '6 generated, 2 given by gemini (...)'."
+    )
+    captions: list[ImageCaption] = Field(default_factory=list, description="Each dataset image's caption and origin.")
+    styleProfile: StyleProfile | None = Field(
+        default=None,
+        description=(
+            "The L1 STYLE_PROFILE (the reference document's structure); bounded to about 8 KiB, so it always fits "
+            "here. Whether generation uses it is the StyleLoRA plan's textPipeline decision."
+        ),
+    )
+    styleProfileImages: list[str] = Field(default_factory=list, description="Dataset files the profile was made from.")
+    tokenUsage: TokenUsage | None = Field(default=None, description="Tokens the text provider spent on this run.")

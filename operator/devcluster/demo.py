@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import os
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from kleinstyle.operator import admission, crdgen
 from kleinstyle.operator.api import KINDS
 from kleinstyle.operator.config import ArtifactStore, CheckpointEvaluation, OperatorConfig, TrainingLimits
 from kleinstyle.operator.main import run_operator
+from kleinstyle.operator.runs import PROVIDER_KEY_ENV, PROVIDER_URL_ENV
 
 from .cluster import DevCluster
 from .references import write_references
@@ -43,8 +45,11 @@ BAD_LORA = {
 
 
 def dev_config(root: Path) -> OperatorConfig:
-    """The operator's configuration on the embedded cluster: quick resyncs, no metrics port, local artifacts."""
+    """The operator's configuration on the embedded cluster: quick resyncs, no metrics port, local artifacts, and
+    the text providers' endpoint overrides of this process's environment (a proxy, a test server)."""
+    urls = {name: os.environ[env] for name, env in PROVIDER_URL_ENV.items() if os.environ.get(env)}
     return OperatorConfig(
+        textProviderURLs=urls,
         runtimeImage="local",
         defaultBackend="builtin",
         resyncSeconds=0.5,
@@ -185,6 +190,7 @@ def report(root: Path, objs: list[dict[str, Any]]) -> int:
             if dataset and Path(dataset).is_dir():
                 files = sorted(p.name for p in Path(dataset).iterdir())
                 print(f"      files: {', '.join(files[:6])}{', ...' if len(files) > 6 else ''}")
+            print_text_status(status)
         elif obj["kind"] == "StyleLoRA" and phase == "Succeeded":
             print(f"    {status.get('message')}")
             print(
@@ -207,6 +213,25 @@ def report(root: Path, objs: list[dict[str, Any]]) -> int:
     return 1 if failed else 0
 
 
+def print_text_status(status: Mapping[str, Any]) -> None:
+    """The board's captions, STYLE_PROFILE and token usage, as the demo shows them."""
+    print(f"    captions: {status.get('captioning')}")
+    for item in status.get("captions", [])[:3]:
+        note = f"  [{item['note']}]" if item.get("note") else ""
+        print(f"      {item['file']} ({item['origin']}): {item['caption']}{note}")
+    profile = status.get("styleProfile")
+    if profile:
+        print(f"    style profile from {', '.join(status.get('styleProfileImages', []))}:")
+        print(f"      PROMPT_SUFFIX_MUST: {profile['PROMPT_SUFFIX_MUST']}")
+    else:
+        print("    style profile: none (it needs a captioning provider with an API key)")
+    if usage := status.get("tokenUsage"):
+        print(
+            f"    tokens: {usage['totalTokens']} in {usage['calls']} calls to {usage['provider']} ({usage['model']}), "
+            f"{usage['cachedCalls']} answers from the cache"
+        )
+
+
 async def demo(root: str, examples: str, timeout: float) -> int:
     root_path = Path(root).resolve()
     log_to(root_path)
@@ -222,7 +247,7 @@ async def demo(root: str, examples: str, timeout: float) -> int:
             return 1
         except Exception as refused:
             print(f"kubectl apply of an invalid StyleLoRA is refused:\n  {getattr(refused, 'message', refused)}\n")
-        applied = await cluster.apply(docs)
+        applied = await cluster.apply(with_available_provider(docs, os.environ))
         print("applied: " + ", ".join(f"{d['kind']}/{d['metadata']['name']}" for d in applied) + "\n")
         objs = await watch(cluster, NAMESPACE, timeout)
         return report(root_path, objs)
@@ -232,6 +257,31 @@ def _gemini_secret() -> dict[str, Any]:
     """The Secret examples/styleboard.yaml names; filled from GEMINI_API_KEY when set, otherwise empty."""
     data = {"GEMINI_API_KEY": os.environ["GEMINI_API_KEY"]} if os.environ.get("GEMINI_API_KEY") else {}
     return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "kleinstyle-gemini"}, "stringData": data}
+
+
+def with_available_provider(docs: list[dict[str, Any]], env: Mapping[str, str]) -> list[dict[str, Any]]:
+    """The demo's documents, with StyleBoards switched to OpenRouter when only OPENROUTER_API_KEY is set (plus the
+    Secret that holds it): with either key the demo captions for real; with none it keeps the shipped captions."""
+    if env.get("GEMINI_API_KEY") or not env.get("OPENROUTER_API_KEY"):
+        return docs
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "kleinstyle-openrouter"},
+        "stringData": {PROVIDER_KEY_ENV["openrouter"]: env["OPENROUTER_API_KEY"]},
+    }
+    out = [secret]
+    for doc in docs:
+        if doc.get("kind") == "StyleBoard":
+            doc = copy.deepcopy(doc)
+            captioning = doc["spec"].setdefault("captioning", {})
+            captioning.update(
+                provider="openrouter",
+                apiKeySecret={"name": "kleinstyle-openrouter", "key": PROVIDER_KEY_ENV["openrouter"]},
+            )
+            captioning.pop("model", None)
+        out.append(doc)
+    return out
 
 
 async def serve(root: str, namespace: str, apply: list[str]) -> int:

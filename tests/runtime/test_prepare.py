@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from kleinstyle.runtime import artifacts
-from kleinstyle.runtime.prepare import caption_for, main, run_prepare, starts_with_trigger
+from kleinstyle.runtime.prepare import caption_for, main, run_prepare
 from kleinstyle.runtime.spec import ImageInput, Owner, PrepareSpec, RunSpec
+from kleinstyle.runtime.text.captions import starts_with_trigger
 from PIL import Image
 
 if TYPE_CHECKING:
@@ -140,7 +141,8 @@ def test_prepare_end_to_end(
         ("near", "/boards/harbour-bright.png", "/boards/harbour.jpg"),
     }
     warnings = " | ".join(report["warnings"])
-    assert "1 of 3 images have no caption" in warnings and "issue #4" in warnings
+    assert "1 image has only the trigger word 'wtrclr' as caption: 003.png (captioning.provider is none)" in warnings
+    assert report["captioning"] == "2 given, 1 trigger-only: no captioning provider (captioning.provider is none)"
     assert "003.png (/boards/harbour-bright.png) looks like a near copy of 002.png" in warnings
     assert report["dataset_uri"] == f"{OUTPUT}/dataset"
     assert report["dataset_display_uri"] == f"{DISPLAY}/dataset"
