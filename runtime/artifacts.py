@@ -154,7 +154,11 @@ def artifact_dir(uri: str, metadata: Mapping[str, Any]) -> Iterator[ArtifactDir]
 
 def write_json_atomic(uri: str, obj: object) -> None:
     """Replace one JSON file in a single step (a temporary sibling and a rename; one PUT on an object store)."""
-    data = _json_bytes(obj)
+    write_bytes_atomic(uri, _json_bytes(obj))
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Replace one file in a single step (a temporary sibling and a rename; one PUT on an object store)."""
     if is_remote(uri):
         fs, path = _filesystem(uri)
         fs.pipe_file(path, data)
@@ -172,11 +176,17 @@ def write_json_atomic(uri: str, obj: object) -> None:
 
 def read_json(uri: str) -> Any | None:
     """The JSON document at `uri`, or None when there is none."""
+    data = read_bytes(uri)
+    return None if data is None else json.loads(data)
+
+
+def read_bytes(uri: str) -> bytes | None:
+    """The file at `uri`, or None when there is none."""
     try:
         if is_remote(uri):
             fs, path = _filesystem(uri)
-            return json.loads(fs.cat_file(path))
-        return json.loads(local_path(uri).read_bytes())
+            return fs.cat_file(path)
+        return local_path(uri).read_bytes()
     except FileNotFoundError:
         return None
 
