@@ -67,6 +67,17 @@ class TrainingLimits(BaseModel):
     maxResolution: int | None = Field(default=None, ge=64)
 
 
+class GenerationLimits(BaseModel):
+    """Caps the operator applies to every GenerationJob (a shared cluster, the demo's CPU); None: no cap.
+
+    A larger size is scaled down to maxSide on its longer side, keeping the aspect ratio (multiples of 16)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    maxSide: int | None = Field(default=None, ge=64)
+    maxSteps: int | None = Field(default=None, ge=1)
+
+
 class OperatorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -100,6 +111,8 @@ class OperatorConfig(BaseModel):
     metricsPort: int = 8080
     # Caps on training plans (steps, resolution); recorded in each plan with the reason.
     trainingLimits: TrainingLimits = Field(default_factory=TrainingLimits)
+    # Caps on generation (size, steps); each cap applied is a warning in the GenerationJob's status.
+    generationLimits: GenerationLimits = Field(default_factory=GenerationLimits)
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> OperatorConfig:

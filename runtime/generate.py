@@ -183,7 +183,7 @@ def render_job(
     for p, _, name in plan:  # a prompt an earlier pod already rendered keeps the text it rendered with
         if name in done:
             prompts[p] = PromptUsed(prompts[p].prompt, done[name]["prompt_used"], bool(done[name]["reformulated"]))
-    outcome = Outcome(prompts=prompts, warnings=[*work.warnings, *warnings])
+    outcome = Outcome(prompts=prompts, warnings=warnings)  # the runtime's own; the operator shows work.warnings
     todo = [item for item in plan if item[2] not in done]
     device = klein.default_device()
     sampler = None
@@ -244,11 +244,13 @@ def _thumbnail(image: Image.Image) -> Image.Image:
     return thumb
 
 
-def sheet_header(work: GenerateSpec) -> list[str]:
+def sheet_header(work: GenerateSpec, prompts: Sequence[PromptUsed]) -> list[str]:
     loras = ", ".join(f"{lora.shown} x{lora.weight:g}" for lora in work.loras) or "none"
+    reformulated = sum(p.reformulated for p in prompts)
     return [
         f"{work.model_path}  |  LoRAs: {loras}",
-        f"{work.width}x{work.height}, {work.steps} steps, guidance {work.guidance:g}, prompt mode {work.prompt_mode}",
+        f"{work.width}x{work.height}, {work.steps} steps, guidance {work.guidance:g}; "
+        f"{reformulated} of {len(prompts)} prompts reformulated",
     ]
 
 
@@ -258,7 +260,8 @@ def write_contact_sheet(work: GenerateSpec, outcome: Outcome, thumbs: Sequence[I
         took = "" if seconds is None else f", {seconds:.1f} s"
         index = len(cells) + 1
         cells.append(Cell(thumb, f"#{index} prompt {p + 1}, seed {seed}{took}", outcome.prompts[p].used))
-    sheet, _ = contact_sheet(cells, columns=grid_columns(len(cells), len(work.seeds)), header=sheet_header(work))
+    columns = grid_columns(len(cells), len(work.seeds))
+    sheet, _ = contact_sheet(cells, columns=columns, header=sheet_header(work, outcome.prompts))
     buffer = io.BytesIO()
     sheet.save(buffer, "PNG")
     uri = join_uri(output_uri, CONTACT_SHEET)
@@ -278,7 +281,7 @@ def summary(work: GenerateSpec, outcome: Outcome, job: str) -> dict[str, Any]:
         "prompts": [{"prompt": p.prompt, "used": p.used, "reformulated": p.reformulated} for p in outcome.prompts],
         "images": images,
         "contact_sheet": CONTACT_SHEET,
-        "warnings": outcome.warnings,
+        "warnings": [*work.warnings, *outcome.warnings],
         "seconds_total": round(outcome.seconds_total, 2),
         "kleinstyle_version": kleinstyle_version(),
     }

@@ -131,6 +131,9 @@ class StyleLoRAStatus(CommonStatus):
     checkpoints: list[Checkpoint] = Field(default_factory=list, description="Checkpoints with their scores.")
     bestCheckpoint: int | None = Field(default=None, description="Step of the best checkpoint.")
     loraURI: str | None = Field(default=None, description="The trained LoRA (the best checkpoint).")
+    triggerWord: str | None = Field(
+        default=None, description="The trigger word the LoRA is trained with; GenerationJobs put it in prompts."
+    )
     stopReason: str | None = Field(default=None, description="Why training ended.")
     stopRequest: str | None = Field(
         default=None,
