@@ -32,10 +32,12 @@ class Float8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        scale = rows.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX  # (tokens, 1)
-        quantised = (rows.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        # One scale per token, kept in the activations' dtype so no float32 copy of them is made; the same
+        # (rounded) scale divides here and multiplies back inside the matmul.
+        scale = (rows.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12)  # (tokens, 1)
+        quantised = (rows / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
         out = torch._scaled_mm(
-            quantised, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, out_dtype=_out_dtype(x)
+            quantised, self.weight.t(), scale_a=scale.float(), scale_b=self.weight_scale, out_dtype=_out_dtype(x)
         )
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)

@@ -60,8 +60,11 @@ def sampler_with(model: Path, skeleton, loras: list[tuple[Path, float]], **optio
 # --- the sampler -------------------------------------------------------------------------------------------------
 
 
-def test_batched_cfg_renders_what_the_diffusers_pipeline_renders(tiny_klein: Path, embeds) -> None:
-    ours = render(load_sampler(tiny_klein, [], CPU), embeds, seed=3, height=96)
+@pytest.mark.parametrize("batch_cfg", [True, False], ids=["batched-cfg", "two-passes"])
+def test_the_sampler_renders_what_the_diffusers_pipeline_renders(tiny_klein: Path, embeds, batch_cfg: bool) -> None:
+    ours = render(
+        load_sampler(tiny_klein, [], RenderOptions(device="cpu", batch_cfg=batch_cfg)), embeds, seed=3, height=96
+    )
     pipe = Flux2KleinPipeline.from_pretrained(tiny_klein)
     pipe.set_progress_bar_config(disable=True)
     reference = pipe(
