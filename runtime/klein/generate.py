@@ -239,6 +239,7 @@ def load_sampler(
     device = torch.device(options.device) if options.device else default_device()
     pipe = Flux2KleinPipeline.from_pretrained(model_dir, text_encoder=None, tokenizer=None, dtype=compute_dtype(device))
     pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)  # LoRAs load and fuse where the weights will stay
     if loras:
         names = [f"lora{i}" for i in range(len(loras))]
         with warnings.catch_warnings():  # peft warns on every adapter after the first; several are the point here
