@@ -213,7 +213,9 @@ def _report_generation(root: Path, status: dict[str, Any]) -> None:
     render = status.get("render") or {}
     size = f"{render.get('width')}x{render.get('height')}"
     print(f"    rendered {status.get('progressText')} at {size}, {render.get('steps')} steps")
+    reformulated = sum(bool(p.get("reformulated")) for p in status.get("prompts", []))
     print(f"    text pipeline {render.get('textPipeline')}: {render.get('textPipelineReason')}")
+    print(f"    prompts reformulated: {reformulated} of {len(status.get('prompts', []))}")
     warning = next((c for c in status.get("conditions", []) if c["type"] == "Warning" and c["status"] == "True"), None)
     if warning:
         print(f"    warnings: {warning['message']}")
