@@ -70,7 +70,8 @@ class TrainingLimits(BaseModel):
 class GenerationLimits(BaseModel):
     """Caps the operator applies to every GenerationJob (a shared cluster, the demo's CPU); None: no cap.
 
-    A larger size is scaled down to maxSide on its longer side, keeping the aspect ratio (multiples of 16)."""
+    A larger size is scaled down to maxSide on its longer side, keeping the aspect ratio (multiples of 16, at least
+    64: the smallest side the runtime renders)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -206,7 +206,7 @@ def capped_render(spec: GenerationJobSpec, cfg: OperatorConfig) -> tuple[int, in
     width, height, steps, warnings = spec.width, spec.height, spec.steps, []
     if limits.maxSide and max(width, height) > limits.maxSide:
         scale = limits.maxSide / max(width, height)
-        width, height = (max(16, int(side * scale) // 16 * 16) for side in (spec.width, spec.height))
+        width, height = (max(64, int(side * scale) // 16 * 16) for side in (spec.width, spec.height))
         warnings.append(
             f"size capped at {width}x{height} (asked {spec.width}x{spec.height}) by the operator's generationLimits"
         )
