@@ -21,10 +21,11 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -35,6 +36,9 @@ from .pngmeta import png_with_metadata
 from .prompts import PromptUsed, Reformulator, load_reformulator, prompts_to_render, with_triggers
 from .report import api_target, report_progress, write_termination_message
 from .spec import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK, GenerateSpec, LoraInput, RunSpec
+
+if TYPE_CHECKING:  # torch is imported only when a job renders
+    from .klein.generate import RenderOptions
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +167,7 @@ def render_job(
     output_uri: str,
     *,
     reformulator: Callable[[], Reformulator] | None = None,
-    options: Any = None,
+    options: RenderOptions | None = None,
     on_image: Callable[[int, int], None] | None = None,
 ) -> Outcome:
     """Render every image of `work` into `output_uri` (see the module doc); raises BadInput for bad input.
@@ -403,8 +407,6 @@ def cli_spec(args: Any) -> GenerateSpec:
 
 def cli(args: Any) -> int:
     """Render on this machine; print each image's path and the contact sheet's. Exit 2 on bad input."""
-    import sys
-
     from .klein.generate import RenderOptions
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
