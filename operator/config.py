@@ -84,6 +84,18 @@ class CheckpointEvaluation(BaseModel):
     embedderDir: str | None = None
 
 
+class GenerationLimits(BaseModel):
+    """Caps the operator applies to every GenerationJob (a shared cluster, the demo's CPU); None: no cap.
+
+    A larger size is scaled down to maxSide on its longer side, keeping the aspect ratio (multiples of 16, at least
+    64: the smallest side the runtime renders)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    maxSide: int | None = Field(default=None, ge=64)
+    maxSteps: int | None = Field(default=None, ge=1)
+
+
 class OperatorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -121,6 +133,8 @@ class OperatorConfig(BaseModel):
     # Endpoint overrides of the text providers (an egress proxy, a test server), per provider: gemini, openrouter.
     # Handed to the Jobs as KLEINSTYLE_GEMINI_BASE_URL / KLEINSTYLE_OPENROUTER_BASE_URL. Empty: the public APIs.
     textProviderURLs: dict[Literal["gemini", "openrouter"], str] = Field(default_factory=dict)
+    # Caps on generation (size, steps); each cap applied is a warning in the GenerationJob's status.
+    generationLimits: GenerationLimits = Field(default_factory=GenerationLimits)
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> OperatorConfig:

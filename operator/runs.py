@@ -15,7 +15,9 @@ import yaml
 from kleinstyle.runtime.aitoolkit import aitoolkit_config
 from kleinstyle.runtime.early_stop import Decision, StoppingSettings, decide_reported
 from kleinstyle.runtime.plan import TrainingPlan, plan_training
+from kleinstyle.runtime.prompts import LoraStyle, decide_prompt_mode
 from kleinstyle.runtime.spec import (
+    PROVIDER_KEY_ENV,
     EvaluationSpec,
     FetchPolicy,
     FuseSpec,
@@ -102,7 +104,6 @@ SOURCE_SECRET_KEYS = {
     "AWS_SECRET_ACCESS_KEY": "KLEINSTYLE_SOURCE_AWS_SECRET_ACCESS_KEY",
     "GOOGLE_APPLICATION_CREDENTIALS_JSON": "KLEINSTYLE_SOURCE_GOOGLE_CREDENTIALS_JSON",
 }
-PROVIDER_KEY_ENV = {"gemini": "GEMINI_API_KEY", "openrouter": "OPENROUTER_API_KEY"}
 PROVIDER_URL_ENV = {"gemini": "KLEINSTYLE_GEMINI_BASE_URL", "openrouter": "KLEINSTYLE_OPENROUTER_BASE_URL"}
 
 
@@ -181,25 +182,89 @@ def _evaluation(cfg: OperatorConfig, plan: TrainingPlan) -> EvaluationSpec:
 
 def _lora_inputs(refs: list[LoRAReference], deps: Mapping, cfg: OperatorConfig) -> tuple[LoraInput, ...]:
     return tuple(
-        LoraInput(uri=pod_path(cfg, deps[(ref.kind, ref.name)]["status"]["loraURI"]), weight=ref.weight) for ref in refs
+        LoraInput(
+            uri=pod_path(cfg, deps[(ref.kind, ref.name)]["status"]["loraURI"]),
+            weight=ref.weight,
+            label=f"{ref.kind}/{ref.name}",
+        )
+        for ref in refs
     )
 
 
+def lora_style(ref: LoRAReference, obj: Mapping[str, Any]) -> LoraStyle:
+    """What a LoRA's status tells generation: its trigger words and whether its plan keeps the text pipeline.
+
+    A StyleLoRA: `triggerWord` and `plan.textPipeline` (with the variant's reason); a LoRAFusion: `triggerWords` and
+    `textPipeline` where its status has them (unknown otherwise, which `auto` reads as off)."""
+    status = obj.get("status") or {}
+    label = f"{ref.kind} {ref.name}"
+    if ref.kind == "StyleLoRA":
+        plan = status.get("plan") or {}
+        words = [status.get("triggerWord")]
+        keeps, reason = plan.get("textPipeline"), str(plan.get("variantReason") or "")
+    else:
+        words = status.get("triggerWords") or []
+        keeps, reason = status.get("textPipeline"), ""
+    triggers = tuple(w for w in words if isinstance(w, str) and w)
+    return LoraStyle(label, triggers, keeps if isinstance(keeps, bool) else None, reason)
+
+
+def style_profile(refs: list[LoRAReference], deps: Mapping) -> dict[str, Any] | None:
+    """The L1 STYLE_PROFILE the reformulation uses: the first LoRA's `status.styleProfile`. The seam where issue #4's
+    profile reaches generation; no status carries one before it, so prompts stay raw with a warning."""
+    for ref in refs:
+        profile = (deps[(ref.kind, ref.name)].get("status") or {}).get("styleProfile")
+        if isinstance(profile, dict):
+            return profile
+    return None
+
+
+def capped_render(spec: GenerationJobSpec, cfg: OperatorConfig) -> tuple[int, int, int, list[str]]:
+    """(width, height, steps) within the operator's generationLimits, and a warning for each cap applied."""
+    limits = cfg.generationLimits
+    width, height, steps, warnings = spec.width, spec.height, spec.steps, []
+    if limits.maxSide and max(width, height) > limits.maxSide:
+        scale = limits.maxSide / max(width, height)
+        width, height = (max(64, int(side * scale) // 16 * 16) for side in (spec.width, spec.height))
+        warnings.append(
+            f"size capped at {width}x{height} (asked {spec.width}x{spec.height}) by the operator's generationLimits"
+        )
+    if limits.maxSteps and steps > limits.maxSteps:
+        steps = limits.maxSteps
+        warnings.append(f"steps capped at {steps} (asked {spec.steps}) by the operator's generationLimits")
+    return width, height, steps, warnings
+
+
 def _generate(kind: Kind, body: Mapping, spec: GenerationJobSpec, deps: Mapping, cfg: OperatorConfig) -> Run:
+    styles = [lora_style(ref, deps[(ref.kind, ref.name)]) for ref in spec.loras]
+    mode, reason = decide_prompt_mode(spec.textPipeline, styles)
+    width, height, steps, warnings = capped_render(spec, cfg)
+    if spec.textPipeline == "on":
+        off = [style.label for style in styles if style.text_pipeline is False]
+        warnings += [f"textPipeline is on although the training plan of {label} turns it off" for label in off]
     work = GenerateSpec(
         model_path=model_path(cfg, spec.model.name),
         loras=_lora_inputs(spec.loras, deps, cfg),
         prompts=tuple(spec.prompts),
         negative_prompt=spec.negativePrompt,
-        text_pipeline=spec.textPipeline,
-        width=spec.width,
-        height=spec.height,
-        steps=spec.steps,
+        prompt_mode=mode,
+        prompt_mode_reason=reason,
+        trigger_words=tuple(dict.fromkeys(word for style in styles for word in style.trigger_words)),
+        style_profile=style_profile(spec.loras, deps) if mode == "reformulate" else None,
+        reformulation_provider=spec.reformulation.provider,
+        reformulation_model=spec.reformulation.model,
+        width=width,
+        height=height,
+        steps=steps,
         guidance=spec.guidance,
         seeds=tuple(spec.seed + i for i in range(spec.count)),
-        count=spec.count,
+        warnings=tuple(warnings),
     )
-    return _run(kind, body, work, cfg, "generate", spec.scheduling)
+    secrets = []
+    key = spec.reformulation.apiKeySecret
+    if mode == "reformulate" and key:  # optional: without it the runtime falls back to raw prompts and says so
+        secrets.append(SecretEnv(PROVIDER_KEY_ENV[spec.reformulation.provider], key.name, key.key, optional=True))
+    return _run(kind, body, work, cfg, "generate", spec.scheduling, secrets)
 
 
 def _fuse(kind: Kind, body: Mapping, spec: LoRAFusionSpec, deps: Mapping, cfg: OperatorConfig) -> Run:
@@ -270,7 +335,23 @@ def _plan_status(run: Run) -> tuple[dict[str, Any], list[str]]:
         "fromSpec": from_spec,
         "hash": plan.plan_hash(),
     }
-    return {"plan": summary, "totalSteps": values["steps"]}, list(plan.warnings)
+    fields = {"plan": summary, "totalSteps": values["steps"], "triggerWord": run.runspec.work.trigger_word}
+    return fields, list(plan.warnings)
+
+
+def _render_status(run: Run) -> tuple[dict[str, Any], list[str]]:
+    """A GenerationJob's settings as the run renders them, known before its Job starts, and the operator's warnings."""
+    work: GenerateSpec = run.runspec.work
+    render = {
+        "width": work.width,
+        "height": work.height,
+        "steps": work.steps,
+        "guidance": work.guidance,
+        "textPipeline": "on" if work.prompt_mode == "reformulate" else "off",
+        "textPipelineReason": work.prompt_mode_reason,
+        "triggerWords": list(work.trigger_words),
+    }
+    return {"render": render, "imagesTotal": len(work.image_files())}, list(work.warnings)
 
 
 # ---- results ----------------------------------------------------------------------------------------------------
@@ -427,6 +508,47 @@ def _lora_result(result: Mapping[str, Any], run: Run) -> dict[str, Any]:
     return fields
 
 
+def generation_progress_status(progress: Mapping[str, Any], run: Run) -> dict[str, Any]:
+    """A GenerationJob's live status from its run's progress: images done of total."""
+    done, total = progress.get("imagesDone"), progress.get("imagesTotal")
+    if not isinstance(done, int) or not isinstance(total, int) or total < 1:
+        return {}
+    return {"imagesDone": done, "progressText": f"{done}/{total} images"}
+
+
+def _generation_result(result: Mapping[str, Any], run: Run) -> dict[str, Any]:
+    """Images and prompts of a finished generation. URIs come from the RunSpec (the order and names are
+    `GenerateSpec.image_files`); from the pod only the texts and timings, each taken when its type fits."""
+    work: GenerateSpec = run.runspec.work
+    base = run.runspec.output_display_uri
+    seconds = {
+        item.get("index"): item.get("seconds")
+        for item in result.get("images") or []
+        if isinstance(item, Mapping) and isinstance(item.get("seconds"), int | float)
+    }
+    images = [
+        {"uri": f"{base}/images/{name}.png", "promptIndex": p + 1, "seed": seed, "seconds": seconds.get(i + 1)}
+        for i, (p, seed, name) in enumerate(work.image_files())
+    ]
+    used, reformulated = result.get("prompts_used") or [], result.get("reformulated") or []
+    prompts = [
+        {
+            "index": i + 1,
+            "promptUsed": used[i] if i < len(used) and isinstance(used[i], str) else prompt,
+            "reformulated": i < len(reformulated) and reformulated[i] is True,
+        }
+        for i, prompt in enumerate(work.prompts)
+    ]
+    total = len(images)
+    return {
+        "images": images,
+        "prompts": prompts,
+        "contactSheetURI": f"{base}/contact_sheet.png",
+        "imagesDone": total,
+        "progressText": f"{total}/{total} images",
+    }
+
+
 @dataclass(frozen=True)
 class KindRun:
     """How one kind runs: the spec model, its dependencies, its Run and its result's status fields."""
@@ -499,7 +621,17 @@ KIND_RUNS: dict[str, KindRun] = {
         "generate",
         lambda s: _lora_deps(s.loras),
         _generate,
+        _generation_result,
+        cleared_fields={
+            "imagesDone": None,
+            "progressText": None,
+            "images": [],
+            "prompts": [],
+            "contactSheetURI": None,
+        },
+        run_status=_render_status,
         arrives_with="generation (issue #5)",
+        progress_status=generation_progress_status,
     ),
     "LoRAFusion": KindRun(
         BY_KIND["LoRAFusion"],

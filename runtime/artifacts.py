@@ -180,11 +180,17 @@ def write_file_atomic(final: Path, data: bytes) -> None:
 
 def read_json(uri: str) -> Any | None:
     """The JSON document at `uri`, or None when there is none."""
+    data = read_bytes(uri)
+    return None if data is None else json.loads(data)
+
+
+def read_bytes(uri: str) -> bytes | None:
+    """The file at `uri`, or None when there is none."""
     try:
         if is_remote(uri):
             fs, path = _filesystem(uri)
-            return json.loads(fs.cat_file(path))
-        return json.loads(local_path(uri).read_bytes())
+            return fs.cat_file(path)
+        return local_path(uri).read_bytes()
     except FileNotFoundError:
         return None
 

@@ -71,6 +71,59 @@ def _train(args: argparse.Namespace) -> int:
     return main(args.spec)
 
 
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spec", help="RunSpec JSON (a GenerationJob's pod); without it, render on this machine:")
+    p.add_argument("--model", metavar="DIR", help="local model directory in the diffusers layout (never a hub name)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]", help="LoRA file (repeatable)")
+    p.add_argument("--prompt", action="append", default=[], help="prompt (repeatable)")
+    p.add_argument("--negative-prompt", default="", help="negative prompt for CFG (default: empty)")
+    p.add_argument("--trigger", action="append", default=[], help="trigger word to put in front of each prompt")
+    p.add_argument("--no-trigger", action="store_true", help="do not add the trigger words found in LoRA sidecars")
+    p.add_argument("--width", type=int, default=2048, help="pixels, a multiple of 16 (default 2048)")
+    p.add_argument("--height", type=int, default=2048, help="pixels, a multiple of 16 (default 2048)")
+    p.add_argument("--steps", type=int, help="inference steps (default: 50 for a Base model, 4 distilled)")
+    p.add_argument("--guidance", type=float, help="CFG scale (default: 4.0 for a Base model, 1.0 distilled)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
+    p.add_argument("--count", type=int, default=1, help="images per prompt")
+    p.add_argument("-o", "--output", metavar="OUTDIR", help="folder for the images and the contact sheet")
+    p.add_argument("--device", help="torch device (default: cuda when available)")
+    p.add_argument("--fp8", action="store_true", help="fp8 block linears (Hopper GPUs; faster, slightly lossy)")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the blocks (CUDA only anyway)")
+    p.add_argument("--vae-tiling", action="store_true", help="decode in tiles (less memory, for big sizes)")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    if args.spec:
+        from kleinstyle.runtime.generate import main
+
+        return main(args.spec)
+    needed = (("--model", args.model), ("--prompt", args.prompt), ("-o", args.output))
+    missing = [flag for flag, value in needed if not value]
+    if missing:
+        print(f"kleinstyle generate: {', '.join(missing)} required (or --spec RUNSPEC)", file=sys.stderr)
+        return 2
+    from kleinstyle.runtime.generate import cli
+
+    return cli(args)
+
+
+def _tiny_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("directory", help="where to write it (created; must not hold a pipeline already)")
+    p.add_argument("--seed", type=int, default=0, help="the same seed writes the same weights")
+
+
+def _tiny_model(args: argparse.Namespace) -> int:
+    from kleinstyle.runtime.klein.tiny import write_tiny_klein
+
+    try:
+        path = write_tiny_klein(args.directory, seed=args.seed)
+    except (FileExistsError, OSError) as exc:
+        print(f"kleinstyle tiny-model: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
 def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("stylelora", help="StyleLoRA YAML file")
     p.add_argument("--images", type=int, required=True, help="accepted images on the board")
@@ -178,6 +231,16 @@ COMMANDS: dict[str, Command] = {
     ),
     "style-profile": ("extract the L1 STYLE_PROFILE of a folder of references", *_text_command("style_profile")),
     "reformulate": ("rewrite a prompt in a STYLE_PROFILE's style (L2)", *_text_command("reformulate")),
+    "generate": (
+        "GenerationJob step, or render on this machine: klein + LoRAs -> PNGs with metadata and a contact sheet",
+        _generate_args,
+        _generate,
+    ),
+    "tiny-model": (
+        "write a tiny random klein pipeline in the diffusers layout (demo, tests, smoke tests)",
+        _tiny_model_args,
+        _tiny_model,
+    ),
     "dev-cluster": (
         "run an embedded cluster (API emulator, operator, local Job executor)",
         _dev_cluster_args,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,7 +25,9 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_SPEC = 0, 1, 2
 
 # Steps this version of the runtime can run. The operator creates a Job only for these; a resource whose step is
 # not here yet waits with a condition saying which issue brings it, instead of a Job that is bound to fail.
-AVAILABLE_STEPS: frozenset[str] = frozenset({"prepare", "train"})
+AVAILABLE_STEPS: frozenset[str] = frozenset({"prepare", "train", "generate"})
+# Where a Job finds a text provider's API key (an env var filled from a Secret, never a file or a flag).
+PROVIDER_KEY_ENV = {"gemini": "GEMINI_API_KEY", "openrouter": "OPENROUTER_API_KEY"}
 
 
 class _Frozen(BaseModel):
@@ -85,6 +87,12 @@ class LoraInput(_Frozen):
     uri: str
     weight: float = 1.0
     trigger_word: str | None = None
+    # What the user calls it (StyleLoRA/bd9-lora), for metadata and contact sheets.
+    label: str | None = None
+
+    @property
+    def shown(self) -> str:
+        return self.label or self.uri
 
 
 class EvaluationSpec(_Frozen):
@@ -115,18 +123,39 @@ class TrainSpec(_Frozen):
 
 
 class GenerateSpec(_Frozen):
+    """Prompts x seeds rendered with klein and LoRAs. The operator resolves every policy (text pipeline, its limits)
+    before the run; `warnings` carries what it decided that the user should know (a capped size, say)."""
+
     step: Literal["generate"] = "generate"
     model_path: str
     loras: tuple[LoraInput, ...]
     prompts: tuple[str, ...]
     negative_prompt: str = ""
-    text_pipeline: Literal["auto", "on", "off"] = "auto"
+    # raw: the prompt with the LoRAs' trigger words in front; reformulate: the L2 reformulation in the style profile.
+    prompt_mode: Literal["raw", "reformulate"] = "raw"
+    prompt_mode_reason: str = ""
+    trigger_words: tuple[str, ...] = ()
+    # The L1 STYLE_PROFILE the reformulation weaves in (issue #4); None: none is known, so raw prompts are used.
+    style_profile: dict[str, Any] | None = None
+    reformulation_provider: Literal["gemini", "openrouter"] = "gemini"
+    reformulation_model: str | None = None
     width: int = 2048
     height: int = 2048
     steps: int = 50
     guidance: float = 4.0
+    # Every prompt is rendered once per seed.
     seeds: tuple[int, ...] = (0,)
-    count: int = 1
+    warnings: tuple[str, ...] = ()
+
+    def image_files(self) -> list[tuple[int, int, str]]:
+        """(prompt index, seed, file name) of every image in render order: each prompt once per seed. The runtime
+        writes `images/NAME.png` and `images/NAME.json`; the operator derives the image URIs from this, never
+        from what a pod reports."""
+        return [
+            (p, seed, f"{p * len(self.seeds) + s + 1:03d}_p{p + 1:02d}_seed{seed}")
+            for p in range(len(self.prompts))
+            for s, seed in enumerate(self.seeds)
+        ]
 
 
 class FuseSpec(_Frozen):

@@ -15,6 +15,7 @@ from .common import (
     Model,
     ModelSelection,
     Scheduling,
+    SecretKeySelector,
 )
 
 Prompt = Annotated[str, Field(min_length=1, max_length=4000)]
@@ -35,6 +36,20 @@ class LoRAReference(Model):
     weight: float = Field(default=1.0, ge=-2, le=2, description="LoRA scale, -2 to 2 (1.0 = as trained).")
 
 
+class Reformulation(Model):
+    """Where the L2 prompt reformulation runs when the text pipeline is on (it needs the provider's API key)."""
+
+    provider: Literal["gemini", "openrouter"] = Field(
+        default="gemini", description="gemini (Google Gemini API) or openrouter (OpenAI-compatible API)."
+    )
+    model: str | None = Field(default=None, description="Model name; empty: the provider's default.", max_length=128)
+    apiKeySecret: SecretKeySelector | None = Field(
+        default=None,
+        description="Secret key holding the provider's API key (an env var in the pod, never logged). Without it "
+        "prompts are used raw, with the trigger words, and a Warning condition says so.",
+    )
+
+
 class GenerationJobSpec(Model):
     """Prompts to render with FLUX.2 [klein] and the given LoRAs."""
 
@@ -45,7 +60,11 @@ class GenerationJobSpec(Model):
     negativePrompt: str = Field(default="", max_length=4000, description="Negative prompt for real CFG.")
     textPipeline: Literal["auto", "on", "off"] = Field(
         default="auto",
-        description="Gemini prompt reformulation: auto (policy: off for boards of 1-3 images), on, or off.",
+        description="Gemini prompt reformulation: auto (policy: off for boards of 1-3 images), on, or off. "
+        "Off, prompts are used as written with the LoRAs' trigger words in front.",
+    )
+    reformulation: Reformulation = Field(
+        default_factory=Reformulation, description="Provider and API key of the prompt reformulation."
     )
     width: int = Field(default=2048, ge=256, le=2048, multiple_of=16, description="Width: 256-2048, multiple of 16.")
     height: int = Field(default=2048, ge=256, le=2048, multiple_of=16, description="Height: 256-2048, multiple of 16.")
@@ -61,11 +80,32 @@ class GenerationJobSpec(Model):
 class GeneratedImage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    uri: str = Field(description="Where the PNG is.")
-    prompt: str = Field(description="The prompt as given.")
-    promptUsed: str | None = Field(default=None, description="The prompt actually rendered (after reformulation).")
+    uri: str = Field(description="Where the PNG is (its text chunks and a .json beside it hold the full record).")
+    promptIndex: int = Field(description="Which prompt (1-based; see prompts for the text actually rendered).")
     seed: int = Field(description="Seed of this image.")
-    seconds: float | None = Field(default=None, description="Render time.")
+    seconds: float | None = Field(default=None, description="Render time (empty: rendered by an earlier pod).")
+
+
+class GeneratedPrompt(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    index: int = Field(description="Position in spec.prompts, 1-based.")
+    promptUsed: str = Field(description="The prompt actually rendered: reformulated, or with the trigger words.")
+    reformulated: bool = Field(description="Whether the text pipeline reformulated it.")
+
+
+class RenderSettings(BaseModel):
+    """What the run renders, after the text-pipeline policy and the operator's generationLimits."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    width: int = Field(description="Width in pixels.")
+    height: int = Field(description="Height in pixels.")
+    steps: int = Field(description="Inference steps.")
+    guidance: float = Field(description="CFG guidance scale.")
+    textPipeline: Literal["on", "off"] = Field(description="Whether prompts are reformulated.")
+    textPipelineReason: str = Field(description="Why (the spec, or the LoRAs' training plans under auto).")
+    triggerWords: list[str] = Field(default_factory=list, description="Trigger words put in front of prompts.")
 
 
 class GenerationJobStatus(CommonStatus):
@@ -73,5 +113,8 @@ class GenerationJobStatus(CommonStatus):
 
     imagesDone: int | None = Field(default=None, description="Images rendered so far.")
     imagesTotal: int | None = Field(default=None, description="Images to render (prompts x count).")
-    images: list[GeneratedImage] = Field(default_factory=list, description="Rendered images.")
+    progressText: str | None = Field(default=None, description="done/total images, for kubectl get.")
+    render: RenderSettings | None = Field(default=None, description="What the run renders, and why.")
+    images: list[GeneratedImage] = Field(default_factory=list, description="Rendered images, in prompt-seed order.")
+    prompts: list[GeneratedPrompt] = Field(default_factory=list, description="The prompt each image rendered with.")
     contactSheetURI: str | None = Field(default=None, description="A labelled grid of all images.")

@@ -139,6 +139,9 @@ class StyleLoRAStatus(CommonStatus):
     )
     earlyStopping: str | None = Field(default=None, description="The early-stopping policy's latest verdict.")
     loraURI: str | None = Field(default=None, description="The trained LoRA (the best checkpoint).")
+    triggerWord: str | None = Field(
+        default=None, description="The trigger word the LoRA is trained with; GenerationJobs put it in prompts."
+    )
     stopReason: str | None = Field(default=None, description="Why training ended.")
     stopRequest: str | None = Field(
         default=None,

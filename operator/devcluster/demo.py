@@ -22,7 +22,13 @@ from typing import Any
 
 from kleinstyle.operator import admission, crdgen
 from kleinstyle.operator.api import KINDS
-from kleinstyle.operator.config import ArtifactStore, CheckpointEvaluation, OperatorConfig, TrainingLimits
+from kleinstyle.operator.config import (
+    ArtifactStore,
+    CheckpointEvaluation,
+    GenerationLimits,
+    OperatorConfig,
+    TrainingLimits,
+)
 from kleinstyle.operator.main import run_operator
 from kleinstyle.operator.runs import PROVIDER_KEY_ENV, PROVIDER_URL_ENV
 
@@ -35,6 +41,8 @@ ARTIFACT_CLAIM = "kleinstyle-artifacts"
 REFERENCE_CLAIM = "kleinstyle-references"
 DEMO_MAX_STEPS = 30
 DEMO_MAX_RESOLUTION = 128
+DEMO_MAX_SIDE = 128
+DEMO_MAX_GENERATION_STEPS = 8
 # Shown before the examples: a StyleLoRA the schema refuses, as `kubectl apply` would.
 BAD_LORA = {
     "apiVersion": "kleinstyle.dev/v1alpha1",
@@ -60,6 +68,8 @@ def dev_config(root: Path) -> OperatorConfig:
         trainingLimits=TrainingLimits(maxSteps=DEMO_MAX_STEPS, maxResolution=DEMO_MAX_RESOLUTION),
         # Early stopping scores each checkpoint with two 32 px probes of two steps: a fraction of a second here.
         checkpointEvaluation=CheckpointEvaluation(prompts=2, seeds=1, size=32, steps=2),
+        # ... and renders a few steps at the same size: a GenerationJob's 2048x2048 at 50 steps becomes seconds.
+        generationLimits=GenerationLimits(maxSide=DEMO_MAX_SIDE, maxSteps=DEMO_MAX_GENERATION_STEPS),
     )
 
 
@@ -205,6 +215,8 @@ def report(root: Path, objs: list[dict[str, Any]]) -> int:
                 )
             lora = local_artifact(root, status.get("loraURI"))
             print(f"    LoRA: {status.get('loraURI')}\n      on this machine: {lora}")
+        elif obj["kind"] == "GenerationJob" and phase == "Succeeded":
+            _report_generation(root, status)
         elif phase in ("Pending", "Waiting", "Failed"):
             print(f"    {status.get('message')}")
         if status.get("artifactURI") and phase in ("Running", "Succeeded", "Failed"):
@@ -230,6 +242,23 @@ def print_text_status(status: Mapping[str, Any]) -> None:
             f"    tokens: {usage['totalTokens']} in {usage['calls']} calls to {usage['provider']} ({usage['model']}), "
             f"{usage['cachedCalls']} answers from the cache"
         )
+
+
+def _report_generation(root: Path, status: dict[str, Any]) -> None:
+    render = status.get("render") or {}
+    size = f"{render.get('width')}x{render.get('height')}"
+    print(f"    rendered {status.get('progressText')} at {size}, {render.get('steps')} steps")
+    reformulated = sum(bool(p.get("reformulated")) for p in status.get("prompts", []))
+    print(f"    text pipeline {render.get('textPipeline')}: {render.get('textPipelineReason')}")
+    print(f"    prompts reformulated: {reformulated} of {len(status.get('prompts', []))}")
+    warning = next((c for c in status.get("conditions", []) if c["type"] == "Warning" and c["status"] == "True"), None)
+    if warning:
+        print(f"    warnings: {warning['message']}")
+    prompts = {p["index"]: p["promptUsed"] for p in status.get("prompts", [])}
+    for image in status.get("images", []):
+        took = f"{image['seconds']:.1f} s" if isinstance(image.get("seconds"), int | float) else "-"
+        print(f"      {local_artifact(root, image['uri'])}  ({took}) {prompts.get(image['promptIndex'], '')}")
+    print(f"    contact sheet: {local_artifact(root, status.get('contactSheetURI'))}")
 
 
 async def demo(root: str, examples: str, timeout: float) -> int:

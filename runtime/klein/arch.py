@@ -17,6 +17,22 @@ from torch import nn
 # half and three quarters of the way up. `hidden_states[0]` is the embedding output, so index i is decoder layer i.
 KLEIN_TEXT_ENCODER_LAYERS: tuple[int, int, int] = (9, 18, 27)
 
+# The klein 9B transformer's diffusers config (FINDINGS: 8 double + 24 single blocks, 32 heads x 128, Qwen3-8B's
+# 3 x 4096 text features); the benchmarks build it with random weights, since the real weights are gated.
+KLEIN_9B_TRANSFORMER: dict[str, object] = {
+    "patch_size": 1,
+    "in_channels": 128,
+    "num_layers": 8,
+    "num_single_layers": 24,
+    "attention_head_dim": 128,
+    "num_attention_heads": 32,
+    "joint_attention_dim": 12288,
+    "timestep_guidance_channels": 256,
+    "mlp_ratio": 3.0,
+    "axes_dims_rope": (32, 32, 32, 32),
+    "guidance_embeds": False,
+}
+
 DOUBLE_BLOCKS = "transformer_blocks"
 SINGLE_BLOCKS = "single_transformer_blocks"
 

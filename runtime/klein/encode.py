@@ -9,6 +9,7 @@ latents (patchified 2x2, `vae.bn` running statistics) that generation produces.
 from __future__ import annotations
 
 import gc
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,39 @@ def check_model_dir(model_dir: str | Path) -> Path:
     path = Path(model_dir)
     if not (path / "model_index.json").is_file():
         raise ModelDirError(f"no diffusers pipeline at {path} (model_index.json missing)")
+    return path
+
+
+# The files each component needs: (config, weights); weights may be sharded (an index naming its shards).
+_COMPONENT_FILES = {
+    "transformer": ("config.json", "diffusion_pytorch_model.safetensors"),
+    "vae": ("config.json", "diffusion_pytorch_model.safetensors"),
+    "text_encoder": ("config.json", "model.safetensors"),
+    "tokenizer": ("tokenizer_config.json", None),
+    "scheduler": ("scheduler_config.json", None),
+}
+
+
+def check_components(model_dir: str | Path, components: tuple[str, ...] = tuple(_COMPONENT_FILES)) -> Path:
+    """`check_model_dir`, and every file of `components` present (sharded weights: each shard the index names),
+    so an incomplete copy fails at once with the first missing file, not minutes later inside from_pretrained."""
+    path = check_model_dir(model_dir)
+    for component in components:
+        config, weights = _COMPONENT_FILES[component]
+        if not (path / component / config).is_file():
+            raise ModelDirError(f"incomplete model directory {path}: {component}/{config} is missing")
+        if weights is None or (path / component / weights).is_file():
+            continue
+        index = path / component / f"{weights}.index.json"
+        if not index.is_file():
+            raise ModelDirError(f"incomplete model directory {path}: {component}/{weights} (or its index) is missing")
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as exc:
+            raise ModelDirError(f"unreadable weight index {index}: {exc}") from exc
+        for shard in shards:
+            if not (path / component / shard).is_file():
+                raise ModelDirError(f"incomplete model directory {path}: {component}/{shard} is missing")
     return path
 
 

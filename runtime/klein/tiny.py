@@ -108,7 +108,7 @@ def tiny_klein_pipeline(*, seed: int = 0) -> Flux2KleinPipeline:
         transformer = _transformer()
         torch.manual_seed(seed + 2)
         vae = _vae()
-    scheduler = _scheduler()
+    scheduler = klein_scheduler()
     return Flux2KleinPipeline(
         scheduler=scheduler,
         vae=vae,
@@ -196,7 +196,7 @@ def _vae() -> AutoencoderKLFlux2:
     return vae.eval()
 
 
-def _scheduler() -> FlowMatchEulerDiscreteScheduler:
+def klein_scheduler() -> FlowMatchEulerDiscreteScheduler:
     # Klein's scheduler: flow matching with resolution-dependent shift (the pipeline passes `mu`).
     return FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,

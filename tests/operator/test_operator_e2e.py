@@ -131,6 +131,38 @@ async def test_a_lora_trains_for_real_and_status_points_at_it(root: Path):
         assert published == (Path(local_artifact(root, chosen["uri"])) / "lora.safetensors").read_bytes()
 
 
+GENERATION = {
+    "apiVersion": "kleinstyle.dev/v1alpha1",
+    "kind": "GenerationJob",
+    "metadata": {"name": "bd9-samples"},
+    "spec": {"loras": [{"name": "bd9-lora", "weight": 0.9}], "prompts": ["a fox at night"], "count": 2},
+}
+
+
+async def test_a_generation_job_renders_with_the_lora_it_waited_for(root: Path):
+    from kleinstyle.runtime.pngmeta import read_png_metadata
+
+    write_model_cache(root)
+    async with cluster_for(root, NS) as cluster:
+        await cluster.apply([GENERATION, BOARD, LORA])  # the job first: it waits for its LoRA, then renders
+        done = await cluster.wait_for(phase_is(cluster, "generationjobs", "bd9-samples", "Succeeded"), timeout=180)
+        status = done["status"]
+        limits = dev_config(root).generationLimits
+        assert (status["render"]["width"], status["render"]["steps"]) == (limits.maxSide, limits.maxSteps)
+        assert status["render"]["triggerWords"] == ["bd9style"]
+        assert [(i["promptIndex"], i["seed"]) for i in status["images"]] == [(1, 0), (1, 1)]
+        for image in status["images"]:
+            assert image["uri"].startswith(status["artifactURI"] + "/images/") and image["seconds"] > 0
+            record = read_png_metadata(Path(local_artifact(root, image["uri"])))
+            assert record["prompt_used"] == status["prompts"][0]["promptUsed"]
+            assert record["loras"] == [{"lora": "StyleLoRA/bd9-lora", "weight": 0.9}]
+        assert status["prompts"][0]["promptUsed"].startswith("bd9style. a fox at night")
+        assert Path(local_artifact(root, status["contactSheetURI"])).is_file()
+        assert (status["imagesDone"], status["imagesTotal"]) == (2, 2)
+        warning = next(c for c in status["conditions"] if c["type"] == "Warning")
+        assert "capped" in warning["message"] and "reformulation is unavailable" in warning["message"]
+
+
 async def test_a_lora_waits_for_its_board_with_a_condition(root: Path):
     async with cluster_for(root, NS) as cluster:
         await cluster.apply([LORA])

@@ -426,3 +426,165 @@ def test_a_finished_run_takes_away_its_service_accounts_rights():
     assert decision.status["phase"] == "Succeeded"
     assert sorted(c["kind"] for c in decision.delete) == ["Role", "RoleBinding", "ServiceAccount"]
     assert decision.create == []
+
+
+# --- GenerationJob -------------------------------------------------------------------------------------------------
+
+
+def generation(**spec) -> dict:
+    return {
+        "apiVersion": "kleinstyle.dev/v1alpha1",
+        "kind": "GenerationJob",
+        "metadata": {"name": "samples", "namespace": "team-a", "uid": "uid-gen", "generation": 1},
+        "spec": {"loras": [{"name": "bd9-lora"}], "prompts": ["a fox", "a red house"], **spec},
+    }
+
+
+def trained_lora(name: str = "bd9-lora", trigger: str = "bd9style", keeps_text: bool = True, **status) -> dict:
+    body = lora()
+    body["metadata"]["name"] = name
+    body["status"] = {
+        "phase": "Succeeded",
+        "observedGeneration": 1,
+        "loraURI": f"pvc://kleinstyle-artifacts/team-a/stylelora/{name}/uid/abc/lora.safetensors",
+        "triggerWord": trigger,
+        "plan": {"textPipeline": keeps_text, "variantReason": "3 references: rank 128 without the text pipeline"},
+        **status,
+    }
+    return body
+
+
+def generate_work(decision) -> dict:
+    cm = next(c for c in decision.create if c["kind"] == "ConfigMap")
+    return json.loads(cm["data"]["runspec.json"])["work"]
+
+
+def test_a_generation_job_renders_with_its_loras_trigger_words_and_weights():
+    deps = {
+        ("StyleLoRA", "bd9-lora"): trained_lora(),
+        ("StyleLoRA", "ink"): trained_lora("ink", "inkstyle"),
+    }
+    body = generation(loras=[{"name": "bd9-lora", "weight": 0.8}, {"name": "ink", "weight": 0.5}], count=2, seed=7)
+    decision = step(body, deps=deps)
+    work = generate_work(decision)
+    assert [(x["uri"], x["weight"], x["label"]) for x in work["loras"]] == [
+        ("/artifacts/team-a/stylelora/bd9-lora/uid/abc/lora.safetensors", 0.8, "StyleLoRA/bd9-lora"),
+        ("/artifacts/team-a/stylelora/ink/uid/abc/lora.safetensors", 0.5, "StyleLoRA/ink"),
+    ]
+    assert work["trigger_words"] == ["bd9style", "inkstyle"] and work["seeds"] == [7, 8]
+    assert (work["width"], work["height"], work["steps"], work["guidance"]) == (2048, 2048, 50, 4.0)
+    assert work["model_path"] == "/models/FLUX.2-klein-base-9B"
+    job = job_of(decision)
+    assert job["spec"]["template"]["spec"]["containers"][0]["command"][:2] == ["kleinstyle", "generate"]
+    assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert decision.status["imagesTotal"] == 4 and decision.status["phase"] == "Pending"
+
+
+@pytest.mark.parametrize(
+    ("setting", "keeps_text", "mode", "shown", "reason"),
+    [
+        ("auto", True, "reformulate", "on", "every LoRA's training plan keeps the text pipeline"),
+        ("auto", False, "raw", "off", "the training plan of StyleLoRA bd9-lora turns the text pipeline off (3 refer"),
+        ("off", True, "raw", "off", "off in the spec"),
+        ("on", False, "reformulate", "on", "on in the spec"),
+    ],
+)
+def test_the_text_pipeline_follows_the_loras_training_plans(setting, keeps_text, mode, shown, reason):
+    deps = {("StyleLoRA", "bd9-lora"): trained_lora(keeps_text=keeps_text)}
+    decision = step(generation(textPipeline=setting), deps=deps)
+    work = generate_work(decision)
+    assert work["prompt_mode"] == mode and reason in work["prompt_mode_reason"]
+    render = decision.status["render"]
+    assert render["textPipeline"] == shown and reason in render["textPipelineReason"]
+    assert render["triggerWords"] == ["bd9style"]
+    warning = next(c for c in decision.status["conditions"] if c["type"] == "Warning")
+    overruled = setting == "on" and not keeps_text
+    assert (warning["status"] == "True") == overruled
+    if overruled:
+        assert "textPipeline is on although the training plan of StyleLoRA bd9-lora turns it off" in warning["message"]
+
+
+def test_the_api_key_reaches_the_pod_only_when_prompts_are_reformulated():
+    key = {"reformulation": {"apiKeySecret": {"name": "gemini", "key": "GEMINI_API_KEY"}}}
+    for keeps_text, expected in [(True, ["GEMINI_API_KEY"]), (False, [])]:
+        deps = {("StyleLoRA", "bd9-lora"): trained_lora(keeps_text=keeps_text)}
+        env = job_of(step(generation(**key), deps=deps))["spec"]["template"]["spec"]["containers"][0]["env"]
+        secret = [e for e in env if "valueFrom" in e]
+        assert [e["name"] for e in secret] == expected
+        if secret:
+            ref = secret[0]["valueFrom"]["secretKeyRef"]
+            assert ref == {"name": "gemini", "key": "GEMINI_API_KEY", "optional": True}
+
+
+def test_generation_limits_cap_size_and_steps_and_say_so():
+    from kleinstyle.operator.config import GenerationLimits
+
+    capped = CFG.model_copy(update={"generationLimits": GenerationLimits(maxSide=128, maxSteps=8)})
+    body = generation(width=2048, height=1024, steps=50)
+    deps = {("StyleLoRA", "bd9-lora"): trained_lora()}
+    decision = reconcile(Observed(body=body, dependencies=deps), capped, NOW)
+    render = decision.status["render"]
+    assert (render["width"], render["height"], render["steps"]) == (128, 64, 8)
+    warning = next(c for c in decision.status["conditions"] if c["type"] == "Warning")
+    assert "size capped at 128x64 (asked 2048x1024)" in warning["message"]
+    assert "steps capped at 8 (asked 50)" in warning["message"]
+    assert step(body, deps=deps).status["render"]["width"] == 2048  # no limits: as asked
+
+
+def test_a_generation_job_waits_for_its_loras():
+    running = trained_lora()
+    running["status"]["phase"] = "Running"
+    decision = step(generation(), deps={("StyleLoRA", "bd9-lora"): running})
+    assert (decision.status["phase"], decision.create) == ("Waiting", [])
+    assert "waiting for StyleLoRA bd9-lora (now Running)" in decision.status["message"]
+
+
+def test_a_running_generation_shows_images_done():
+    deps = {("StyleLoRA", "bd9-lora"): trained_lora()}
+    first = step(generation(), deps=deps)
+    body = with_status(generation(), first)
+    body["status"]["progress"] = {
+        "runHash": first.status["runHash"],
+        "state": "Running",
+        "progress": {"imagesDone": 1, "imagesTotal": 2},
+    }
+    status = step(body, children=[*first.create[:-1], _job(first, active=1)], deps=deps).status
+    assert (status["phase"], status["imagesDone"], status["progressText"]) == ("Running", 1, "1/2 images")
+    assert status["images"] == [] and status["contactSheetURI"] is None
+
+
+def test_finished_generation_lists_each_image_from_the_runspec_with_the_prompt_used():
+    deps = {("StyleLoRA", "bd9-lora"): trained_lora()}
+    first = step(generation(count=2, seed=3), deps=deps)
+    result = {
+        "images": [{"index": i, "seconds": 1.5 * i, "reused": False} for i in (1, 2, 3)] + [{"index": 4}],
+        "prompts_used": ["bd9style. a fox, in dusk light", 42],  # a pod's wrong type is not shown
+        "reformulated": [True, "yes"],
+        "warnings": ["prompt 2: reformulation failed (quota); the raw prompt was used"],
+        "files": ["pvc://elsewhere/evil.png"],  # never read: locations come from the RunSpec
+    }
+    body = with_status(generation(count=2, seed=3), first)
+    body["status"]["progress"] = {"runHash": first.status["runHash"], "state": "Succeeded", "result": result}
+    job = _job(first, succeeded=1, conditions=[{"type": "Complete", "status": "True"}])
+    status = step(body, children=[*first.create[:-1], job], deps=deps).status
+    base = first.status["artifactURI"]
+    assert status["phase"] == "Succeeded"
+    assert status["images"] == [
+        {"uri": f"{base}/images/001_p01_seed3.png", "promptIndex": 1, "seed": 3, "seconds": 1.5},
+        {"uri": f"{base}/images/002_p01_seed4.png", "promptIndex": 1, "seed": 4, "seconds": 3.0},
+        {"uri": f"{base}/images/003_p02_seed3.png", "promptIndex": 2, "seed": 3, "seconds": 4.5},
+        {"uri": f"{base}/images/004_p02_seed4.png", "promptIndex": 2, "seed": 4, "seconds": None},
+    ]
+    assert status["prompts"] == [
+        {"index": 1, "promptUsed": "bd9style. a fox, in dusk light", "reformulated": True},
+        {"index": 2, "promptUsed": "a red house", "reformulated": False},
+    ]
+    assert status["contactSheetURI"] == f"{base}/contact_sheet.png"
+    assert (status["imagesDone"], status["imagesTotal"], status["progressText"]) == (4, 4, "4/4 images")
+    warning = next(c for c in status["conditions"] if c["type"] == "Warning")
+    assert "reformulation failed" in warning["message"]
+
+
+def test_a_trained_lora_shows_its_trigger_word():
+    decision = step(lora(), deps={("StyleBoard", "bd9"): ready_board()})
+    assert decision.status["triggerWord"] == "bd9style"

@@ -65,3 +65,34 @@ def dataset(tmp_path: Path) -> Callable[..., Path]:
         return write_dataset(tmp_path / name, captions, sizes)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def random_lora(tiny_klein: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """random_lora(seed, rank=4, scale=0.3) -> a LoRA file in the published format (`transformer.<module>.lora_A`
+    / `lora_B` on every targetable linear of the tiny klein), big enough to visibly change a render."""
+    import torch
+    from kleinstyle.runtime.klein.arch import lora_linear_names
+    from kleinstyle.runtime.klein.lora_check import transformer_skeleton
+    from safetensors.torch import save_file
+
+    skeleton = transformer_skeleton(tiny_klein)
+    folder = tmp_path_factory.mktemp("loras")
+
+    def make(seed: int, rank: int = 4, scale: float = 0.3) -> Path:
+        path = folder / f"lora-{seed}-r{rank}-{scale}.safetensors"
+        if not path.exists():
+            generator = torch.Generator().manual_seed(seed)
+            state = {}
+            for name in lora_linear_names(skeleton):
+                layer = skeleton.get_submodule(name)
+                state[f"transformer.{name}.lora_A.weight"] = scale * torch.randn(
+                    rank, layer.in_features, generator=generator
+                )
+                state[f"transformer.{name}.lora_B.weight"] = scale * torch.randn(
+                    layer.out_features, rank, generator=generator
+                )
+            save_file(state, path)
+        return path
+
+    return make

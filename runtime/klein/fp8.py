@@ -1,0 +1,62 @@
+"""fp8 block linears for generation: weights stored as float8 e4m3 with one scale per output row, activations scaled
+per token on the fly, multiplied by `torch._scaled_mm` (fp8 tensor cores on Hopper: H100, H200), fp32 accumulation.
+
+Halves the transformer's weight memory (9B: 18.2 -> ~9.6 GB) and the time of its large matmuls. Only the
+LoRA-targetable linears of the blocks are converted (the attention projections and MLPs: nearly all parameters);
+embedders, modulation and the output projection stay in bf16. Convert after the LoRAs are fused into the weights,
+so the LoRA is quantised with the layer it changes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .arch import lora_linear_names
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)
+
+
+class Float8Linear(nn.Module):
+    """An nn.Linear's y = x W^T + b with W in float8 (rowwise scales) and x quantised per token."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+        self.register_buffer("weight", (weight / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8))
+        self.register_buffer("weight_scale", scale.reshape(1, -1).contiguous())  # (1, out), float32
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        # One scale per token, kept in the activations' dtype so no float32 copy of them is made; the same
+        # (rounded) scale divides here and multiplies back inside the matmul.
+        scale = (rows.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12)  # (tokens, 1)
+        quantised = (rows / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        out = torch._scaled_mm(
+            quantised, self.weight.t(), scale_a=scale.float(), scale_b=self.weight_scale, out_dtype=_out_dtype(x)
+        )
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8=e4m3"
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    # Hopper's scaled matmul writes bf16 or fp32; the CPU kernel (tests) too.
+    return x.dtype if x.dtype in (torch.bfloat16, torch.float32) else torch.bfloat16
+
+
+def to_fp8(transformer: nn.Module) -> int:
+    """Replace the transformer's block linears with Float8Linear in place; returns how many were converted."""
+    names = lora_linear_names(transformer)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = transformer.get_submodule(parent_name)
+        setattr(parent, child, Float8Linear(getattr(parent, child)))
+    return len(names)

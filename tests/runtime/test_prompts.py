@@ -1,0 +1,103 @@
+"""The text-pipeline policy, trigger words and the reformulation fallbacks: pure functions, table-driven."""
+
+from __future__ import annotations
+
+import pytest
+from kleinstyle.runtime.prompts import (
+    LoraStyle,
+    ReformulationError,
+    ReformulationUnavailable,
+    decide_prompt_mode,
+    load_reformulator,
+    prompts_to_render,
+    with_triggers,
+)
+from kleinstyle.runtime.spec import GenerateSpec
+
+BIG = LoraStyle("StyleLoRA big", ("bigstyle",), True, "12 references: GEM+A")
+SMALL = LoraStyle("StyleLoRA small", ("smallstyle",), False, "3 references: rank 128 without the text pipeline")
+FUSED = LoraStyle("LoRAFusion mix", ("a", "b"), None)
+
+
+@pytest.mark.parametrize(
+    ("setting", "loras", "mode", "why"),
+    [
+        # The reference document: Gemini helps 5+ references, hurts 1-3; auto follows every LoRA's plan.
+        ("auto", [BIG], "reformulate", "every LoRA's training plan keeps the text pipeline"),
+        ("auto", [SMALL], "raw", "StyleLoRA small turns the text pipeline off (3 references"),
+        ("auto", [BIG, SMALL], "raw", "StyleLoRA small"),  # one small board is enough to turn it off
+        ("auto", [FUSED], "raw", "does not say"),
+        ("on", [SMALL], "reformulate", "on in the spec"),
+        ("off", [BIG], "raw", "off in the spec"),
+    ],
+)
+def test_prompt_mode_policy(setting: str, loras: list[LoraStyle], mode: str, why: str) -> None:
+    decided, reason = decide_prompt_mode(setting, loras)
+    assert decided == mode
+    assert why in reason
+
+
+@pytest.mark.parametrize(
+    ("prompt", "triggers", "expected"),
+    [
+        ("a fox at night", ["bd9style"], "bd9style. a fox at night"),  # as the training captions start
+        ("a fox at night", ["bd9style", "ink"], "bd9style, ink. a fox at night"),
+        ("bd9style. a fox", ["bd9style"], "bd9style. a fox"),  # already named: not repeated
+        ("a fox, in bd9style", ["bd9style", "ink"], "ink. a fox, in bd9style"),
+        ("a bd9stylex fox", ["bd9style"], "bd9style. a bd9stylex fox"),  # a longer word is not the trigger
+        ("  a  fox\n", [], "a fox"),
+        ("a fox", ["x", "x"], "x. a fox"),
+    ],
+)
+def test_raw_prompts_get_the_trigger_words(prompt: str, triggers: list[str], expected: str) -> None:
+    assert with_triggers(prompt, triggers) == expected
+
+
+def test_raw_mode_never_asks_for_a_reformulator() -> None:
+    def never() -> None:
+        raise AssertionError("raw mode must not build a reformulator")
+
+    used, warnings = prompts_to_render(["a fox"], "raw", ["bd9style"], never)
+    assert [(u.used, u.reformulated) for u in used] == [("bd9style. a fox", False)]
+    assert warnings == []
+
+
+def test_reformulated_prompts_keep_the_trigger_and_failures_fall_back_per_prompt() -> None:
+    def reformulate(prompt: str) -> str:
+        if "house" in prompt:
+            raise ReformulationError("HTTP 503 after 3 attempts")
+        return f"{prompt}, in dusty rose cashmere under low amber light"
+
+    used, warnings = prompts_to_render(["a fox", "a red house"], "reformulate", ["bd9style"], lambda: reformulate)
+    assert used[0].used == "bd9style. a fox, in dusty rose cashmere under low amber light" and used[0].reformulated
+    assert (used[1].used, used[1].reformulated) == ("bd9style. a red house", False)
+    assert warnings == ["prompt 2: reformulation failed (HTTP 503 after 3 attempts); the raw prompt was used"]
+
+
+def test_an_empty_reformulation_is_a_failure() -> None:
+    used, warnings = prompts_to_render(["a fox"], "reformulate", [], lambda: lambda p: "  ")
+    assert used[0].used == "a fox" and not used[0].reformulated
+    assert "came back empty" in warnings[0]
+
+
+def test_unavailable_reformulation_turns_the_whole_job_raw_with_one_warning() -> None:
+    def unavailable():
+        raise ReformulationUnavailable("no style profile is known for these LoRAs")
+
+    used, warnings = prompts_to_render(["a", "b"], "reformulate", ["t"], unavailable)
+    assert [u.used for u in used] == ["t. a", "t. b"]
+    assert len(warnings) == 1 and "no style profile" in warnings[0]
+
+
+@pytest.mark.parametrize(
+    ("profile", "env", "why"),
+    [
+        (None, {"GEMINI_API_KEY": "k"}, "no style profile"),
+        ({"MUST_APPLY": {}}, {}, "GEMINI_API_KEY is not set"),
+        ({"MUST_APPLY": {}}, {"GEMINI_API_KEY": "k"}, "issue #4"),
+    ],
+)
+def test_the_seam_says_why_it_cannot_reformulate(profile: dict | None, env: dict, why: str) -> None:
+    work = GenerateSpec(model_path="/m", loras=(), prompts=("a",), prompt_mode="reformulate", style_profile=profile)
+    with pytest.raises(ReformulationUnavailable, match=why):
+        load_reformulator(work, env)
