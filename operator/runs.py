@@ -133,9 +133,15 @@ def _prepare(kind: Kind, body: Mapping, spec: StyleBoardSpec, deps: Mapping, cfg
         # Under their own names: the artifact store's credentials (standard AWS_* names) must never read sources.
         for key, env in SOURCE_SECRET_KEYS.items():
             secrets.append(SecretEnv(env, spec.storageSecret, key, optional=True))
-    run = _run(kind, body, work, cfg, "prepare", None, secrets, claims)
-    endpoint = cfg.textProviderURLs.get(spec.captioning.provider)
-    return replace(run, extra_env={PROVIDER_URL_ENV[spec.captioning.provider]: endpoint}) if endpoint else run
+    return _with_provider_url(
+        _run(kind, body, work, cfg, "prepare", None, secrets, claims), spec.captioning.provider, cfg
+    )
+
+
+def _with_provider_url(run: Run, provider: str, cfg: OperatorConfig) -> Run:
+    """The run with the admin's endpoint override for a text provider (textProviderURLs), if any."""
+    endpoint = cfg.textProviderURLs.get(provider)  # type: ignore[call-overload]
+    return replace(run, extra_env={PROVIDER_URL_ENV[provider]: endpoint}) if endpoint else run
 
 
 def _train(kind: Kind, body: Mapping, spec: StyleLoRASpec, deps: Mapping, cfg: OperatorConfig) -> Run:
@@ -154,6 +160,7 @@ def _train(kind: Kind, body: Mapping, spec: StyleLoRASpec, deps: Mapping, cfg: O
         model_path=model_path(cfg, spec.model.name),
         plan=plan,
         evaluation=_evaluation(cfg, plan) if plan.early_stopping else None,
+        style_profile=status.get("styleProfile") if isinstance(status.get("styleProfile"), dict) else None,
     )
     run = _run(kind, body, work, cfg, "train", spec.scheduling)
     if backend != "ai-toolkit":
@@ -210,8 +217,8 @@ def lora_style(ref: LoRAReference, obj: Mapping[str, Any]) -> LoraStyle:
 
 
 def style_profile(refs: list[LoRAReference], deps: Mapping) -> dict[str, Any] | None:
-    """The L1 STYLE_PROFILE the reformulation uses: the first LoRA's `status.styleProfile`. The seam where issue #4's
-    profile reaches generation; no status carries one before it, so prompts stay raw with a warning."""
+    """The L1 STYLE_PROFILE the reformulation uses: the first LoRA's `status.styleProfile` (a StyleLoRA carries its
+    board's; a fusion its first source's). None: prompts stay raw with a warning."""
     for ref in refs:
         profile = (deps[(ref.kind, ref.name)].get("status") or {}).get("styleProfile")
         if isinstance(profile, dict):
@@ -264,7 +271,8 @@ def _generate(kind: Kind, body: Mapping, spec: GenerationJobSpec, deps: Mapping,
     key = spec.reformulation.apiKeySecret
     if mode == "reformulate" and key:  # optional: without it the runtime falls back to raw prompts and says so
         secrets.append(SecretEnv(PROVIDER_KEY_ENV[spec.reformulation.provider], key.name, key.key, optional=True))
-    return _run(kind, body, work, cfg, "generate", spec.scheduling, secrets)
+    run = _run(kind, body, work, cfg, "generate", spec.scheduling, secrets)
+    return _with_provider_url(run, spec.reformulation.provider, cfg) if mode == "reformulate" else run
 
 
 def _fuse(kind: Kind, body: Mapping, spec: LoRAFusionSpec, deps: Mapping, cfg: OperatorConfig) -> Run:
@@ -335,7 +343,9 @@ def _plan_status(run: Run) -> tuple[dict[str, Any], list[str]]:
         "fromSpec": from_spec,
         "hash": plan.plan_hash(),
     }
-    fields = {"plan": summary, "totalSteps": values["steps"], "triggerWord": run.runspec.work.trigger_word}
+    work = run.runspec.work
+    fields = {"plan": summary, "totalSteps": values["steps"], "triggerWord": work.trigger_word}
+    fields["styleProfile"] = work.style_profile
     return fields, list(plan.warnings)
 
 

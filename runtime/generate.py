@@ -46,6 +46,7 @@ STEP = "generate"
 IMAGES_DIR = "images"
 CONTACT_SHEET = "contact_sheet.png"
 SUMMARY = "generation.json"
+TEXT_CACHE = "text-cache"  # L2 answers, so a retried pod does not pay twice
 MAX_PROMPT_CHARS = 4000  # the GenerationJob schema's bound, kept by the CLI too
 REPORT_INTERVAL_S = 2.0
 
@@ -180,7 +181,8 @@ def render_job(
     started = time.perf_counter()
     check_request(work)
     loras = check_model_and_loras(work)
-    prompts, warnings = final_prompts(work, reformulator or (lambda: load_reformulator(work)))
+    cache = join_uri(output_uri, TEXT_CACHE)  # a retried pod does not pay for the same reformulation twice
+    prompts, warnings = final_prompts(work, reformulator or (lambda: load_reformulator(work, cache_uri=cache)))
     job = work_hash(work)
     plan = work.image_files()
     done = {name: meta for _, _, name in plan if (meta := _finished(output_uri, name, job)) is not None}

@@ -7,9 +7,9 @@ Pure functions (no torch): the operator decides the policy from its LoRAs' train
   since a reformulated prompt would steer that LoRA too. `on` and `off` are the user's word.
 - Raw prompts: the user prompt with the LoRAs' trigger words in front, `"bd9style. a fox at night"`, the way the
   training captions start (`prepare.caption_for`); a trigger the prompt already names is not repeated.
-- Reformulated prompts: the L2 reformulation of the user prompt in the board's STYLE_PROFILE, trigger words in
-  front as well (the LoRA was trained to answer to them). The reformulation itself is issue #4's; it plugs in at
-  `load_reformulator`, the one seam. Whenever it is unavailable (no profile, no API key, an API error for one
+- Reformulated prompts: the L2 reformulation (`kleinstyle.runtime.text`) of the user prompt in the board's
+  STYLE_PROFILE, trigger words in front as well (the LoRA was trained to answer to them), built by
+  `load_reformulator`. Whenever it is unavailable (no profile, no API key, an API error for one
   prompt), that prompt falls back to the raw form and a warning says why: never a silent change of behaviour.
 """
 
@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from .spec import PROVIDER_KEY_ENV, GenerateSpec
+from .spec import GenerateSpec
 
 # A user prompt in, the reformulated prompt out; raises ReformulationError when it cannot.
 Reformulator = Callable[[str], str]
@@ -120,16 +120,37 @@ def prompts_to_render(
     return out, warnings
 
 
-def load_reformulator(work: GenerateSpec, env: Mapping[str, str] | None = None) -> Reformulator:
-    """The L2 reformulation for `work`: THE SEAM where issue #4's `kleinstyle.runtime.text` plugs in.
+def load_reformulator(
+    work: GenerateSpec, env: Mapping[str, str] | None = None, cache_uri: str | None = None
+) -> Reformulator:
+    """The L2 reformulation for `work` through `kleinstyle.runtime.text` (answers cached under `cache_uri`).
 
-    What it needs is checked here (the style profile, the provider's API key from the Secret-filled env var);
-    the reformulation itself is not part of this build yet, so it reports itself unavailable.
+    What it needs is checked first (the style profile, the provider's API key from the Secret-filled env var), so a
+    job without them falls back to raw prompts with the reason. The trigger words are added by `prompts_to_render`.
     """
+    from .text.cache import AnswerCache
+    from .text.client import TextClient
+    from .text.profile import StyleProfile
+    from .text.providers import NoApiKey, TextError, make_provider
+    from .text.reformulate import reformulate
+
     env = os.environ if env is None else env
     if work.style_profile is None:
         raise ReformulationUnavailable("no style profile is known for these LoRAs")
-    key_env = PROVIDER_KEY_ENV[work.reformulation_provider]
-    if not env.get(key_env):
-        raise ReformulationUnavailable(f"no {work.reformulation_provider} API key: {key_env} is not set")
-    raise ReformulationUnavailable("this build has no L2 reformulation (issue #4 brings kleinstyle.runtime.text)")
+    try:
+        provider = make_provider(work.reformulation_provider, work.reformulation_model, env=env)
+    except NoApiKey as exc:
+        raise ReformulationUnavailable(str(exc)) from exc
+    try:
+        profile = StyleProfile.model_validate(work.style_profile)
+    except ValueError as exc:
+        raise ReformulationUnavailable(f"the style profile is not a valid STYLE_PROFILE: {exc}") from exc
+    client = TextClient(provider, AnswerCache(cache_uri))
+
+    def reformulated(prompt: str) -> str:
+        try:
+            return reformulate(client, profile, prompt).prompt
+        except TextError as exc:
+            raise ReformulationError(str(exc)) from exc
+
+    return reformulated

@@ -120,6 +120,9 @@ class TrainSpec(_Frozen):
     plan: TrainingPlan
     # How checkpoints are scored for early stopping; None when the plan turns early stopping off.
     evaluation: EvaluationSpec | None = None
+    # The board's L1 STYLE_PROFILE (None without one): training ignores it; it travels with the LoRA (its sidecar and
+    # the StyleLoRA's status) to the GenerationJobs that reformulate prompts for it.
+    style_profile: dict[str, Any] | None = None
 
 
 class GenerateSpec(_Frozen):

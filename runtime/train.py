@@ -302,6 +302,7 @@ def publish_lora(spec: RunSpec, source: Path, info: dict[str, Any]) -> str:
         "backend": work.backend,
         "model": work.model,
         "trigger_word": work.trigger_word,
+        "style_profile": work.style_profile,
         "owner": spec.owner.model_dump(mode="json"),
         "uri": join_uri(spec.output_display_uri, LORA_FILE),
         "format": "diffusers LoRA (transformer.*.lora_A/lora_B), alpha baked into lora_B",

@@ -142,6 +142,11 @@ class StyleLoRAStatus(CommonStatus):
     triggerWord: str | None = Field(
         default=None, description="The trigger word the LoRA is trained with; GenerationJobs put it in prompts."
     )
+    styleProfile: dict[str, Any] | None = Field(
+        default=None,
+        description="The board's L1 STYLE_PROFILE this LoRA was trained with; GenerationJobs reformulate with it.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
     stopReason: str | None = Field(default=None, description="Why training ended.")
     stopRequest: str | None = Field(
         default=None,

@@ -11,14 +11,13 @@ outside 100-200 words is accepted with a note; an answer that lost the user's su
 prompt falls back to the user's own words with the trigger word and the MUST suffix (the user wins on content).
 
 Whether generation reformulates at all is not decided here: it is the TrainingPlan's `text_pipeline` decision
-(runtime/plan.py), which `prompts_for_generation` takes as `enabled`.
+(runtime/plan.py), which generation applies (runtime/prompts.py builds the reformulator from this module).
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -243,18 +242,3 @@ def reformulate(client: TextClient, profile: StyleProfile, prompt: str, trigger:
     return Reformulation(
         prompt=repaired, original=prompt, origin="repaired", words=word_count(repaired), attempts=2, problems=problems
     )
-
-
-def prompts_for_generation(
-    client: TextClient | None,
-    profile: StyleProfile | None,
-    prompts: Sequence[str],
-    trigger: str | None,
-    *,
-    enabled: bool,
-) -> list[Reformulation]:
-    """The prompts a generation renders: reformulated when the text pipeline is `enabled` (the plan's decision)
-    and a profile and a provider are there, otherwise the user's prompts with the trigger word."""
-    if not enabled or profile is None or client is None:
-        return [passthrough(prompt, trigger) for prompt in prompts]
-    return [reformulate(client, profile, prompt, trigger) for prompt in prompts]

@@ -588,3 +588,19 @@ def test_finished_generation_lists_each_image_from_the_runspec_with_the_prompt_u
 def test_a_trained_lora_shows_its_trigger_word():
     decision = step(lora(), deps={("StyleBoard", "bd9"): ready_board()})
     assert decision.status["triggerWord"] == "bd9style"
+
+
+def test_the_boards_style_profile_travels_with_the_lora_to_the_generation():
+    """L1 lands in the board's status; the StyleLoRA carries it (RunSpec and status), a GenerationJob that
+    reformulates takes it from there, and one that does not leaves it out of its RunSpec."""
+    profile = {"PROMPT_SUFFIX_MUST": "crimson and ivory palette", "MUST_APPLY": {"COLOR": "crimson"}}
+    board_body = ready_board()
+    board_body["status"]["styleProfile"] = profile
+    trained = step(lora(), deps={("StyleBoard", "bd9"): board_body})
+    assert trained.status["styleProfile"] == profile
+    cm = next(c for c in trained.create if c["kind"] == "ConfigMap")
+    assert json.loads(cm["data"]["runspec.json"])["work"]["style_profile"] == profile
+
+    deps = {("StyleLoRA", "bd9-lora"): trained_lora(styleProfile=profile)}
+    assert generate_work(step(generation(), deps=deps))["style_profile"] == profile
+    assert generate_work(step(generation(textPipeline="off"), deps=deps))["style_profile"] is None

@@ -93,11 +93,57 @@ def test_unavailable_reformulation_turns_the_whole_job_raw_with_one_warning() ->
     ("profile", "env", "why"),
     [
         (None, {"GEMINI_API_KEY": "k"}, "no style profile"),
-        ({"MUST_APPLY": {}}, {}, "GEMINI_API_KEY is not set"),
-        ({"MUST_APPLY": {}}, {"GEMINI_API_KEY": "k"}, "issue #4"),
+        ({"MUST_APPLY": {}}, {}, "no API key for gemini"),
+        ({"MUST_APPLY": {}}, {"GEMINI_API_KEY": "k"}, "not a valid STYLE_PROFILE"),
     ],
 )
 def test_the_seam_says_why_it_cannot_reformulate(profile: dict | None, env: dict, why: str) -> None:
     work = GenerateSpec(model_path="/m", loras=(), prompts=("a",), prompt_mode="reformulate", style_profile=profile)
     with pytest.raises(ReformulationUnavailable, match=why):
         load_reformulator(work, env)
+
+
+PROFILE_DOC = {
+    "MUST_APPLY": {
+        "COLOR": "saturated crimson and ivory, high contrast",
+        "TEXTURE": "heavy silk and polished marble",
+        "LIGHTING": "soft warm side light",
+        "MOOD": "quiet, ceremonial",
+    },
+    "ENRICH": {
+        "SIGNATURE_ELEMENTS": "floating rose petals",
+        "WARDROBE_LANGUAGE": "draped silk",
+        "ENVIRONMENT": "a marble hall",
+        "CAMERA": "85mm portrait lens",
+    },
+    "PROMPT_SUFFIX_MUST": "crimson and ivory palette, heavy silk, soft warm side light",
+    "PROMPT_SUFFIX_ENRICH": "floating rose petals",
+}
+
+
+def test_the_seam_reformulates_through_the_text_pipeline(gemini_server, tmp_path) -> None:
+    """A generation's prompts go through issue #4's L2 against a local Gemini server; the answers are cached."""
+    body = "A fox in draped crimson silk crosses a marble hall among floating rose petals in soft warm side light."
+    answer = " ".join([body] * 7) + " " + PROFILE_DOC["PROMPT_SUFFIX_MUST"]
+    gemini_server.respond = lambda request: gemini_server.answer({"prompt": answer})
+    work = GenerateSpec(
+        model_path="/m", loras=(), prompts=("a fox",), prompt_mode="reformulate", style_profile=PROFILE_DOC
+    )
+    reformulate = load_reformulator(work, gemini_server.env, cache_uri=str(tmp_path / "cache"))
+    used, warnings = prompts_to_render(["a fox"], "reformulate", ["bigstyle"], lambda: reformulate)
+    assert warnings == [] and used[0].reformulated
+    assert used[0].used.startswith("bigstyle. A fox in draped crimson silk") and len(used[0].used.split()) > 100
+    calls = len(gemini_server.requests)
+    again = load_reformulator(work, gemini_server.env, cache_uri=str(tmp_path / "cache"))
+    assert again("a fox") == reformulate("a fox") and len(gemini_server.requests) == calls  # from the cache
+
+
+def test_a_provider_error_falls_back_to_the_raw_prompt(gemini_server) -> None:
+    gemini_server.respond = lambda request: gemini_server.error(400, "API key not valid")
+    work = GenerateSpec(
+        model_path="/m", loras=(), prompts=("a fox",), prompt_mode="reformulate", style_profile=PROFILE_DOC
+    )
+    reformulate = load_reformulator(work, gemini_server.env)
+    used, warnings = prompts_to_render(["a fox"], "reformulate", ["bigstyle"], lambda: reformulate)
+    assert used[0].used == "bigstyle. a fox" and not used[0].reformulated
+    assert "reformulation failed" in warnings[0]

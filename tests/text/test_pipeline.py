@@ -9,7 +9,7 @@ import pytest
 from kleinstyle.runtime.text.captions import CaptionTask, check_given, generate_caption, generate_captions
 from kleinstyle.runtime.text.profile import StyleProfile, extract_profile
 from kleinstyle.runtime.text.providers import AnswerRejected, ImagePart
-from kleinstyle.runtime.text.reformulate import prompts_for_generation, reformulate
+from kleinstyle.runtime.text.reformulate import reformulate
 from PIL import Image
 
 if TYPE_CHECKING:
@@ -209,12 +209,3 @@ def test_an_unusable_reformulation_answer_falls_back(gemini_server: ModelServer,
     assert result.origin == "fallback" and "blocked it" in result.problems[0]
 
 
-def test_generation_prompts_follow_the_plans_decision(gemini_server: ModelServer, clients: Clients) -> None:
-    client = clients(gemini_server)
-    off = prompts_for_generation(client, PROFILE, ["a man in an office"], TRIGGER, enabled=False)
-    assert [(p.prompt, p.origin) for p in off] == [("bd9style. a man in an office", "passthrough")]
-    no_profile = prompts_for_generation(client, None, ["a man"], TRIGGER, enabled=True)
-    assert no_profile[0].origin == "passthrough" and gemini_server.requests == []
-    gemini_server.script = [gemini_server.answer({"prompt": prompt_of(150)})]
-    on = prompts_for_generation(client, PROFILE, ["a man in an office"], TRIGGER, enabled=True)
-    assert on[0].origin == "reformulated"
