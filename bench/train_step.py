@@ -11,7 +11,8 @@ The reference document reports about 0.84 s/step on an H200 (1000 steps in 14 mi
 
 Variants: eager (bf16 base weights, fp32 LoRA under bf16 autocast, SDPA attention), compile (each transformer
 block compiled with torch.compile), compile-model (the whole transformer compiled), checkpointing (gradient
-checkpointing: less memory, more time).
+checkpointing: less memory, more time), fp8 and fp8-compile (`fp8Base`: the frozen base linears in float8 with
+rowwise scales, fp8 matmuls on Hopper; on a CPU the fp8 matmul is emulated and slow).
 """
 
 from __future__ import annotations
@@ -27,37 +28,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 from diffusers import Flux2Transformer2DModel
-from kleinstyle.runtime.klein.arch import select_lora_targets
+from kleinstyle.runtime.klein.arch import KLEIN_9B_TRANSFORMER, select_lora_targets
+from kleinstyle.runtime.klein.fp8 import base_layers_to_fp8
 from kleinstyle.runtime.klein.lora_train import flow_matching_loss
 from kleinstyle.runtime.klein.optim import make_optimizer
+from kleinstyle.runtime.klein.tiny import TINY_TRANSFORMER
 from peft import LoraConfig
-
-KLEIN_9B = dict(
-    patch_size=1,
-    in_channels=128,
-    num_layers=8,
-    num_single_layers=24,
-    attention_head_dim=128,
-    num_attention_heads=32,
-    joint_attention_dim=12288,
-    timestep_guidance_channels=256,
-    mlp_ratio=3.0,
-    axes_dims_rope=(32, 32, 32, 32),
-    guidance_embeds=False,
-)
-TINY = dict(
-    patch_size=1,
-    in_channels=16,
-    num_layers=2,
-    num_single_layers=2,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=96,
-    timestep_guidance_channels=32,
-    mlp_ratio=3.0,
-    axes_dims_rope=(4, 4, 4, 4),
-    guidance_embeds=False,
-)
 
 
 @dataclass
@@ -86,11 +62,13 @@ def build(config: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch
 
 def measure(variant: str, gpu: bool, steps: int, warmup: int) -> Row:
     device = torch.device("cuda" if gpu else "cpu")
-    config, size, tokens = (KLEIN_9B, 1024, 512) if gpu else (TINY, 64, 32)
+    config, size, tokens = (KLEIN_9B_TRANSFORMER, 1024, 512) if gpu else (TINY_TRANSFORMER, 64, 32)
     transformer, params = build(config, device, torch.bfloat16 if gpu else torch.float32)
+    if variant.startswith("fp8"):  # the frozen base linears in float8, the LoRA factors fp32 beside them
+        base_layers_to_fp8(transformer)
     if variant == "checkpointing":
         transformer.enable_gradient_checkpointing()
-    if variant == "compile":  # regional: each block, so the 32 blocks share two compiled graphs
+    if variant in ("compile", "fp8-compile"):  # regional: each block, so the 32 blocks share two compiled graphs
         for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
             block.compile()
     if variant == "compile-model":
@@ -128,7 +106,7 @@ def measure(variant: str, gpu: bool, steps: int, warmup: int) -> Row:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--variants", default="eager,compile,checkpointing")
+    parser.add_argument("--variants", default="eager,compile,checkpointing,fp8,fp8-compile")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--cpu", action="store_true", help="the tiny model on the CPU even when a GPU is there")

@@ -74,7 +74,7 @@ def aitoolkit_config(
                     "model": {
                         "name_or_path": model_path or HUB_MODEL[model],
                         "arch": ARCH[model],
-                        "quantize": False,
+                        "quantize": bool(plan.fp8_base.value),
                         "low_vram": False,
                     },
                 }

@@ -100,6 +100,7 @@ def train_settings(plan: TrainingPlan) -> Any:
         checkpoint_every=int(v["checkpoint_every"]),
         seed=int(v["seed"]),
         compile_blocks=True,  # on CUDA only
+        fp8_base=bool(v["fp8_base"]),
     )
 
 

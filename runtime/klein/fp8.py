@@ -1,13 +1,20 @@
-"""fp8 block linears for generation: weights stored as float8 e4m3 with one scale per output row, activations scaled
-per token on the fly, multiplied by `torch._scaled_mm` (fp8 tensor cores on Hopper: H100, H200), fp32 accumulation.
+"""fp8 block linears for generation and for training's frozen base: weights stored as float8 e4m3 with one
+scale per output row, activations scaled per token on the fly, multiplied by `torch._scaled_mm` (fp8 tensor cores
+on Hopper: H100, H200), fp32 accumulation.
 
 Halves the transformer's weight memory (9B: 18.2 -> ~9.6 GB) and the time of its large matmuls. Only the
 LoRA-targetable linears of the blocks are converted (the attention projections and MLPs: nearly all parameters);
 embedders, modulation and the output projection stay in bf16. Convert after the LoRAs are fused into the weights,
 so the LoRA is quantised with the layer it changes.
+
+Training (`TrainSettings.fp8_base`) converts the base layers that peft's LoRA layers wrap, after the adapters are
+added: the LoRA factors stay float32 beside the fp8 base. Gradients flow through the frozen fp8 layer to the
+input only (the weight gets none): backward multiplies by the dequantised weight in the gradient's dtype.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,13 +39,7 @@ class Float8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        # One scale per token, kept in the activations' dtype so no float32 copy of them is made; the same
-        # (rounded) scale divides here and multiplies back inside the matmul.
-        scale = (rows.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12)  # (tokens, 1)
-        quantised = (rows / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-        out = torch._scaled_mm(
-            quantised, self.weight.t(), scale_a=scale.float(), scale_b=self.weight_scale, out_dtype=_out_dtype(x)
-        )
+        out = _Fp8Matmul.apply(rows, self.weight, self.weight_scale)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -47,9 +48,38 @@ class Float8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8=e4m3"
 
 
+class _Fp8Matmul(torch.autograd.Function):
+    """rows @ W^T with W in fp8: forward on fp8 tensor cores, backward (to the input) with the dequantised W."""
+
+    @staticmethod
+    def forward(ctx: Any, rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+        # One scale per token, kept in the activations' dtype so no float32 copy of them is made; the same
+        # (rounded) scale divides here and multiplies back inside the matmul.
+        scale = (rows.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12)  # (tokens, 1)
+        quantised = (rows / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        ctx.save_for_backward(weight, weight_scale)
+        return torch._scaled_mm(
+            quantised, weight.t(), scale_a=scale.float(), scale_b=weight_scale, out_dtype=_out_dtype(rows)
+        )
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        weight, weight_scale = ctx.saved_tensors
+        dequantised = weight.to(grad.dtype) * weight_scale.t().to(grad.dtype)  # (out, in)
+        return grad @ dequantised, None, None
+
+
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
     # Hopper's scaled matmul writes bf16 or fp32; the CPU kernel (tests) too.
     return x.dtype if x.dtype in (torch.bfloat16, torch.float32) else torch.bfloat16
+
+
+def base_layers_to_fp8(transformer: nn.Module) -> int:
+    """Replace the nn.Linear base layers that peft's LoRA layers wrap with Float8Linear; returns how many."""
+    wrapped = [m for m in transformer.modules() if isinstance(getattr(m, "base_layer", None), nn.Linear)]
+    for module in wrapped:
+        module.base_layer = Float8Linear(module.base_layer)
+    return len(wrapped)
 
 
 def to_fp8(transformer: nn.Module) -> int:

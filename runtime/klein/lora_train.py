@@ -92,6 +92,8 @@ class TrainSettings:
     # this LoRA learns the residual; and a trigger word stripped from the start of every caption (content stage).
     base_lora: str | None = None
     strip_trigger: str | None = None
+    # Frozen base linears in float8 (klein/fp8.py): less memory and fp8 matmuls on Hopper; the LoRA stays float32.
+    fp8_base: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.target, str):
@@ -313,6 +315,10 @@ class _Trainer:
         self.params = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
         for param in self.params.values():
             param.data = param.data.float()  # trainable weights stay float32 under bf16 autocast
+        if cfg.fp8_base:
+            from .fp8 import base_layers_to_fp8
+
+            log.info("fp8 base weights: %d linears", base_layers_to_fp8(transformer))
         if cfg.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         self.transformer = transformer.to(device).train()

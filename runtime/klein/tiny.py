@@ -159,20 +159,24 @@ def _text_encoder(*, vocab_size: int) -> Qwen3ForCausalLM:
     return Qwen3ForCausalLM(config).eval()
 
 
+# The tiny transformer's diffusers config (benchmarks build it directly, as they build KLEIN_9B_TRANSFORMER).
+TINY_TRANSFORMER: dict[str, object] = {
+    "patch_size": 1,
+    "in_channels": LATENT_CHANNELS * 4,
+    "num_layers": 2,
+    "num_single_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": len(TINY_TEXT_ENCODER_LAYERS) * TEXT_HIDDEN,
+    "timestep_guidance_channels": 32,
+    "mlp_ratio": 3.0,
+    "axes_dims_rope": (4, 4, 4, 4),
+    "guidance_embeds": False,
+}
+
+
 def _transformer() -> Flux2Transformer2DModel:
-    return Flux2Transformer2DModel(
-        patch_size=1,
-        in_channels=LATENT_CHANNELS * 4,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=len(TINY_TEXT_ENCODER_LAYERS) * TEXT_HIDDEN,
-        timestep_guidance_channels=32,
-        mlp_ratio=3.0,
-        axes_dims_rope=(4, 4, 4, 4),
-        guidance_embeds=False,
-    )
+    return Flux2Transformer2DModel(**TINY_TRANSFORMER)
 
 
 def _vae() -> AutoencoderKLFlux2:

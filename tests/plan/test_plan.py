@@ -164,3 +164,13 @@ def test_two_step_mode_plans_the_documents_consislora_stages():
 def test_two_step_mode_is_refused_for_aitoolkit():
     with pytest.raises(ValueError, match="builtin"):
         plan_training(12, {"mode": "two-step", "backend": "ai-toolkit"})
+
+
+def test_fp8_base_is_off_by_default_and_reaches_both_backends():
+    from kleinstyle.runtime.aitoolkit import aitoolkit_config
+
+    assert plan_training(12, {}).fp8_base.value is False
+    plan = plan_training(12, {"training": {"fp8Base": True}})
+    assert (plan.fp8_base.value, plan.fp8_base.source) == (True, "spec")
+    config = aitoolkit_config(plan, name="x", dataset_dir="/d", training_folder="/t", trigger_word="w")
+    assert config["config"]["process"][0]["model"]["quantize"] is True

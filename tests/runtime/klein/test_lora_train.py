@@ -397,3 +397,33 @@ def test_merging_a_lora_for_other_layers_is_refused(tiny_klein: Path, tmp_path: 
 )
 def test_strip_trigger(caption: str, expected: str) -> None:
     assert strip_trigger(caption, "tokstyle") == expected
+
+
+# --- fp8 base weights --------------------------------------------------------------------------------------------
+
+
+def test_fp8_base_layers_pass_gradients_like_the_linear_they_replace() -> None:
+    from kleinstyle.runtime.klein.fp8 import Float8Linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    fp8 = Float8Linear(linear)
+    x = torch.randn(5, 64, requires_grad=True)
+    x8 = x.detach().clone().requires_grad_(True)
+    (linear(x) ** 2).sum().backward()
+    (fp8(x8) ** 2).sum().backward()
+    assert x8.grad is not None and fp8.weight.grad is None  # the base stays frozen
+    cosine = torch.nn.functional.cosine_similarity(x.grad.flatten(), x8.grad.flatten(), dim=0)
+    assert cosine > 0.99
+
+
+def test_fp8_base_training_learns_like_bf16_base(tiny_klein: Path, two_images: Path, tmp_path: Path) -> None:
+    cfg = replace(QUICK, steps=20, checkpoint_every=20, scheduler="constant", optimizer="adafactor", seed=1)
+    plain = train_lora(tiny_klein, two_images, tmp_path / "plain", cfg)
+    fp8 = train_lora(tiny_klein, two_images, tmp_path / "fp8", replace(cfg, fp8_base=True))
+    assert np.mean(fp8.losses[-5:]) < 0.95 * np.mean(fp8.losses[:5]), fp8.losses
+    a, b = load_file(plain.lora_path), load_file(fp8.lora_path)
+    assert a.keys() == b.keys()
+    # The same direction of learning, within fp8's rounding of the base (about 3% per weight on e4m3).
+    cosines = [float(torch.nn.functional.cosine_similarity(a[k].flatten(), b[k].flatten(), dim=0)) for k in a]
+    assert np.mean(cosines) > 0.9 and min(cosines) > 0.5, cosines
