@@ -34,7 +34,7 @@ from .contact_sheet import Cell, contact_sheet, grid_columns
 from .paths import local_path
 from .pngmeta import png_with_metadata
 from .prompts import PromptUsed, Reformulator, load_reformulator, prompts_to_render, with_triggers
-from .report import api_target, report_progress, write_termination_message
+from .report import api_target, read_runspec, report_progress, write_termination_message
 from .spec import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK, GenerateSpec, LoraInput, RunSpec
 
 if TYPE_CHECKING:  # torch is imported only when a job renders
@@ -343,13 +343,9 @@ def run_step(spec: RunSpec, reformulator: Callable[[], Reformulator] | None = No
 def main(spec_path: str) -> int:
     """`kleinstyle generate --spec RUNSPEC`: the GenerationJob's pod."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        spec = RunSpec.from_json(local_path(spec_path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        message = f"cannot read the RunSpec {spec_path}: {exc}"
-        log.error("%s", message)
-        write_termination_message(message)
-        return EXIT_BAD_SPEC
+    spec = read_runspec(spec_path, STEP)
+    if isinstance(spec, int):
+        return spec
     code, message, _ = run_step(spec)
     (log.info if code == EXIT_OK else log.error)("%s", message)
     write_termination_message(message)

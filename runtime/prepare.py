@@ -36,8 +36,7 @@ from pydantic import BaseModel, Field
 from .artifacts import ArtifactDir, artifact_metadata, join_uri, published_metadata, read_json
 from .fetch import FetchError, fetch
 from .images import ImageRejected, ValidImage, hamming, validate_image
-from .paths import local_path
-from .report import api_target, report_progress, write_termination_message
+from .report import api_target, read_runspec, report_progress, write_termination_message
 from .spec import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK, PrepareSpec, RunSpec
 from .text.captions import (
     Caption,
@@ -412,18 +411,10 @@ def main(spec_path: str, *, retry: RetryPolicy | None = None) -> int:
 
     `retry` bounds the captioning provider's retries (the default policy when None)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        spec = RunSpec.from_json(local_path(spec_path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        message = f"cannot read the RunSpec {spec_path}: {exc}"
-        log.error("%s", message)
-        write_termination_message(message)
-        return EXIT_BAD_SPEC
-    if not isinstance(spec.work, PrepareSpec):
-        message = f"this is a {spec.work.step} RunSpec; `kleinstyle prepare` runs only prepare"
-        log.error("%s", message)
-        write_termination_message(message)
-        return EXIT_BAD_SPEC
+    spec = read_runspec(spec_path, STEP)
+    if isinstance(spec, int):
+        return spec
+    assert isinstance(spec.work, PrepareSpec)
 
     def report(state: str, message: str, result: dict | None = None) -> bool:
         progress = {"step": STEP, "runHash": spec.run_id(), "state": state, "message": message, "result": result}

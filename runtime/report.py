@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 
 from .paths import TERMINATION_LOG, local_path
-from .spec import Owner
+from .spec import EXIT_BAD_SPEC, Owner, RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -161,3 +161,19 @@ def read_owner(owner: Owner, *, target: ApiTarget | None = None, timeout_s: floa
     except ValueError:
         return None
     return body if isinstance(body, dict) else None
+
+
+def read_runspec(spec_path: str, step: str) -> RunSpec | int:
+    """The pod's RunSpec for `step`; or, when it cannot be read or is another step's, the exit code (2) after
+    logging why and leaving it as the termination message (the Job fails at once: a retry reads the same file)."""
+    try:
+        spec = RunSpec.from_json(local_path(spec_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        message = f"cannot read the RunSpec {spec_path}: {exc}"
+    else:
+        if spec.work.step == step:
+            return spec
+        message = f"this is a {spec.work.step} RunSpec; `kleinstyle {step}` runs only {step}"
+    log.error("%s", message)
+    write_termination_message(message)
+    return EXIT_BAD_SPEC

@@ -37,7 +37,7 @@ from .artifacts import join_uri, write_json_atomic
 from .early_stop import Decision, StoppingSettings, decide_reported
 from .paths import is_object_store, local_path
 from .plan import TrainingPlan
-from .report import api_target, read_owner, report_progress, write_termination_message
+from .report import api_target, read_owner, read_runspec, report_progress, write_termination_message
 from .spec import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK, RunSpec, TrainSpec
 
 log = logging.getLogger(__name__)
@@ -606,14 +606,11 @@ def run_train(spec: RunSpec, reporter: Reporter) -> tuple[int, str, dict[str, An
 
 def main(spec_path: str) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        spec = RunSpec.from_json(local_path(spec_path).read_text(encoding="utf-8"))
-    except Exception as exc:
-        message = f"cannot read the RunSpec at {spec_path}: {exc}"
-        log.error(message)
-        write_termination_message(message)
-        return EXIT_BAD_SPEC
-    total = int(spec.work.plan.steps.value) if isinstance(spec.work, TrainSpec) else 0
+    spec = read_runspec(spec_path, STEP)
+    if isinstance(spec, int):
+        return spec
+    assert isinstance(spec.work, TrainSpec)
+    total = int(spec.work.plan.steps.value)
     reporter = Reporter(spec, total)
     reporter.send("Running", f"starting {getattr(spec.work, 'backend', '')} training: {total} steps")
     try:
