@@ -489,6 +489,8 @@ def lora_progress_status(progress: Mapping[str, Any], run: Run) -> dict[str, Any
         if isinstance(total, int) and total > 0:
             fields["totalSteps"] = total
             fields["progressText"] = f"{step}/{total} ({100 * step // total}%)"
+            if progress.get("stage") in ("content", "style"):  # two-step mode: the steps count per stage
+                fields["progressText"] = f"{progress['stage']} stage {fields['progressText']}"
     if isinstance(progress.get("loss"), int | float):
         fields["loss"] = float(progress["loss"])
     if (eta := _eta(progress.get("etaSeconds"))) is not None:
@@ -515,6 +517,8 @@ def _lora_result(result: Mapping[str, Any], run: Run) -> dict[str, Any]:
             fields["progressText"] = f"{steps}/{total} ({100 * steps // total}%)"
     if isinstance(result.get("final_loss"), int | float):
         fields["loss"] = float(result["final_loss"])
+    if isinstance(result.get("lora_step"), int):
+        fields["loraStep"] = result["lora_step"]
     return fields
 
 
@@ -617,6 +621,7 @@ KIND_RUNS: dict[str, KindRun] = {
             "eta": None,
             "checkpoints": [],
             "bestCheckpoint": None,
+            "loraStep": None,
             "earlyStopping": None,
             "loraURI": None,
             "stopReason": None,

@@ -150,18 +150,22 @@ def launch(
     )
     last, tail, stopped = None, [], False
     assert process.stdout is not None
-    for record in _records(process.stdout):
-        if log is not None:
-            print(record, file=log, flush=True)
-        tail = [*tail[-199:], record]
-        if (progress := parse_progress(record)) is not None:
-            last = progress
-            if on_progress is not None:
-                on_progress(progress)
-        if should_stop is not None and should_stop():
-            stopped = True
-            _stop(process)
-            break
+    try:
+        for record in _records(process.stdout):
+            if log is not None:
+                print(record, file=log, flush=True)
+            tail = [*tail[-199:], record]
+            if (progress := parse_progress(record)) is not None:
+                last = progress
+                if on_progress is not None:
+                    on_progress(progress)
+            if should_stop is not None and should_stop():
+                stopped = True
+                _stop(process)
+                break
+    except BaseException:
+        _stop(process)  # it runs in its own session: never leave it training (and holding the GPU) behind us
+        raise
     exit_code = process.wait()
     failure = None if exit_code == 0 or stopped else classify_failure("\n".join(tail))
     return RunOutcome(exit_code=exit_code, stopped=stopped, last=last, failure=failure)

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 ADHERENCE_WEIGHT = 0.5
 LEAKAGE_WEIGHT = 1.0
-SMOOTHING_WINDOW = 2  # the smoothed J is the mean J of the last this-many evaluations: one noisy render is no peak
+SMOOTHING_WINDOW = 2  # smoothed J: the mean J of the last this-many eligible evaluations (one noisy render is no peak)
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,8 @@ def probe_objective(scores: ProbeScores, baseline: ProbeScores) -> tuple[float, 
 
 
 def _eligibility(scores: ProbeScores, baseline: ProbeScores, settings: StoppingSettings) -> str:
+    if not all(math.isfinite(v) for v in (*scores.style, *scores.adherence, *scores.leakage)):
+        return "a score is not a number (a blank or diverged render)"
     adherence = _mean(scores.adherence)
     if adherence < settings.min_adherence:
         return f"adherence {adherence:.3f} < {settings.min_adherence}: the LoRA stopped drawing the prompts"
@@ -150,7 +152,8 @@ def decide(baseline: ProbeScores, checkpoints: Sequence[ProbeScores], settings: 
     judged = []
     for c in ordered:
         why_not = _eligibility(c, baseline, settings)
-        judged.append(Judged(c.step, round(_mean(per_probe[c.step]), 6), not why_not, why_not))
+        score = _mean(per_probe[c.step]) if not why_not.startswith("a score is not") else -math.inf
+        judged.append(Judged(c.step, round(score, 6), not why_not, why_not))
     eligible = [j for j in judged if j.eligible]
     best = None
     if eligible:
@@ -176,21 +179,19 @@ def _stop(
     best_probes: tuple[float, ...] | None = None
     stale = failed = 0
     for index, (c, j) in enumerate(zip(ordered, judged, strict=True)):
-        window = judged[max(0, index - SMOOTHING_WINDOW + 1) : index + 1]
-        smoothed = _mean([w.score for w in window])
         failed = 0 if j.eligible else failed + 1
-        if best_smoothed is None:
-            best_smoothed, best_probes = smoothed, per_probe[c.step]
-            continue
-        margin = paired_standard_error(per_probe[c.step], best_probes or per_probe[c.step])
-        if j.eligible and smoothed > best_smoothed + margin:
-            best_smoothed, best_probes, stale = smoothed, per_probe[c.step], 0
-        else:
-            stale += 1
+        if j.eligible:
+            window = [w for w in judged[: index + 1] if w.eligible][-SMOOTHING_WINDOW:]
+            smoothed = _mean([w.score for w in window])
+            margin = paired_standard_error(per_probe[c.step], best_probes) if best_probes else 0.0
+            if best_smoothed is None or smoothed > best_smoothed + margin:
+                best_smoothed, best_probes, stale = smoothed, per_probe[c.step], 0
+                continue
         if c.step < settings.warmup_steps:
-            continue
+            continue  # the warm-up neither stops the run nor uses up its patience
         if failed >= 2:
             return True, f"step {c.step}: two evaluations in a row failed the guards ({j.why_not})"
+        stale += 1
         if stale >= settings.patience:
             return True, f"step {c.step}: no improvement beyond one standard error for {stale} evaluations"
     return False, "still improving" if stale == 0 else f"{stale} evaluation(s) without improvement"

@@ -13,6 +13,7 @@ artifacts are fine, and the operator also reads the Job's outcome and terminatio
 from __future__ import annotations
 
 import logging
+import math
 import os
 import ssl
 import time
@@ -73,8 +74,19 @@ def status_path(owner: Owner) -> str:
 
 
 def progress_patch(progress: Mapping[str, Any]) -> dict[str, Any]:
-    """The merge patch for `progress`; keys set to None are removed from the status (merge-patch semantics)."""
-    return {"status": {"progress": dict(progress)}}
+    """The merge patch for `progress`; keys set to None are removed from the status (merge-patch semantics).
+    Non-finite numbers (a NaN loss or score) become None: JSON has no NaN, and one must not stop every report."""
+    return {"status": {"progress": _finite(dict(progress))}}
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def report_progress(

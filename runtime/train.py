@@ -135,6 +135,7 @@ class Reporter:
         self.stop_requested = False
         self.stop_reason = STOP_REQUESTED
         self.stage: str | None = None  # two-step mode: "content", then "style"
+        self.warnings: list[str] = []  # for the result, hence the StyleLoRA's Warning condition
         # Probe scores of the base model and of each checkpoint (early_stop.decide_reported reads them).
         self.evaluation: dict[str, Any] | None = None
 
@@ -229,6 +230,10 @@ class Judge:
         self.settings = StoppingSettings.from_plan(work.plan)
         device = default_device()
         evaluation = work.evaluation
+        if evaluation.embedder_path and not (local_path(evaluation.embedder_path) / "config.json").is_file():
+            raise BadInput(
+                f"checkpointEvaluation.embedderDir: no image encoder at {evaluation.embedder_path} (no config.json)"
+            )
         embedder = (
             VisionModelEmbedder(local_path(evaluation.embedder_path), device=device)
             if evaluation.embedder_path
@@ -268,6 +273,13 @@ class Judge:
             self.reporter.request_stop(f"early stopping: {self.decision.reason}")
 
     def best_step(self) -> int | None:
+        """The checkpoint to promote; when none passed the guards, None and a warning in the result."""
+        if self.decision is not None and self.decision.best_step is None and self.decision.judged:
+            reasons = "; ".join(sorted({j.why_not for j in self.decision.judged if j.why_not}))
+            self.reporter.warnings.append(
+                f"no checkpoint passed the early-stopping guards ({reasons}): the latest one became the LoRA; "
+                "look at it before using it"
+            )
         return self.decision.best_step if self.decision else None
 
     def close(self) -> None:
@@ -402,6 +414,12 @@ def run_builtin(spec: RunSpec, reporter: Reporter) -> tuple[int, str, dict[str, 
     from .klein import checkpoints as ckpt
 
     judge = Judge(spec, reporter) if work.evaluation is not None and work.plan.early_stopping else None
+
+    def on_grid(step: int) -> bool:
+        """Planned checkpoints only: one saved on a stop or SIGTERM is promotable, not an evaluation, so when a run
+        stops never depends on when it was preempted."""
+        return step % cfg.checkpoint_every == 0 or step == cfg.steps
+
     # A restarted pod reports the checkpoints of the pods before it from the start, not only its own (their
     # scores come from the evaluation cache).
     for path in ckpt.list_checkpoints(work_dir):
@@ -409,14 +427,14 @@ def run_builtin(spec: RunSpec, reporter: Reporter) -> tuple[int, str, dict[str, 
         loss = ckpt.read_metadata(path).get("loss")
         reporter.checkpoints.append({"step": step, "uri": _display(spec, work_dir, path), "loss": loss})
         reporter.step = max(reporter.step, step)
-        if judge is not None:
+        if judge is not None and on_grid(step):
             judge.judge(step, path / ckpt.LORA_FILE)
 
     def on_step(info: StepInfo) -> None:
         reporter.on_step(info.step, info.total, info.loss, info.lr, info.seconds)
 
     def on_checkpoint(step: int, path: Path, loss: float) -> None:
-        if judge is not None:
+        if judge is not None and on_grid(step):
             judge.judge(step, path / ckpt.LORA_FILE)
         reporter.on_checkpoint(step, _display(spec, work_dir, path), loss)
 
@@ -498,6 +516,7 @@ def _finish(
         "stopped_early": stop_reason != "completed",
         "stop_reason": stop_reason,
         "best_checkpoint": best,
+        "warnings": list(reporter.warnings),
         **({"evaluation": reporter.evaluation} if reporter.evaluation else {}),
     }
     if stop_reason == "completed" and step == total:
@@ -566,6 +585,9 @@ def run_aitoolkit(spec: RunSpec, reporter: Reporter) -> tuple[int, str, dict[str
         else:
             outcome = aitoolkit_run.launch(config_path, on_progress=on_progress, should_stop=reporter.should_stop)
             on_progress(outcome.last or aitoolkit_run.Progress(reporter.step, total))  # the last checkpoints
+        if judge is not None and total not in paths and aitoolkit_run.is_complete(final):
+            paths[total] = final  # ai-toolkit saves no step checkpoint at the end: its final file is that step's
+            judge.judge(total, final)
     finally:
         if judge is not None:
             judge.close()

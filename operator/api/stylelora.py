@@ -143,6 +143,7 @@ class StyleLoRAStatus(CommonStatus):
         description="Step of the best checkpoint: the earliest within one standard error of the top score.",
     )
     earlyStopping: str | None = Field(default=None, description="The early-stopping policy's latest verdict.")
+    loraStep: int | None = Field(default=None, description="The step of the checkpoint that became the LoRA.")
     loraURI: str | None = Field(default=None, description="The trained LoRA (the best checkpoint).")
     triggerWord: str | None = Field(
         default=None, description="The trigger word the LoRA is trained with; GenerationJobs put it in prompts."

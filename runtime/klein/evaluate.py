@@ -74,7 +74,8 @@ class PixelStatsEmbedder:
         hsv_like = torch.stack([x.max(1).values - x.min(1).values, x.max(1).values], dim=1)  # chroma and value
         tone = torch.cat([hsv_like.mean(dim=(2, 3)), hsv_like.std(dim=(2, 3))], dim=1)
         texture = F.conv2d(x, self.filters, padding=2).abs().mean(dim=(2, 3))
-        return F.normalize(torch.cat([colour, tone, texture / texture.sum(1, keepdim=True)], dim=1) - 0.25, dim=1)
+        share = texture / texture.sum(1, keepdim=True).clamp(min=1e-8)  # a flat image has no texture: all zeros
+        return F.normalize(torch.cat([colour, tone, share], dim=1) - 0.25, dim=1)
 
     def content(self, images: Sequence[Image.Image]) -> torch.Tensor:
         grey = _pixels(images, self.size).mean(dim=1, keepdim=True)
@@ -104,7 +105,9 @@ class VisionModelEmbedder:
         return F.normalize(pooled - pooled.mean(dim=1, keepdim=True), dim=1)
 
     def content(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        tokens = self._hidden(images)[:, 1:].flatten(1)
+        config = getattr(self.model.config, "vision_config", self.model.config)
+        patches = (config.image_size // config.patch_size) ** 2  # the last tokens; CLS and registers come first
+        tokens = self._hidden(images)[:, -patches:].flatten(1)
         return F.normalize(tokens - tokens.mean(dim=1, keepdim=True), dim=1)
 
 
@@ -138,7 +141,7 @@ class Evaluator:
             model_dir,
             self.prompts,
             layers=text_encoder_layers,
-            max_sequence_length=128,
+            max_sequence_length=512,  # as generation encodes prompts (klein/generate.py MAX_SEQUENCE_LENGTH)
             device=self.device,
             dtype=dtype,
         )

@@ -53,6 +53,9 @@ class _Fp8Matmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+        ctx.input_dtype = rows.dtype
+        if rows.is_cuda:  # under autocast a LayerNorm hands fp32 on; rowwise-scaled fp8 wants bf16 in and out
+            rows = rows.to(torch.bfloat16)
         # One scale per token, kept in the activations' dtype so no float32 copy of them is made; the same
         # (rounded) scale divides here and multiplies back inside the matmul.
         scale = (rows.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12)  # (tokens, 1)
@@ -66,12 +69,12 @@ class _Fp8Matmul(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
         weight, weight_scale = ctx.saved_tensors
         dequantised = weight.to(grad.dtype) * weight_scale.t().to(grad.dtype)  # (out, in)
-        return grad @ dequantised, None, None
+        return (grad @ dequantised).to(ctx.input_dtype), None, None
 
 
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
-    # Hopper's scaled matmul writes bf16 or fp32; the CPU kernel (tests) too.
-    return x.dtype if x.dtype in (torch.bfloat16, torch.float32) else torch.bfloat16
+    # Rowwise scaling on CUDA writes bf16 (cuBLAS before 12.9 allows nothing else); the CPU kernel (tests) fp32 too.
+    return x.dtype if x.dtype == torch.float32 and not x.is_cuda else torch.bfloat16
 
 
 def base_layers_to_fp8(transformer: nn.Module) -> int:

@@ -233,9 +233,9 @@ def train_lora(
 
 def strip_trigger(caption: str, trigger: str) -> str:
     """`caption` without a leading trigger word and its separator ("bd9style. A house" -> "A house")."""
-    if caption.startswith(trigger):
-        return caption[len(trigger) :].lstrip(" .,:;")
-    return caption
+    from ..text.captions import without_trigger
+
+    return without_trigger(caption, trigger)
 
 
 @torch.no_grad()

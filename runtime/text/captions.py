@@ -78,7 +78,7 @@ def with_trigger(text: str, trigger: str) -> str:
     return line if starts_with_trigger(line, trigger) else f"{trigger}. {line}"
 
 
-def _without_trigger(text: str, trigger: str) -> str:
+def without_trigger(text: str, trigger: str) -> str:
     line = " ".join(text.split())
     if starts_with_trigger(line, trigger):
         line = line[len(trigger) :].lstrip(" .,:;-")
@@ -87,7 +87,7 @@ def _without_trigger(text: str, trigger: str) -> str:
 
 def check_given(text: str, trigger: str) -> Caption:
     """A caption the user wrote: kept as written (trigger added), flagged with any style words in it."""
-    words = style_words(_without_trigger(text, trigger))
+    words = style_words(without_trigger(text, trigger))
     note = f"describes style: {', '.join(words)}" if words else ""
     return Caption(with_trigger(text, trigger), "given", tuple(words), note)
 
@@ -107,17 +107,13 @@ def generate_caption(client: TextClient, image: ImagePart, trigger: str, what: s
     """The provider's content-only caption of `image`: checked, asked again once naming the style words it used,
     then cleaned if it still describes style. Raises TextError when the provider gives no usable answer."""
     prompt = caption_prompt(image)
-    first = _without_trigger(
-        client.ask("caption", CAPTION_PROMPT_VERSION, prompt, CaptionAnswer, what).caption, trigger
-    )
+    first = without_trigger(client.ask("caption", CAPTION_PROMPT_VERSION, prompt, CaptionAnswer, what).caption, trigger)
     words = style_words(first)
     if not words:
         return Caption(with_trigger(first, trigger), "generated")
     log.info("%s: the caption describes style (%s); asking again", what, ", ".join(words))
     again = prompt.with_note(RECAPTION_NOTE.format(words=", ".join(words)))
-    second = _without_trigger(
-        client.ask("caption", CAPTION_PROMPT_VERSION, again, CaptionAnswer, what).caption, trigger
-    )
+    second = without_trigger(client.ask("caption", CAPTION_PROMPT_VERSION, again, CaptionAnswer, what).caption, trigger)
     still = style_words(second)
     if not still:
         return Caption(with_trigger(second, trigger), "regenerated", tuple(words), f"asked again: {', '.join(words)}")

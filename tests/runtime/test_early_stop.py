@@ -24,10 +24,14 @@ def test_best_is_the_top_when_it_is_clearly_better():
 
 
 def test_earliest_checkpoint_within_one_standard_error_wins():
-    # 200 and 300 differ by less than the paired spread: the earlier one is preferred.
-    series = [scores(100, 0.3), scores(200, 0.5, jitter=0.04), scores(300, 0.51)]
+    # 300 is the top, but 200 trails it by less than one paired standard error: the earlier one is preferred.
+    series = [scores(100, 0.3), scores(200, 0.5, jitter=0.04), scores(300, 0.53)]
     decision = decide(BASE, series, StoppingSettings(patience=5))
+    assert decision.score_of(300) > decision.score_of(200)
     assert decision.best_step == 200
+    # Just outside one standard error, the top wins.
+    clear = decide(BASE, [scores(100, 0.3), scores(200, 0.5, jitter=0.04), scores(300, 0.6)], StoppingSettings())
+    assert clear.best_step == 300
 
 
 def test_order_of_reports_does_not_matter():
@@ -97,3 +101,23 @@ def test_paired_standard_error():
 def test_round_trip_through_dicts():
     s = scores(100, 0.3)
     assert ProbeScores.from_dict(s.to_dict()) == s
+
+
+def test_an_ineligible_first_evaluation_sets_no_bar():
+    rising = [scores(100, 0.9, adherence=0.1), scores(200, 0.35), scores(300, 0.4), scores(400, 0.45), scores(500, 0.5)]
+    decision = decide(BASE, rising, StoppingSettings(patience=2))
+    assert not decision.stop and decision.best_step == 500
+
+
+def test_the_warmup_does_not_use_up_patience():
+    series = [scores(100, 0.5), scores(200, 0.4), scores(300, 0.4), scores(400, 0.4), scores(500, 0.4)]
+    assert not decide(BASE, series, StoppingSettings(patience=3, warmup_steps=450)).stop
+    assert decide(BASE, series, StoppingSettings(patience=3, warmup_steps=0)).stop
+
+
+def test_a_score_that_is_not_a_number_is_ineligible():
+    nan = float("nan")
+    series = [scores(100, 0.3), ProbeScores(200, (nan,) * 4, (0.9,) * 4, (0.2,) * 4), scores(300, 0.35)]
+    decision = decide(BASE, series, StoppingSettings(patience=5))
+    assert not decision.judged[1].eligible and "not a number" in decision.judged[1].why_not
+    assert decision.best_step in (100, 300)

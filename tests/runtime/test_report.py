@@ -86,3 +86,13 @@ def test_termination_message_is_cut_at_4096_bytes_on_a_character_boundary(rootfs
     written = (rootfs / "dev/termination-log").read_bytes()
     assert len(written) == 4095
     assert written.decode("utf-8") == "a" + "é" * 2047
+
+
+def test_a_number_json_cannot_carry_is_reported_as_null():
+    import json
+
+    from kleinstyle.runtime.report import progress_patch
+
+    patch = progress_patch({"progress": {"loss": float("nan"), "checkpoints": [{"score": float("inf"), "step": 2}]}})
+    assert patch == {"status": {"progress": {"progress": {"loss": None, "checkpoints": [{"score": None, "step": 2}]}}}}
+    json.dumps(patch, allow_nan=False)  # what httpx does with it

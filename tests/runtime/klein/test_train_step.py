@@ -276,6 +276,30 @@ def test_early_stopping_stops_when_scores_fall_and_promotes_the_best(
     )
 
 
+def test_when_no_checkpoint_passes_the_guards_the_latest_is_promoted_with_a_warning(
+    rootfs: Path, kube_api: KubeApi, tiny_klein: Path, two_images: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def drifting(self: Evaluator, step: int, lora_file: Path | None) -> ProbeScores:
+        adherence = 1.0 if step == 0 else 0.1  # every checkpoint stops drawing the prompts
+        return ProbeScores(step, (0.5, 0.5), (adherence, adherence), (0.2, 0.2))
+
+    monkeypatch.setattr(Evaluator, "score", drifting)
+    serve_owner(kube_api)
+    assert train.main(runspec(rootfs, tiny_klein, two_images, evaluation=PROBES, stopping={"patience": 20})) == 0
+    result = progress_reports(kube_api)[-1]["result"]
+    # The guards failed at steps 2 and 4: the run stops there and the latest checkpoint is all there is.
+    assert result["stop_reason"].startswith("early stopping: step 4: two evaluations in a row failed the guards")
+    assert result["best_checkpoint"] is None and result["lora_step"] == 4
+    assert "no checkpoint passed the early-stopping guards (adherence 0.100" in result["warnings"][0]
+
+
+def test_a_missing_embedder_directory_exits_2(rootfs: Path, kube_api: KubeApi, tiny_klein: Path, two_images: Path):
+    serve_owner(kube_api)
+    probes = EvaluationSpec(prompts=1, seeds=1, size=32, steps=1, embedder_path="/models/dinov2")
+    assert train.main(runspec(rootfs, tiny_klein, two_images, evaluation=probes)) == 2
+    assert "checkpointEvaluation.embedderDir" in (rootfs / "dev/termination-log").read_text()
+
+
 def test_two_step_mode_trains_content_then_style_on_top(
     rootfs: Path, kube_api: KubeApi, tiny_klein: Path, two_images: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
