@@ -386,18 +386,20 @@ def test_a_missing_model_exits_2(rootfs: Path, tiny_klein: Path, two_images: Pat
 DOUBLE = Path(__file__).parents[1] / "data" / "aitoolkit_double"
 
 
-def aitoolkit_runspec(rootfs: Path, name: str) -> str:
+def aitoolkit_runspec(
+    rootfs: Path, name: str, model_path: str = "/models/klein", evaluation: EvaluationSpec | None = None
+) -> str:
     from kleinstyle.runtime.aitoolkit import aitoolkit_config
 
-    plan = plan_training(12, {"training": {"steps": 20, "checkpointEvery": 5}})
-    spec_path = write_spec(rootfs, plan, "ai-toolkit", "/models/klein")
+    plan = plan_training(12, {"training": {"steps": 20, "checkpointEvery": 5}, "earlyStopping": {"patience": 20}})
+    spec_path = write_spec(rootfs, plan, "ai-toolkit", model_path, evaluation)
     config = aitoolkit_config(
         plan,
         name=name,
         dataset_dir="/artifacts/data",
         training_folder=f"{OUTPUT}/aitoolkit",  # where the operator puts it (operator/runs.py)
         trigger_word="tokstyle",
-        model_path="/models/klein",
+        model_path=model_path,
     )
     (rootfs / "etc/kleinstyle/aitoolkit.yaml").write_text(yaml.safe_dump(config))
     return spec_path
@@ -414,13 +416,42 @@ def test_aitoolkit_backend_publishes_its_final_file(
     assert (output(rootfs) / "lora.safetensors").read_bytes() == final.read_bytes()
     result = progress_reports(kube_api)[-1]["result"]
     assert (result["steps"], result["stop_reason"]) == (20, "completed")
-    assert [c["step"] for c in result["checkpoints"]] == [5, 10, 15, 20]
+    assert [c["step"] for c in result["checkpoints"]] == [5, 10, 15]  # the last step is only the final file
     assert result["checkpoints"][0]["uri"] == f"{DISPLAY}/aitoolkit/wc-lora/wc-lora_000000005.safetensors"
 
     # A pod restarted after ai-toolkit finished (its report lost) publishes again without launching it.
     monkeypatch.setenv("AI_TOOLKIT_DIR", str(rootfs / "no-ai-toolkit-here"))
     assert train.main(spec_path) == 0
     assert progress_reports(kube_api)[-1]["state"] == "Succeeded"
+
+
+@pytest.mark.parametrize(("peak", "published"), [(10, "wc-lora_000000010.safetensors"), (20, "wc-lora.safetensors")])
+def test_aitoolkit_checkpoints_and_final_file_are_judged(
+    rootfs: Path,
+    kube_api: KubeApi,
+    tiny_klein: Path,
+    two_images: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    peak: int,
+    published: str,
+) -> None:
+    """Scores scripted by step (the double's files hold no LoRA): the best one is published, and ai-toolkit's final
+    file, which has no step checkpoint beside it, is judged as the last step."""
+
+    def scripted(self: Evaluator, step: int, lora_file: Path | None) -> ProbeScores:
+        style = 0.1 if step == 0 else 1.0 - abs(step - peak) / 20
+        return ProbeScores(step, (style, style + 0.01), (0.9, 0.9), (0.2, 0.2))
+
+    monkeypatch.setattr(Evaluator, "score", scripted)
+    monkeypatch.setenv("AI_TOOLKIT_DIR", str(DOUBLE))
+    serve_owner(kube_api)
+    runspec(rootfs, tiny_klein, two_images)  # puts the tiny model and the dataset where the RunSpec points
+    assert train.main(aitoolkit_runspec(rootfs, "wc-lora", "/models/tiny", PROBES)) == 0
+    result = progress_reports(kube_api)[-1]["result"]
+    assert [c["step"] for c in result["evaluation"]["checkpoints"]] == [5, 10, 15, 20]
+    assert result["best_checkpoint"] == result["lora_step"] == peak
+    chosen = output(rootfs) / "aitoolkit/wc-lora" / published
+    assert (output(rootfs) / "lora.safetensors").read_bytes() == chosen.read_bytes()
 
 
 def test_a_stopped_aitoolkit_run_never_promotes_a_cut_off_checkpoint(

@@ -35,7 +35,7 @@ for step in range(start + 1, steps + 1):
     if name.endswith("-oom") and step == 3:
         print("\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
         sys.exit(1)
-    if step % every == 0:
+    if step % every == 0 and step < steps:  # as ai-toolkit: the last step is saved as the final file only
         whole = safetensors_bytes()
         cut = name.endswith("-truncate") and step == 2 * every  # a save cut off by a kill, under the final name
         (folder / f"{name}_{step:09d}.safetensors").write_bytes(whole[:20] if cut else whole)
