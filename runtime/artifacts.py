@@ -27,7 +27,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .paths import local_path
+from .paths import fsync_path, local_path
 from .spec import RunSpec
 
 METADATA_FILE = "metadata.json"
@@ -221,12 +221,3 @@ def _write_durably(path: Path, data: bytes) -> None:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a folder by path (a folder's fsync makes a rename inside it durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -24,3 +24,12 @@ def local_path(pod_path: str | os.PathLike[str]) -> Path:
 
 def is_object_store(uri: str) -> bool:
     return uri.startswith(("s3://", "gs://"))
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder by path (a folder's fsync makes a rename inside it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
