@@ -90,6 +90,12 @@ class ArtifactDir:
     def write_json(self, name: str, obj: object) -> None:
         self.write_bytes(name, _json_bytes(obj))
 
+    def file_path(self, name: str) -> Path:
+        """The staged path of `name`, for a writer that streams a large file there and makes it durable itself."""
+        path = self._staging / _relative(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
     def commit(self) -> bool:
         """Publish the staged files with the sidecar and the marker; False when an identical run's were there."""
         if self.created is not None:
