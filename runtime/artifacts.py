@@ -27,7 +27,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .paths import fsync_path, local_path
+from .paths import fsync_path, is_remote, local_path
 from .spec import RunSpec
 
 METADATA_FILE = "metadata.json"
@@ -57,11 +57,6 @@ def artifact_metadata(spec: RunSpec, inputs: object) -> dict[str, Any]:
 def join_uri(base: str, *parts: str) -> str:
     """`base/part/...` for a pod path or a URL alike."""
     return "/".join([base.rstrip("/"), *(part.strip("/") for part in parts)])
-
-
-def is_remote(uri: str) -> bool:
-    """Whether `uri` goes through fsspec (s3://, gs://, memory://...) rather than a path in the pod."""
-    return "://" in uri
 
 
 class ArtifactDir:

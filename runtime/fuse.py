@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from .paths import local_path
+from .paths import is_remote, local_path
 
 if TYPE_CHECKING:
     from .klein.lora_fuse import Fused
@@ -68,7 +68,6 @@ def parse_input(text: str) -> Input:
 
 def open_lora(uri: str, scratch: Path, index: int) -> LoraFile:
     """Read one input: a path as is (a pod path through the local rootfs), an object-store URI copied to `scratch`."""
-    from .artifacts import is_remote
     from .klein.lora_io import LoraFormatError, read_lora
     from .klein.tensorfile import TensorFileError
 

@@ -22,6 +22,11 @@ def local_path(pod_path: str | os.PathLike[str]) -> Path:
     return path
 
 
+def is_remote(uri: str) -> bool:
+    """Whether `uri` goes through fsspec (s3://, gs://, memory://...) rather than a path in the pod."""
+    return "://" in uri
+
+
 def is_object_store(uri: str) -> bool:
     return uri.startswith(("s3://", "gs://"))
 

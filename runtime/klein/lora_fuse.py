@@ -75,7 +75,7 @@ class Source:
 @dataclass
 class FusedLayer:
     factors: Factors  # the result for this layer (scale 1)
-    energy: float  # squared Frobenius norm of the layer's target update
+    energy: float  # squared Frobenius norm of the layer's target update (concat: 1, it keeps all of it)
     kept: float  # the part of it the result keeps
     coefficients: dict[str, float] = field(default_factory=dict)  # input label -> c_i in this layer
 
@@ -220,8 +220,7 @@ def concat_layer(parts: Sequence[tuple[Factors, float]], dtype: torch.dtype) -> 
         raise FusionError("no input updates this layer")
     B = torch.cat([(f.B.to(torch.float32) * (c * f.scale)).to(dtype) for f, c in parts], dim=1)
     A = torch.cat([f.A.to(dtype) for f, _ in parts], dim=0)
-    energy = _energy(parts)
-    return FusedLayer(Factors(A, B), energy, energy)
+    return FusedLayer(Factors(A, B), 1.0, 1.0)  # all of it, whatever it is: no need to measure
 
 
 def _stack(parts: Sequence[tuple[Factors, float]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -285,23 +284,17 @@ def _gram_eigh(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return la[keep], Va[:, keep]
 
 
-def _energy(parts: Sequence[tuple[Factors, float]]) -> float:
-    """||sum_i c_i s_i B_i A_i||_F^2 from the factors (Gram matrices, no dense product)."""
-    B, A, d = _stack(parts)
-    Ad = A.to(torch.float64)
-    Gb = (B.T @ B).to(torch.float64) * (d[:, None] * d[None, :])
-    return float((Gb * (Ad @ Ad.T)).sum())
-
-
 # ---- K-LoRA -----------------------------------------------------------------------------------------------------
 
 
 def topk_abs_sum(factors: Factors, k: int, tile_elements: int = TILE_ELEMENTS) -> float:
     """Sum of the k largest |entries| of scale * B @ A, exactly, without holding the dense matrix.
 
-    The product is formed a tile of rows at a time in the factors' own dtype (bfloat16 products run on the CPU's
-    matrix units). |x| is taken on the bit pattern (sign bit cleared: for floats of one sign the integer order is the
-    numeric order), and a running k-th largest value lets most tiles be dismissed by a max over groups of entries.
+    The product is formed a tile of rows at a time into one reused buffer, in the factors' own dtype (bfloat16
+    products run on the CPU's matrix units). |x| is taken on the bit pattern (sign bit cleared: for floats of one
+    sign the integer order is the numeric order). Maxima over groups of 64 entries bound everything: a group whose
+    maximum is below the running k-th largest value holds nothing that counts, and the k-th largest group maximum
+    of a tile is itself a lower bound (k distinct entries reach it), so only a few groups are ever looked into.
     """
     A, B = factors.A, factors.B
     dtype = A.dtype if A.dtype == B.dtype and A.dtype in _BITS else torch.float32
@@ -310,22 +303,26 @@ def topk_abs_sum(factors: Factors, k: int, tile_elements: int = TILE_ELEMENTS) -
     out, inn = factors.shape
     k = min(k, out * inn)
     group = math.gcd(inn, 64)
-    rows = max(1, tile_elements // inn)
-    best: torch.Tensor | None = None
+    rows = max(1, min(out, tile_elements // inn))
+    buffer = torch.empty(rows, inn, dtype=dtype)
+    best = torch.empty(0, dtype=bits)
     for start in range(0, out, rows):
-        tile = (B[start : start + rows] @ A).view(bits).bitwise_and_(mask).view(-1)
-        if best is None or best.numel() < k:
-            pool = tile if best is None else torch.cat([best, tile])
-            best = torch.topk(pool, min(k, pool.numel())).values
-            continue
-        threshold = best[-1]
-        groups = tile.view(-1, group)
-        hit = (groups.amax(dim=1) > threshold).nonzero().squeeze(1)
-        if hit.numel():
-            candidates = groups[hit].view(-1)
-            candidates = candidates[candidates > threshold]
-            best = torch.topk(torch.cat([best, candidates]), k).values
-    assert best is not None
+        tile = buffer[: min(rows, out - start)]
+        torch.matmul(B[start : start + rows], A, out=tile)
+        groups = tile.view(bits).bitwise_and_(mask).view(-1, group)
+        maxima = groups.amax(dim=1)
+        threshold = best[-1] if best.numel() == k else None
+        if maxima.numel() >= k:
+            floor = torch.topk(maxima, k).values[-1]
+            threshold = floor if threshold is None else torch.maximum(threshold, floor)
+        if threshold is None:
+            candidates = groups.reshape(-1)
+        else:
+            hit = (maxima >= threshold).nonzero().squeeze(1)
+            candidates = groups[hit].reshape(-1)
+            candidates = candidates[candidates >= threshold]
+        pool = torch.cat([best, candidates])
+        best = torch.topk(pool, min(k, pool.numel())).values
     return float(best.view(dtype).to(torch.float64).sum()) * abs(factors.scale)
 
 
