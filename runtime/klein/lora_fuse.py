@@ -223,20 +223,34 @@ def concat_layer(parts: Sequence[tuple[Factors, float]], dtype: torch.dtype) -> 
     return FusedLayer(Factors(A, B), 1.0, 1.0)  # all of it, whatever it is: no need to measure
 
 
-def _stack(parts: Sequence[tuple[Factors, float]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B stacked as float32 out x R, A stacked as float32 R x in, coefficient x scale per column, float64)."""
-    out, inn = parts[0][0].shape
-    total = sum(f.rank for f, _ in parts)
-    B = torch.empty(out, total, dtype=torch.float32)
-    A = torch.empty(total, inn, dtype=torch.float32)
-    d = torch.empty(total, dtype=torch.float64)
-    at = 0
+def _prepare(parts: Sequence[tuple[Factors, float]]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """(each B as float32, the A's stacked as float32 R x in, coefficient x scale per rank column in float64).
+
+    The B's stay apart (out x r_i each): converting into columns of one out x R matrix is a strided write several
+    times slower than a contiguous one, and the Gram matrix and the projection work block by block just as well.
+    """
+    inn = parts[0][0].shape[1]
+    A = torch.empty(sum(f.rank for f, _ in parts), inn, dtype=torch.float32)
+    columns, at = [], 0
     for f, c in parts:
-        B[:, at : at + f.rank].copy_(f.B)
         A[at : at + f.rank].copy_(f.A)
-        d[at : at + f.rank] = c * f.scale
+        columns.append(torch.full((f.rank,), c * f.scale, dtype=torch.float64))
         at += f.rank
-    return B, A, d
+    return [f.B.to(torch.float32) for f, _ in parts], A, torch.cat(columns)
+
+
+def _gram_blocks(Bs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[B_1 | B_2 | ...]^T [B_1 | B_2 | ...] from the blocks B_i^T B_j (i <= j), in float64."""
+    edges = [0]
+    for b in Bs:
+        edges.append(edges[-1] + b.shape[1])
+    G = torch.empty(edges[-1], edges[-1], dtype=torch.float64)
+    for i, bi in enumerate(Bs):
+        for j in range(i, len(Bs)):
+            block = (bi.T @ Bs[j]).to(torch.float64)
+            G[edges[i] : edges[i + 1], edges[j] : edges[j + 1]] = block
+            G[edges[j] : edges[j + 1], edges[i] : edges[i + 1]] = block.T
+    return G
 
 
 def lowrank_layer(
@@ -245,10 +259,10 @@ def lowrank_layer(
     """The exact truncated SVD of sum_i c_i s_i B_i A_i, to `rank` or to the smallest rank keeping `energy`."""
     if not parts:
         raise FusionError("no input updates this layer")
-    B, A, d = _stack(parts)
+    Bs, A, d = _prepare(parts)
     la, Va = _gram_eigh(A)
     F = Va * la.sqrt()  # A = F Q^T, Q orthonormal
-    Gb = (B.T @ B).to(torch.float64) * (d[:, None] * d[None, :])
+    Gb = _gram_blocks(Bs) * (d[:, None] * d[None, :])
     m, W = torch.linalg.eigh(F.T @ Gb @ F)
     m, W = m.flip(0), W.flip(1)  # largest first
     total = float(m.clamp(min=0).sum())
@@ -259,14 +273,18 @@ def lowrank_layer(
     else:
         k = rank if rank is not None else nonzero
     k = max(1, min(k, nonzero)) if nonzero else 0
+    out = Bs[0].shape[0]
     if k == 0:  # the weighted sum is zero here
-        return FusedLayer(Factors(A.new_zeros(1, A.shape[1]).to(dtype), B.new_zeros(B.shape[0], 1).to(dtype)), 0, 0)
+        return FusedLayer(Factors(A.new_zeros(1, A.shape[1]).to(dtype), A.new_zeros(out, 1).to(dtype)), 0, 0)
     mk, Wk = m[:k], W[:, :k]
-    left = (d[:, None] * F) @ (Wk * mk.pow(-0.25))  # R x k
-    right = (mk.pow(0.25)[:, None] * Wk.T) @ (Va / la.sqrt()).T  # k x R
-    B_out = (B @ left.to(torch.float32)).to(dtype)
-    A_out = (right.to(torch.float32) @ A).to(dtype)
-    return FusedLayer(Factors(A_out, B_out), total, float(mk.sum()))
+    left = ((d[:, None] * F) @ (Wk * mk.pow(-0.25))).to(torch.float32)  # R x k
+    right = ((mk.pow(0.25)[:, None] * Wk.T) @ (Va / la.sqrt()).T).to(torch.float32)  # k x R
+    B_out = torch.zeros(out, k, dtype=torch.float32)
+    at = 0
+    for b in Bs:
+        B_out.addmm_(b, left[at : at + b.shape[1]])
+        at += b.shape[1]
+    return FusedLayer(Factors((right @ A).to(dtype), B_out.to(dtype)), total, float(mk.sum()))
 
 
 def _gram_eigh(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
