@@ -93,16 +93,25 @@ def command(variant: str, inputs: list[Path], output: Path) -> list[str]:
     return [*entry, "fuse", "--method", method, *size, "-o", str(output), *files]
 
 
+# Spawns the measured command and reports its wall time and peak RSS. A small process of its own: Linux carries the
+# spawning process's peak RSS over into a child's (vfork/exec), so spawning from this large process would not do.
+LAUNCHER = """
+import os, subprocess, sys, time
+started = time.perf_counter()
+child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(child.pid, 0)
+print(time.perf_counter() - started, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_process(argv: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MiB) of one child process."""
-    started = time.perf_counter()
-    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - started
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode:
-        raise SystemExit(f"{' '.join(argv)} exited {child.returncode}")
-    return seconds, usage.ru_maxrss / 1024
+    """(wall seconds, peak RSS in MiB) of one whole process."""
+    seconds, mib, code = subprocess.run(
+        [sys.executable, "-c", LAUNCHER, *argv], capture_output=True, text=True, check=True
+    ).stdout.split()
+    if int(code):
+        raise SystemExit(f"{' '.join(argv)} exited {code}")
+    return float(seconds), float(mib)
 
 
 def run_in_process(variant: str, inputs: list[Path], output: Path) -> float:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from .paths import is_remote, local_path
 
 if TYPE_CHECKING:
-    from .klein.lora_fuse import Fused
+    from .klein.lora_fuse import Fused, FusedLayer
     from .klein.lora_io import LoraFile
     from .spec import RunSpec
 
@@ -90,6 +90,7 @@ def open_lora(uri: str, scratch: Path, index: int) -> LoraFile:
 
 def fuse_files(
     inputs: Sequence[Input],
+    target: Path,
     method: str,
     *,
     rank: int | None = None,
@@ -97,31 +98,52 @@ def fuse_files(
     selection: str = "hard",
     dtype: str | None = None,
     scratch: Path,
-    on_layer: Callable[[int, int], None] | None = None,
-) -> tuple[Fused, list[LoraFile]]:
-    """Read and fuse `inputs`; BadInput for anything a retry cannot fix."""
+) -> tuple[Fused, dict[str, Any]]:
+    """Read and fuse `inputs` into the safetensors file `target`, each layer written as soon as it is done (the
+    writing overlaps the arithmetic) and the file renamed into place whole; (result, summary). BadInput for
+    anything a retry cannot fix."""
     import torch
 
+    from .klein.lora_format import COMPONENT_PREFIX
     from .klein.lora_fuse import FusionError, Source, fuse
     from .klein.lora_io import IncompatibleLoras
+    from .klein.tensorfile import SafetensorsWriter
 
+    started = time.perf_counter()
     if len(inputs) < 2:
         raise BadInput(f"fusion needs at least two LoRAs, got {len(inputs)}")
+    if not target.parent.is_dir():
+        raise BadInput(f"{target}: folder {target.parent} does not exist")
     loras = [open_lora(item.uri, scratch, index) for index, item in enumerate(inputs)]
     sources = [Source(lora, item.weight) for lora, item in zip(loras, inputs, strict=True)]
-    try:
-        fused = fuse(
-            sources,
-            method,
-            rank=rank,
-            energy=energy,
-            selection=selection,  # type: ignore[arg-type]
-            dtype=getattr(torch, dtype) if dtype else None,
-            on_layer=on_layer,
-        )
-    except (IncompatibleLoras, FusionError) as exc:
-        raise BadInput(str(exc)) from exc
-    return fused, loras
+    with SafetensorsWriter(target, _header_room(loras, inputs)) as writer:
+
+        def write(module: str, layer: FusedLayer) -> None:
+            writer.add(f"{COMPONENT_PREFIX}{module}.lora_A.weight", layer.factors.A)
+            writer.add(f"{COMPONENT_PREFIX}{module}.lora_B.weight", layer.factors.B)
+
+        try:
+            fused = fuse(
+                sources,
+                method,
+                rank=rank,
+                energy=energy,
+                selection=selection,  # type: ignore[arg-type]
+                dtype=getattr(torch, dtype) if dtype else None,
+                on_layer=write,
+            )
+        except (IncompatibleLoras, FusionError) as exc:
+            raise BadInput(str(exc)) from exc
+        summary = describe(fused, loras, inputs, time.perf_counter() - started)
+        writer.commit(header(summary, fused, loras))
+    return fused, summary
+
+
+def _header_room(loras: Sequence[LoraFile], inputs: Sequence[Input]) -> int:
+    """A generous guess of the fused file's header size (tensor entries and the fusion record)."""
+    modules = {module for lora in loras for module in lora.layers}
+    names = sum(len(module) for module in modules)
+    return 4096 + 2 * names + 360 * len(modules) + 2 * sum(len(item.uri) + 64 for item in inputs)
 
 
 def describe(fused: Fused, loras: Sequence[LoraFile], inputs: Sequence[Input], seconds: float) -> dict[str, Any]:
@@ -191,20 +213,20 @@ def main_cli(
     per_layer: bool,
 ) -> int:
     """`kleinstyle fuse` with files named on the command line."""
-    from .klein.tensorfile import write_safetensors
-
     started = time.perf_counter()
     items = [parse_input(text) for text in inputs]
     try:
         with tempfile.TemporaryDirectory(prefix="kleinstyle-fuse-") as scratch:
-            fused, loras = fuse_files(
-                items, method, rank=rank, energy=energy, selection=selection, dtype=dtype, scratch=Path(scratch)
+            fused, summary = fuse_files(
+                items,
+                Path(output),
+                method,
+                rank=rank,
+                energy=energy,
+                selection=selection,
+                dtype=dtype,
+                scratch=Path(scratch),
             )
-            summary = describe(fused, loras, items, time.perf_counter() - started)
-            target = Path(output)
-            if not target.parent.is_dir():
-                raise BadInput(f"{output}: folder {target.parent} does not exist")
-            write_safetensors(target, fused.state_dict(), header(summary, fused, loras))
     except BadInput as exc:
         print(f"kleinstyle fuse: {exc}")
         return EXIT_BAD_INPUT
@@ -229,7 +251,6 @@ def main_cli(
 def run_fuse(spec: RunSpec, report: Callable[[str, str, dict | None], bool]) -> tuple[int, str, dict | None]:
     """Fuse the RunSpec's sources into its output folder; (exit code, message, result)."""
     from .artifacts import artifact_dir, artifact_metadata, join_uri, published_metadata, read_json
-    from .klein.tensorfile import write_safetensors
     from .spec import FuseSpec
 
     work = spec.work
@@ -242,16 +263,22 @@ def run_fuse(spec: RunSpec, report: Callable[[str, str, dict | None], bool]) -> 
     started = time.perf_counter()
     items = [Input(source.uri, source.weight) for source in work.sources]
     report("Running", f"fusing {len(items)} LoRAs ({work.method})", None)
-    with tempfile.TemporaryDirectory(prefix="kleinstyle-fuse-") as scratch:
-        fused, loras = fuse_files(
-            items, work.method, rank=work.rank, energy=work.energy, selection=work.selection, scratch=Path(scratch)
+    inputs = [{"uri": s.uri, "weight": s.weight} for s in work.sources]
+    with (
+        tempfile.TemporaryDirectory(prefix="kleinstyle-fuse-") as scratch,
+        artifact_dir(spec.output_uri, artifact_metadata(spec, inputs)) as out,
+    ):
+        fused, summary = fuse_files(
+            items,
+            out.file_path(LORA_FILE),
+            work.method,
+            rank=work.rank,
+            energy=work.energy,
+            selection=work.selection,
+            scratch=Path(scratch),
         )
-        inputs = [{"uri": s.uri, "weight": s.weight} for s in work.sources]
-        with artifact_dir(spec.output_uri, artifact_metadata(spec, inputs)) as out:
-            summary = describe(fused, loras, items, time.perf_counter() - started)
-            write_safetensors(out.file_path(LORA_FILE), fused.state_dict(), header(summary, fused, loras))
-            summary["duration_seconds"] = round(time.perf_counter() - started, 3)
-            out.write_json(LORA_SIDECAR, {**summary, "uri": lora_uri, "per_layer": layer_table(fused)})
+        summary["duration_seconds"] = round(time.perf_counter() - started, 3)
+        out.write_json(LORA_SIDECAR, {**summary, "uri": lora_uri, "per_layer": layer_table(fused)})
     message = (
         f"fused {len(items)} LoRAs ({work.method}) into rank {fused.rank}, "
         f"{100 * fused.energy_kept:.1f}% of the energy kept, in {summary['duration_seconds']:.1f} s: {lora_uri}"

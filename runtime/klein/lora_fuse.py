@@ -110,7 +110,7 @@ class Fused:
         return out
 
 
-Progress = Callable[[int, int], None]
+LayerDone = Callable[[str, "FusedLayer"], None]
 T = TypeVar("T")
 
 
@@ -122,10 +122,12 @@ def fuse(
     energy: float | None = None,
     selection: Selection = "hard",
     dtype: torch.dtype | None = None,
-    on_layer: Progress | None = None,
+    on_layer: LayerDone | None = None,
 ) -> Fused:
     """Fuse `sources` with `method`. `rank` or `energy` bound svd and klora (default: the largest input rank);
-    `dtype` is the result's (default: the inputs' common dtype). Refuses incompatible inputs (IncompatibleLoras)."""
+    `dtype` is the result's (default: the inputs' common dtype). Refuses incompatible inputs (IncompatibleLoras).
+    `on_layer(module, layer)` is called in this thread as each layer is done (in no particular order), so a
+    writer can stream the result while the rest is computed."""
     if method not in METHODS:
         raise FusionError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
     if rank is not None and energy is not None:
@@ -178,7 +180,11 @@ def workers() -> int:
 
 
 def parallel_map(
-    function: Callable[[str], T], items: Sequence[str], *, on_done: Progress | None = None, threads: int | None = None
+    function: Callable[[str], T],
+    items: Sequence[str],
+    *,
+    on_done: Callable[[str, T], None] | None = None,
+    threads: int | None = None,
 ) -> list[T]:
     """`function` over `items` on a pool of threads, each running its tensor operations single-threaded.
 
@@ -192,10 +198,11 @@ def parallel_map(
         results: list[T | None] = [None] * len(items)
         with ThreadPoolExecutor(max_workers=threads) as pool:
             futures = {pool.submit(function, item): index for index, item in enumerate(items)}
-            for done, future in enumerate(as_completed(futures), start=1):
-                results[futures[future]] = future.result()
+            for future in as_completed(futures):
+                index = futures[future]
+                results[index] = future.result()
                 if on_done:
-                    on_done(done, len(items))
+                    on_done(items[index], results[index])  # type: ignore[arg-type]
     finally:
         torch.set_num_threads(previous)
     return results  # type: ignore[return-value]

@@ -14,6 +14,7 @@ import json
 import mmap
 import os
 import secrets
+import shutil
 import struct
 import warnings
 from collections.abc import Mapping
@@ -97,37 +98,98 @@ def _view(path: Path, name: str, entry: object, data: mmap.mmap | None, start: i
         return torch.frombuffer(data, dtype=dtype, count=count, offset=offset).view(shape)
 
 
-def write_safetensors(
-    path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
-) -> None:
-    """Write `tensors` (in their order) to `path` whole or not at all: a temporary sibling, fsync, then a rename."""
-    path = Path(path)
-    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
-    offset = 0
-    for name, tensor in tensors.items():
+class SafetensorsWriter:
+    """A safetensors file written tensor by tensor as they become ready, in any order; whole or not at all.
+
+    The header lists every tensor, so it is known last: space is reserved for it at the start and it is written
+    at the end, padded with spaces (the format allows trailing whitespace in the header; the safetensors library
+    pads the same way). A header that outgrows the reservation costs one copy of the file, never a wrong one.
+    The file is written under a temporary sibling name, fsynced and renamed by `commit`; leaving the `with`
+    block without committing removes it.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], reserve: int = 1 << 16) -> None:
+        self.path = Path(path)
+        self.reserve = reserve + (-reserve % 8)  # keep the data 8-byte aligned
+        self.entries: dict[str, dict[str, object]] = {}
+        self.size = 0
+        self._temporary = self.path.with_name(f".{self.path.name}.tmp-{secrets.token_hex(6)}")
+        self._handle = self._temporary.open("wb")
+        self._handle.seek(8 + self.reserve)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
         if tensor.dtype not in NAMES:
             raise ValueError(f"{name}: cannot write dtype {tensor.dtype}")
+        if name in self.entries:
+            raise ValueError(f"{name}: written twice")
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes:
+            flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+            self._handle.write(flat.view(torch.uint8).numpy().data)
+        self.entries[name] = {
+            "dtype": NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [self.size, self.size + nbytes],
+        }
+        self.size += nbytes
+
+    def commit(self, metadata: Mapping[str, str] | None = None) -> None:
+        entries = dict(sorted(self.entries.items()))  # the data is in completion order; list it by name
+        header = {"__metadata__": dict(metadata), **entries} if metadata else entries
+        encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        if len(encoded) > self.reserve:
+            self._rewrite(encoded)
+        else:
+            self._handle.seek(0)
+            self._handle.write(struct.pack("<Q", self.reserve) + encoded + b" " * (self.reserve - len(encoded)))
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+        os.replace(self._temporary, self.path)
+        fsync_path(self.path.parent)
+
+    def _rewrite(self, encoded: bytes) -> None:
+        """Copy the data behind a header of its own size (the reservation was too small)."""
+        encoded += b" " * (-len(encoded) % 8)
+        first = self._temporary.with_name(self._temporary.name + "-data")
+        self._handle.close()
+        os.replace(self._temporary, first)
+        try:
+            with first.open("rb") as source:
+                source.seek(8 + self.reserve)
+                self._handle = self._temporary.open("wb")
+                self._handle.write(struct.pack("<Q", len(encoded)) + encoded)
+                shutil.copyfileobj(source, self._handle, 16 << 20)
+        finally:
+            first.unlink(missing_ok=True)
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.close()
+        self._temporary.unlink(missing_ok=True)  # gone after a commit; removed when the block failed
+
+
+def header_size(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> int:
+    """The exact header length `tensors` (in this order) and `metadata` take."""
+    offset, header = 0, {"__metadata__": dict(metadata)} if metadata else {}
+    for name, tensor in tensors.items():
         nbytes = tensor.numel() * tensor.element_size()
         header[name] = {
-            "dtype": NAMES[tensor.dtype],
+            "dtype": NAMES.get(tensor.dtype),
             "shape": list(tensor.shape),
             "data_offsets": [offset, offset + nbytes],
         }
         offset += nbytes
-    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    encoded += b" " * (-len(encoded) % 8)  # keep the data 8-byte aligned, as the safetensors library does
-    temporary = path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
-    try:
-        with temporary.open("wb") as handle:
-            handle.write(struct.pack("<Q", len(encoded)))
-            handle.write(encoded)
-            for tensor in tensors.values():
-                if tensor.numel():
-                    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-                    handle.write(flat.view(torch.uint8).numpy().data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    fsync_path(path.parent)
+    return len(json.dumps(header, separators=(",", ":")).encode("utf-8"))
+
+
+def write_safetensors(
+    path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write `tensors` (in their order) to `path` whole or not at all: a temporary sibling, fsync, then a rename."""
+    with SafetensorsWriter(path, header_size(tensors, metadata)) as writer:
+        for name, tensor in tensors.items():
+            writer.add(name, tensor)
+        writer.commit(metadata)
