@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -228,7 +229,7 @@ def main_cli(
                 scratch=Path(scratch),
             )
     except BadInput as exc:
-        print(f"kleinstyle fuse: {exc}")
+        print(f"kleinstyle fuse: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     seconds = time.perf_counter() - started
     spread = summary["energy_kept_per_layer"]
@@ -238,7 +239,7 @@ def main_cli(
         f"(per layer {100 * spread['min']:.2f}% to {100 * spread['max']:.2f}%), {seconds:.2f} s"
     )
     for warning in summary["warnings"]:
-        print(f"warning: {warning}")
+        print(f"warning: {warning}", file=sys.stderr)
     if per_layer:
         for module, row in layer_table(fused).items():
             print(f"  {module:<52} rank {row['rank']:>4}  energy kept {100 * row['energy_kept']:7.3f}%")

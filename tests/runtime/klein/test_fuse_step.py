@@ -135,7 +135,7 @@ def test_mixed_formats_fuse_like_their_diffusers_equivalents(tmp_path: Path):
 def test_contradicting_settings_exit_2_with_a_reason(tmp_path: Path, capsys, args: list[str], message: str):
     a, b = write_lora(tmp_path / "a.safetensors", 1), write_lora(tmp_path / "b.safetensors", 2)
     assert cli(["fuse", *args, "-o", str(tmp_path / "out.safetensors"), str(a), f"{b}:-1"]) == 2
-    assert message in capsys.readouterr().out
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "out.safetensors").exists()
 
 
@@ -145,10 +145,10 @@ def test_loras_that_do_not_fit_are_refused_naming_the_key(tmp_path: Path, capsys
     state["transformer.transformer_blocks.1.ff.linear_out.lora_A.weight"] = torch.zeros(4, 97)
     save_file(state, tmp_path / "other.safetensors")
     assert cli(["fuse", "-o", str(tmp_path / "out.safetensors"), str(a), str(tmp_path / "other.safetensors")]) == 2
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err
     assert "other.safetensors: transformer.transformer_blocks.1.ff.linear_out.lora_A.weight" in printed
     assert cli(["fuse", "-o", str(tmp_path / "out.safetensors"), str(a), str(tmp_path / "missing.safetensors")]) == 2
-    assert "missing.safetensors: no such LoRA file" in capsys.readouterr().out
+    assert "missing.safetensors: no such LoRA file" in capsys.readouterr().err
 
 
 def test_parse_input_reads_a_weight_only_after_the_last_colon():
