@@ -45,6 +45,7 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, TypeVar
 
 import torch
@@ -151,7 +152,9 @@ def fuse(
     out_dtype = dtype or _common_dtype(active)
     target = rank if rank is not None else (None if energy is not None else max(s.lora.max_rank for s in active))
     modules = [m for m in compat.layers if any(m in s.lora.layers for s in active)]
-    partial = {m: labels for m, labels in compat.partial.items() if m in modules}
+    names = {s.lora.label for s in active}
+    gaps = {m: tuple(x for x in missing if x in names) for m, missing in compat.partial.items() if m in modules}
+    partial = {m: missing for m, missing in gaps.items() if missing}
 
     if method == "klora":
         coefficients = klora_coefficients(active, modules, selection)
@@ -172,11 +175,18 @@ def fuse(
 
 
 def workers() -> int:
-    """How many layers to work on at once: the CPUs this process may use (a pod's cpuset, not the node's)."""
-    try:
-        return max(1, min(torch.get_num_threads(), len(os.sched_getaffinity(0))))
-    except AttributeError:  # no sched_getaffinity (macOS)
-        return max(1, torch.get_num_threads())
+    """How many layers to work on at once: the CPUs this process may use (its cpuset and, in a container, its
+    cgroup CPU limit), not the machine's."""
+    count = torch.get_num_threads()
+    if hasattr(os, "sched_getaffinity"):
+        count = min(count, len(os.sched_getaffinity(0)))
+    try:  # cgroup v2: "max 100000" or "<quota> <period>"
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            count = min(count, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, count)
 
 
 def parallel_map(
