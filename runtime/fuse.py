@@ -40,7 +40,7 @@ STEP = "fuse"
 LORA_FILE = "lora.safetensors"
 LORA_SIDECAR = "lora.json"
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2  # as runtime.spec, without importing it
-DTYPES = ("bfloat16", "float16", "float32")
+DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}  # --dtype -> safetensors
 
 
 class BadInput(ValueError):
@@ -103,8 +103,6 @@ def fuse_files(
     """Read and fuse `inputs` into the safetensors file `target`, each layer written as soon as it is done (the
     writing overlaps the arithmetic) and the file renamed into place whole; (result, summary). BadInput for
     anything a retry cannot fix."""
-    import torch
-
     from .klein.lora_format import COMPONENT_PREFIX
     from .klein.lora_fuse import FusionError, Source, fuse
     from .klein.lora_io import IncompatibleLoras
@@ -130,7 +128,7 @@ def fuse_files(
                 rank=rank,
                 energy=energy,
                 selection=selection,  # type: ignore[arg-type]
-                dtype=getattr(torch, dtype) if dtype else None,
+                dtype=DTYPES[dtype] if dtype else None,
                 on_layer=write,
             )
         except (IncompatibleLoras, FusionError) as exc:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where a model is at hand: fusion reads these tables without it
+    from torch import nn
 
 # Klein embeds a prompt as the Qwen3 hidden states of three decoder layers, stacked on the feature axis. The real
 # text encoders (Qwen3-8B for 9B, Qwen3-4B for 4B) have 36 layers and Klein reads layers (9, 18, 27): a quarter, a
@@ -58,6 +60,8 @@ def text_encoder_layers(num_hidden_layers: int) -> tuple[int, int, int]:
 
 def lora_linear_names(transformer: nn.Module) -> list[str]:
     """Every LoRA-targetable linear of a Klein transformer, by its full diffusers module name, in module order."""
+    from torch import nn
+
     names = []
     for name, module in transformer.named_modules():
         match = _BLOCK_LINEAR.match(name)

@@ -17,6 +17,11 @@ minutes). With the stacked factors B (out x R) and A (R x in) and D the diagonal
   At full rank B_out A_out = B D A exactly. The costs are the two Gram products and the two thin products, all
   matrix-matrix work on the factors; nothing is O(out x in). A QR of the stacked factors gives the same result at
   several times the cost (`bench/fuse.py` runs it as the baseline).
+Layers are independent: a pool of threads takes one layer each, every thread's BLAS single-threaded (one layer per
+core scales, and never pays the synchronisation a multi-threaded BLAS call pays on small matrices, which gets very
+slow when another process holds a core). Arithmetic is numpy float32 (float64 for the small matrices); inputs are
+converted a layer at a time straight into place (bfloat16: one shift), and torch is not imported except for
+K-LoRA's dense pass (importing torch takes longer than a 9B fusion).
 
 `klora` generalises K-LoRA (Ouyang et al., CVPR 2025) to N LoRAs with weights and bakes it into one static LoRA.
 K-LoRA compares, per layer, the sum of the K largest |dW| entries of each LoRA (K = r_1 r_2), balanced by a
@@ -42,16 +47,19 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeVar
 
-import torch
+import numpy as np
 
 from .lora_format import COMPONENT_PREFIX
 from .lora_io import Factors, LoraFile, check_compatible
+from .tensorfile import Stored
 
 Method = Literal["concat", "svd", "klora"]
 Selection = Literal["hard", "soft"]
@@ -102,16 +110,16 @@ class Fused:
         total = sum(layer.energy for layer in self.layers.values())
         return 1.0 if total <= 0 else sum(layer.kept for layer in self.layers.values()) / total
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def tensors(self) -> dict[str, Stored]:
         """The fused LoRA in the artifact format (`transformer.<module>.lora_A/B.weight`, nothing to scale)."""
-        out: dict[str, torch.Tensor] = {}
+        out: dict[str, Stored] = {}
         for module, layer in self.layers.items():
             out[f"{COMPONENT_PREFIX}{module}.lora_A.weight"] = layer.factors.A
             out[f"{COMPONENT_PREFIX}{module}.lora_B.weight"] = layer.factors.B
         return out
 
 
-LayerDone = Callable[[str, "FusedLayer"], None]
+LayerDone = Callable[[str, FusedLayer], None]
 T = TypeVar("T")
 
 
@@ -122,13 +130,13 @@ def fuse(
     rank: int | None = None,
     energy: float | None = None,
     selection: Selection = "hard",
-    dtype: torch.dtype | None = None,
+    dtype: str | None = None,
     on_layer: LayerDone | None = None,
 ) -> Fused:
     """Fuse `sources` with `method`. `rank` or `energy` bound svd and klora (default: the largest input rank);
-    `dtype` is the result's (default: the inputs' common dtype). Refuses incompatible inputs (IncompatibleLoras).
-    `on_layer(module, layer)` is called in this thread as each layer is done (in no particular order), so a
-    writer can stream the result while the rest is computed."""
+    `dtype` (BF16, F16, F32) is the result's (default: the inputs' common one). Refuses incompatible inputs
+    (IncompatibleLoras). `on_layer(module, layer)` is called in this thread as each layer is done (in no
+    particular order), so a writer can stream the result while the rest is computed."""
     if method not in METHODS:
         raise FusionError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
     if rank is not None and energy is not None:
@@ -139,6 +147,8 @@ def fuse(
         raise FusionError(f"rank must be at least 1, not {rank}")
     if energy is not None and not 0 < energy <= 1:
         raise FusionError(f"energy must be in (0, 1], not {energy}")
+    if dtype is not None and dtype not in ("BF16", "F16", "F32"):
+        raise FusionError(f"the result's dtype must be BF16, F16 or F32, not {dtype!r}")
     if method == "klora" and any(s.weight < 0 for s in sources):
         bad = next(s for s in sources if s.weight < 0)
         raise FusionError(f"{bad.lora.label}: klora weights are priorities and must not be negative ({bad.weight})")
@@ -174,10 +184,21 @@ def fuse(
     return Fused(method, layers, selection if method == "klora" else None, partial, compat.base)
 
 
+def _common_dtype(sources: Sequence[Source]) -> str:
+    """The inputs' dtype when they share one; float64 if any is; float32 for any other mix."""
+    dtypes = {t.dtype for s in sources for f in s.lora.layers.values() for t in (f.A, f.B)}
+    if len(dtypes) == 1:
+        return dtypes.pop()
+    return "F64" if "F64" in dtypes else "F32"
+
+
+# ---- threads ----------------------------------------------------------------------------------------------------
+
+
 def workers() -> int:
     """How many layers to work on at once: the CPUs this process may use (its cpuset and, in a container, its
     cgroup CPU limit), not the machine's."""
-    count = torch.get_num_threads()
+    count = os.cpu_count() or 1
     if hasattr(os, "sched_getaffinity"):
         count = min(count, len(os.sched_getaffinity(0)))
     try:  # cgroup v2: "max 100000" or "<quota> <period>"
@@ -189,6 +210,23 @@ def workers() -> int:
     return max(1, count)
 
 
+@contextmanager
+def _single_threaded_math() -> Iterator[None]:
+    """BLAS (and torch, where it is loaded) on one thread each: the parallelism is ours, a layer per thread."""
+    from threadpoolctl import threadpool_limits
+
+    torch = sys.modules.get("torch")
+    previous = torch.get_num_threads() if torch else None
+    with threadpool_limits(limits=1, user_api="blas"):
+        if torch:
+            torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            if torch and previous:
+                torch.set_num_threads(previous)
+
+
 def parallel_map(
     function: Callable[[str], T],
     items: Sequence[str],
@@ -196,127 +234,100 @@ def parallel_map(
     on_done: Callable[[str, T], None] | None = None,
     threads: int | None = None,
 ) -> list[T]:
-    """`function` over `items` on a pool of threads, each running its tensor operations single-threaded.
-
-    Layers are independent, so one layer per core scales without the synchronisation a multi-threaded operation
-    pays on each small matrix (and that synchronisation gets very slow when another process holds a core).
-    """
-    threads = threads or workers()
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        results: list[T | None] = [None] * len(items)
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            futures = {pool.submit(function, item): index for index, item in enumerate(items)}
-            for future in as_completed(futures):
-                index = futures[future]
-                results[index] = future.result()
-                if on_done:
-                    on_done(items[index], results[index])  # type: ignore[arg-type]
-    finally:
-        torch.set_num_threads(previous)
+    """`function` over `items` on a pool of threads (module docstring); `on_done` runs in the calling thread."""
+    results: list[T | None] = [None] * len(items)
+    with _single_threaded_math(), ThreadPoolExecutor(max_workers=threads or workers()) as pool:
+        futures = {pool.submit(function, item): index for index, item in enumerate(items)}
+        for future in as_completed(futures):
+            index = futures[future]
+            results[index] = future.result()
+            if on_done:
+                on_done(items[index], results[index])  # type: ignore[arg-type]
     return results  # type: ignore[return-value]
-
-
-def _common_dtype(sources: Sequence[Source]) -> torch.dtype:
-    dtypes = {f.B.dtype for s in sources for f in s.lora.layers.values()} | {
-        f.A.dtype for s in sources for f in s.lora.layers.values()
-    }
-    result = dtypes.pop()
-    for other in dtypes:
-        result = torch.promote_types(result, other)
-    return result
 
 
 # ---- one layer --------------------------------------------------------------------------------------------------
 
 
-def concat_layer(parts: Sequence[tuple[Factors, float]], dtype: torch.dtype) -> FusedLayer:
-    """The weighted sum as one LoRA of rank sum(r_i): exact (each coefficient is folded into its B in float32)."""
+def _store(values: np.ndarray, dtype: str) -> Stored:
+    return Stored.from_float32(values, dtype) if dtype != "F64" else Stored(values.astype(np.float64), "F64")
+
+
+def concat_layer(parts: Sequence[tuple[Factors, float]], dtype: str) -> FusedLayer:
+    """The weighted sum as one LoRA of rank sum(r_i): exact (a factor keeps its bits when its coefficient is 1 and
+    its dtype the result's; otherwise its coefficient is applied in float32 and rounded once)."""
     if not parts:
         raise FusionError("no input updates this layer")
-    B = torch.cat([(f.B.to(torch.float32) * (c * f.scale)).to(dtype) for f, c in parts], dim=1)
-    A = torch.cat([f.A.to(dtype) for f, _ in parts], dim=0)
-    return FusedLayer(Factors(A, B), 1.0, 1.0)  # all of it, whatever it is: no need to measure
+
+    def as_dtype(stored: Stored, factor: float) -> np.ndarray:
+        if factor == 1.0 and stored.dtype == dtype:
+            return stored.data
+        return _store(stored.float32() * np.float32(factor), dtype).data
+
+    B = np.concatenate([as_dtype(f.B, c * f.scale) for f, c in parts], axis=1)
+    A = np.concatenate([as_dtype(f.A, 1.0) for f, _ in parts], axis=0)
+    return FusedLayer(Factors(Stored(A, dtype), Stored(B, dtype)), 1.0, 1.0)  # all of it, whatever it is
 
 
-def _prepare(parts: Sequence[tuple[Factors, float]]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """(each B as float32, the A's stacked as float32 R x in, coefficient x scale per rank column in float64).
-
-    The B's stay apart (out x r_i each): converting into columns of one out x R matrix is a strided write several
-    times slower than a contiguous one, and the Gram matrix and the projection work block by block just as well.
-    """
-    inn = parts[0][0].shape[1]
-    A = torch.empty(sum(f.rank for f, _ in parts), inn, dtype=torch.float32)
-    columns, at = [], 0
+def _prepare(parts: Sequence[tuple[Factors, float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(the B's side by side, out x R, and the A's stacked, R x in, both float32; coefficient x scale per rank
+    column, float64). Each input is converted straight into its place: one pass over it, no concatenation."""
+    (out, inn), total = parts[0][0].shape, sum(f.rank for f, _ in parts)
+    B, A = np.empty((out, total), np.float32), np.empty((total, inn), np.float32)
+    d, at = np.empty(total), 0
     for f, c in parts:
-        A[at : at + f.rank].copy_(f.A)
-        columns.append(torch.full((f.rank,), c * f.scale, dtype=torch.float64))
+        f.B.float32(out=B[:, at : at + f.rank])
+        f.A.float32(out=A[at : at + f.rank])
+        d[at : at + f.rank] = c * f.scale
         at += f.rank
-    return [f.B.to(torch.float32) for f, _ in parts], A, torch.cat(columns)
+    return B, A, d
 
 
-def _gram_blocks(Bs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """[B_1 | B_2 | ...]^T [B_1 | B_2 | ...] from the blocks B_i^T B_j (i <= j), in float64."""
-    edges = [0]
-    for b in Bs:
-        edges.append(edges[-1] + b.shape[1])
-    G = torch.empty(edges[-1], edges[-1], dtype=torch.float64)
-    for i, bi in enumerate(Bs):
-        for j in range(i, len(Bs)):
-            block = (bi.T @ Bs[j]).to(torch.float64)
-            G[edges[i] : edges[i + 1], edges[j] : edges[j + 1]] = block
-            G[edges[j] : edges[j + 1], edges[i] : edges[i + 1]] = block.T
-    return G
-
-
-def lowrank_layer(
-    parts: Sequence[tuple[Factors, float]], rank: int | None, energy: float | None, dtype: torch.dtype
-) -> FusedLayer:
-    """The exact truncated SVD of sum_i c_i s_i B_i A_i, to `rank` or to the smallest rank keeping `energy`."""
-    if not parts:
-        raise FusionError("no input updates this layer")
-    Bs, A, d = _prepare(parts)
-    la, Va = _gram_eigh(A)
-    F = Va * la.sqrt()  # A = F Q^T, Q orthonormal
-    Gb = _gram_blocks(Bs) * (d[:, None] * d[None, :])
-    m, W = torch.linalg.eigh(F.T @ Gb @ F)
-    m, W = m.flip(0), W.flip(1)  # largest first
-    total = float(m.clamp(min=0).sum())
-    nonzero = int((m > m[0] * M_DROP).sum()) if total > 0 else 0
-    if energy is not None:
-        cumulative = torch.cumsum(m[:nonzero].clamp(min=0), 0)
-        k = int((cumulative < energy * total * (1 - 1e-12)).sum()) + 1
-    else:
-        k = rank if rank is not None else nonzero
-    k = max(1, min(k, nonzero)) if nonzero else 0
-    out = Bs[0].shape[0]
-    if k == 0:  # the weighted sum is zero here
-        return FusedLayer(Factors(A.new_zeros(1, A.shape[1]).to(dtype), A.new_zeros(out, 1).to(dtype)), 0, 0)
-    mk, Wk = m[:k], W[:, :k]
-    left = ((d[:, None] * F) @ (Wk * mk.pow(-0.25))).to(torch.float32)  # R x k
-    right = ((mk.pow(0.25)[:, None] * Wk.T) @ (Va / la.sqrt()).T).to(torch.float32)  # k x R
-    B_out = torch.zeros(out, k, dtype=torch.float32)
-    at = 0
-    for b in Bs:
-        B_out.addmm_(b, left[at : at + b.shape[1]])
-        at += b.shape[1]
-    return FusedLayer(Factors((right @ A).to(dtype), B_out.to(dtype)), total, float(mk.sum()))
-
-
-def _gram_eigh(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _gram_eigh(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues (ascending, all resolvable ones) and eigenvectors of A A^T for float32 A.
 
     A float32 Gram matrix resolves eigenvalues down to about 1e-6 of the largest; below that (two inputs sharing
     nearly the same A, as LoRAs trained from one seed do) it is formed again in float64, where directions under
     1e-13 of the largest are dropped as beyond any float32 input's precision.
     """
-    la, Va = torch.linalg.eigh((A @ A.T).to(torch.float64))
+    la, Va = np.linalg.eigh((A @ A.T).astype(np.float64))
     if la[0] < la[-1] * A_FLOAT32:
-        A64 = A.to(torch.float64)
-        la, Va = torch.linalg.eigh(A64 @ A64.T)
+        A64 = A.astype(np.float64)
+        la, Va = np.linalg.eigh(A64 @ A64.T)
     keep = la > la[-1] * A_DROP
     return la[keep], Va[:, keep]
+
+
+def lowrank_layer(
+    parts: Sequence[tuple[Factors, float]], rank: int | None, energy: float | None, dtype: str
+) -> FusedLayer:
+    """The exact truncated SVD of sum_i c_i s_i B_i A_i, to `rank` or to the smallest rank keeping `energy`."""
+    if not parts:
+        raise FusionError("no input updates this layer")
+    B, A, d = _prepare(parts)
+    out = B.shape[0]
+    la, Va = _gram_eigh(A)
+    F = Va * np.sqrt(la)  # A = F Q^T, Q orthonormal
+    Gb = (B.T @ B).astype(np.float64) * np.outer(d, d)  # numpy computes X^T X as a symmetric rank-k update
+    m, W = np.linalg.eigh(F.T @ Gb @ F)
+    m, W = m[::-1], W[:, ::-1]  # largest first
+    total = float(np.clip(m, 0, None).sum())
+    nonzero = int((m > m[0] * M_DROP).sum()) if total > 0 else 0
+    if energy is not None:
+        cumulative = np.cumsum(np.clip(m[:nonzero], 0, None))
+        k = int((cumulative < energy * total * (1 - 1e-12)).sum()) + 1
+    else:
+        k = rank if rank is not None else nonzero
+    k = max(1, min(k, nonzero)) if nonzero else 0
+    if k == 0:  # the weighted sum is zero here: a rank-1 zero update
+        zeros = Factors(
+            _store(np.zeros((1, A.shape[1]), np.float32), dtype), _store(np.zeros((out, 1), np.float32), dtype)
+        )
+        return FusedLayer(zeros, 0.0, 0.0)
+    mk, Wk = m[:k], W[:, :k]
+    left = ((d[:, None] * F) @ (Wk * mk**-0.25)).astype(np.float32)  # R x k
+    right = ((mk**0.25)[:, None] * Wk.T @ (Va / np.sqrt(la)).T).astype(np.float32)  # k x R
+    return FusedLayer(Factors(_store(right @ A, dtype), _store(B @ left, dtype)), total, float(mk.sum()))
 
 
 # ---- K-LoRA -----------------------------------------------------------------------------------------------------
@@ -325,16 +336,24 @@ def _gram_eigh(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def topk_abs_sum(factors: Factors, k: int, tile_elements: int = TILE_ELEMENTS) -> float:
     """Sum of the k largest |entries| of scale * B @ A, exactly, without holding the dense matrix.
 
-    The product is formed a tile of rows at a time into one reused buffer, in the factors' own dtype (bfloat16
-    products run on the CPU's matrix units). |x| is taken on the bit pattern (sign bit cleared: for floats of one
-    sign the integer order is the numeric order). Maxima over groups of 64 entries bound everything: a group whose
-    maximum is below the running k-th largest value holds nothing that counts, and the k-th largest group maximum
-    of a tile is itself a lower bound (k distinct entries reach it), so only a few groups are ever looked into.
+    The one place fusion uses torch: the product is formed a tile of rows at a time into one reused buffer, in the
+    factors' own dtype, and torch runs bfloat16 products on the CPU's matrix units (twice numpy's float32 here).
+    |x| is taken on the bit pattern (sign bit cleared: for floats of one sign the integer order is the numeric
+    order). Maxima over groups of 64 entries bound everything: a group whose maximum is below the running k-th
+    largest value holds nothing that counts, and the k-th largest group maximum of a tile is itself a lower bound
+    (k distinct entries reach it), so only a few groups are ever looked into.
     """
-    A, B = factors.A, factors.B
-    dtype = A.dtype if A.dtype == B.dtype and A.dtype in _BITS else torch.float32
+    import torch
+
+    sign_cleared = {
+        torch.bfloat16: (torch.int16, 0x7FFF),
+        torch.float16: (torch.int16, 0x7FFF),
+        torch.float32: (torch.int32, 0x7FFFFFFF),
+    }
+    A, B = factors.A.to_torch(), factors.B.to_torch()
+    dtype = A.dtype if A.dtype == B.dtype and A.dtype in sign_cleared else torch.float32
     A, B = A.to(dtype), B.to(dtype)
-    bits, mask = _BITS[dtype]
+    bits, mask = sign_cleared[dtype]
     out, inn = factors.shape
     k = min(k, out * inn)
     group = math.gcd(inn, 64)
@@ -361,17 +380,10 @@ def topk_abs_sum(factors: Factors, k: int, tile_elements: int = TILE_ELEMENTS) -
     return float(best.view(dtype).to(torch.float64).sum()) * abs(factors.scale)
 
 
-_BITS = {
-    torch.bfloat16: (torch.int16, 0x7FFF),
-    torch.float16: (torch.int16, 0x7FFF),
-    torch.float32: (torch.int32, 0x7FFFFFFF),
-}
-
-
 def _rms(factors: Factors) -> float:
     """Root-mean-square entry of scale * B @ A, from the Gram matrices."""
-    B, A = factors.B.to(torch.float32), factors.A.to(torch.float32)
-    square = float(((B.T @ B).to(torch.float64) * (A @ A.T).to(torch.float64)).sum())
+    B, A = factors.B.float32(), factors.A.float32()
+    square = float(((B.T @ B).astype(np.float64) * (A @ A.T).astype(np.float64)).sum())
     out, inn = factors.shape
     return abs(factors.scale) * math.sqrt(max(square, 0.0) / (out * inn))
 
@@ -389,6 +401,8 @@ def klora_coefficients(
     """Per layer, each input's coefficient under K-LoRA's selection (module docstring); inputs with weight > 0."""
     if selection not in ("hard", "soft"):
         raise FusionError(f"selection must be hard or soft, not {selection!r}")
+    import torch  # noqa: F401  (the dense pass uses it: loaded before the pool, so its threads are limited too)
+
     present = {m: [s for s in sources if m in s.lora.layers] for m in modules}
     layer_rms = parallel_map(lambda m: [_rms(s.lora.layers[m]) for s in present[m]], modules)
     rms = {

@@ -3,7 +3,8 @@
 Normal form (`LoraFile.layers`): {diffusers module name: Factors(A, B, scale)}, the update of that linear being
 exactly `scale * B @ A` (A: rank x in, B: out x rank). Module names are the diffusers ones kleinstyle publishes
 (`transformer_blocks.0.attn.to_q`, `single_transformer_blocks.3.attn.to_qkv_mlp_proj`, without `transformer.`).
-Tensors are views of the file (no copies, see tensorfile), the scale a number, so reading costs no arithmetic.
+Tensors are numpy views of the file (no copies, no torch; see tensorfile), the scale a number, so reading costs
+no arithmetic. `LoraFile.state_dict()` gives the torch state dict diffusers' `load_lora_weights` takes.
 
 Formats, told apart key by key:
 - kleinstyle artifacts and diffusers: `transformer.<module>.lora_A.weight` / `.lora_B.weight`;
@@ -27,13 +28,16 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import torch
+import numpy as np
 
 from .arch import KLEIN_SIZES, block_linear_shapes
 from .lora_format import COMPONENT_PREFIX
-from .tensorfile import read_safetensors
+from .tensorfile import FLOATS, Stored, read_safetensors
+
+if TYPE_CHECKING:
+    import torch
 
 
 class LoraFormatError(ValueError):
@@ -47,8 +51,8 @@ class IncompatibleLoras(ValueError):
 class Factors(NamedTuple):
     """One linear's update, `scale * B @ A`."""
 
-    A: torch.Tensor  # rank x in
-    B: torch.Tensor  # out x rank
+    A: Stored  # rank x in
+    B: Stored  # out x rank
     scale: float = 1.0
 
     @property
@@ -60,9 +64,9 @@ class Factors(NamedTuple):
         """(out, in) of the linear this updates."""
         return self.B.shape[0], self.A.shape[1]
 
-    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The dense update (for tests and small layers only)."""
-        return self.scale * (self.B.to(dtype) @ self.A.to(dtype))
+    def delta(self) -> np.ndarray:
+        """The dense update in float64 (for tests and small layers only)."""
+        return self.scale * (self.B.float32().astype(np.float64) @ self.A.float32().astype(np.float64))
 
 
 @dataclass
@@ -77,15 +81,14 @@ class LoraFile:
     def max_rank(self) -> int:
         return max((f.rank for f in self.layers.values()), default=0)
 
-    def state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """The update as diffusers keys (`transformer.<module>.lora_A/B.weight`), scale folded into lora_B: what
-        `load_lora_weights` takes."""
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The update as torch tensors under diffusers keys (`transformer.<module>.lora_A/B.weight`), the scale
+        folded into lora_B: what diffusers' `load_lora_weights` takes."""
         out: dict[str, torch.Tensor] = {}
         for module, f in self.layers.items():
-            B = f.B if f.scale == 1.0 else f.B.to(torch.float32) * f.scale
-            target = dtype or f.B.dtype
-            out[f"{COMPONENT_PREFIX}{module}.lora_A.weight"] = f.A.to(target).contiguous()
-            out[f"{COMPONENT_PREFIX}{module}.lora_B.weight"] = B.to(target).contiguous()
+            B = f.B if f.scale == 1.0 else Stored.from_float32(f.B.float32() * np.float32(f.scale), f.B.dtype)
+            out[f"{COMPONENT_PREFIX}{module}.lora_A.weight"] = f.A.to_torch()
+            out[f"{COMPONENT_PREFIX}{module}.lora_B.weight"] = B.to_torch()
         return out
 
 
@@ -219,9 +222,14 @@ def read_lora(path: str | os.PathLike[str], label: str | None = None) -> LoraFil
     return normalise(tensors, metadata, label or str(path))
 
 
-def normalise(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], label: str) -> LoraFile:
-    """The normal form of a LoRA state dict; LoraFormatError names the first key it cannot place."""
-    groups: dict[tuple[str, str], dict[str, tuple[str, torch.Tensor]]] = {}
+def normalise_torch(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str], label: str) -> LoraFile:
+    """`normalise` for a torch state dict (a LoRA already in memory)."""
+    return normalise({key: Stored.from_torch(tensor) for key, tensor in state.items()}, metadata, label)
+
+
+def normalise(tensors: Mapping[str, Stored], metadata: Mapping[str, str], label: str) -> LoraFile:
+    """The normal form of a LoRA's tensors; LoraFormatError names the first key it cannot place."""
+    groups: dict[tuple[str, str], dict[str, tuple[str, Stored]]] = {}
     adapters: set[str] = set()
     for key, tensor in tensors.items():
         parsed = _split_key(key)
@@ -251,13 +259,13 @@ def normalise(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], 
             raise LoraFormatError(f"{label}: {present[0]} has no matching lora_{missing} weight")
         key_a, A = parts["A"]
         key_b, B = parts["B"]
-        if A.dim() != 2 or B.dim() != 2:
-            raise LoraFormatError(f"{label}: {key_a}: klein LoRAs are linear (2-D factors), not {A.dim()}-D")
+        if len(A.shape) != 2 or len(B.shape) != 2:
+            raise LoraFormatError(f"{label}: {key_a}: klein LoRAs are linear (2-D factors), not {len(A.shape)}-D")
         if A.shape[0] != B.shape[1]:
             raise LoraFormatError(
                 f"{label}: {key_a} has rank {A.shape[0]} but {key_b} has rank {B.shape[1]}: not one LoRA"
             )
-        if not A.is_floating_point() or not B.is_floating_point():
+        if A.dtype not in FLOATS or B.dtype not in FLOATS:
             raise LoraFormatError(f"{label}: {key_a}: LoRA factors must be floating point")
         targets = _diffusers_modules(fmt, module)
         if targets is None:
@@ -269,13 +277,13 @@ def normalise(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], 
         for index, target in enumerate(targets):
             if target in layers:
                 raise LoraFormatError(f"{label}: {key_a} and {keys[target]} both update {target}")
-            layers[target] = Factors(A, B[index * rows : (index + 1) * rows], scale)
+            layers[target] = Factors(A, B.rows(index * rows, (index + 1) * rows), scale)
             keys[target] = key_a
     return LoraFile(label, layers, keys, "+".join(formats), dict(metadata))
 
 
 def _scale(
-    parts: Mapping[str, tuple[str, torch.Tensor]],
+    parts: Mapping[str, tuple[str, Stored]],
     module: str,
     targets: Sequence[str],
     rank: int,
@@ -286,9 +294,10 @@ def _scale(
 ) -> float:
     if "alpha" in parts:
         key, alpha = parts["alpha"]
-        if alpha.numel() != 1:
+        if alpha.data.size != 1 or alpha.dtype not in (*FLOATS, "I64", "I32"):
             raise LoraFormatError(f"{label}: {key} must be a single number")
-        return float(alpha.reshape(()).item()) / rank
+        value = alpha.float32() if alpha.dtype in FLOATS else alpha.data
+        return float(value.reshape(())) / rank
     alpha = _pattern_value(targets[0], alpha_pattern)
     if alpha is None:
         alpha = _pattern_value(module, alpha_pattern)

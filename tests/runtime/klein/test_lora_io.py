@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers.loaders.lora_conversion_utils import (
@@ -21,10 +22,10 @@ from kleinstyle.runtime.klein.lora_io import (
     LoraFormatError,
     check_compatible,
     identify_base,
-    normalise,
+    normalise_torch,
     read_lora,
 )
-from kleinstyle.runtime.klein.tensorfile import TensorFileError, read_safetensors, write_safetensors
+from kleinstyle.runtime.klein.tensorfile import Stored, TensorFileError, read_safetensors, write_safetensors
 from safetensors.torch import load_file, save_file
 
 # The tiny klein's shapes: 2 double + 2 single blocks, 2 heads x 16, mlp_ratio 3.
@@ -76,14 +77,16 @@ def test_files_written_here_load_in_safetensors_and_back(tmp_path: Path):
         "d": torch.empty(0, 4),
         "e": torch.randn(2, 3).half(),
     }
-    write_safetensors(tmp_path / "mine.safetensors", tensors, {"k": "v"})
+    write_safetensors(tmp_path / "mine.safetensors", {n: Stored.from_torch(t) for n, t in tensors.items()}, {"k": "v"})
     theirs = load_file(tmp_path / "mine.safetensors")
     assert all(torch.equal(theirs[name], tensor) for name, tensor in tensors.items())
 
     save_file(tensors, tmp_path / "theirs.safetensors", metadata={"format": "pt"})
     mine, metadata = read_safetensors(tmp_path / "theirs.safetensors")
     assert metadata == {"format": "pt"} and set(mine) == set(tensors)
-    assert all(torch.equal(mine[name], tensor) and mine[name].dtype == tensor.dtype for name, tensor in tensors.items())
+    for name, tensor in tensors.items():
+        back = mine[name].to_torch()
+        assert torch.equal(back, tensor) and back.dtype == tensor.dtype, name
     assert read_safetensors(tmp_path / "mine.safetensors")[1] == {"k": "v"}
     assert not list(tmp_path.glob(".*"))  # no temporary left behind
 
@@ -159,8 +162,8 @@ def test_ai_toolkit_bfl_keys_read_as_diffusers_reads_them(tmp_path: Path):
     for key, tensor in lora.state_dict().items():
         assert torch.equal(tensor, theirs[key]), key
     # The fused qkv's A is shared: the three split layers view the file, no copy each.
-    q = lora.layers["transformer_blocks.0.attn.to_q"]
-    assert q.A.data_ptr() == lora.layers["transformer_blocks.0.attn.to_v"].A.data_ptr()
+    q, v = lora.layers["transformer_blocks.0.attn.to_q"], lora.layers["transformer_blocks.0.attn.to_v"]
+    assert q.A.data is v.A.data and np.shares_memory(q.B.data.base, v.B.data.base)
 
 
 def test_lora_down_up_spellings_of_bfl_keys_are_the_same_lora(tmp_path: Path):
@@ -199,11 +202,11 @@ def test_peft_keys_and_diffusers_adapter_metadata_give_the_scale():
         for k, v in state.items()
     }
     meta = {"lora_adapter_metadata": json.dumps({"transformer.r": 4, "transformer.lora_alpha": 8})}
-    lora = normalise(peft, meta, "peft.safetensors")
+    lora = normalise_torch(peft, meta, "peft.safetensors")
     assert lora.format == "peft" and {f.scale for f in lora.layers.values()} == {2.0}
     assert all(torch.allclose(deltas(lora.state_dict())[m], 2 * d) for m, d in deltas(state).items())
     # kleinstyle's own artifacts bake alpha in: scale 1, the tensors are the file's.
-    artifact = normalise(state, {"kleinstyle.format": "klein-diffusers-v1"}, "artifact")
+    artifact = normalise_torch(state, {"kleinstyle.format": "klein-diffusers-v1"}, "artifact")
     assert artifact.format == "diffusers" and {f.scale for f in artifact.layers.values()} == {1.0}
     assert artifact.max_rank == 4
 
@@ -233,7 +236,7 @@ def test_what_is_not_a_klein_lora_is_refused_naming_the_key(change, message):
     state = random_lora(TINY_SHAPES, 4, 5)
     change(state)
     with pytest.raises(LoraFormatError, match=message):
-        normalise(state, {}, "bad.safetensors")
+        normalise_torch(state, {}, "bad.safetensors")
 
 
 # ---- fitting together -------------------------------------------------------------------------------------------
@@ -246,8 +249,8 @@ def _sized(size: str, modules: list[str], rank: int = 1) -> dict:
 
 
 def test_loras_for_different_base_models_are_refused_naming_the_first_key():
-    nine = normalise(_sized("klein-9b", ["transformer_blocks.0.attn.to_q"]), {}, "nine.safetensors")
-    four = normalise(_sized("klein-4b", ["transformer_blocks.0.attn.to_q"]), {}, "four.safetensors")
+    nine = normalise_torch(_sized("klein-9b", ["transformer_blocks.0.attn.to_q"]), {}, "nine.safetensors")
+    four = normalise_torch(_sized("klein-4b", ["transformer_blocks.0.attn.to_q"]), {}, "four.safetensors")
     assert (identify_base(nine), identify_base(four)) == ("klein-9b", "klein-4b")
     with pytest.raises(IncompatibleLoras) as refused:
         check_compatible([nine, four])
@@ -257,33 +260,33 @@ def test_loras_for_different_base_models_are_refused_naming_the_first_key():
 
 
 def test_a_layer_the_base_model_lacks_is_refused():
-    nine = normalise(_sized("klein-9b", ["single_transformer_blocks.23.attn.to_out"]), {}, "nine.safetensors")
+    nine = normalise_torch(_sized("klein-9b", ["single_transformer_blocks.23.attn.to_out"]), {}, "nine.safetensors")
     extra = _sized("klein-9b", ["single_transformer_blocks.0.attn.to_out"])
     extra = {k.replace("single_transformer_blocks.0.", "single_transformer_blocks.24."): v for k, v in extra.items()}
     with pytest.raises(IncompatibleLoras, match=r"blocks\.24\.attn\.to_out.* klein-9b, the base model of nine"):
-        check_compatible([nine, normalise(extra, {}, "flux1.safetensors")])
+        check_compatible([nine, normalise_torch(extra, {}, "flux1.safetensors")])
 
 
 def test_a_shape_mismatch_between_unknown_bases_is_refused_naming_the_key():
-    tiny = normalise(random_lora(TINY_SHAPES, 4, 0), {}, "tiny.safetensors")
+    tiny = normalise_torch(random_lora(TINY_SHAPES, 4, 0), {}, "tiny.safetensors")
     wider = dict(TINY_SHAPES, **{"transformer_blocks.1.ff.linear_out": (32, 128)})
-    other = normalise(random_lora(wider, 4, 1), {}, "other.safetensors")
+    other = normalise_torch(random_lora(wider, 4, 1), {}, "other.safetensors")
     with pytest.raises(IncompatibleLoras, match=r"other.safetensors: .*blocks.1.ff.linear_out.* 32x128 but tiny"):
         check_compatible([tiny, other])
 
 
 def test_declared_base_models_must_agree():
     state = random_lora(TINY_SHAPES, 4, 0)
-    a = normalise(state, {"modelspec.architecture": "flux-2-klein-9b"}, "a")
-    b = normalise(state, {"modelspec.architecture": "flux-1-dev"}, "b")
+    a = normalise_torch(state, {"modelspec.architecture": "flux-2-klein-9b"}, "a")
+    b = normalise_torch(state, {"modelspec.architecture": "flux-1-dev"}, "b")
     with pytest.raises(IncompatibleLoras, match=r"b: metadata modelspec.architecture='flux-1-dev'"):
         check_compatible([a, b])
 
 
 def test_a_lora_on_fewer_layers_fits_and_the_gap_is_reported():
-    everything = normalise(random_lora(TINY_SHAPES, 4, 0), {}, "all")
+    everything = normalise_torch(random_lora(TINY_SHAPES, 4, 0), {}, "all")
     single = {m: s for m, s in TINY_SHAPES.items() if m.startswith("single_")}
-    style = normalise(random_lora(single, 8, 1), {}, "single")
+    style = normalise_torch(random_lora(single, 8, 1), {}, "single")
     compat = check_compatible([everything, style])
     assert compat.base is None and len(compat.layers) == len(TINY_SHAPES)
     assert compat.partial and all(labels == ("single",) for labels in compat.partial.values())
