@@ -25,7 +25,13 @@ from kleinstyle.runtime.klein.lora_io import (
     normalise_torch,
     read_lora,
 )
-from kleinstyle.runtime.klein.tensorfile import Stored, TensorFileError, read_safetensors, write_safetensors
+from kleinstyle.runtime.klein.tensorfile import (
+    SafetensorsWriter,
+    Stored,
+    TensorFileError,
+    read_safetensors,
+    write_safetensors,
+)
 from safetensors.torch import load_file, save_file
 
 # The tiny klein's shapes: 2 double + 2 single blocks, 2 heads x 16, mlp_ratio 3.
@@ -89,6 +95,22 @@ def test_files_written_here_load_in_safetensors_and_back(tmp_path: Path):
         assert torch.equal(back, tensor) and back.dtype == tensor.dtype, name
     assert read_safetensors(tmp_path / "mine.safetensors")[1] == {"k": "v"}
     assert not list(tmp_path.glob(".*"))  # no temporary left behind
+
+
+def test_a_streamed_file_is_valid_in_any_order_and_with_a_header_bigger_than_reserved(tmp_path: Path):
+    tensors = {f"t{i}": Stored.from_torch(torch.randn(4, i + 1).bfloat16()) for i in range(5)}
+    for reserve in (1 << 12, 8):  # room to spare; far too little, so the file is written again behind its header
+        path = tmp_path / f"streamed-{reserve}.safetensors"
+        with SafetensorsWriter(path, reserve) as writer:
+            for name in reversed(tensors):  # as layers finish, not in name order
+                writer.add(name, tensors[name])
+            writer.commit({"note": "x" * 100})
+        loaded = load_file(path)
+        assert all(torch.equal(loaded[n], t.to_torch()) for n, t in tensors.items())
+        assert read_safetensors(path)[1] == {"note": "x" * 100}
+    with SafetensorsWriter(tmp_path / "abandoned.safetensors") as writer:
+        writer.add("t0", tensors["t0"])  # no commit: nothing is left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["streamed-4096.safetensors", "streamed-8.safetensors"]
 
 
 def test_a_broken_file_is_refused_with_its_name(tmp_path: Path):
