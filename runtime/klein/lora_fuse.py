@@ -196,9 +196,11 @@ def _common_dtype(sources: Sequence[Source]) -> str:
 
 
 def workers() -> int:
-    """How many layers to work on at once: the CPUs this process may use (its cpuset and, in a container, its
-    cgroup CPU limit), not the machine's."""
+    """How many layers to work on at once: the CPUs this process may use (OMP_NUM_THREADS when set, its cpuset
+    and, in a container, its cgroup CPU limit), not the machine's."""
     count = os.cpu_count() or 1
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        count = min(count, max(1, int(os.environ["OMP_NUM_THREADS"])))
     if hasattr(os, "sched_getaffinity"):
         count = min(count, len(os.sched_getaffinity(0)))
     try:  # cgroup v2: "max 100000" or "<quota> <period>"
