@@ -40,7 +40,7 @@ style LoRA's score by a time scale s(t) rising over the denoising steps, so cont
 A static LoRA cannot follow t, and N style LoRAs have no content/style roles: the baked version uses s = 1. Its
 average over the schedule would only be a constant factor on one LoRA's score, which is what a weight is.
 Invariants (tested): input order does not matter, weight 0 equals leaving the LoRA out, and rescaling a LoRA's
-factors (c B, A / c) changes nothing; scaling a LoRA's update changes which layers it wins in no way either.
+factors (c B, A / c) changes nothing; scaling a LoRA's whole update does not change which layers it wins.
 """
 
 from __future__ import annotations
