@@ -277,7 +277,11 @@ def _generate(kind: Kind, body: Mapping, spec: GenerationJobSpec, deps: Mapping,
 
 def _fuse(kind: Kind, body: Mapping, spec: LoRAFusionSpec, deps: Mapping, cfg: OperatorConfig) -> Run:
     work = FuseSpec(
-        sources=_lora_inputs(spec.sources, deps, cfg), method=spec.method, rank=spec.rank, energy=spec.energy
+        sources=_lora_inputs(spec.sources, deps, cfg),
+        method=spec.method,
+        rank=spec.rank,
+        energy=spec.energy,
+        selection=spec.selection or "hard",
     )
     return _run(kind, body, work, cfg, "fuse", spec.scheduling)
 
@@ -563,6 +567,22 @@ def _generation_result(result: Mapping[str, Any], run: Run) -> dict[str, Any]:
     }
 
 
+def _fusion_result(result: Mapping[str, Any], run: Run) -> dict[str, Any]:
+    """The fused LoRA: where it is comes from the RunSpec; rank, energy and duration from the run."""
+
+    def number(key: str) -> float | None:
+        value = result.get(key)
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+    rank = result.get("rank")
+    return {
+        "loraURI": f"{run.runspec.output_display_uri}/lora.safetensors",
+        "rank": rank if isinstance(rank, int) and not isinstance(rank, bool) else None,
+        "energyKept": number("energy_kept"),
+        "durationSeconds": number("duration_seconds"),
+    }
+
+
 @dataclass(frozen=True)
 class KindRun:
     """How one kind runs: the spec model, its dependencies, its Run and its result's status fields."""
@@ -653,6 +673,8 @@ KIND_RUNS: dict[str, KindRun] = {
         "fuse",
         lambda s: _lora_deps(s.sources),
         _fuse,
+        _fusion_result,
+        cleared_fields={"loraURI": None, "rank": None, "energyKept": None, "durationSeconds": None},
         arrives_with="fusion (issue #6)",
     ),
 }

@@ -27,7 +27,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .paths import local_path
+from .paths import fsync_path, is_remote, local_path
 from .spec import RunSpec
 
 METADATA_FILE = "metadata.json"
@@ -59,11 +59,6 @@ def join_uri(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(part.strip("/") for part in parts)])
 
 
-def is_remote(uri: str) -> bool:
-    """Whether `uri` goes through fsspec (s3://, gs://, memory://...) rather than a path in the pod."""
-    return "://" in uri
-
-
 class ArtifactDir:
     """A directory being written: files go to a staging folder until `commit` publishes them together."""
 
@@ -89,6 +84,12 @@ class ArtifactDir:
 
     def write_json(self, name: str, obj: object) -> None:
         self.write_bytes(name, _json_bytes(obj))
+
+    def file_path(self, name: str) -> Path:
+        """The staged path of `name`, for a writer that streams a large file there and makes it durable itself."""
+        path = self._staging / _relative(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
 
     def commit(self) -> bool:
         """Publish the staged files with the sidecar and the marker; False when an identical run's were there."""
@@ -235,12 +236,3 @@ def _write_durably(path: Path, data: bytes) -> None:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a folder by path (a folder's fsync makes a rename inside it durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -124,6 +124,44 @@ def _tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fuse_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="*", metavar="IN.safetensors[:WEIGHT]", help="LoRAs to fuse (weight 1.0 if omitted)")
+    p.add_argument("-o", "--output", metavar="OUT.safetensors", help="where to write the fused LoRA")
+    p.add_argument("--method", choices=("concat", "svd", "klora"), default="svd", help="default: svd")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--rank", type=int, help="svd/klora: the fused rank (default: the largest input rank)")
+    size.add_argument("--energy", type=float, help="svd/klora: per layer, the smallest rank keeping this fraction")
+    p.add_argument("--selection", choices=("hard", "soft"), default="hard", help="klora: one LoRA per layer or a mix")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="default: the inputs' dtype")
+    p.add_argument("--layers", action="store_true", help="print every layer's rank and energy kept")
+    p.add_argument("--spec", help="a LoRAFusion Job's RunSpec JSON instead of the arguments above")
+
+
+def _fuse(args: argparse.Namespace) -> int:
+    from kleinstyle.runtime import fuse
+
+    if args.spec:
+        if args.inputs or args.output:
+            print(
+                "kleinstyle fuse: --spec takes its inputs and output from the RunSpec; give no files", file=sys.stderr
+            )
+            return 2
+        return fuse.main(args.spec)
+    if len(args.inputs) < 2 or not args.output:
+        print("kleinstyle fuse: give at least two LoRA files and -o OUT.safetensors (or --spec)", file=sys.stderr)
+        return 2
+    return fuse.main_cli(
+        args.inputs,
+        args.output,
+        args.method,
+        rank=args.rank,
+        energy=args.energy,
+        selection=args.selection,
+        dtype=args.dtype,
+        per_layer=args.layers,
+    )
+
+
 def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("stylelora", help="StyleLoRA YAML file")
     p.add_argument("--images", type=int, required=True, help="accepted images on the board")
@@ -241,6 +279,7 @@ COMMANDS: dict[str, Command] = {
         _tiny_model_args,
         _tiny_model,
     ),
+    "fuse": ("LoRAFusion step: fuse LoRAs (concat, svd, klora) into one", _fuse_args, _fuse),
     "dev-cluster": (
         "run an embedded cluster (API emulator, operator, local Job executor)",
         _dev_cluster_args,

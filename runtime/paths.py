@@ -22,5 +22,19 @@ def local_path(pod_path: str | os.PathLike[str]) -> Path:
     return path
 
 
+def is_remote(uri: str) -> bool:
+    """Whether `uri` goes through fsspec (s3://, gs://, memory://...) rather than a path in the pod."""
+    return "://" in uri
+
+
 def is_object_store(uri: str) -> bool:
     return uri.startswith(("s3://", "gs://"))
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder by path (a folder's fsync makes a rename inside it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -25,7 +25,7 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_SPEC = 0, 1, 2
 
 # Steps this version of the runtime can run. The operator creates a Job only for these; a resource whose step is
 # not here yet waits with a condition saying which issue brings it, instead of a Job that is bound to fail.
-AVAILABLE_STEPS: frozenset[str] = frozenset({"prepare", "train", "generate"})
+AVAILABLE_STEPS: frozenset[str] = frozenset({"prepare", "train", "generate", "fuse"})
 # Where a Job finds a text provider's API key (an env var filled from a Secret, never a file or a flag).
 PROVIDER_KEY_ENV = {"gemini": "GEMINI_API_KEY", "openrouter": "OPENROUTER_API_KEY"}
 
@@ -167,6 +167,7 @@ class FuseSpec(_Frozen):
     method: Literal["concat", "svd", "klora"]
     rank: int | None = None
     energy: float | None = None
+    selection: Literal["hard", "soft"] = "hard"  # klora only
 
 
 StepSpec = Annotated[PrepareSpec | TrainSpec | GenerateSpec | FuseSpec, Field(discriminator="step")]

@@ -23,6 +23,12 @@ class LoRAFusionSpec(Model):
                     "concat keeps every rank exactly: rank and energy apply to svd and klora only",
                     ".method",
                 ),
+                cel("!has(self.selection) || self.method == 'klora'", "selection applies to klora only", ".selection"),
+                cel(
+                    "self.method != 'klora' || self.sources.all(s, !has(s.weight) || s.weight >= 0.0)",
+                    "klora weights are priorities: they must not be negative",
+                    ".sources",
+                ),
             ]
         },
     )
@@ -34,7 +40,17 @@ class LoRAFusionSpec(Model):
     )
     rank: int | None = Field(default=None, ge=1, le=1024, description="Target rank for svd/klora.")
     energy: float | None = Field(
-        default=None, gt=0, le=1, description="Alternative to rank: keep the smallest rank holding this energy."
+        default=None,
+        gt=0,
+        le=1,
+        description="Alternative to rank: per layer, keep the smallest rank holding this fraction of the energy.",
+    )
+    selection: Literal["hard", "soft"] | None = Field(
+        default=None,
+        description=(
+            "klora only: hard (default) gives each layer to the LoRA that stands out most there, at full strength; "
+            "soft mixes the LoRAs in each layer by their share of the scores. Weights are priorities."
+        ),
     )
     scheduling: Scheduling = Field(default_factory=Scheduling, description="Queue, priority and node pool.")
     artifactPolicy: ArtifactPolicy = Field(default="Retain", description=ARTIFACT_POLICY_DESCRIPTION)
@@ -44,6 +60,10 @@ class LoRAFusionStatus(CommonStatus):
     """Observed state of a LoRAFusion."""
 
     loraURI: str | None = Field(default=None, description="The fused LoRA.")
-    rank: int | None = Field(default=None, description="Rank of the fused LoRA.")
-    energyKept: float | None = Field(default=None, description="Fraction of the weighted sum's energy kept.")
-    durationSeconds: float | None = Field(default=None, description="Time the fusion took.")
+    rank: int | None = Field(default=None, description="Rank of the fused LoRA (the largest over its layers).")
+    energyKept: float | None = Field(
+        default=None, description="Fraction of the fused update's energy (squared Frobenius norm) the LoRA keeps."
+    )
+    durationSeconds: float | None = Field(
+        default=None, description="Time the fusion took, reading and writing included."
+    )

@@ -217,6 +217,15 @@ def report(root: Path, objs: list[dict[str, Any]]) -> int:
             print(f"    LoRA: {status.get('loraURI')}\n      on this machine: {lora}")
         elif obj["kind"] == "GenerationJob" and phase == "Succeeded":
             _report_generation(root, status)
+        elif obj["kind"] == "LoRAFusion" and phase == "Succeeded":
+            energy = status.get("energyKept")
+            kept = f"{100 * energy:.2f}%" if isinstance(energy, int | float) else "-"
+            print(
+                f"    {obj['spec'].get('method')}: rank {status.get('rank')}, energy kept {kept}, "
+                f"{_num(status.get('durationSeconds'))} s"
+            )
+            lora = local_artifact(root, status.get("loraURI"))
+            print(f"    LoRA: {status.get('loraURI')}\n      on this machine: {lora}")
         elif phase in ("Pending", "Waiting", "Failed"):
             print(f"    {status.get('message')}")
         if status.get("artifactURI") and phase in ("Running", "Succeeded", "Failed"):

@@ -403,7 +403,12 @@ class Executor:
         while True:
             try:
                 return await prepare_container(
-                    pod, self.root, self._read, api_url=self.api_url, default_command=self.default_command
+                    pod,
+                    self.root,
+                    self._read,
+                    api_url=self.api_url,
+                    default_command=self.default_command,
+                    cpus=max(1, (os.cpu_count() or 1) // self._parallelism),
                 )
             except PodSetupError as exc:
                 if exc.reason == "StartError":

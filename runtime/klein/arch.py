@@ -9,8 +9,10 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where a model is at hand: fusion reads these tables without it
+    from torch import nn
 
 # Klein embeds a prompt as the Qwen3 hidden states of three decoder layers, stacked on the feature axis. The real
 # text encoders (Qwen3-8B for 9B, Qwen3-4B for 4B) have 36 layers and Klein reads layers (9, 18, 27): a quarter, a
@@ -74,6 +76,8 @@ def text_encoder_layers(num_hidden_layers: int) -> tuple[int, int, int]:
 
 def lora_linear_names(transformer: nn.Module) -> list[str]:
     """Every LoRA-targetable linear of a Klein transformer, by its full diffusers module name, in module order."""
+    from torch import nn
+
     names = []
     for name, module in transformer.named_modules():
         match = _BLOCK_LINEAR.match(name)
@@ -122,3 +126,47 @@ def _block_counts(names: list[str]) -> str:
     double = {m["index"] for n in names if (m := _BLOCK_LINEAR.match(n)) and m["kind"] == DOUBLE_BLOCKS}
     single = {m["index"] for n in names if (m := _BLOCK_LINEAR.match(n)) and m["kind"] == SINGLE_BLOCKS}
     return f"{len(double)} double-stream and {len(single)} single-stream blocks"
+
+
+# The klein transformers by the shape parameters that fix their LoRA-targetable linears (diffusers config names).
+# Base and distilled models of one size share every shape; only metadata can tell them apart.
+KLEIN_SIZES: dict[str, dict[str, float | int]] = {
+    "klein-9b": {
+        "num_layers": 8,
+        "num_single_layers": 24,
+        "num_attention_heads": 32,
+        "attention_head_dim": 128,
+        "mlp_ratio": 3.0,
+    },
+    "klein-4b": {
+        "num_layers": 5,
+        "num_single_layers": 20,
+        "num_attention_heads": 24,
+        "attention_head_dim": 128,
+        "mlp_ratio": 3.0,
+    },
+}
+
+
+def block_linear_shapes(
+    *, num_layers: int, num_single_layers: int, num_attention_heads: int, attention_head_dim: int, mlp_ratio: float
+) -> dict[str, tuple[int, int]]:
+    """(out, in) of every LoRA-targetable linear, by full module name, computed from the config alone.
+
+    Mirrors diffusers' Flux2Transformer2DModel (checked against a meta-device model in the tests) so that fusion
+    and its benchmark know the shapes without importing diffusers or allocating a model. The feed-forwards are
+    SwiGLU (linear_in doubles the hidden width); a single block fuses q, k, v and the MLP input in one projection.
+    """
+    dim = num_attention_heads * attention_head_dim
+    mlp = int(dim * mlp_ratio)
+    double = {name: (dim, dim) for name in DOUBLE_BLOCK_LINEARS}
+    for ff in ("ff", "ff_context"):
+        double[f"{ff}.linear_in"] = (2 * mlp, dim)
+        double[f"{ff}.linear_out"] = (dim, mlp)
+    single = {"attn.to_qkv_mlp_proj": (3 * dim + 2 * mlp, dim), "attn.to_out": (dim, dim + mlp)}
+    shapes = {}
+    for index in range(num_layers):
+        shapes.update({f"{DOUBLE_BLOCKS}.{index}.{name}": double[name] for name in DOUBLE_BLOCK_LINEARS})
+    for index in range(num_single_layers):
+        shapes.update({f"{SINGLE_BLOCKS}.{index}.{name}": single[name] for name in SINGLE_BLOCK_LINEARS})
+    return shapes

@@ -19,18 +19,23 @@ Format `klein-diffusers-v1`:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # fusion reads the names below without torch; only the conversion needs it
+    import torch
 
 FORMAT_NAME = "klein-diffusers-v1"
 COMPONENT_PREFIX = "transformer."
 
 
 def to_artifact_state_dict(
-    peft_state: Mapping[str, torch.Tensor], *, rank: int, alpha: float, dtype: torch.dtype = torch.float32
+    peft_state: Mapping[str, torch.Tensor], *, rank: int, alpha: float, dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
     """Turn peft's adapter state dict (keys without adapter name, as `get_peft_model_state_dict` returns) into
-    the published key set: prefix the component and fold alpha / rank into lora_B."""
+    the published key set: prefix the component and fold alpha / rank into lora_B (float32 unless `dtype`)."""
+    import torch
+
+    dtype = dtype or torch.float32
     scale = alpha / rank
     out: dict[str, torch.Tensor] = {}
     for key, tensor in peft_state.items():

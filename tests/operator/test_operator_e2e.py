@@ -163,6 +163,40 @@ async def test_a_generation_job_renders_with_the_lora_it_waited_for(root: Path):
         assert "capped" in warning["message"] and "reformulation is unavailable" in warning["message"]
 
 
+async def test_two_trained_loras_fuse_and_status_says_how(root: Path):
+    from kleinstyle.runtime.klein.lora_io import read_lora
+
+    write_model_cache(root)
+    ink = {
+        "apiVersion": "kleinstyle.dev/v1alpha1",
+        "kind": "StyleLoRA",
+        "metadata": {"name": "ink-lora"},
+        "spec": {"boardRef": {"name": "bd9"}, "training": {"rank": 16, "targetBlocks": "single"}},
+    }
+    fusion = {
+        "apiVersion": "kleinstyle.dev/v1alpha1",
+        "kind": "LoRAFusion",
+        "metadata": {"name": "bd9-ink"},
+        "spec": {"sources": [{"name": "bd9-lora", "weight": 0.6}, {"name": "ink-lora", "weight": 0.4}], "rank": 24},
+    }
+    async with cluster_for(root, NS) as cluster:
+        await cluster.apply([BOARD, LORA, ink, fusion])
+        done = await cluster.wait_for(phase_is(cluster, "lorafusions", "bd9-ink", "Succeeded"), timeout=240)
+        status = done["status"]
+        assert status["loraURI"] == f"{status['artifactURI']}/lora.safetensors"
+        fused = read_lora(local_artifact(root, status["loraURI"]))
+        assert status["rank"] == fused.max_rank == 24  # 32 + 16 truncated to 24
+        assert 0.5 < status["energyKept"] < 1 and status["durationSeconds"] > 0
+        # ink-lora trained single blocks only: the double blocks hold bd9-lora's update alone, and status says so.
+        warning = next(c for c in status["conditions"] if c["type"] == "Warning")
+        assert warning["status"] == "True" and "only some inputs" in warning["message"]
+        assert len(fused.layers) == len(
+            read_lora(
+                local_artifact(root, (await cluster.get("styleloras", NS, "bd9-lora"))["status"]["loraURI"])
+            ).layers
+        )
+
+
 async def test_a_lora_waits_for_its_board_with_a_condition(root: Path):
     async with cluster_for(root, NS) as cluster:
         await cluster.apply([LORA])

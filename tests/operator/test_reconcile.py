@@ -604,3 +604,69 @@ def test_the_boards_style_profile_travels_with_the_lora_to_the_generation():
     deps = {("StyleLoRA", "bd9-lora"): trained_lora(styleProfile=profile)}
     assert generate_work(step(generation(), deps=deps))["style_profile"] == profile
     assert generate_work(step(generation(textPipeline="off"), deps=deps))["style_profile"] is None
+
+
+# ---- LoRAFusion ---------------------------------------------------------------------------------------------------
+
+
+def fusion(**spec) -> dict:
+    return {
+        "apiVersion": "kleinstyle.dev/v1alpha1",
+        "kind": "LoRAFusion",
+        "metadata": {"name": "mix", "namespace": "team-a", "uid": "uid-mix", "generation": 1},
+        "spec": {"sources": [{"name": "ink"}, {"name": "oil", "weight": 0.5}], "method": "klora", **spec},
+    }
+
+
+def trained(name: str) -> dict:
+    return {
+        "kind": "StyleLoRA",
+        "metadata": {"name": name, "namespace": "team-a", "generation": 1},
+        "status": {
+            "phase": "Succeeded",
+            "observedGeneration": 1,
+            "loraURI": f"pvc://kleinstyle-artifacts/team-a/stylelora/{name}/uid/abc/lora.safetensors",
+        },
+    }
+
+
+FUSION_DEPS = {("StyleLoRA", "ink"): trained("ink"), ("StyleLoRA", "oil"): trained("oil")}
+
+
+def test_a_fusion_with_its_sources_ready_runs_fuse_on_a_cpu():
+    decision = step(fusion(selection="soft", energy=0.9), deps=FUSION_DEPS)
+    job = job_of(decision)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][:2] == ["kleinstyle", "fuse"]
+    assert "nvidia.com/gpu" not in container["resources"]["limits"]
+    work = json.loads(next(c for c in decision.create if c["kind"] == "ConfigMap")["data"]["runspec.json"])["work"]
+    assert [(s["uri"], s["weight"]) for s in work["sources"]] == [
+        ("/artifacts/team-a/stylelora/ink/uid/abc/lora.safetensors", 1.0),
+        ("/artifacts/team-a/stylelora/oil/uid/abc/lora.safetensors", 0.5),
+    ]
+    assert (work["method"], work["energy"], work["rank"], work["selection"]) == ("klora", 0.9, None, "soft")
+
+
+def test_a_finished_fusion_shows_its_lora_rank_energy_and_duration():
+    first = step(fusion(rank=16), deps=FUSION_DEPS)
+    body = with_status(fusion(rank=16), first)
+    result = {
+        "lora_file": "pvc://elsewhere/lora.safetensors",  # never trusted
+        "rank": 16,
+        "energy_kept": 0.93,
+        "duration_seconds": 1.25,
+        "warnings": ["4 of 28 layers are updated by only some inputs"],
+    }
+    body["status"]["progress"] = {"runHash": first.status["runHash"], "step": "fuse", "result": result}
+    job = _job(first, succeeded=1, conditions=[{"type": "Complete", "status": "True"}])
+    status = step(body, children=[*first.create[:-1], job], deps=FUSION_DEPS).status
+    assert status["phase"] == "Succeeded"
+    assert status["loraURI"] == f"{status['artifactURI']}/lora.safetensors"
+    assert (status["rank"], status["energyKept"], status["durationSeconds"]) == (16, 0.93, 1.25)
+    warning = next(c for c in status["conditions"] if c["type"] == "Warning")
+    assert warning["status"] == "True" and "only some inputs" in warning["message"]
+    # A new spec starts a new run: the old run's numbers go.
+    changed = with_status(fusion(rank=8), first)
+    changed["status"].update(status)
+    fresh = step(changed, deps=FUSION_DEPS).status
+    assert (fresh["loraURI"], fresh["rank"], fresh["energyKept"], fresh["durationSeconds"]) == (None,) * 4

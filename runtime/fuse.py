@@ -1,0 +1,322 @@
+"""The LoRAFusion step and `kleinstyle fuse`: read LoRAs, check that they fit, fuse them, publish the result whole.
+
+Two ways in, one code path (`fuse_files`):
+- `kleinstyle fuse --method svd --rank 32 -o OUT.safetensors A.safetensors[:WEIGHT] ...` on one machine: the result
+  goes to OUT atomically (a temporary sibling, fsync, rename) and a summary to stdout;
+- `kleinstyle fuse --spec RUNSPEC.json` in a LoRAFusion's Job: sources and settings from the RunSpec, the result
+  published under the run's `output_uri` (a pod path or an object store) as `lora.safetensors` with its sidecar
+  `lora.json`, `metadata.json` and the `_SUCCESS` marker, all at once (runtime.artifacts); the result then goes to
+  the owner's `status.progress`, from which the operator fills loraURI, rank, energyKept and durationSeconds.
+The fused file is the artifact format (`klein-diffusers-v1`, runtime.klein.lora_format); its safetensors metadata
+records the method, the inputs and the rank and energy kept of every layer.
+Exit codes: 0 fused; 2 input that can never fuse (a missing or unreadable file, an unknown key, LoRAs that do not
+fit together, settings that contradict each other); 1 anything a retry may fix.
+Heavy imports (torch, the RunSpec models, the HTTP client) happen inside the functions that need them, so that the
+command line spends its time fusing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+from .paths import is_remote, local_path
+
+if TYPE_CHECKING:
+    from .klein.lora_fuse import Fused, FusedLayer
+    from .klein.lora_io import LoraFile
+    from .spec import RunSpec
+
+log = logging.getLogger(__name__)
+
+STEP = "fuse"
+LORA_FILE = "lora.safetensors"
+LORA_SIDECAR = "lora.json"
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2  # as runtime.spec, without importing it
+DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}  # --dtype -> safetensors
+
+
+class BadInput(ValueError):
+    """Input this fusion can never succeed on; exit 2."""
+
+
+@dataclass(frozen=True)
+class Input:
+    uri: str  # a local path, a pod path or an fsspec URI (s3://, gs://)
+    weight: float = 1.0
+
+
+def parse_input(text: str) -> Input:
+    """`PATH[:WEIGHT]`: the part after the last colon is a weight when it reads as a number (so s3://... works)."""
+    path, sep, tail = text.rpartition(":")
+    if sep and path:
+        try:
+            return Input(path, float(tail))
+        except ValueError:
+            pass
+    return Input(text)
+
+
+# ---- the work ---------------------------------------------------------------------------------------------------
+
+
+def open_lora(uri: str, scratch: Path, index: int) -> LoraFile:
+    """Read one input: a path as is (a pod path through the local rootfs), an object-store URI copied to `scratch`."""
+    from .klein.lora_io import LoraFormatError, read_lora
+    from .klein.tensorfile import TensorFileError
+
+    try:
+        if is_remote(uri):
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(uri)
+            copy = scratch / f"{index}-{PurePosixPath(path).name}"
+            fs.get_file(path, str(copy))
+            return read_lora(copy, label=uri)
+        return read_lora(local_path(uri), label=uri)
+    except FileNotFoundError as exc:
+        raise BadInput(f"{uri}: no such LoRA file") from exc
+    except IsADirectoryError as exc:
+        raise BadInput(f"{uri}: is a directory, not a LoRA file") from exc
+    except (LoraFormatError, TensorFileError) as exc:
+        raise BadInput(str(exc)) from exc
+
+
+def fuse_files(
+    inputs: Sequence[Input],
+    target: Path,
+    method: str,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    selection: str = "hard",
+    dtype: str | None = None,
+    scratch: Path,
+) -> tuple[Fused, dict[str, Any]]:
+    """Read and fuse `inputs` into the safetensors file `target`, each layer written as soon as it is done (the
+    writing overlaps the arithmetic) and the file renamed into place whole; (result, summary). BadInput for
+    anything a retry cannot fix."""
+    from .klein.lora_format import COMPONENT_PREFIX
+    from .klein.lora_fuse import FusionError, Source, fuse
+    from .klein.lora_io import IncompatibleLoras
+    from .klein.tensorfile import SafetensorsWriter
+
+    started = time.perf_counter()
+    if len(inputs) < 2:
+        raise BadInput(f"fusion needs at least two LoRAs, got {len(inputs)}")
+    if not target.parent.is_dir():
+        raise BadInput(f"{target}: folder {target.parent} does not exist")
+    loras = [open_lora(item.uri, scratch, index) for index, item in enumerate(inputs)]
+    sources = [Source(lora, item.weight) for lora, item in zip(loras, inputs, strict=True)]
+    with SafetensorsWriter(target, _header_room(loras, inputs)) as writer:
+
+        def write(module: str, layer: FusedLayer) -> None:
+            writer.add(f"{COMPONENT_PREFIX}{module}.lora_A.weight", layer.factors.A)
+            writer.add(f"{COMPONENT_PREFIX}{module}.lora_B.weight", layer.factors.B)
+
+        try:
+            fused = fuse(
+                sources,
+                method,
+                rank=rank,
+                energy=energy,
+                selection=selection,  # type: ignore[arg-type]
+                dtype=DTYPES[dtype] if dtype else None,
+                on_layer=write,
+            )
+        except (IncompatibleLoras, FusionError) as exc:
+            raise BadInput(str(exc)) from exc
+        summary = describe(fused, loras, inputs, time.perf_counter() - started)
+        writer.commit(header(summary, fused, loras))
+    return fused, summary
+
+
+def _header_room(loras: Sequence[LoraFile], inputs: Sequence[Input]) -> int:
+    """A generous guess of the fused file's header size (tensor entries and the fusion record)."""
+    modules = {module for lora in loras for module in lora.layers}
+    names = sum(len(module) for module in modules)
+    return 4096 + 2 * names + 360 * len(modules) + 2 * sum(len(item.uri) + 64 for item in inputs)
+
+
+def describe(fused: Fused, loras: Sequence[LoraFile], inputs: Sequence[Input], seconds: float) -> dict[str, Any]:
+    """What the result is, for the file's metadata, the sidecar and status (JSON-able)."""
+    layers = fused.layers
+    shares = sorted(layer.energy_kept for layer in layers.values())
+    return {
+        "method": fused.method,
+        "selection": fused.selection,
+        "rank": fused.rank,
+        "energy_kept": fused.energy_kept,
+        "energy_kept_per_layer": {"min": shares[0], "median": shares[len(shares) // 2], "max": shares[-1]},
+        "layers": len(layers),
+        "base": fused.base,
+        "duration_seconds": round(seconds, 3),
+        "sources": [
+            {"uri": item.uri, "weight": item.weight, "format": lora.format, "rank": lora.max_rank}
+            for item, lora in zip(inputs, loras, strict=True)
+        ],
+        "warnings": _warnings(fused),
+    }
+
+
+def layer_table(fused: Fused) -> dict[str, dict[str, float | int]]:
+    return {
+        module: {"rank": layer.factors.rank, "energy_kept": round(layer.energy_kept, 6)}
+        for module, layer in fused.layers.items()
+    }
+
+
+def _warnings(fused: Fused) -> list[str]:
+    if not fused.partial:
+        return []
+    module, missing = next(iter(fused.partial.items()))
+    return [
+        f"{len(fused.partial)} of {len(fused.layers)} layers are updated by only some inputs (e.g. {module}, "
+        f"absent from {', '.join(missing)}): the others leave them unchanged there"
+    ]
+
+
+def header(summary: dict[str, Any], fused: Fused, loras: Sequence[LoraFile]) -> dict[str, str]:
+    """The fused file's safetensors metadata: the artifact format's keys plus what made it."""
+    from .klein.lora_format import FORMAT_NAME
+
+    bases = {lora.metadata.get("kleinstyle.base") for lora in loras}
+    return {
+        "format": "pt",
+        "kleinstyle.format": FORMAT_NAME,
+        "kleinstyle.rank": str(fused.rank),
+        "kleinstyle.base": (bases.pop() if len(bases) == 1 and None not in bases else None) or fused.base or "",
+        "kleinstyle.fusion": json.dumps({**summary, "per_layer": layer_table(fused)}, sort_keys=True),
+    }
+
+
+# ---- command line -----------------------------------------------------------------------------------------------
+
+
+def main_cli(
+    inputs: Sequence[str],
+    output: str,
+    method: str,
+    *,
+    rank: int | None,
+    energy: float | None,
+    selection: str,
+    dtype: str | None,
+    per_layer: bool,
+) -> int:
+    """`kleinstyle fuse` with files named on the command line."""
+    started = time.perf_counter()
+    items = [parse_input(text) for text in inputs]
+    try:
+        with tempfile.TemporaryDirectory(prefix="kleinstyle-fuse-") as scratch:
+            fused, summary = fuse_files(
+                items,
+                Path(output),
+                method,
+                rank=rank,
+                energy=energy,
+                selection=selection,
+                dtype=dtype,
+                scratch=Path(scratch),
+            )
+    except BadInput as exc:
+        print(f"kleinstyle fuse: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    seconds = time.perf_counter() - started
+    spread = summary["energy_kept_per_layer"]
+    print(
+        f"fused {len(items)} LoRAs ({method}{f', {selection} selection' if method == 'klora' else ''}) into "
+        f"{output}: {summary['layers']} layers, rank {fused.rank}, energy kept {100 * fused.energy_kept:.2f}% "
+        f"(per layer {100 * spread['min']:.2f}% to {100 * spread['max']:.2f}%), {seconds:.2f} s"
+    )
+    for warning in summary["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    if per_layer:
+        for module, row in layer_table(fused).items():
+            print(f"  {module:<52} rank {row['rank']:>4}  energy kept {100 * row['energy_kept']:7.3f}%")
+    return EXIT_OK
+
+
+# ---- the Job step -----------------------------------------------------------------------------------------------
+
+
+def run_fuse(spec: RunSpec, report: Callable[[str, str, dict | None], bool]) -> tuple[int, str, dict | None]:
+    """Fuse the RunSpec's sources into its output folder; (exit code, message, result)."""
+    from .artifacts import artifact_dir, artifact_metadata, join_uri, published_metadata, read_json
+    from .spec import FuseSpec
+
+    work = spec.work
+    if not isinstance(work, FuseSpec):
+        raise BadInput(f"this is a {work.step} RunSpec; `kleinstyle fuse --spec` runs only fuse")
+    lora_uri = join_uri(spec.output_display_uri, LORA_FILE)
+    if published_metadata(spec.output_uri, spec.content_hash()):  # a retry after the result was published
+        summary = read_json(join_uri(spec.output_uri, LORA_SIDECAR)) or {}
+        return EXIT_OK, f"already fused: {lora_uri}", {**summary, "lora_file": lora_uri}
+    started = time.perf_counter()
+    items = [Input(source.uri, source.weight) for source in work.sources]
+    report("Running", f"fusing {len(items)} LoRAs ({work.method})", None)
+    inputs = [{"uri": s.uri, "weight": s.weight} for s in work.sources]
+    with (
+        tempfile.TemporaryDirectory(prefix="kleinstyle-fuse-") as scratch,
+        artifact_dir(spec.output_uri, artifact_metadata(spec, inputs)) as out,
+    ):
+        fused, summary = fuse_files(
+            items,
+            out.file_path(LORA_FILE),
+            work.method,
+            rank=work.rank,
+            energy=work.energy,
+            selection=work.selection,
+            scratch=Path(scratch),
+        )
+        summary["duration_seconds"] = round(time.perf_counter() - started, 3)
+        out.write_json(LORA_SIDECAR, {**summary, "uri": lora_uri, "per_layer": layer_table(fused)})
+    message = (
+        f"fused {len(items)} LoRAs ({work.method}) into rank {fused.rank}, "
+        f"{100 * fused.energy_kept:.1f}% of the energy kept, in {summary['duration_seconds']:.1f} s: {lora_uri}"
+    )
+    return EXIT_OK, message, {**summary, "lora_file": lora_uri}
+
+
+def main(spec_path: str) -> int:
+    """`kleinstyle fuse --spec`: run the step, report to the owner, leave a termination message."""
+    from .report import api_target, report_progress, write_termination_message
+    from .spec import RunSpec
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        spec = RunSpec.from_json(local_path(spec_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        message = f"cannot read the RunSpec {spec_path}: {exc}"
+        log.error("%s", message)
+        write_termination_message(message)
+        return EXIT_BAD_INPUT
+
+    def report(state: str, message: str, result: dict | None = None) -> bool:
+        body = {"step": STEP, "runHash": spec.run_id(), "state": state, "message": message, "result": result}
+        return report_progress(spec.owner, body)
+
+    try:
+        code, message, result = run_fuse(spec, report)
+    except BadInput as exc:
+        code, message, result = EXIT_BAD_INPUT, f"bad input: {exc}", None
+    except Exception as exc:
+        log.exception("fusion failed")
+        code, message, result = EXIT_FAILED, f"fusion failed: {type(exc).__name__}: {exc}", None
+    log.info("%s", message)
+    if code == EXIT_OK:
+        if not report("Succeeded", message, result) and api_target() is not None:
+            message = "the result could not be reported to the Kubernetes API"
+            write_termination_message(message)
+            return EXIT_FAILED  # the retry finds the published result and reports it again
+    else:
+        report("Failed", message)
+    write_termination_message(message)
+    return code
