@@ -276,14 +276,27 @@ def _generate(kind: Kind, body: Mapping, spec: GenerationJobSpec, deps: Mapping,
 
 
 def _fuse(kind: Kind, body: Mapping, spec: LoRAFusionSpec, deps: Mapping, cfg: OperatorConfig) -> Run:
+    used = [ref for ref in spec.sources if ref.weight != 0]
+    styles = [lora_style(ref, deps[(ref.kind, ref.name)]) for ref in used]
+    keeps = [style.text_pipeline for style in styles]
     work = FuseSpec(
         sources=_lora_inputs(spec.sources, deps, cfg),
         method=spec.method,
         rank=spec.rank,
         energy=spec.energy,
         selection=spec.selection or "hard",
+        trigger_words=tuple(dict.fromkeys(word for style in styles for word in style.trigger_words)),
+        text_pipeline=None if None in keeps else all(keeps),
+        style_profile=style_profile(used, deps),
     )
     return _run(kind, body, work, cfg, "fuse", spec.scheduling)
+
+
+def _fusion_style_status(run: Run) -> tuple[dict[str, Any], list[str]]:
+    """What a GenerationJob reads of a fusion (`lora_style`, `style_profile`), known once the run is planned."""
+    work: FuseSpec = run.runspec.work
+    status = {"triggerWords": list(work.trigger_words), "textPipeline": work.text_pipeline}
+    return {**status, "styleProfile": work.style_profile}, []
 
 
 def _run(
@@ -675,6 +688,7 @@ KIND_RUNS: dict[str, KindRun] = {
         _fuse,
         _fusion_result,
         cleared_fields={"loraURI": None, "rank": None, "energyKept": None, "durationSeconds": None},
+        run_status=_fusion_style_status,
         arrives_with="fusion (issue #6)",
     ),
 }

@@ -168,6 +168,11 @@ class FuseSpec(_Frozen):
     rank: int | None = None
     energy: float | None = None
     selection: Literal["hard", "soft"] = "hard"  # klora only
+    # What generation needs of the fused LoRA, from its sources (weight 0 excluded): their trigger words, whether
+    # every source's plan keeps the text pipeline (None: unknown), and the first source's STYLE_PROFILE.
+    trigger_words: tuple[str, ...] = ()
+    text_pipeline: bool | None = None
+    style_profile: dict[str, Any] | None = None
 
 
 StepSpec = Annotated[PrepareSpec | TrainSpec | GenerateSpec | FuseSpec, Field(discriminator="step")]

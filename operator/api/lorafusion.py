@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import ConfigDict, Field
 
@@ -66,4 +66,15 @@ class LoRAFusionStatus(CommonStatus):
     )
     durationSeconds: float | None = Field(
         default=None, description="Time the fusion took, reading and writing included."
+    )
+    triggerWords: list[str] = Field(
+        default_factory=list, description="The sources' trigger words; GenerationJobs put them in prompts."
+    )
+    textPipeline: bool | None = Field(
+        default=None, description="Whether every source's training plan keeps the text pipeline (unset: unknown)."
+    )
+    styleProfile: dict[str, Any] | None = Field(
+        default=None,
+        description="The first source's L1 STYLE_PROFILE; GenerationJobs reformulate with it.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )

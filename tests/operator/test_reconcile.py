@@ -670,3 +670,34 @@ def test_a_finished_fusion_shows_its_lora_rank_energy_and_duration():
     changed["status"].update(status)
     fresh = step(changed, deps=FUSION_DEPS).status
     assert (fresh["loraURI"], fresh["rank"], fresh["energyKept"], fresh["durationSeconds"]) == (None,) * 4
+
+
+def test_a_fusion_tells_generation_its_sources_trigger_words_policy_and_profile():
+    profile = {"PROMPT_SUFFIX_MUST": "ink wash"}
+    deps = {
+        ("StyleLoRA", "bd9-lora"): trained_lora(styleProfile=profile),
+        ("StyleLoRA", "ink"): trained_lora("ink", "inkstyle", keeps_text=False),
+        ("StyleLoRA", "unused"): trained_lora("unused", "nostyle", keeps_text=False),
+    }
+    fusion = {
+        "apiVersion": "kleinstyle.dev/v1alpha1",
+        "kind": "LoRAFusion",
+        "metadata": {"name": "mix", "namespace": "team-a", "uid": "uid-mix", "generation": 1},
+        "spec": {
+            "sources": [
+                {"name": "bd9-lora", "weight": 0.7},
+                {"name": "ink", "weight": 0.3},
+                {"name": "unused", "weight": 0},
+            ],
+            "method": "svd",
+        },
+    }
+    status = step(fusion, deps=deps).status
+    assert status["triggerWords"] == ["bd9style", "inkstyle"]  # a source at weight 0 is not in the fusion
+    assert status["textPipeline"] is False and status["styleProfile"] == profile
+
+    fused = {**fusion, "status": {**status, "phase": "Succeeded", "observedGeneration": 1, "loraURI": "pvc://a/b/c"}}
+    work = generate_work(
+        step(generation(loras=[{"kind": "LoRAFusion", "name": "mix"}]), deps={("LoRAFusion", "mix"): fused})
+    )
+    assert work["trigger_words"] == ["bd9style", "inkstyle"] and work["prompt_mode"] == "raw"
