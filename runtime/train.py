@@ -17,25 +17,25 @@ Policy, decided here:
   next step; the best checkpoint (the latest one without evaluation) becomes the LoRA and the run succeeds with
   stop_reason "stop requested".
 - SIGTERM (preemption) saves a checkpoint (builtin) and exits 1: the Job's next pod resumes from it.
+- With an object store (s3://, gs://) as the artifact store the builtin backend trains in local scratch and mirrors
+  each checkpoint to `work/checkpoints/` there (runtime/checkpoint_mirror.py); ai-toolkit needs the volume.
 - Input that can never succeed (no dataset, no model directory, a target naming no layer, an object-store output
-  for the builtin backend) exits 2, which the Job's podFailurePolicy turns into an immediate failure.
+  for ai-toolkit) exits 2, which the Job's podFailurePolicy turns into an immediate failure.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import secrets
-import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .artifacts import join_uri, write_json_atomic
+from .artifacts import join_uri, write_bytes_atomic, write_json_atomic
 from .early_stop import Decision, StoppingSettings, decide_reported
-from .paths import is_object_store, local_path
+from .paths import is_object_store, is_remote, local_path
 from .plan import TrainingPlan
 from .report import api_target, read_owner, read_runspec, report_progress, write_termination_message
 from .spec import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK, RunSpec, TrainSpec
@@ -219,7 +219,7 @@ class Judge:
     the scores go into progress, a stop decision stops training at the next step, and the best checkpoint is the
     one promoted to the LoRA."""
 
-    def __init__(self, spec: RunSpec, reporter: Reporter) -> None:
+    def __init__(self, spec: RunSpec, reporter: Reporter, work_dir: Path) -> None:
         from .klein.dataset import read_dataset
         from .klein.evaluate import Evaluator, VisionModelEmbedder
         from .klein.lora_train import compute_dtype, default_device
@@ -244,7 +244,7 @@ class Judge:
             [sample.image for sample in read_dataset(local_path(work.dataset_uri))],
             work.trigger_word,
             evaluation,
-            cache_dir=local_path(join_uri(spec.output_uri, WORK_DIR, "evaluation")),
+            cache_dir=work_dir / "evaluation",
             text_encoder_layers=train_settings(work.plan).text_encoder_layers,
             embedder=embedder,
             device=device,
@@ -289,25 +289,12 @@ class Judge:
 # --- publishing --------------------------------------------------------------------------------------------------
 
 
-def _atomic_copy(source: Path, target: Path) -> None:
-    staging = target.with_name(f".{target.name}.tmp-{secrets.token_hex(6)}")
-    try:
-        shutil.copyfile(source, staging)
-        with open(staging, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(staging, target)
-    finally:
-        staging.unlink(missing_ok=True)
-
-
 def publish_lora(spec: RunSpec, source: Path, info: dict[str, Any]) -> str:
     """Copy `source` to `{output_uri}/lora.safetensors` with its sidecar; return the display URI."""
     from .artifacts import kleinstyle_version
 
     work = spec.work
     assert isinstance(work, TrainSpec)
-    out = local_path(spec.output_uri)
-    out.mkdir(parents=True, exist_ok=True)
     sidecar = {
         "step": STEP,
         "runspec_hash": spec.content_hash(),
@@ -322,7 +309,7 @@ def publish_lora(spec: RunSpec, source: Path, info: dict[str, Any]) -> str:
         "kleinstyle_version": kleinstyle_version(),
         **info,
     }
-    _atomic_copy(source, out / LORA_FILE)
+    write_bytes_atomic(join_uri(spec.output_uri, LORA_FILE), source.read_bytes())  # one PUT or temp + rename
     write_json_atomic(join_uri(spec.output_uri, LORA_SIDECAR), sidecar)
     return sidecar["uri"]
 
@@ -387,14 +374,25 @@ def _content_stage(
     return EXIT_FAILED, message, None
 
 
+def _work_folder(spec: RunSpec) -> tuple[Path, Any]:
+    """The builtin trainer's folder: on the artifact volume, or, for an object store, local scratch whose
+    checkpoints a CheckpointMirror uploads (and a restarted pod downloads first)."""
+    if not is_remote(spec.output_uri):
+        return local_path(join_uri(spec.output_uri, WORK_DIR)), None
+    from .checkpoint_mirror import CheckpointMirror
+
+    work_dir = Path(tempfile.gettempdir()) / "kleinstyle-work" / spec.run_id()
+    mirror = CheckpointMirror(join_uri(spec.output_uri, WORK_DIR), work_dir)
+    mirror.restore()
+    return work_dir, mirror
+
+
 def run_builtin(spec: RunSpec, reporter: Reporter) -> tuple[int, str, dict[str, Any] | None]:
     """(exit code, message, result) of a builtin training run."""
     from .klein.lora_train import ResumeError, StepInfo, train_lora
 
     work = spec.work
     assert isinstance(work, TrainSpec)
-    if is_object_store(spec.output_uri):
-        raise BadInput("the builtin backend needs the artifact volume (a PVC), not an object store, for its work")
     # The cheap checks first, before torch is imported (seconds) for nothing.
     if not (local_path(work.model_path) / "model_index.json").is_file():
         raise BadInput(f"no diffusers pipeline at {work.model_path} (model_index.json missing): fill the model cache")
@@ -403,7 +401,7 @@ def run_builtin(spec: RunSpec, reporter: Reporter) -> tuple[int, str, dict[str, 
     except ValueError as exc:
         raise BadInput(f"the plan cannot be trained: {exc}") from exc
     _check_builtin_input(work, cfg.target)
-    work_dir = local_path(join_uri(spec.output_uri, WORK_DIR))
+    work_dir, mirror = _work_folder(spec)
     if work.plan.mode == "two-step":
         content = _content_stage(work, cfg, reporter, work_dir)
         if not isinstance(content, Path):
@@ -413,7 +411,7 @@ def run_builtin(spec: RunSpec, reporter: Reporter) -> tuple[int, str, dict[str, 
 
     from .klein import checkpoints as ckpt
 
-    judge = Judge(spec, reporter) if work.evaluation is not None and work.plan.early_stopping else None
+    judge = Judge(spec, reporter, work_dir) if work.evaluation is not None and work.plan.early_stopping else None
 
     def on_grid(step: int) -> bool:
         """Planned checkpoints only: one saved on a stop or SIGTERM is promotable, not an evaluation, so when a run
@@ -434,6 +432,8 @@ def run_builtin(spec: RunSpec, reporter: Reporter) -> tuple[int, str, dict[str, 
         reporter.on_step(info.step, info.total, info.loss, info.lr, info.seconds)
 
     def on_checkpoint(step: int, path: Path, loss: float) -> None:
+        if mirror is not None:
+            mirror.upload(path)  # before anything reports it: a reported checkpoint is one a new pod can resume from
         if judge is not None and on_grid(step):
             judge.judge(step, path / ckpt.LORA_FILE)
         reporter.on_checkpoint(step, _display(spec, work_dir, path), loss)
@@ -561,7 +561,7 @@ def run_aitoolkit(spec: RunSpec, reporter: Reporter) -> tuple[int, str, dict[str
     work = spec.work
     assert isinstance(work, TrainSpec)
     # Scoring shares the GPU with ai-toolkit (one more bf16 transformer: ~18 GB on klein 9B).
-    judge = Judge(spec, reporter) if work.evaluation is not None and work.plan.early_stopping else None
+    judge = Judge(spec, reporter, work_dir) if work.evaluation is not None and work.plan.early_stopping else None
     paths: dict[int, Path] = {}
 
     def on_progress(progress: aitoolkit_run.Progress) -> None:

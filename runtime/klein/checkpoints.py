@@ -33,7 +33,7 @@ LORA_FILE = "lora.safetensors"
 STATE_FILE = "training_state.pt"
 METADATA_FILE = "metadata.json"
 _NAME = re.compile(r"^step_(\d{6,})$")
-_REQUIRED = (LORA_FILE, STATE_FILE, METADATA_FILE)
+REQUIRED_FILES = (LORA_FILE, STATE_FILE, METADATA_FILE)
 
 
 def checkpoint_path(output_dir: str | Path, step: int) -> Path:
@@ -48,7 +48,7 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     found = []
     for child in root.iterdir():
         match = _NAME.match(child.name)
-        if match and child.is_dir() and all((child / f).is_file() for f in _REQUIRED):
+        if match and child.is_dir() and all((child / f).is_file() for f in REQUIRED_FILES):
             found.append((int(match[1]), child))
     return [path for _, path in sorted(found)]
 
@@ -85,7 +85,7 @@ def write_checkpoint(
         save_file(dict(lora), str(staging / LORA_FILE), metadata={"format": "pt", **lora_header})
         torch.save(dict(training_state), staging / STATE_FILE)
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-        for name in _REQUIRED:
+        for name in REQUIRED_FILES:
             fsync_path(staging / name)
         if final.exists():
             shutil.rmtree(final)

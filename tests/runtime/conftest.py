@@ -17,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from fsspec.implementations.memory import MemoryFileSystem
 from PIL import Image
 
 DATA = Path(__file__).parent / "data"
@@ -224,3 +225,11 @@ def in_cluster_api(https_server: LoopbackServer, rootfs: Path, monkeypatch: pyte
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(https_server.port))
     return KubeApi(https_server)
+
+
+@pytest.fixture
+def memory_store(monkeypatch: pytest.MonkeyPatch) -> Iterator[MemoryFileSystem]:
+    """fsspec's memory:// filesystem, emptied for this test."""
+    monkeypatch.setattr(MemoryFileSystem, "store", {})
+    monkeypatch.setattr(MemoryFileSystem, "pseudo_dirs", [""])
+    yield MemoryFileSystem()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,14 +16,6 @@ from kleinstyle.runtime.artifacts import (
 
 URI = "/artifacts/team-a/StyleBoard/watercolor/uid-1"
 META = {"step": "prepare", "runspec_hash": "abc"}
-
-
-@pytest.fixture
-def memory_store(monkeypatch: pytest.MonkeyPatch) -> Iterator[MemoryFileSystem]:
-    """fsspec's memory:// filesystem, emptied for this test."""
-    monkeypatch.setattr(MemoryFileSystem, "store", {})
-    monkeypatch.setattr(MemoryFileSystem, "pseudo_dirs", [""])
-    yield MemoryFileSystem()
 
 
 def listing(root: Path) -> list[str]:

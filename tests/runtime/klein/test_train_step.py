@@ -347,6 +347,49 @@ def test_a_resumed_pod_reports_the_checkpoints_of_the_pods_before_it(
     assert [c["step"] for c in later[0]["progress"]["checkpoints"]][:1] == [2]
 
 
+def test_on_an_object_store_checkpoints_are_mirrored_and_a_new_pod_resumes_from_them(
+    rootfs: Path,
+    kube_api: KubeApi,
+    tiny_klein: Path,
+    two_images: Path,
+    memory_store,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    import tempfile
+
+    monkeypatch.setattr(train, "STOP_POLL_S", 0.0)
+    path = rootfs / runspec(rootfs, tiny_klein, two_images).lstrip("/")
+    remote = "memory://bucket/team-a/stylelora/wc-lora/uid-2/abc"
+    spec = RunSpec.from_json(path.read_text()).model_copy(update={"output_uri": remote, "output_display_uri": remote})
+    path.write_text(spec.to_json())
+    stop = {"now": True}
+    serve_owner(
+        kube_api,
+        lambda: stop["now"] and bool(progress_reports(kube_api)[-1]["progress"]["checkpoints"]),
+        run_hash=spec.run_id(),
+    )
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "pod-1"))  # each pod has its own /tmp
+    assert train.main(SPEC_PATH) == 0  # stopped after the step-2 checkpoint, which is in the store
+    checkpoints = "/bucket/team-a/stylelora/wc-lora/uid-2/abc/work/checkpoints"
+    assert memory_store.exists(f"{checkpoints}/step_000002/_COMPLETE")
+
+    stop["now"] = False
+    before = len(progress_reports(kube_api))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "pod-2"))  # a new pod on another node: empty scratch
+    assert train.main(SPEC_PATH) == 0
+    later = progress_reports(kube_api)[before:]
+    assert min(r["progress"]["step"] for r in later if r["state"] == "Running" and r["progress"]["step"]) >= 3
+    assert [s.rsplit("/", 1)[-1] for s in memory_store.ls(checkpoints, detail=False)] == [
+        "step_000002",
+        "step_000004",
+        "step_000006",
+    ]
+    published = memory_store.cat_file("/bucket/team-a/stylelora/wc-lora/uid-2/abc/lora.safetensors")
+    assert published == memory_store.cat_file(f"{checkpoints}/step_000006/lora.safetensors")
+    assert later[-1]["result"]["lora_file"] == f"{remote}/lora.safetensors"
+
+
 def test_a_stop_request_left_from_an_earlier_run_is_ignored(
     rootfs: Path, kube_api: KubeApi, tiny_klein: Path, two_images: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
