@@ -129,6 +129,10 @@ def build_rbac(run: Run) -> list[dict]:
 def _env(run: Run, cfg: OperatorConfig) -> list[dict]:
     plain = {"HOME": "/tmp", "XDG_CACHE_HOME": "/tmp/cache", "HF_HUB_OFFLINE": "1", **run.extra_env}
     env: list[dict] = [{"name": k, "value": v} for k, v in plain.items()]
+    # torch and BLAS start a thread per core of the node, not of the pod: hold them to the pod's CPU request
+    # (rounded up), or a 16-core request on a 128-core node runs 128 threads that wait on each other.
+    cpus = {"resource": "requests.cpu", "divisor": "1", "containerName": run.step}
+    env.append({"name": "OMP_NUM_THREADS", "valueFrom": {"resourceFieldRef": cpus}})
     for item in run.secret_env:
         ref = {"name": item.secret, "key": item.key}
         if item.optional:

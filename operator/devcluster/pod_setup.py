@@ -232,7 +232,7 @@ async def container_env(pod: dict[str, Any], container: dict[str, Any], read: Ob
         elif "fieldRef" in value_from:
             value = _field_ref(pod, value_from["fieldRef"]["fieldPath"])
         elif "resourceFieldRef" in value_from:
-            value = "0"  # limits are not enforced here
+            value = None  # resources are not enforced here; the executor's own core share (cpus) stands
         if isinstance(value, str):
             env[name] = value
     return env

@@ -509,7 +509,7 @@ def test_the_api_key_reaches_the_pod_only_when_prompts_are_reformulated():
     for keeps_text, expected in [(True, ["GEMINI_API_KEY"]), (False, [])]:
         deps = {("StyleLoRA", "bd9-lora"): trained_lora(keeps_text=keeps_text)}
         env = job_of(step(generation(**key), deps=deps))["spec"]["template"]["spec"]["containers"][0]["env"]
-        secret = [e for e in env if "valueFrom" in e]
+        secret = [e for e in env if "secretKeyRef" in e.get("valueFrom", {})]
         assert [e["name"] for e in secret] == expected
         if secret:
             ref = secret[0]["valueFrom"]["secretKeyRef"]
@@ -701,3 +701,13 @@ def test_a_fusion_tells_generation_its_sources_trigger_words_policy_and_profile(
         step(generation(loras=[{"kind": "LoRAFusion", "name": "mix"}]), deps={("LoRAFusion", "mix"): fused})
     )
     assert work["trigger_words"] == ["bd9style", "inkstyle"] and work["prompt_mode"] == "raw"
+
+
+def test_job_threads_follow_the_pods_cpu_request():
+    env = job_of(step(board()))["spec"]["template"]["spec"]["containers"][0]["env"]
+    omp = next(e for e in env if e["name"] == "OMP_NUM_THREADS")
+    assert omp["valueFrom"]["resourceFieldRef"] == {
+        "resource": "requests.cpu",
+        "divisor": "1",
+        "containerName": "prepare",
+    }
