@@ -287,17 +287,12 @@ def run_fuse(spec: RunSpec, report: Callable[[str, str, dict | None], bool]) -> 
 
 def main(spec_path: str) -> int:
     """`kleinstyle fuse --spec`: run the step, report to the owner, leave a termination message."""
-    from .report import api_target, report_progress, write_termination_message
-    from .spec import RunSpec
+    from .report import conclude, read_runspec, report_progress
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        spec = RunSpec.from_json(local_path(spec_path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        message = f"cannot read the RunSpec {spec_path}: {exc}"
-        log.error("%s", message)
-        write_termination_message(message)
-        return EXIT_BAD_INPUT
+    spec = read_runspec(spec_path, STEP)
+    if isinstance(spec, int):
+        return spec
 
     def report(state: str, message: str, result: dict | None = None) -> bool:
         body = {"step": STEP, "runHash": spec.run_id(), "state": state, "message": message, "result": result}
@@ -310,13 +305,4 @@ def main(spec_path: str) -> int:
     except Exception as exc:
         log.exception("fusion failed")
         code, message, result = EXIT_FAILED, f"fusion failed: {type(exc).__name__}: {exc}", None
-    log.info("%s", message)
-    if code == EXIT_OK:
-        if not report("Succeeded", message, result) and api_target() is not None:
-            message = "the result could not be reported to the Kubernetes API"
-            write_termination_message(message)
-            return EXIT_FAILED  # the retry finds the published result and reports it again
-    else:
-        report("Failed", message)
-    write_termination_message(message)
-    return code
+    return conclude(code, message, result, report)

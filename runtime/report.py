@@ -17,14 +17,14 @@ import math
 import os
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
 from .paths import TERMINATION_LOG, local_path
-from .spec import EXIT_BAD_SPEC, Owner, RunSpec
+from .spec import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK, Owner, RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -189,3 +189,21 @@ def read_runspec(spec_path: str, step: str) -> RunSpec | int:
     log.error("%s", message)
     write_termination_message(message)
     return EXIT_BAD_SPEC
+
+
+def conclude(
+    code: int, message: str, result: dict[str, Any] | None, send: Callable[..., bool], *, report_failure: bool = True
+) -> int:
+    """A step's last report and its exit code. A success the API never heard of exits 1, so the Job's retry finds
+    the published result and reports it again; a failure is reported (unless the caller already did) and left as
+    the termination message either way."""
+    log.info("%s", message)
+    if code == EXIT_OK:
+        if not send("Succeeded", message, result) and api_target() is not None:
+            message = "the result could not be reported to the Kubernetes API"
+            write_termination_message(message)
+            return EXIT_FAILED
+    elif report_failure:
+        send("Failed", message)
+    write_termination_message(message)
+    return code

@@ -37,7 +37,7 @@ from .artifacts import join_uri, write_bytes_atomic, write_json_atomic
 from .early_stop import Decision, StoppingSettings, decide_reported
 from .paths import is_object_store, is_remote, local_path
 from .plan import TrainingPlan
-from .report import api_target, read_owner, read_runspec, report_progress, write_termination_message
+from .report import conclude, read_owner, read_runspec, report_progress
 from .spec import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK, RunSpec, TrainSpec
 
 log = logging.getLogger(__name__)
@@ -642,13 +642,5 @@ def main(spec_path: str) -> int:
     except Exception as exc:
         log.exception("training failed")
         code, message, result = EXIT_FAILED, f"training failed: {type(exc).__name__}: {exc}", None
-    log.info("%s", message)
-    if code == EXIT_OK:
-        if not reporter.send("Succeeded", message, result) and api_target() is not None:
-            message = "the result could not be reported to the Kubernetes API"
-            write_termination_message(message)
-            return EXIT_FAILED  # the retry finds the finished checkpoints and reports again
-    elif result is None and "SIGTERM" not in message:
-        reporter.send("Failed", message)
-    write_termination_message(message)
-    return code
+    # A SIGTERM run already said it will resume; a failure with a result was reported with it.
+    return conclude(code, message, result, reporter.send, report_failure=result is None and "SIGTERM" not in message)

@@ -33,16 +33,14 @@ def _random_lora(model_dir: Path, path: Path, *, scale: float, seed: int = 0) ->
     return path
 
 
+def make_evaluator(model: Path, references: Path, cache: Path) -> Evaluator:
+    images = sorted(references.glob("*.png"))
+    return Evaluator(model, images, "tokstyle", SMALL, cache_dir=cache, text_encoder_layers=TINY_TEXT_ENCODER_LAYERS)
+
+
 @pytest.fixture
 def evaluator(tiny_klein: Path, two_images: Path, tmp_path: Path) -> Evaluator:
-    return Evaluator(
-        tiny_klein,
-        sorted(two_images.glob("*.png")),
-        "tokstyle",
-        SMALL,
-        cache_dir=tmp_path / "eval",
-        text_encoder_layers=TINY_TEXT_ENCODER_LAYERS,
-    )
+    return make_evaluator(tiny_klein, two_images, tmp_path / "eval")
 
 
 def test_base_model_is_its_own_adherence_baseline(evaluator: Evaluator) -> None:
@@ -62,14 +60,7 @@ def test_a_lora_moves_the_scores_and_a_restart_reads_them_from_the_cache(
     # The pipeline is back to the base model after scoring.
     for old, new in zip(before, evaluator.render(), strict=True):
         np.testing.assert_array_equal(old, np.asarray(new))
-    restarted = Evaluator(
-        tiny_klein,
-        sorted(two_images.glob("*.png")),
-        "tokstyle",
-        SMALL,
-        cache_dir=tmp_path / "eval",
-        text_encoder_layers=TINY_TEXT_ENCODER_LAYERS,
-    )
+    restarted = make_evaluator(tiny_klein, two_images, tmp_path / "eval")
     restarted.pipe = None  # a restarted pod cannot render here: every score must come from the cache
     assert restarted.score(100, strong) == first
 
