@@ -4,7 +4,10 @@ The trainer works in a local folder (the pod's /tmp emptyDir) because it renames
 stores cannot do. Each checkpoint it completes is uploaded file by file (one PUT each, so each object is whole),
 then a `_COMPLETE` marker: a checkpoint without its marker is one a killed pod was still uploading and is ignored.
 A restarted pod on a fresh node downloads the newest complete checkpoint before training, so it resumes (optimizer,
-scheduler and RNG state included) exactly as it would from the artifact volume.
+scheduler and RNG state included) as it would from the artifact volume, and a finished two-step content stage's
+LoRA, so the style stage resumes on the same merged base. What it does not restore: the scores of the checkpoints
+before the newest (early stopping starts its patience again from there, and can promote only checkpoints from the
+newest on).
 """
 
 from __future__ import annotations
@@ -38,6 +41,21 @@ class CheckpointMirror:
             write_bytes_atomic(self._remote(checkpoint, path.name), path.read_bytes())
         write_bytes_atomic(self._remote(checkpoint, MARKER), b"")
         return self._remote(checkpoint)
+
+    def upload_file(self, path: Path, relative: str) -> None:
+        """One more file of the run's work (the two-step content LoRA) under the remote work folder."""
+        write_bytes_atomic(join_uri(self.remote_uri, relative), path.read_bytes())
+
+    def download(self, relative: str, target: Path) -> bool:
+        """The remote work file `relative` into `target` (written whole, then renamed); False when there is none."""
+        data = read_bytes(join_uri(self.remote_uri, relative))
+        if data is None:
+            return False
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.with_name(f".{target.name}.tmp-restore")
+        staging.write_bytes(data)
+        staging.rename(target)
+        return True
 
     def remote_steps(self) -> list[int]:
         """Steps of the complete checkpoints in the store, oldest first."""

@@ -26,7 +26,9 @@ Policy, decided here:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 
 STEP = "train"
 WORK_DIR = "work"
+CONTENT_LORA = "lora.safetensors"  # two-step mode: the content stage's LoRA, in work/content/
 LORA_FILE = "lora.safetensors"
 LORA_SIDECAR = "lora.json"
 AITOOLKIT_CONFIG = "/etc/kleinstyle/aitoolkit.yaml"
@@ -241,7 +244,7 @@ class Judge:
         )
         self.evaluator = Evaluator(
             local_path(work.model_path),
-            [sample.image for sample in read_dataset(local_path(work.dataset_uri))],
+            [sample.image for sample in read_dataset(dataset_folder(spec))],
             work.trigger_word,
             evaluation,
             cache_dir=work_dir / "evaluation",
@@ -321,27 +324,57 @@ def _display(spec: RunSpec, work_dir: Path, path: Path) -> str:
 # --- backends ----------------------------------------------------------------------------------------------------
 
 
-def _check_builtin_input(work: TrainSpec, target: str | tuple[str, ...]) -> None:
+def scratch(spec: RunSpec) -> Path:
+    """This run's folder in the pod's scratch (/tmp, an emptyDir): the owner's uid keeps two resources with the same
+    RunSpec apart where pods share a /tmp (the embedded cluster)."""
+    return Path(tempfile.gettempdir()) / "kleinstyle" / f"{spec.owner.uid}-{spec.run_id()}"
+
+
+def dataset_folder(spec: RunSpec) -> Path:
+    """The board's dataset as a folder: on the artifact volume, or downloaded once into scratch from an object
+    store (the trainer lists and re-reads it, which object stores do slowly)."""
+    work = spec.work
+    assert isinstance(work, TrainSpec)
+    if not is_remote(work.dataset_uri):
+        return local_path(work.dataset_uri)
+    target = scratch(spec) / "dataset"
+    if not (target / ".complete").is_file():
+        from fsspec.core import url_to_fs
+
+        fs, root = url_to_fs(work.dataset_uri)
+        shutil.rmtree(target, ignore_errors=True)
+        fs.get(root.rstrip("/") + "/", str(target) + "/", recursive=True)
+        (target / ".complete").write_text(work.dataset_uri)
+    return target
+
+
+def _check_builtin_input(spec: RunSpec, target: str | tuple[str, ...]) -> None:
     from .klein.dataset import DatasetError, read_dataset
     from .klein.encode import ModelDirError, check_model_dir
     from .klein.lora_train import lora_targets
 
+    work = spec.work
+    assert isinstance(work, TrainSpec)
     try:
         check_model_dir(local_path(work.model_path))
-        read_dataset(local_path(work.dataset_uri))
+        read_dataset(dataset_folder(spec))
         lora_targets(local_path(work.model_path), target)
     except (ModelDirError, DatasetError, ValueError) as exc:
         raise BadInput(str(exc)) from exc
 
 
 def _content_stage(
-    work: TrainSpec, style: Any, reporter: Reporter, work_dir: Path
+    spec: RunSpec, style: Any, reporter: Reporter, work_dir: Path, mirror: Any
 ) -> Path | tuple[int, str, dict[str, Any] | None]:
     """Two-step mode's first stage (plan.py): a content LoRA on trigger-less captions, in work/content/. Returns its
     LoRA file, or the run's outcome when the stage did not finish (SIGTERM: resume; a stop request: no LoRA yet)."""
     from .klein.lora_train import StepInfo, train_lora
 
-    assert work.plan.content_stage is not None
+    work = spec.work
+    assert isinstance(work, TrainSpec) and work.plan.content_stage is not None
+    content_lora = work_dir / "content" / CONTENT_LORA
+    if mirror is not None and mirror.download(f"content/{CONTENT_LORA}", content_lora):
+        return content_lora  # an earlier pod finished the stage: the style stage resumes on the very same LoRA
     stage = work.plan.content_stage.value
     cfg = dataclasses.replace(
         style,
@@ -358,7 +391,7 @@ def _content_stage(
 
     result = train_lora(
         local_path(work.model_path),
-        local_path(work.dataset_uri),
+        dataset_folder(spec),
         work_dir / "content",
         cfg,
         should_stop=reporter.should_stop,
@@ -366,6 +399,8 @@ def _content_stage(
         handle_sigterm=True,
     )
     if result.lora_path is not None:
+        if mirror is not None:
+            mirror.upload_file(result.lora_path, f"content/{CONTENT_LORA}")
         return result.lora_path
     if reporter.stop_requested:
         return EXIT_BAD_SPEC, "stop requested during the content stage: there is no style LoRA to promote yet", None
@@ -381,7 +416,7 @@ def _work_folder(spec: RunSpec) -> tuple[Path, Any]:
         return local_path(join_uri(spec.output_uri, WORK_DIR)), None
     from .checkpoint_mirror import CheckpointMirror
 
-    work_dir = Path(tempfile.gettempdir()) / "kleinstyle-work" / spec.run_id()
+    work_dir = scratch(spec) / WORK_DIR
     mirror = CheckpointMirror(join_uri(spec.output_uri, WORK_DIR), work_dir)
     mirror.restore()
     return work_dir, mirror
@@ -400,13 +435,14 @@ def run_builtin(spec: RunSpec, reporter: Reporter) -> tuple[int, str, dict[str, 
         cfg = train_settings(work.plan)
     except ValueError as exc:
         raise BadInput(f"the plan cannot be trained: {exc}") from exc
-    _check_builtin_input(work, cfg.target)
+    _check_builtin_input(spec, cfg.target)
     work_dir, mirror = _work_folder(spec)
     if work.plan.mode == "two-step":
-        content = _content_stage(work, cfg, reporter, work_dir)
+        content = _content_stage(spec, cfg, reporter, work_dir, mirror)
         if not isinstance(content, Path):
             return content
-        cfg = dataclasses.replace(cfg, base_lora=str(content))
+        digest = hashlib.sha256(content.read_bytes()).hexdigest()
+        cfg = dataclasses.replace(cfg, base_lora=str(content), base_lora_digest=digest)
         reporter.stage, reporter.total, reporter.step = "style", cfg.steps, 0
 
     from .klein import checkpoints as ckpt
@@ -441,7 +477,7 @@ def run_builtin(spec: RunSpec, reporter: Reporter) -> tuple[int, str, dict[str, 
     try:
         result = train_lora(
             local_path(work.model_path),
-            local_path(work.dataset_uri),
+            dataset_folder(spec),
             work_dir,
             cfg,
             on_checkpoint=on_checkpoint,

@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 FINAL_LORA = "lora.safetensors"
 CHECKPOINT_FORMAT = "kleinstyle-klein-checkpoint-v1"
 # Settings that change neither the arithmetic nor the draws: a resumed run may differ in these.
-_RESUME_NEUTRAL = frozenset({"checkpoint_every", "gradient_checkpointing", "compile_blocks"})
+# base_lora is a path (scratch differs per pod): its content is compared through base_lora_digest instead.
+_RESUME_NEUTRAL = frozenset({"checkpoint_every", "gradient_checkpointing", "compile_blocks", "base_lora"})
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -91,6 +92,7 @@ class TrainSettings:
     # Two-step (ConsisLoRA) mode: a LoRA file (artifact format) merged into the frozen base before training, so
     # this LoRA learns the residual; and a trigger word stripped from the start of every caption (content stage).
     base_lora: str | None = None
+    base_lora_digest: str | None = None  # sha256 of base_lora's file: a resumed run must merge the very same LoRA
     strip_trigger: str | None = None
     # Frozen base linears in float8 (klein/fp8.py): less memory and fp8 matmuls on Hopper; the LoRA stays float32.
     fp8_base: bool = False

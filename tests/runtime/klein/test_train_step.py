@@ -320,6 +320,34 @@ def test_two_step_mode_trains_content_then_style_on_top(
     assert progress_reports(kube_api)[-1]["result"]["steps"] == 4
 
 
+def test_two_step_on_an_object_store_keeps_the_content_lora_for_the_next_pod(
+    rootfs: Path,
+    kube_api: KubeApi,
+    tiny_klein: Path,
+    two_images: Path,
+    memory_store,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    import tempfile
+
+    serve_owner(kube_api)
+    runspec(rootfs, tiny_klein, two_images)
+    plan = plan_training(2, {"backend": "builtin", "mode": "two-step", "training": QUICK}, {"maxSteps": 4})
+    path = rootfs / write_spec(rootfs, plan, "builtin", "/models/tiny").lstrip("/")
+    remote = "memory://bucket/run"
+    path.write_text(RunSpec.from_json(path.read_text()).model_copy(update={"output_uri": remote}).to_json())
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "pod-1"))
+    assert train.main(SPEC_PATH) == 0
+    content = memory_store.cat_file("/bucket/run/work/content/lora.safetensors")
+    before = len(progress_reports(kube_api))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "pod-2"))  # a pod after the report was lost
+    assert train.main(SPEC_PATH) == 0
+    assert all(r["progress"].get("stage") != "content" for r in progress_reports(kube_api)[before:])
+    assert (tmp_path / "pod-2").rglob("content/lora.safetensors")
+    assert next((tmp_path / "pod-2").rglob("content/lora.safetensors")).read_bytes() == content
+
+
 def test_two_step_mode_on_aitoolkit_exits_2(rootfs: Path, kube_api: KubeApi) -> None:
     serve_owner(kube_api)
     plan = plan_training(6, {"backend": "builtin", "mode": "two-step"})
@@ -347,7 +375,7 @@ def test_a_resumed_pod_reports_the_checkpoints_of_the_pods_before_it(
     assert [c["step"] for c in later[0]["progress"]["checkpoints"]][:1] == [2]
 
 
-def test_on_an_object_store_checkpoints_are_mirrored_and_a_new_pod_resumes_from_them(
+def test_on_an_object_store_the_dataset_is_fetched_checkpoints_mirrored_and_a_new_pod_resumes(
     rootfs: Path,
     kube_api: KubeApi,
     tiny_klein: Path,
@@ -361,7 +389,11 @@ def test_on_an_object_store_checkpoints_are_mirrored_and_a_new_pod_resumes_from_
     monkeypatch.setattr(train, "STOP_POLL_S", 0.0)
     path = rootfs / runspec(rootfs, tiny_klein, two_images).lstrip("/")
     remote = "memory://bucket/team-a/stylelora/wc-lora/uid-2/abc"
-    spec = RunSpec.from_json(path.read_text()).model_copy(update={"output_uri": remote, "output_display_uri": remote})
+    for image in two_images.iterdir():  # the board's dataset is in the store too
+        memory_store.pipe_file(f"/bucket/team-a/dataset/{image.name}", image.read_bytes())
+    spec = RunSpec.from_json(path.read_text())
+    work = spec.work.model_copy(update={"dataset_uri": "memory://bucket/team-a/dataset"})
+    spec = spec.model_copy(update={"output_uri": remote, "output_display_uri": remote, "work": work})
     path.write_text(spec.to_json())
     stop = {"now": True}
     serve_owner(
