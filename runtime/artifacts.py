@@ -236,3 +236,13 @@ def _write_durably(path: Path, data: bytes) -> None:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def local_copy(uri: str, folder: Path, name: str) -> Path:
+    """A file to open by path: a pod path as it is, an object-store URI downloaded to `folder / name` first."""
+    if not is_remote(uri):
+        return local_path(uri)
+    fs, path = _filesystem(uri)
+    folder.mkdir(parents=True, exist_ok=True)
+    fs.get_file(path, str(folder / name))
+    return folder / name

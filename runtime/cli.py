@@ -295,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, (help_text, add_args, _) in COMMANDS.items():
         add_args(sub.add_parser(name, help=help_text, description=help_text))
     args = parser.parse_args(argv)
+    from kleinstyle.runtime.paths import google_credentials_file
+
+    google_credentials_file()  # a gs:// artifact store's key, from its Secret
     return COMMANDS[args.command][2](args)
 
 

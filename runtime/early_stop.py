@@ -64,12 +64,12 @@ class ProbeScores:
 
     @classmethod
     def from_dict(cls, data: dict) -> ProbeScores:
-        return cls(
-            step=int(data["step"]),
-            style=tuple(map(float, data["style"])),
-            adherence=tuple(map(float, data["adherence"])),
-            leakage=tuple(map(float, data["leakage"])),
-        )
+        """From a report: a score JSON could not carry (NaN, sent as null) comes back as NaN, hence ineligible."""
+
+        def floats(values: list) -> tuple[float, ...]:
+            return tuple(math.nan if v is None else float(v) for v in values)
+
+        return cls(int(data["step"]), floats(data["style"]), floats(data["adherence"]), floats(data["leakage"]))
 
     def to_dict(self) -> dict:
         return {

@@ -27,8 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from .paths import is_remote, local_path
-
 if TYPE_CHECKING:
     from .klein.lora_fuse import Fused, FusedLayer
     from .klein.lora_io import LoraFile
@@ -69,18 +67,12 @@ def parse_input(text: str) -> Input:
 
 def open_lora(uri: str, scratch: Path, index: int) -> LoraFile:
     """Read one input: a path as is (a pod path through the local rootfs), an object-store URI copied to `scratch`."""
+    from .artifacts import local_copy
     from .klein.lora_io import LoraFormatError, read_lora
     from .klein.tensorfile import TensorFileError
 
     try:
-        if is_remote(uri):
-            import fsspec
-
-            fs, path = fsspec.core.url_to_fs(uri)
-            copy = scratch / f"{index}-{PurePosixPath(path).name}"
-            fs.get_file(path, str(copy))
-            return read_lora(copy, label=uri)
-        return read_lora(local_path(uri), label=uri)
+        return read_lora(local_copy(uri, scratch, f"{index}-{PurePosixPath(uri).name}"), label=uri)
     except FileNotFoundError as exc:
         raise BadInput(f"{uri}: no such LoRA file") from exc
     except IsADirectoryError as exc:

@@ -22,14 +22,24 @@ import hashlib
 import io
 import logging
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from .artifacts import join_uri, kleinstyle_version, read_bytes, read_json, write_bytes_atomic, write_json_atomic
+from .artifacts import (
+    join_uri,
+    kleinstyle_version,
+    local_copy,
+    read_bytes,
+    read_json,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 from .contact_sheet import Cell, contact_sheet, grid_columns
 from .paths import local_path
 from .pngmeta import png_with_metadata
@@ -116,7 +126,11 @@ def check_model_and_loras(work: GenerateSpec) -> list[Any]:
         check_components(model_dir)
         check_size(work.width, work.height, size_multiple(model_dir))
         skeleton = transformer_skeleton(model_dir)
-        return [(check_lora(local_path(lora.uri), skeleton), lora.weight) for lora in work.loras]
+        folder = Path(tempfile.gettempdir()) / "kleinstyle-loras"  # LoRAs on an object store are fetched first
+        return [
+            (check_lora(local_copy(lora.uri, folder, f"{i}-{PurePosixPath(lora.uri).name}"), skeleton), lora.weight)
+            for i, lora in enumerate(work.loras)
+        ]
     except (ModelDirError, SizeError, LoraMismatch) as exc:
         raise BadInput(str(exc)) from exc
 

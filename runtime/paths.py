@@ -8,6 +8,8 @@ local folders); every file the runtime opens by pod path goes through `local_pat
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import MutableMapping
 from pathlib import Path
 
 ROOTFS_ENV = "KLEINSTYLE_ROOTFS"
@@ -38,3 +40,22 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+GCS_CREDENTIALS_JSON = "GOOGLE_APPLICATION_CREDENTIALS_JSON"
+
+
+def google_credentials_file(env: MutableMapping[str, str] | None = None) -> Path | None:
+    """The artifact store's Google service-account key arrives as JSON in an env var (a Secret key): write it to a
+    private file and point GOOGLE_APPLICATION_CREDENTIALS (which gcsfs reads) at it. Nothing when it is not set or
+    a credentials file is already named."""
+    env = os.environ if env is None else env
+    data = env.get(GCS_CREDENTIALS_JSON, "").strip()
+    if not data or env.get("GOOGLE_APPLICATION_CREDENTIALS"):
+        return None
+    path = Path(tempfile.gettempdir()) / "kleinstyle-gcs-credentials.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(data)
+    env["GOOGLE_APPLICATION_CREDENTIALS"] = str(path)
+    return path

@@ -149,8 +149,11 @@ def load_reformulator(
 
     def reformulated(prompt: str) -> str:
         try:
-            return reformulate(client, profile, prompt).prompt
+            result = reformulate(client, profile, prompt)
         except TextError as exc:
             raise ReformulationError(str(exc)) from exc
+        if result.origin == "fallback":  # the answers were rejected: say so rather than call it reformulated
+            raise ReformulationError(f"the reformulations were rejected: {'; '.join(result.problems)}")
+        return result.prompt
 
     return reformulated

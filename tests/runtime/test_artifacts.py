@@ -113,3 +113,27 @@ def test_write_json_atomic(rootfs: Path, memory_store: MemoryFileSystem, remote:
     assert read_json(uri) == {"n": 2}
     if not remote:
         assert [p.name for p in (rootfs / "artifacts").iterdir()] == ["status.json"]
+
+
+def test_an_object_store_file_is_copied_to_open_by_path(memory_store, tmp_path: Path) -> None:
+    from kleinstyle.runtime.artifacts import local_copy
+
+    memory_store.pipe_file("/bucket/loras/ink.safetensors", b"weights")
+    copy = local_copy("memory://bucket/loras/ink.safetensors", tmp_path / "scratch", "0-ink.safetensors")
+    assert copy.read_bytes() == b"weights" and copy.parent == tmp_path / "scratch"
+
+
+def test_a_google_key_in_an_env_var_becomes_a_private_credentials_file(tmp_path: Path, monkeypatch) -> None:
+    import tempfile
+
+    from kleinstyle.runtime.paths import google_credentials_file
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    env = {"GOOGLE_APPLICATION_CREDENTIALS_JSON": '{"type": "service_account"}'}
+    path = google_credentials_file(env)
+    assert env["GOOGLE_APPLICATION_CREDENTIALS"] == str(path) and path.read_text() == '{"type": "service_account"}'
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert (
+        google_credentials_file({"GOOGLE_APPLICATION_CREDENTIALS": "/x", "GOOGLE_APPLICATION_CREDENTIALS_JSON": "{}"})
+        is None
+    )

@@ -1,5 +1,7 @@
 """The early-stopping policy on hand-made score series (orderings and decisions, not magic numbers)."""
 
+import math
+
 import pytest
 from kleinstyle.runtime.early_stop import ProbeScores, StoppingSettings, decide, paired_standard_error
 
@@ -121,3 +123,8 @@ def test_a_score_that_is_not_a_number_is_ineligible():
     decision = decide(BASE, series, StoppingSettings(patience=5))
     assert not decision.judged[1].eligible and "not a number" in decision.judged[1].why_not
     assert decision.best_step in (100, 300)
+
+
+def test_a_score_reported_as_null_reads_back_as_not_a_number():
+    scores = ProbeScores.from_dict({"step": 2, "style": [None, 0.5], "adherence": [0.9, 0.9], "leakage": [0.2, 0.2]})
+    assert math.isnan(scores.style[0])
