@@ -218,36 +218,51 @@ def _handler(state: ModelServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def _serve(protocol: str) -> Iterator[ModelServer]:
-    state = ModelServer(protocol)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
-    server.daemon_threads = True
-    server.handle_error = lambda request, address: None  # resets and client hang-ups are the point here
-    state.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield state
-    finally:
-        state.stop.set()
+@pytest.fixture
+def loopback() -> Iterator[Callable[..., ThreadingHTTPServer]]:
+    """start(handler_class, tls_context=None): an HTTP(S) server on 127.0.0.1 serving from a thread; every server
+    started is shut down at teardown (after the fixtures using it, which release their handlers first)."""
+    servers: list[ThreadingHTTPServer] = []
+
+    def start(handler: type[BaseHTTPRequestHandler], context: Any = None) -> ThreadingHTTPServer:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        server.daemon_threads = True
+        server.handle_error = lambda request, address: None  # resets and client hang-ups are what tests play
+        if context is not None:
+            server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
         server.shutdown()
         server.server_close()
 
 
-@pytest.fixture
-def gemini_server() -> Iterator[ModelServer]:
-    yield from _serve("gemini")
+def _serve(protocol: str, loopback: Callable[..., ThreadingHTTPServer]) -> Iterator[ModelServer]:
+    state = ModelServer(protocol)
+    state.port = loopback(_handler(state)).server_address[1]
+    try:
+        yield state
+    finally:
+        state.stop.set()
 
 
 @pytest.fixture
-def openrouter_server() -> Iterator[ModelServer]:
-    yield from _serve("openrouter")
+def gemini_server(loopback: Callable[..., ThreadingHTTPServer]) -> Iterator[ModelServer]:
+    yield from _serve("gemini", loopback)
+
+
+@pytest.fixture
+def openrouter_server(loopback: Callable[..., ThreadingHTTPServer]) -> Iterator[ModelServer]:
+    yield from _serve("openrouter", loopback)
 
 
 @pytest.fixture(params=["gemini", "openrouter"])
 def model_server(request: pytest.FixtureRequest) -> Iterator[ModelServer]:
     """Each provider in turn: for behaviour both must share (retries, faults, blocks, the cache)."""
-    yield from _serve(request.param)
+    yield from _serve(request.param, request.getfixturevalue("loopback"))
 
 
 @pytest.fixture(autouse=True)

@@ -104,7 +104,7 @@ async def test_stopping_kopf_leaves_running_jobs_and_the_callers_tasks_alone(tmp
         settings = configure_kopf_for_emulator(kopf.OperatorSettings())
         await kopf.operator(registry=registry, settings=settings, namespaces=["default"], stop_flag=stop)
 
-    script = "import time; time.sleep(1.5)"
+    script = "import time; time.sleep(8)"
     job = {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -125,12 +125,12 @@ async def test_stopping_kopf_leaves_running_jobs_and_the_callers_tasks_alone(tmp
         assert running == 1
         bystander = asyncio.create_task(asyncio.sleep(10))
 
-        started = time.monotonic()
         await cluster.restart_operator()
-        assert time.monotonic() - started < 2
+        # The restart did not wait for the Job: it is still running (a timing bound would flake on a busy machine).
+        assert not cluster.emulator.get("jobs", "default", "long").get("status", {}).get("succeeded")
 
         done = await cluster.wait_for(
-            lambda: cluster.emulator.get("jobs", "default", "long").get("status", {}).get("succeeded"), timeout=15
+            lambda: cluster.emulator.get("jobs", "default", "long").get("status", {}).get("succeeded"), timeout=30
         )
         assert done == 1
         assert len(cluster.emulator.list("pods", "default")) == 1, "the running pod was not interrupted"

@@ -13,8 +13,9 @@ import ssl
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
@@ -144,35 +145,28 @@ def _make_handler(state: LoopbackServer) -> type[BaseHTTPRequestHandler]:
     return RouteHandler
 
 
-def _serve(tls: bool) -> Iterator[LoopbackServer]:
+def _serve(tls: bool, loopback: Callable[..., Any]) -> Iterator[LoopbackServer]:
     state = LoopbackServer(tls=tls)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(state))
-    server.daemon_threads = True
-    server.handle_error = lambda request, address: None  # clients hanging up early is expected here
+    context = None
     if tls:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(DATA / "test-server.pem", DATA / "test-server-key.pem")
         context.sni_callback = lambda sock, name, ctx: state.server_names.append(name)
-        server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
-    state.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
+    state.port = loopback(_make_handler(state), context).server_address[1]
     try:
         yield state
     finally:
         state.stop.set()
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture
-def https_server() -> Iterator[LoopbackServer]:
-    yield from _serve(tls=True)
+def https_server(loopback: Callable[..., Any]) -> Iterator[LoopbackServer]:
+    yield from _serve(True, loopback)
 
 
 @pytest.fixture
-def http_server() -> Iterator[LoopbackServer]:
-    yield from _serve(tls=False)
+def http_server(loopback: Callable[..., Any]) -> Iterator[LoopbackServer]:
+    yield from _serve(False, loopback)
 
 
 @pytest.fixture
