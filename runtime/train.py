@@ -670,7 +670,7 @@ def main(spec_path: str) -> int:
     assert isinstance(spec.work, TrainSpec)
     total = int(spec.work.plan.steps.value)
     reporter = Reporter(spec, total)
-    reporter.send("Running", f"starting {getattr(spec.work, 'backend', '')} training: {total} steps")
+    reporter.send("Running", f"starting {spec.work.backend} training: {total} steps")
     try:
         code, message, result = run_train(spec, reporter)
     except BadInput as exc:

@@ -200,7 +200,9 @@ def train_lora(
     lora_targets(model_dir, cfg.target)  # a bad target fails now, not after minutes of encoding
     samples = read_dataset(dataset_dir)
     if cfg.strip_trigger:
-        samples = [dataclasses.replace(s, caption=strip_trigger(s.caption, cfg.strip_trigger)) for s in samples]
+        from ..text.captions import without_trigger
+
+        samples = [dataclasses.replace(s, caption=without_trigger(s.caption, cfg.strip_trigger)) for s in samples]
     fingerprint = dataset_fingerprint(samples)
     ckpt.remove_staging(output)
 
@@ -231,13 +233,6 @@ def train_lora(
             log.info("resuming from %s (step %d of %d)", resume_from, trainer.step, cfg.steps)
         run = _Run(trainer, output, cfg, fingerprint, len(samples), on_checkpoint)
         return run.loop(stop, on_step, resumed_from=state["step"] if state else None)
-
-
-def strip_trigger(caption: str, trigger: str) -> str:
-    """`caption` without a leading trigger word and its separator ("bd9style. A house" -> "A house")."""
-    from ..text.captions import without_trigger
-
-    return without_trigger(caption, trigger)
 
 
 @torch.no_grad()

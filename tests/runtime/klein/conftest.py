@@ -9,12 +9,15 @@ import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 pytest.importorskip("diffusers", reason="the Klein runtime needs the runtime extra (torch, diffusers, peft)")
 
-from kleinstyle.runtime.klein.tiny import write_tiny_klein
+import torch
+from diffusers import Flux2KleinPipeline
+from kleinstyle.runtime.klein.tiny import TINY_TEXT_ENCODER_LAYERS, write_tiny_klein
 
 CAPTIONS = ("tokstyle. a red house by a lake", "tokstyle. a cat sleeping on a sofa", "tokstyle. a tall pine tree")
 
@@ -96,3 +99,36 @@ def random_lora(tiny_klein: Path, tmp_path_factory: pytest.TempPathFactory) -> C
         return path
 
     return make
+
+
+PROMPT = "tokstyle. a red house by a lake"
+
+
+class TinyRender:
+    """The one reference render of the tiny klein tests compare: 64x64, 2 steps, seed 0."""
+
+    def __call__(self, model: Path, lora: Path | None = None, prompt: str = PROMPT) -> np.ndarray:
+        """A fresh pipeline from `model` with the LoRA file loaded (none: the base model)."""
+        pipe = Flux2KleinPipeline.from_pretrained(model)
+        if lora is not None:
+            pipe.load_lora_weights(lora)
+        return self.sample(pipe, prompt)
+
+    @staticmethod
+    def sample(pipe: Flux2KleinPipeline, prompt: str = PROMPT) -> np.ndarray:
+        """The render of a pipeline already built (its LoRAs loaded or merged)."""
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(
+            prompt=prompt,
+            height=64,
+            width=64,
+            num_inference_steps=2,
+            generator=torch.Generator().manual_seed(0),
+            text_encoder_out_layers=TINY_TEXT_ENCODER_LAYERS,
+            output_type="np",
+        ).images
+
+
+@pytest.fixture(scope="session")
+def render_tiny() -> TinyRender:
+    return TinyRender()

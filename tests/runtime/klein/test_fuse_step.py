@@ -13,13 +13,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 import torch
-from diffusers import Flux2KleinPipeline
 from fsspec.implementations.memory import MemoryFileSystem
 from kleinstyle.runtime import fuse
 from kleinstyle.runtime.cli import main as cli
 from kleinstyle.runtime.klein.arch import block_linear_shapes
 from kleinstyle.runtime.klein.lora_io import read_lora
-from kleinstyle.runtime.klein.tiny import TINY_TEXT_ENCODER_LAYERS
 from kleinstyle.runtime.spec import FuseSpec, LoraInput, Owner, RunSpec
 from safetensors.torch import load_file, save_file
 
@@ -52,33 +50,19 @@ def dense(path: Path) -> dict[str, np.ndarray]:
     return {m: f.delta() for m, f in read_lora(path).layers.items()}
 
 
-def render(model: Path, lora: Path | None) -> np.ndarray:
-    pipe = Flux2KleinPipeline.from_pretrained(model)
-    pipe.set_progress_bar_config(disable=True)
-    if lora is not None:
-        pipe.load_lora_weights(lora)
-    return pipe(
-        prompt="tokstyle. a red house by a lake",
-        height=64,
-        width=64,
-        num_inference_steps=2,
-        generator=torch.Generator().manual_seed(0),
-        text_encoder_out_layers=TINY_TEXT_ENCODER_LAYERS,
-        output_type="np",
-    ).images
-
-
 # ---- the command line -------------------------------------------------------------------------------------------
 
 
-def test_fused_loras_load_into_the_tiny_klein_and_change_what_it_renders(tiny_klein: Path, tmp_path: Path, capsys):
+def test_fused_loras_load_into_the_tiny_klein_and_change_what_it_renders(
+    tiny_klein: Path, tmp_path: Path, capsys, render_tiny
+):
     a, b = write_lora(tmp_path / "a.safetensors", 1), write_lora(tmp_path / "b.safetensors", 2)
-    base = render(tiny_klein, None)
+    base = render_tiny(tiny_klein, None)
     for method, extra in (("svd", ["--rank", "4"]), ("concat", []), ("klora", ["--selection", "soft"])):
         out = tmp_path / f"{method}.safetensors"
         assert cli(["fuse", "--method", method, *extra, "-o", str(out), str(a), f"{b}:0.5"]) == 0
         assert f"fused 2 LoRAs ({method}" in capsys.readouterr().out
-        image = render(tiny_klein, out)
+        image = render_tiny(tiny_klein, out)
         assert np.isfinite(image).all() and np.abs(image - base).max() > 1e-3, method
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # nothing half-written
 

@@ -25,10 +25,8 @@ from kleinstyle.runtime.klein.lora_train import (
     TrainSettings,
     flow_matching_loss,
     merge_lora,
-    strip_trigger,
     train_lora,
 )
-from kleinstyle.runtime.klein.tiny import TINY_TEXT_ENCODER_LAYERS
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -63,26 +61,6 @@ def reference(tiny_klein: Path, two_images: Path, tmp_path_factory: pytest.TempP
 
 def _adapter(checkpoint: Path) -> dict[str, torch.Tensor]:
     return torch.load(checkpoint / "training_state.pt", weights_only=True)["adapter"]
-
-
-def _render(model: Path, lora: Path | None, prompt: str = "tokstyle. a red house by a lake") -> np.ndarray:
-    pipe = Flux2KleinPipeline.from_pretrained(model)
-    if lora is not None:
-        pipe.load_lora_weights(lora)
-    return _sample(pipe, prompt)
-
-
-def _sample(pipe: Flux2KleinPipeline, prompt: str = "tokstyle. a red house by a lake") -> np.ndarray:
-    pipe.set_progress_bar_config(disable=True)
-    return pipe(
-        prompt=prompt,
-        height=64,
-        width=64,
-        num_inference_steps=2,
-        generator=torch.Generator().manual_seed(0),
-        text_encoder_out_layers=TINY_TEXT_ENCODER_LAYERS,
-        output_type="np",
-    ).images
 
 
 # --- learning ------------------------------------------------------------------------------------------------
@@ -164,14 +142,14 @@ def test_published_lora_is_diffusers_keys_with_alpha_baked_in(reference: tuple[P
 
 
 def test_final_lora_loads_into_a_fresh_pipeline_and_changes_its_output(
-    tiny_klein: Path, reference: tuple[Path, TrainResult]
+    tiny_klein: Path, reference: tuple[Path, TrainResult], render_tiny
 ) -> None:
     output, _ = reference
-    base = _render(tiny_klein, None)
-    styled = _render(tiny_klein, output / "lora.safetensors")
+    base = render_tiny(tiny_klein, None)
+    styled = render_tiny(tiny_klein, output / "lora.safetensors")
     assert styled.shape == base.shape
     assert np.abs(styled - base).mean() > 1e-3
-    np.testing.assert_array_equal(_render(tiny_klein, output / "lora.safetensors"), styled)
+    np.testing.assert_array_equal(render_tiny(tiny_klein, output / "lora.safetensors"), styled)
 
 
 # --- stop, kill, resume --------------------------------------------------------------------------------------
@@ -359,12 +337,13 @@ def test_bad_inputs_fail_before_any_work(
 
 
 def test_merging_a_lora_into_the_base_renders_like_loading_it(
-    tiny_klein: Path, reference: tuple[Path, TrainResult]
+    tiny_klein: Path, reference: tuple[Path, TrainResult], render_tiny
 ) -> None:
     output, _ = reference
     pipe = Flux2KleinPipeline.from_pretrained(tiny_klein)
     assert merge_lora(pipe.transformer, output / "lora.safetensors") > 0
-    np.testing.assert_allclose(_sample(pipe), _render(tiny_klein, output / "lora.safetensors"), atol=2e-4)
+    loaded = render_tiny(tiny_klein, output / "lora.safetensors")
+    np.testing.assert_allclose(render_tiny.sample(pipe), loaded, atol=2e-4)
 
 
 def test_merging_a_lora_for_other_layers_is_refused(tiny_klein: Path, tmp_path: Path) -> None:
@@ -390,7 +369,9 @@ def test_merging_a_lora_for_other_layers_is_refused(tiny_klein: Path, tmp_path: 
     ],
 )
 def test_strip_trigger(caption: str, expected: str) -> None:
-    assert strip_trigger(caption, "tokstyle") == expected
+    from kleinstyle.runtime.text.captions import without_trigger
+
+    assert without_trigger(caption, "tokstyle") == expected
 
 
 # --- fp8 base weights --------------------------------------------------------------------------------------------
