@@ -1,0 +1,126 @@
+"""The RunSpec hash of an unchanged resource never changes with a refactor: it names the run's Job and artifact
+folder, so a new hash re-runs every resource once after an operator upgrade. These values were recorded before the
+contract package was split out (issue #10); a change here must be deliberate and said in the README."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+from kleinstyle.operator.config import OperatorConfig
+from kleinstyle.operator.reconcile import Observed, reconcile
+
+CFG = OperatorConfig()
+NS = "team-a"
+
+
+def _obj(kind: str, name: str, spec: dict, status: dict | None = None) -> dict:
+    body = {
+        "apiVersion": "kleinstyle.dev/v1alpha1",
+        "kind": kind,
+        "metadata": {"name": name, "namespace": NS, "uid": f"uid-{name}", "generation": 1},
+        "spec": spec,
+    }
+    if status is not None:
+        body["status"] = {"phase": "Succeeded", "observedGeneration": 1, **status}
+    return body
+
+
+PROFILE = {
+    "MUST_APPLY": {"COLOR": "red and white", "TEXTURE": "matte paper", "LIGHTING": "soft daylight", "MOOD": "calm"},
+    "ENRICH": {
+        "SIGNATURE_ELEMENTS": "floating lanterns",
+        "WARDROBE_LANGUAGE": "linen",
+        "ENVIRONMENT": "a quiet harbour",
+        "CAMERA": "35 mm film",
+    },
+    "PROMPT_SUFFIX_MUST": "red and white palette, matte paper texture, soft daylight, calm mood",
+    "PROMPT_SUFFIX_ENRICH": "floating lanterns, quiet harbour, 35 mm film",
+}
+BOARD_SPEC = {
+    "triggerWord": "bd9style",
+    "images": [{"source": "pvc://refs/bd9/01.png", "caption": "a sun"}, {"source": "https://x.test/2.png"}],
+    "captioning": {"provider": "gemini", "apiKeySecret": {"name": "gemini", "key": "GEMINI_API_KEY"}},
+}
+BOARD = _obj(
+    "StyleBoard",
+    "bd9",
+    BOARD_SPEC,
+    {
+        "datasetURI": "pvc://kleinstyle-artifacts/team-a/styleboard/bd9/uid-bd9/abc/dataset",
+        "imagesAccepted": 12,
+        "styleProfile": PROFILE,
+    },
+)
+LORA_STATUS = {
+    "loraURI": "pvc://kleinstyle-artifacts/team-a/stylelora/bd9-lora/uid/abc/lora.safetensors",
+    "triggerWord": "bd9style",
+    "plan": {"textPipeline": True, "variantReason": "12 references: GEM+A"},
+    "styleProfile": PROFILE,
+}
+LORA = _obj("StyleLoRA", "bd9-lora", {"boardRef": {"name": "bd9"}}, LORA_STATUS)
+INK = _obj("StyleLoRA", "ink", {"boardRef": {"name": "bd9"}}, {**LORA_STATUS, "triggerWord": "inkstyle"})
+FUSION = _obj(
+    "LoRAFusion",
+    "mix",
+    {"sources": [{"name": "bd9-lora"}, {"name": "ink", "weight": 0.5}], "method": "svd"},
+    {"loraURI": "pvc://kleinstyle-artifacts/team-a/lorafusion/mix/uid/abc/lora.safetensors"},
+)
+DEPS = {
+    ("StyleBoard", "bd9"): BOARD,
+    ("StyleLoRA", "bd9-lora"): LORA,
+    ("StyleLoRA", "ink"): INK,
+    ("LoRAFusion", "mix"): FUSION,
+}
+
+CASES = {
+    "board": (_obj("StyleBoard", "bd9", BOARD_SPEC), "58bc13dc56"),
+    "lora-builtin": (_obj("StyleLoRA", "bd9-lora", {"boardRef": {"name": "bd9"}, "backend": "builtin"}), "c452f30a12"),
+    "lora-aitoolkit": (_obj("StyleLoRA", "bd9-lora", {"boardRef": {"name": "bd9"}}), "13916a7453"),
+    "lora-two-step": (
+        _obj(
+            "StyleLoRA",
+            "bd9-lora",
+            {"boardRef": {"name": "bd9"}, "backend": "builtin", "mode": "two-step", "training": {"rank": 32}},
+        ),
+        "ae477278aa",
+    ),
+    "generation": (
+        _obj(
+            "GenerationJob",
+            "samples",
+            {
+                "loras": [{"name": "bd9-lora", "weight": 0.8}, {"kind": "LoRAFusion", "name": "mix"}],
+                "prompts": ["a fox", "a red house"],
+                "count": 2,
+                "reformulation": {"apiKeySecret": {"name": "gemini", "key": "GEMINI_API_KEY"}},
+            },
+        ),
+        "ff9b76cb51",
+    ),
+    "fusion": (
+        _obj("LoRAFusion", "mix", {"sources": [{"name": "bd9-lora"}, {"name": "ink", "weight": 0.5}], "method": "svd"}),
+        "13e84c74a7",
+    ),
+}
+
+CONFIGMAPS = {
+    "board": "0246c7454b307e6e",
+    "fusion": "fd4ddd2bb644dc88",
+    "generation": "f94329feefdf0413",
+    "lora-aitoolkit": "f8f2f1121cb8bcb9",
+    "lora-builtin": "27112fa4a54642f3",
+    "lora-two-step": "3d4bd42c8d4f8891",
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_runspec_hash_of_an_unchanged_resource_stays_the_same(case):
+    body, golden = CASES[case]
+    decision = reconcile(Observed(body=body, dependencies=DEPS), CFG, "2026-12-06T00:00:00Z")
+    assert decision.status["phase"] == "Pending", decision.status["message"]
+    assert decision.status["runHash"] == golden
+    configmap = next(c for c in decision.create if c["kind"] == "ConfigMap")
+    content = hashlib.sha256(json.dumps(configmap["data"], sort_keys=True).encode()).hexdigest()[:16]
+    assert content == CONFIGMAPS[case]  # what the pod reads, byte for byte: the RunSpec and the files beside it
