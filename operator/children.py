@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kleinstyle.runtime.spec import EXIT_BAD_SPEC, RunSpec
+from kleinstyle.contract.runspec import EXIT_BAD_SPEC, RunSpec
 
 from .config import OperatorConfig
 from .naming import owner_labels, run_labels, run_name, runner_name

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kleinstyle.runtime.spec import AVAILABLE_STEPS
+from kleinstyle.contract.runspec import AVAILABLE_STEPS
 from pydantic import ValidationError
 
 from .children import build_children, build_configmap

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import yaml
-from kleinstyle.runtime.aitoolkit import aitoolkit_config
-from kleinstyle.runtime.early_stop import Decision, StoppingSettings, decide_reported
-from kleinstyle.runtime.plan import TrainingPlan, plan_training
-from kleinstyle.runtime.prompts import LoraStyle, decide_prompt_mode
-from kleinstyle.runtime.spec import (
+from kleinstyle.contract.aitoolkit import aitoolkit_config
+from kleinstyle.contract.early_stop import Decision, StoppingSettings, decide_reported
+from kleinstyle.contract.plan import TrainingPlan, plan_training
+from kleinstyle.contract.prompt_policy import LoraStyle, decide_prompt_mode
+from kleinstyle.contract.runspec import (
     PROVIDER_KEY_ENV,
     EvaluationSpec,
     FetchPolicy,
@@ -29,7 +29,7 @@ from kleinstyle.runtime.spec import (
     RunSpec,
     TrainSpec,
 )
-from kleinstyle.runtime.text.profile import StyleProfile
+from kleinstyle.contract.style_profile import StyleProfile
 
 from .api import BY_KIND, Kind
 from .api.common import API_VERSION, Scheduling

@@ -27,8 +27,9 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from kleinstyle.contract.runspec import RunSpec
+
 from .paths import fsync_path, is_remote, local_path
-from .spec import RunSpec
 
 METADATA_FILE = "metadata.json"
 SUCCESS_MARKER = "_SUCCESS"

@@ -181,9 +181,9 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
 def _plan(args: argparse.Namespace) -> int:
 
     import yaml
+    from kleinstyle.contract.aitoolkit import aitoolkit_config
+    from kleinstyle.contract.plan import plan_training
     from kleinstyle.operator.admission import AdmissionRejected, admit, load_manifests
-    from kleinstyle.runtime.aitoolkit import aitoolkit_config
-    from kleinstyle.runtime.plan import plan_training
 
     with open(args.stylelora, encoding="utf-8") as handle:
         docs = [d for d in load_manifests(handle.read()) if d and d.get("kind") == "StyleLoRA"]

@@ -26,9 +26,9 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import PurePosixPath
 
 import httpx
+from kleinstyle.contract.runspec import FetchPolicy
 
 from .paths import local_path
-from .spec import FetchPolicy
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

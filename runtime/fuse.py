@@ -28,9 +28,10 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from kleinstyle.contract.runspec import RunSpec
+
     from .klein.lora_fuse import Fused, FusedLayer
     from .klein.lora_io import LoraFile
-    from .spec import RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -241,8 +242,9 @@ def main_cli(
 
 def run_fuse(spec: RunSpec, report: Callable[[str, str, dict | None], bool]) -> tuple[int, str, dict | None]:
     """Fuse the RunSpec's sources into its output folder; (exit code, message, result)."""
+    from kleinstyle.contract.runspec import FuseSpec
+
     from .artifacts import artifact_dir, artifact_metadata, join_uri, published_metadata, read_json
-    from .spec import FuseSpec
 
     work = spec.work
     if not isinstance(work, FuseSpec):

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from kleinstyle.contract.prompt_policy import with_triggers
+from kleinstyle.contract.runspec import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK, GenerateSpec, LoraInput, RunSpec
 from PIL import Image
 
 from .artifacts import (
@@ -43,9 +45,8 @@ from .artifacts import (
 from .contact_sheet import Cell, contact_sheet, grid_columns
 from .paths import local_path
 from .pngmeta import png_with_metadata
-from .prompts import PromptUsed, Reformulator, load_reformulator, prompts_to_render, with_triggers
+from .prompts import PromptUsed, Reformulator, load_reformulator, prompts_to_render
 from .report import api_target, read_runspec, report_progress, write_termination_message
-from .spec import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK, GenerateSpec, LoraInput, RunSpec
 
 if TYPE_CHECKING:  # torch is imported only when a job renders
     from .klein.generate import RenderOptions

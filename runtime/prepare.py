@@ -31,13 +31,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from kleinstyle.contract.runspec import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK, PrepareSpec, RunSpec
 from pydantic import BaseModel, Field
 
 from .artifacts import ArtifactDir, artifact_metadata, join_uri, published_metadata, read_json
 from .fetch import FetchError, fetch
 from .images import ImageRejected, ValidImage, hamming, validate_image
 from .report import api_target, read_runspec, report_progress, write_termination_message
-from .spec import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK, PrepareSpec, RunSpec
 from .text.captions import (
     Caption,
     CaptionTask,

@@ -1,31 +1,23 @@
-"""What a GenerationJob renders for each prompt: the text-pipeline policy, trigger words, and the L2 seam.
+"""The prompts a GenerationJob renders: raw, or reformulated by L2 with a fallback to raw that always says why.
 
-Pure functions (no torch): the operator decides the policy from its LoRAs' training plans, the runtime applies it.
-
-- Policy (the reference document, "Gemini hurts 1-3 ref datasets"): `textPipeline: auto` reformulates only when
-  every LoRA's plan keeps the text pipeline; one LoRA from a 1-3 reference board turns it off for the whole job,
-  since a reformulated prompt would steer that LoRA too. `on` and `off` are the user's word.
-- Raw prompts: the user prompt with the LoRAs' trigger words in front, `"bd9style. a fox at night"`, the way the
-  training captions start (`prepare.caption_for`); a trigger the prompt already names is not repeated.
-- Reformulated prompts: the L2 reformulation (`kleinstyle.runtime.text`) of the user prompt in the board's
-  STYLE_PROFILE, trigger words in front as well (the LoRA was trained to answer to them), built by
-  `load_reformulator`. Whenever it is unavailable (no profile, no API key, an API error for one
-  prompt), that prompt falls back to the raw form and a warning says why: never a silent change of behaviour.
+The policy (which mode, the trigger words) is the contract's `prompt_policy`, decided by the operator. Reformulated
+prompts are the L2 reformulation (`kleinstyle.runtime.text`) of the user prompt in the board's STYLE_PROFILE,
+trigger words in front as well (the LoRA was trained to answer to them), built by `load_reformulator`. Whenever it
+is unavailable (no profile, no API key, an API error for one prompt), that prompt falls back to the raw form and a
+warning says why: never a silent change of behaviour.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
-from .spec import GenerateSpec
+from kleinstyle.contract.prompt_policy import PromptMode, with_triggers
+from kleinstyle.contract.runspec import GenerateSpec
 
 # A user prompt in, the reformulated prompt out; raises ReformulationError when it cannot.
 Reformulator = Callable[[str], str]
-PromptMode = Literal["raw", "reformulate"]
 
 
 class ReformulationError(Exception):
@@ -34,48 +26,6 @@ class ReformulationError(Exception):
 
 class ReformulationUnavailable(ReformulationError):
     """No reformulation is possible for this job at all (no style profile, no API key, not in this build)."""
-
-
-# --- policy ------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LoraStyle:
-    """What generation needs to know of one LoRA: its trigger words and whether its plan keeps the text pipeline.
-
-    `text_pipeline` None: unknown (e.g. a fusion whose status does not say), which `auto` treats as off.
-    """
-
-    label: str
-    trigger_words: tuple[str, ...] = ()
-    text_pipeline: bool | None = None
-    reason: str = ""
-
-
-def decide_prompt_mode(setting: str, loras: Sequence[LoraStyle]) -> tuple[PromptMode, str]:
-    """(prompt mode, why) for a GenerationJob's `textPipeline` setting (auto, on, off) and its LoRAs."""
-    if setting == "off":
-        return "raw", "textPipeline: off in the spec: the prompts are used as written, with the trigger words"
-    if setting == "on":
-        return "reformulate", "textPipeline: on in the spec"
-    for lora in loras:
-        if lora.text_pipeline is None:
-            return "raw", f"auto: {lora.label} does not say whether its training plan keeps the text pipeline; off"
-        if not lora.text_pipeline:
-            why = f" ({lora.reason})" if lora.reason else ""
-            return "raw", f"auto: the training plan of {lora.label} turns the text pipeline off{why}"
-    return "reformulate", "auto: every LoRA's training plan keeps the text pipeline"
-
-
-def with_triggers(prompt: str, triggers: Sequence[str]) -> str:
-    """`prompt` with the trigger words it does not already name in front: "bd9style, ink. a fox"."""
-    text = " ".join(prompt.split())
-    missing = [t for t in dict.fromkeys(triggers) if t and not _names(text, t)]
-    return f"{', '.join(missing)}. {text}" if missing else text
-
-
-def _names(text: str, word: str) -> bool:
-    return re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", text) is not None
 
 
 # --- the prompts a job renders -----------------------------------------------------------------------------------
@@ -128,9 +78,10 @@ def load_reformulator(
     What it needs is checked first (the style profile, the provider's API key from the Secret-filled env var), so a
     job without them falls back to raw prompts with the reason. The trigger words are added by `prompts_to_render`.
     """
+    from kleinstyle.contract.style_profile import StyleProfile
+
     from .text.cache import AnswerCache
     from .text.client import TextClient
-    from .text.profile import StyleProfile
     from .text.providers import NoApiKey, TextError, make_provider
     from .text.reformulate import reformulate
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from kleinstyle.contract.runspec import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK, Owner, RunSpec
 
 from .paths import TERMINATION_LOG, local_path
-from .spec import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK, Owner, RunSpec
 
 log = logging.getLogger(__name__)
 

@@ -35,12 +35,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kleinstyle.contract.early_stop import Decision, StoppingSettings, decide_reported
+from kleinstyle.contract.plan import TrainingPlan
+from kleinstyle.contract.runspec import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK, RunSpec, TrainSpec
+
 from .artifacts import join_uri, write_bytes_atomic, write_json_atomic
-from .early_stop import Decision, StoppingSettings, decide_reported
 from .paths import is_object_store, is_remote, local_path
-from .plan import TrainingPlan
 from .report import conclude, read_owner, read_runspec, report_progress
-from .spec import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK, RunSpec, TrainSpec
 
 log = logging.getLogger(__name__)
 

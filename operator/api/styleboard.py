@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from kleinstyle.runtime.text.profile import StyleProfile
+from kleinstyle.contract.style_profile import StyleProfile
 from pydantic import BaseModel, ConfigDict, Field
 
 from .common import (

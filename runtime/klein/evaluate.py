@@ -28,11 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import Flux2KleinPipeline
+from kleinstyle.contract.early_stop import ProbeScores
+from kleinstyle.contract.runspec import EvaluationSpec
 from PIL import Image
 
 from ..artifacts import write_file_atomic
-from ..early_stop import ProbeScores
-from ..spec import EvaluationSpec
 from .encode import check_model_dir, encode_captions, free_memory, load_rgb
 
 log = logging.getLogger(__name__)

@@ -12,9 +12,10 @@ import os
 import sys
 from pathlib import Path
 
+from kleinstyle.contract.runspec import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK
+
 from ..artifacts import write_bytes_atomic
 from ..images import ImageRejected, validate_image
-from ..spec import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK
 from .cache import AnswerCache
 from .captions import Caption, CaptionTask, check_given, generate_captions
 from .client import TextClient

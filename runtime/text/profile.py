@@ -1,18 +1,14 @@
-"""L1, style extraction: 1-10 reference images become a STYLE_PROFILE (the reference document's structure).
+"""L1, style extraction: 1-10 reference images become a STYLE_PROFILE (`kleinstyle.contract.style_profile`).
 
-MUST_APPLY holds what every generation must carry (colour with its mood, texture, lighting, mood); ENRICH what to
-add when the scene allows (signature elements, wardrobe language, environment, camera); PROMPT_SUFFIX_MUST is
-appended to every prompt and PROMPT_SUFFIX_ENRICH when the scene is compatible. The profile is asked for as
-structured output and validated; its field names are the document's, in the answer, in profile.json and in the
-StyleBoard's status alike. Every field is bounded, so a profile is at most about 8 KiB and always fits the status.
+The profile is asked for as structured output and validated against the contract's model, whose bounds keep it
+under about 8 KiB.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from kleinstyle.contract.style_profile import StyleProfile
 
 from ..images import hamming
 from .client import TextClient
@@ -39,52 +35,6 @@ PROMPT_SUFFIX_MUST: one comma-separated phrase of 15 to 40 words that carries MU
 PROMPT_SUFFIX_ENRICH: one comma-separated phrase of 10 to 30 words that carries ENRICH.
 Each field is one to three sentences. Write "none" for an ENRICH field the references do not show."""
 PROFILE_REQUEST = "Extract the style profile of these {count} reference images."
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
-
-
-def _text(description: str, max_length: int = 800) -> dict[str, Any]:
-    """Field bounds of one profile text: 8 fields of 800 and 2 of 400 characters keep a profile under 8 KiB."""
-    return {"min_length": 2, "max_length": max_length, "description": description}
-
-
-class MustApply(_Section):
-    """Non-negotiable visual elements: every generation carries them."""
-
-    color: str = Field(alias="COLOR", **_text("The exact palette, its saturation, and the mood the colours carry."))
-    texture: str = Field(alias="TEXTURE", **_text("Fabric, surface and material quality."))
-    lighting: str = Field(alias="LIGHTING", **_text("Quality, direction and colour temperature of the light."))
-    mood: str = Field(alias="MOOD", **_text("Emotional tone and atmosphere."))
-
-
-class Enrich(_Section):
-    """Elements added when compatible with the user's content."""
-
-    signature_elements: str = Field(
-        alias="SIGNATURE_ELEMENTS", **_text("Distinctive recurring props or devices; kept in every generation.")
-    )
-    wardrobe_language: str = Field(alias="WARDROBE_LANGUAGE", **_text("Specific fabrics, silhouettes and accessories."))
-    environment: str = Field(alias="ENVIRONMENT", **_text("Characteristic settings."))
-    camera: str = Field(alias="CAMERA", **_text("Film stock, lens choice, depth of field."))
-
-
-class StyleProfile(_Section):
-    """The STYLE_PROFILE of a board (the reference document's L1 output)."""
-
-    must_apply: MustApply = Field(alias="MUST_APPLY", description="Non-negotiable visual elements.")
-    enrich: Enrich = Field(alias="ENRICH", description="Elements added when compatible with the user's content.")
-    prompt_suffix_must: str = Field(
-        alias="PROMPT_SUFFIX_MUST", **_text("Appended to every prompt: MUST_APPLY as one phrase.", 400)
-    )
-    prompt_suffix_enrich: str = Field(
-        alias="PROMPT_SUFFIX_ENRICH", **_text("Appended when the scene is compatible: ENRICH as one phrase.", 400)
-    )
-
-    def document(self) -> dict[str, object]:
-        """The profile under the document's names (MUST_APPLY, ...), as profile.json and status hold it."""
-        return self.model_dump(mode="json", by_alias=True)
 
 
 def diverse_subset(hashes: Sequence[int], limit: int = MAX_REFERENCES) -> list[int]:

@@ -15,13 +15,13 @@ import yaml
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk renders the chart")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
+from kleinstyle.contract.runspec import ImageInput, Owner, PrepareSpec, RunSpec  # noqa: E402
 from kleinstyle.operator.api import KINDS  # noqa: E402
 from kleinstyle.operator.children import Run, build_rbac  # noqa: E402
 from kleinstyle.operator.config import OperatorConfig  # noqa: E402
 from kleinstyle.operator.handlers import CHILD_KINDS  # noqa: E402
 from kleinstyle.operator.kube import PLURALS  # noqa: E402
 from kleinstyle.runtime import cli  # noqa: E402
-from kleinstyle.runtime.spec import ImageInput, Owner, PrepareSpec, RunSpec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "kleinstyle"

@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from kleinstyle.contract.style_profile import StyleProfile
 from kleinstyle.operator import metrics
 from kleinstyle.operator.api import BY_KIND
 from kleinstyle.operator.config import OperatorConfig
 from kleinstyle.operator.devcluster.demo import REFERENCE_CLAIM, cluster_for, with_available_provider
 from kleinstyle.operator.devcluster.references import write_references
 from kleinstyle.operator.runs import KIND_RUNS
-from kleinstyle.runtime.text.profile import StyleProfile
 
 if TYPE_CHECKING:
     from conftest import ModelRequest, ModelServer

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from kleinstyle.runtime.plan import plan_training
+from kleinstyle.contract.plan import plan_training
 
 # The dataset-size matrix: refs -> (variant, rank, optimizer, text pipeline).
 MATRIX = [
@@ -167,7 +167,7 @@ def test_two_step_mode_is_refused_for_aitoolkit():
 
 
 def test_fp8_base_is_off_by_default_and_reaches_both_backends():
-    from kleinstyle.runtime.aitoolkit import aitoolkit_config
+    from kleinstyle.contract.aitoolkit import aitoolkit_config
 
     assert plan_training(12, {}).fp8_base.value is False
     plan = plan_training(12, {"training": {"fp8Base": True}})

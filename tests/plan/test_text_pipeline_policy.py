@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from kleinstyle.runtime.plan import plan_training, text_pipeline_for, text_pipeline_in_use
+from kleinstyle.contract.plan import plan_training, text_pipeline_for, text_pipeline_in_use
 
 
 @pytest.mark.parametrize(

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kleinstyle.runtime.aitoolkit import aitoolkit_config
+from kleinstyle.contract.aitoolkit import aitoolkit_config
+from kleinstyle.contract.plan import plan_training
 from kleinstyle.runtime.aitoolkit_run import checkpoints, classify_failure, is_complete, launch, parse_progress
-from kleinstyle.runtime.plan import plan_training
 
 DOUBLE = Path(__file__).parent / "data" / "aitoolkit_double"
 

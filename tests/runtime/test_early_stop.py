@@ -3,7 +3,7 @@
 import math
 
 import pytest
-from kleinstyle.runtime.early_stop import ProbeScores, StoppingSettings, decide, paired_standard_error
+from kleinstyle.contract.early_stop import ProbeScores, StoppingSettings, decide, paired_standard_error
 
 PROBES = 4
 NOISE = (0.01, -0.01, 0.005, -0.005)  # per-probe wobble, the same at every checkpoint (paired probes)

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
+from kleinstyle.contract.runspec import FetchPolicy
 from kleinstyle.runtime.fetch import FetchError, classify_address, fetch, parse_cidrs
-from kleinstyle.runtime.spec import FetchPolicy
 
 if TYPE_CHECKING:
     from conftest import LoopbackServer

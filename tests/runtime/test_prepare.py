@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from kleinstyle.contract.runspec import ImageInput, Owner, PrepareSpec, RunSpec
 from kleinstyle.runtime import artifacts
 from kleinstyle.runtime.prepare import caption_for, main, run_prepare
-from kleinstyle.runtime.spec import ImageInput, Owner, PrepareSpec, RunSpec
 from kleinstyle.runtime.text.captions import starts_with_trigger
 from PIL import Image
 

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from kleinstyle.contract.runspec import ImageInput, Owner, PrepareSpec, RunSpec
 from kleinstyle.runtime.prepare import main, run_prepare
-from kleinstyle.runtime.spec import ImageInput, Owner, PrepareSpec, RunSpec
 from kleinstyle.runtime.text.retry import RetryPolicy
 from PIL import Image
 

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from kleinstyle.contract.prompt_policy import LoraStyle, decide_prompt_mode, with_triggers
+from kleinstyle.contract.runspec import GenerateSpec
 from kleinstyle.runtime.prompts import (
-    LoraStyle,
     ReformulationError,
     ReformulationUnavailable,
-    decide_prompt_mode,
     load_reformulator,
     prompts_to_render,
-    with_triggers,
 )
-from kleinstyle.runtime.spec import GenerateSpec
 
 BIG = LoraStyle("StyleLoRA big", ("bigstyle",), True, "12 references: GEM+A")
 SMALL = LoraStyle("StyleLoRA small", ("smallstyle",), False, "3 references: rank 128 without the text pipeline")

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from kleinstyle.contract.runspec import Owner
 from kleinstyle.runtime.report import report_progress, write_termination_message
-from kleinstyle.runtime.spec import Owner
 
 if TYPE_CHECKING:
     from conftest import KubeApi

@@ -6,8 +6,9 @@ import io
 from typing import TYPE_CHECKING
 
 import pytest
+from kleinstyle.contract.style_profile import StyleProfile
 from kleinstyle.runtime.text.captions import CaptionTask, check_given, generate_caption, generate_captions
-from kleinstyle.runtime.text.profile import StyleProfile, extract_profile
+from kleinstyle.runtime.text.profile import extract_profile
 from kleinstyle.runtime.text.providers import AnswerRejected, ImagePart
 from kleinstyle.runtime.text.reformulate import reformulate
 from PIL import Image

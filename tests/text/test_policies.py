@@ -4,7 +4,8 @@ diverse subset, the subject heuristic and the reformulation checks."""
 from __future__ import annotations
 
 import pytest
-from kleinstyle.runtime.text.profile import StyleProfile, diverse_subset
+from kleinstyle.contract.style_profile import StyleProfile
+from kleinstyle.runtime.text.profile import diverse_subset
 from kleinstyle.runtime.text.reformulate import check_reformulation, mentions, passthrough, subject_of, word_count
 from kleinstyle.runtime.text.retry import (
     GaveUp,

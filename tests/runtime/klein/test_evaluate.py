@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from kleinstyle.runtime.early_stop import ProbeScores
+from kleinstyle.contract.early_stop import ProbeScores
 from kleinstyle.runtime.klein.arch import lora_linear_names
 from kleinstyle.runtime.klein.evaluate import EvaluationSpec, Evaluator, PixelStatsEmbedder, VisionModelEmbedder
 from kleinstyle.runtime.klein.tiny import TINY_TEXT_ENCODER_LAYERS

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 from fsspec.implementations.memory import MemoryFileSystem
+from kleinstyle.contract.runspec import FuseSpec, LoraInput, Owner, RunSpec
 from kleinstyle.runtime import fuse
 from kleinstyle.runtime.cli import main as cli
 from kleinstyle.runtime.klein.arch import block_linear_shapes
 from kleinstyle.runtime.klein.lora_io import read_lora
-from kleinstyle.runtime.spec import FuseSpec, LoraInput, Owner, RunSpec
 from safetensors.torch import load_file, save_file
 
 if TYPE_CHECKING:

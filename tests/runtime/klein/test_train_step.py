@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
+from kleinstyle.contract.early_stop import ProbeScores, StoppingSettings, decide_reported
+from kleinstyle.contract.plan import TrainingPlan, plan_training
+from kleinstyle.contract.runspec import EvaluationSpec, Owner, RunSpec, TrainSpec
 from kleinstyle.runtime import train
-from kleinstyle.runtime.early_stop import ProbeScores, StoppingSettings, decide_reported
 from kleinstyle.runtime.klein.evaluate import Evaluator
-from kleinstyle.runtime.plan import TrainingPlan, plan_training
-from kleinstyle.runtime.spec import EvaluationSpec, Owner, RunSpec, TrainSpec
 from safetensors.torch import load_file
 
 if TYPE_CHECKING:
@@ -464,7 +464,7 @@ DOUBLE = Path(__file__).parents[1] / "data" / "aitoolkit_double"
 def aitoolkit_runspec(
     rootfs: Path, name: str, model_path: str = "/models/klein", evaluation: EvaluationSpec | None = None
 ) -> str:
-    from kleinstyle.runtime.aitoolkit import aitoolkit_config
+    from kleinstyle.contract.aitoolkit import aitoolkit_config
 
     plan = plan_training(12, {"training": {"steps": 20, "checkpointEvery": 5}, "earlyStopping": {"patience": 20}})
     spec_path = write_spec(rootfs, plan, "ai-toolkit", model_path, evaluation)
