@@ -1,7 +1,7 @@
 """The early-stopping policy: which checkpoint is best, and whether to stop now (pure; no torch).
 
-Loss is a poor guide for klein style LoRAs (FINDINGS: flat loss while the style still improves), so every checkpoint
-is judged by rendered probes, fixed prompts x seeds, each scored three ways (runtime/klein/evaluate.py):
+Loss is a poor guide for klein style LoRAs (flat loss while the style still improves: docs/facts.md), so every
+checkpoint is judged by rendered probes, fixed prompts x seeds, each scored three ways (runtime/klein/evaluate.py):
 - style: similarity of the render to the references' style (higher is better);
 - adherence: similarity of the render's content to the base model's render of the same probe (does the LoRA keep
   drawing what the prompt asks for);
@@ -27,6 +27,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from .reports import EvaluationReport, ProbeScoresReport
 
 if TYPE_CHECKING:
     from .plan import TrainingPlan
@@ -63,21 +65,23 @@ class ProbeScores:
             raise ValueError(f"checkpoint {self.step}: every score needs one value per probe, and at least one probe")
 
     @classmethod
-    def from_dict(cls, data: dict) -> ProbeScores:
+    def from_report(cls, report: ProbeScoresReport) -> ProbeScores:
         """From a report: a score JSON could not carry (NaN, sent as null) comes back as NaN, hence ineligible."""
 
-        def floats(values: list) -> tuple[float, ...]:
+        def floats(values: list[float | None]) -> tuple[float, ...]:
             return tuple(math.nan if v is None else float(v) for v in values)
 
-        return cls(int(data["step"]), floats(data["style"]), floats(data["adherence"]), floats(data["leakage"]))
+        return cls(report.step, floats(report.style), floats(report.adherence), floats(report.leakage))
 
-    def to_dict(self) -> dict:
-        return {
-            "step": self.step,
-            "style": list(self.style),
-            "adherence": list(self.adherence),
-            "leakage": list(self.leakage),
-        }
+    def to_report(self) -> ProbeScoresReport:
+        """For a report; a NaN score goes as null (JSON has no NaN)."""
+
+        def finite(values: tuple[float, ...]) -> list[float | None]:
+            return [v if math.isfinite(v) else None for v in values]
+
+        return ProbeScoresReport(
+            step=self.step, style=finite(self.style), adherence=finite(self.adherence), leakage=finite(self.leakage)
+        )
 
 
 @dataclass(frozen=True)
@@ -99,12 +103,12 @@ class Decision:
         return next((j.score for j in self.judged if j.step == step), None)
 
 
-def decide_reported(evaluation: dict | None, settings: StoppingSettings) -> Decision | None:
-    """`decide` on the `evaluation` a run reports ({"baseline": ..., "checkpoints": [...]}); None without one."""
-    if not evaluation or not evaluation.get("baseline"):
+def decide_reported(evaluation: EvaluationReport | None, settings: StoppingSettings) -> Decision | None:
+    """`decide` on the scores a run reports; None without any. ValueError when their probe counts disagree."""
+    if evaluation is None:
         return None
-    baseline = ProbeScores.from_dict(evaluation["baseline"])
-    return decide(baseline, [ProbeScores.from_dict(c) for c in evaluation.get("checkpoints") or []], settings)
+    baseline = ProbeScores.from_report(evaluation.baseline)
+    return decide(baseline, [ProbeScores.from_report(c) for c in evaluation.checkpoints], settings)
 
 
 def _mean(values: Sequence[float]) -> float:

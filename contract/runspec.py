@@ -1,7 +1,7 @@
-"""The RunSpec: the one JSON document a Job reads (DESIGN.md, Contracts).
+"""The RunSpec: the one JSON document a Job reads (docs/runspec.md).
 
-The operator writes it into a ConfigMap; the runtime reads it from the mounted file. The runtime never reads a
-custom resource's spec and the operator never imports torch, so this module imports nothing heavy.
+The operator writes it into a ConfigMap; the runtime reads it from the mounted file (`pod.RUNSPEC_PATH`). The runtime
+never reads a custom resource's spec. Its hash names the run: what changes it starts a new run, nothing else does.
 Paths in a RunSpec are as the pod sees them (a volume mount such as /artifacts/...) or object-store URIs
 (s3://, gs://).
 """
@@ -19,15 +19,6 @@ from .plan import TrainingPlan
 RUNSPEC_VERSION = "kleinstyle.dev/runspec-v1"
 # Length of the hash prefix that names a run (its Job, ConfigMap, artifact folder and progress reports).
 RUN_ID_LENGTH = 10
-# Exit codes of every step. 2 = input the run can never succeed on: the Job's podFailurePolicy fails it at once
-# instead of retrying; 1 = a failure a retry may fix.
-EXIT_OK, EXIT_FAILED, EXIT_BAD_SPEC = 0, 1, 2
-
-# Steps this version of the runtime can run. The operator creates a Job only for these; a resource whose step is
-# not here yet waits with a condition saying which issue brings it, instead of a Job that is bound to fail.
-AVAILABLE_STEPS: frozenset[str] = frozenset({"prepare", "train", "generate", "fuse"})
-# Where a Job finds a text provider's API key (an env var filled from a Secret, never a file or a flag).
-PROVIDER_KEY_ENV = {"gemini": "GEMINI_API_KEY", "openrouter": "OPENROUTER_API_KEY"}
 
 
 class _Frozen(BaseModel):
@@ -95,16 +86,22 @@ class LoraInput(_Frozen):
         return self.label or self.uri
 
 
-class EvaluationSpec(_Frozen):
-    """Checkpoint evaluation (runtime/klein/evaluate.py): `prompts` probe prompts x `seeds` rendered per checkpoint
-    at `size` px with `steps` steps and CFG `guidance`; `embedder_path`: a local image-encoder directory (None: the
-    offline pixel-statistics embedder)."""
+class EvaluationSettings(_Frozen):
+    """How checkpoints are probed for early stopping: `prompts` probe prompts x `seeds` rendered per checkpoint at
+    `size` px with `steps` steps and CFG `guidance` (runtime/klein/evaluate.py). The bounds hold for the admin's
+    configuration (`checkpointEvaluation`) and for every RunSpec alike."""
 
     prompts: int = Field(default=4, ge=1, le=4)
     seeds: int = Field(default=2, ge=1, le=8)
     size: int = Field(default=512, ge=32, le=1024, multiple_of=16)
     steps: int = Field(default=20, ge=1, le=100)
     guidance: float = Field(default=4.0, ge=1.0, le=20.0)
+
+
+class EvaluationSpec(EvaluationSettings):
+    """The settings, with `embedder_path`: a local image-encoder directory (None: the offline pixel-statistics
+    embedder)."""
+
     embedder_path: str | None = None
 
 

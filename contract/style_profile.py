@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
+    # The write-up's names (MUST_APPLY, ...) are the field names on the wire, in files and in status.
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True, extra="ignore", frozen=True)
 
 
 def _text(description: str, max_length: int = 800) -> dict[str, Any]:

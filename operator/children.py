@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kleinstyle.contract.runspec import EXIT_BAD_SPEC, RunSpec
+from kleinstyle.contract.pod import EXIT_BAD_SPEC, RUNSPEC_DIR, RUNSPEC_FILE, Step, command
+from kleinstyle.contract.runspec import RunSpec
 
 from .config import OperatorConfig
 from .naming import owner_labels, run_labels, run_name, runner_name
 
-RUNSPEC_KEY = "runspec.json"
-RUNSPEC_DIR = "/etc/kleinstyle"
 REFERENCES_MOUNT = "/references"
 GPU_STEPS = frozenset({"train", "generate"})
 
@@ -35,7 +34,7 @@ class Run:
     """What the builders need to know about one run of one owner."""
 
     runspec: RunSpec
-    step: str
+    step: Step
     run_hash: str
     owner_api_version: str
     gpus: int = 0
@@ -91,7 +90,7 @@ def build_configmap(run: Run) -> dict:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _meta(run, run.name, run.labels),
-        "data": {RUNSPEC_KEY: run.runspec.to_json(), **run.files},
+        "data": {RUNSPEC_FILE: run.runspec.to_json(), **run.files},
     }
 
 
@@ -202,7 +201,7 @@ def build_job(run: Run, cfg: OperatorConfig) -> dict:
                 "name": run.step,
                 "image": cfg.runtimeImage,
                 "imagePullPolicy": cfg.imagePullPolicy,
-                "command": ["kleinstyle", run.step, "--spec", f"{RUNSPEC_DIR}/{RUNSPEC_KEY}"],
+                "command": command(run.step),
                 "env": _env(run, cfg),
                 "resources": _resources(run, cfg),
                 "volumeMounts": mounts,

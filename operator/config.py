@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
+from kleinstyle.contract.runspec import EvaluationSettings
 from pydantic import BaseModel, ConfigDict, Field
 
 CONFIG_ENV = "KLEINSTYLE_OPERATOR_CONFIG"
@@ -68,17 +69,12 @@ class TrainingLimits(BaseModel):
     maxResolution: int | None = Field(default=None, ge=64)
 
 
-class CheckpointEvaluation(BaseModel):
-    """How training runs score their checkpoints for early stopping (probes rendered per checkpoint)."""
+class CheckpointEvaluation(EvaluationSettings):
+    """How training runs score their checkpoints for early stopping (probes rendered per checkpoint); the probe size
+    is never above the plan's training resolution."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=False)
 
-    prompts: int = Field(default=4, ge=1, le=4)
-    seeds: int = Field(default=2, ge=1, le=8)
-    # Probe size in px; never above the plan's training resolution.
-    size: int = Field(default=512, ge=32, le=1024, multiple_of=16)
-    steps: int = Field(default=20, ge=1, le=100)
-    guidance: float = Field(default=4.0, ge=1.0, le=20.0)
     # A local image encoder (DINOv2, SigLIP...) in the model cache, by directory name; None: the offline
     # pixel-statistics embedder.
     embedderDir: str | None = None

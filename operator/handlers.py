@@ -17,15 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import kopf
+from kleinstyle.contract.layout import owner_folder
 from kubernetes.client.rest import ApiException
 
 from . import metrics
 from .api import GROUP, KINDS, VERSION
 from .config import OperatorConfig
+from .kinds import KIND_RUNS, NotReady, check_dependencies
+from .kinds.base import owner_of
 from .kube import Kube
 from .naming import OWNER_UID, owner_labels, selector
 from .reconcile import Observed, blocked, foreign_child, job_failed, reconcile
-from .runs import KIND_RUNS, NotReady, check_dependencies
 
 CHILD_KINDS = ("ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Job")
 TERMINAL = ("Succeeded", "Failed")
@@ -136,7 +138,7 @@ async def delete_resource(body: Any, memo: Any, logger: Any, **_: Any) -> None:
         message = "artifactPolicy is Delete, but the operator has no access to the artifact store"
         kopf.warn(body, reason="ArtifactsKept", message=message)
         return
-    folder = Path(root) / meta["namespace"] / body["kind"].lower() / meta["name"] / meta["uid"]
+    folder = Path(root) / owner_folder(owner_of(KIND_RUNS[body["kind"]].kind, body))
     await asyncio.to_thread(shutil.rmtree, folder, True)
     if folder.exists():
         kopf.warn(body, reason="ArtifactsKept", message=f"could not delete all artifacts in {folder}")

@@ -3,8 +3,7 @@
 The phase machine, in one place:
 
     Waiting    a dependency is missing, failed or not Succeeded yet (condition DependenciesReady=False)
-    Pending    the run's Job is not running yet: just created, queued (suspended by Kueue), or the runtime has
-               no such step yet (condition JobCreated=False, reason StepNotAvailable)
+    Pending    the run's Job is not running yet: just created, or queued (suspended by Kueue)
     Running    the Job has an active pod
     Succeeded  the Job completed; the run's result is copied into status
     Failed     the Job failed; the message carries the pod's reason (exit code, termination message)
@@ -20,14 +19,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kleinstyle.contract.runspec import AVAILABLE_STEPS
+from kleinstyle.contract.reports import read_report
 from pydantic import ValidationError
 
-from .children import build_children, build_configmap
+from .children import build_children
 from .conditions import Condition, merge_conditions
 from .config import OperatorConfig
+from .kinds import KIND_RUNS, KindRuns, NotReady, check_dependencies
 from .naming import RUN_HASH
-from .runs import KIND_RUNS, NotReady, check_dependencies
 
 RUN_CHILD_KINDS = ("Job", "ConfigMap")
 RUNNER_KINDS = ("ServiceAccount", "Role", "RoleBinding")
@@ -136,10 +135,9 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
         ]
         return finish("Waiting", wait.reason, wait.message, conds)
 
-    run = kind_run.build(kind_run.kind, body, spec, observed.dependencies, cfg)
-    short_hash = run.run_hash[:10]
-    available = kind_run.step in AVAILABLE_STEPS
-    desired = build_children(run, cfg) if available else [build_configmap(run)]
+    run = kind_run.build(body, spec, observed.dependencies, cfg)
+    short_hash = run.runspec.run_id()
+    desired = build_children(run, cfg)
     by_key = {_key(child): child for child in observed.children}
     create = [child for child in desired if _key(child) not in by_key]
     delete = [
@@ -151,19 +149,17 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
 
     fields: dict[str, Any] = {
         "runHash": short_hash,
-        "jobName": run.name if available else None,
+        "jobName": run.name,
         "artifactURI": run.runspec.output_display_uri,
     }
     # Result fields are rewritten on every reconcile, from this run's result or empty: a value left by an older
     # run, or written by a pod (RBAC cannot narrow its status patch to `progress`), never stands.
-    fields.update(kind_run.cleared_fields)
+    fields.update(kind_run.cleared())
     if old_status.get("runHash") != short_hash:
         fields.update(kind_run.new_run_fields)
     conds = [Condition("DependenciesReady", "True", "Ready", "all dependencies are Succeeded")]
-    warnings: list[str] = []
-    if kind_run.run_status:
-        run_fields, warnings = kind_run.run_status(run)
-        fields.update(run_fields)
+    planned, warnings = kind_run.planned(run)
+    fields.update(planned)
 
     conflict = next((why for d in desired if (why := foreign_child(d, by_key.get(_key(d))))), None)
     if conflict:
@@ -174,31 +170,21 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
         decision = finish("Pending", "ChildConflict", conflict, conds, **fields)
         return Decision(delete=delete, status=decision.status, events=decision.events)  # create nothing
 
-    if not available:
-        message = f"the runtime has no '{kind_run.step}' step yet: {kind_run.arrives_with} brings it"
-        conds += [
-            Condition("JobCreated", "False", "StepNotAvailable", message),
-            Condition("Ready", "False", "StepNotAvailable", message),
-            warning_condition(warnings),
-        ]
-        decision = finish("Pending", "StepNotAvailable", message, conds, **fields)
-        return Decision(create=create, delete=delete, status=decision.status, events=decision.events)
-
     phase, reason, message = job_phase(job, observed.pods)
     job_status = (job or {}).get("status") or {}
     fields["startTime"] = job_status.get("startTime")
     fields["completionTime"] = job_status.get("completionTime")
     conds.append(Condition("JobCreated", "True", "Created", f"Job {run.name}"))
-    progress = old_status.get("progress") or {}
-    current = progress.get("runHash") == short_hash
-    result = progress.get("result") if current else None
-    if current and kind_run.progress_status and isinstance(progress.get("progress"), Mapping):
-        fields.update(kind_run.progress_status(progress["progress"], run))  # live step, loss, ETA; a result overrides
+    report, problem = current_report(old_status.get("progress"), kind_run, short_hash)
+    if problem:
+        warnings.append(problem)
+    if report is not None and report.progress is not None:
+        fields.update(kind_run.live(report.progress, run))  # live step, loss, ETA; a result overrides them
+    result = report.result if report is not None else None
     if result is not None and phase in ("Succeeded", "Failed"):
         # Counts and reasons come from the run; where the artifacts are comes from the RunSpec, never the pod.
-        if kind_run.result_status:
-            fields.update(kind_run.result_status(result, run))
-        warnings += list(result.get("warnings") or [])
+        fields.update(kind_run.result(result, run))
+        warnings += result.warnings
     elif phase == "Succeeded":
         phase, reason, message = "Running", "AwaitingResult", f"Job {run.name} completed; waiting for its result"
     conds.append(warning_condition(warnings))
@@ -212,6 +198,25 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
     if delete and any(c["kind"] == "Job" for c in delete):
         events.append(Event("Normal", "Superseded", f"spec changed: replacing the run with run {short_hash}"))
     return Decision(create=create, delete=delete, status=decision.status, events=events)
+
+
+def current_report(progress: Any, kind_run: KindRuns, run_id: str) -> tuple[Any, str]:
+    """(the current run's report or None, a warning when the report there is malformed). A report about another
+    run (an older one, or none yet) is no report; a malformed one is shown as a warning and read as none."""
+    if not isinstance(progress, Mapping) or progress.get("runHash") != run_id:
+        return None, ""
+    try:
+        report = read_report(progress)
+    except ValidationError as exc:
+        # loc starts with the union's tag (the step) for a known step: left out, the path reads as in status.
+        problems = [
+            f"{'.'.join(str(p) for p in e['loc'][1 if e['loc'][:1] == (progress.get('step'),) else 0 :])}: {e['msg']}"
+            for e in exc.errors()[:3]
+        ]
+        return None, f"the run's report in status.progress is malformed and was ignored ({'; '.join(problems)})"
+    if report.step != kind_run.step:
+        return None, f"status.progress holds a {report.step} report; a {kind_run.kind.kind} runs {kind_run.step}"
+    return report, ""
 
 
 def _decided(

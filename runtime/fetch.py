@@ -26,6 +26,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import PurePosixPath
 
 import httpx
+from kleinstyle.contract.pod import SOURCE_CREDENTIAL_ENV as SOURCE_ENV
 from kleinstyle.contract.runspec import FetchPolicy
 
 from .paths import local_path
@@ -48,8 +49,8 @@ _SITE_LOCAL = ipaddress.ip_network("fec0::/10")
 # s3:// and gs:// sources are read with these credentials (from the board's storageSecret) or anonymously, never
 # with the node's or the pod's own identity, which may reach other tenants' objects.
 SOURCE_CREDENTIAL_ENV = {
-    "s3": ("KLEINSTYLE_SOURCE_AWS_ACCESS_KEY_ID", "KLEINSTYLE_SOURCE_AWS_SECRET_ACCESS_KEY"),
-    "gs": ("KLEINSTYLE_SOURCE_GOOGLE_CREDENTIALS_JSON",),
+    "s3": (SOURCE_ENV["AWS_ACCESS_KEY_ID"], SOURCE_ENV["AWS_SECRET_ACCESS_KEY"]),
+    "gs": (SOURCE_ENV["GOOGLE_APPLICATION_CREDENTIALS_JSON"],),
 }
 _REASON_MAX = 200
 

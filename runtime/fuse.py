@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from kleinstyle.contract.pod import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK
+
 if TYPE_CHECKING:
     from kleinstyle.contract.runspec import RunSpec
 
@@ -38,7 +40,6 @@ log = logging.getLogger(__name__)
 STEP = "fuse"
 LORA_FILE = "lora.safetensors"
 LORA_SIDECAR = "lora.json"
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2  # as runtime.spec, without importing it
 DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}  # --dtype -> safetensors
 
 
@@ -221,7 +222,7 @@ def main_cli(
             )
     except BadInput as exc:
         print(f"kleinstyle fuse: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return EXIT_BAD_SPEC
     seconds = time.perf_counter() - started
     spread = summary["energy_kept_per_layer"]
     print(
@@ -295,7 +296,7 @@ def main(spec_path: str) -> int:
     try:
         code, message, result = run_fuse(spec, report)
     except BadInput as exc:
-        code, message, result = EXIT_BAD_INPUT, f"bad input: {exc}", None
+        code, message, result = EXIT_BAD_SPEC, f"bad input: {exc}", None
     except Exception as exc:
         log.exception("fusion failed")
         code, message, result = EXIT_FAILED, f"fusion failed: {type(exc).__name__}: {exc}", None

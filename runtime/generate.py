@@ -30,7 +30,8 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from kleinstyle.contract.prompt_policy import with_triggers
-from kleinstyle.contract.runspec import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK, GenerateSpec, LoraInput, RunSpec
+from kleinstyle.contract.pod import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK
+from kleinstyle.contract.runspec import GenerateSpec, LoraInput, RunSpec
 from PIL import Image
 
 from .artifacts import (

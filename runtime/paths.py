@@ -12,8 +12,7 @@ import tempfile
 from collections.abc import MutableMapping
 from pathlib import Path
 
-ROOTFS_ENV = "KLEINSTYLE_ROOTFS"
-TERMINATION_LOG = "/dev/termination-log"
+from kleinstyle.contract.pod import GCS_CREDENTIALS_JSON_ENV, ROOTFS_ENV, TERMINATION_LOG
 
 
 def local_path(pod_path: str | os.PathLike[str]) -> Path:
@@ -42,15 +41,12 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-GCS_CREDENTIALS_JSON = "GOOGLE_APPLICATION_CREDENTIALS_JSON"
-
-
 def google_credentials_file(env: MutableMapping[str, str] | None = None) -> Path | None:
     """The artifact store's Google service-account key arrives as JSON in an env var (a Secret key): write it to a
     private file and point GOOGLE_APPLICATION_CREDENTIALS (which gcsfs reads) at it. Nothing when it is not set or
     a credentials file is already named."""
     env = os.environ if env is None else env
-    data = env.get(GCS_CREDENTIALS_JSON, "").strip()
+    data = env.get(GCS_CREDENTIALS_JSON_ENV, "").strip()
     if not data or env.get("GOOGLE_APPLICATION_CREDENTIALS"):
         return None
     path = Path(tempfile.gettempdir()) / "kleinstyle-gcs-credentials.json"

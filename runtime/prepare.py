@@ -31,7 +31,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from kleinstyle.contract.runspec import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK, PrepareSpec, RunSpec
+from kleinstyle.contract.pod import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK
+from kleinstyle.contract.runspec import PrepareSpec, RunSpec
 from pydantic import BaseModel, Field
 
 from .artifacts import ArtifactDir, artifact_metadata, join_uri, published_metadata, read_json

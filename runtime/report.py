@@ -22,13 +22,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from kleinstyle.contract.runspec import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK, Owner, RunSpec
+from kleinstyle.contract.pod import KUBE_API_ENV, EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK
+from kleinstyle.contract.runspec import Owner, RunSpec
 
 from .paths import TERMINATION_LOG, local_path
 
 log = logging.getLogger(__name__)
 
-API_ENV = "KLEINSTYLE_KUBE_API"
+API_ENV = KUBE_API_ENV
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 MERGE_PATCH = "application/merge-patch+json"
 TERMINATION_MESSAGE_LIMIT = 4096  # bytes; the kubelet truncates anything longer

@@ -37,7 +37,8 @@ from typing import Any
 
 from kleinstyle.contract.early_stop import Decision, StoppingSettings, decide_reported
 from kleinstyle.contract.plan import TrainingPlan
-from kleinstyle.contract.runspec import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK, RunSpec, TrainSpec
+from kleinstyle.contract.pod import AITOOLKIT_CONFIG_PATH, EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK
+from kleinstyle.contract.runspec import RunSpec, TrainSpec
 
 from .artifacts import join_uri, write_bytes_atomic, write_json_atomic
 from .paths import is_object_store, is_remote, local_path
@@ -50,7 +51,6 @@ WORK_DIR = "work"
 CONTENT_LORA = "lora.safetensors"  # two-step mode: the content stage's LoRA, in work/content/
 LORA_FILE = "lora.safetensors"
 LORA_SIDECAR = "lora.json"
-AITOOLKIT_CONFIG = "/etc/kleinstyle/aitoolkit.yaml"
 REPORT_INTERVAL_S = 2.0
 STOP_POLL_S = 5.0
 STOP_READ_TIMEOUT_S = 2.0
@@ -576,9 +576,9 @@ def run_aitoolkit(spec: RunSpec, reporter: Reporter) -> tuple[int, str, dict[str
 
     if is_object_store(spec.output_uri):
         raise BadInput("ai-toolkit trains into a folder on the artifact volume (a PVC), not an object store")
-    source = local_path(AITOOLKIT_CONFIG)
+    source = local_path(AITOOLKIT_CONFIG_PATH)
     if not source.is_file():
-        raise BadInput(f"the ai-toolkit config {AITOOLKIT_CONFIG} is missing from the run's ConfigMap")
+        raise BadInput(f"the ai-toolkit config {AITOOLKIT_CONFIG_PATH} is missing from the run's ConfigMap")
     config = yaml.safe_load(source.read_text())
     process = config["config"]["process"][0]
     name = config["config"]["name"]

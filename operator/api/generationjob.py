@@ -108,13 +108,22 @@ class RenderSettings(BaseModel):
     triggerWords: list[str] = Field(default_factory=list, description="Trigger words put in front of prompts.")
 
 
-class GenerationJobStatus(CommonStatus):
-    """Observed state of a GenerationJob."""
+class GenerationJobOutcome(BaseModel):
+    """What the current run reports: rewritten from its progress and result on every reconcile, emptied otherwise."""
 
     imagesDone: int | None = Field(default=None, description="Images rendered so far.")
-    imagesTotal: int | None = Field(default=None, description="Images to render (prompts x count).")
     progressText: str | None = Field(default=None, description="done/total images, for kubectl get.")
-    render: RenderSettings | None = Field(default=None, description="What the run renders, and why.")
     images: list[GeneratedImage] = Field(default_factory=list, description="Rendered images, in prompt-seed order.")
     prompts: list[GeneratedPrompt] = Field(default_factory=list, description="The prompt each image rendered with.")
     contactSheetURI: str | None = Field(default=None, description="A labelled grid of all images.")
+
+
+class GenerationJobPlanned(BaseModel):
+    """Known as soon as the run is planned, before any Job runs."""
+
+    imagesTotal: int | None = Field(default=None, description="Images to render (prompts x count).")
+    render: RenderSettings | None = Field(default=None, description="What the run renders, and why.")
+
+
+class GenerationJobStatus(GenerationJobOutcome, GenerationJobPlanned, CommonStatus):
+    """Observed state of a GenerationJob."""

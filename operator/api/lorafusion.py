@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from .common import ARTIFACT_POLICY_DESCRIPTION, ArtifactPolicy, CommonStatus, Model, Scheduling, cel
 from .generationjob import LoRAReference
@@ -56,8 +56,8 @@ class LoRAFusionSpec(Model):
     artifactPolicy: ArtifactPolicy = Field(default="Retain", description=ARTIFACT_POLICY_DESCRIPTION)
 
 
-class LoRAFusionStatus(CommonStatus):
-    """Observed state of a LoRAFusion."""
+class LoRAFusionOutcome(BaseModel):
+    """What the current run reports: rewritten from its result on every reconcile, emptied otherwise."""
 
     loraURI: str | None = Field(default=None, description="The fused LoRA.")
     rank: int | None = Field(default=None, description="Rank of the fused LoRA (the largest over its layers).")
@@ -67,6 +67,11 @@ class LoRAFusionStatus(CommonStatus):
     durationSeconds: float | None = Field(
         default=None, description="Time the fusion took, reading and writing included."
     )
+
+
+class LoRAFusionPlanned(BaseModel):
+    """What GenerationJobs read of the fused LoRA: known from its sources as soon as the run is planned."""
+
     triggerWords: list[str] = Field(
         default_factory=list, description="The sources' trigger words; GenerationJobs put them in prompts."
     )
@@ -78,3 +83,7 @@ class LoRAFusionStatus(CommonStatus):
         description="The first source's L1 STYLE_PROFILE; GenerationJobs reformulate with it.",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
+
+
+class LoRAFusionStatus(LoRAFusionOutcome, LoRAFusionPlanned, CommonStatus):
+    """Observed state of a LoRAFusion."""

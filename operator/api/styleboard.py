@@ -136,6 +136,8 @@ class ImageCaption(BaseModel):
 
 
 class TokenUsage(BaseModel):
+    """Tokens the text provider spent on a run (its calls, cached answers and tokens)."""
+
     model_config = ConfigDict(extra="ignore")
 
     provider: str = Field(description="Text provider: gemini or openrouter.")
@@ -147,8 +149,8 @@ class TokenUsage(BaseModel):
     totalTokens: int = Field(description="All tokens of the paid calls.")
 
 
-class StyleBoardStatus(CommonStatus):
-    """Observed state of a StyleBoard."""
+class StyleBoardOutcome(BaseModel):
+    """What the current run reports: rewritten from its result on every reconcile, emptied otherwise."""
 
     imagesAccepted: int | None = Field(default=None, description="Images in the dataset.")
     imagesRejected: int | None = Field(default=None, description="Images left out (see rejected).")
@@ -168,3 +170,7 @@ class StyleBoardStatus(CommonStatus):
     )
     styleProfileImages: list[str] = Field(default_factory=list, description="Dataset files the profile was made from.")
     tokenUsage: TokenUsage | None = Field(default=None, description="Tokens the text provider spent on this run.")
+
+
+class StyleBoardStatus(StyleBoardOutcome, CommonStatus):
+    """Observed state of a StyleBoard."""

@@ -129,11 +129,10 @@ class Checkpoint(BaseModel):
     loss: float | None = Field(default=None, description="Training loss at the checkpoint.")
 
 
-class StyleLoRAStatus(CommonStatus):
-    """Observed state of a StyleLoRA."""
+class StyleLoRAOutcome(BaseModel):
+    """What the current run reports: rewritten from its progress and result on every reconcile, emptied otherwise."""
 
     step: int | None = Field(default=None, description="Current training step.")
-    totalSteps: int | None = Field(default=None, description="Planned training steps.")
     progressText: str | None = Field(default=None, description="step/total and percent, for kubectl get.")
     loss: float | None = Field(default=None, description="Latest training loss.")
     eta: str | None = Field(default=None, description="Estimated time left.")
@@ -145,6 +144,13 @@ class StyleLoRAStatus(CommonStatus):
     earlyStopping: str | None = Field(default=None, description="The early-stopping policy's latest verdict.")
     loraStep: int | None = Field(default=None, description="The step of the checkpoint that became the LoRA.")
     loraURI: str | None = Field(default=None, description="The trained LoRA (the best checkpoint).")
+    stopReason: str | None = Field(default=None, description="Why training ended.")
+
+
+class StyleLoRAPlanned(BaseModel):
+    """Known as soon as the run is planned, before any Job runs."""
+
+    totalSteps: int | None = Field(default=None, description="Planned training steps.")
     triggerWord: str | None = Field(
         default=None, description="The trigger word the LoRA is trained with; GenerationJobs put it in prompts."
     )
@@ -153,14 +159,19 @@ class StyleLoRAStatus(CommonStatus):
         description="The board's L1 STYLE_PROFILE this LoRA was trained with; GenerationJobs reformulate with it.",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
-    stopReason: str | None = Field(default=None, description="Why training ended.")
-    stopRequest: str | None = Field(
-        default=None,
-        description="Set it (any text, e.g. with kubectl patch --subresource=status) to stop training: the run "
-        "promotes its best checkpoint (the latest when checkpoints are not evaluated) to the LoRA and succeeds.",
-    )
     plan: dict[str, Any] | None = Field(
         default=None,
         description="Key values of the training plan and where each came from (policy or spec).",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+
+
+class StyleLoRAStatus(StyleLoRAOutcome, StyleLoRAPlanned, CommonStatus):
+    """Observed state of a StyleLoRA."""
+
+    stopRequest: str | None = Field(
+        default=None,
+        description="Set it (any text, e.g. with kubectl patch --subresource=status) to stop training: the run "
+        "promotes its best checkpoint (the latest when checkpoints are not evaluated) to the LoRA and succeeds. "
+        "A new run clears it.",
     )

@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from kleinstyle.contract.pod import PROVIDER_KEY_ENV, PROVIDER_URL_ENV
 from kleinstyle.operator import admission, crdgen
 from kleinstyle.operator.api import KINDS
 from kleinstyle.operator.config import (
@@ -30,7 +31,6 @@ from kleinstyle.operator.config import (
     TrainingLimits,
 )
 from kleinstyle.operator.main import run_operator
-from kleinstyle.operator.runs import PROVIDER_KEY_ENV, PROVIDER_URL_ENV
 
 from .cluster import DevCluster
 from .references import write_references

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from kleinstyle.contract.runspec import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK
+from kleinstyle.contract.pod import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK
 
 from ..artifacts import write_bytes_atomic
 from ..images import ImageRejected, validate_image

@@ -19,18 +19,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from kleinstyle.contract.pod import PROVIDER_KEY_ENV, PROVIDER_URL_ENV
 from pydantic import BaseModel
 
 ProviderName = Literal["gemini", "openrouter"]
 DEFAULT_MODELS: dict[str, str] = {"gemini": "gemini-2.5-pro", "openrouter": "google/gemini-3-flash-preview"}
+# The pod's variable first (a Secret fills it); GOOGLE_API_KEY is Google's own name, for runs on one machine.
 KEY_ENV: dict[str, tuple[str, ...]] = {
-    "gemini": ("GEMINI_API_KEY", "GOOGLE_API_KEY"),
-    "openrouter": ("OPENROUTER_API_KEY",),
+    "gemini": (PROVIDER_KEY_ENV["gemini"], "GOOGLE_API_KEY"),
+    "openrouter": (PROVIDER_KEY_ENV["openrouter"],),
 }
-BASE_URL_ENV: dict[str, str] = {
-    "gemini": "KLEINSTYLE_GEMINI_BASE_URL",
-    "openrouter": "KLEINSTYLE_OPENROUTER_BASE_URL",
-}
+BASE_URL_ENV: dict[str, str] = PROVIDER_URL_ENV
 DEFAULT_TIMEOUT_S = 180.0  # Gemini 2.5 Pro thinks before it answers; a caption can take a minute
 # Images go to the model downscaled: the style and content read the same at this size, and ten references stay
 # far below the request size limit.

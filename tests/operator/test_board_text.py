@@ -9,13 +9,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from kleinstyle.contract.reports import PrepareResult
 from kleinstyle.contract.style_profile import StyleProfile
 from kleinstyle.operator import metrics
 from kleinstyle.operator.api import BY_KIND
 from kleinstyle.operator.config import OperatorConfig
 from kleinstyle.operator.devcluster.demo import REFERENCE_CLAIM, cluster_for, with_available_provider
 from kleinstyle.operator.devcluster.references import write_references
-from kleinstyle.operator.runs import KIND_RUNS
+from kleinstyle.operator.kinds import KIND_RUNS
+from kleinstyle.operator.reconcile import Observed, reconcile
 
 if TYPE_CHECKING:
     from conftest import ModelRequest, ModelServer
@@ -48,7 +50,7 @@ BOARD = {
 def board_run(cfg: OperatorConfig):
     kind_run = KIND_RUNS["StyleBoard"]
     spec = BY_KIND["StyleBoard"].spec.model_validate(BOARD["spec"])
-    return kind_run.build(kind_run.kind, BOARD, spec, {}, cfg)
+    return kind_run.build(BOARD, spec, {}, cfg)
 
 
 def test_the_prepare_job_gets_the_key_the_endpoint_and_the_caption_mode() -> None:
@@ -62,15 +64,18 @@ def test_the_prepare_job_gets_the_key_the_endpoint_and_the_caption_mode() -> Non
 
 
 def result(**extra: Any) -> dict[str, Any]:
+    image = {"width": 512, "height": 512, "sha256": "0" * 64}
     accepted = [
-        {"file": "001.png", "source": "pvc://r/1.png", "caption": "bd9style. a hill", "caption_origin": "generated"},
+        {"file": "001.png", "source": "pvc://r/1.png", "caption": "bd9style. a hill", "caption_origin": "generated",
+         **image},
         {"file": "002.png", "source": "pvc://r/2.png", "caption": "bd9style. a moody boat", "caption_origin": "given",
-         "caption_note": "describes style: moody", "style_words": ["moody"]},
+         "caption_note": "describes style: moody", "style_words": ["moody"], **image},
     ]  # fmt: skip
     usage = {"provider": "gemini", "model": "gemini-2.5-pro", "calls": 3, "cached_calls": 1, "prompt_tokens": 900,
              "output_tokens": 60, "total_tokens": 960}  # fmt: skip
     return {
         "succeeded": True,
+        "message": "prepared 2 images",
         "accepted": accepted,
         "captioning": "1 generated, 1 given by gemini (gemini-2.5-pro)",
         "style_profile": PROFILE_DOC,
@@ -81,7 +86,8 @@ def result(**extra: Any) -> dict[str, Any]:
 
 
 def test_status_shows_captions_profile_and_token_usage() -> None:
-    status = KIND_RUNS["StyleBoard"].result_status(result(), board_run(OperatorConfig()))
+    report = PrepareResult.model_validate(result())
+    status = KIND_RUNS["StyleBoard"].result(report, board_run(OperatorConfig()))
     assert status["captioning"] == "1 generated, 1 given by gemini (gemini-2.5-pro)"
     assert status["captions"][1] == {
         "file": "002.png",
@@ -106,11 +112,20 @@ def test_status_shows_captions_profile_and_token_usage() -> None:
     assert StyleProfile.model_validate(status["styleProfile"]).prompt_suffix_must == "ink blue on cream, rough paper"
 
 
-def test_a_malformed_profile_from_the_pod_is_left_out() -> None:
-    status = KIND_RUNS["StyleBoard"].result_status(
-        result(style_profile={"MUST_APPLY": "everything"}, token_usage="lots"), board_run(OperatorConfig())
+def test_a_malformed_report_from_the_pod_is_a_warning_not_a_result() -> None:
+    run_id = board_run(OperatorConfig()).runspec.run_id()
+    body = copy.deepcopy(BOARD)
+    bad = result(style_profile={"MUST_APPLY": "everything"}, token_usage="lots")
+    body["status"] = {"progress": {"step": "prepare", "runHash": run_id, "state": "Succeeded", "result": bad}}
+    decision = reconcile(Observed(body=body), OperatorConfig(), "2026-12-06T00:00:00Z")
+    warning = next(c for c in decision.status["conditions"] if c["type"] == "Warning")
+    assert warning["status"] == "True" and "report in status.progress is malformed" in warning["message"]
+    assert "result.style_profile.MUST_APPLY: Input should be" in warning["message"]  # it names the field
+    assert (decision.status["styleProfile"], decision.status["captions"], decision.status["tokenUsage"]) == (
+        None,
+        [],
+        None,
     )
-    assert (status["styleProfile"], status["styleProfileImages"], status["tokenUsage"]) == (None, [], None)
 
 
 def test_token_usage_is_counted_once_per_run() -> None:

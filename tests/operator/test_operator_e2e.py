@@ -298,12 +298,12 @@ async def test_operator_restarts_never_duplicate_children(root: Path):
 
 
 async def test_a_planted_child_blocks_the_run_instead_of_being_adopted(root: Path):
-    from kleinstyle.operator.runs import KIND_RUNS
+    from kleinstyle.operator.kinds import KIND_RUNS
 
     kind_run = KIND_RUNS["StyleBoard"]
     body = {**copy.deepcopy(BOARD), "metadata": {"name": "bd9", "namespace": NS, "uid": "not-known-yet"}}
     spec = kind_run.kind.spec.model_validate(BOARD["spec"])
-    name = kind_run.build(kind_run.kind, body, spec, {}, dev_config(root)).name  # names are predictable
+    name = kind_run.build(body, spec, {}, dev_config(root)).name  # names are predictable
     planted = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": {"runspec.json": "{}"}}
     async with cluster_for(root, NS) as cluster:
         await cluster.apply([planted, BOARD])

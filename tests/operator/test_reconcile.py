@@ -7,6 +7,7 @@ import json
 
 import pytest
 import yaml
+from kleinstyle.contract.reports import FuseReport, GenerateReport, PrepareReport, PrepareResult, TrainReport
 from kleinstyle.operator.config import OperatorConfig
 from kleinstyle.operator.naming import RUN_HASH
 from kleinstyle.operator.reconcile import Observed, reconcile
@@ -59,6 +60,18 @@ def with_status(body: dict, decision) -> dict:
     body = copy.deepcopy(body)
     body["status"] = {**body.get("status", {}), **decision.status}
     return body
+
+
+def report(decision, model, **fields) -> dict:
+    """A `status.progress` for the run of `decision`, built with the contract's report model as the runtime does."""
+    return model(runHash=decision.status["runHash"], **fields).model_dump(mode="json")
+
+
+def accepted(*sources: str) -> list[dict]:
+    return [
+        {"source": s, "file": f"{i:03d}.png", "width": 512, "height": 512, "sha256": "0" * 64, "caption": "bd9style"}
+        for i, s in enumerate(sources, start=1)
+    ]
 
 
 def job_of(decision) -> dict:
@@ -172,17 +185,20 @@ def test_success_copies_the_result_of_this_run_only():
     first = step(board())
     run_hash = first.status["runHash"]
     job = _job(first, succeeded=1, conditions=[{"type": "Complete", "status": "True"}])
-    result = {
-        "accepted": [{"source": "a"}, {"source": "b"}],
-        "rejected": [{"source": "pvc://refs/bd9/c.png", "reason": "short side 256 px is below 512 px"}],
-        "duplicates": [{"kind": "near", "source": "b", "resembles": "a", "resembles_file": "000.png", "distance": 3}],
-        "warnings": ["captions fell back to the trigger word for 1 image"],
-        "dataset_display_uri": "pvc://kleinstyle-artifacts/x/dataset",
-    }
+    result = PrepareResult(
+        succeeded=True,
+        message="prepared 2 images",
+        accepted=accepted("a", "b"),
+        rejected=[{"source": "pvc://refs/bd9/c.png", "reason": "short side 256 px is below 512 px"}],
+        duplicates=[{"kind": "near", "source": "b", "resembles": "a", "resembles_file": "000.png", "distance": 3}],
+        warnings=["captions fell back to the trigger word for 1 image"],
+        dataset_display_uri="pvc://kleinstyle-artifacts/x/dataset",
+    )
     body = with_status(board(), first)
-    body["status"]["progress"] = {"runHash": "someother", "result": result}
+    body["status"]["progress"] = {**report(first, PrepareReport, state="Succeeded", result=result), "runHash": "other"}
     assert step(body, children=[*first.create[:-1], job]).status["phase"] == "Running"
-    body["status"]["progress"] = {"runHash": run_hash, "result": result}
+    body["status"]["progress"] = report(first, PrepareReport, state="Succeeded", result=result)
+    assert run_hash == body["status"]["progress"]["runHash"]
     decision = step(body, children=[*first.create[:-1], job])
     assert decision.status["phase"] == "Succeeded"
     assert decision.status["imagesAccepted"] == 2 and decision.status["imagesRejected"] == 1
@@ -250,19 +266,19 @@ def test_lora_with_a_ready_board_creates_its_train_job():
     assert process["model"]["name_or_path"] == "/models/FLUX.2-klein-base-9B"
 
 
-def _running_lora(progress: dict) -> tuple[dict, object, list[dict]]:
-    """A StyleLoRA whose Job runs (or ran) and whose status carries `progress` for the current run."""
+def _running_lora(**fields) -> tuple[dict, object, dict]:
+    """A StyleLoRA whose Job runs (or ran) and whose status carries a train report of `fields` for the current run."""
     deps = {("StyleBoard", "bd9"): ready_board()}
     first = step(lora(), deps=deps)
     body = with_status(lora(), first)
-    body["status"]["progress"] = {"runHash": first.status["runHash"], "step": "train", **progress}
+    body["status"]["progress"] = report(first, TrainReport, **fields)
     return body, first, deps
 
 
 def test_a_running_lora_shows_its_progress():
     checkpoints = [{"step": 50, "uri": "pvc://x/work/checkpoints/step_000050", "loss": 0.4}]
     live = {"step": 120, "totalSteps": 500, "loss": 0.31, "etaSeconds": 3725, "checkpoints": checkpoints}
-    body, first, deps = _running_lora({"state": "Running", "progress": live})
+    body, first, deps = _running_lora(state="Running", progress=live)
     job = _job(first, active=1)
     decision = step(body, children=[*first.create[:-1], job], deps=deps)
     status = decision.status
@@ -280,6 +296,7 @@ def test_a_running_lora_shows_its_progress():
 def test_a_finished_lora_points_at_its_run_and_says_why_it_stopped():
     result = {
         "lora_file": "pvc://somewhere/else/lora.safetensors",  # never trusted
+        "lora_step": 200,
         "steps": 200,
         "total_steps": 500,
         "final_loss": 0.25,
@@ -287,7 +304,7 @@ def test_a_finished_lora_points_at_its_run_and_says_why_it_stopped():
         "stopped_early": True,
         "stop_reason": "stop requested",
     }
-    body, first, deps = _running_lora({"state": "Succeeded", "result": result, "progress": {"step": 230}})
+    body, first, deps = _running_lora(state="Succeeded", result=result, progress={"step": 230})
     job = _job(first, succeeded=1, conditions=[{"type": "Complete", "status": "True"}])
     status = step(body, children=[*first.create[:-1], job], deps=deps).status
     assert status["phase"] == "Succeeded"
@@ -329,12 +346,12 @@ def test_conditions_keep_their_transition_time_while_unchanged():
 
 def test_gpu_job_gets_the_pool_and_kueue_labels():
     from kleinstyle.operator.children import build_job
-    from kleinstyle.operator.runs import KIND_RUNS
+    from kleinstyle.operator.kinds import KIND_RUNS
 
     body = lora(scheduling={"queueName": "team-a", "priorityClassName": "low", "gpus": 2})
     kind_run = KIND_RUNS["StyleLoRA"]
     spec = kind_run.kind.spec.model_validate(body["spec"])
-    run = kind_run.build(kind_run.kind, body, spec, {("StyleBoard", "bd9"): ready_board()}, CFG)
+    run = kind_run.build(body, spec, {("StyleBoard", "bd9"): ready_board()}, CFG)
     job = build_job(run, CFG)
     pod = job["spec"]["template"]["spec"]
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
@@ -368,7 +385,8 @@ def test_a_failed_run_still_lists_its_rejected_images():
     job = _job(first, failed=1, conditions=[{"type": "Failed", "status": "True", "reason": "PodFailurePolicy"}])
     body = with_status(board(), first)
     rejected = [{"source": "pvc://refs/bd9/01.png", "reason": "too small"}]
-    body["status"]["progress"] = {"runHash": first.status["runHash"], "result": {"accepted": [], "rejected": rejected}}
+    result = PrepareResult(succeeded=False, message="no usable images", rejected=rejected)
+    body["status"]["progress"] = report(first, PrepareReport, state="Failed", result=result)
     decision = step(body, children=[*first.create[:-1], job])
     assert decision.status["phase"] == "Failed"
     assert decision.status["rejected"] == rejected and decision.status["datasetURI"] is None
@@ -386,8 +404,10 @@ def test_the_dataset_location_comes_from_the_runspec_not_the_pod():
     first = step(board())
     job = _job(first, succeeded=1, conditions=[{"type": "Complete", "status": "True"}])
     body = with_status(board(), first)
-    result = {"accepted": [{"source": "a"}], "dataset_display_uri": "pvc://another-tenant/dataset"}
-    body["status"]["progress"] = {"runHash": first.status["runHash"], "result": result}
+    result = PrepareResult(
+        succeeded=True, message="ok", accepted=accepted("a"), dataset_display_uri="pvc://another-tenant/dataset"
+    )
+    body["status"]["progress"] = report(first, PrepareReport, state="Succeeded", result=result)
     decision = step(body, children=[*first.create[:-1], job])
     assert decision.status["datasetURI"] == first.status["artifactURI"] + "/dataset"
 
@@ -411,7 +431,7 @@ def test_result_fields_written_by_a_pod_do_not_stand():
 
 def test_a_stop_request_stands_while_its_run_runs():
     checkpoints = [{"step": 50, "uri": "pvc://x/work/checkpoints/step_000050", "loss": 0.4}]
-    body, first, deps = _running_lora({"state": "Running", "progress": {"step": 60, "checkpoints": checkpoints}})
+    body, first, deps = _running_lora(state="Running", progress={"step": 60, "checkpoints": checkpoints})
     body["status"]["stopRequest"] = "enough"
     decision = step(body, children=[*first.create[:-1], _job(first, active=1)], deps=deps)
     assert "stopRequest" not in decision.status  # not overwritten: the trainer must still see it
@@ -421,7 +441,8 @@ def test_a_finished_run_takes_away_its_service_accounts_rights():
     first = step(board())
     job = _job(first, succeeded=1, conditions=[{"type": "Complete", "status": "True"}])
     body = with_status(board(), first)
-    body["status"]["progress"] = {"runHash": first.status["runHash"], "result": {"accepted": [{"source": "a"}]}}
+    result = PrepareResult(succeeded=True, message="ok", accepted=accepted("a"))
+    body["status"]["progress"] = report(first, PrepareReport, state="Succeeded", result=result)
     decision = step(body, children=[*first.create[:-1], job])
     assert decision.status["phase"] == "Succeeded"
     assert sorted(c["kind"] for c in decision.delete) == ["Role", "RoleBinding", "ServiceAccount"]
@@ -543,11 +564,8 @@ def test_a_running_generation_shows_images_done():
     deps = {("StyleLoRA", "bd9-lora"): trained_lora()}
     first = step(generation(), deps=deps)
     body = with_status(generation(), first)
-    body["status"]["progress"] = {
-        "runHash": first.status["runHash"],
-        "state": "Running",
-        "progress": {"imagesDone": 1, "imagesTotal": 2},
-    }
+    progress = {"imagesDone": 1, "imagesTotal": 2}
+    body["status"]["progress"] = report(first, GenerateReport, state="Running", progress=progress)
     status = step(body, children=[*first.create[:-1], _job(first, active=1)], deps=deps).status
     assert (status["phase"], status["imagesDone"], status["progressText"]) == ("Running", 1, "1/2 images")
     assert status["images"] == [] and status["contactSheetURI"] is None
@@ -558,13 +576,13 @@ def test_finished_generation_lists_each_image_from_the_runspec_with_the_prompt_u
     first = step(generation(count=2, seed=3), deps=deps)
     result = {
         "images": [{"index": i, "seconds": 1.5 * i, "reused": False} for i in (1, 2, 3)] + [{"index": 4}],
-        "prompts_used": ["bd9style. a fox, in dusk light", 42],  # a pod's wrong type is not shown
-        "reformulated": [True, "yes"],
+        "prompts_used": ["bd9style. a fox, in dusk light"],  # a short list: the rest are shown as written
+        "reformulated": [True],
         "warnings": ["prompt 2: reformulation failed (quota); the raw prompt was used"],
         "files": ["pvc://elsewhere/evil.png"],  # never read: locations come from the RunSpec
     }
     body = with_status(generation(count=2, seed=3), first)
-    body["status"]["progress"] = {"runHash": first.status["runHash"], "state": "Succeeded", "result": result}
+    body["status"]["progress"] = report(first, GenerateReport, state="Succeeded", result=result)
     job = _job(first, succeeded=1, conditions=[{"type": "Complete", "status": "True"}])
     status = step(body, children=[*first.create[:-1], job], deps=deps).status
     base = first.status["artifactURI"]
@@ -652,12 +670,15 @@ def test_a_finished_fusion_shows_its_lora_rank_energy_and_duration():
     body = with_status(fusion(rank=16), first)
     result = {
         "lora_file": "pvc://elsewhere/lora.safetensors",  # never trusted
+        "method": "klora",
+        "selection": "hard",
+        "layers": 28,
         "rank": 16,
         "energy_kept": 0.93,
         "duration_seconds": 1.25,
         "warnings": ["4 of 28 layers are updated by only some inputs"],
     }
-    body["status"]["progress"] = {"runHash": first.status["runHash"], "step": "fuse", "result": result}
+    body["status"]["progress"] = report(first, FuseReport, state="Succeeded", result=result)
     job = _job(first, succeeded=1, conditions=[{"type": "Complete", "status": "True"}])
     status = step(body, children=[*first.create[:-1], job], deps=FUSION_DEPS).status
     assert status["phase"] == "Succeeded"

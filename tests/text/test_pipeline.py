@@ -208,5 +208,3 @@ def test_an_unusable_reformulation_answer_falls_back(gemini_server: ModelServer,
     gemini_server.respond = lambda request: gemini_server.blocked()
     result = reformulate(clients(gemini_server), PROFILE, "a man in an office", TRIGGER)
     assert result.origin == "fallback" and "blocked it" in result.problems[0]
-
-

@@ -1,0 +1,47 @@
+"""Where a run's artifacts are: the folder layout and file names, spelled once for the operator (which shows URIs
+in status and deletes an owner's folder) and the runtime (which writes there).
+
+    {namespace}/{kind}/{name}/{uid}/                  an owner's folder (kind in lower case)
+        text-cache/                                  text-provider answers, shared by the owner's runs
+        {run_id}/                                    one run, named by its RunSpec hash
+            metadata.json, _SUCCESS                  the sidecar, and the marker written last (complete runs)
+            dataset/NNN.png, dataset/NNN.txt          StyleBoard: the prepared dataset
+            report.json                              StyleBoard: what prepare did (its PrepareResult)
+            lora.safetensors, lora.json              StyleLoRA, LoRAFusion: the LoRA and its sidecar
+            work/                                    StyleLoRA: checkpoints (work/checkpoints/step_NNNNNN/)
+            aitoolkit/                               StyleLoRA on ai-toolkit: its training folder
+            images/NAME.png, images/NAME.json        GenerationJob: the images and their records
+            contact_sheet.png, generation.json       GenerationJob: the grid and the job's record
+"""
+
+from __future__ import annotations
+
+from .runspec import RUN_ID_LENGTH, Owner
+
+METADATA_FILE = "metadata.json"
+SUCCESS_MARKER = "_SUCCESS"
+TEXT_CACHE = "text-cache"
+DATASET_DIR = "dataset"
+PREPARE_REPORT = "report.json"
+LORA_FILE = "lora.safetensors"
+LORA_SIDECAR = "lora.json"
+WORK_DIR = "work"
+AITOOLKIT_DIR = "aitoolkit"
+IMAGES_DIR = "images"
+CONTACT_SHEET = "contact_sheet.png"
+GENERATION_SUMMARY = "generation.json"
+
+
+def owner_folder(owner: Owner) -> str:
+    """An owner's folder, relative to the artifact store's root: every run of it, and what they share."""
+    return f"{owner.namespace}/{owner.kind.lower()}/{owner.name}/{owner.uid}"
+
+
+def run_folder(owner: Owner, run_hash: str) -> str:
+    """One run's folder, relative to the artifact store's root."""
+    return f"{owner_folder(owner)}/{run_hash[:RUN_ID_LENGTH]}"
+
+
+def image_file(name: str) -> str:
+    """A GenerationJob's image, by the name `GenerateSpec.image_files` gives it."""
+    return f"{IMAGES_DIR}/{name}.png"

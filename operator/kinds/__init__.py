@@ -1,0 +1,15 @@
+"""What each kind runs, one module per kind behind one small interface (`base.KindRuns`)."""
+
+from __future__ import annotations
+
+from .base import Dependency, KindRuns, NotReady, check_dependencies
+from .generationjob import GenerationJobRuns
+from .lorafusion import LoRAFusionRuns
+from .styleboard import StyleBoardRuns
+from .stylelora import StyleLoRARuns
+
+KIND_RUNS: dict[str, KindRuns] = {
+    runs.kind.kind: runs for runs in (StyleBoardRuns(), StyleLoRARuns(), GenerationJobRuns(), LoRAFusionRuns())
+}
+
+__all__ = ["KIND_RUNS", "Dependency", "KindRuns", "NotReady", "check_dependencies"]

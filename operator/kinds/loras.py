@@ -1,0 +1,59 @@
+"""What a trained or fused LoRA tells the kinds that use it (GenerationJob, LoRAFusion): where its file is, its
+trigger words, whether its training plan keeps the text pipeline, and the STYLE_PROFILE it carries."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from kleinstyle.contract.prompt_policy import LoraStyle
+from kleinstyle.contract.runspec import LoraInput
+
+from ..api.generationjob import LoRAReference
+from ..config import OperatorConfig
+from .base import Dependencies, Dependency, pod_path
+
+
+def lora_dependencies(refs: Sequence[LoRAReference]) -> list[Dependency]:
+    return [Dependency(ref.kind, ref.name, "loraURI") for ref in refs]
+
+
+def _status(ref: LoRAReference, deps: Dependencies) -> Mapping[str, Any]:
+    return (deps[(ref.kind, ref.name)] or {}).get("status") or {}
+
+
+def lora_inputs(refs: Sequence[LoRAReference], deps: Dependencies, cfg: OperatorConfig) -> tuple[LoraInput, ...]:
+    return tuple(
+        LoraInput(uri=pod_path(cfg, _status(ref, deps)["loraURI"]), weight=ref.weight, label=f"{ref.kind}/{ref.name}")
+        for ref in refs
+    )
+
+
+def lora_style(ref: LoRAReference, deps: Dependencies) -> LoraStyle:
+    """A StyleLoRA: `triggerWord` and `plan.textPipeline` (with the variant's reason); a LoRAFusion: `triggerWords`
+    and `textPipeline` where its status has them (unknown otherwise, which `auto` reads as off)."""
+    status = _status(ref, deps)
+    label = f"{ref.kind} {ref.name}"
+    if ref.kind == "StyleLoRA":
+        plan = status.get("plan") or {}
+        words = [status.get("triggerWord")]
+        keeps, reason = plan.get("textPipeline"), str(plan.get("variantReason") or "")
+    else:
+        words = status.get("triggerWords") or []
+        keeps, reason = status.get("textPipeline"), ""
+    triggers = tuple(w for w in words if isinstance(w, str) and w)
+    return LoraStyle(label, triggers, keeps if isinstance(keeps, bool) else None, reason)
+
+
+def trigger_words(styles: Sequence[LoraStyle]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(word for style in styles for word in style.trigger_words))
+
+
+def style_profile(refs: Sequence[LoRAReference], deps: Dependencies) -> dict[str, Any] | None:
+    """The L1 STYLE_PROFILE the reformulation uses: the first LoRA's `status.styleProfile` (a StyleLoRA carries its
+    board's; a fusion its first source's). None: prompts stay raw with a warning."""
+    for ref in refs:
+        profile = _status(ref, deps).get("styleProfile")
+        if isinstance(profile, dict):
+            return profile
+    return None

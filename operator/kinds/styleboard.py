@@ -1,0 +1,104 @@
+"""StyleBoard: reference images -> a `prepare` run (CPU) -> a captioned dataset, with a STYLE_PROFILE.
+
+YAML -> `build` (PrepareSpec: images as the pod reads them, captioning, the admin's fetch limits; keys from Secrets)
+-> Job `kleinstyle prepare` (runtime/prepare.py) -> `PrepareResult` -> `result` (counts, rejections, captions, the
+profile, token usage; the dataset's URI from the RunSpec).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from kleinstyle.contract.layout import DATASET_DIR
+from kleinstyle.contract.pod import PROVIDER_KEY_ENV, SOURCE_CREDENTIAL_ENV
+from kleinstyle.contract.reports import PrepareResult
+from kleinstyle.contract.runspec import FetchPolicy, ImageInput, PrepareSpec
+
+from ..api import BY_KIND
+from ..api.styleboard import DuplicateImage, ImageCaption, RejectedImage, StyleBoardOutcome, StyleBoardSpec, TokenUsage
+from ..children import REFERENCES_MOUNT, Run, SecretEnv
+from ..config import OperatorConfig
+from .base import Dependencies, Fields, KindRuns, build_run, status_fields, with_provider_url
+
+
+def image_input(source: str, caption: str | None) -> tuple[ImageInput, str | None]:
+    """pvc://CLAIM/PATH becomes the path where the prepare pod mounts that claim (and the claim to mount)."""
+    if source.startswith("pvc://"):
+        claim, _, path = source[len("pvc://") :].partition("/")
+        return ImageInput(source=f"{REFERENCES_MOUNT}/{claim}/{path}", caption=caption, label=source), claim
+    return ImageInput(source=source, caption=caption), None
+
+
+class StyleBoardRuns(KindRuns):
+    kind = BY_KIND["StyleBoard"]
+    step = "prepare"
+    outcome = StyleBoardOutcome
+
+    def build(self, body: Mapping[str, Any], spec: StyleBoardSpec, deps: Dependencies, cfg: OperatorConfig) -> Run:
+        images, claims = [], []
+        for image in spec.images:
+            item, claim = image_input(image.source, image.caption)
+            images.append(item)
+            if claim and claim not in claims:
+                claims.append(claim)
+        work = PrepareSpec(
+            trigger_word=spec.triggerWord,
+            images=tuple(images),
+            captioning_provider=spec.captioning.provider,
+            captioning_model=spec.captioning.model,
+            given_captions=spec.captioning.givenCaptions,
+            fetch=FetchPolicy(
+                allowed_cidrs=tuple(cfg.fetchAllowedCIDRs), max_bytes=cfg.fetchMaxBytes, max_pixels=cfg.fetchMaxPixels
+            ),
+        )
+        secrets: list[SecretEnv] = []
+        key = spec.captioning.apiKeySecret
+        if key and spec.captioning.provider in PROVIDER_KEY_ENV:
+            # Optional: without the key, prepare uses the given captions and says so in a warning.
+            secrets.append(SecretEnv(PROVIDER_KEY_ENV[spec.captioning.provider], key.name, key.key, optional=True))
+        if spec.storageSecret:
+            secrets += [
+                SecretEnv(env, spec.storageSecret, key, optional=True) for key, env in SOURCE_CREDENTIAL_ENV.items()
+            ]
+        run = build_run(self.kind, body, work, cfg, None, secrets, claims)
+        return with_provider_url(run, spec.captioning.provider, cfg)
+
+    def result(self, result: PrepareResult, run: Run) -> Fields:  # type: ignore[override]
+        usage = result.token_usage
+        profile = result.style_profile
+        fields = StyleBoardOutcome(
+            imagesAccepted=len(result.accepted),
+            imagesRejected=len(result.rejected),
+            rejected=[RejectedImage(source=r.source, reason=r.reason) for r in result.rejected],
+            duplicates=[
+                DuplicateImage(source=d.source, similarTo=d.resembles, distance=d.distance) for d in result.duplicates
+            ],
+            datasetURI=f"{run.runspec.output_display_uri}/{DATASET_DIR}" if result.accepted else None,
+            captioning=result.captioning or None,
+            captions=[
+                ImageCaption(
+                    file=a.file,
+                    source=a.source,
+                    caption=a.caption,
+                    origin=a.caption_origin,
+                    note=a.caption_note or None,
+                    styleWords=a.style_words,
+                )
+                for a in result.accepted
+            ],
+            styleProfile=profile,
+            styleProfileImages=result.style_profile_images if profile else [],
+            tokenUsage=TokenUsage(
+                provider=usage.provider,
+                model=usage.model,
+                calls=usage.calls,
+                cachedCalls=usage.cached_calls,
+                promptTokens=usage.prompt_tokens,
+                outputTokens=usage.output_tokens,
+                totalTokens=usage.total_tokens,
+            )
+            if usage
+            else None,
+        )
+        return status_fields(fields)
