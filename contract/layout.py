@@ -16,7 +16,13 @@ in status and deletes an owner's folder) and the runtime (which writes there).
 
 from __future__ import annotations
 
-from .runspec import RUN_ID_LENGTH, Owner
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imports nothing at run time: `kleinstyle fuse` on one machine reads these names too
+    from .runspec import Owner
+
+# Length of the RunSpec-hash prefix that names a run: its Job, ConfigMap, artifact folder and reports.
+RUN_ID_LENGTH = 10
 
 METADATA_FILE = "metadata.json"
 SUCCESS_MARKER = "_SUCCESS"

@@ -179,7 +179,7 @@ class FusedSource(_Reported):
 
 class FuseResult(_Reported):
     method: str
-    selection: str
+    selection: str | None = None  # klora only
     rank: int
     energy_kept: float = Field(description="Fraction of the fused update's squared Frobenius norm the LoRA keeps.")
     energy_kept_per_layer: dict[str, float] = Field(default_factory=dict, description="min, median and max.")
@@ -227,6 +227,12 @@ class FuseReport(_Envelope):
 Report = Annotated[PrepareReport | TrainReport | GenerateReport | FuseReport, Field(discriminator="step")]
 StepResult = PrepareResult | TrainResult | GenerateResult | FuseResult
 StepProgress = TrainProgress | GenerateProgress
+REPORTS: dict[str, type[PrepareReport | TrainReport | GenerateReport | FuseReport]] = {
+    "prepare": PrepareReport,
+    "train": TrainReport,
+    "generate": GenerateReport,
+    "fuse": FuseReport,
+}
 _REPORT: TypeAdapter[Report] = TypeAdapter(Report)
 
 

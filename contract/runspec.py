@@ -14,11 +14,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .layout import RUN_ID_LENGTH
 from .plan import TrainingPlan
 
 RUNSPEC_VERSION = "kleinstyle.dev/runspec-v1"
-# Length of the hash prefix that names a run (its Job, ConfigMap, artifact folder and progress reports).
-RUN_ID_LENGTH = 10
 
 
 class _Frozen(BaseModel):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 
-from kleinstyle.contract.runspec import RUN_ID_LENGTH
+from kleinstyle.contract.layout import RUN_ID_LENGTH
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
 OWNER_KIND = "kleinstyle.dev/owner-kind"

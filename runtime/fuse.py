@@ -22,29 +22,26 @@ import logging
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from kleinstyle.contract.pod import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK
+from kleinstyle.contract.layout import LORA_FILE, LORA_SIDECAR
+from kleinstyle.contract.pod import EXIT_BAD_SPEC, EXIT_OK
+
+from .errors import BadInput
 
 if TYPE_CHECKING:
     from kleinstyle.contract.runspec import RunSpec
 
     from .klein.lora_fuse import Fused, FusedLayer
     from .klein.lora_io import LoraFile
+    from .step import Outcome, Reporter
 
 log = logging.getLogger(__name__)
 
-STEP = "fuse"
-LORA_FILE = "lora.safetensors"
-LORA_SIDECAR = "lora.json"
 DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}  # --dtype -> safetensors
-
-
-class BadInput(ValueError):
-    """Input this fusion can never succeed on; exit 2."""
 
 
 @dataclass(frozen=True)
@@ -241,23 +238,25 @@ def main_cli(
 # ---- the Job step -----------------------------------------------------------------------------------------------
 
 
-def run_fuse(spec: RunSpec, report: Callable[[str, str, dict | None], bool]) -> tuple[int, str, dict | None]:
-    """Fuse the RunSpec's sources into its output folder; (exit code, message, result)."""
+def work(spec: RunSpec, reporter: Reporter) -> Outcome:
+    """The fusion step in its pod (step.py runs it): the RunSpec's sources into its output folder."""
+    from kleinstyle.contract.reports import FuseResult
     from kleinstyle.contract.runspec import FuseSpec
 
     from .artifacts import artifact_dir, artifact_metadata, join_uri, published_metadata, read_json
+    from .step import Outcome
 
-    work = spec.work
-    if not isinstance(work, FuseSpec):
-        raise BadInput(f"this is a {work.step} RunSpec; `kleinstyle fuse --spec` runs only fuse")
+    fusion = spec.work
+    assert isinstance(fusion, FuseSpec)
     lora_uri = join_uri(spec.output_display_uri, LORA_FILE)
     if published_metadata(spec.output_uri, spec.content_hash()):  # a retry after the result was published
         summary = read_json(join_uri(spec.output_uri, LORA_SIDECAR)) or {}
-        return EXIT_OK, f"already fused: {lora_uri}", {**summary, "lora_file": lora_uri}
+        result = FuseResult.model_validate({**summary, "lora_file": lora_uri})
+        return Outcome(EXIT_OK, f"already fused: {lora_uri}", result)
     started = time.perf_counter()
-    items = [Input(source.uri, source.weight) for source in work.sources]
-    report("Running", f"fusing {len(items)} LoRAs ({work.method})", None)
-    inputs = [{"uri": s.uri, "weight": s.weight} for s in work.sources]
+    items = [Input(source.uri, source.weight) for source in fusion.sources]
+    reporter.send("Running", f"fusing {len(items)} LoRAs ({fusion.method})")
+    inputs = [{"uri": s.uri, "weight": s.weight} for s in fusion.sources]
     with (
         tempfile.TemporaryDirectory(prefix="kleinstyle-fuse-") as scratch,
         artifact_dir(spec.output_uri, artifact_metadata(spec, inputs)) as out,
@@ -265,39 +264,23 @@ def run_fuse(spec: RunSpec, report: Callable[[str, str, dict | None], bool]) -> 
         fused, summary = fuse_files(
             items,
             out.file_path(LORA_FILE),
-            work.method,
-            rank=work.rank,
-            energy=work.energy,
-            selection=work.selection,
+            fusion.method,
+            rank=fusion.rank,
+            energy=fusion.energy,
+            selection=fusion.selection,
             scratch=Path(scratch),
         )
         summary["duration_seconds"] = round(time.perf_counter() - started, 3)
         out.write_json(LORA_SIDECAR, {**summary, "uri": lora_uri, "per_layer": layer_table(fused)})
     message = (
-        f"fused {len(items)} LoRAs ({work.method}) into rank {fused.rank}, "
+        f"fused {len(items)} LoRAs ({fusion.method}) into rank {fused.rank}, "
         f"{100 * fused.energy_kept:.1f}% of the energy kept, in {summary['duration_seconds']:.1f} s: {lora_uri}"
     )
-    return EXIT_OK, message, {**summary, "lora_file": lora_uri}
+    return Outcome(EXIT_OK, message, FuseResult.model_validate({**summary, "lora_file": lora_uri}))
 
 
 def main(spec_path: str) -> int:
-    """`kleinstyle fuse --spec`: run the step, report to the owner, leave a termination message."""
-    from .report import conclude, read_runspec, report_progress
+    """`kleinstyle fuse --spec RUNSPEC`: the LoRAFusion's pod; returns its exit code."""
+    from .step import run_step
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    spec = read_runspec(spec_path, STEP)
-    if isinstance(spec, int):
-        return spec
-
-    def report(state: str, message: str, result: dict | None = None) -> bool:
-        body = {"step": STEP, "runHash": spec.run_id(), "state": state, "message": message, "result": result}
-        return report_progress(spec.owner, body)
-
-    try:
-        code, message, result = run_fuse(spec, report)
-    except BadInput as exc:
-        code, message, result = EXIT_BAD_SPEC, f"bad input: {exc}", None
-    except Exception as exc:
-        log.exception("fusion failed")
-        code, message, result = EXIT_FAILED, f"fusion failed: {type(exc).__name__}: {exc}", None
-    return conclude(code, message, result, report)
+    return run_step(spec_path, "fuse", work)

@@ -29,8 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from kleinstyle.contract.layout import CONTACT_SHEET, GENERATION_SUMMARY, IMAGES_DIR, TEXT_CACHE, image_file
+from kleinstyle.contract.pod import EXIT_BAD_SPEC, EXIT_OK
 from kleinstyle.contract.prompt_policy import with_triggers
-from kleinstyle.contract.pod import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK
+from kleinstyle.contract.reports import GenerateProgress, GenerateResult, ImageTiming
 from kleinstyle.contract.runspec import GenerateSpec, LoraInput, RunSpec
 from PIL import Image
 
@@ -44,31 +46,22 @@ from .artifacts import (
     write_json_atomic,
 )
 from .contact_sheet import Cell, contact_sheet, grid_columns
+from .errors import BadInput
 from .paths import local_path
 from .pngmeta import png_with_metadata
 from .prompts import PromptUsed, Reformulator, load_reformulator, prompts_to_render
-from .report import api_target, read_runspec, report_progress, write_termination_message
+from .step import Outcome, Reporter, run_step
 
 if TYPE_CHECKING:  # torch is imported only when a job renders
     from .klein.generate import RenderOptions
 
 log = logging.getLogger(__name__)
 
-STEP = "generate"
-IMAGES_DIR = "images"
-CONTACT_SHEET = "contact_sheet.png"
-SUMMARY = "generation.json"
-TEXT_CACHE = "text-cache"  # L2 answers, so a retried pod does not pay twice
 MAX_PROMPT_CHARS = 4000  # the GenerationJob schema's bound, kept by the CLI too
-REPORT_INTERVAL_S = 2.0
-
-
-class BadInput(ValueError):
-    """Input this job can never succeed on; exit 2."""
 
 
 @dataclass
-class Outcome:
+class Rendered:
     """What a job did: the prompts it rendered, per-image seconds (None: kept from an earlier pod), warnings."""
 
     prompts: list[PromptUsed]
@@ -81,15 +74,15 @@ class Outcome:
     def prompts_for_images(self, work: GenerateSpec) -> list[str]:
         return [self.prompts[p].used for p, _, _ in work.image_files()]
 
-    def result(self) -> dict[str, Any]:
+    def result(self) -> GenerateResult:
         """The run's result as reported to the owner: small, with no locations (the operator derives those)."""
-        return {
-            "images": [{"index": i + 1, "seconds": s, "reused": s is None} for i, s in enumerate(self.seconds)],
-            "prompts_used": [p.used for p in self.prompts],
-            "reformulated": [p.reformulated for p in self.prompts],
-            "warnings": list(self.warnings),
-            "seconds_total": round(self.seconds_total, 2),
-        }
+        return GenerateResult(
+            images=[ImageTiming(index=i + 1, seconds=s, reused=s is None) for i, s in enumerate(self.seconds)],
+            prompts_used=[p.used for p in self.prompts],
+            reformulated=[p.reformulated for p in self.prompts],
+            warnings=list(self.warnings),
+            seconds_total=round(self.seconds_total, 2),
+        )
 
 
 def work_hash(work: GenerateSpec) -> str:
@@ -186,7 +179,7 @@ def render_job(
     reformulator: Callable[[], Reformulator] | None = None,
     options: RenderOptions | None = None,
     on_image: Callable[[int, int], None] | None = None,
-) -> Outcome:
+) -> Rendered:
     """Render every image of `work` into `output_uri` (see the module doc); raises BadInput for bad input.
 
     `reformulator` builds the L2 reformulation (default: `prompts.load_reformulator`, the seam); `options` are
@@ -205,7 +198,7 @@ def render_job(
     for p, _, name in plan:  # a prompt an earlier pod already rendered keeps the text it rendered with
         if name in done:
             prompts[p] = PromptUsed(prompts[p].prompt, done[name]["prompt_used"], bool(done[name]["reformulated"]))
-    outcome = Outcome(prompts=prompts, warnings=warnings)  # the runtime's own; the operator shows work.warnings
+    rendered = Rendered(prompts=prompts, warnings=warnings)  # the runtime's own; the operator shows work.warnings
     todo = [item for item in plan if item[2] not in done]
     device = klein.default_device()
     sampler = None
@@ -219,7 +212,7 @@ def render_job(
     thumbs: list[Image.Image] = []
     try:
         for count, (p, seed, name) in enumerate(plan, start=1):
-            png_uri = join_uri(output_uri, IMAGES_DIR, f"{name}.png")
+            png_uri = join_uri(output_uri, image_file(name))
             if name in done:
                 image = Image.open(io.BytesIO(read_bytes(png_uri) or b""))
                 seconds = None
@@ -241,17 +234,17 @@ def render_job(
                 write_json_atomic(join_uri(output_uri, IMAGES_DIR, f"{name}.json"), meta)
                 log.info("image %d/%d (prompt %d, seed %d): %.1f s", count, len(plan), p + 1, seed, seconds)
             thumbs.append(_thumbnail(image))
-            outcome.seconds.append(seconds)
-            outcome.files.append(png_uri)
+            rendered.seconds.append(seconds)
+            rendered.files.append(png_uri)
             if on_image:
                 on_image(count, len(plan))
     finally:
         if sampler is not None:
             klein.free(sampler)
-    outcome.contact_sheet = write_contact_sheet(work, outcome, thumbs, output_uri)
-    outcome.seconds_total = time.perf_counter() - started
-    write_json_atomic(join_uri(output_uri, SUMMARY), summary(work, outcome, job))
-    return outcome
+    rendered.contact_sheet = write_contact_sheet(work, rendered, thumbs, output_uri)
+    rendered.seconds_total = time.perf_counter() - started
+    write_json_atomic(join_uri(output_uri, GENERATION_SUMMARY), summary(work, rendered, job))
+    return rendered
 
 
 def _finished(output_uri: str, name: str, job: str) -> dict | None:
@@ -276,14 +269,14 @@ def sheet_header(work: GenerateSpec, prompts: Sequence[PromptUsed]) -> list[str]
     ]
 
 
-def write_contact_sheet(work: GenerateSpec, outcome: Outcome, thumbs: Sequence[Image.Image], output_uri: str) -> str:
+def write_contact_sheet(work: GenerateSpec, rendered: Rendered, thumbs: Sequence[Image.Image], output_uri: str) -> str:
     cells = []
-    for (p, seed, _), thumb, seconds in zip(work.image_files(), thumbs, outcome.seconds, strict=True):
+    for (p, seed, _), thumb, seconds in zip(work.image_files(), thumbs, rendered.seconds, strict=True):
         took = "" if seconds is None else f", {seconds:.1f} s"
         index = len(cells) + 1
-        cells.append(Cell(thumb, f"#{index} prompt {p + 1}, seed {seed}{took}", outcome.prompts[p].used))
+        cells.append(Cell(thumb, f"#{index} prompt {p + 1}, seed {seed}{took}", rendered.prompts[p].used))
     columns = grid_columns(len(cells), len(work.seeds))
-    sheet, _ = contact_sheet(cells, columns=columns, header=sheet_header(work, outcome.prompts))
+    sheet, _ = contact_sheet(cells, columns=columns, header=sheet_header(work, rendered.prompts))
     buffer = io.BytesIO()
     sheet.save(buffer, "PNG")
     uri = join_uri(output_uri, CONTACT_SHEET)
@@ -291,20 +284,20 @@ def write_contact_sheet(work: GenerateSpec, outcome: Outcome, thumbs: Sequence[I
     return uri
 
 
-def summary(work: GenerateSpec, outcome: Outcome, job: str) -> dict[str, Any]:
+def summary(work: GenerateSpec, rendered: Rendered, job: str) -> dict[str, Any]:
     images = [
-        {"file": f"{IMAGES_DIR}/{name}.png", "prompt_index": p + 1, "seed": seed, "seconds": seconds}
-        for (p, seed, name), seconds in zip(work.image_files(), outcome.seconds, strict=True)
+        {"file": image_file(name), "prompt_index": p + 1, "seed": seed, "seconds": seconds}
+        for (p, seed, name), seconds in zip(work.image_files(), rendered.seconds, strict=True)
     ]
     return {
-        "step": STEP,
+        "step": "generate",
         "job": job,
         "spec": work.model_dump(mode="json"),
-        "prompts": [{"prompt": p.prompt, "used": p.used, "reformulated": p.reformulated} for p in outcome.prompts],
+        "prompts": [{"prompt": p.prompt, "used": p.used, "reformulated": p.reformulated} for p in rendered.prompts],
         "images": images,
         "contact_sheet": CONTACT_SHEET,
-        "warnings": [*work.warnings, *outcome.warnings],
-        "seconds_total": round(outcome.seconds_total, 2),
+        "warnings": [*work.warnings, *rendered.warnings],
+        "seconds_total": round(rendered.seconds_total, 2),
         "kleinstyle_version": kleinstyle_version(),
     }
 
@@ -312,60 +305,27 @@ def summary(work: GenerateSpec, outcome: Outcome, job: str) -> dict[str, Any]:
 # --- the Job's entry point ---------------------------------------------------------------------------------------
 
 
-def run_step(spec: RunSpec, reformulator: Callable[[], Reformulator] | None = None) -> tuple[int, str, dict | None]:
-    """(exit code, message, result) of the generate step for `spec`, reporting progress to its owner."""
-    work = spec.work
-    if not isinstance(work, GenerateSpec):
-        return EXIT_BAD_SPEC, f"this is a {work.step} RunSpec; `kleinstyle generate --spec` runs only generate", None
-    total = len(work.image_files())
-    last = [float("-inf")]
-
-    def report(state: str, message: str, done: int, result: dict | None = None) -> bool:
-        last[0] = time.monotonic()
-        body = {
-            "step": STEP,
-            "runHash": spec.run_id(),
-            "state": state,
-            "message": message,
-            "progress": {"imagesDone": done, "imagesTotal": total},
-            "result": result,
-        }
-        return report_progress(spec.owner, body)
+def work(spec: RunSpec, reporter: Reporter, reformulator: Callable[[], Reformulator] | None = None) -> Outcome:
+    """The generate step in its pod (step.py runs it); `reformulator` replaces the L2 seam (tests)."""
+    job = spec.work
+    assert isinstance(job, GenerateSpec)
+    total = len(job.image_files())
 
     def on_image(done: int, count: int) -> None:
-        if done == count or time.monotonic() - last[0] >= REPORT_INTERVAL_S:
-            report("Running", f"image {done} of {count}", done)
+        reporter.update(
+            GenerateProgress(imagesDone=done, imagesTotal=count), f"image {done} of {count}", now=done == count
+        )
 
-    report("Running", f"rendering {total} images at {work.width}x{work.height}, {work.steps} steps", 0)
-    try:
-        outcome = render_job(work, spec.output_uri, reformulator=reformulator, on_image=on_image)
-    except BadInput as exc:
-        message = f"bad input: {exc}"
-        report("Failed", message, 0)
-        return EXIT_BAD_SPEC, message, None
-    except Exception as exc:
-        log.exception("generation failed")
-        message = f"generation failed: {type(exc).__name__}: {exc}"
-        report("Failed", message, 0)
-        return EXIT_FAILED, message, None
+    reporter.progress = GenerateProgress(imagesDone=0, imagesTotal=total)
+    reporter.send("Running", f"rendering {total} images at {job.width}x{job.height}, {job.steps} steps")
+    rendered = render_job(job, spec.output_uri, reformulator=reformulator, on_image=on_image)
     message = f"rendered {total} images; contact sheet at {join_uri(spec.output_display_uri, CONTACT_SHEET)}"
-    result = outcome.result()
-    if not report("Succeeded", message, total, result) and api_target() is not None:
-        # The operator learns the result only through status: retry (the next pod keeps the finished images).
-        return EXIT_FAILED, "the result could not be reported to the Kubernetes API", None
-    return EXIT_OK, message, result
+    return Outcome(EXIT_OK, message, rendered.result())
 
 
 def main(spec_path: str) -> int:
-    """`kleinstyle generate --spec RUNSPEC`: the GenerationJob's pod."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    spec = read_runspec(spec_path, STEP)
-    if isinstance(spec, int):
-        return spec
-    code, message, _ = run_step(spec)
-    (log.info if code == EXIT_OK else log.error)("%s", message)
-    write_termination_message(message)
-    return code
+    """`kleinstyle generate --spec RUNSPEC`: the GenerationJob's pod; returns its exit code."""
+    return run_step(spec_path, "generate", work)
 
 
 # --- `kleinstyle generate --model DIR ...` on one machine --------------------------------------------------------
@@ -427,7 +387,7 @@ def cli(args: Any) -> int:
     options = RenderOptions(device=args.device, fp8=args.fp8, compile=not args.no_compile, vae_tiling=args.vae_tiling)
     try:
         work = cli_spec(args)
-        outcome = render_job(
+        rendered = render_job(
             work,
             args.output,
             options=options,
@@ -436,9 +396,9 @@ def cli(args: Any) -> int:
     except BadInput as exc:
         print(f"kleinstyle generate: {exc}", file=sys.stderr)
         return EXIT_BAD_SPEC
-    for warning in outcome.warnings:
+    for warning in rendered.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    for path, item in zip(outcome.files, outcome.prompts_for_images(work), strict=True):
+    for path, item in zip(rendered.files, rendered.prompts_for_images(work), strict=True):
         print(f"{path}  {item}")
-    print(f"contact sheet: {outcome.contact_sheet}")
+    print(f"contact sheet: {rendered.contact_sheet}")
     return EXIT_OK

@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import MutableMapping
 from pathlib import Path
 
-from kleinstyle.contract.pod import GCS_CREDENTIALS_JSON_ENV, ROOTFS_ENV, TERMINATION_LOG
+from kleinstyle.contract.pod import GCS_CREDENTIALS_JSON_ENV, ROOTFS_ENV
 
 
 def local_path(pod_path: str | os.PathLike[str]) -> Path:

@@ -1,8 +1,8 @@
 """The StyleBoard prepare step: fetch, validate, dedupe and caption the reference images, and write the dataset.
 
-Output, published all at once under the run's `output_uri` (see artifacts.py):
+Output, published all at once under the run's `output_uri` (`contract.layout`, artifacts.py):
     dataset/001.png, dataset/001.txt, ...   RGB PNGs with a caption file beside each (ai-toolkit's layout)
-    report.json                             accepted, rejected, duplicates, warnings (the PrepareResult)
+    report.json                             accepted, rejected, duplicates, warnings (`contract.reports.PrepareResult`)
     metadata.json, _SUCCESS                 the sidecar and the completeness marker
 Policy, decided here:
 - One bad image is a rejection with a reason, never a crash; a run with no usable image fails.
@@ -20,7 +20,7 @@ Policy, decided here:
   pays only for the rest); a refused key or model fails it with exit 2.
 - After the captions, the L1 STYLE_PROFILE is extracted from up to 10 references (a diverse subset of larger
   boards) whenever a provider is available: whether generation uses it is the TrainingPlan's text-pipeline
-  decision (runtime/plan.py), so a small board still has one for a GenerationJob that asks for the pipeline.
+  decision (`contract.plan`), so a small board still has one for a GenerationJob that asks for the pipeline.
 - A retried Job whose run already published its output reports that output again instead of redoing the work.
 """
 
@@ -29,20 +29,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from functools import partial
+from typing import Literal
 
+from kleinstyle.contract.layout import DATASET_DIR, PREPARE_REPORT, TEXT_CACHE
 from kleinstyle.contract.pod import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK
+from kleinstyle.contract.reports import AcceptedImage, Duplicate, PrepareResult, Rejection
 from kleinstyle.contract.runspec import PrepareSpec, RunSpec
-from pydantic import BaseModel, Field
 
 from .artifacts import ArtifactDir, artifact_metadata, join_uri, published_metadata, read_json
 from .fetch import FetchError, fetch
 from .images import ImageRejected, ValidImage, hamming, validate_image
-from .report import api_target, read_runspec, report_progress, write_termination_message
+from .step import Outcome, Reporter, run_step
 from .text.captions import (
     Caption,
     CaptionTask,
-    Origin,
     check_given,
     generate_captions,
     with_trigger,
@@ -52,59 +53,6 @@ from .text.providers import AnswerRejected, ImagePart, NoApiKey, ProviderRefused
 from .text.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
-
-STEP = "prepare"
-REPORT_FILE = "report.json"
-DATASET_DIR = "dataset"
-
-
-class AcceptedImage(BaseModel):
-    source: str
-    file: str = Field(description="File name inside the dataset folder, e.g. 001.png; the caption is 001.txt.")
-    width: int
-    height: int
-    sha256: str = Field(description="SHA-256 of the dataset PNG.")
-    caption: str
-    caption_origin: Origin = "given"
-    caption_note: str = ""
-    style_words: list[str] = Field(default_factory=list, description="Style descriptors the caption check found.")
-
-
-class Rejection(BaseModel):
-    source: str
-    reason: str
-    # A fetch failure may pass on a retry (a 503, a timeout); a bad or duplicate image never will.
-    retryable: bool = False
-
-
-class Duplicate(BaseModel):
-    """An image that repeats an earlier one: `exact` ones are rejected, `near` ones are kept."""
-
-    kind: Literal["exact", "near"]
-    source: str
-    resembles: str = Field(description="Source of the earlier, accepted image it repeats.")
-    resembles_file: str
-    file: str | None = Field(default=None, description="Dataset file of this image; None when it was rejected.")
-    distance: int = Field(description="Hamming distance of the 64-bit difference hashes; 0 for an exact copy.")
-
-
-class PrepareResult(BaseModel):
-    """What prepare did; written as report.json and sent as `status.progress.result`."""
-
-    succeeded: bool
-    message: str
-    accepted: list[AcceptedImage] = Field(default_factory=list)
-    rejected: list[Rejection] = Field(default_factory=list)
-    duplicates: list[Duplicate] = Field(default_factory=list)
-    warnings: list[str] = Field(default_factory=list)
-    dataset_uri: str | None = None
-    dataset_display_uri: str | None = None
-    captioning: str = Field(default="", description="How the captions were obtained, in one line.")
-    style_profile: dict[str, Any] | None = Field(default=None, description="The L1 STYLE_PROFILE (document names).")
-    style_profile_images: list[str] = Field(default_factory=list, description="Dataset files the profile saw.")
-    style_profile_error: str | None = None
-    token_usage: dict[str, Any] | None = None
-
 
 # --- policy (pure) ---------------------------------------------------------------------------------------------
 
@@ -196,7 +144,7 @@ def summary(result: PrepareResult) -> str:
 def text_cache_uri(spec: RunSpec) -> str:
     """Beside the owner's run folders ({...}/{uid}/text-cache): a retried Job, and a later run of a changed board,
     reuse every answer already paid for."""
-    return join_uri(spec.output_uri.rstrip("/").rsplit("/", 1)[0], "text-cache")
+    return join_uri(spec.output_uri.rstrip("/").rsplit("/", 1)[0], TEXT_CACHE)
 
 
 def text_client(
@@ -227,7 +175,7 @@ def run_prepare(spec: RunSpec, *, retry: RetryPolicy | None = None) -> PrepareRe
         return PrepareResult(succeeded=False, message="the trigger word is empty")
     runspec_hash = spec.content_hash()
     if published_metadata(spec.output_uri, runspec_hash) is not None:
-        stored = read_json(join_uri(spec.output_uri, REPORT_FILE))
+        stored = read_json(join_uri(spec.output_uri, PREPARE_REPORT))
         if stored is not None:
             log.info("%s already holds this run's output; reporting it again", spec.output_uri)
             return PrepareResult.model_validate(stored)
@@ -253,16 +201,16 @@ def run_prepare(spec: RunSpec, *, retry: RetryPolicy | None = None) -> PrepareRe
         result.warnings += caption_warnings(work.trigger_word, result.accepted)
         if client is not None and result.accepted:
             _profile(client, kept, staged, result)
-            result.token_usage = client.ledger.summary().model_dump(mode="json")
+            result.token_usage = client.ledger.summary()
         result.succeeded = bool(result.accepted)
         result.message = summary(result)
         if not result.succeeded:
             result.dataset_uri = result.dataset_display_uri = None
             return result
-        out.write_json(REPORT_FILE, result.model_dump(mode="json"))
+        out.write_json(PREPARE_REPORT, result.model_dump(mode="json"))
         if not out.commit():
             # Another attempt of this very run published first; report what is there, not what we built.
-            stored = read_json(join_uri(spec.output_uri, REPORT_FILE))
+            stored = read_json(join_uri(spec.output_uri, PREPARE_REPORT))
             if stored is not None:
                 return PrepareResult.model_validate(stored)
         return result
@@ -346,7 +294,7 @@ def _profile(client: TextClient, kept: Sequence[KeptImage], staged: Sequence[Sta
         result.style_profile_error = str(exc)
         result.warnings.append(f"no style profile: {exc}; generation will use prompts as written")
         return
-    result.style_profile = profile.document()
+    result.style_profile = profile
     result.style_profile_images = [kept[i].file for i in chosen]
 
 
@@ -407,46 +355,22 @@ def _build_dataset(
     return kept, staged, over_limit
 
 
-def main(spec_path: str, *, retry: RetryPolicy | None = None) -> int:
-    """Run prepare from a RunSpec file (a pod path), report to the owner, and return the process exit code.
-
-    `retry` bounds the captioning provider's retries (the default policy when None)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    spec = read_runspec(spec_path, STEP)
-    if isinstance(spec, int):
-        return spec
+def work(spec: RunSpec, reporter: Reporter, *, retry: RetryPolicy | None = None) -> Outcome:
+    """The prepare step in its pod (step.py runs it). `retry` bounds the captioning provider's retries."""
     assert isinstance(spec.work, PrepareSpec)
-
-    def report(state: str, message: str, result: dict | None = None) -> bool:
-        progress = {"step": STEP, "runHash": spec.run_id(), "state": state, "message": message, "result": result}
-        return report_progress(spec.owner, progress)
-
-    report("Running", f"fetching {len(spec.work.images)} images")
+    reporter.send("Running", f"fetching {len(spec.work.images)} images")
     try:
         result = run_prepare(spec, retry=retry)
     except (ProviderUnavailable, ProviderRefused) as exc:
         # Named, not a stack trace: which images, what the provider said, and (exit code) whether to retry.
-        message = f"captioning failed: {exc}"
-        log.error("%s", message)
-        report("Failed", message)
-        write_termination_message(message)
-        return EXIT_FAILED if exc.retryable else EXIT_BAD_SPEC
-    except Exception as exc:
-        log.exception("prepare failed")
-        message = f"prepare failed: {type(exc).__name__}: {exc}"
-        report("Failed", message)
-        write_termination_message(message)
-        return EXIT_FAILED
-    state = "Succeeded" if result.succeeded else "Failed"
-    log.info("%s: %s", state, result.message)
-    if not report(state, result.message, result.model_dump(mode="json")) and api_target() is not None:
-        # The result reaches the operator only through status: fail so the Job retries (the retry re-reports the
-        # already published dataset instead of preparing it again).
-        message = "the result could not be reported to the Kubernetes API"
-        write_termination_message(message)
-        return EXIT_FAILED
-    write_termination_message(result.message)
+        return Outcome(EXIT_FAILED if exc.retryable else EXIT_BAD_SPEC, f"captioning failed: {exc}")
     if result.succeeded:
-        return EXIT_OK
+        return Outcome(EXIT_OK, result.message, result)
     # No usable image and no fetch that a retry could fix: the board itself must change, so don't retry.
-    return EXIT_FAILED if any(r.retryable for r in result.rejected) else EXIT_BAD_SPEC
+    code = EXIT_FAILED if any(r.retryable for r in result.rejected) else EXIT_BAD_SPEC
+    return Outcome(code, result.message, result)
+
+
+def main(spec_path: str, *, retry: RetryPolicy | None = None) -> int:
+    """`kleinstyle prepare --spec RUNSPEC`: the StyleBoard's pod; returns its exit code."""
+    return run_step(spec_path, "prepare", partial(work, retry=retry))

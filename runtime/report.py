@@ -1,7 +1,8 @@
 """Report a run's progress to the resource that owns it, and leave a termination message for Kubernetes.
 
 Progress travels as a JSON merge patch on the owner's status subresource, `{"status": {"progress": {...}}}`: the
-Job's ServiceAccount may patch only that (DESIGN.md, Contracts); the operator owns every other status field.
+Job's ServiceAccount may patch only that (docs/runspec.md); the operator owns every other status field. What goes
+in it is the contract's typed report (`kleinstyle.contract.reports`), built by the step harness (step.py).
 Where the API is:
 - `KLEINSTYLE_KUBE_API`, a plain http base URL without auth (the local dev cluster sets it);
 - else in-cluster: `KUBERNETES_SERVICE_HOST`/`_PORT`, with the ServiceAccount token and CA;
@@ -17,15 +18,15 @@ import math
 import os
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from kleinstyle.contract.pod import KUBE_API_ENV, EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK
-from kleinstyle.contract.runspec import Owner, RunSpec
+from kleinstyle.contract.pod import KUBE_API_ENV, TERMINATION_LOG
+from kleinstyle.contract.runspec import Owner
 
-from .paths import TERMINATION_LOG, local_path
+from .paths import local_path
 
 log = logging.getLogger(__name__)
 
@@ -174,37 +175,3 @@ def read_owner(owner: Owner, *, target: ApiTarget | None = None, timeout_s: floa
     except ValueError:
         return None
     return body if isinstance(body, dict) else None
-
-
-def read_runspec(spec_path: str, step: str) -> RunSpec | int:
-    """The pod's RunSpec for `step`; or, when it cannot be read or is another step's, the exit code (2) after
-    logging why and leaving it as the termination message (the Job fails at once: a retry reads the same file)."""
-    try:
-        spec = RunSpec.from_json(local_path(spec_path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        message = f"cannot read the RunSpec {spec_path}: {exc}"
-    else:
-        if spec.work.step == step:
-            return spec
-        message = f"this is a {spec.work.step} RunSpec; `kleinstyle {step}` runs only {step}"
-    log.error("%s", message)
-    write_termination_message(message)
-    return EXIT_BAD_SPEC
-
-
-def conclude(
-    code: int, message: str, result: dict[str, Any] | None, send: Callable[..., bool], *, report_failure: bool = True
-) -> int:
-    """A step's last report and its exit code. A success the API never heard of exits 1, so the Job's retry finds
-    the published result and reports it again; a failure is reported (unless the caller already did) and left as
-    the termination message either way."""
-    log.info("%s", message)
-    if code == EXIT_OK:
-        if not send("Succeeded", message, result) and api_target() is not None:
-            message = "the result could not be reported to the Kubernetes API"
-            write_termination_message(message)
-            return EXIT_FAILED
-    elif report_failure:
-        send("Failed", message)
-    write_termination_message(message)
-    return code

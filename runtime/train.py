@@ -9,11 +9,12 @@ Output under the run's `output_uri` (a path on the artifact volume):
     lora.json                   its sidecar: step, loss, plan hash, backend, versions, RunSpec hash
     work/evaluation/            probe scores per checkpoint (the evaluation cache a restarted pod reads)
 Policy, decided here:
-- Progress goes to `status.progress` at most every `REPORT_INTERVAL_S` seconds, and at once at each checkpoint.
+- Progress (`contract.reports.TrainProgress`) goes to `status.progress` at most every `step.REPORT_INTERVAL_S`
+  seconds, and at once at each checkpoint.
 - With early stopping on (the plan) and an `evaluation` in the RunSpec, every checkpoint is scored by rendered
-  probes and the pure policy in early_stop.py decides the best checkpoint and when to stop; the best checkpoint,
+  probes and the pure policy in `contract.early_stop` decides the best checkpoint and when to stop; the best checkpoint,
   not the last, becomes the LoRA.
-- A stop request (`status.stopRequest` of the owner, polled every `STOP_POLL_S` seconds) ends training at the
+- A stop request (`status.stopRequest` of the owner, polled every `step.STOP_POLL_S` seconds) ends training at the
   next step; the best checkpoint (the latest one without evaluation) becomes the LoRA and the run succeeds with
   stop_reason "stop requested".
 - SIGTERM (preemption) saves a checkpoint (builtin) and exits 1: the Job's next pod resumes from it.
@@ -30,35 +31,25 @@ import hashlib
 import logging
 import shutil
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from kleinstyle.contract.early_stop import Decision, StoppingSettings, decide_reported
+from kleinstyle.contract.layout import LORA_FILE, LORA_SIDECAR, WORK_DIR
 from kleinstyle.contract.plan import TrainingPlan
 from kleinstyle.contract.pod import AITOOLKIT_CONFIG_PATH, EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK
+from kleinstyle.contract.reports import CheckpointReport, EvaluationReport, State, TrainProgress, TrainResult
 from kleinstyle.contract.runspec import RunSpec, TrainSpec
 
 from .artifacts import join_uri, write_bytes_atomic, write_json_atomic
+from .errors import BadInput
 from .paths import is_object_store, is_remote, local_path
-from .report import conclude, read_owner, read_runspec, report_progress
+from .step import Outcome, Reporter, run_step
 
 log = logging.getLogger(__name__)
 
-STEP = "train"
-WORK_DIR = "work"
-CONTENT_LORA = "lora.safetensors"  # two-step mode: the content stage's LoRA, in work/content/
-LORA_FILE = "lora.safetensors"
-LORA_SIDECAR = "lora.json"
-REPORT_INTERVAL_S = 2.0
-STOP_POLL_S = 5.0
-STOP_READ_TIMEOUT_S = 2.0
+CONTENT_LORA = LORA_FILE  # two-step mode: the content stage's LoRA, in work/content/
 STOP_REQUESTED = "stop requested"
-
-
-class BadInput(ValueError):
-    """Input this run can never succeed on; exit 2."""
 
 
 # --- plan -> builtin settings (pure) ---------------------------------------------------------------------------
@@ -111,68 +102,51 @@ def train_settings(plan: TrainingPlan) -> Any:
 # --- progress and stop requests --------------------------------------------------------------------------------
 
 
-class Reporter:
-    """Throttled progress reports to the owner, and the stop-request poll."""
+class TrainReporter:
+    """A training run's progress as its reports show it (`contract.reports.TrainProgress`), sent through the step
+    harness's Reporter, and whether and why the run must stop: early stopping, or the user's stop request."""
 
-    def __init__(
-        self,
-        spec: RunSpec,
-        total: int,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        report_interval: float | None = None,
-        stop_poll: float | None = None,
-    ) -> None:
-        self.spec = spec
+    def __init__(self, reporter: TrainReporter, total: int) -> None:
+        self.reporter = reporter
         self.total = total
-        self.clock = clock
-        self.report_interval = REPORT_INTERVAL_S if report_interval is None else report_interval
-        self.stop_poll = STOP_POLL_S if stop_poll is None else stop_poll
-        self.checkpoints: list[dict[str, Any]] = []
+        self.checkpoints: list[CheckpointReport] = []
         self.step = 0
         self.loss: float | None = None
         self.lr: float | None = None
         self.seconds_per_step: float | None = None
-        self._last_report = float("-inf")
-        self._last_poll = float("-inf")
         self._last_step_time: float | None = None
-        self.stop_requested = False
-        self.stop_reason = STOP_REQUESTED
-        self.stage: str | None = None  # two-step mode: "content", then "style"
+        self.stop_reason: str | None = None  # set once the run must stop at its next step
+        self.stage: Literal["content", "style"] | None = None  # two-step mode: "content", then "style"
         self.warnings: list[str] = []  # for the result, hence the StyleLoRA's Warning condition
         # Probe scores of the base model and of each checkpoint (early_stop.decide_reported reads them).
-        self.evaluation: dict[str, Any] | None = None
+        self.evaluation: EvaluationReport | None = None
+        reporter.progress = self.progress  # every report shows the progress as it is then
 
-    def progress(self) -> dict[str, Any]:
+    @property
+    def stop_requested(self) -> bool:
+        return self.stop_reason is not None
+
+    def progress(self) -> TrainProgress:
         eta = None
         if self.seconds_per_step is not None:
             eta = round(self.seconds_per_step * max(0, self.total - self.step), 1)
-        return {
-            "step": self.step,
-            "totalSteps": self.total,
-            "loss": self.loss,
-            "lr": self.lr,
-            "secondsPerStep": None if self.seconds_per_step is None else round(self.seconds_per_step, 4),
-            "etaSeconds": eta,
-            "checkpoints": list(self.checkpoints),
-            **({"evaluation": self.evaluation} if self.evaluation else {}),
-            **({"stage": self.stage} if self.stage else {}),
-        }
+        return TrainProgress(
+            step=self.step,
+            totalSteps=self.total,
+            loss=self.loss,
+            lr=self.lr,
+            secondsPerStep=None if self.seconds_per_step is None else round(self.seconds_per_step, 4),
+            etaSeconds=eta,
+            checkpoints=list(self.checkpoints),
+            evaluation=self.evaluation,
+            stage=self.stage,
+        )
 
-    def send(self, state: str, message: str, result: dict[str, Any] | None = None) -> bool:
-        self._last_report = self.clock()
-        body = {
-            "step": STEP,
-            "runHash": self.spec.run_id(),
-            "state": state,
-            "message": message,
-            "progress": self.progress(),
-            "result": result,
-        }
-        return report_progress(self.spec.owner, body)
+    def send(self, state: State, message: str) -> bool:
+        return self.reporter.send(state, message)
 
     def on_step(self, step: int, total: int, loss: float | None, lr: float | None, seconds: float | None) -> None:
-        now = self.clock()
+        now = self.reporter.clock()
         if seconds is None and self._last_step_time is not None and step > self.step:
             seconds = (now - self._last_step_time) / (step - self.step)
         self._last_step_time = now
@@ -182,36 +156,29 @@ class Reporter:
         if seconds is not None:  # a moving average: the first steps (compilation, caches) are slow
             sps = self.seconds_per_step
             self.seconds_per_step = seconds if sps is None else 0.8 * sps + 0.2 * seconds
-        if now - self._last_report >= self.report_interval:
-            self.send("Running", f"step {self.step}/{self.total}")
+        self.reporter.tick(f"step {self.step}/{self.total}")
+
+    def add_checkpoint(self, step: int, uri: str, loss: float | None) -> None:
+        self.checkpoints = sorted(
+            [c for c in self.checkpoints if c.step != step] + [CheckpointReport(step=step, uri=uri, loss=loss)],
+            key=lambda c: c.step,
+        )
 
     def on_checkpoint(self, step: int, uri: str, loss: float | None) -> None:
-        self.checkpoints = [c for c in self.checkpoints if c["step"] != step]
-        self.checkpoints.append({"step": step, "uri": uri, "loss": loss})
-        self.checkpoints.sort(key=lambda c: c["step"])
+        self.add_checkpoint(step, uri, loss)
         self.send("Running", f"step {self.step}/{self.total}; checkpoint at step {step}")
 
+    def loss_at(self, step: int) -> float | None:
+        return next((c.loss for c in self.checkpoints if c.step == step), None)
+
     def request_stop(self, reason: str) -> None:
-        """Stop at the next step for `reason` (early stopping); a stop request in status says STOP_REQUESTED."""
-        if not self.stop_requested:
-            self.stop_requested, self.stop_reason = True, reason
+        """Stop at the next step for `reason` (early stopping)."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
 
     def should_stop(self) -> bool:
-        if self.stop_requested:
-            return True
-        now = self.clock()
-        if now - self._last_poll < self.stop_poll:
-            return False
-        self._last_poll = now
-        # Polled from inside the training loop: a slow API may cost a step a little, never a long stall.
-        owner = read_owner(self.spec.owner, timeout_s=STOP_READ_TIMEOUT_S)
-        status = (owner or {}).get("status") or {}
-        request = status.get("stopRequest")
-        # The operator clears stopRequest in the same write that moves runHash to a new run, so a request is this
-        # run's only while runHash names it: a stop left from an earlier run never stops this one.
-        if request and status.get("runHash") == self.spec.run_id():
-            log.info("stop requested: %s", request)
-            self.stop_requested = True
+        if self.stop_reason is None and self.reporter.stop_requested():
+            self.stop_reason = STOP_REQUESTED
         return self.stop_requested
 
 
@@ -223,7 +190,7 @@ class Judge:
     the scores go into progress, a stop decision stops training at the next step, and the best checkpoint is the
     one promoted to the LoRA."""
 
-    def __init__(self, spec: RunSpec, reporter: Reporter, work_dir: Path) -> None:
+    def __init__(self, spec: RunSpec, reporter: TrainReporter, work_dir: Path) -> None:
         from .klein.dataset import read_dataset
         from .klein.evaluate import Evaluator, VisionModelEmbedder
         from .klein.lora_train import compute_dtype, default_device
@@ -255,7 +222,7 @@ class Judge:
             dtype=compute_dtype(device),
         )
         baseline = self.evaluator.score(0, None)
-        reporter.evaluation = {"baseline": baseline.to_dict(), "checkpoints": []}
+        reporter.evaluation = EvaluationReport(baseline=baseline.to_report())
         self.decision: Decision | None = None
 
     def judge(self, step: int, lora_file: Path) -> None:
@@ -263,7 +230,7 @@ class Judge:
         scores = self.evaluator.score(step, lora_file)
         evaluation = self.reporter.evaluation
         assert evaluation is not None
-        evaluation["checkpoints"] = [c for c in evaluation["checkpoints"] if c["step"] != step] + [scores.to_dict()]
+        evaluation.checkpoints = [c for c in evaluation.checkpoints if c.step != step] + [scores.to_report()]
         self.decision = decide_reported(evaluation, self.settings)
         assert self.decision is not None
         log.info(
@@ -300,7 +267,7 @@ def publish_lora(spec: RunSpec, source: Path, info: dict[str, Any]) -> str:
     work = spec.work
     assert isinstance(work, TrainSpec)
     sidecar = {
-        "step": STEP,
+        "step": "train",
         "runspec_hash": spec.content_hash(),
         "plan_hash": work.plan.plan_hash(),
         "backend": work.backend,
@@ -364,9 +331,7 @@ def _check_builtin_input(spec: RunSpec, target: str | tuple[str, ...]) -> None:
         raise BadInput(str(exc)) from exc
 
 
-def _content_stage(
-    spec: RunSpec, style: Any, reporter: Reporter, work_dir: Path, mirror: Any
-) -> Path | tuple[int, str, dict[str, Any] | None]:
+def _content_stage(spec: RunSpec, style: Any, reporter: TrainReporter, work_dir: Path, mirror: Any) -> Path | Outcome:
     """Two-step mode's first stage (plan.py): a content LoRA on trigger-less captions, in work/content/. Returns its
     LoRA file, or the run's outcome when the stage did not finish (SIGTERM: resume; a stop request: no LoRA yet)."""
     from .klein.lora_train import StepInfo, train_lora
@@ -404,10 +369,9 @@ def _content_stage(
             mirror.upload_file(result.lora_path, f"content/{CONTENT_LORA}")
         return result.lora_path
     if reporter.stop_requested:
-        return EXIT_BAD_SPEC, "stop requested during the content stage: there is no style LoRA to promote yet", None
+        return Outcome(EXIT_BAD_SPEC, "stop requested during the content stage: there is no style LoRA to promote yet")
     message = f"interrupted in the content stage at step {result.steps_done} (SIGTERM); the next pod resumes"
-    reporter.send("Running", message)
-    return EXIT_FAILED, message, None
+    return Outcome(EXIT_FAILED, message, resumes=True)
 
 
 def _work_folder(spec: RunSpec) -> tuple[Path, Any]:
@@ -423,8 +387,8 @@ def _work_folder(spec: RunSpec) -> tuple[Path, Any]:
     return work_dir, mirror
 
 
-def run_builtin(spec: RunSpec, reporter: Reporter) -> tuple[int, str, dict[str, Any] | None]:
-    """(exit code, message, result) of a builtin training run."""
+def run_builtin(spec: RunSpec, reporter: TrainReporter) -> Outcome:
+    """A training run on the builtin backend (runtime/klein/lora_train.py)."""
     from .klein.lora_train import ResumeError, StepInfo, train_lora
 
     work = spec.work
@@ -460,7 +424,7 @@ def run_builtin(spec: RunSpec, reporter: Reporter) -> tuple[int, str, dict[str, 
     for path in ckpt.list_checkpoints(work_dir):
         step = int(path.name.split("_")[-1])
         loss = ckpt.read_metadata(path).get("loss")
-        reporter.checkpoints.append({"step": step, "uri": _display(spec, work_dir, path), "loss": loss})
+        reporter.add_checkpoint(step, _display(spec, work_dir, path), loss)
         reporter.step = max(reporter.step, step)
         if judge is not None and on_grid(step):
             judge.judge(step, path / ckpt.LORA_FILE)
@@ -491,16 +455,14 @@ def run_builtin(spec: RunSpec, reporter: Reporter) -> tuple[int, str, dict[str, 
     finally:
         if judge is not None:
             judge.close()
-    reporter.checkpoints.sort(key=lambda c: c["step"])
     reporter.step = result.steps_done
     reporter.loss = result.final_loss
     if result.stopped_early and not reporter.stop_requested:
         message = f"interrupted at step {result.steps_done} of {result.total_steps} (SIGTERM); the next pod resumes"
-        reporter.send("Running", message)
-        return EXIT_FAILED, message, None
+        return Outcome(EXIT_FAILED, message, resumes=True)
     if result.stopped_early and not result.checkpoints:
-        return EXIT_BAD_SPEC, "stop requested before the first step: there is no checkpoint to promote", None
-    stop_reason = reporter.stop_reason if result.stopped_early else "completed"
+        return Outcome(EXIT_BAD_SPEC, "stop requested before the first step: there is no checkpoint to promote")
+    stop_reason = (reporter.stop_reason or STOP_REQUESTED) if result.stopped_early else "completed"
     best = judge.best_step() if judge is not None else None
     if best is not None:
         chosen = ckpt.checkpoint_path(work_dir, best)
@@ -527,7 +489,7 @@ def run_builtin(spec: RunSpec, reporter: Reporter) -> tuple[int, str, dict[str, 
 
 def _finish(
     spec: RunSpec,
-    reporter: Reporter,
+    reporter: TrainReporter,
     source: Path,
     step: int,
     total: int,
@@ -535,7 +497,7 @@ def _finish(
     stop_reason: str,
     backend: str,
     best: int | None = None,
-) -> tuple[int, str, dict[str, Any]]:
+) -> Outcome:
     from .artifacts import kleinstyle_version
 
     lora_uri = publish_lora(
@@ -543,33 +505,34 @@ def _finish(
         source,
         {"trained_steps": step, "total_steps": total, "loss": loss, "versions": {"kleinstyle": kleinstyle_version()}},
     )
-    result = {
-        "lora_file": lora_uri,
-        "steps": max(reporter.step, step),  # trained; the LoRA is the checkpoint of lora_step
-        "lora_step": step,
-        "total_steps": total,
-        "final_loss": loss,
-        "checkpoints": list(reporter.checkpoints),
-        "stopped_early": stop_reason != "completed",
-        "stop_reason": stop_reason,
-        "best_checkpoint": best,
-        "warnings": list(reporter.warnings),
-        **({"evaluation": reporter.evaluation} if reporter.evaluation else {}),
-    }
+    result = TrainResult(
+        lora_file=lora_uri,
+        steps=max(reporter.step, step),  # trained; the LoRA is the checkpoint of lora_step
+        lora_step=step,
+        total_steps=total,
+        final_loss=loss,
+        checkpoints=list(reporter.checkpoints),
+        stopped_early=stop_reason != "completed",
+        stop_reason=stop_reason,
+        best_checkpoint=best,
+        warnings=list(reporter.warnings),
+        evaluation=reporter.evaluation,
+    )
     if stop_reason == "completed" and step == total:
         message = f"trained {step} steps (loss {_fmt(loss)}); LoRA at {lora_uri}"
     elif stop_reason == "completed":
         message = f"trained {total} steps; the best checkpoint, step {step}, is the LoRA at {lora_uri}"
     else:
         message = f"{stop_reason} at step {reporter.step}: promoted the checkpoint of step {step} to {lora_uri}"
-    return EXIT_OK, message, result
+    return Outcome(EXIT_OK, message, result)
 
 
 def _fmt(loss: float | None) -> str:
     return "-" if loss is None else f"{loss:.4g}"
 
 
-def run_aitoolkit(spec: RunSpec, reporter: Reporter) -> tuple[int, str, dict[str, Any] | None]:
+def run_aitoolkit(spec: RunSpec, reporter: TrainReporter) -> Outcome:
+    """A training run on ai-toolkit (aitoolkit_run.py launches it and reads its progress and checkpoints)."""
     import yaml
 
     from . import aitoolkit_run
@@ -609,7 +572,7 @@ def run_aitoolkit(spec: RunSpec, reporter: Reporter) -> tuple[int, str, dict[str
                 uri = join_uri(spec.output_display_uri, str(path.relative_to(local_path(spec.output_uri))))
                 if judge is not None:
                     judge.judge(step, path)
-                reporter.checkpoints.append({"step": step, "uri": uri, "loss": reporter.loss})
+                reporter.add_checkpoint(step, uri, reporter.loss)
         reporter.on_step(progress.step, progress.total, progress.loss, progress.lr, None)
 
     total = int(process["train"]["steps"])
@@ -628,23 +591,23 @@ def run_aitoolkit(spec: RunSpec, reporter: Reporter) -> tuple[int, str, dict[str
     finally:
         if judge is not None:
             judge.close()
-    reporter.checkpoints.sort(key=lambda c: c["step"])
     last_loss = outcome.last.loss if outcome.last else None
     best = judge.best_step() if judge is not None else None
     if outcome.stopped:
         if not paths:
-            return EXIT_BAD_SPEC, "stop requested before ai-toolkit saved a checkpoint: nothing to promote", None
+            return Outcome(EXIT_BAD_SPEC, "stop requested before ai-toolkit saved a checkpoint: nothing to promote")
         step = best if best is not None else max(paths)  # else the newest complete checkpoint
-        loss = next((c["loss"] for c in reporter.checkpoints if c["step"] == step), None)
-        return _finish(spec, reporter, paths[step], step, total, loss, reporter.stop_reason, "ai-toolkit", best)
+        loss = reporter.loss_at(step)
+        reason = reporter.stop_reason or STOP_REQUESTED
+        return _finish(spec, reporter, paths[step], step, total, loss, reason, "ai-toolkit", best)
     if outcome.failure is not None:
         reason, message = outcome.failure
         code = EXIT_BAD_SPEC if reason in ("ModelMissing", "BadDataset") else EXIT_FAILED
-        return code, f"{reason}: {message} (ai-toolkit exit code {outcome.exit_code})", None
+        return Outcome(code, f"{reason}: {message} (ai-toolkit exit code {outcome.exit_code})")
     if not aitoolkit_run.is_complete(final):
-        return EXIT_FAILED, f"ai-toolkit finished without a complete {final.name}", None
+        return Outcome(EXIT_FAILED, f"ai-toolkit finished without a complete {final.name}")
     if best is not None and best in paths and best != total:
-        loss = next((c["loss"] for c in reporter.checkpoints if c["step"] == best), None)
+        loss = reporter.loss_at(best)
         return _finish(spec, reporter, paths[best], best, total, loss, "completed", "ai-toolkit", best)
     return _finish(spec, reporter, final, total, total, last_loss, "completed", "ai-toolkit", best)
 
@@ -652,10 +615,9 @@ def run_aitoolkit(spec: RunSpec, reporter: Reporter) -> tuple[int, str, dict[str
 # --- the step ----------------------------------------------------------------------------------------------------
 
 
-def run_train(spec: RunSpec, reporter: Reporter) -> tuple[int, str, dict[str, Any] | None]:
+def run_train(spec: RunSpec, reporter: TrainReporter) -> Outcome:
     work = spec.work
-    if not isinstance(work, TrainSpec):
-        raise BadInput(f"train cannot run a {work.step} RunSpec")
+    assert isinstance(work, TrainSpec)
     if work.plan.mode == "two-step" and work.backend != "builtin":
         raise BadInput("mode two-step trains on the builtin backend: set backend: builtin")
     if work.backend == "builtin":
@@ -663,21 +625,15 @@ def run_train(spec: RunSpec, reporter: Reporter) -> tuple[int, str, dict[str, An
     return run_aitoolkit(spec, reporter)
 
 
-def main(spec_path: str) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    spec = read_runspec(spec_path, STEP)
-    if isinstance(spec, int):
-        return spec
+def work(spec: RunSpec, reporter: Reporter) -> Outcome:
+    """The train step in its pod (step.py runs it)."""
     assert isinstance(spec.work, TrainSpec)
     total = int(spec.work.plan.steps.value)
-    reporter = Reporter(spec, total)
-    reporter.send("Running", f"starting {spec.work.backend} training: {total} steps")
-    try:
-        code, message, result = run_train(spec, reporter)
-    except BadInput as exc:
-        code, message, result = EXIT_BAD_SPEC, f"bad input: {exc}", None
-    except Exception as exc:
-        log.exception("training failed")
-        code, message, result = EXIT_FAILED, f"training failed: {type(exc).__name__}: {exc}", None
-    # A SIGTERM run already said it will resume; a failure with a result was reported with it.
-    return conclude(code, message, result, reporter.send, report_failure=result is None and "SIGTERM" not in message)
+    training = TrainReporter(reporter, total)
+    training.send("Running", f"starting {spec.work.backend} training: {total} steps")
+    return run_train(spec, training)
+
+
+def main(spec_path: str) -> int:
+    """`kleinstyle train --spec RUNSPEC`: the StyleLoRA's pod; returns its exit code."""
+    return run_step(spec_path, "train", work)

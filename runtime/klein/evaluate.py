@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import Flux2KleinPipeline
 from kleinstyle.contract.early_stop import ProbeScores
+from kleinstyle.contract.reports import ProbeScoresReport
 from kleinstyle.contract.runspec import EvaluationSpec
 from PIL import Image
 
@@ -203,7 +204,7 @@ class Evaluator:
             if data.get("key") == key:
                 if step == 0:
                     self._base_content = torch.tensor(data["base_content"])
-                return ProbeScores.from_dict(data)
+                return ProbeScores.from_report(ProbeScoresReport.model_validate(data))
         if lora_file is None:
             scores = self._scores(step, self.render())
         else:
@@ -212,7 +213,7 @@ class Evaluator:
                 scores = self._scores(step, self.render())
             finally:
                 self.pipe.delete_adapters(_ADAPTER)
-        record = {"key": key, **scores.to_dict()}
+        record = {"key": key, **scores.to_report().model_dump(mode="json")}
         if step == 0:
             record["base_content"] = self._base_content.tolist()
         write_file_atomic(path, json.dumps(record).encode())

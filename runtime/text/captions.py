@@ -14,8 +14,8 @@ import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
 
+from kleinstyle.contract.reports import CaptionOrigin
 from pydantic import BaseModel, Field
 
 from .client import TextClient
@@ -44,7 +44,7 @@ RECAPTION_NOTE = (
     "depicts and none of those words."
 )
 
-Origin = Literal["given", "generated", "regenerated", "cleaned", "trigger-only"]
+Origin = CaptionOrigin  # where a caption came from, as StyleBoard status shows it
 
 
 class CaptionAnswer(BaseModel):

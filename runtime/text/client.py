@@ -19,7 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, Field, ValidationError
+from kleinstyle.contract.reports import TokenUsage
+from pydantic import BaseModel, ValidationError
 
 from .cache import AnswerCache, cache_key
 from .providers import AnswerRejected, Prompt, Provider, ProviderUnavailable, Usage
@@ -27,19 +28,6 @@ from .retry import GaveUp, RetryPolicy, call_with_retries
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
-
-
-class TokenUsage(BaseModel):
-    """Tokens spent by a step: calls paid for, answers served from the cache, and the tokens of the paid calls."""
-
-    provider: str
-    model: str
-    calls: int = 0
-    cached_calls: int = 0
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-    total_tokens: int = 0
-    by_purpose: dict[str, int] = Field(default_factory=dict, description="Total tokens per purpose (caption, ...).")
 
 
 @dataclass

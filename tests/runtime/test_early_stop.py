@@ -4,6 +4,7 @@ import math
 
 import pytest
 from kleinstyle.contract.early_stop import ProbeScores, StoppingSettings, decide, paired_standard_error
+from kleinstyle.contract.reports import ProbeScoresReport
 
 PROBES = 4
 NOISE = (0.01, -0.01, 0.005, -0.005)  # per-probe wobble, the same at every checkpoint (paired probes)
@@ -100,9 +101,9 @@ def test_paired_standard_error():
     assert paired_standard_error([1.0, 3.0], [0.0, 0.0]) == pytest.approx(1.0)
 
 
-def test_round_trip_through_dicts():
+def test_round_trip_through_reports():
     s = scores(100, 0.3)
-    assert ProbeScores.from_dict(s.to_dict()) == s
+    assert ProbeScores.from_report(ProbeScoresReport.model_validate(s.to_report().model_dump(mode="json"))) == s
 
 
 def test_an_ineligible_first_evaluation_sets_no_bar():
@@ -126,5 +127,6 @@ def test_a_score_that_is_not_a_number_is_ineligible():
 
 
 def test_a_score_reported_as_null_reads_back_as_not_a_number():
-    scores = ProbeScores.from_dict({"step": 2, "style": [None, 0.5], "adherence": [0.9, 0.9], "leakage": [0.2, 0.2]})
+    report = {"step": 2, "style": [None, 0.5], "adherence": [0.9, 0.9], "leakage": [0.2, 0.2]}
+    scores = ProbeScores.from_report(ProbeScoresReport.model_validate(report))
     assert math.isnan(scores.style[0])

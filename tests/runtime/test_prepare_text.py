@@ -78,9 +78,10 @@ def test_images_without_captions_are_captioned_and_the_profile_extracted(
     ]
     assert any("002.png (describes style: watercolor, pastel, palette)" in w for w in result.warnings)
     assert result.captioning == "2 generated, 1 given by gemini (gemini-2.5-pro)"
-    assert result.style_profile == PROFILE_DOC and result.style_profile_images == ["001.png", "002.png", "003.png"]
+    assert result.style_profile is not None and result.style_profile.document() == PROFILE_DOC
+    assert result.style_profile_images == ["001.png", "002.png", "003.png"]
     assert result.token_usage is not None
-    assert (result.token_usage["calls"], result.token_usage["total_tokens"]) == (3, 360)
+    assert (result.token_usage.calls, result.token_usage.total_tokens) == (3, 360)
     report = json.loads((rootfs / OUTPUT.lstrip("/") / "report.json").read_text())
     assert report["style_profile"] == PROFILE_DOC
 
@@ -145,7 +146,7 @@ def test_a_provider_outage_fails_retryably_and_the_retry_pays_only_for_the_rest(
     assert result.succeeded
     new_calls = provider.requests[calls_before:]
     assert [r.schema_name for r in new_calls] == ["caption", "style_profile"]  # two captions came from the cache
-    assert result.token_usage is not None and result.token_usage["cached_calls"] == 2
+    assert result.token_usage is not None and result.token_usage.cached_calls == 2
 
 
 def test_a_refused_key_fails_at_once_with_exit_2(

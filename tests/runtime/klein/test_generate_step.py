@@ -5,6 +5,7 @@ sheet checked from the files."""
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,7 @@ from kleinstyle.runtime.cli import main as cli_main
 from kleinstyle.runtime.contact_sheet import Cell, contact_sheet, grid_columns
 from kleinstyle.runtime.pngmeta import read_png_metadata
 from kleinstyle.runtime.prompts import ReformulationError
+from kleinstyle.runtime.step import Reporter, conclude, run_work
 from PIL import Image
 
 if TYPE_CHECKING:
@@ -68,6 +70,14 @@ def pixels(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
+def run_generate(spec: RunSpec, reformulator=None) -> tuple[int, str, dict | None]:
+    """The generate step as its pod runs it, with the L2 seam replaceable; (exit code, message, reported result)."""
+    reporter = Reporter(spec)
+    outcome = run_work(spec, partial(generate.work, reformulator=reformulator), reporter)
+    code = conclude(outcome, reporter)
+    return code, outcome.message, outcome.result.model_dump(mode="json") if outcome.result else None
+
+
 def reports(kube_api: KubeApi) -> list[dict[str, Any]]:
     return [p.json()["status"]["progress"] for p in kube_api.patches]  # type: ignore[index]
 
@@ -78,7 +88,7 @@ def reports(kube_api: KubeApi) -> list[dict[str, Any]]:
 def test_the_step_writes_images_metadata_and_a_sheet_and_reports_them(pod: Path, kube_api: KubeApi) -> None:
     kube_api.serve_status(OWNER_PATH + "/status")
     spec = runspec(work())
-    code, message, result = generate.run_step(spec)
+    code, message, result = run_generate(spec)
     assert code == 0, message
     names = [name for _, _, name in spec.work.image_files()]
     assert names == ["001_p01_seed5", "002_p01_seed6", "003_p02_seed5", "004_p02_seed6"]
@@ -179,7 +189,7 @@ def test_a_lora_for_another_model_is_named_in_the_failure(pod: Path, tmp_path: P
     flux1 = tmp_path / "flux1.safetensors"
     save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": zeros(4, 3072)}, flux1)
     (pod / "artifacts" / "flux1.safetensors").symlink_to(flux1)
-    code, message, _ = generate.run_step(runspec(work(loras=(LoraInput(uri="/artifacts/flux1.safetensors"),))))
+    code, message, _ = run_generate(runspec(work(loras=(LoraInput(uri="/artifacts/flux1.safetensors"),))))
     assert code == 2
     assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight has shape [4, 3072]" in message
 
@@ -191,7 +201,7 @@ def test_reformulated_prompts_are_rendered_and_failures_fall_back(pod: Path) -> 
         return f"{prompt}, cinematic teal dusk"
 
     spec = runspec(work(prompt_mode="reformulate", seeds=(5,)))
-    code, _, result = generate.run_step(spec, reformulator=lambda: reformulate)
+    code, _, result = run_generate(spec, reformulator=lambda: reformulate)
     assert code == 0 and result is not None
     assert result["prompts_used"] == [f"tokstyle. {PROMPTS[0]}, cinematic teal dusk", f"tokstyle. {PROMPTS[1]}"]
     assert result["reformulated"] == [True, False]
@@ -200,7 +210,7 @@ def test_reformulated_prompts_are_rendered_and_failures_fall_back(pod: Path) -> 
 
 
 def test_without_a_reformulation_the_step_says_so(pod: Path) -> None:
-    code, _, result = generate.run_step(runspec(work(prompt_mode="reformulate", seeds=(5,), prompts=PROMPTS[:1])))
+    code, _, result = run_generate(runspec(work(prompt_mode="reformulate", seeds=(5,), prompts=PROMPTS[:1])))
     assert code == 0 and result is not None
     assert result["reformulated"] == [False] and "no style profile" in result["warnings"][0]
 

@@ -13,8 +13,9 @@ import pytest
 import yaml
 from kleinstyle.contract.early_stop import ProbeScores, StoppingSettings, decide_reported
 from kleinstyle.contract.plan import TrainingPlan, plan_training
+from kleinstyle.contract.reports import EvaluationReport
 from kleinstyle.contract.runspec import EvaluationSpec, Owner, RunSpec, TrainSpec
-from kleinstyle.runtime import train
+from kleinstyle.runtime import step, train
 from kleinstyle.runtime.klein.evaluate import Evaluator
 from safetensors.torch import load_file
 
@@ -162,7 +163,7 @@ def output(rootfs: Path) -> Path:
 def test_train_publishes_the_lora_and_reports_progress(
     rootfs: Path, kube_api: KubeApi, tiny_klein: Path, two_images: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(train, "REPORT_INTERVAL_S", 0.0)
+    monkeypatch.setattr(step, "REPORT_INTERVAL_S", 0.0)
     serve_owner(kube_api)
     assert train.main(runspec(rootfs, tiny_klein, two_images)) == 0
 
@@ -200,7 +201,7 @@ def test_train_publishes_the_lora_and_reports_progress(
 def test_a_stop_request_promotes_the_latest_checkpoint(
     rootfs: Path, kube_api: KubeApi, tiny_klein: Path, two_images: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(train, "STOP_POLL_S", 0.0)
+    monkeypatch.setattr(step, "STOP_POLL_S", 0.0)
 
     def checkpointed() -> bool:
         return any(r.get("progress", {}).get("checkpoints") for r in progress_reports(kube_api))
@@ -240,7 +241,7 @@ def test_checkpoints_are_scored_and_the_best_one_becomes_the_lora(
     evaluation = result["evaluation"]
     assert len(evaluation["baseline"]["style"]) == 2
     assert [c["step"] for c in evaluation["checkpoints"]] == [2, 4, 6]
-    best = decide_reported(evaluation, StoppingSettings(patience=20)).best_step
+    best = decide_reported(EvaluationReport.model_validate(evaluation), StoppingSettings(patience=20)).best_step
     assert result["best_checkpoint"] == best == result["lora_step"] and result["steps"] == 6
     assert result["stop_reason"] == "completed" and not any(c["step"] > 6 for c in result["checkpoints"])
     assert same_file(
@@ -303,7 +304,7 @@ def test_a_missing_embedder_directory_exits_2(rootfs: Path, kube_api: KubeApi, t
 def test_two_step_mode_trains_content_then_style_on_top(
     rootfs: Path, kube_api: KubeApi, tiny_klein: Path, two_images: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(train, "REPORT_INTERVAL_S", 0.0)
+    monkeypatch.setattr(step, "REPORT_INTERVAL_S", 0.0)
     serve_owner(kube_api)
     runspec(rootfs, tiny_klein, two_images)  # links the model and the dataset into the rootfs
     plan = plan_training(2, {"backend": "builtin", "mode": "two-step", "training": QUICK}, {"maxSteps": 4})
@@ -358,7 +359,7 @@ def test_two_step_mode_on_aitoolkit_exits_2(rootfs: Path, kube_api: KubeApi) -> 
 def test_a_resumed_pod_reports_the_checkpoints_of_the_pods_before_it(
     rootfs: Path, kube_api: KubeApi, tiny_klein: Path, two_images: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(train, "STOP_POLL_S", 0.0)
+    monkeypatch.setattr(step, "STOP_POLL_S", 0.0)
     spec_path = runspec(rootfs, tiny_klein, two_images)
     run_id = run_id_of(rootfs, spec_path)
     stop = {"now": True}
@@ -386,7 +387,7 @@ def test_on_an_object_store_the_dataset_is_fetched_checkpoints_mirrored_and_a_ne
 ) -> None:
     import tempfile
 
-    monkeypatch.setattr(train, "STOP_POLL_S", 0.0)
+    monkeypatch.setattr(step, "STOP_POLL_S", 0.0)
     path = rootfs / runspec(rootfs, tiny_klein, two_images).lstrip("/")
     remote = "memory://bucket/team-a/stylelora/wc-lora/uid-2/abc"
     for image in two_images.iterdir():  # the board's dataset is in the store too
@@ -425,7 +426,7 @@ def test_on_an_object_store_the_dataset_is_fetched_checkpoints_mirrored_and_a_ne
 def test_a_stop_request_left_from_an_earlier_run_is_ignored(
     rootfs: Path, kube_api: KubeApi, tiny_klein: Path, two_images: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(train, "STOP_POLL_S", 0.0)
+    monkeypatch.setattr(step, "STOP_POLL_S", 0.0)
     serve_owner(kube_api, lambda: True, run_hash="an-earlier-run")
     assert train.main(runspec(rootfs, tiny_klein, two_images)) == 0
     assert progress_reports(kube_api)[-1]["result"]["stop_reason"] == "completed"
@@ -533,7 +534,7 @@ def test_a_stopped_aitoolkit_run_never_promotes_a_cut_off_checkpoint(
     rootfs: Path, kube_api: KubeApi, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AI_TOOLKIT_DIR", str(DOUBLE))
-    monkeypatch.setattr(train, "STOP_POLL_S", 0.0)
+    monkeypatch.setattr(step, "STOP_POLL_S", 0.0)
     spec_path = aitoolkit_runspec(rootfs, "wc-truncate")
     run_id = run_id_of(rootfs, spec_path)
     folder = output(rootfs) / "aitoolkit/wc-truncate"
