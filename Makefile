@@ -1,4 +1,4 @@
-# Two commands matter: `make demo` and `make test`. Both create (or refresh, when pyproject.toml changed) the
+# Two commands matter: `make demo` and `make test`. Both create (or refresh, when a pyproject.toml changed) the
 # virtualenv in .venv/ first, so a fresh machine with Python 3.11 needs nothing else.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 # operator/ (the source of kleinstyle.operator) would shadow the standard library's `operator` module for any
@@ -7,12 +7,14 @@ export PYTHONSAFEPATH := 1
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# What the operator image installs, alone, in a virtualenv of its own (operator-image-check).
+OPERATOR_VENV := .venv-operator
 
-.PHONY: venv demo dev-cluster test lint crds crds-check clean
+.PHONY: venv demo dev-cluster test lint lint-imports operator-image-check crds crds-check clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml devcluster/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[operator,runtime,dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[operator,runtime,dev]' -e ./devcluster
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -23,14 +25,31 @@ demo: $(STAMP)
 dev-cluster: $(STAMP)
 	$(BIN)/kleinstyle dev-cluster --apply examples
 
-test: $(STAMP)
+test: $(STAMP) operator-image-check
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/kleinstyle crds --check crds
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check operator runtime
+	$(BIN)/ruff format --check contract operator runtime cli devcluster
+	$(BIN)/lint-imports
+
+lint-imports: $(STAMP)
+	$(BIN)/lint-imports
+
+# The operator image's own steps (images/operator.Dockerfile), without Docker: `pip install .[operator]` in a
+# fresh virtualenv, its entry point imported and its command started, and none of the runtime's packages there.
+operator-image-check:
+	rm -rf $(OPERATOR_VENV) build
+	$(PYTHON) -m venv $(OPERATOR_VENV)
+	$(OPERATOR_VENV)/bin/python -m pip install --quiet --disable-pip-version-check '.[operator]'
+	cd / && $(CURDIR)/$(OPERATOR_VENV)/bin/python -c "import kleinstyle.operator.main"
+	cd / && $(CURDIR)/$(OPERATOR_VENV)/bin/kleinstyle operator --help > /dev/null
+	cd / && ! $(CURDIR)/$(OPERATOR_VENV)/bin/python -c "import PIL" 2>/dev/null
+	cd / && ! $(CURDIR)/$(OPERATOR_VENV)/bin/python -c "import torch" 2>/dev/null
+	rm -rf $(OPERATOR_VENV) build
 
 crds: $(STAMP)
 	$(BIN)/kleinstyle crds --write crds
@@ -39,4 +58,4 @@ crds-check: $(STAMP)
 	$(BIN)/kleinstyle crds --check crds
 
 clean:
-	rm -rf $(VENV) .kleinstyle-dev .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(OPERATOR_VENV) .kleinstyle-dev .pytest_cache .ruff_cache

@@ -91,7 +91,7 @@ def command(variant: str, inputs: list[Path], output: Path) -> list[str]:
         return [sys.executable, "-P", __file__, "--run-baseline", "-o", str(output), *files]
     method = variant.split()[-1]
     script = shutil.which("kleinstyle", path=str(Path(sys.executable).parent))
-    entry = [script] if script else [sys.executable, "-P", "-m", "kleinstyle.runtime.cli"]
+    entry = [script] if script else [sys.executable, "-P", "-m", "kleinstyle.cli.main"]
     size = ["--rank", str(RANK)] if method != "concat" else []
     return [*entry, "fuse", "--method", method, *size, "-o", str(output), *files]
 

@@ -1,9 +1,9 @@
 """The ai-toolkit job config for a TrainingPlan: exactly what `python run.py CONFIG` receives.
 
-Keys are the ones ai-toolkit reads at the pinned commit (FINDINGS.md): `job: extension`, one `sd_trainer` process
-with network/save/datasets/train/model sections. For klein, ai-toolkit trains peft-format LoRAs and ignores
-`linear_alpha` (alpha = rank) and conv settings (klein has no conv layers), so neither is varied here. Block filters
-use BFL names with a trailing dot: "single_blocks.1" alone would also match 10-19.
+Keys are the ones ai-toolkit reads at the pinned commit (docs/facts.md#ai-toolkit): `job: extension`, one `sd_trainer`
+process with network/save/datasets/train/model sections. For klein, ai-toolkit trains peft-format LoRAs and ignores
+`linear_alpha` (alpha = rank) and conv settings (klein has no conv layers), so neither is varied here. Block filters use
+BFL names with a trailing dot: "single_blocks.1" alone would also match 10-19.
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@
 setting, records for each whether it came from the policy or from the spec, and says why. No torch: the operator
 computes the plan and the runtime executes it.
 
-Sources are `../shared/reference/seed-klein-style-lora-system.txt` ("the document") and FINDINGS.md, which corrects
-it for klein (block names, no conv layers, alpha ignored by ai-toolkit). Decisions where the document is silent or
+Sources are the empirical write-up the product automates ("the document"; docs/policy.md says what it holds) and
+the verified facts in docs/facts.md, which correct it for klein (block names, no conv layers, alpha ignored by
+ai-toolkit). Decisions where the document is silent or
 contradicts itself:
 
 - Variant by board size. The matrix names 1-3 (B_r128), 5-7 (GEM+B), 10-15 (GEM+A) and 30+ (any). 4 references
@@ -40,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 Variant = Literal["GEM+A", "GEM+B", "B_r128", "GEM+D"]
 Source = Literal["policy", "variant", "spec"]
 
-# Klein 9B: 8 double-stream and 24 single-stream blocks (FINDINGS.md; not FLUX.1's "20-29, 30-57").
+# Klein 9B: 8 double-stream and 24 single-stream blocks (docs/facts.md#klein-in-diffusers; not FLUX.1's "20-29, 30-57").
 KLEIN_BLOCKS = {"klein-base-9b": (8, 24), "klein-base-4b": (5, 20)}
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -131,7 +132,7 @@ def variant_for(images: int) -> tuple[Variant, str]:
 
 def text_pipeline_for(variant: Variant, images: int) -> Planned:
     """Whether generation runs the Gemini text pipeline (L2 reformulation with the board's STYLE_PROFILE): the one
-    place this is decided; a GenerationJob's `textPipeline: on|off` overrides it (`text_pipeline_in_use`).
+    place this is decided; a GenerationJob's `textPipeline: on|off` overrides it (`prompt_policy.decide_prompt_mode`).
 
     Off for 1-3 references: the document found the pipeline breaks them (the model cannot tell style signal from
     content noise, and more text adds to the noise). On for 5 and more, where it helps. 4 references: on. The
@@ -150,11 +151,6 @@ def text_pipeline_for(variant: Variant, images: int) -> Planned:
     if not VARIANTS[variant]["text_pipeline"]:
         return Planned(value=False, source="variant", reason=f"off: the {variant} recipe has no text pipeline")
     return Planned(value=True, source="policy", reason="off for 1-3 references (Gemini hurts them), on otherwise")
-
-
-def text_pipeline_in_use(planned: bool, requested: Literal["auto", "on", "off"]) -> bool:
-    """A GenerationJob's `textPipeline`: auto follows the plan's decision, on and off override it."""
-    return planned if requested == "auto" else requested == "on"
 
 
 def regime(images: int) -> str | None:

@@ -112,7 +112,7 @@ class TrainSpec(_Frozen):
     backend: Literal["ai-toolkit", "builtin"]
     model: str = "klein-base-9b"
     model_path: str
-    # Every training setting (and the mode: standard or two-step), with where it came from (kleinstyle.runtime.plan).
+    # Every training setting (and the mode: standard or two-step), with where it came from (contract/plan.py).
     plan: TrainingPlan
     # How checkpoints are scored for early stopping; None when the plan turns early stopping off.
     evaluation: EvaluationSpec | None = None

@@ -9,11 +9,14 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 # Only what the package is built from, so edits to tests or docs keep the cache.
 COPY pyproject.toml README.md ./
+COPY contract/ contract/
 COPY operator/ operator/
 COPY runtime/ runtime/
+COPY cli/ cli/
 RUN python -m venv /opt/kleinstyle \
  && /opt/kleinstyle/bin/pip install ".[operator]" \
  && /opt/kleinstyle/bin/python -c "import kleinstyle.operator.main" \
+ && /opt/kleinstyle/bin/kleinstyle operator --help > /dev/null \
  && ! /opt/kleinstyle/bin/python -c "import torch" 2>/dev/null
 
 FROM ${PYTHON_IMAGE}

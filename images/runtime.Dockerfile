@@ -65,11 +65,13 @@ RUN git init -q /opt/ai-toolkit \
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY contract/ contract/
 COPY operator/ operator/
 COPY runtime/ runtime/
+COPY cli/ cli/
 RUN new_venv /opt/kleinstyle \
  && /opt/kleinstyle/bin/pip install -c /opt/torch/constraints.txt ".[runtime,cloud]" \
- && /opt/kleinstyle/bin/python -c "import torch, kleinstyle.runtime.cli; print('torch', torch.__version__)"
+ && /opt/kleinstyle/bin/python -c "import torch, kleinstyle.runtime.train; print('torch', torch.__version__)"
 
 FROM base
 COPY --from=build /opt/torch /opt/torch

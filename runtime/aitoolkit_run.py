@@ -1,8 +1,8 @@
 """Running ai-toolkit: launch `python run.py CONFIG`, read its progress, find its checkpoints, name its failures.
 
-ai-toolkit reports progress only as a tqdm line (`name:  12%|..| 360/3000 [.., lr: 1.0e-04 loss: 3.456e-01]`,
-redrawn with carriage returns) and saves `{training_folder}/{name}/{name}_{step:09d}.safetensors`; it resumes by
-itself from the newest checkpoint in that folder, and it has no SIGTERM handler (FINDINGS.md). This module turns those
+ai-toolkit reports progress only as a tqdm line (`name:  12%|..| 360/3000 [.., lr: 1.0e-04 loss: 3.456e-01]`, redrawn
+with carriage returns) and saves `{training_folder}/{name}/{name}_{step:09d}.safetensors`; it resumes by itself from the
+newest checkpoint in that folder, and it has no SIGTERM handler (docs/facts.md#ai-toolkit). This module turns those
 conventions into events; it does not import ai-toolkit, which lives in its own virtualenv in the runtime image.
 """
 

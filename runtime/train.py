@@ -186,9 +186,9 @@ class TrainReporter:
 
 
 class Judge:
-    """Scores each checkpoint (runtime/klein/evaluate.py) and applies the early-stopping policy (early_stop.py):
-    the scores go into progress, a stop decision stops training at the next step, and the best checkpoint is the
-    one promoted to the LoRA."""
+    """Scores each checkpoint (runtime/klein/evaluate.py) and applies the early-stopping policy
+    (contract/early_stop.py): the scores go into progress, a stop decision stops training at the next step, and the best
+    checkpoint is the one promoted to the LoRA."""
 
     def __init__(self, spec: RunSpec, reporter: TrainReporter, work_dir: Path) -> None:
         from .klein.dataset import read_dataset

@@ -1,7 +1,7 @@
 """Facts about the FLUX.2 [klein] architecture in diffusers that the trainer and the generator share.
 
 Kept apart from the trainer so that generation, fusion and the ai-toolkit backend name blocks and text-encoder
-layers exactly the way training does (FINDINGS.md, "FLUX.2 [klein] in diffusers").
+layers exactly the way training does (docs/facts.md#klein-in-diffusers).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # torch is imported where a model is at hand: fusion reads th
 # half and three quarters of the way up. `hidden_states[0]` is the embedding output, so index i is decoder layer i.
 KLEIN_TEXT_ENCODER_LAYERS: tuple[int, int, int] = (9, 18, 27)
 
-# The klein 9B transformer's diffusers config (FINDINGS: 8 double + 24 single blocks, 32 heads x 128, Qwen3-8B's
+# The klein 9B transformer's diffusers config (docs/facts.md: 8 double + 24 single blocks, 32 heads x 128, Qwen3-8B's
 # 3 x 4096 text features); the benchmarks build it with random weights, since the real weights are gated.
 KLEIN_9B_TRANSFORMER: dict[str, object] = {
     "patch_size": 1,

@@ -1,4 +1,5 @@
-"""Checkpoint evaluation: render fixed probes with a checkpoint's LoRA and score them (FINDINGS, Checkpoint evaluation).
+"""Checkpoint evaluation: render fixed probes with a checkpoint's LoRA and score them
+(docs/facts.md#evaluation-and-early-stopping).
 
 Probes are fixed content prompts (with the trigger word) x fixed seeds at a small size, rendered by the same
 `Flux2KleinPipeline` generation uses, with real CFG. Each render gets three scores (`early_stop.ProbeScores`):
@@ -6,7 +7,7 @@ style (like the references' style), adherence (like the base model's render of t
 leakage (like its nearest training image in content). The base model's renders (step 0) are the baseline.
 
 The embedder is pluggable. `PixelStatsEmbedder` is the deterministic offline one (no model ships offline for
-this: FINDINGS): style = colour moments and the energy of fixed random texture filters, positions pooled away;
+this: docs/facts.md): style = colour moments and the energy of fixed random texture filters, positions pooled away;
 content = the layout of light and dark at 16x16, mean-removed, so cosines range over [-1, 1]. A real style encoder
 (DINOv2, SigLIP...) in a local directory plugs in through `VisionModelEmbedder` with the same interface.
 

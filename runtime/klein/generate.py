@@ -35,7 +35,7 @@ from .lora_check import LoraFit
 
 log = logging.getLogger(__name__)
 
-# Defaults by model kind (FINDINGS: Base models use real CFG, 4.0 at 50 steps; distilled ones 4 steps, no CFG).
+# Defaults by model kind (docs/facts.md: Base models use real CFG, 4.0 at 50 steps; distilled ones 4 steps, no CFG).
 BASE_DEFAULTS = {"steps": 50, "guidance": 4.0}
 DISTILLED_DEFAULTS = {"steps": 4, "guidance": 1.0}
 # Rendered sizes: multiples of the VAE's compression x the 2x2 latent patches (16 for klein), within these bounds.

@@ -5,7 +5,7 @@ Format `klein-diffusers-v1`:
   `transformer.<diffusers module name>.lora_A.weight` (rank x in) and `...lora_B.weight` (out x rank), for example
   `transformer.single_transformer_blocks.3.attn.to_qkv_mlp_proj.lora_A.weight`;
 - the training scale alpha / rank is **baked into lora_B**, so the update is exactly `B @ A` (alpha = rank,
-  scale 1.0). That is the convention ai-toolkit's Klein LoRAs already follow (FINDINGS: it ignores
+  scale 1.0). That is the convention ai-toolkit's Klein LoRAs already follow (docs/facts.md#ai-toolkit: it ignores
   `linear_alpha`), and the one every loader assumes when a file carries no alpha: diffusers'
   `Flux2KleinPipeline.load_lora_weights` infers rank from the shapes and sets alpha = rank. No `.alpha` keys.
 - ComfyUI loads it as is (read, not run: ComfyUI v0.19.3, commit 3086026): its Flux branch of

@@ -44,7 +44,7 @@ def make_optimizer(
 
 
 def make_lr_scheduler(optimizer: torch.optim.Optimizer, name: str, *, steps: int) -> LRScheduler:
-    """`cosine` is CosineAnnealingLR over all steps with no warm-up (ai-toolkit's `cosine`, FINDINGS.md);
+    """`cosine` is CosineAnnealingLR over all steps with no warm-up (ai-toolkit's `cosine`, docs/facts.md#ai-toolkit);
     `linear` decays to zero at the last step; `constant` keeps the rate."""
     if name == "cosine":
         return CosineAnnealingLR(optimizer, T_max=steps, eta_min=0.0)

@@ -1,9 +1,9 @@
 """A tiny random FLUX.2 [klein] pipeline in the real diffusers layout, for tests and the CPU demo.
 
 The real model cannot ship with tests (9B parameters, gated), and no Qwen tokenizer ships offline in any package
-(FINDINGS.md), so this builds every component in-process from a seed: the same classes, module names and directory
-layout as `black-forest-labs/FLUX.2-klein-base-9B`, at widths that run a training step in a fraction of a second on
-a CPU. `diffusers.Flux2KleinPipeline.from_pretrained(directory)` loads the result offline.
+(docs/facts.md#klein-in-diffusers), so this builds every component in-process from a seed: the same classes, module
+names and directory layout as `black-forest-labs/FLUX.2-klein-base-9B`, at widths that run a training step in a fraction
+of a second on a CPU. `diffusers.Flux2KleinPipeline.from_pretrained(directory)` loads the result offline.
 
 Shape notes (real 9B -> tiny):
 - transformer: 8 double + 24 single blocks, 32 heads x 128 -> 2 double + 2 single blocks, 2 heads x 16; the block
@@ -192,7 +192,7 @@ def _vae() -> AutoencoderKLFlux2:
         sample_size=64,
     )
     # A fresh BatchNorm has mean 0 / var 1; give it the non-trivial running statistics a trained VAE has so the
-    # latent normalisation (FINDINGS: latents are normalised by `vae.bn` running stats) is actually exercised.
+    # latent normalisation (docs/facts.md: latents are normalised by `vae.bn` running stats) is actually exercised.
     channels = vae.bn.num_features
     generator = torch.Generator().manual_seed(channels)
     vae.bn.running_mean.copy_(0.1 * torch.randn(channels, generator=generator))

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import yaml
-from kleinstyle.operator.admission import Resource
+from kleinstyle.devcluster.admission import Resource
 from kleinstyle.operator.api import KINDS
 from kleinstyle.operator.crdgen import (
     HEADER,

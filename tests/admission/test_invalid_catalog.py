@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from kleinstyle.operator.admission import AdmissionRejected, admit, load_manifests
+from kleinstyle.devcluster.admission import AdmissionRejected, admit, load_manifests
 
 INVALID = sorted((Path(__file__).parent / "invalid").glob("*.yaml"))
 

@@ -6,7 +6,7 @@ import copy
 from typing import Any
 
 import pytest
-from kleinstyle.operator.admission import (
+from kleinstyle.devcluster.admission import (
     AdmissionRejected,
     CELRuleError,
     admit,

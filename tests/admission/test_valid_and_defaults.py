@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kleinstyle.operator.admission import admit, load_manifests
+from kleinstyle.devcluster.admission import admit, load_manifests
 from kleinstyle.operator.api import BY_KIND, GROUP
 
 HERE = Path(__file__).parent

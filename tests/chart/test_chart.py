@@ -15,13 +15,14 @@ import yaml
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk renders the chart")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
+from kleinstyle.cli import main as cli  # noqa: E402
 from kleinstyle.contract.runspec import ImageInput, Owner, PrepareSpec, RunSpec  # noqa: E402
+from kleinstyle.operator import commands as operator_commands  # noqa: E402
 from kleinstyle.operator.api import KINDS  # noqa: E402
 from kleinstyle.operator.children import Run, build_rbac  # noqa: E402
 from kleinstyle.operator.config import OperatorConfig  # noqa: E402
 from kleinstyle.operator.handlers import CHILD_KINDS  # noqa: E402
 from kleinstyle.operator.kube import PLURALS  # noqa: E402
-from kleinstyle.runtime import cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "kleinstyle"
@@ -221,8 +222,8 @@ def test_watched_namespaces_get_roles_not_cluster_roles(chart):
 
 def test_container_args_are_what_the_cli_parses(chart, monkeypatch):
     seen = []
-    name, add_args, _ = cli.COMMANDS["operator"]
-    monkeypatch.setitem(cli.COMMANDS, "operator", (name, add_args, lambda args: seen.append(args) or 0))
+    add_args, _ = operator_commands.COMMANDS["operator"]
+    monkeypatch.setitem(operator_commands.COMMANDS, "operator", (add_args, lambda args: seen.append(args) or 0))
     assert cli.main(container(render(chart, {"watchNamespaces": ["team-a", "team-b"]}))["args"]) == 0
     assert seen[0].namespace == ["team-a", "team-b"]
     assert seen[0].config == "/etc/kleinstyle/operator.yaml"

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from kleinstyle.operator.devcluster import Emulator, KubeClient
+from kleinstyle.devcluster import Emulator, KubeClient
 
 
 def crd(kind: str = "Widget", plural: str = "widgets", group: str = "example.dev") -> dict[str, Any]:

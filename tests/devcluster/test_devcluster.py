@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kleinstyle.operator.devcluster import ApiError, DevCluster, KubeClient
+from kleinstyle.devcluster import ApiError, DevCluster, KubeClient
 
 
 class Invalid(Exception):

@@ -8,7 +8,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from kleinstyle.operator.devcluster import ApiError, Emulator, KubeClient
+from kleinstyle.devcluster import ApiError, Emulator, KubeClient
 
 WIDGETS = "widgets"
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from kleinstyle.operator.devcluster import ApiError, Emulator, KubeClient
+from kleinstyle.devcluster import ApiError, Emulator, KubeClient
 
 WIDGETS = "widgets"
 

@@ -8,7 +8,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from kleinstyle.operator.devcluster import DevCluster, Executor
+from kleinstyle.devcluster import DevCluster, Executor
 
 WRITE_SCRIPT = textwrap.dedent(
     """

@@ -10,7 +10,7 @@ from typing import Any
 import kopf
 import kubernetes
 import pytest
-from kleinstyle.operator.devcluster import DevCluster, configure_kopf_for_emulator, emulator_connection
+from kleinstyle.devcluster import DevCluster, configure_kopf_for_emulator, emulator_connection
 
 
 def widget_operator(cluster_url: list[str], deleted: list[str], login_via: str) -> kopf.OperatorRegistry:

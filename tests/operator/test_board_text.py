@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from kleinstyle.contract.reports import PrepareResult
 from kleinstyle.contract.style_profile import StyleProfile
+from kleinstyle.devcluster.demo import REFERENCE_CLAIM, cluster_for, with_available_provider
+from kleinstyle.devcluster.references import write_references
 from kleinstyle.operator import metrics
 from kleinstyle.operator.api import BY_KIND
 from kleinstyle.operator.config import OperatorConfig
-from kleinstyle.operator.devcluster.demo import REFERENCE_CLAIM, cluster_for, with_available_provider
-from kleinstyle.operator.devcluster.references import write_references
 from kleinstyle.operator.kinds import KIND_RUNS
 from kleinstyle.operator.reconcile import Observed, reconcile
 

@@ -12,8 +12,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from kleinstyle.operator import metrics
-from kleinstyle.operator.devcluster.demo import (
+from kleinstyle.devcluster.demo import (
     REFERENCE_CLAIM,
     cluster_for,
     dev_config,
@@ -21,7 +20,8 @@ from kleinstyle.operator.devcluster.demo import (
     local_artifact,
     write_model_cache,
 )
-from kleinstyle.operator.devcluster.references import write_references
+from kleinstyle.devcluster.references import write_references
+from kleinstyle.operator import metrics
 from kleinstyle.operator.kube import Kube
 
 NS = "team-a"
@@ -315,7 +315,7 @@ async def test_a_planted_child_blocks_the_run_instead_of_being_adopted(root: Pat
 
 
 async def test_bad_yaml_is_refused_at_apply_with_causes_kubectl_lists(root: Path):
-    from kleinstyle.operator.devcluster import ApiError
+    from kleinstyle.devcluster import ApiError
 
     bad = copy.deepcopy(LORA)
     bad["spec"]["training"] = {"rank": 48}

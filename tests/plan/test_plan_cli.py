@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kleinstyle.runtime.cli import main
+from kleinstyle.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).parent / "golden"

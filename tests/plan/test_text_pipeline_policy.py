@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from kleinstyle.contract.plan import plan_training, text_pipeline_for, text_pipeline_in_use
+from kleinstyle.contract.plan import plan_training, text_pipeline_for
+from kleinstyle.contract.prompt_policy import LoraStyle, decide_prompt_mode
 
 
 @pytest.mark.parametrize(
@@ -32,4 +33,5 @@ def test_four_references_warn_and_name_the_way_out() -> None:
     [(True, "auto", True), (False, "auto", False), (False, "on", True), (True, "off", False)],
 )
 def test_a_generation_job_may_override_the_plan(planned: bool, requested: str, expected: bool) -> None:
-    assert text_pipeline_in_use(planned, requested) is expected  # type: ignore[arg-type]
+    mode, _ = decide_prompt_mode(requested, [LoraStyle("StyleLoRA a", ("astyle",), planned)])
+    assert (mode == "reformulate") is expected

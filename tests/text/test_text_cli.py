@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from kleinstyle.runtime.cli import main
+from kleinstyle.cli.main import main
 from PIL import Image
 
 if TYPE_CHECKING:

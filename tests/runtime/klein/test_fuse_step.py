@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 from fsspec.implementations.memory import MemoryFileSystem
+from kleinstyle.cli.main import main as cli
 from kleinstyle.contract.runspec import FuseSpec, LoraInput, Owner, RunSpec
 from kleinstyle.runtime import fuse
-from kleinstyle.runtime.cli import main as cli
 from kleinstyle.runtime.klein.arch import block_linear_shapes
 from kleinstyle.runtime.klein.lora_io import read_lora
 from safetensors.torch import load_file, save_file

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
+from kleinstyle.cli.main import main as cli_main
 from kleinstyle.contract.runspec import GenerateSpec, LoraInput, Owner, RunSpec
 from kleinstyle.runtime import generate
-from kleinstyle.runtime.cli import main as cli_main
 from kleinstyle.runtime.contact_sheet import Cell, contact_sheet, grid_columns
 from kleinstyle.runtime.pngmeta import read_png_metadata
 from kleinstyle.runtime.prompts import ReformulationError

@@ -473,7 +473,7 @@ def aitoolkit_runspec(
         plan,
         name=name,
         dataset_dir="/artifacts/data",
-        training_folder=f"{OUTPUT}/aitoolkit",  # where the operator puts it (operator/runs.py)
+        training_folder=f"{OUTPUT}/aitoolkit",  # where the operator puts it (operator/kinds/stylelora.py)
         trigger_word="tokstyle",
         model_path=model_path,
     )

@@ -9,7 +9,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..api.common import DNS1123_SUBDOMAIN
+from kleinstyle.operator.api.common import DNS1123_SUBDOMAIN
+
 from .resources import ResourceKind
 
 _DNS_SUBDOMAIN = re.compile(DNS1123_SUBDOMAIN)

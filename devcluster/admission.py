@@ -21,9 +21,8 @@ import jsonschema
 import yaml
 from cel_expr_python import cel
 from cel_expr_python.ext import ext_strings
-
-from .api import common as api_common
-from .crdgen import build_crds
+from kleinstyle.operator.api import common as api_common
+from kleinstyle.operator.crdgen import build_crds
 
 DNS1123_SUBDOMAIN = re.compile(api_common.DNS1123_SUBDOMAIN)
 DNS1123_LABEL = re.compile(api_common.DNS1123_LABEL)

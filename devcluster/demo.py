@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kleinstyle.contract.pod import PROVIDER_KEY_ENV, PROVIDER_URL_ENV
-from kleinstyle.operator import admission, crdgen
+from kleinstyle.operator import crdgen
 from kleinstyle.operator.api import KINDS
 from kleinstyle.operator.config import (
     ArtifactStore,
@@ -32,6 +32,7 @@ from kleinstyle.operator.config import (
 )
 from kleinstyle.operator.main import run_operator
 
+from . import admission
 from .cluster import DevCluster
 from .references import write_references
 from .wiring import configure_kopf_for_emulator

@@ -1,9 +1,10 @@
 """A Kubernetes API emulator on a loopback port: kmock serves HTTP and discovery, `ObjectStore` keeps the objects.
 
-kmock's `KubernetesScaffold` answers discovery (`/api`, `/apis`, `/apis/GROUP/VERSION`) from its `resources` table
-and logs every request; its stateful `KubernetesEmulator` lacks what the operator relies on (FINDINGS.md), so
-resource URLs are routed to `ObjectStore` instead: CRUD with real metadata rules, PUT, `/status`, selectors,
-finalizers, garbage collection, admission, and watches that resume from a resourceVersion and send bookmarks.
+kmock's `KubernetesScaffold` answers discovery (`/api`, `/apis`, `/apis/GROUP/VERSION`) from its `resources` table and
+logs every request; its stateful `KubernetesEmulator` lacks what the operator relies on
+(docs/facts.md#kubernetes-and-kmock), so resource URLs are routed to `ObjectStore` instead: CRUD with real metadata
+rules, PUT, `/status`, selectors, finalizers, garbage collection, admission, and watches that resume from a
+resourceVersion and send bookmarks.
 
 The server runs in its own thread with its own event loop. Code that blocks the caller's loop (a synchronous
 `kubernetes` client call inside an `async def` kopf handler) then stalls only itself instead of deadlocking

@@ -1,0 +1,1 @@
+"""The `kleinstyle` command (main.py)."""
