@@ -25,16 +25,19 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
 from kleinstyle.runtime.klein.arch import KLEIN_9B_TRANSFORMER
 from kleinstyle.runtime.klein.generate import RenderOptions, prepared
 from kleinstyle.runtime.klein.tiny import klein_scheduler, tiny_klein_pipeline
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ itself, also under python -P
+from variants import measure_each, write_rows
 
 VARIANTS = {
     "two-pass-cfg": {"compile": False, "batch_cfg": False},
@@ -127,27 +130,19 @@ def main() -> None:
     print(f"{machine}, torch {torch.__version__}, {size}x{size}, {args.steps} steps, CFG 4.0\n")
     print("| variant | model | px | s/image | first image s | peak GiB | vs 60 s goal |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    rows = []
-    for variant in variants:
-        command = [sys.executable, __file__, "--one", variant, "--device", "cuda" if gpu else "cpu"]
-        command += ["--size", str(size), "--steps", str(args.steps), "--images", str(args.images)]
-        done = subprocess.run([*command, "--warmup", str(args.warmup)], capture_output=True, text=True)
-        if done.returncode != 0:
-            print(f"| {variant} | failed: {done.stderr.strip().splitlines()[-1:]} | | | | | |", flush=True)
-            continue
-        row = Row(**json.loads(done.stdout.strip().splitlines()[-1]))
-        rows.append(row)
+    command = ["--device", "cuda" if gpu else "cpu", "--size", str(size), "--steps", str(args.steps)]
+    command += ["--images", str(args.images), "--warmup", str(args.warmup)]
+
+    def line(row: Row) -> str:
         peak = f"{row.peak_gib:.1f}" if row.peak_gib is not None else "-"
         goal = f"{GOAL_S / row.seconds_per_image:.2f}x" if gpu else "-"
-        print(
+        return (
             f"| {row.variant} | {row.model} | {row.pixels} | {row.seconds_per_image:.2f} | {row.first_image_s:.1f} "
-            f"| {peak} | {goal} |",
-            flush=True,
+            f"| {peak} | {goal} |"
         )
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"machine": machine, "torch": torch.__version__, "rows": [asdict(r) for r in rows]}, handle)
 
+    rows = measure_each(__file__, variants, command, Row, line, cells=7)
+    write_rows(args.json, machine, torch.__version__, rows)
 
 if __name__ == "__main__":
     main()

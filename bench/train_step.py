@@ -21,10 +21,10 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from diffusers import Flux2Transformer2DModel
@@ -34,6 +34,9 @@ from kleinstyle.runtime.klein.lora_train import flow_matching_loss
 from kleinstyle.runtime.klein.optim import make_optimizer
 from kleinstyle.runtime.klein.tiny import TINY_TRANSFORMER
 from peft import LoraConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ itself, also under python -P
+from variants import measure_each, write_rows
 
 
 @dataclass
@@ -120,26 +123,15 @@ def main() -> None:
     machine = torch.cuda.get_device_name() if gpu else f"{platform.processor() or platform.machine()} CPU"
     print(f"{machine}, torch {torch.__version__}\n")
     print("| variant | model | px | s/step | peak GiB | vs 0.84 s (document) |\n| --- | --- | --- | --- | --- | --- |")
-    rows = []
-    for variant in args.variants.split(","):
-        # Each variant in a fresh process: compiled and eager runs in one process crashed inductor (torch 2.11).
-        command = [sys.executable, __file__, "--one", variant, "--steps", str(args.steps), "--warmup", str(args.warmup)]
-        done = subprocess.run([*command, *(["--cpu"] if args.cpu else [])], capture_output=True, text=True)
-        if done.returncode != 0:
-            print(f"| {variant} | failed: {done.stderr.strip().splitlines()[-1:]} | | | | |", flush=True)
-            continue
-        row = Row(**json.loads(done.stdout.strip().splitlines()[-1]))
-        rows.append(row)
+
+    def line(row: Row) -> str:
         peak = f"{row.peak_gib:.1f}" if row.peak_gib is not None else "-"
         ratio = f"{0.84 / row.seconds_per_step:.2f}x" if gpu else "-"
-        print(
-            f"| {row.variant} | {row.model} | {row.pixels} | {row.seconds_per_step:.3f} | {peak} | {ratio} |",
-            flush=True,
-        )
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"machine": machine, "torch": torch.__version__, "rows": [asdict(r) for r in rows]}, handle)
+        return f"| {row.variant} | {row.model} | {row.pixels} | {row.seconds_per_step:.3f} | {peak} | {ratio} |"
 
+    command = ["--steps", str(args.steps), "--warmup", str(args.warmup), *(["--cpu"] if args.cpu else [])]
+    rows = measure_each(__file__, args.variants.split(","), command, Row, line, cells=6)
+    write_rows(args.json, machine, torch.__version__, rows)
 
 if __name__ == "__main__":
     main()
