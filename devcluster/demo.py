@@ -131,14 +131,13 @@ def _reason(obj: dict[str, Any]) -> str:
 
 
 def settled(objs: list[dict[str, Any]]) -> bool:
-    """Nothing more will happen without a new step in the runtime: every resource finished, waits on another, or
-    waits for a step the runtime lacks."""
+    """Nothing more will happen: every resource, for its current generation, finished or waits on another."""
 
     def done(obj: dict[str, Any]) -> bool:
         status = obj.get("status") or {}
         if status.get("observedGeneration") != obj["metadata"].get("generation"):
             return False
-        return status.get("phase") in ("Succeeded", "Failed", "Waiting") or _reason(obj) == "StepNotAvailable"
+        return status.get("phase") in ("Succeeded", "Failed", "Waiting")
 
     return bool(objs) and all(done(o) for o in objs)
 

@@ -15,6 +15,7 @@ from kleinstyle.contract.aitoolkit import aitoolkit_config
 from kleinstyle.contract.plan import plan_training
 from pydantic import ValidationError
 
+from .api.common import field_errors
 from .api.stylelora import StyleLoRASpec
 
 
@@ -28,8 +29,7 @@ def plan(args: argparse.Namespace) -> int:
         spec = StyleLoRASpec.model_validate(docs[0].get("spec") or {}).model_dump(mode="json", exclude_none=True)
         result = plan_training(args.images, spec)
     except ValidationError as exc:
-        for error in exc.errors():
-            print(f"spec.{'.'.join(str(p) for p in error['loc'])}: {error['msg']}", file=sys.stderr)
+        print("\n".join(field_errors(exc)), file=sys.stderr)
         return 2
     except ValueError as exc:
         print(exc, file=sys.stderr)

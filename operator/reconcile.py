@@ -22,6 +22,7 @@ from typing import Any
 from kleinstyle.contract.reports import read_report
 from pydantic import ValidationError
 
+from .api.common import field_errors
 from .children import build_children
 from .conditions import Condition, merge_conditions
 from .config import OperatorConfig
@@ -123,7 +124,7 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
     try:
         spec = kind_run.kind.spec.model_validate(body.get("spec") or {})
     except ValidationError as exc:  # The CRD schema normally refuses this at apply time.
-        message = "; ".join(f"spec.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        message = "; ".join(field_errors(exc))
         return finish("Failed", "InvalidSpec", message, [Condition("Ready", "False", "InvalidSpec", message)])
 
     try:
@@ -208,11 +209,9 @@ def current_report(progress: Any, kind_run: KindRuns, run_id: str) -> tuple[Any,
     try:
         report = read_report(progress)
     except ValidationError as exc:
-        # loc starts with the union's tag (the step) for a known step: left out, the path reads as in status.
-        problems = [
-            f"{'.'.join(str(p) for p in e['loc'][1 if e['loc'][:1] == (progress.get('step'),) else 0 :])}: {e['msg']}"
-            for e in exc.errors()[:3]
-        ]
+        # Paths start with the union's tag (the step) for a known step: left out, they read as in status.progress.
+        tagged = exc.errors()[0]["loc"][:1] == (progress.get("step"),)
+        problems = field_errors(exc, prefix="", skip=1 if tagged else 0)[:3]
         return None, f"the run's report in status.progress is malformed and was ignored ({'; '.join(problems)})"
     if report.step != kind_run.step:
         return None, f"status.progress holds a {report.step} report; a {kind_run.kind.kind} runs {kind_run.step}"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 GROUP = "kleinstyle.dev"
 VERSION = "v1alpha1"
@@ -25,6 +25,15 @@ NO_CROSS_NAMESPACE = {
     "fieldPath": ".namespace",
     "reason": "FieldValueForbidden",
 }
+
+
+def field_errors(exc: ValidationError, prefix: str = "spec", skip: int = 0) -> list[str]:
+    """A model's validation errors as lines naming the field, the way the API server does: `spec.training.rank:
+    Input should be 16, 32, 64 or 128`. `skip` drops leading path parts (a tagged union's tag)."""
+    return [
+        f"{'.'.join([prefix, *(str(part) for part in error['loc'][skip:])]).lstrip('.')}: {error['msg']}"
+        for error in exc.errors()
+    ]
 
 
 def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
