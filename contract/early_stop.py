@@ -1,24 +1,32 @@
-"""The early-stopping policy: which checkpoint is best, and whether to stop now (pure; no torch).
+"""The early-stopping policy: which checkpoint is best, whether it beats the base model, and whether to stop now
+(pure; no torch).
 
 Loss is a poor guide for klein style LoRAs (flat loss while the style still improves: docs/facts.md), so every
-checkpoint is judged by rendered probes, fixed prompts x seeds, each scored three ways (runtime/klein/evaluate.py):
-- style: similarity of the render to the references' style (higher is better);
-- adherence: similarity of the render's content to the base model's render of the same probe (does the LoRA keep
-  drawing what the prompt asks for);
+checkpoint is judged by rendered probes, fixed content prompts x seeds, each scored three ways
+(runtime/klein/evaluate.py), step 0 (the base model, rendered the same way) being the baseline:
+- style: similarity of the render to the references in a style embedding (CSD, or colour and texture statistics);
+- adherence: agreement of the render with its prompt's text (a CLIP/SigLIP text tower). It is judged against the
+  base model's agreement on the same probe, never against the base model's picture: the LoRA is meant to change
+  the picture, and a drift away from the base render is the style, not lost adherence;
 - leakage: similarity of the render's content to its nearest training image (a LoRA that copies its references).
-Step 0 (the base model) is the baseline for adherence and leakage.
+A checkpoint also gets a held-out validation loss (flow-matching loss at fixed noise levels and noise on references
+left out of training) when the board has enough references to leave some out.
 
-Per probe, J = style - ADHERENCE_WEIGHT * (1 - adherence) - LEAKAGE_WEIGHT * max(0, leakage - baseline leakage).
-A checkpoint whose mean adherence falls under `min_adherence`, or whose mean leakage rises more than `max_leakage_rise`
-over the baseline, is ineligible. Probes are paired across checkpoints (same prompt, same seed), so differences are
-judged against the standard error of paired differences, which is far smaller than the spread of J across probes.
-- best: the earliest eligible checkpoint whose J is within one paired standard error of the top one; an earlier
-  checkpoint is preferred when the data cannot tell them apart, since it has seen fewer steps to overfit with.
+Per probe, J = style - ADHERENCE_WEIGHT * relative adherence drop below the base - LEAKAGE_WEIGHT * leakage rise
+over the base. The base model's own J is its style score. Guards make a checkpoint ineligible: a mean adherence
+drop over `max_adherence_drop` (it stopped drawing the prompts), a mean leakage rise over `max_leakage_rise` (it
+copies its references), a held-out loss more than `max_validation_rise` above the base model's (it fits references
+it did not see worse than no LoRA at all: memorisation), or a score that is not a number. Probes are paired across
+checkpoints (same prompt, same seed), so differences are judged against the standard error of paired differences.
+- best: the earliest eligible checkpoint whose J is within one paired standard error of the top one and above the
+  base model's J; an earlier checkpoint is preferred when the data cannot tell them apart, since it has seen fewer
+  steps to overfit with. When no eligible checkpoint beats the base model, best is step 0: nothing is promoted.
 - stop: after `warmup_steps`, when the smoothed J has not beaten its best by one standard error for `patience`
   evaluations in a row, or when two evaluations in a row are ineligible (the guards failed twice).
 
 The runtime applies this at each evaluation (no API round trip between a checkpoint and the decision) and the
-operator applies the same function to the reported scores for status, so both always agree.
+operator applies the same function to the reported scores for status, so both always agree. bench/early_stop.py
+calibrates it on synthetic score trajectories; docs/policy.md#early-stopping says why each rule is there.
 """
 
 from __future__ import annotations
@@ -43,8 +51,9 @@ class StoppingSettings:
     enabled: bool = True
     patience: int = 3
     warmup_steps: int = 0
-    min_adherence: float = 0.3
-    max_leakage_rise: float = 0.25
+    max_adherence_drop: float = 0.25  # a fraction of the base model's text agreement
+    max_leakage_rise: float = 0.25  # in similarity (cosine) over the base model's
+    max_validation_rise: float = 0.05  # a fraction of the base model's held-out loss
 
     @classmethod
     def from_plan(cls, plan: TrainingPlan) -> StoppingSettings:
@@ -59,6 +68,7 @@ class ProbeScores:
     style: tuple[float, ...]
     adherence: tuple[float, ...]
     leakage: tuple[float, ...]
+    validation_loss: float | None = None  # held-out flow-matching loss; None without held-out references
 
     def __post_init__(self) -> None:
         if not (len(self.style) == len(self.adherence) == len(self.leakage)) or not self.style:
@@ -71,7 +81,14 @@ class ProbeScores:
         def floats(values: list[float | None]) -> tuple[float, ...]:
             return tuple(math.nan if v is None else float(v) for v in values)
 
-        return cls(report.step, floats(report.style), floats(report.adherence), floats(report.leakage))
+        validation = report.validation_loss
+        return cls(
+            report.step,
+            floats(report.style),
+            floats(report.adherence),
+            floats(report.leakage),
+            None if validation is None else float(validation),
+        )
 
     def to_report(self) -> ProbeScoresReport:
         """For a report; a NaN score goes as null (JSON has no NaN)."""
@@ -79,8 +96,13 @@ class ProbeScores:
         def finite(values: tuple[float, ...]) -> list[float | None]:
             return [v if math.isfinite(v) else None for v in values]
 
+        validation = self.validation_loss
         return ProbeScoresReport(
-            step=self.step, style=finite(self.style), adherence=finite(self.adherence), leakage=finite(self.leakage)
+            step=self.step,
+            style=finite(self.style),
+            adherence=finite(self.adherence),
+            leakage=finite(self.leakage),
+            validation_loss=None if validation is None or not math.isfinite(validation) else validation,
         )
 
 
@@ -94,10 +116,14 @@ class Judged:
 
 @dataclass(frozen=True)
 class Decision:
+    """`best_step`: the checkpoint to promote; 0 when the base model beats every eligible checkpoint (promote
+    nothing); None when no checkpoint is eligible (or none was evaluated yet)."""
+
     best_step: int | None
     stop: bool
     reason: str
     judged: tuple[Judged, ...] = field(default=())
+    base_score: float | None = None  # the base model's J
 
     def score_of(self, step: int) -> float | None:
         return next((j.score for j in self.judged if j.step == step), None)
@@ -125,33 +151,57 @@ def paired_standard_error(a: Sequence[float], b: Sequence[float]) -> float:
     return math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n)
 
 
+def relative_drop(value: float, base: float) -> float:
+    """How far `value` fell below `base`, as a fraction of the base (absolute when the base is not positive)."""
+    return max(0.0, (base - value) / base if base > 1e-6 else base - value)
+
+
 def probe_objective(scores: ProbeScores, baseline: ProbeScores) -> tuple[float, ...]:
     """J per probe."""
     if len(scores.style) != len(baseline.style):
         raise ValueError(f"checkpoint {scores.step} has {len(scores.style)} probes, the baseline {len(baseline.style)}")
     return tuple(
-        s - ADHERENCE_WEIGHT * (1.0 - a) - LEAKAGE_WEIGHT * max(0.0, lk - lb)
-        for s, a, lk, lb in zip(scores.style, scores.adherence, scores.leakage, baseline.leakage, strict=True)
+        s - ADHERENCE_WEIGHT * relative_drop(a, ab) - LEAKAGE_WEIGHT * max(0.0, lk - lb)
+        for s, a, ab, lk, lb in zip(
+            scores.style, scores.adherence, baseline.adherence, scores.leakage, baseline.leakage, strict=True
+        )
     )
 
 
 def _eligibility(scores: ProbeScores, baseline: ProbeScores, settings: StoppingSettings) -> str:
-    if not all(math.isfinite(v) for v in (*scores.style, *scores.adherence, *scores.leakage)):
+    values = (*scores.style, *scores.adherence, *scores.leakage)
+    if not all(math.isfinite(v) for v in values) or not _finite_or_none(scores.validation_loss):
         return "a score is not a number (a blank or diverged render)"
-    adherence = _mean(scores.adherence)
-    if adherence < settings.min_adherence:
-        return f"adherence {adherence:.3f} < {settings.min_adherence}: the LoRA stopped drawing the prompts"
+    drop = relative_drop(_mean(scores.adherence), _mean(baseline.adherence))
+    if drop > settings.max_adherence_drop:
+        limit = settings.max_adherence_drop
+        return f"adherence fell {drop:.0%} below the base model's (over {limit:.0%}): it stopped drawing the prompts"
     rise = _mean(scores.leakage) - _mean(baseline.leakage)
     if rise > settings.max_leakage_rise:
         return f"leakage rose {rise:.3f} > {settings.max_leakage_rise} over the base model: it copies its references"
+    held_out, base_held_out = scores.validation_loss, baseline.validation_loss
+    if (
+        held_out is not None
+        and base_held_out is not None
+        and held_out > base_held_out * (1 + settings.max_validation_rise)
+    ):
+        return (
+            f"held-out loss {held_out:.4g} is over {settings.max_validation_rise:.0%} above the base model's "
+            f"{base_held_out:.4g}: it memorises its references"
+        )
     return ""
+
+
+def _finite_or_none(value: float | None) -> bool:
+    return value is None or math.isfinite(value)
 
 
 def decide(baseline: ProbeScores, checkpoints: Sequence[ProbeScores], settings: StoppingSettings) -> Decision:
     """Best checkpoint and stop decision for the checkpoints evaluated so far (any order; one entry per step)."""
     ordered = sorted(checkpoints, key=lambda c: c.step)
+    base_score = round(_mean(probe_objective(baseline, baseline)), 6)
     if not ordered:
-        return Decision(None, False, "no checkpoint evaluated yet")
+        return Decision(None, False, "no checkpoint evaluated yet", base_score=base_score)
     per_probe = {c.step: probe_objective(c, baseline) for c in ordered}
     judged = []
     for c in ordered:
@@ -162,13 +212,14 @@ def decide(baseline: ProbeScores, checkpoints: Sequence[ProbeScores], settings: 
     best = None
     if eligible:
         top = max(eligible, key=lambda j: (j.score, -j.step))
+        best = 0  # the base model, unless a checkpoint beats it
         for j in eligible:  # ascending steps: the first within one paired standard error of the top wins
             margin = paired_standard_error(per_probe[top.step], per_probe[j.step])
-            if top.score - j.score <= margin:
+            if top.score - j.score <= margin and j.score > base_score:
                 best = j.step
                 break
     stop, reason = _stop(ordered, judged, per_probe, settings)
-    return Decision(best, stop, reason, tuple(judged))
+    return Decision(best, stop, reason, tuple(judged), base_score)
 
 
 def _stop(

@@ -26,7 +26,15 @@ contradicts itself:
   trigger word and learns the residual, the style; only the style LoRA is published. The builtin backend runs it
   (ai-toolkit has no stage-on-a-merged-LoRA mode): a two-step plan for ai-toolkit is refused.
 - Checkpoints: every ~10% of the run in multiples of 50 (at most 250, every 100 for rank 128 on under 10 images
-  so the ~500-step peak is seen), plus the cosine midpoint, which the document says to check explicitly.
+  so the ~500-step peak is seen), plus the cosine midpoint, which the document says to check explicitly; the
+  builtin trainer saves exactly `checkpoint_steps`, ai-toolkit every `checkpoint_every` (it has no list).
+- Rank on q/k/v: ai-toolkit trains klein's double blocks with one rank-r LoRA on each fused qkv projection; the
+  builtin backend does the same on diffusers' separate to_q/to_k/to_v (and add_q/k/v) by sharing one lora_A among
+  the three, so a rank means the same capacity on both backends and the document's rank findings, made on
+  ai-toolkit, carry over (separate LoRAs would hold up to 3r directions there, with 1.5x the parameters).
+- Held-out references: with early stopping and at least 5 references, about one in ten (at least one) is left out
+  of training, and each checkpoint's flow-matching loss on them (fixed noise levels, fixed noise) is reported and
+  guards against memorisation (docs/policy.md#early-stopping).
 """
 
 from __future__ import annotations
@@ -101,6 +109,8 @@ class TrainingPlan(BaseModel):
     blocks: tuple[str, ...] = Field(description="BFL/ai-toolkit block names that get LoRA layers.")
     checkpoint_every: Planned
     checkpoint_steps: tuple[int, ...]
+    # References left out of training for the held-out validation loss (0: none); chosen evenly by the runtime.
+    validation_images: Planned = Planned(value=0, source="policy", reason="no held-out references")
     mode: Literal["standard", "two-step"] = "standard"
     # Two-step mode: the content stage's rank and steps, trained before the style stage this plan describes.
     content_stage: Planned | None = None
@@ -151,6 +161,23 @@ def text_pipeline_for(variant: Variant, images: int) -> Planned:
     if not VARIANTS[variant]["text_pipeline"]:
         return Planned(value=False, source="variant", reason=f"off: the {variant} recipe has no text pipeline")
     return Planned(value=True, source="policy", reason="off for 1-3 references (Gemini hurts them), on otherwise")
+
+
+QKV_NOTE = "one rank-r LoRA per fused q/k/v projection (lora_A shared by q, k and v), as ai-toolkit trains klein"
+MIN_IMAGES_TO_HOLD_OUT = 5
+
+
+def held_out(images: int, early_stopping: bool) -> Planned:
+    """How many references the held-out validation loss leaves out of training: about one in ten, at least one,
+    from 5 references and only when checkpoints are evaluated (under 5 every reference is needed to train)."""
+    if not early_stopping:
+        return Planned(value=0, source="policy", reason="early stopping is off: no held-out validation loss")
+    if images < MIN_IMAGES_TO_HOLD_OUT:
+        return Planned(
+            value=0, source="policy", reason=f"{images} references: under {MIN_IMAGES_TO_HOLD_OUT}, all train"
+        )
+    count = max(1, round(images / 10))
+    return Planned(value=count, source="policy", reason=f"{count} of {images} references held out (one in ten)")
 
 
 def regime(images: int) -> str | None:
@@ -249,6 +276,7 @@ def plan_training(images: int, spec: dict[str, Any], limits: Mapping[str, Any] |
     rank = pick("rank", "rank")
     if two_step and rank.source != "spec":
         rank = Planned(value=TWO_STEP["style_rank"], source="policy", reason="two-step (ConsisLoRA): the style stage")
+    rank = rank.model_copy(update={"reason": f"{rank.reason}; {QKV_NOTE}"})
     alpha = (
         Planned(value=training["alpha"], source="spec", reason="set in spec.training")
         if training.get("alpha") is not None
@@ -332,6 +360,7 @@ def plan_training(images: int, spec: dict[str, Any], limits: Mapping[str, Any] |
         blocks=block_names(target, training.get("blocks"), model),
         checkpoint_every=checkpoint_every,
         checkpoint_steps=checkpoint_steps(steps.value, checkpoint_every.value, scheduler.value),
+        validation_images=held_out(images, early),
         mode="two-step" if two_step else "standard",
         content_stage=_content_stage(limits.get("maxSteps")) if two_step else None,
         early_stopping=early,

@@ -110,6 +110,7 @@ class ProbeScoresReport(_Reported):
     style: list[float | None]
     adherence: list[float | None]
     leakage: list[float | None]
+    validation_loss: float | None = None  # held-out flow-matching loss (None: no held-out references)
 
 
 class EvaluationReport(_Reported):

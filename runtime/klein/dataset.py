@@ -2,7 +2,9 @@
 
 Layout (what `prepare` writes and ai-toolkit reads): `NNN.png` (or .jpg/.jpeg/.webp) next to `NNN.txt` holding
 its caption, trigger word included. Buckets keep each image near `resolution`^2 pixels at its own aspect ratio,
-instead of square-cropping away composition that a style LoRA should learn from.
+instead of square-cropping away composition that a style LoRA should learn from, and never above the image's own
+pixels: an image smaller than the resolution trains at its own size, as ai-toolkit does (it only downscales into
+buckets). An upscaled reference would teach the LoRA its interpolation softness as part of the style.
 """
 
 from __future__ import annotations
@@ -66,6 +68,31 @@ def bucket_sizes(resolution: int, multiple: int) -> list[tuple[int, int]]:
         if height >= multiple and max(width / height, height / width) <= MAX_ASPECT:
             buckets.add((width, height))
     return sorted(buckets)
+
+
+def training_size(size: tuple[int, int], resolution: int, multiple: int) -> tuple[int, int]:
+    """The (width, height) an image of `size` trains at: the bucket closest to its aspect ratio among those of at
+    most `resolution`^2 pixels (fewer when the image has fewer) with neither side above the image's, so it is only
+    ever downscaled, then centre-cropped to the bucket; sides are multiples of `multiple`, aspect at most 4:1."""
+    width, height = size
+    budget = max(multiple, min(resolution, math.isqrt(width * height) // multiple * multiple)) ** 2
+    buckets = []
+    for side in range(multiple, max(width, multiple) + 1, multiple):
+        other = min(budget // side, height, int(side * MAX_ASPECT)) // multiple * multiple
+        if other >= multiple and max(side / other, other / side) <= MAX_ASPECT:
+            buckets.append((side, other))
+    return assign_bucket(size, buckets) if buckets else (multiple, multiple)
+
+
+def held_out(samples: list[Sample], count: int) -> tuple[list[Sample], list[Sample]]:
+    """(training samples, held-out samples): `count` references spread evenly over the sorted dataset, so the
+    validation set is the same on every pod and for both backends."""
+    if count <= 0:
+        return samples, []
+    if count >= len(samples):
+        raise DatasetError(f"cannot hold out {count} of {len(samples)} references and still train")
+    picks = {int((k + 0.5) * len(samples) / count) for k in range(count)}
+    return [s for i, s in enumerate(samples) if i not in picks], [s for i, s in enumerate(samples) if i in picks]
 
 
 def assign_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:

@@ -19,7 +19,7 @@ from diffusers import Flux2KleinPipeline
 from PIL import Image, ImageOps
 
 from .arch import text_encoder_layers
-from .dataset import Sample, assign_bucket, bucket_sizes
+from .dataset import Sample, training_size
 
 
 class ModelDirError(FileNotFoundError):
@@ -161,12 +161,11 @@ def encode_images(
         pixel_multiple = pipe.vae_scale_factor * 2  # VAE downsampling x 2x2 patchify
         if multiple % pixel_multiple:
             raise ValueError(f"bucket step {multiple} must be a multiple of {pixel_multiple} for this VAE")
-        sizes = bucket_sizes(resolution, multiple)
         latents: list[torch.Tensor] = []
         buckets: dict[tuple[int, int], list[int]] = {}
         for index, sample in enumerate(samples):
             image = load_rgb(sample.image)
-            width, height = assign_bucket(image.size, sizes)
+            width, height = training_size(image.size, resolution, multiple)
             pixels = pipe.image_processor.preprocess(image, height=height, width=width, resize_mode="crop")
             latent = pipe._encode_vae_image(pixels.to(device=device, dtype=dtype), generator=None)
             latents.append(latent.to(dtype))

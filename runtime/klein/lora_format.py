@@ -44,5 +44,6 @@ def to_artifact_state_dict(
         value = tensor.detach().to("cpu", torch.float32)
         if ".lora_B." in key and scale != 1.0:
             value = value * scale
-        out[COMPONENT_PREFIX + key] = value.to(dtype).contiguous()
+        # A copy of its own: lora_A shared by q, k and v (lora_train.share_qkv_down) is one tensor under three keys.
+        out[COMPONENT_PREFIX + key] = value.to(dtype).clone(memory_format=torch.contiguous_format)
     return out

@@ -40,7 +40,7 @@ from peft.utils import get_peft_model_state_dict
 from . import checkpoints as ckpt
 from .arch import select_lora_targets
 from .batches import BatchPlan, seeded_generator
-from .dataset import Sample, read_dataset
+from .dataset import Sample, held_out, read_dataset
 from .encode import EncodedDataset, check_model_dir, encode_dataset
 from .lora_format import COMPONENT_PREFIX, FORMAT_NAME, to_artifact_state_dict
 from .optim import OPTIMIZERS, SCHEDULERS, make_lr_scheduler, make_optimizer
@@ -51,7 +51,11 @@ FINAL_LORA = "lora.safetensors"
 CHECKPOINT_FORMAT = "kleinstyle-klein-checkpoint-v1"
 # Settings that change neither the arithmetic nor the draws: a resumed run may differ in these.
 # base_lora is a path (scratch differs per pod): its content is compared through base_lora_digest instead.
-_RESUME_NEUTRAL = frozenset({"checkpoint_every", "gradient_checkpointing", "compile_blocks", "base_lora"})
+_RESUME_NEUTRAL = frozenset(
+    {"checkpoint_every", "checkpoint_steps", "gradient_checkpointing", "compile_blocks", "base_lora"}
+)
+# The projections of a double block that ai-toolkit's BFL model fuses into one qkv linear, per stream.
+QKV_GROUPS = (("to_q", "to_k", "to_v"), ("add_q_proj", "add_k_proj", "add_v_proj"))
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -77,6 +81,9 @@ class TrainSettings:
     resolution: int = 1024
     target: str | tuple[str, ...] = "all"
     checkpoint_every: int = 250
+    # More steps to checkpoint (and evaluate) besides every `checkpoint_every` and the last: the plan's cosine
+    # midpoint, which the document says to check explicitly.
+    checkpoint_steps: tuple[int, ...] = ()
     seed: int = 0
     gradient_checkpointing: bool = False
     # torch.compile each transformer block on CUDA (bench/train_step.py: 0.551 -> 0.385 s/step for klein 9B on an
@@ -96,10 +103,16 @@ class TrainSettings:
     strip_trigger: str | None = None
     # Frozen base linears in float8 (klein/fp8.py): less memory and fp8 matmuls on Hopper; the LoRA stays float32.
     fp8_base: bool = False
+    # One lora_A shared by q, k and v of each double-block attention (and by add_q/k/v): one rank-r LoRA per fused
+    # qkv projection, as ai-toolkit trains klein, so a rank means the same capacity on both backends.
+    shared_qkv: bool = True
+    # References left out of training for the held-out validation loss (dataset.held_out picks them).
+    validation_images: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.target, str):
             object.__setattr__(self, "target", tuple(self.target))
+        object.__setattr__(self, "checkpoint_steps", tuple(sorted(set(self.checkpoint_steps))))
         if self.text_encoder_layers is not None:
             object.__setattr__(self, "text_encoder_layers", tuple(self.text_encoder_layers))
         problems = []
@@ -130,13 +143,17 @@ class TrainSettings:
         if problems:
             raise ValueError("; ".join(problems))
 
+    def is_checkpoint(self, step: int) -> bool:
+        """Whether `step` is a planned checkpoint: every `checkpoint_every`, the extra steps, and the last."""
+        return step % self.checkpoint_every == 0 or step == self.steps or step in self.checkpoint_steps
+
     @property
     def lora_alpha(self) -> float:
         return float(self.rank if self.alpha is None else self.alpha)
 
     def as_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        for key in ("target", "text_encoder_layers"):
+        for key in ("target", "text_encoder_layers", "checkpoint_steps"):
             if isinstance(data[key], tuple):
                 data[key] = list(data[key])
         return data
@@ -198,7 +215,7 @@ def train_lora(
     output.mkdir(parents=True, exist_ok=True)
     check_model_dir(model_dir)
     lora_targets(model_dir, cfg.target)  # a bad target fails now, not after minutes of encoding
-    samples = read_dataset(dataset_dir)
+    samples, _ = held_out(read_dataset(dataset_dir), cfg.validation_images)
     if cfg.strip_trigger:
         from ..text.captions import without_trigger
 
@@ -258,6 +275,49 @@ def merge_lora(transformer: torch.nn.Module, lora_file: str | Path) -> int:
     return merged
 
 
+def add_lora(transformer: torch.nn.Module, cfg: TrainSettings) -> list[str]:
+    """Add the run's LoRA to `transformer` and return the adapted module names. lora_A is Kaiming-uniform (std
+    1/sqrt(3 fan_in)) and lora_B zero, as peft's default and ai-toolkit initialise them, so the update per step at a
+    given learning rate and rank is the one the plan's steps were tuned with; seeded by the run's seed."""
+    targets = select_lora_targets(transformer, cfg.target)
+    with torch.random.fork_rng(devices=[]):
+        # peft draws the lora_A initialisation from the global generator; seed it for this run only.
+        torch.manual_seed(seeded_generator(cfg.seed, "lora-init").initial_seed())
+        transformer.add_adapter(
+            LoraConfig(
+                r=cfg.rank,
+                lora_alpha=cfg.lora_alpha,
+                lora_dropout=0.0,
+                init_lora_weights=True,
+                target_modules=targets,
+            )
+        )
+    if cfg.shared_qkv:
+        log.info("q/k/v share lora_A in %d projection groups", share_qkv_down(transformer))
+    return targets
+
+
+def share_qkv_down(transformer: torch.nn.Module) -> int:
+    """Tie the lora_A of q, k and v (and of add_q/k/v) in every double block to q's: the three projections then
+    learn one rank-r LoRA of their fused qkv, [B_q; B_k; B_v] @ A, which is what ai-toolkit trains on klein's fused
+    qkv linear. Returns the number of groups tied (groups whose projections are not all adapted stay as they are)."""
+    tied = 0
+    for block in getattr(transformer, "transformer_blocks", []):
+        for group in QKV_GROUPS:
+            layers = [getattr(block.attn, name, None) for name in group]
+            downs = [_lora_down(layer) for layer in layers]
+            if all(down is not None for down in downs):
+                for down in downs[1:]:
+                    down.weight = downs[0].weight
+                tied += 1
+    return tied
+
+
+def _lora_down(layer: torch.nn.Module | None) -> torch.nn.Module | None:
+    adapters = getattr(layer, "lora_A", None)
+    return adapters["default"] if adapters is not None and "default" in adapters else None
+
+
 def lora_targets(model_dir: str | Path, target: str | Sequence[str]) -> list[str]:
     """The module names `target` selects in the model's transformer, resolved on the meta device (no weights
     are read, so this is instant even for 9B)."""
@@ -296,19 +356,7 @@ class _Trainer:
         transformer.requires_grad_(False)
         if cfg.base_lora:
             log.info("merged %d layers of %s into the base", merge_lora(transformer, cfg.base_lora), cfg.base_lora)
-        self.targets = select_lora_targets(transformer, cfg.target)
-        with torch.random.fork_rng(devices=[]):
-            # peft draws the lora_A initialisation from the global generator; seed it for this run only.
-            torch.manual_seed(seeded_generator(cfg.seed, "lora-init").initial_seed())
-            transformer.add_adapter(
-                LoraConfig(
-                    r=cfg.rank,
-                    lora_alpha=cfg.lora_alpha,
-                    lora_dropout=0.0,
-                    init_lora_weights="gaussian",
-                    target_modules=self.targets,
-                )
-            )
+        self.targets = add_lora(transformer, cfg)
         self.params = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
         for param in self.params.values():
             param.data = param.data.float()  # trainable weights stay float32 under bf16 autocast
@@ -469,7 +517,7 @@ class _Run:
             loss = trainer.train_step()
             if on_step is not None:
                 on_step(StepInfo(trainer.step, cfg.steps, loss, trainer.last_lr, time.perf_counter() - started))
-            if trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps:
+            if cfg.is_checkpoint(trainer.step):
                 self._checkpoint()
         # The last step always checkpoints, so the final LoRA is a copy of that checkpoint's.
         final = ckpt.checkpoint_path(self.output, cfg.steps)

@@ -14,15 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import Flux2KleinPipeline
+from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
 from kleinstyle.runtime.klein.batches import seeded_generator
-from kleinstyle.runtime.klein.dataset import DatasetError, read_dataset
+from kleinstyle.runtime.klein.dataset import DatasetError, read_dataset, training_size
 from kleinstyle.runtime.klein.encode import ModelDirError, encode_dataset
 from kleinstyle.runtime.klein.lora_train import (
     ResumeError,
     StepInfo,
     TrainResult,
     TrainSettings,
+    add_lora,
     flow_matching_loss,
     merge_lora,
     train_lora,
@@ -130,7 +131,15 @@ def test_published_lora_is_diffusers_keys_with_alpha_baked_in(reference: tuple[P
     published = load_file(output / "lora.safetensors")
     raw = _adapter(result.checkpoints[-1])
     assert all(k.startswith("transformer.") and (".lora_A." in k or ".lora_B." in k) for k in published)
-    assert len(published) == len(raw) == 2 * (2 * 12 + 2 * 2)
+    assert len(published) == 2 * (2 * 12 + 2 * 2)
+    # Trained: one lora_A per fused q/k/v (to_q's, shared by to_k and to_v; add_q_proj's by add_k/add_v).
+    assert len(raw) == len(published) - 2 * 2 * 2
+    for block in ("transformer.transformer_blocks.0.attn.", "transformer.transformer_blocks.1.attn."):
+        for q, k, v in (("to_q", "to_k", "to_v"), ("add_q_proj", "add_k_proj", "add_v_proj")):
+            down = published[f"{block}{q}.lora_A.weight"]
+            assert torch.equal(published[f"{block}{k}.lora_A.weight"], down)
+            assert torch.equal(published[f"{block}{v}.lora_A.weight"], down)
+            assert not torch.equal(published[f"{block}{k}.lora_B.weight"], published[f"{block}{v}.lora_B.weight"])
     scale = QUICK.lora_alpha / QUICK.rank
     for name, tensor in raw.items():
         key = "transformer." + name.replace(".default.weight", ".weight")
@@ -311,9 +320,9 @@ def test_aspect_ratio_buckets_batch_within_a_bucket(
         device=torch.device("cpu"),
         dtype=torch.float32,
     )
-    assert encoded.buckets == {(64, 64): [0, 2], (32, 128): [1]}
+    assert encoded.buckets == {(64, 64): [0, 2], (32, 96): [1]}  # 60x120 is never upscaled to 32x128
     # latents: 4 channels x 2x2 patches, sides / 16 (VAE 8x, then 2x2 patchify)
-    assert encoded.latents[0].shape == (1, 16, 4, 4) and encoded.latents[1].shape == (1, 16, 8, 2)
+    assert encoded.latents[0].shape == (1, 16, 4, 4) and encoded.latents[1].shape == (1, 16, 6, 2)
     assert encoded.captions[0].shape == (1, 64, 96) and encoded.empty.shape == (1, 64, 96)
 
 
@@ -402,3 +411,66 @@ def test_fp8_base_training_learns_like_bf16_base(tiny_klein: Path, two_images: P
     # The same direction of learning, within fp8's rounding of the base (about 3% per weight on e4m3).
     cosines = [float(torch.nn.functional.cosine_similarity(a[k].flatten(), b[k].flatten(), dim=0)) for k in a]
     assert np.mean(cosines) > 0.9 and min(cosines) > 0.5, cosines
+
+
+# --- the recipe as ai-toolkit trains it: init, q/k/v capacity, bucket sizes, the planned checkpoints -------------
+
+
+def test_lora_a_starts_kaiming_uniform_and_q_k_v_share_it(tiny_klein: Path) -> None:
+    transformer = Flux2Transformer2DModel.from_pretrained(tiny_klein, subfolder="transformer")
+    targets = add_lora(transformer, replace(QUICK, rank=16))
+    modules = dict(transformer.named_modules())
+    for name in targets:
+        down = modules[name].lora_A["default"].weight
+        fan_in = down.shape[1]
+        # peft's default (ai-toolkit's too): uniform on +-1/sqrt(fan_in), std 1/sqrt(3 fan_in); never gaussian 1/r.
+        down = down.detach()
+        assert float(down.abs().max()) <= fan_in**-0.5
+        assert float(down.std()) == pytest.approx((3 * fan_in) ** -0.5, rel=0.2)
+        assert float(modules[name].lora_B["default"].weight.detach().abs().max()) == 0.0
+    attn = transformer.transformer_blocks[0].attn
+    assert attn.to_k.lora_A["default"].weight is attn.to_q.lora_A["default"].weight
+    assert attn.add_v_proj.lora_A["default"].weight is attn.add_q_proj.lora_A["default"].weight
+    assert attn.to_out[0].lora_A["default"].weight is not attn.to_q.lora_A["default"].weight
+    # One trainable A per fused qkv: the optimizer sees 4 fewer matrices per double block than there are targets.
+    trainable = [p for p in transformer.parameters() if p.requires_grad]
+    assert len(trainable) == 2 * len(targets) - 4 * len(transformer.transformer_blocks)
+
+
+@pytest.mark.parametrize(
+    ("size", "trained"),
+    [
+        ((512, 512), (512, 512)),  # smaller than the resolution: its own size, never upscaled
+        ((600, 400), (576, 384)),
+        ((3000, 2000), (1248, 832)),  # larger: downscaled to about 1024^2 at 3:2
+        ((1024, 1024), (1024, 1024)),
+        ((4000, 500), (1920, 480)),  # 8:1 is cropped to 4:1
+        ((500, 2000), (480, 1920)),
+    ],
+)
+def test_an_image_trains_at_its_bucket_and_never_above_its_own_size(size, trained) -> None:
+    width, height = training_size(size, 1024, 32)
+    assert (width, height) == trained
+    assert width <= size[0] and height <= size[1] and width % 32 == 0 and height % 32 == 0
+
+
+def test_a_small_reference_is_encoded_at_its_own_size(tiny_klein: Path, dataset) -> None:
+    folder = dataset(["tok. a square", "tok. a wide one"], sizes=[(96, 96), (400, 300)])
+    encoded = encode_dataset(
+        tiny_klein,
+        read_dataset(folder),
+        resolution=1024,
+        bucket_multiple=32,
+        max_sequence_length=32,
+        layers=None,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+    )
+    assert sorted(encoded.buckets) == [(96, 96), (352, 288)]  # not (1024, 1024) and (1184, 864)
+    assert tuple(encoded.latents[0].shape[-2:]) == (96 // 16, 96 // 16)
+
+
+def test_the_planned_extra_checkpoint_is_written(tiny_klein: Path, two_images: Path, tmp_path: Path) -> None:
+    cfg = replace(QUICK, steps=6, checkpoint_every=4, checkpoint_steps=(3,))
+    result = train_lora(tiny_klein, two_images, tmp_path / "out", cfg)
+    assert [p.name for p in result.checkpoints] == ["step_000003", "step_000004", "step_000006"]
