@@ -9,6 +9,7 @@ in status and deletes an owner's folder) and the runtime (which writes there).
             report.json                              StyleBoard: what prepare did (its PrepareResult)
             lora.safetensors, lora.json              StyleLoRA, LoRAFusion: the LoRA and its sidecar
             work/                                    StyleLoRA: checkpoints (work/checkpoints/step_NNNNNN/)
+            checkpoint_gallery.png                   StyleLoRA: every evaluated step's probe renders
             aitoolkit/                               StyleLoRA on ai-toolkit: its training folder
             images/NAME.png, images/NAME.json        GenerationJob: the images and their records
             contact_sheet.png, generation.json       GenerationJob: the grid and the job's record
@@ -36,6 +37,7 @@ AITOOLKIT_DIR = "aitoolkit"
 IMAGES_DIR = "images"
 CONTACT_SHEET = "contact_sheet.png"
 GENERATION_SUMMARY = "generation.json"
+CHECKPOINT_GALLERY = "checkpoint_gallery.png"
 
 
 def owner_folder(owner: Owner) -> str:

@@ -133,9 +133,9 @@ class TrainProgress(_Reported):
 
 
 class TrainResult(_Reported):
-    lora_file: str
+    lora_file: str | None = Field(description="Where the LoRA was published; None when nothing was (lora_step 0).")
     steps: int = Field(description="Steps trained; the LoRA is the checkpoint of lora_step.")
-    lora_step: int
+    lora_step: int = Field(description="The step of the checkpoint that became the LoRA; 0: the base model won.")
     total_steps: int
     final_loss: float | None = None
     checkpoints: list[CheckpointReport] = Field(default_factory=list)

@@ -98,10 +98,13 @@ class EvaluationSettings(_Frozen):
 
 
 class EvaluationSpec(EvaluationSettings):
-    """The settings, with `embedder_path`: a local image-encoder directory (None: the offline pixel-statistics
-    embedder)."""
+    """The settings, with the model directories the scores use (runtime/klein/evaluate.py); None: the offline
+    stand-in. `embedder_path`: an image encoder (DINOv2, SigLIP vision) for leakage; `style_embedder_path`: CSD for
+    style; `text_model_path`: CLIP or SigLIP (text and vision towers) for adherence."""
 
     embedder_path: str | None = None
+    style_embedder_path: str | None = None
+    text_model_path: str | None = None
 
 
 class TrainSpec(_Frozen):

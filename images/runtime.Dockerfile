@@ -32,8 +32,12 @@ RUN groupadd --gid 1000 kleinstyle \
 FROM base AS build
 ARG TORCH_VERSION=2.13.0
 ARG TORCHVISION_VERSION=0.28.0
+# ai-toolkit imports torchaudio at start-up (toolkit/config_modules.py) though its requirements.txt does not name
+# it; its README installs torchaudio 2.11.0 beside torch 2.13.0 (there is no 2.13 torchaudio), without its torch pin.
+ARG TORCHAUDIO_VERSION=2.11.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
-# ai-toolkit commit verified in shared/reference/FINDINGS.md (27a03a91); a full hash, so it can be fetched alone.
+# ai-toolkit commit the facts in docs/facts.md#ai-toolkit were verified at (27a03a91); a full hash, so it can be
+# fetched alone.
 ARG AI_TOOLKIT_COMMIT=27a03a91f23eb1b757d5ec2e80ee3e129cfcc350
 ARG AI_TOOLKIT_REPO=https://github.com/ostris/ai-toolkit.git
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -61,7 +65,9 @@ RUN git init -q /opt/ai-toolkit \
  && rm -rf /opt/ai-toolkit/.git \
  && new_venv /opt/ai-toolkit/venv \
  && /opt/ai-toolkit/venv/bin/pip install -c /opt/torch/constraints.txt -r /opt/ai-toolkit/requirements.txt \
- && /opt/ai-toolkit/venv/bin/python -m compileall -q -x '/venv/' /opt/ai-toolkit
+ && /opt/ai-toolkit/venv/bin/pip install --no-deps --index-url "${TORCH_INDEX_URL}" "torchaudio==${TORCHAUDIO_VERSION}" \
+ && /opt/ai-toolkit/venv/bin/python -m compileall -q -x '/venv/' /opt/ai-toolkit \
+ && cd /opt/ai-toolkit && /opt/ai-toolkit/venv/bin/python -c "import toolkit.config_modules, toolkit.job"
 
 WORKDIR /src
 COPY pyproject.toml README.md ./

@@ -75,9 +75,13 @@ class CheckpointEvaluation(EvaluationSettings):
 
     model_config = ConfigDict(extra="forbid", frozen=False)
 
-    # A local image encoder (DINOv2, SigLIP...) in the model cache, by directory name; None: the offline
-    # pixel-statistics embedder.
+    # Model directories in the model cache, by name; None: the offline stand-in (docs/policy.md#early-stopping).
+    # An image encoder (DINOv2, SigLIP vision) for leakage (likeness to the nearest training image).
     embedderDir: str | None = None
+    # CSD (a CLIP ViT-L vision tower and csd_style_projection.safetensors) for style; offline: colour and texture.
+    styleEmbedderDir: str | None = None
+    # CLIP or SigLIP (text and vision towers) for adherence (render-prompt agreement); offline: not measured.
+    textModelDir: str | None = None
 
 
 class GenerationLimits(BaseModel):

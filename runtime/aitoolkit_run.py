@@ -32,8 +32,12 @@ FAILURES: tuple[tuple[re.Pattern[str], str, str], ...] = (
         "the GPU ran out of memory: lower the resolution or rank, or enable low_vram/quantize",
     ),
     (
+        # The hub's answers, offline (LocalEntryNotFoundError) or not, and safetensors opening a folder that
+        # lacks the BFL single file (seen with ai-toolkit 27a03a91: docs/facts.md#ai-toolkit).
         re.compile(
-            r"Repository Not Found|is not a local folder|not a valid model|No such file or directory: .*model", re.I
+            r"Repository Not Found|is not a local folder|not a valid model|No such file or directory: .*model"
+            r"|LocalEntryNotFoundError|No such device \(os error 19\)",
+            re.I,
         ),
         "ModelMissing",
         "the base model was not found: check the model cache volume and the model path",
@@ -95,6 +99,17 @@ def is_complete(path: str | Path) -> bool:
         return False
     ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
     return bool(ends) and length == 8 + size + max(ends)
+
+
+def discard_incomplete(training_folder: str | Path, name: str) -> list[Path]:
+    """Delete checkpoint files of run `name` that a killed save left cut off (the final file included), and return
+    them. ai-toolkit resumes from its newest file and fails on every restart when that one is cut off ("invalid
+    header length"), so a pod killed mid-save would otherwise never train again."""
+    folder = Path(training_folder) / name
+    broken = [path for path in folder.glob(f"{name}*.safetensors") if not is_complete(path)]
+    for path in broken:
+        path.unlink()
+    return broken
 
 
 def classify_failure(output_tail: str) -> tuple[str, str]:

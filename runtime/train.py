@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kleinstyle.contract.early_stop import Decision, StoppingSettings, decide_reported
-from kleinstyle.contract.layout import LORA_FILE, LORA_SIDECAR, WORK_DIR
+from kleinstyle.contract.layout import CHECKPOINT_GALLERY, LORA_FILE, LORA_SIDECAR, WORK_DIR
 from kleinstyle.contract.plan import TrainingPlan
 from kleinstyle.contract.pod import AITOOLKIT_CONFIG_PATH, EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK
 from kleinstyle.contract.reports import CheckpointReport, EvaluationReport, State, TrainProgress, TrainResult
@@ -76,8 +76,14 @@ def builtin_target(plan: TrainingPlan) -> str | tuple[str, ...]:
     return tuple(diffusers_prefix(block) for block in plan.blocks)
 
 
-def train_settings(plan: TrainingPlan) -> Any:
-    """The builtin trainer's TrainSettings for `plan` (imports torch)."""
+def held_out_count(work: TrainSpec) -> int:
+    """References the run leaves out of training: the plan's, when checkpoints are evaluated (the held-out loss
+    is part of the evaluation), else none."""
+    return int(work.plan.validation_images.value) if work.evaluation is not None and work.plan.early_stopping else 0
+
+
+def train_settings(plan: TrainingPlan, validation_images: int = 0) -> Any:
+    """The builtin trainer's TrainSettings for `plan` (imports torch), leaving `validation_images` out."""
     from .klein.lora_train import TrainSettings
 
     v = plan.values()
@@ -93,9 +99,11 @@ def train_settings(plan: TrainingPlan) -> Any:
         resolution=int(v["resolution"]),
         target=builtin_target(plan),
         checkpoint_every=int(v["checkpoint_every"]),
+        checkpoint_steps=tuple(plan.checkpoint_steps),
         seed=int(v["seed"]),
         compile_blocks=True,  # on CUDA only
         fp8_base=bool(v["fp8_base"]),
+        validation_images=validation_images,
     )
 
 
@@ -187,43 +195,57 @@ class TrainReporter:
 
 class Judge:
     """Scores each checkpoint (runtime/klein/evaluate.py) and applies the early-stopping policy
-    (contract/early_stop.py): the scores go into progress, a stop decision stops training at the next step, and the best
-    checkpoint is the one promoted to the LoRA."""
+    (contract/early_stop.py): the scores go into progress, a stop decision stops training at the next step, the
+    best checkpoint is the one promoted to the LoRA (none when the base model beats them all), and the probe
+    renders of every step are published as one contact sheet (`layout.CHECKPOINT_GALLERY`) after each evaluation."""
 
     def __init__(self, spec: RunSpec, reporter: TrainReporter, work_dir: Path) -> None:
-        from .klein.dataset import read_dataset
-        from .klein.evaluate import Evaluator, VisionModelEmbedder
+        from .klein.dataset import held_out, read_dataset
+        from .klein.evaluate import CSDStyleEmbedder, Evaluator, TextImageScorer, VisionModelEmbedder
         from .klein.lora_train import compute_dtype, default_device
 
         work = spec.work
         assert isinstance(work, TrainSpec) and work.evaluation is not None
+        self.spec = spec
         self.reporter = reporter
         self.settings = StoppingSettings.from_plan(work.plan)
         device = default_device()
         evaluation = work.evaluation
-        if evaluation.embedder_path and not (local_path(evaluation.embedder_path) / "config.json").is_file():
-            raise BadInput(
-                f"checkpointEvaluation.embedderDir: no image encoder at {evaluation.embedder_path} (no config.json)"
-            )
-        embedder = (
-            VisionModelEmbedder(local_path(evaluation.embedder_path), device=device)
-            if evaluation.embedder_path
-            else None
-        )
+        models = {
+            "embedderDir": (evaluation.embedder_path, VisionModelEmbedder),
+            "styleEmbedderDir": (evaluation.style_embedder_path, CSDStyleEmbedder),
+            "textModelDir": (evaluation.text_model_path, TextImageScorer),
+        }
+        loaded: dict[str, Any] = {}
+        for key, (path, load) in models.items():
+            if path is None:
+                continue
+            if not (local_path(path) / "config.json").is_file():
+                raise BadInput(f"checkpointEvaluation.{key}: no model at {path} (no config.json)")
+            try:
+                loaded[key] = load(local_path(path), device=device)
+            except (OSError, ValueError) as exc:
+                raise BadInput(f"checkpointEvaluation.{key}: {path} cannot be loaded: {exc}") from exc
+        training, validation = held_out(read_dataset(dataset_folder(spec)), held_out_count(work))
         self.evaluator = Evaluator(
             local_path(work.model_path),
-            [sample.image for sample in read_dataset(dataset_folder(spec))],
+            [sample.image for sample in training],
             work.trigger_word,
             evaluation,
             cache_dir=work_dir / "evaluation",
             text_encoder_layers=train_settings(work.plan).text_encoder_layers,
-            embedder=embedder,
+            content=loaded.get("embedderDir"),
+            style=loaded.get("styleEmbedderDir"),
+            adherence=loaded.get("textModelDir"),
+            held_out=validation,
+            resolution=int(work.plan.resolution.value),
             device=device,
             dtype=compute_dtype(device),
         )
         baseline = self.evaluator.score(0, None)
         reporter.evaluation = EvaluationReport(baseline=baseline.to_report())
         self.decision: Decision | None = None
+        self.publish_gallery()
 
     def judge(self, step: int, lora_file: Path) -> None:
         """Score the checkpoint of `step`; ask the run to stop when the policy says so."""
@@ -234,24 +256,45 @@ class Judge:
         self.decision = decide_reported(evaluation, self.settings)
         assert self.decision is not None
         log.info(
-            "checkpoint %d scored %.4f; best %s; %s",
+            "checkpoint %d scored %.4f (base %.4f); best %s; %s",
             step,
             self.decision.score_of(step),
+            self.decision.base_score,
             self.decision.best_step,
             self.decision.reason,
         )
+        self.publish_gallery()
         if self.decision.stop:
             self.reporter.request_stop(f"early stopping: {self.decision.reason}")
 
+    def publish_gallery(self) -> None:
+        import io
+
+        sheet = self.evaluator.gallery(self.decision)
+        if sheet is None:  # no probe renders kept (scores from an older cache)
+            return
+        buffer = io.BytesIO()
+        sheet.save(buffer, "PNG")
+        write_bytes_atomic(join_uri(self.spec.output_uri, CHECKPOINT_GALLERY), buffer.getvalue())
+
     def best_step(self) -> int | None:
-        """The checkpoint to promote; when none passed the guards, None and a warning in the result."""
-        if self.decision is not None and self.decision.best_step is None and self.decision.judged:
-            reasons = "; ".join(sorted({j.why_not for j in self.decision.judged if j.why_not}))
+        """The checkpoint to promote: None when none passed the guards (the latest one is, with a warning), 0 when
+        the base model beats every eligible one (nothing is, with a warning)."""
+        decision = self.decision
+        if decision is not None and decision.best_step is None and decision.judged:
+            reasons = "; ".join(sorted({j.why_not for j in decision.judged if j.why_not}))
             self.reporter.warnings.append(
                 f"no checkpoint passed the early-stopping guards ({reasons}): the latest one became the LoRA; "
                 "look at it before using it"
             )
-        return self.decision.best_step if self.decision else None
+        if decision is not None and decision.best_step == 0:
+            top = max((j.score for j in decision.judged if j.eligible), default=float("nan"))
+            self.reporter.warnings.append(
+                f"no checkpoint scored above the base model (best J {top:.4f}, base {decision.base_score:.4f}): "
+                f"no LoRA was published; see {CHECKPOINT_GALLERY} in the run's artifacts. Train longer or on more "
+                "references, or set earlyStopping.enabled: false to publish the last checkpoint regardless"
+            )
+        return decision.best_step if decision else None
 
     def close(self) -> None:
         self.evaluator.close()
@@ -316,6 +359,27 @@ def dataset_folder(spec: RunSpec) -> Path:
     return target
 
 
+def _without_held_out(spec: RunSpec, folder: Path, work_dir: Path) -> Path:
+    """The dataset ai-toolkit trains on: `folder` itself, or, when the plan holds references out for the
+    validation loss, a folder of links to the others (ai-toolkit trains on whatever its folder holds)."""
+    from .klein.dataset import held_out, read_dataset
+
+    work = spec.work
+    assert isinstance(work, TrainSpec)
+    count = held_out_count(work)
+    if count == 0:
+        return folder
+    training, _ = held_out(read_dataset(folder), count)
+    target = work_dir / "dataset-train"
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    for sample in training:
+        for path in (sample.image, sample.image.with_suffix(".txt")):
+            if path.is_file():
+                (target / path.name).symlink_to(path.resolve())
+    return target
+
+
 def _check_builtin_input(spec: RunSpec, target: str | tuple[str, ...]) -> None:
     from .klein.dataset import DatasetError, read_dataset
     from .klein.encode import ModelDirError, check_model_dir
@@ -348,6 +412,7 @@ def _content_stage(spec: RunSpec, style: Any, reporter: TrainReporter, work_dir:
         alpha=None,
         steps=int(stage["steps"]),
         checkpoint_every=max(1, int(stage["steps"]) // 4),
+        checkpoint_steps=(),
         strip_trigger=work.trigger_word,
     )
     reporter.stage, reporter.total = "content", cfg.steps
@@ -397,7 +462,7 @@ def run_builtin(spec: RunSpec, reporter: TrainReporter) -> Outcome:
     if not (local_path(work.model_path) / "model_index.json").is_file():
         raise BadInput(f"no diffusers pipeline at {work.model_path} (model_index.json missing): fill the model cache")
     try:
-        cfg = train_settings(work.plan)
+        cfg = train_settings(work.plan, held_out_count(work))
     except ValueError as exc:
         raise BadInput(f"the plan cannot be trained: {exc}") from exc
     _check_builtin_input(spec, cfg.target)
@@ -417,7 +482,7 @@ def run_builtin(spec: RunSpec, reporter: TrainReporter) -> Outcome:
     def on_grid(step: int) -> bool:
         """Planned checkpoints only: one saved on a stop or SIGTERM is promotable, not an evaluation, so when a run
         stops never depends on when it was preempted."""
-        return step % cfg.checkpoint_every == 0 or step == cfg.steps
+        return cfg.is_checkpoint(step)
 
     # A restarted pod reports the checkpoints of the pods before it from the start, not only its own (their
     # scores come from the evaluation cache).
@@ -464,6 +529,8 @@ def run_builtin(spec: RunSpec, reporter: TrainReporter) -> Outcome:
         return Outcome(EXIT_BAD_SPEC, "stop requested before the first step: there is no checkpoint to promote")
     stop_reason = (reporter.stop_reason or STOP_REQUESTED) if result.stopped_early else "completed"
     best = judge.best_step() if judge is not None else None
+    if best == 0:
+        return _unpromoted(reporter, result.total_steps, stop_reason)
     if best is not None:
         chosen = ckpt.checkpoint_path(work_dir, best)
     elif result.stopped_early:
@@ -527,6 +594,23 @@ def _finish(
     return Outcome(EXIT_OK, message, result)
 
 
+def _unpromoted(reporter: TrainReporter, total: int, stop_reason: str) -> Outcome:
+    """The base model beat every checkpoint: nothing is published, and the result says so (a Warning in status)."""
+    result = TrainResult(
+        lora_file=None,
+        steps=reporter.step,
+        lora_step=0,
+        total_steps=total,
+        checkpoints=list(reporter.checkpoints),
+        stopped_early=stop_reason != "completed",
+        stop_reason=stop_reason,
+        best_checkpoint=0,
+        warnings=list(reporter.warnings),
+        evaluation=reporter.evaluation,
+    )
+    return Outcome(EXIT_OK, f"{stop_reason} at step {reporter.step}: no checkpoint beat the base model", result)
+
+
 def _fmt(loss: float | None) -> str:
     return "-" if loss is None else f"{loss:.4g}"
 
@@ -548,12 +632,12 @@ def run_aitoolkit(spec: RunSpec, reporter: TrainReporter) -> Outcome:
     training_folder = local_path(process["training_folder"])
     # ai-toolkit reads pod paths; under a local rootfs they must point where this machine keeps them.
     process["training_folder"] = str(training_folder)
-    for dataset in process.get("datasets") or []:
-        dataset["folder_path"] = str(local_path(dataset["folder_path"]))
     if str(process["model"].get("name_or_path", "")).startswith("/"):
         process["model"]["name_or_path"] = str(local_path(process["model"]["name_or_path"]))
     work_dir = local_path(join_uri(spec.output_uri, WORK_DIR))
     work_dir.mkdir(parents=True, exist_ok=True)
+    for dataset in process.get("datasets") or []:
+        dataset["folder_path"] = str(_without_held_out(spec, local_path(dataset["folder_path"]), work_dir))
     training_folder.mkdir(parents=True, exist_ok=True)
     config_path = work_dir / "aitoolkit.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")  # rewritten by every pod
@@ -577,6 +661,8 @@ def run_aitoolkit(spec: RunSpec, reporter: TrainReporter) -> Outcome:
 
     total = int(process["train"]["steps"])
     final = training_folder / name / f"{name}.safetensors"
+    for path in aitoolkit_run.discard_incomplete(training_folder, name):
+        log.warning("deleted %s: cut off by a killed save; ai-toolkit resumes from the one before", path.name)
     try:
         if aitoolkit_run.is_complete(final):  # an earlier pod of this run finished training but not its report
             log.info("ai-toolkit already finished this run; publishing from %s", final.parent)

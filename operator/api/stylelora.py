@@ -120,6 +120,9 @@ class Checkpoint(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     step: int = Field(description="Training step of the checkpoint.")
+    validationLoss: float | None = Field(
+        default=None, description="Flow-matching loss on the references held out of training (fixed noise)."
+    )
     uri: str = Field(description="Where the checkpoint is.")
     score: float | None = Field(
         default=None,
@@ -139,7 +142,14 @@ class StyleLoRAOutcome(BaseModel):
     checkpoints: list[Checkpoint] = Field(default_factory=list, description="Checkpoints with their scores.")
     bestCheckpoint: int | None = Field(
         default=None,
-        description="Step of the best checkpoint: the earliest within one standard error of the top score.",
+        description="Step of the best checkpoint: the earliest within one standard error of the top score and "
+        "above the base model's; 0 when the base model beats every checkpoint (then no LoRA is published).",
+    )
+    baseScore: float | None = Field(default=None, description="The base model's score J (step 0), the bar to beat.")
+    checkpointGalleryURI: str | None = Field(
+        default=None,
+        description="A contact sheet of every evaluated step's probe renders, the base model first, titled with "
+        "their scores: why a checkpoint won.",
     )
     earlyStopping: str | None = Field(default=None, description="The early-stopping policy's latest verdict.")
     loraStep: int | None = Field(default=None, description="The step of the checkpoint that became the LoRA.")

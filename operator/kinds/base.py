@@ -56,8 +56,14 @@ def check_dependencies(deps: list[Dependency], observed: Dependencies) -> None:
         if phase == "Failed":
             raise NotReady(f"{dep.kind}Failed", f"{dep.kind} {dep.name} failed: {status.get('message', '')}".strip())
         current = status.get("observedGeneration") == (obj.get("metadata") or {}).get("generation")
-        if phase != "Succeeded" or not status.get(dep.output) or not current:
+        if phase != "Succeeded" or not current:
             raise NotReady(f"{dep.kind}NotReady", f"waiting for {dep.kind} {dep.name} (now {phase})")
+        if not status.get(dep.output):  # finished without what is needed of it (a LoRA the base model beat)
+            why = status.get("earlyStopping") or status.get("message") or ""
+            raise NotReady(
+                f"{dep.kind}Without{dep.output[0].upper()}{dep.output[1:]}",
+                f"{dep.kind} {dep.name} succeeded without a {dep.output}: {why}".strip(),
+            )
 
 
 def status_fields(model: BaseModel) -> Fields:

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from kleinstyle.contract.aitoolkit import aitoolkit_config
 from kleinstyle.contract.early_stop import Decision, StoppingSettings, decide_reported
-from kleinstyle.contract.layout import AITOOLKIT_DIR, LORA_FILE
+from kleinstyle.contract.layout import AITOOLKIT_DIR, CHECKPOINT_GALLERY, LORA_FILE
 from kleinstyle.contract.plan import TrainingPlan, plan_training
 from kleinstyle.contract.pod import AITOOLKIT_CONFIG_FILE
 from kleinstyle.contract.reports import CheckpointReport, EvaluationReport, TrainProgress, TrainResult
@@ -97,8 +97,8 @@ class StyleLoRARuns(KindRuns):
 
     def result(self, result: TrainResult, run: Run) -> Fields:  # type: ignore[override]
         fields = StyleLoRAOutcome(
-            # Where the LoRA is comes from the RunSpec, never from the pod.
-            loraURI=f"{run.runspec.output_display_uri}/{LORA_FILE}",
+            # Where the LoRA is comes from the RunSpec, never from the pod; step 0: the base model won, no LoRA.
+            loraURI=f"{run.runspec.output_display_uri}/{LORA_FILE}" if result.lora_step > 0 else None,
             stopReason=result.stop_reason,
             eta=None,
             step=result.steps,
@@ -118,8 +118,17 @@ def evaluation(cfg: OperatorConfig, plan: TrainingPlan) -> EvaluationSpec:
     """The operator's probe settings, the probe size held to the plan's training resolution."""
     ev = cfg.checkpointEvaluation
     size = min(ev.size, int(plan.resolution.value) // 16 * 16)
-    embedder = f"{cfg.modelCacheMountPath}/{ev.embedderDir}" if ev.embedderDir else None
-    return EvaluationSpec(**{**ev.model_dump(exclude={"embedderDir"}), "size": size}, embedder_path=embedder)
+    settings = ev.model_dump(exclude={"embedderDir", "styleEmbedderDir", "textModelDir"})
+
+    def cached(name: str | None) -> str | None:
+        return f"{cfg.modelCacheMountPath}/{name}" if name else None
+
+    return EvaluationSpec(
+        **{**settings, "size": size},
+        embedder_path=cached(ev.embedderDir),
+        style_embedder_path=cached(ev.styleEmbedderDir),
+        text_model_path=cached(ev.textModelDir),
+    )
 
 
 def plan_summary(plan: TrainingPlan) -> dict[str, Any]:
@@ -175,6 +184,7 @@ def scored(checkpoints: list[CheckpointReport], evaluation: EvaluationReport | N
     URIs the pod reports are shown as given but never used by the operator."""
     verdict = decision(evaluation, run)
     judged = {j.step: j for j in verdict.judged} if verdict else {}
+    held_out = {c.step: c.validation_loss for c in evaluation.checkpoints} if evaluation else {}
     shown = []
     for item in checkpoints:
         entry = Checkpoint(step=item.step, uri=item.uri, loss=item.loss)
@@ -182,9 +192,14 @@ def scored(checkpoints: list[CheckpointReport], evaluation: EvaluationReport | N
             entry.score = j.score
             if j.why_not:
                 entry.ineligible = j.why_not
+        if held_out.get(item.step) is not None:
+            entry.validationLoss = held_out[item.step]
         shown.append(entry)
     fields = StyleLoRAOutcome(checkpoints=shown)
     if verdict is not None:
         fields.bestCheckpoint = verdict.best_step
         fields.earlyStopping = verdict.reason
+        fields.baseScore = verdict.base_score
+    if evaluation is not None:  # the runtime publishes the sheet with the base model's scores
+        fields.checkpointGalleryURI = f"{run.runspec.output_display_uri}/{CHECKPOINT_GALLERY}"
     return status_fields(fields)

@@ -130,3 +130,34 @@ def test_a_score_reported_as_null_reads_back_as_not_a_number():
     report = {"step": 2, "style": [None, 0.5], "adherence": [0.9, 0.9], "leakage": [0.2, 0.2]}
     scores = ProbeScores.from_report(ProbeScoresReport.model_validate(report))
     assert math.isnan(scores.style[0])
+
+
+def test_the_base_model_is_a_candidate_a_lora_below_it_is_not_promoted():
+    strong_base = scores(0, 0.6, adherence=1.0)
+    series = [scores(100, 0.3), scores(200, 0.5), scores(300, 0.55)]
+    decision = decide(strong_base, series, StoppingSettings(patience=5))
+    assert decision.base_score == pytest.approx(0.6)
+    assert decision.best_step == 0  # every checkpoint scores below the base model: nothing to promote
+    above = decide(strong_base, [*series, scores(400, 0.8)], StoppingSettings(patience=5))
+    assert above.best_step == 400
+
+
+def test_style_rising_while_the_picture_drifts_from_the_base_is_not_lost_adherence():
+    # Each evaluation the style rises +0.02 while the render moves away from the base model's picture; the text
+    # agreement (adherence) stays where the base model's is. The policy keeps the latest, and keeps training.
+    base = scores(0, 0.5, adherence=0.3)
+    series = [scores(100 * i, 0.5 + 0.02 * i, adherence=0.3) for i in range(1, 7)]
+    decision = decide(base, series, StoppingSettings(patience=2, warmup_steps=0))
+    assert decision.best_step == 600 and not decision.stop
+    assert all(j.eligible for j in decision.judged)
+
+
+def test_a_held_out_loss_above_the_base_models_is_memorisation():
+    base = ProbeScores(0, (0.1,) * 4, (0.9,) * 4, (0.2,) * 4, validation_loss=1.0)
+    fits = ProbeScores(100, (0.4,) * 4, (0.9,) * 4, (0.2,) * 4, validation_loss=0.95)
+    memorises = ProbeScores(200, (0.6,) * 4, (0.9,) * 4, (0.2,) * 4, validation_loss=1.2)
+    decision = decide(base, [fits, memorises], StoppingSettings(patience=5))
+    assert decision.best_step == 100
+    assert "held-out loss 1.2 is over 5% above the base model's 1" in decision.judged[1].why_not
+    report = memorises.to_report()
+    assert report.validation_loss == 1.2 and ProbeScores.from_report(report) == memorises

@@ -1,4 +1,6 @@
-"""Checkpoint evaluation on the tiny klein: probes render deterministically and scores move with the LoRA."""
+"""Checkpoint evaluation on the tiny klein: probes render deterministically, each score comes from the model it
+names (CSD for style, a text-image model for adherence, an image encoder for leakage, or the offline stand-ins),
+a held-out loss is measured, and every step's probes land in one gallery."""
 
 from __future__ import annotations
 
@@ -7,10 +9,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from kleinstyle.contract.early_stop import ProbeScores
+from kleinstyle.contract.early_stop import Decision, Judged, ProbeScores
 from kleinstyle.runtime.klein.arch import lora_linear_names
-from kleinstyle.runtime.klein.evaluate import EvaluationSpec, Evaluator, PixelStatsEmbedder, VisionModelEmbedder
-from kleinstyle.runtime.klein.tiny import TINY_TEXT_ENCODER_LAYERS
+from kleinstyle.runtime.klein.dataset import read_dataset
+from kleinstyle.runtime.klein.evaluate import (
+    CSD_PROJECTION,
+    CSDStyleEmbedder,
+    EvaluationSpec,
+    Evaluator,
+    PixelStatsEmbedder,
+    TextImageScorer,
+    VisionModelEmbedder,
+)
+from kleinstyle.runtime.klein.tiny import TINY_TEXT_ENCODER_LAYERS, tiny_qwen_tokenizer
 from PIL import Image, ImageOps
 from safetensors.torch import save_file
 
@@ -33,9 +44,11 @@ def _random_lora(model_dir: Path, path: Path, *, scale: float, seed: int = 0) ->
     return path
 
 
-def make_evaluator(model: Path, references: Path, cache: Path) -> Evaluator:
+def make_evaluator(model: Path, references: Path, cache: Path, **kwargs) -> Evaluator:
     images = sorted(references.glob("*.png"))
-    return Evaluator(model, images, "tokstyle", SMALL, cache_dir=cache, text_encoder_layers=TINY_TEXT_ENCODER_LAYERS)
+    return Evaluator(
+        model, images, "tokstyle", SMALL, cache_dir=cache, text_encoder_layers=TINY_TEXT_ENCODER_LAYERS, **kwargs
+    )
 
 
 @pytest.fixture
@@ -43,20 +56,22 @@ def evaluator(tiny_klein: Path, two_images: Path, tmp_path: Path) -> Evaluator:
     return make_evaluator(tiny_klein, two_images, tmp_path / "eval")
 
 
-def test_base_model_is_its_own_adherence_baseline(evaluator: Evaluator) -> None:
+def test_without_a_text_model_adherence_is_not_measured(evaluator: Evaluator) -> None:
     base = evaluator.score(0, None)
     assert len(base.style) == SMALL.prompts * SMALL.seeds
-    assert base.adherence == pytest.approx((1.0,) * 4)
+    assert base.adherence == (1.0,) * 4 and base.validation_loss is None
     assert all(-1.0 <= v <= 1.0 for v in base.style + base.leakage)
 
 
-def test_a_lora_moves_the_scores_and_a_restart_reads_them_from_the_cache(
+def test_a_lora_that_changes_the_picture_is_not_scored_as_lost_adherence(
     evaluator: Evaluator, tiny_klein: Path, two_images: Path, tmp_path: Path
 ) -> None:
     strong = _random_lora(tiny_klein, tmp_path / "strong.safetensors", scale=0.5)
+    base = evaluator.score(0, None)
     before = [np.asarray(im) for im in evaluator.render()]
     first = evaluator.score(100, strong)
-    assert min(first.adherence) < 0.999  # the LoRA changed what is drawn
+    assert first.style != base.style  # the LoRA changed what is drawn...
+    assert first.adherence == base.adherence  # ...which is the point of a style LoRA, not a drop in adherence
     # The pipeline is back to the base model after scoring.
     for old, new in zip(before, evaluator.render(), strict=True):
         np.testing.assert_array_equal(old, np.asarray(new))
@@ -71,9 +86,32 @@ def test_a_different_file_at_the_same_step_is_rendered_again(
     weak = _random_lora(tiny_klein, tmp_path / "weak.safetensors", scale=0.01, seed=1)
     strong = _random_lora(tiny_klein, tmp_path / "strong.safetensors", scale=0.5, seed=2)
     a, b = evaluator.score(100, weak), evaluator.score(100, strong)
-    assert a != b
-    assert sum(a.adherence) > sum(b.adherence)  # a tiny LoRA keeps the base content better
-    assert isinstance(a, ProbeScores)
+    assert a != b and isinstance(a, ProbeScores)
+
+
+def test_the_held_out_loss_is_deterministic_and_follows_the_lora(
+    tiny_klein: Path, two_images: Path, tmp_path: Path
+) -> None:
+    held_out = read_dataset(two_images)[:1]
+    first = make_evaluator(tiny_klein, two_images, tmp_path / "a", held_out=held_out, resolution=64)
+    second = make_evaluator(tiny_klein, two_images, tmp_path / "b", held_out=held_out, resolution=64)
+    base = first.score(0, None)
+    assert base.validation_loss is not None and base.validation_loss > 0
+    assert second.score(0, None).validation_loss == base.validation_loss  # fixed noise levels, fixed noise
+    strong = _random_lora(tiny_klein, tmp_path / "strong.safetensors", scale=0.5)
+    assert first.score(100, strong).validation_loss != base.validation_loss
+
+
+def test_the_gallery_has_a_row_per_evaluated_step(evaluator: Evaluator, tiny_klein: Path, tmp_path: Path) -> None:
+    evaluator.score(0, None)
+    one = evaluator.gallery(None)
+    evaluator.score(100, _random_lora(tiny_klein, tmp_path / "l.safetensors", scale=0.3))
+    decision = Decision(100, False, "still improving", (Judged(100, 0.93, True),), base_score=0.92)
+    two = evaluator.gallery(decision)
+    assert two.width == one.width and two.height > one.height  # one more row of 4 probes
+    assert sorted(p.name for p in (evaluator.cache_dir / "step_000100").iterdir()) == [
+        f"probe_{i:02d}.png" for i in range(SMALL.prompts * SMALL.seeds)
+    ]
 
 
 def test_pixel_stats_embedder_separates_style_from_content() -> None:
@@ -97,8 +135,12 @@ def test_settings_are_checked() -> None:
         EvaluationSpec(prompts=0)
 
 
-def test_a_vision_model_directory_plugs_in_as_the_embedder(tmp_path: Path) -> None:
-    """The real-encoder path: a (tiny, random) DINOv2 saved in the transformers layout, loaded from its folder."""
+PICTURES = [Image.linear_gradient("L").convert("RGB"), Image.radial_gradient("L").convert("RGB")]
+
+
+def test_a_vision_model_directory_gives_leakage_content_from_the_processors_crop(tmp_path: Path) -> None:
+    """The real-encoder path: a (tiny, random) DINOv2 saved in the transformers layout, loaded from its folder. Its
+    processor crops 48 px while the config says 32: the patch count follows the crop (6 x 6, not 4 x 4)."""
     from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
     config = Dinov2Config(
@@ -106,12 +148,71 @@ def test_a_vision_model_directory_plugs_in_as_the_embedder(tmp_path: Path) -> No
     )
     torch.manual_seed(0)
     Dinov2Model(config).save_pretrained(tmp_path / "dino")
-    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+    BitImageProcessor(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48}).save_pretrained(
         tmp_path / "dino"
     )
-    embedder = VisionModelEmbedder(tmp_path / "dino")
-    pictures = [Image.linear_gradient("L").convert("RGB"), Image.radial_gradient("L").convert("RGB")]
-    style, content = embedder.style(pictures), embedder.content(pictures)
-    assert style.shape == (2, 32) and content.shape == (2, 16 * 32)
-    assert torch.allclose(style.norm(dim=1), torch.ones(2))
+    content = VisionModelEmbedder(tmp_path / "dino").content(PICTURES)
+    assert content.shape == (2, 36 * 32)
+    assert torch.allclose(content.norm(dim=1), torch.ones(2))
     assert float(content[0] @ content[1]) < 0.999  # different pictures, different content
+
+
+def _tiny_clip(folder: Path) -> Path:
+    """A tiny random CLIP (text and vision towers) with a tokenizer, in the transformers layout."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    tokenizer = tiny_qwen_tokenizer()
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 16,
+            # CLIP pools the text at its end token: here, the first padding after the prompt.
+            "eos_token_id": tokenizer.pad_token_id,
+            "bos_token_id": None,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_text_image_model_scores_adherence_by_the_prompt(tmp_path: Path) -> None:
+    scorer = TextImageScorer(_tiny_clip(tmp_path / "clip"))
+    scores = scorer.adherence([PICTURES[0], PICTURES[0]], ["a fox in the snow", "a bowl of fruit"])
+    assert scores.shape == (2,) and all(-1.0 <= float(v) <= 1.0 for v in scores)
+    assert float(scores[0]) != float(scores[1])  # the same picture agrees differently with different texts
+    again = scorer.adherence([PICTURES[0]], ["a fox in the snow"])
+    assert float(again[0]) == pytest.approx(float(scores[0]), abs=1e-6)
+
+
+def test_csd_style_comes_from_the_vision_tower_and_its_style_projection(tmp_path: Path) -> None:
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    folder = tmp_path / "csd"
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    CLIPVisionModel(config).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    with pytest.raises(FileNotFoundError, match=CSD_PROJECTION):
+        CSDStyleEmbedder(folder)
+    save_file({"weight": torch.randn(24, 32)}, folder / CSD_PROJECTION)
+    style = CSDStyleEmbedder(folder).style(PICTURES)
+    assert style.shape == (2, 24) and torch.allclose(style.norm(dim=1), torch.ones(2))
+    assert float(style[0] @ style[1]) < 0.999

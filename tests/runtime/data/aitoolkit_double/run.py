@@ -1,7 +1,9 @@
-"""A TEST DOUBLE of ai-toolkit's `run.py`: it follows ai-toolkit's file and log conventions (tqdm progress redrawn
-with carriage returns, `{training_folder}/{name}/{name}_{step:09d}.safetensors` checkpoints, resume from the newest
-one) without training anything. Config names ending in -oom or -nomodel make it fail the way ai-toolkit does;
--truncate leaves its second checkpoint cut off, as a kill during a save would."""
+"""A TEST DOUBLE of ai-toolkit's `run.py` (checked against the real one at commit 27a03a91 on a tiny klein): it
+follows ai-toolkit's file and log conventions without training anything: tqdm progress on stderr, redrawn with
+carriage returns; `{training_folder}/{name}/{name}_{step:09d}.safetensors` checkpoints and the final
+`{name}.safetensors`; resume from the newest file, failing on every start when that one is cut off, as the real
+trainer does. Config names ending in -oom or -nomodel make it fail the way ai-toolkit does; -truncate leaves its
+second checkpoint cut off, as a kill during a save would."""
 
 import sys
 import time
@@ -23,17 +25,23 @@ steps, every = process["train"]["steps"], process["save"]["save_every"]
 folder = Path(process["training_folder"]) / name
 folder.mkdir(parents=True, exist_ok=True)
 if name.endswith("-nomodel"):
-    print(f"OSError: {process['model']['name_or_path']} is not a local folder and is not a valid model identifier")
+    print(f"huggingface_hub.errors.LocalEntryNotFoundError: {process['model']['name_or_path']}", file=sys.stderr)
     sys.exit(1)
-done = sorted(int(p.stem.rsplit("_", 1)[1]) for p in folder.glob(f"{name}_*.safetensors"))
-start = done[-1] if done else 0
+saved = sorted(folder.glob(f"{name}*.safetensors"), key=lambda p: p.stat().st_mtime)
+start = 0
+if saved:
+    newest = saved[-1]
+    if newest.read_bytes() != safetensors_bytes():
+        print("SafetensorError: Error while deserializing header: invalid header length", file=sys.stderr)
+        sys.exit(1)
+    start = steps if newest.name == f"{name}.safetensors" else int(newest.stem.rsplit("_", 1)[1])
 for step in range(start + 1, steps + 1):
     loss = 1.0 / step
     bar = f"{name}:  {100 * step // steps}%|###| {step}/{steps}"
-    sys.stdout.write(f"\r{bar} [00:01<00:02, 9.9it/s, lr: 1.0e-04 loss: {loss:.3e}]")
-    sys.stdout.flush()
+    sys.stderr.write(f"\r{bar} [00:01<00:02, 9.9it/s, lr: 1.0e-04 loss: {loss:.3e}]")
+    sys.stderr.flush()
     if name.endswith("-oom") and step == 3:
-        print("\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+        print("\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", file=sys.stderr)
         sys.exit(1)
     if step % every == 0 and step < steps:  # as ai-toolkit: the last step is saved as the final file only
         whole = safetensors_bytes()
@@ -43,4 +51,3 @@ for step in range(start + 1, steps + 1):
             time.sleep(30)  # hangs, as a save that is being killed; the launcher's stop interrupts it
     time.sleep(0.002)
 (folder / f"{name}.safetensors").write_bytes(safetensors_bytes())
-print("\nDone")
