@@ -144,5 +144,6 @@ def main() -> None:
     rows = measure_each(__file__, variants, command, Row, line, cells=7)
     write_rows(args.json, machine, torch.__version__, rows)
 
+
 if __name__ == "__main__":
     main()

@@ -133,5 +133,6 @@ def main() -> None:
     rows = measure_each(__file__, args.variants.split(","), command, Row, line, cells=6)
     write_rows(args.json, machine, torch.__version__, rows)
 
+
 if __name__ == "__main__":
     main()
