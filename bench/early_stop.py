@@ -10,7 +10,8 @@ exit status says so); no policy can be that close on every noisy run, and the ta
 
 The ideal pick is the earliest checkpoint whose true score J is within the measurement's resolution of the best
 true J (one standard error of a paired difference of two checkpoints' means: sigma * sqrt(2 / probes)), or the
-base model (0) when no eligible checkpoint's true J beats it: the best any policy could do with these probes.
+base model (0) when every eligible checkpoint's true J is below the base model's by more than that resolution: the
+best any policy could do with these probes.
 
     python bench/early_stop.py [--seeds 200] [--json FILE]
 """
@@ -109,11 +110,12 @@ def ideal(trajectory: Trajectory) -> int:
     decision = decide(base, checkpoints, StoppingSettings(enabled=False))
     eligible = [j for j in decision.judged if j.eligible]
     base_score = sum(probe_objective(base, base)) / PROBES
-    if not eligible or max(j.score for j in eligible) <= base_score:
-        return 0
     resolution = trajectory.noise * math.sqrt(2 / PROBES)
-    top = max(j.score for j in eligible)
-    return min(j.step for j in eligible if j.score >= top - resolution and j.score > base_score)
+    candidates = [j for j in eligible if j.score >= base_score - resolution]
+    if not candidates:
+        return 0
+    top = max(j.score for j in candidates)
+    return min(j.step for j in candidates if j.score >= top - resolution)
 
 
 @dataclass

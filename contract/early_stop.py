@@ -18,9 +18,12 @@ drop over `max_adherence_drop` (it stopped drawing the prompts), a mean leakage 
 copies its references), a held-out loss more than `max_validation_rise` above the base model's (it fits references
 it did not see worse than no LoRA at all: memorisation), or a score that is not a number. Probes are paired across
 checkpoints (same prompt, same seed), so differences are judged against the standard error of paired differences.
-- best: the earliest eligible checkpoint whose J is within one paired standard error of the top one and above the
-  base model's J; an earlier checkpoint is preferred when the data cannot tell them apart, since it has seen fewer
-  steps to overfit with. When no eligible checkpoint beats the base model, best is step 0: nothing is promoted.
+- best: the earliest eligible checkpoint whose J is within one paired standard error of the top one; an earlier
+  checkpoint is preferred when the data cannot tell them apart, since it has seen fewer steps to overfit with. The
+  base model is a candidate too: a checkpoint whose J is below the base model's by more than one paired standard
+  error (and more than `min_effect`) is worse than no LoRA, and when every eligible checkpoint is, best is step 0:
+  nothing is promoted. One the probes cannot tell from the base model is promoted, and the runtime warns that it
+  may have learned little.
 - stop: after `warmup_steps`, when the smoothed J has not beaten its best by one standard error for `patience`
   evaluations in a row, or when two evaluations in a row are ineligible (the guards failed twice).
 
@@ -54,6 +57,9 @@ class StoppingSettings:
     max_adherence_drop: float = 0.25  # a fraction of the base model's text agreement
     max_leakage_rise: float = 0.25  # in similarity (cosine) over the base model's
     max_validation_rise: float = 0.05  # a fraction of the base model's held-out loss
+    # Below the base model means below by more than this too: a few probes can make a paired standard error tiny,
+    # and a difference of 1e-4 in a cosine is no evidence that a LoRA is worse than none.
+    min_effect: float = 0.005
 
     @classmethod
     def from_plan(cls, plan: TrainingPlan) -> StoppingSettings:
@@ -212,10 +218,13 @@ def decide(baseline: ProbeScores, checkpoints: Sequence[ProbeScores], settings: 
     best = None
     if eligible:
         top = max(eligible, key=lambda j: (j.score, -j.step))
-        best = 0  # the base model, unless a checkpoint beats it
+        base_probes = probe_objective(baseline, baseline)
+        best = 0  # the base model, unless a checkpoint is not clearly worse than it
         for j in eligible:  # ascending steps: the first within one paired standard error of the top wins
             margin = paired_standard_error(per_probe[top.step], per_probe[j.step])
-            if top.score - j.score <= margin and j.score > base_score:
+            noise = max(paired_standard_error(per_probe[j.step], base_probes), settings.min_effect)
+            below_base = base_score - j.score > noise
+            if top.score - j.score <= margin and not below_base:
                 best = j.step
                 break
     stop, reason = _stop(ordered, judged, per_probe, settings)

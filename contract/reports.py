@@ -5,7 +5,9 @@ patch nothing else of use), over and over while it runs and once more at the end
 these models and the operator reads them with the same models: a report that does not validate is a Warning in
 status, never a crash, and never a half-read result.
 
-The field names are the wire format since v0.1 (progress in camelCase, results in snake_case): kept as they were,
+Reports travel as JSON merge patches, which drop every null: a field that may be None must have a default, or the
+report would not read back (tests/runtime/test_report.py checks every model). The field names are the wire format
+since v0.1 (progress in camelCase, results in snake_case): kept as they were,
 so a pod of the previous release still reports to a new operator. Models ignore fields they do not know, for the
 same reason the other way round. Nothing here is trusted for a location: the operator derives every URI it shows
 from the RunSpec (docs/runspec.md), never from a report.
@@ -133,7 +135,9 @@ class TrainProgress(_Reported):
 
 
 class TrainResult(_Reported):
-    lora_file: str | None = Field(description="Where the LoRA was published; None when nothing was (lora_step 0).")
+    lora_file: str | None = Field(
+        default=None, description="Where the LoRA was published; None when nothing was (lora_step 0)."
+    )
     steps: int = Field(description="Steps trained; the LoRA is the checkpoint of lora_step.")
     lora_step: int = Field(description="The step of the checkpoint that became the LoRA; 0: the base model won.")
     total_steps: int

@@ -207,14 +207,23 @@ def report(root: Path, objs: list[dict[str, Any]]) -> int:
                 f"    trained {status.get('progressText')}, loss {_num(status.get('loss'))}, {status.get('stopReason')}"
             )
             print(f"    checkpoints (early stopping: {status.get('earlyStopping')}):")
+            print(f"      step    0: the base model, score {_num(status.get('baseScore'))}")
             for item in status.get("checkpoints", []):
                 best = "  <- best, the LoRA" if item["step"] == status.get("bestCheckpoint") else ""
                 print(
                     f"      step {item['step']:>4}: loss {_num(item.get('loss'))}, score {_num(item.get('score'))}"
                     f"  {local_artifact(root, item['uri'])}{best}"
                 )
-            lora = local_artifact(root, status.get("loraURI"))
-            print(f"    LoRA: {status.get('loraURI')}\n      on this machine: {lora}")
+            warning = next((c for c in status.get("conditions", []) if c["type"] == "Warning"), {})
+            if warning.get("status") == "True":
+                print(f"    warnings: {warning['message']}")
+            if gallery := status.get("checkpointGalleryURI"):
+                print(f"    checkpoint gallery: {gallery}\n      on this machine: {local_artifact(root, gallery)}")
+            if status.get("loraURI"):
+                lora = local_artifact(root, status.get("loraURI"))
+                print(f"    LoRA: {status.get('loraURI')}\n      on this machine: {lora}")
+            else:
+                print("    LoRA: none, the base model beat every checkpoint (see the gallery)")
         elif obj["kind"] == "GenerationJob" and phase == "Succeeded":
             _report_generation(root, status)
         elif obj["kind"] == "LoRAFusion" and phase == "Succeeded":

@@ -33,10 +33,32 @@ def _prepare(args: argparse.Namespace) -> int:
     return main(args.spec)
 
 
-def _train(args: argparse.Namespace) -> int:
-    from .train import main
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spec", help="RunSpec JSON (a StyleLoRA's pod); without it, train on this machine:")
+    p.add_argument("--model", metavar="DIR", help="local model directory in the diffusers layout (never a hub name)")
+    p.add_argument("--data", metavar="DIR", help="dataset folder: images with NAME.txt captions beside them")
+    p.add_argument("--trigger", help="the trigger word the captions start with")
+    p.add_argument("--rank", type=int, help="LoRA rank (default: the reference policy's for the folder's size)")
+    p.add_argument("--steps", type=int, help="training steps (default: the policy's formula)")
+    p.add_argument("--resolution", type=int, help="training resolution in pixels, a multiple of 32 (default 1024)")
+    p.add_argument("--checkpoint-every", dest="every", type=int, help="steps between checkpoints")
+    p.add_argument("--evaluate", action="store_true", help="score checkpoints and stop early (slow on a CPU)")
+    p.add_argument("-o", "--output", metavar="OUT", help="folder for the LoRA and its checkpoints")
 
-    return main(args.spec)
+
+def _train(args: argparse.Namespace) -> int:
+    if args.spec:
+        from .train import main
+
+        return main(args.spec)
+    needed = (("--model", args.model), ("--data", args.data), ("--trigger", args.trigger), ("-o", args.output))
+    missing = [flag for flag, value in needed if not value]
+    if missing:
+        print(f"kleinstyle train: {', '.join(missing)} required (or --spec RUNSPEC)", file=sys.stderr)
+        return 2
+    from .train import cli
+
+    return cli(args)
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
@@ -150,7 +172,7 @@ COMMANDS: dict[str, Command] = {
     name: (add, _with_credentials(run))
     for name, (add, run) in {
         "prepare": (_spec_args, _prepare),
-        "train": (_spec_args, _train),
+        "train": (_train_args, _train),
         "caption": _text_command("caption"),
         "style-profile": _text_command("style_profile"),
         "reformulate": _text_command("reformulate"),

@@ -59,7 +59,8 @@ def check_dependencies(deps: list[Dependency], observed: Dependencies) -> None:
         if phase != "Succeeded" or not current:
             raise NotReady(f"{dep.kind}NotReady", f"waiting for {dep.kind} {dep.name} (now {phase})")
         if not status.get(dep.output):  # finished without what is needed of it (a LoRA the base model beat)
-            why = status.get("earlyStopping") or status.get("message") or ""
+            warning = next((c for c in status.get("conditions") or [] if c.get("type") == "Warning"), {})
+            why = warning.get("message") if warning.get("status") == "True" else status.get("message") or ""
             raise NotReady(
                 f"{dep.kind}Without{dep.output[0].upper()}{dep.output[1:]}",
                 f"{dep.kind} {dep.name} succeeded without a {dep.output}: {why}".strip(),

@@ -351,7 +351,7 @@ class Evaluator:
                 image = Image.open(file).convert("RGB") if file.is_file() else Image.new("RGB", (THUMB, THUMB))
                 cells.append(Cell(image, title if index == 0 else f"probe {index + 1}", prompt))
         sheet, _ = contact_sheet(
-            cells, columns=len(self.probe_prompts), header=["checkpoint probes: a row per step"], thumb=THUMB
+            cells, columns=len(self.probe_prompts), header=["a row per step; J: its score"], thumb=THUMB
         )
         return sheet
 
@@ -361,20 +361,18 @@ class Evaluator:
 
 
 def _row_title(step: int, decision: Decision | None) -> str:
-    """`step 200, J 0.9312 <- best, the LoRA`: what the policy made of a step."""
+    """`step 200 J 0.9312 best`: what the policy made of a step, short enough for a thumbnail's width."""
     judged = next((j for j in decision.judged if j.step == step), None) if decision else None
     if step == 0:
-        title = "step 0 (base model)"
-        score = decision.base_score if decision else None
+        title, score = "base", decision.base_score if decision else None
     else:
-        title = f"step {step}"
-        score = judged.score if judged and judged.eligible else None
+        title, score = f"step {step}", judged.score if judged and judged.eligible else None
         if judged and not judged.eligible:
-            title += f", ineligible: {judged.why_not}"
+            title += " ineligible"
     if score is not None:
-        title += f", J {score:.4f}"
+        title += f" J {score:.4f}"
     if decision and decision.best_step == step:
-        title += "  <- best" + (": nothing promoted" if step == 0 else ", the LoRA")
+        title += " best" if step else " best: no LoRA"
     return title
 
 

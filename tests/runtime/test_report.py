@@ -96,3 +96,63 @@ def test_a_number_json_cannot_carry_is_reported_as_null():
     patch = progress_patch({"progress": {"loss": float("nan"), "checkpoints": [{"score": float("inf"), "step": 2}]}})
     assert patch == {"status": {"progress": {"progress": {"loss": None, "checkpoints": [{"score": None, "step": 2}]}}}}
     json.dumps(patch, allow_nan=False)  # what httpx does with it
+
+
+def merge_patch(target: object, patch: object) -> object:
+    """RFC 7386, as the API server applies a pod's report: a null removes its key; lists are replaced whole."""
+    if not isinstance(patch, dict):
+        return patch
+    merged = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = merge_patch(merged.get(key), value)
+    return merged
+
+
+def test_every_report_reads_back_after_the_merge_patch_drops_its_nulls() -> None:
+    """A field that may be None needs a default: the merge patch that carries a report deletes nulls."""
+    from kleinstyle.contract.reports import (
+        EvaluationReport,
+        FuseReport,
+        FuseResult,
+        GenerateProgress,
+        GenerateReport,
+        GenerateResult,
+        ImageTiming,
+        PrepareReport,
+        PrepareResult,
+        ProbeScoresReport,
+        TrainProgress,
+        TrainReport,
+        TrainResult,
+        read_report,
+    )
+
+    scores = ProbeScoresReport(step=0, style=[0.5, None], adherence=[1.0, 1.0], leakage=[0.2, 0.2])
+    evaluation = EvaluationReport(baseline=scores)
+    reports = [
+        PrepareReport(runHash="r", state="Failed", result=PrepareResult(succeeded=False, message="no images")),
+        TrainReport(runHash="r", state="Running", progress=TrainProgress(step=1, totalSteps=9, evaluation=evaluation)),
+        TrainReport(
+            runHash="r",
+            state="Succeeded",
+            progress=TrainProgress(),
+            result=TrainResult(steps=9, lora_step=0, total_steps=9, best_checkpoint=0, evaluation=evaluation),
+        ),
+        GenerateReport(
+            runHash="r",
+            state="Succeeded",
+            progress=GenerateProgress(imagesDone=1, imagesTotal=1),
+            result=GenerateResult(images=[ImageTiming(index=1, reused=True)]),
+        ),
+        FuseReport(
+            runHash="r",
+            state="Succeeded",
+            result=FuseResult(method="svd", rank=8, energy_kept=1.0, layers=2, duration_seconds=0.1),
+        ),
+    ]
+    for report in reports:
+        sent = report.model_dump(mode="json")
+        assert read_report(merge_patch({}, sent)) == report, report.step

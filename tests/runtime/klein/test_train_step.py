@@ -314,7 +314,7 @@ def test_a_lora_scoring_below_the_base_model_is_not_promoted(
     result = progress_reports(kube_api)[-1]["result"]
     assert (result["best_checkpoint"], result["lora_step"], result["lora_file"]) == (0, 0, None)
     assert not (output(rootfs) / "lora.safetensors").exists()
-    assert result["warnings"][0].startswith("no checkpoint scored above the base model (best J 0.5650, base 0.9050)")
+    assert result["warnings"][0].startswith("every checkpoint scored below the base model (best J 0.5650, base 0.9050)")
 
 
 def test_a_missing_embedder_directory_exits_2(rootfs: Path, kube_api: KubeApi, tiny_klein: Path, two_images: Path):
@@ -596,3 +596,37 @@ def test_a_save_cut_off_by_a_killed_pod_is_discarded_and_the_next_pod_resumes(
     result = progress_reports(kube_api)[-1]["result"]
     assert result["stop_reason"] == "completed" and result["steps"] == 20
     assert is_complete(folder / "wc-killed_000000010.safetensors")  # saved again, whole, by the resumed run
+
+
+# --- `kleinstyle train --model DIR --data DIR ...` on one machine ---------------------------------------------------
+
+
+def test_train_on_one_machine_prints_each_training_size_and_writes_the_lora(
+    tiny_klein: Path, dataset: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kleinstyle.cli.main import main as kleinstyle
+
+    data = dataset(["tok. a hill", "tok. a boat"], sizes=[(512, 512), (600, 400)])
+    out = tmp_path / "out"
+    args = ["--model", str(tiny_klein), "--data", str(data), "--trigger", "tok", "--rank", "4", "--steps", "2"]
+    assert kleinstyle(["train", *args, "--resolution", "1024", "--checkpoint-every", "1", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    # At resolution 1024, a 512x512 reference trains at 512x512: never upscaled; a larger one is downscaled.
+    assert printed[:2] == ["000.png: 512x512", "001.png: 576x384 (from 600x400)"]
+    assert printed[2] == f"LoRA: {out / 'lora.safetensors'}"
+    assert load_file(out / "lora.safetensors") and json.loads((out / "lora.json").read_text())["trigger_word"] == "tok"
+    assert sorted(p.name for p in (out / "work/checkpoints").iterdir()) == ["step_000001", "step_000002"]
+
+
+def test_train_on_one_machine_names_bad_input(
+    tiny_klein: Path, two_images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kleinstyle.cli.main import main as kleinstyle
+
+    common = ["--trigger", "t", "-o", str(tmp_path / "out")]
+    assert kleinstyle(["train", "--model", str(tmp_path), "--data", str(two_images), *common]) == 2
+    assert "--model " in (err := capsys.readouterr().err) and "model_index.json missing" in err
+    assert kleinstyle(["train", "--model", str(tiny_klein), "--data", str(tmp_path / "none"), *common]) == 2
+    assert "--data: dataset folder" in capsys.readouterr().err
+    assert kleinstyle(["train", "--model", str(tiny_klein)]) == 2
+    assert "--data, --trigger, -o required" in capsys.readouterr().err
