@@ -732,3 +732,30 @@ def test_job_threads_follow_the_pods_cpu_request():
         "divisor": "1",
         "containerName": "prepare",
     }
+
+
+def test_a_lora_the_base_model_beat_publishes_nothing_and_its_users_say_why():
+    baseline = {"step": 0, "style": [0.9, 0.9], "adherence": [1.0, 1.0], "leakage": [0.2, 0.2]}
+    worse = {"step": 100, "style": [0.5, 0.5], "adherence": [1.0, 1.0], "leakage": [0.2, 0.2]}
+    evaluation = {"baseline": baseline, "checkpoints": [worse]}
+    result = {
+        "steps": 100,
+        "lora_step": 0,
+        "total_steps": 100,
+        "checkpoints": [{"step": 100, "uri": "pvc://x/step_000100"}],
+        "best_checkpoint": 0,
+        "evaluation": evaluation,
+        "warnings": ["every checkpoint scored below the base model (best J 0.5000, base 0.9000): no LoRA"],
+    }
+    body, first, deps = _running_lora(state="Succeeded", result=result)
+    job = _job(first, succeeded=1, conditions=[{"type": "Complete", "status": "True"}])
+    status = step(body, children=[*first.create[:-1], job], deps=deps).status
+    assert status["phase"] == "Succeeded" and status["loraURI"] is None and status["loraStep"] == 0
+    assert (status["bestCheckpoint"], status["baseScore"]) == (0, 0.9)
+    assert status["checkpointGalleryURI"] == f"{first.status['artifactURI']}/checkpoint_gallery.png"
+    # A GenerationJob on it waits, and says why instead of "waiting".
+    trained = lora()
+    trained["status"] = status
+    waiting = step(generation(), deps={("StyleLoRA", "bd9-lora"): trained}).status
+    assert waiting["phase"] == "Waiting" and waiting["conditions"][0]["reason"] == "StyleLoRAWithoutLoraURI"
+    assert "succeeded without a loraURI: every checkpoint scored below the base model" in waiting["message"]

@@ -174,3 +174,16 @@ def test_fp8_base_is_off_by_default_and_reaches_both_backends():
     assert (plan.fp8_base.value, plan.fp8_base.source) == (True, "spec")
     config = aitoolkit_config(plan, name="x", dataset_dir="/d", training_folder="/t", trigger_word="w")
     assert config["config"]["process"][0]["model"]["quantize"] is True
+
+
+@pytest.mark.parametrize(("images", "held_out"), [(3, 0), (4, 0), (5, 1), (14, 1), (15, 2), (31, 3), (50, 5)])
+def test_references_held_out_for_the_validation_loss(images: int, held_out: int) -> None:
+    plan = plan_training(images, {"boardRef": {"name": "b"}})
+    assert plan.validation_images.value == held_out
+    off = plan_training(images, {"boardRef": {"name": "b"}, "earlyStopping": {"enabled": False}})
+    assert off.validation_images.value == 0  # the held-out loss is part of the evaluation
+
+
+def test_the_rank_means_one_lora_per_fused_qkv_on_both_backends() -> None:
+    plan = plan_training(12, {"boardRef": {"name": "b"}})
+    assert "one rank-r LoRA per fused q/k/v projection" in plan.rank.reason
