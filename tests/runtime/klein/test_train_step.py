@@ -75,6 +75,11 @@ def test_plan_maps_to_train_settings() -> None:
     )
     assert cfg.target == "all"  # a name, so it fits every klein size
     assert cfg.compile_blocks  # on CUDA; the CPU runs in these tests ignore it
+    assert cfg.shared_qkv  # one LoRA per fused q/k/v, as ai-toolkit
+    # The cosine midpoint the document says to check is a checkpoint even off the checkpoint_every grid.
+    midpoint = plan_training(5, {"training": {"steps": 900, "checkpointEvery": 200}})
+    midcfg = train.train_settings(midpoint)
+    assert 450 in midpoint.checkpoint_steps and midcfg.is_checkpoint(450) and not midcfg.is_checkpoint(500)
 
     custom = plan_training(
         12, {"training": {"targetBlocks": "custom", "blocks": ["single_blocks.1", "double_blocks.3"]}}
