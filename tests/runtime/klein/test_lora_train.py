@@ -76,16 +76,7 @@ def test_loss_falls_on_a_fixed_batch(tiny_klein: Path, two_images: Path, tmp_pat
     # The same fall, measured without sampling noise: fixed noise and timesteps on the training latents, base model
     # versus base model + the published LoRA (so this also checks the file carries what was trained).
     pipe = Flux2KleinPipeline.from_pretrained(tiny_klein)
-    encoded = encode_dataset(
-        tiny_klein,
-        read_dataset(two_images),
-        resolution=64,
-        bucket_multiple=32,
-        max_sequence_length=512,
-        layers=None,
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-    )
+    encoded = encode(tiny_klein, two_images, resolution=64, max_sequence_length=512)
     before = _stable_loss(pipe.transformer, encoded)
     pipe.load_lora_weights(result.lora_path)
     after = _stable_loss(pipe.transformer, encoded)
@@ -102,6 +93,20 @@ def _stable_loss(transformer: torch.nn.Module, encoded) -> float:
             loss = flow_matching_loss(transformer, latents, encoded.captions[index], noise, torch.tensor([sigma]))
             total.append(float(loss))
     return float(np.mean(total))
+
+
+def encode(model: Path, folder: Path, *, resolution: int, max_sequence_length: int):
+    """The dataset in `folder` encoded on the CPU as the trainer encodes it (buckets of 32 px)."""
+    return encode_dataset(
+        model,
+        read_dataset(folder),
+        resolution=resolution,
+        bucket_multiple=32,
+        max_sequence_length=max_sequence_length,
+        layers=None,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+    )
 
 
 # --- checkpoints and the published LoRA --------------------------------------------------------------------
@@ -310,16 +315,7 @@ def test_aspect_ratio_buckets_batch_within_a_bucket(
     tiny_klein: Path, dataset: Callable[..., Path], captions: tuple[str, ...]
 ) -> None:
     folder = dataset(list(captions), sizes=[(64, 64), (60, 120), (70, 70)])
-    encoded = encode_dataset(
-        tiny_klein,
-        read_dataset(folder),
-        resolution=64,
-        bucket_multiple=32,
-        max_sequence_length=64,
-        layers=None,
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-    )
+    encoded = encode(tiny_klein, folder, resolution=64, max_sequence_length=64)
     assert encoded.buckets == {(64, 64): [0, 2], (32, 96): [1]}  # 60x120 is never upscaled to 32x128
     # latents: 4 channels x 2x2 patches, sides / 16 (VAE 8x, then 2x2 patchify)
     assert encoded.latents[0].shape == (1, 16, 4, 4) and encoded.latents[1].shape == (1, 16, 6, 2)
@@ -456,16 +452,7 @@ def test_an_image_trains_at_its_bucket_and_never_above_its_own_size(size, traine
 
 def test_a_small_reference_is_encoded_at_its_own_size(tiny_klein: Path, dataset) -> None:
     folder = dataset(["tok. a square", "tok. a wide one"], sizes=[(96, 96), (400, 300)])
-    encoded = encode_dataset(
-        tiny_klein,
-        read_dataset(folder),
-        resolution=1024,
-        bucket_multiple=32,
-        max_sequence_length=32,
-        layers=None,
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-    )
+    encoded = encode(tiny_klein, folder, resolution=1024, max_sequence_length=32)
     assert sorted(encoded.buckets) == [(96, 96), (352, 288)]  # not (1024, 1024) and (1184, 864)
     assert tuple(encoded.latents[0].shape[-2:]) == (96 // 16, 96 // 16)
 
