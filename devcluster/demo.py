@@ -61,7 +61,7 @@ def dev_config(root: Path) -> OperatorConfig:
         textProviderURLs=urls,
         runtimeImage="local",
         defaultBackend="builtin",
-        resyncSeconds=0.5,
+        resyncSeconds=5.0,
         metricsPort=0,
         artifacts=ArtifactStore(claimName=ARTIFACT_CLAIM),
         artifactsLocalPath=str(root / "volumes" / ARTIFACT_CLAIM),
@@ -87,9 +87,12 @@ def write_model_cache(root: Path, model: str = "klein-base-9b") -> Path:
     return target
 
 
-def cluster_for(root: Path, namespace: str, **operator_args: Any) -> DevCluster:
-    """The embedded cluster with the CRDs, offline admission and the operator (`operator_args` go to it)."""
-    operator = partial(embedded_operator, dev_config(root), namespace, **operator_args)
+def cluster_for(
+    root: Path, namespace: str, *, config: OperatorConfig | None = None, **operator_args: Any
+) -> DevCluster:
+    """The embedded cluster with the CRDs, offline admission and the operator (`config`, default `dev_config`;
+    `operator_args` go to it)."""
+    operator = partial(embedded_operator, config or dev_config(root), namespace, **operator_args)
     return DevCluster(
         root, crds=crdgen.build_crds().values(), admit=admission.admit, operator=operator, namespace=namespace
     )

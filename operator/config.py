@@ -115,8 +115,9 @@ class OperatorConfig(BaseModel):
     gpuResources: Resources = Field(default_factory=lambda: Resources(cpu="16", memory="120Gi"))
     backoffLimit: int = 2
     activeDeadlineSeconds: int = 6 * 3600
-    # Seconds between reconciles of an unfinished resource (Jobs and dependencies are polled).
-    resyncSeconds: float = 5.0
+    # Watches wake a resource when something it depends on changes; this slow resync is only the safety net
+    # (seconds between reconciles of an unfinished resource that nothing woke).
+    resyncSeconds: float = 300.0
     # CIDRs that prepare may fetch from although private (an internal mirror, say). Empty: none.
     fetchAllowedCIDRs: list[str] = Field(default_factory=list)
     fetchMaxBytes: int = 50 * 1024 * 1024

@@ -1,8 +1,16 @@
-"""The kopf handlers: thin I/O shells around `reconcile`. Read the world, decide (pure), write the decision.
+"""The kopf handlers: thin I/O shells around `reconcile`. Read the world from memory, decide (pure), write the decision.
 
-One timer per resource drives everything: it runs at once when the operator sees the object (start-up included)
-and then every `resyncSeconds`, following Jobs and dependencies. A resource that has finished for its current
-generation costs no API calls. Deletion removes the children (and the artifacts when the spec says Delete).
+Watch, don't poll. kopf keeps one watch per resource kind and fills in-memory indexes from it: every child of every
+resource (by the owner's uid), and every kleinstyle object (by namespace and name). Each resource has a daemon that
+reconciles from those indexes, then sleeps until something it depends on changes: an event on the resource
+itself, on one of its children (a Job that starts, completes or fails), or on an object it waits for (its board,
+its LoRAs) wakes it at once. A resource that waits costs the API server nothing; a slow resync (`resyncSeconds`) is
+the safety net. The API is written to only to change something: create or delete a child, patch status, post an
+Event; and read only to learn why a Job failed (its pods).
+
+kopf fills the indexes before any daemon starts, so a restarted operator sees every child it made and creates none
+twice. A child created here is remembered until its own watch event reaches the index, so a reconcile woken in
+between does not try to create it again. Deletion removes the children (and the artifacts when the spec says Delete).
 """
 
 from __future__ import annotations
@@ -12,6 +20,9 @@ import contextlib
 import json
 import shutil
 import time
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,12 +36,13 @@ from .api import GROUP, KINDS, VERSION
 from .config import OperatorConfig
 from .kinds import KIND_RUNS, NotReady, check_dependencies
 from .kinds.base import owner_of
-from .kube import Kube
-from .naming import OWNER_UID, owner_labels, selector
-from .reconcile import Observed, blocked, foreign_child, job_failed, reconcile
+from .kube import PLURALS, Kube
+from .naming import OWNER_UID, selector
+from .reconcile import Decision, Observed, blocked, foreign_child, job_failed, reconcile
 
 CHILD_KINDS = ("ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Job")
 TERMINAL = ("Succeeded", "Failed")
+ERROR_BACKOFF_S = 5.0  # after an API refusal or a bug: try again this soon, not at the next slow resync
 
 
 def now_rfc3339() -> str:
@@ -38,31 +50,94 @@ def now_rfc3339() -> str:
 
 
 def settled(body: Any) -> bool:
-    """Finished for the current generation: nothing to poll until the spec changes."""
+    """Finished for the current generation: nothing to do until the spec changes."""
     status = body.get("status") or {}
     return status.get("phase") in TERMINAL and status.get("observedGeneration") == body["metadata"].get("generation")
 
 
-async def observe(kube: Kube, body: Any) -> Observed:
-    """Read what reconcile needs, and no more: children only once the dependencies are ready, pods only when a
-    Job failed (for the pod's reason)."""
+@dataclass
+class Wakers:
+    """Who to wake on which event, in this process's memory (rebuilt by the first reconcile after a restart)."""
+
+    events: dict[str, asyncio.Event] = field(default_factory=dict)  # resource uid -> its daemon's wake-up
+    waiting_on: dict[tuple[str, str, str], set[str]] = field(default_factory=lambda: defaultdict(set))
+    # Children this process created or deleted whose watch event has not reached the index yet, by owner uid.
+    created: dict[str, dict[tuple[str, str], dict]] = field(default_factory=lambda: defaultdict(dict))
+    deleted: dict[str, set[tuple[str, str]]] = field(default_factory=lambda: defaultdict(set))
+    # The status this process last wrote, with the resourceVersion the write made, until the watch brings it back:
+    # a reconcile woken in between compares with it, so it neither writes the same patch nor posts the same Event
+    # twice.
+    written: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
+
+    def event(self, uid: str) -> asyncio.Event:
+        return self.events.setdefault(uid, asyncio.Event())
+
+    def wake(self, uid: str) -> None:
+        if uid in self.events:
+            self.events[uid].set()
+
+    def current(self, body: Any) -> dict[str, Any]:
+        """`body`, with the status this process last wrote when the watch has not brought that write back yet."""
+        uid, seen = body["metadata"]["uid"], body["metadata"].get("resourceVersion") or ""
+        if uid not in self.written:
+            return dict(body)
+        version, status = self.written[uid]
+        if _not_older(seen, version):
+            del self.written[uid]
+            return dict(body)
+        return {**body, "status": {**(body.get("status") or {}), **status}}
+
+    def forget(self, uid: str) -> None:
+        for table in (self.events, self.created, self.deleted, self.written):
+            table.pop(uid, None)
+
+
+def _not_older(seen: str, written: str) -> bool:
+    """resourceVersions are opaque, but etcd's (and the emulator's) are increasing integers; otherwise equality."""
+    if seen.isdigit() and written.isdigit():
+        return int(seen) >= int(written)
+    return seen == written
+
+
+def _one(store: Any) -> Any:
+    return next(iter(store), None) if store is not None else None
+
+
+async def observe(kube: Kube, body: Any, indexes: Mapping[str, Any], wakers: Wakers) -> Observed:
+    """What reconcile needs, from the indexes; pods (one LIST) only when a Job failed, for the pod's reason."""
     meta = body["metadata"]
-    namespace, kind = meta["namespace"], body["kind"]
+    namespace, uid, kind = meta["namespace"], meta["uid"], body["kind"]
     deps_wanted: list = []
     with contextlib.suppress(ValueError):  # an invalid spec is reported by reconcile
         deps_wanted = KIND_RUNS[kind].dependencies(KIND_RUNS[kind].kind.spec.model_validate(body.get("spec") or {}))
-    found = await asyncio.gather(*(kube.get(d.kind, namespace, d.name) for d in deps_wanted))
-    dependencies = {(d.kind, d.name): obj for d, obj in zip(deps_wanted, found, strict=True)}
+    for waited in [key for key, uids in wakers.waiting_on.items() if uid in uids]:
+        wakers.waiting_on[waited].discard(uid)
+    dependencies = {}
+    for dep in deps_wanted:
+        wakers.waiting_on[(namespace, dep.kind, dep.name)].add(uid)
+        dependencies[(dep.kind, dep.name)] = _one(indexes[_objects_index(dep.kind)].get((namespace, dep.name)))
     try:
         check_dependencies(deps_wanted, dependencies)
     except NotReady:
         return Observed(body=dict(body), dependencies=dependencies)
-    labels = selector({OWNER_UID: meta["uid"]})
-    groups = await asyncio.gather(*(kube.list(k, namespace, labels) for k in CHILD_KINDS))
-    children = [child for group in groups for child in group]
-    failed = any(c["kind"] == "Job" and job_failed(c) for c in children)
-    pods = await kube.list("Pod", namespace, labels) if failed else []
-    return Observed(body=dict(body), dependencies=dependencies, children=children, pods=pods)
+    children = {}
+    for child_kind in CHILD_KINDS:
+        for child in indexes[_children_index(child_kind)].get(uid, ()):
+            children[(child_kind, child["metadata"]["name"])] = child
+    for key, child in list(wakers.created[uid].items()):
+        if key in children:
+            del wakers.created[uid][key]  # the index has it now
+        else:
+            children[key] = child
+    for key in list(wakers.deleted[uid]):
+        if key in children:
+            del children[key]
+        else:
+            wakers.deleted[uid].discard(key)  # the index has forgotten it too
+    listed = list(children.values())
+    failed = any(c["kind"] == "Job" and job_failed(c) for c in listed)
+    pods = await kube.list("Pod", namespace, selector({OWNER_UID: uid})) if failed else []
+    return Observed(body=dict(body), dependencies=dependencies, children=listed, pods=pods)
 
 
 def _api_message(exc: ApiException) -> str:
@@ -72,63 +147,115 @@ def _api_message(exc: ApiException) -> str:
         return str(exc.body or "")[:300]
 
 
-def status_changes(current: dict, desired: dict) -> dict:
+def status_changes(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in desired.items() if current.get(k) != v}
 
 
-async def reconcile_resource(body: Any, patch: Any, memo: Any, logger: Any, **_: Any) -> None:
+async def write_decision(kube: Kube, body: Any, decision: Decision, wakers: Wakers, logger: Any) -> Decision:
+    """Delete and create the children, patch status (only what changed), post the Events; the decision as it ended
+    (a stranger's object under a child's name blocks the run)."""
     kind, meta = body["kind"], body["metadata"]
-    if settled(body):
-        return
+    uid = meta["uid"]
+    for child in decision.delete:
+        key = (child["kind"], child["metadata"]["name"])
+        await kube.delete(child["kind"], child["metadata"]["namespace"], child["metadata"]["name"])
+        wakers.deleted[uid].add(key)
+        wakers.created[uid].pop(key, None)
+    for child in decision.create:
+        key = (child["kind"], child["metadata"]["name"])
+        if await kube.create(child):
+            metrics.CHILDREN_CREATED.labels(kind, child["kind"]).inc()
+            logger.info(f"created {child['kind']} {child['metadata']['name']}")
+            wakers.created[uid][key] = child
+            continue
+        # 409: adopt it only if it is really ours; never create the rest (the Job) on top of a stranger.
+        existing = await kube.get(child["kind"], meta["namespace"], child["metadata"]["name"])
+        if conflict := foreign_child(child, existing):
+            decision = blocked(body, "ChildConflict", conflict, now_rfc3339())
+            break
+        wakers.created[uid][key] = existing or child
+    await patch_status(kube, body, decision.status, wakers)
+    for event in decision.events:
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+    return decision
+
+
+async def patch_status(kube: Kube, body: Any, desired: Mapping[str, Any], wakers: Wakers) -> None:
+    changes = status_changes(body.get("status") or {}, desired)
+    if changes:
+        meta = body["metadata"]
+        answer = await kube.patch_status(body["kind"], meta["namespace"], meta["name"], changes)
+        version = ((answer or {}).get("metadata") or {}).get("resourceVersion")
+        if version:
+            _, before = wakers.written.get(meta["uid"], ("", {}))
+            wakers.written[meta["uid"]] = (str(version), {**before, **changes})
+
+
+async def reconcile_once(body: Any, memo: Any, logger: Any, indexes: Mapping[str, Any]) -> bool:
+    """One reconcile of `body`; False when it failed and should be retried soon."""
+    kind, meta = body["kind"], body["metadata"]
     cfg: OperatorConfig = memo.config
     kube: Kube = memo.kube
     started = time.perf_counter()
     outcome = "ok"
+    body = memo.wakers.current(body)
     try:
-        decision = reconcile(await observe(kube, body), cfg, now_rfc3339())
-        for child in decision.delete:
-            await kube.delete(child["kind"], child["metadata"]["namespace"], child["metadata"]["name"])
-        for child in decision.create:
-            if await kube.create(child):
-                metrics.CHILDREN_CREATED.labels(kind, child["kind"]).inc()
-                logger.info(f"created {child['kind']} {child['metadata']['name']}")
-                continue
-            # 409: adopt it only if it is really ours; never create the rest (the Job) on top of a stranger.
-            existing = await kube.get(child["kind"], meta["namespace"], child["metadata"]["name"])
-            if conflict := foreign_child(child, existing):
-                decision = blocked(body, "ChildConflict", conflict, now_rfc3339())
-                break
-        changes = status_changes(dict(body.get("status") or {}), decision.status)
-        for key, value in changes.items():
-            patch.status[key] = value
-        metrics.count_tokens(kind, dict(body.get("status") or {}), decision.status)
-        for event in decision.events:
-            kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+        decision = reconcile(await observe(kube, body, indexes, memo.wakers), cfg, now_rfc3339())
+        before = dict(body.get("status") or {})
+        decision = await write_decision(kube, body, decision, memo.wakers, logger)
+        metrics.count_tokens(kind, before, decision.status)
         metrics.set_phase(meta["namespace"], kind, meta["name"], decision.status.get("phase"))
+        return True
     except ApiException as exc:
-        # Refused by the API (quota, a policy webhook, RBAC): say so in status, try again at the next resync.
+        # Refused by the API (quota, a policy webhook, RBAC): say so in status, try again soon.
         outcome = "error"
         message = f"the Kubernetes API refused a request: {exc.status} {exc.reason}: {_api_message(exc)}"
-        decision = blocked(body, "ApiError", message, now_rfc3339())
-        for key, value in status_changes(dict(body.get("status") or {}), decision.status).items():
-            patch.status[key] = value
+        with contextlib.suppress(ApiException):
+            await patch_status(kube, body, blocked(body, "ApiError", message, now_rfc3339()).status, memo.wakers)
         kopf.warn(body, reason="ApiError", message=message)
+        return False
     except Exception:
         outcome = "error"
-        raise
+        logger.exception("reconcile failed")
+        return False
     finally:
         metrics.RECONCILES.labels(kind, outcome).inc()
         metrics.RECONCILE_SECONDS.labels(kind).observe(time.perf_counter() - started)
 
 
-async def delete_resource(body: Any, memo: Any, logger: Any, **_: Any) -> None:
+async def run_resource(body: Any, memo: Any, logger: Any, stopped: Any, **indexes: Any) -> None:
+    """A resource's daemon: reconcile, then sleep until an event wakes it (or the slow resync, or a retry)."""
+    cfg: OperatorConfig = memo.config
+    wakers: Wakers = memo.wakers
+    uid = body["metadata"]["uid"]
+    wake = wakers.event(uid)
+    try:
+        while not stopped:
+            wake.clear()
+            ok = await reconcile_once(body, memo, logger, indexes)
+            timeout = ERROR_BACKOFF_S if not ok else None if settled(wakers.current(body)) else cfg.resyncSeconds
+            await _sleep(wake, stopped, timeout)
+    finally:
+        wakers.forget(uid)
+
+
+async def _sleep(wake: asyncio.Event, stopped: Any, timeout: float | None) -> None:
+    woken = asyncio.ensure_future(wake.wait())
+    stopping = asyncio.ensure_future(stopped.wait())
+    try:
+        await asyncio.wait({woken, stopping}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        woken.cancel()
+        stopping.cancel()
+
+
+async def delete_resource(body: Any, memo: Any, logger: Any, **indexes: Any) -> None:
     """Children go with their owner (explicitly, so no garbage collector is needed); artifacts stay unless asked."""
     meta = body["metadata"]
     kube: Kube = memo.kube
-    labels = selector(owner_labels(body["kind"], meta["uid"]))
-    for kind in reversed(CHILD_KINDS):
-        for child in await kube.list(kind, meta["namespace"], labels):
-            await kube.delete(kind, meta["namespace"], child["metadata"]["name"])
+    for child_kind in reversed(CHILD_KINDS):
+        for child in list(indexes[_children_index(child_kind)].get(meta["uid"], ())):
+            await kube.delete(child_kind, meta["namespace"], child["metadata"]["name"])
     metrics.forget(meta["namespace"], body["kind"], meta["name"])
     if (body.get("spec") or {}).get("artifactPolicy") != "Delete":
         return
@@ -146,13 +273,61 @@ async def delete_resource(body: Any, memo: Any, logger: Any, **_: Any) -> None:
         logger.info(f"deleted artifacts in {folder}")
 
 
-def register(registry: kopf.OperatorRegistry, resync_seconds: float) -> None:
-    """Attach the handlers of all four kinds to `registry`, and log in as the kubernetes client does (kubeconfig
-    or in-cluster ServiceAccount): a registry of our own starts without kopf's default login handlers."""
+# ---- indexes and wake-ups -----------------------------------------------------------------------------------------
+
+
+def _children_index(kind: str) -> str:
+    return f"children_{PLURALS[kind][1]}"
+
+
+def _objects_index(kind: str) -> str:
+    return f"objects_{PLURALS[kind][1]}"
+
+
+def _child_indexer(kind: str) -> Any:
+    api_version = PLURALS[kind][0]
+
+    def index_child(body: Any, labels: Mapping[str, str], **_: Any) -> dict[str, dict]:
+        """A child by its owner's uid, with the apiVersion and kind reconcile compares by."""
+        return {labels[OWNER_UID]: {**dict(body), "apiVersion": api_version, "kind": kind}}
+
+    return index_child
+
+
+def _index_object(body: Any, **_: Any) -> dict[tuple[str, str], dict]:
+    meta = body["metadata"]
+    return {(meta["namespace"], meta["name"]): dict(body)}
+
+
+def _wake_owner(labels: Mapping[str, str], memo: Any, **_: Any) -> None:
+    memo.wakers.wake(labels[OWNER_UID])
+
+
+def _wake_self_and_dependents(body: Any, memo: Any, **_: Any) -> None:
+    meta = body["metadata"]
+    wakers: Wakers = memo.wakers
+    wakers.wake(meta["uid"])
+    for uid in wakers.waiting_on.get((meta["namespace"], body["kind"], meta["name"]), set()).copy():
+        wakers.wake(uid)
+
+
+def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
+    """Attach the indexes, wake-ups, daemons and cleanup of all four kinds to `registry`, and log in as the
+    kubernetes client does (kubeconfig or in-cluster ServiceAccount): a registry of our own starts without kopf's
+    default login handlers."""
     kopf.on.login(registry=registry)(kopf.login_via_client)
+    owned = {OWNER_UID: kopf.PRESENT}
+    for child_kind in CHILD_KINDS:
+        api_version, plural = PLURALS[child_kind]
+        group, _, version = api_version.rpartition("/")
+        resource = (group, version, plural)
+        kopf.index(*resource, labels=owned, registry=registry, id=_children_index(child_kind))(
+            _child_indexer(child_kind)
+        )
+        kopf.on.event(*resource, labels=owned, registry=registry, id=f"wake_{plural}")(_wake_owner)
     for kind in KINDS:
         resource = (GROUP, VERSION, kind.plural)
-        kopf.timer(*resource, interval=resync_seconds, backoff=resync_seconds, registry=registry, id="reconcile")(
-            reconcile_resource
-        )
+        kopf.index(*resource, registry=registry, id=_objects_index(kind.kind))(_index_object)
+        kopf.on.event(*resource, registry=registry, id=f"wake_{kind.plural}")(_wake_self_and_dependents)
+        kopf.daemon(*resource, registry=registry, id="reconcile", cancellation_timeout=5.0)(run_resource)
         kopf.on.delete(*resource, registry=registry, id="cleanup")(delete_resource)

@@ -15,6 +15,8 @@ from kubernetes.client.rest import ApiException
 
 from .api import BY_KIND, GROUP, VERSION
 
+JSON = "application/json"
+MERGE_PATCH = "application/merge-patch+json"
 PLURALS: dict[str, tuple[str, str]] = {
     "Job": ("batch/v1", "jobs"),
     "Pod": ("v1", "pods"),
@@ -51,8 +53,10 @@ class Kube:
             self._api = client.ApiClient()
         return self._api
 
-    def _call(self, method: str, path: str, body: Any = None, query: list | None = None) -> Any:
-        headers = {"Accept": "application/json", "Content-Type": "application/json"}
+    def _call(
+        self, method: str, path: str, body: Any = None, query: list | None = None, content_type: str = JSON
+    ) -> Any:
+        headers = {"Accept": "application/json", "Content-Type": content_type}
         method, url, headers, body, _ = self.api.param_serialize(
             method=method,
             resource_path=path,
@@ -95,6 +99,11 @@ class Kube:
         api_version = PLURALS[kind][0]
         # List items carry no kind/apiVersion in Kubernetes; the reconcile needs them.
         return [{"apiVersion": api_version, "kind": kind, **item} for item in items]
+
+    async def patch_status(self, kind: str, namespace: str, name: str, changes: dict) -> Any:
+        """A JSON merge patch of `changes` on the status subresource (keys set to None are removed)."""
+        path = f"{collection_path(kind, namespace)}/{name}/status"
+        return await asyncio.to_thread(self._call, "PATCH", path, {"status": changes}, None, MERGE_PATCH)
 
     async def delete(self, kind: str, namespace: str, name: str) -> bool:
         body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}

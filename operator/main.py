@@ -10,7 +10,7 @@ import kopf
 
 from . import metrics
 from .config import OperatorConfig
-from .handlers import register
+from .handlers import Wakers, register
 from .kube import Kube, load_client_config
 
 
@@ -41,7 +41,7 @@ async def run_operator(
     settings after ours (the dev cluster uses it to run kopf inside its own process and event loop)."""
     load_client_config()
     registry = kopf.OperatorRegistry()
-    register(registry, cfg.resyncSeconds)
+    register(registry, cfg)
     settings = kopf.OperatorSettings()
     configure(settings)
     if tune is not None:
@@ -57,5 +57,5 @@ async def run_operator(
         stop_flag=stop_flag,
         ready_flag=ready_flag,
         liveness_endpoint=liveness_endpoint,
-        memo=kopf.Memo(config=cfg, kube=kube or Kube()),
+        memo=kopf.Memo(config=cfg, kube=kube or Kube(), wakers=Wakers()),
     )

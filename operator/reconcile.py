@@ -91,11 +91,11 @@ def pod_failure_reason(pods: Sequence[Mapping[str, Any]]) -> str | None:
     return f"pod {name}: {term.get('reason') or 'Error'} (exit code {term.get('exitCode')}){tail}"
 
 
-def job_phase(job: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]]) -> tuple[str, str, str]:
-    """(phase, reason, message) of a run from its Job and pods."""
+def job_phase(job: Mapping[str, Any] | None, name: str, pods: Sequence[Mapping[str, Any]]) -> tuple[str, str, str]:
+    """(phase, reason, message) of the run whose Job is `name`, from the Job (None: being created now) and pods. A
+    Job created this moment and one that has no pod yet read alike, so creating it writes status once, not twice."""
     if job is None:
-        return "Pending", "JobCreated", "Job created, waiting for it to start"
-    name = job["metadata"]["name"]
+        return "Pending", "JobCreated", f"Job {name} is waiting for a pod"
     status = job.get("status") or {}
     if _job_condition(job, "Complete") or _job_condition(job, "SuccessCriteriaMet"):
         return "Succeeded", "JobComplete", f"Job {name} completed"
@@ -110,7 +110,7 @@ def job_phase(job: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]]) 
         return "Running", "JobRunning", f"Job {name} is running"
     if status.get("failed"):
         return "Running", "JobRetrying", f"Job {name} is retrying after {status['failed']} failed pod(s)"
-    return "Pending", "JobPending", f"Job {name} is waiting for a pod"
+    return "Pending", "JobCreated", f"Job {name} is waiting for a pod"
 
 
 def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
@@ -171,7 +171,7 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
         decision = finish("Pending", "ChildConflict", conflict, conds, **fields)
         return Decision(delete=delete, status=decision.status, events=decision.events)  # create nothing
 
-    phase, reason, message = job_phase(job, observed.pods)
+    phase, reason, message = job_phase(job, run.name, observed.pods)
     job_status = (job or {}).get("status") or {}
     fields["startTime"] = job_status.get("startTime")
     fields["completionTime"] = job_status.get("completionTime")

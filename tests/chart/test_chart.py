@@ -73,7 +73,8 @@ def api_group(kind: str) -> str:
 
 def needed_grants() -> set[tuple[str, str, str]]:
     """Every call the operator makes, from the code's own tables (kube.py, handlers.py) plus kopf's."""
-    needed = {(api_group(k), PLURALS[k][1], v) for k in CHILD_KINDS for v in ("list", "create", "delete")}
+    verbs = ("get", "list", "watch", "create", "delete")  # indexes watch; a create that finds one gets it
+    needed = {(api_group(k), PLURALS[k][1], v) for k in CHILD_KINDS for v in verbs}
     needed.add(("", "pods", "list"))
     needed.add(("", "events", "create"))  # kopf.event
     for kind in KINDS:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import time
 from functools import partial
 from pathlib import Path
 
@@ -324,3 +325,23 @@ async def test_bad_yaml_is_refused_at_apply_with_causes_kubectl_lists(root: Path
             await cluster.apply([bad])
     assert refused.value.code == 422 and "spec.training.rank" in refused.value.message
     assert refused.value.details["causes"][0]["field"] == "spec.training.rank"
+
+
+async def test_a_jobs_completion_reaches_status_at_once_without_a_resync(root: Path):
+    """Watch, don't poll: with the safety-net resync an hour away, the Job's completion wakes its owner."""
+    config = dev_config(root).model_copy(update={"resyncSeconds": 3600.0})
+    async with cluster_for(root, NS, config=config) as cluster:
+        await cluster.apply([BOARD])
+
+        def completed_job():
+            jobs = cluster.emulator.list("jobs", NS)
+            done = [
+                j for j in jobs if any(c["type"] == "Complete" for c in (j.get("status") or {}).get("conditions", []))
+            ]
+            return done[0] if done else None
+
+        job = await cluster.wait_for(completed_job, timeout=60, interval=0.02)
+        seen = time.monotonic()
+        board = await cluster.wait_for(phase_is(cluster, "styleboards", "bd9", "Succeeded"), timeout=5, interval=0.02)
+        assert time.monotonic() - seen < 1.0
+        assert board["status"]["jobName"] == job["metadata"]["name"]

@@ -131,7 +131,7 @@ def _job(decision, **status) -> dict:
 @pytest.mark.parametrize(
     ("job_status", "spec_extra", "phase", "reason"),
     [
-        ({}, {}, "Pending", "JobPending"),
+        ({}, {}, "Pending", "JobCreated"),
         ({"active": 1, "startTime": NOW}, {}, "Running", "JobRunning"),
         ({"failed": 1}, {}, "Running", "JobRetrying"),
         (

@@ -77,17 +77,18 @@ no Secrets (API keys reach Job pods by secretKeyRef, which the kubelet resolves 
 - apiGroups: [kleinstyle.dev]
   resources: [{{ join ", " $finalizers }}]
   verbs: [update]
-# A run's children: created once (never updated: Kueue mutates Jobs), listed by owner label, deleted when stale
-# or when their owner goes.
+# A run's children: created once (never updated: Kueue mutates Jobs), listed and watched into in-memory indexes
+# (a Job's change wakes its owner), read when a create finds one already there, deleted when stale or when their
+# owner goes.
 - apiGroups: [""]
   resources: [serviceaccounts, configmaps]
-  verbs: [list, create, delete]
+  verbs: [get, list, watch, create, delete]
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
-  verbs: [list, create, delete]
+  verbs: [get, list, watch, create, delete]
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [list, create, delete]
+  verbs: [get, list, watch, create, delete]
 # A Job's pods, read for exit codes and scheduling state.
 - apiGroups: [""]
   resources: [pods]
