@@ -323,6 +323,12 @@ class Resource:
                 errors.setdefault(str(item), item)
         return sorted(errors.values(), key=lambda e: (e.field, str(e)))
 
+    def list_map_errors(self, obj: dict[str, Any]) -> list[FieldError]:
+        """Duplicate keys in `x-kubernetes-list-type: map` lists, as the API server's structural validation finds."""
+        errors: list[FieldError] = []
+        _check_list_maps(obj, self.schema, (), errors)
+        return errors
+
     def rule_errors(self, obj: dict[str, Any]) -> list[FieldError]:
         errors: list[FieldError] = []
         self._check_rules(obj, self.schema, (), errors)
@@ -343,6 +349,23 @@ class Resource:
         elif isinstance(value, list) and isinstance(node.get("items"), dict):
             for index, item in enumerate(value):
                 self._check_rules(item, node["items"], (*path, index), errors)
+
+
+def _check_list_maps(value: Any, node: dict[str, Any], path: tuple, errors: list[FieldError]) -> None:
+    if isinstance(value, dict):
+        for name, prop in (node.get("properties") or {}).items():
+            if name in value:
+                _check_list_maps(value[name], prop, (*path, name), errors)
+    elif isinstance(value, list) and isinstance(node.get("items"), dict):
+        keys = node.get("x-kubernetes-list-map-keys") if node.get("x-kubernetes-list-type") == "map" else None
+        seen: set[str] = set()
+        for index, item in enumerate(value):
+            if keys and isinstance(item, dict):
+                key = json.dumps({k: item.get(k) for k in keys}, sort_keys=True)
+                if key in seen:
+                    errors.append(FieldError("duplicate", field_path((*path, index)), {k: item.get(k) for k in keys}))
+                seen.add(key)
+            _check_list_maps(item, node["items"], (*path, index), errors)
 
 
 def _nodes(node: dict[str, Any], path: tuple) -> Iterator[tuple[tuple, dict[str, Any]]]:
@@ -547,7 +570,7 @@ def admit(
     resource.default(obj)
     obj.pop("status", None)  # the status subresource is on: a create never sets status
 
-    errors = metadata_errors(obj.get("metadata")) + resource.schema_errors(obj)
+    errors = metadata_errors(obj.get("metadata")) + resource.schema_errors(obj) + resource.list_map_errors(obj)
     if resource.rules:
         if any(error.code in _BLOCKING for error in errors):
             errors.append(FieldError("invalid", "<nil>", None, BLOCKED_MESSAGE))

@@ -218,12 +218,30 @@ def current_report(progress: Any, kind_run: KindRuns, run_id: str) -> tuple[Any,
     return report, ""
 
 
+# Reasons that need someone to act (a change of spec, a deleted stranger, a dependency fixed), so the resource will
+# not progress by itself: kstatus' Stalled.
+STALLED_REASONS = frozenset({"InvalidSpec", "ChildConflict"})
+
+
+def progress_conditions(phase: str, reason: str, message: str) -> list[Condition]:
+    """kstatus' `Reconciling` and `Stalled` (Flux, Argo CD and `kubectl wait` read them): Stalled when the
+    resource failed or cannot progress without a change (a failed dependency included), Reconciling while it is
+    on its way (waiting, queued, running), neither when it succeeded."""
+    stalled = phase == "Failed" or reason in STALLED_REASONS or (phase == "Waiting" and reason.endswith("Failed"))
+    reconciling = not stalled and phase != "Succeeded"
+    return [
+        Condition("Reconciling", "True", reason, message) if reconciling else Condition("Reconciling", "False", phase),
+        Condition("Stalled", "True", reason, message) if stalled else Condition("Stalled", "False", phase),
+    ]
+
+
 def _decided(
     body: Mapping[str, Any], now: str, phase: str, reason: str, message: str, conds: list[Condition], **fields: Any
 ) -> Decision:
     old_status = body.get("status") or {}
     generation = body["metadata"].get("generation")
     status = {"phase": phase, "message": message, "observedGeneration": generation, **fields}
+    conds = [*conds, *progress_conditions(phase, reason, message)]
     status["conditions"] = merge_conditions(old_status.get("conditions") or [], conds, now, generation)
     return Decision(status=status, events=_transition_events(old_status, status, reason))
 

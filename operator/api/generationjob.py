@@ -54,7 +54,10 @@ class GenerationJobSpec(Model):
     """Prompts to render with FLUX.2 [klein] and the given LoRAs."""
 
     loras: list[LoRAReference] = Field(
-        description="LoRAs to apply, 1 to 8; each must be Succeeded first.", min_length=1, max_length=8
+        description="LoRAs to apply, 1 to 8; each must be Succeeded first, and named once.",
+        min_length=1,
+        max_length=8,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["kind", "name"]},  # server-side apply merges by (kind, name)
     )
     prompts: list[Prompt] = Field(description="Prompts to render, 1 to 64.", min_length=1, max_length=64)
     negativePrompt: str = Field(default="", max_length=4000, description="Negative prompt for real CFG.")
@@ -113,7 +116,11 @@ class GenerationJobOutcome(BaseModel):
 
     imagesDone: int | None = Field(default=None, description="Images rendered so far.")
     progressText: str | None = Field(default=None, description="done/total images, for kubectl get.")
-    images: list[GeneratedImage] = Field(default_factory=list, description="Rendered images, in prompt-seed order.")
+    images: list[GeneratedImage] = Field(
+        default_factory=list,
+        description="Rendered images, in prompt-seed order.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["uri"]},
+    )
     prompts: list[GeneratedPrompt] = Field(default_factory=list, description="The prompt each image rendered with.")
     contactSheetURI: str | None = Field(default=None, description="A labelled grid of all images.")
 

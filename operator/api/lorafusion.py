@@ -33,7 +33,12 @@ class LoRAFusionSpec(Model):
         },
     )
 
-    sources: list[LoRAReference] = Field(description="LoRAs to fuse, 2 to 8, with weights.", min_length=2, max_length=8)
+    sources: list[LoRAReference] = Field(
+        description="LoRAs to fuse, 2 to 8, with weights; each named once.",
+        min_length=2,
+        max_length=8,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["kind", "name"]},  # server-side apply merges by (kind, name)
+    )
     method: Literal["concat", "svd", "klora"] = Field(
         default="svd",
         description="concat (exact, rank = sum of ranks), svd (exact low-rank truncation), klora (K-LoRA selection).",

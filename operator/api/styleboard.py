@@ -88,9 +88,10 @@ class StyleBoardSpec(Model):
         pattern=r"^[A-Za-z][A-Za-z0-9_-]{1,31}$",
     )
     images: list[ReferenceImage] = Field(
-        description="Reference images: 1 to 50 (5 or more recommended; 2 or fewer rarely work).",
+        description="Reference images: 1 to 50 (5 or more recommended; 2 or fewer rarely work), each source once.",
         min_length=1,
         max_length=50,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["source"]},
     )
     captioning: Captioning = Field(default_factory=Captioning, description="Captioning of images without a caption.")
     storageSecret: str | None = Field(

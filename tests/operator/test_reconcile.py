@@ -155,6 +155,54 @@ def test_phase_follows_the_job(job_status, spec_extra, phase, reason):
     assert ready["reason"] == reason
 
 
+def kstatus(status: dict) -> tuple[str, str, str]:
+    """(Ready, Reconciling, Stalled) statuses, each checked to carry the observed generation."""
+    conds = {c["type"]: c for c in status["conditions"]}
+    assert all(
+        conds[t]["observedGeneration"] == status["observedGeneration"] for t in ("Ready", "Reconciling", "Stalled")
+    )
+    return conds["Ready"]["status"], conds["Reconciling"]["status"], conds["Stalled"]["status"]
+
+
+@pytest.mark.parametrize(
+    ("job_status", "suspend", "expected"),
+    [
+        ({}, False, ("False", "True", "False")),  # Pending
+        ({}, True, ("False", "True", "False")),  # Queued by Kueue
+        ({"active": 1}, False, ("False", "True", "False")),  # Running
+        (
+            {"conditions": [{"type": "Failed", "status": "True", "reason": "PodFailurePolicy"}]},
+            False,
+            ("False", "False", "True"),
+        ),
+    ],
+)
+def test_conditions_flux_argo_and_kubectl_wait_read_on_every_phase(job_status, suspend, expected):
+    first = step(board())
+    job = _job(first, **job_status)
+    job["spec"]["suspend"] = suspend
+    status = step(with_status(board(), first), children=[*first.create[:-1], job]).status
+    assert kstatus(status) == expected
+
+
+def test_kstatus_conditions_when_waiting_succeeded_or_stalled():
+    missing = step(lora()).status  # its board does not exist (yet: GitOps may be creating it)
+    assert missing["phase"] == "Waiting" and kstatus(missing) == ("False", "True", "False")
+    failed_board = {**board(), "status": {"phase": "Failed", "observedGeneration": 1, "message": "no images"}}
+    stalled = step(lora(), deps={("StyleBoard", "bd9"): failed_board}).status
+    assert kstatus(stalled) == ("False", "False", "True")  # it cannot progress until the board is fixed
+    first = step(board())
+    job = _job(first, succeeded=1, conditions=[{"type": "Complete", "status": "True"}])
+    body = with_status(board(), first)
+    result = PrepareResult(succeeded=True, message="ok", accepted=accepted("a"))
+    body["status"]["progress"] = report(first, PrepareReport, state="Succeeded", result=result)
+    assert kstatus(step(body, children=[*first.create[:-1], job]).status) == ("True", "False", "False")
+    planted = copy.deepcopy(next(c for c in first.create if c["kind"] == "ConfigMap"))
+    planted["metadata"]["ownerReferences"][0]["uid"] = "someone-else"
+    conflict = step(with_status(board(), first), children=[planted]).status
+    assert conflict["phase"] == "Pending" and kstatus(conflict) == ("False", "False", "True")
+
+
 def test_failed_job_names_the_pods_reason():
     first = step(board())
     job = _job(first, failed=3, conditions=[{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}])
