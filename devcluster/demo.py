@@ -22,7 +22,7 @@ from typing import Any
 
 from kleinstyle.contract.pod import PROVIDER_KEY_ENV, PROVIDER_URL_ENV
 from kleinstyle.operator import crdgen
-from kleinstyle.operator.api import KINDS
+from kleinstyle.operator.api import GROUP, KINDS
 from kleinstyle.operator.config import (
     ArtifactStore,
     CheckpointEvaluation,
@@ -34,6 +34,7 @@ from kleinstyle.operator.main import run_operator
 
 from . import admission
 from .cluster import DevCluster
+from .kueue import WORKLOAD_CRD
 from .references import write_references
 from .wiring import configure_kopf_for_emulator
 
@@ -88,14 +89,25 @@ def write_model_cache(root: Path, model: str = "klein-base-9b") -> Path:
 
 
 def cluster_for(
-    root: Path, namespace: str, *, config: OperatorConfig | None = None, **operator_args: Any
+    root: Path,
+    namespace: str,
+    *,
+    config: OperatorConfig | None = None,
+    kueue: bool = False,
+    **operator_args: Any,
 ) -> DevCluster:
     """The embedded cluster with the CRDs, offline admission and the operator (`config`, default `dev_config`;
-    `operator_args` go to it)."""
+    `operator_args` go to it); with Kueue's Workload API when `kueue` (drive it with `FakeKueue`)."""
     operator = partial(embedded_operator, config or dev_config(root), namespace, **operator_args)
-    return DevCluster(
-        root, crds=crdgen.build_crds().values(), admit=admission.admit, operator=operator, namespace=namespace
-    )
+    crds = [*crdgen.build_crds().values(), *([WORKLOAD_CRD] if kueue else [])]
+    return DevCluster(root, crds=crds, admit=_admit_ours, operator=operator, namespace=namespace)
+
+
+def _admit_ours(obj: dict[str, Any]) -> dict[str, Any]:
+    """kleinstyle's admission for its own kinds; other custom kinds (Kueue's) are stored as sent."""
+    if str(obj.get("apiVersion", "")).startswith(f"{GROUP}/"):
+        return admission.admit(obj)
+    return obj
 
 
 async def embedded_operator(cfg: OperatorConfig, namespace: str, stop: asyncio.Event, **kwargs: Any) -> None:

@@ -13,7 +13,8 @@ from kleinstyle.contract.pod import EXIT_BAD_SPEC, RUNSPEC_DIR, RUNSPEC_FILE, St
 from kleinstyle.contract.runspec import RunSpec
 
 from .config import OperatorConfig
-from .naming import owner_labels, run_labels, run_name, runner_name
+from .kueue import PRIORITY_LABEL, QUEUE_LABEL
+from .naming import NODE_POOL, owner_labels, run_labels, run_name, runner_name
 
 REFERENCES_MOUNT = "/references"
 GPU_STEPS = frozenset({"train", "generate"})
@@ -180,9 +181,9 @@ def build_job(run: Run, cfg: OperatorConfig) -> dict:
     volumes, mounts = _volumes(run, cfg)
     labels = dict(run.labels)
     if run.queue_name:
-        labels["kueue.x-k8s.io/queue-name"] = run.queue_name
+        labels[QUEUE_LABEL] = run.queue_name
         if run.priority_class:
-            labels["kueue.x-k8s.io/priority-class"] = run.priority_class
+            labels[PRIORITY_LABEL] = run.priority_class
     pod_spec: dict = {
         "restartPolicy": "Never",
         # SIGTERM on preemption: the trainer finishes its step and writes a checkpoint (seconds for a LoRA and its
@@ -216,7 +217,8 @@ def build_job(run: Run, cfg: OperatorConfig) -> dict:
         "volumes": volumes,
     }
     if run.step in GPU_STEPS:
-        pool = cfg.nodePools[run.node_pool or cfg.defaultNodePool]
+        labels[NODE_POOL] = run.node_pool or cfg.defaultNodePool
+        pool = cfg.nodePools[labels[NODE_POOL]]
         if pool.nodeSelector:
             pod_spec["nodeSelector"] = dict(pool.nodeSelector)
         if pool.tolerations:

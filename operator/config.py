@@ -126,6 +126,11 @@ class OperatorConfig(BaseModel):
     # Where the operator itself sees the artifact PVC (the chart mounts it read-write); needed only to honour
     # artifactPolicy: Delete. Unset: artifacts are always kept and a Warning event says so.
     artifactsLocalPath: str | None = None
+    # Mirror Kueue's Workloads into status when the cluster serves them (the chart's RBAC lets it read them).
+    kueueWorkloads: bool = True
+    # The LocalQueue GPU Jobs go to when spec.scheduling.queueName is empty (e.g. "default"); unset: none. Kueue's own
+    # default LocalQueue (a LocalQueue named "default" in the namespace) works without it.
+    defaultQueueName: str | None = Field(default=None, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     # Port of the Prometheus metrics endpoint; 0 disables it.
     metricsPort: int = 8080
     # Caps on training plans (steps, resolution); recorded in each plan with the reason.

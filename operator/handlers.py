@@ -31,7 +31,7 @@ import kopf
 from kleinstyle.contract.layout import owner_folder
 from kubernetes.client.rest import ApiException
 
-from . import metrics
+from . import kueue, metrics
 from .api import GROUP, KINDS, VERSION
 from .config import OperatorConfig
 from .kinds import KIND_RUNS, NotReady, check_dependencies
@@ -41,6 +41,7 @@ from .naming import OWNER_UID, selector
 from .reconcile import Decision, Observed, blocked, foreign_child, job_failed, reconcile
 
 CHILD_KINDS = ("ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Job")
+WORKLOADS_INDEX = "kueue_workloads"
 TERMINAL = ("Succeeded", "Failed")
 ERROR_BACKOFF_S = 5.0  # after an API refusal or a bug: try again this soon, not at the next slow resync
 
@@ -68,6 +69,7 @@ class Wakers:
     # a reconcile woken in between compares with it, so it neither writes the same patch nor posts the same Event
     # twice.
     written: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
+    job_owner: dict[str, str] = field(default_factory=dict)  # a Job's uid -> its owner's uid (Workload events)
 
     def event(self, uid: str) -> asyncio.Event:
         return self.events.setdefault(uid, asyncio.Event())
@@ -90,6 +92,8 @@ class Wakers:
     def forget(self, uid: str) -> None:
         for table in (self.events, self.created, self.deleted, self.written):
             table.pop(uid, None)
+        for job_uid in [job for job, owner in self.job_owner.items() if owner == uid]:
+            del self.job_owner[job_uid]
 
 
 def _not_older(seen: str, written: str) -> bool:
@@ -137,7 +141,12 @@ async def observe(kube: Kube, body: Any, indexes: Mapping[str, Any], wakers: Wak
     listed = list(children.values())
     failed = any(c["kind"] == "Job" and job_failed(c) for c in listed)
     pods = await kube.list("Pod", namespace, selector({OWNER_UID: uid})) if failed else []
-    return Observed(body=dict(body), dependencies=dependencies, children=listed, pods=pods)
+    workloads = {}
+    for job in (c for c in listed if c["kind"] == "Job" and c["metadata"].get("uid")):
+        wakers.job_owner[job["metadata"]["uid"]] = uid
+        if (workload := _one((indexes.get(WORKLOADS_INDEX) or {}).get(job["metadata"]["uid"]))) is not None:
+            workloads[job["metadata"]["uid"]] = workload
+    return Observed(body=dict(body), dependencies=dependencies, children=listed, pods=pods, workloads=workloads)
 
 
 def _api_message(exc: ApiException) -> str:
@@ -148,7 +157,17 @@ def _api_message(exc: ApiException) -> str:
 
 
 def status_changes(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in desired.items() if current.get(k) != v}
+    """The JSON merge patch from `current` to `desired` (top-level keys of `desired` only): a nested object is merged
+    key by key, so a key it no longer has is sent as null (removed), not left behind."""
+    changes: dict[str, Any] = {}
+    for key, value in desired.items():
+        old = current.get(key)
+        if old == value:
+            continue
+        if isinstance(old, Mapping) and isinstance(value, Mapping):
+            value = {**{k: None for k in old if k not in value}, **value}
+        changes[key] = value
+    return changes
 
 
 async def write_decision(kube: Kube, body: Any, decision: Decision, wakers: Wakers, logger: Any) -> Decision:
@@ -188,7 +207,8 @@ async def patch_status(kube: Kube, body: Any, desired: Mapping[str, Any], wakers
         version = ((answer or {}).get("metadata") or {}).get("resourceVersion")
         if version:
             _, before = wakers.written.get(meta["uid"], ("", {}))
-            wakers.written[meta["uid"]] = (str(version), {**before, **changes})
+            # What status now is (a nested object as desired, not the nulls that removed its old keys).
+            wakers.written[meta["uid"]] = (str(version), {**before, **{key: desired[key] for key in changes}})
 
 
 async def reconcile_once(body: Any, memo: Any, logger: Any, indexes: Mapping[str, Any]) -> bool:
@@ -303,6 +323,15 @@ def _wake_owner(labels: Mapping[str, str], memo: Any, **_: Any) -> None:
     memo.wakers.wake(labels[OWNER_UID])
 
 
+def _index_workload(labels: Mapping[str, str], body: Any, **_: Any) -> dict[str, dict]:
+    return {labels[kueue.JOB_UID_LABEL]: dict(body)}
+
+
+def _wake_job_owner(labels: Mapping[str, str], memo: Any, **_: Any) -> None:
+    if (owner := memo.wakers.job_owner.get(labels[kueue.JOB_UID_LABEL])) is not None:
+        memo.wakers.wake(owner)
+
+
 def _wake_self_and_dependents(body: Any, memo: Any, **_: Any) -> None:
     meta = body["metadata"]
     wakers: Wakers = memo.wakers
@@ -311,10 +340,10 @@ def _wake_self_and_dependents(body: Any, memo: Any, **_: Any) -> None:
         wakers.wake(uid)
 
 
-def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
-    """Attach the indexes, wake-ups, daemons and cleanup of all four kinds to `registry`, and log in as the
-    kubernetes client does (kubeconfig or in-cluster ServiceAccount): a registry of our own starts without kopf's
-    default login handlers."""
+def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig, kueue_version: str | None = None) -> None:
+    """Attach the indexes, wake-ups, daemons and cleanup of all four kinds to `registry` (and an index of Kueue's
+    Workloads when the cluster serves `kueue_version`), and log in as the kubernetes client does (kubeconfig or
+    in-cluster ServiceAccount): a registry of our own starts without kopf's default login handlers."""
     kopf.on.login(registry=registry)(kopf.login_via_client)
     owned = {OWNER_UID: kopf.PRESENT}
     for child_kind in CHILD_KINDS:
@@ -331,3 +360,8 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         kopf.on.event(*resource, registry=registry, id=f"wake_{kind.plural}")(_wake_self_and_dependents)
         kopf.daemon(*resource, registry=registry, id="reconcile", cancellation_timeout=5.0)(run_resource)
         kopf.on.delete(*resource, registry=registry, id="cleanup")(delete_resource)
+    if kueue_version:
+        resource = (kueue.GROUP, kueue_version, "workloads")
+        by_job = {kueue.JOB_UID_LABEL: kopf.PRESENT}
+        kopf.index(*resource, labels=by_job, registry=registry, id=WORKLOADS_INDEX)(_index_workload)
+        kopf.on.event(*resource, labels=by_job, registry=registry, id="wake_workloads")(_wake_job_owner)

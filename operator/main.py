@@ -7,8 +7,9 @@ import logging
 from collections.abc import Callable, Sequence
 
 import kopf
+from kubernetes.client.rest import ApiException
 
-from . import metrics
+from . import kueue, metrics
 from .config import OperatorConfig
 from .handlers import Wakers, register
 from .kube import Kube, load_client_config
@@ -28,6 +29,24 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.watching.server_timeout = 60
 
 
+async def workload_version(kube: Kube) -> str | None:
+    """The newest version of Kueue's Workload API the cluster serves (discovery, open to every client); None without
+    Kueue. Checked once at start: installing Kueue later takes an operator restart to be seen."""
+    try:
+        group = await kube.request("GET", f"/apis/{kueue.GROUP}")
+    except ApiException as exc:
+        if exc.status == 404:
+            logging.getLogger(__name__).info("Kueue is not installed: no Workloads to mirror into status")
+            return None
+        raise
+    served = [v.get("version") for v in (group or {}).get("versions") or []]
+    for version in (v for v in kueue.VERSIONS if v in served):
+        resources = await kube.request("GET", f"/apis/{kueue.GROUP}/{version}")
+        if any(r.get("name") == "workloads" for r in (resources or {}).get("resources") or []):
+            return version
+    return None
+
+
 async def run_operator(
     cfg: OperatorConfig,
     namespaces: Sequence[str],
@@ -40,8 +59,9 @@ async def run_operator(
     """Run until `stop_flag` is set. An empty `namespaces` watches the whole cluster. `tune` adjusts kopf's
     settings after ours (the dev cluster uses it to run kopf inside its own process and event loop)."""
     load_client_config()
+    kube = kube or Kube()
     registry = kopf.OperatorRegistry()
-    register(registry, cfg)
+    register(registry, cfg, await workload_version(kube) if cfg.kueueWorkloads else None)
     settings = kopf.OperatorSettings()
     configure(settings)
     if tune is not None:
@@ -57,5 +77,5 @@ async def run_operator(
         stop_flag=stop_flag,
         ready_flag=ready_flag,
         liveness_endpoint=liveness_endpoint,
-        memo=kopf.Memo(config=cfg, kube=kube or Kube(), wakers=Wakers()),
+        memo=kopf.Memo(config=cfg, kube=kube, wakers=Wakers()),
     )

@@ -22,6 +22,7 @@ from typing import Any
 from kleinstyle.contract.reports import read_report
 from pydantic import ValidationError
 
+from . import kueue
 from .api.common import field_errors
 from .children import build_children
 from .conditions import Condition, merge_conditions
@@ -50,6 +51,8 @@ class Observed:
     children: Sequence[Mapping[str, Any]] = ()
     # Pods of the current run's Job, for the failure reason.
     pods: Sequence[Mapping[str, Any]] = ()
+    # Kueue's Workloads of the owner's Jobs, by the Job's uid (empty where Kueue is not installed).
+    workloads: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -91,9 +94,16 @@ def pod_failure_reason(pods: Sequence[Mapping[str, Any]]) -> str | None:
     return f"pod {name}: {term.get('reason') or 'Error'} (exit code {term.get('exitCode')}){tail}"
 
 
-def job_phase(job: Mapping[str, Any] | None, name: str, pods: Sequence[Mapping[str, Any]]) -> tuple[str, str, str]:
-    """(phase, reason, message) of the run whose Job is `name`, from the Job (None: being created now) and pods. A
-    Job created this moment and one that has no pod yet read alike, so creating it writes status once, not twice."""
+def job_phase(
+    job: Mapping[str, Any] | None,
+    name: str,
+    pods: Sequence[Mapping[str, Any]],
+    workload: Mapping[str, Any] | None = None,
+    queue: Mapping[str, Any] | None = None,
+) -> tuple[str, str, str]:
+    """(phase, reason, message) of the run whose Job is `name`, from the Job (None: being created now), its pods and
+    its Kueue Workload. A Job created this moment and one that has no pod yet read alike, so creating it writes
+    status once, not twice."""
     if job is None:
         return "Pending", "JobCreated", f"Job {name} is waiting for a pod"
     status = job.get("status") or {}
@@ -104,8 +114,8 @@ def job_phase(job: Mapping[str, Any] | None, name: str, pods: Sequence[Mapping[s
         detail = pod_failure_reason(pods) or failed.get("message") or "no reason given"
         return "Failed", failed.get("reason") or "JobFailed", f"Job {name} failed ({failed.get('reason')}): {detail}"
     if (job.get("spec") or {}).get("suspend"):
-        queue = job["metadata"].get("labels", {}).get("kueue.x-k8s.io/queue-name", "")
-        return "Pending", "Queued", f"Job {name} is queued (suspended) in queue {queue or '-'}"
+        queue_name = (job["metadata"].get("labels") or {}).get(kueue.QUEUE_LABEL, "")
+        return "Pending", *kueue.suspended_phase(name, queue_name, workload, queue)
     if status.get("active"):
         return "Running", "JobRunning", f"Job {name} is running"
     if status.get("failed"):
@@ -171,7 +181,9 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
         decision = finish("Pending", "ChildConflict", conflict, conds, **fields)
         return Decision(delete=delete, status=decision.status, events=decision.events)  # create nothing
 
-    phase, reason, message = job_phase(job, run.name, observed.pods)
+    workload = observed.workloads.get(job["metadata"].get("uid", "")) if job else None
+    fields["queue"] = kueue.queue_status(workload, old_status.get("queue")) if workload else None
+    phase, reason, message = job_phase(job, run.name, observed.pods, workload, fields["queue"])
     job_status = (job or {}).get("status") or {}
     fields["startTime"] = job_status.get("startTime")
     fields["completionTime"] = job_status.get("completionTime")

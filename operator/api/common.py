@@ -127,6 +127,25 @@ class Condition(BaseModel):
     observedGeneration: int | None = Field(default=None, description="The generation this condition reflects.")
 
 
+class QueueStatus(BaseModel):
+    """Kueue's view of the current run, mirrored from the Workload of its Job."""
+
+    workload: str = Field(description="The Workload Kueue keeps for the Job.")
+    localQueue: str | None = Field(default=None, description="The LocalQueue the Job was submitted to.")
+    clusterQueue: str | None = Field(default=None, description="The ClusterQueue that admitted it.")
+    flavors: list[str] = Field(default_factory=list, description="ResourceFlavors assigned on admission.")
+    state: Literal["Pending", "QuotaReserved", "Admitted", "Evicted", "Finished"] = Field(
+        description="Pending (waiting for quota), QuotaReserved, Admitted, Evicted (requeued) or Finished."
+    )
+    reason: str | None = Field(default=None, description="Reason of the Workload condition behind the state.")
+    message: str | None = Field(default=None, description="Kueue's own message, e.g. why there is no quota yet.")
+    requeueCount: int = Field(default=0, description="Times Kueue evicted and requeued this run (preemption included).")
+    lastEvictionTime: str | None = Field(default=None, description="When it was last evicted.")
+    lastEvictionReason: str | None = Field(
+        default=None, description="Why, e.g. 'Preempted (InClusterQueue): Preempted to accommodate a workload ...'."
+    )
+
+
 class CommonStatus(BaseModel):
     """Status fields every kind has; the operator owns all of them except `progress`."""
 
@@ -143,6 +162,9 @@ class CommonStatus(BaseModel):
     artifactURI: str | None = Field(default=None, description="Where the current run writes its artifacts.")
     startTime: str | None = Field(default=None, description="When the current run's Job started.")
     completionTime: str | None = Field(default=None, description="When the current run's Job finished.")
+    queue: QueueStatus | None = Field(
+        default=None, description="Kueue's view of the current run (where Kueue manages its Job)."
+    )
     conditions: list[Condition] = Field(default_factory=list, description="Current conditions (Kubernetes style).")
     progress: dict[str, Any] | None = Field(
         default=None,

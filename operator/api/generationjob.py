@@ -57,7 +57,8 @@ class GenerationJobSpec(Model):
         description="LoRAs to apply, 1 to 8; each must be Succeeded first, and named once.",
         min_length=1,
         max_length=8,
-        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["kind", "name"]},  # server-side apply merges by (kind, name)
+        # server-side apply merges the list by (kind, name)
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["kind", "name"]},
     )
     prompts: list[Prompt] = Field(description="Prompts to render, 1 to 64.", min_length=1, max_length=64)
     negativePrompt: str = Field(default="", max_length=4000, description="Negative prompt for real CFG.")

@@ -37,7 +37,8 @@ class LoRAFusionSpec(Model):
         description="LoRAs to fuse, 2 to 8, with weights; each named once.",
         min_length=2,
         max_length=8,
-        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["kind", "name"]},  # server-side apply merges by (kind, name)
+        # server-side apply merges the list by (kind, name)
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["kind", "name"]},
     )
     method: Literal["concat", "svd", "klora"] = Field(
         default="svd",

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from ..api import Kind
 from ..api.common import API_VERSION, Scheduling
-from ..children import Run, SecretEnv
+from ..children import GPU_STEPS, Run, SecretEnv
 from ..config import OperatorConfig
 
 Dependencies = Mapping[tuple[str, str], Mapping[str, Any] | None]
@@ -163,7 +163,8 @@ def build_run(
         owner_api_version=API_VERSION,
         gpus=scheduling.gpus if scheduling else 0,
         node_pool=scheduling.nodePool if scheduling else None,
-        queue_name=scheduling.queueName if scheduling else None,
+        queue_name=(scheduling.queueName if scheduling else None)
+        or (cfg.defaultQueueName if work.step in GPU_STEPS else None),
         priority_class=scheduling.priorityClassName if scheduling else None,
         secret_env=tuple(secrets),
         reference_claims=tuple(claims or ()),

@@ -18,6 +18,7 @@ kubernetes_validate = pytest.importorskip("kubernetes_validate")
 from kleinstyle.cli import main as cli  # noqa: E402
 from kleinstyle.contract.runspec import ImageInput, Owner, PrepareSpec, RunSpec  # noqa: E402
 from kleinstyle.operator import commands as operator_commands  # noqa: E402
+from kleinstyle.operator import kueue  # noqa: E402
 from kleinstyle.operator.api import KINDS  # noqa: E402
 from kleinstyle.operator.children import Run, build_rbac  # noqa: E402
 from kleinstyle.operator.config import OperatorConfig  # noqa: E402
@@ -76,6 +77,7 @@ def needed_grants() -> set[tuple[str, str, str]]:
     verbs = ("get", "list", "watch", "create", "delete")  # indexes watch; a create that finds one gets it
     needed = {(api_group(k), PLURALS[k][1], v) for k in CHILD_KINDS for v in verbs}
     needed.add(("", "pods", "list"))
+    needed |= {(kueue.GROUP, "workloads", v) for v in ("list", "watch")}  # the Workload index
     needed.add(("", "events", "create"))  # kopf.event
     for kind in KINDS:
         needed |= {("kleinstyle.dev", kind.plural, v) for v in ("get", "list", "watch", "patch")}

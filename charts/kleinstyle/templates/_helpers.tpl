@@ -89,6 +89,11 @@ no Secrets (API keys reach Job pods by secretKeyRef, which the kubelet resolves 
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [get, list, watch, create, delete]
+# Kueue's Workloads (one per queued Job), listed and watched into an index to mirror them into status: why a run
+# waits, where it was admitted, its evictions. Harmless where Kueue is not installed (the operator checks discovery).
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  verbs: [list, watch]
 # A Job's pods, read for exit codes and scheduling state.
 - apiGroups: [""]
   resources: [pods]

@@ -1,0 +1,120 @@
+"""Kueue's view of a run, read from the Workload Kueue keeps for its Job: why it waits, where it was admitted, how
+often it was evicted. Pure functions of the Workload (None where Kueue is not installed or has not caught up).
+
+Kueue suspends a queued Job and unsuspends it on admission; to preempt, it marks the Workload Evicted (reason
+Preempted, with a Preempted condition saying by whom) and suspends the Job again, whose pod gets SIGTERM and saves a
+checkpoint; readmitted, the Job's next pod resumes from it. The eviction count lives in our status, so it survives
+Kueue resetting the Evicted condition on readmission and an operator restart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+GROUP = "kueue.x-k8s.io"
+VERSIONS = ("v1beta2", "v1beta1")  # newest first: the first one the cluster serves is watched
+JOB_UID_LABEL = f"{GROUP}/job-uid"
+QUEUE_LABEL = f"{GROUP}/queue-name"
+PRIORITY_LABEL = f"{GROUP}/priority-class"
+
+
+def _condition(obj: Mapping[str, Any] | None, type_: str) -> Mapping[str, Any] | None:
+    for cond in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if cond.get("type") == type_:
+            return cond
+    return None
+
+
+def _true(obj: Mapping[str, Any] | None, type_: str) -> Mapping[str, Any] | None:
+    cond = _condition(obj, type_)
+    return cond if cond is not None and cond.get("status") == "True" else None
+
+
+def _cluster_queue(workload: Mapping[str, Any]) -> str | None:
+    return ((workload.get("status") or {}).get("admission") or {}).get("clusterQueue")
+
+
+def _flavors(workload: Mapping[str, Any]) -> list[str]:
+    assignments = ((workload.get("status") or {}).get("admission") or {}).get("podSetAssignments") or []
+    return sorted({flavor for a in assignments for flavor in (a.get("flavors") or {}).values()})
+
+
+def state(workload: Mapping[str, Any]) -> str:
+    """Pending, QuotaReserved, Admitted, Evicted (and not readmitted yet) or Finished."""
+    if _true(workload, "Finished"):
+        return "Finished"
+    if _true(workload, "Admitted"):
+        return "Admitted"
+    if _true(workload, "QuotaReserved"):
+        return "QuotaReserved"
+    return "Evicted" if _true(workload, "Evicted") else "Pending"
+
+
+def queue_status(workload: Mapping[str, Any], old: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`status.queue` from the Workload and the previous `status.queue` (for the eviction count)."""
+    old = old if isinstance(old, Mapping) and old.get("workload") == workload["metadata"]["name"] else {}
+    current = state(workload)
+    shown = {
+        "Pending": _condition(workload, "QuotaReserved"),
+        "QuotaReserved": _condition(workload, "Admitted"),
+        "Admitted": _condition(workload, "Admitted"),
+        "Evicted": _condition(workload, "Evicted"),
+        "Finished": _condition(workload, "Finished"),
+    }[current] or {}
+    evictions = int(old.get("requeueCount") or 0)
+    last_time, last_reason = old.get("lastEvictionTime"), old.get("lastEvictionReason")
+    evicted = _true(workload, "Evicted")
+    if evicted is not None and evicted.get("lastTransitionTime") != last_time:
+        evictions += 1
+        last_time, last_reason = evicted.get("lastTransitionTime"), _eviction_reason(workload)
+    status = {
+        "workload": workload["metadata"]["name"],
+        "localQueue": (workload.get("spec") or {}).get("queueName"),
+        "clusterQueue": _cluster_queue(workload),
+        "flavors": _flavors(workload) or None,
+        "state": current,
+        "reason": shown.get("reason"),
+        "message": shown.get("message"),
+        "requeueCount": evictions,
+        "lastEvictionTime": last_time,
+        "lastEvictionReason": last_reason,
+    }
+    return {key: value for key, value in status.items() if value is not None}
+
+
+def _eviction_reason(workload: Mapping[str, Any]) -> str:
+    """'Preempted (InClusterQueue): message' from the Evicted and Preempted conditions."""
+    evicted = _condition(workload, "Evicted") or {}
+    preempted = _true(workload, "Preempted")
+    reason = evicted.get("reason") or "Evicted"
+    if preempted is not None and preempted.get("reason"):
+        reason = f"{reason} ({preempted['reason']})"
+    message = (preempted or evicted).get("message") or evicted.get("message") or ""
+    return f"{reason}: {message}" if message else reason
+
+
+def suspended_phase(
+    job_name: str, queue_name: str, workload: Mapping[str, Any] | None, queue: Mapping[str, Any] | None
+) -> tuple[str, str]:
+    """(reason, message) of a run whose Job is suspended: queued, preempted or evicted, quota reserved, admitted."""
+    if workload is None:
+        return "Queued", f"Job {job_name} is queued (suspended) in queue {queue_name or '-'}"
+    current = state(workload)
+    cluster_queue = _cluster_queue(workload) or "-"
+    if current == "Evicted":
+        evicted = _condition(workload, "Evicted") or {}
+        reason = "Preempted" if evicted.get("reason") == "Preempted" else "Evicted"
+        count = (queue or {}).get("requeueCount") or 1
+        return reason, (
+            f"Job {job_name} was {reason.lower()} by Kueue ({_eviction_reason(workload)}); requeued in "
+            f"{queue_name or '-'} (eviction {count}), its next pod resumes from the last checkpoint"
+        )
+    if current == "QuotaReserved":
+        waiting = (_condition(workload, "Admitted") or {}).get("message")
+        detail = f": {waiting}" if waiting else ""
+        return "QuotaReserved", f"Job {job_name} has quota in ClusterQueue {cluster_queue}; admission checks{detail}"
+    if current == "Admitted":
+        return "Admitted", f"Job {job_name} was admitted to ClusterQueue {cluster_queue} and is starting"
+    why = (_condition(workload, "QuotaReserved") or {}).get("message") or "waiting for quota"
+    return "Queued", f"Job {job_name} is queued in {queue_name or '-'}: {why}"
