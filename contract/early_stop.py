@@ -231,6 +231,20 @@ def decide(baseline: ProbeScores, checkpoints: Sequence[ProbeScores], settings: 
     return Decision(best, stop, reason, tuple(judged), base_score)
 
 
+GUARDS_FAILED = "failed the guards"
+NO_IMPROVEMENT = "no improvement"
+
+
+def stop_cause(stop_reason: str) -> str:
+    """A run's `stopReason` as one of a few causes (a metric label): completed, guards, no_improvement,
+    stop_requested (anything else a run stopped for, a request included)."""
+    if stop_reason == "completed":
+        return "completed"
+    if GUARDS_FAILED in stop_reason:
+        return "guards"
+    return "no_improvement" if NO_IMPROVEMENT in stop_reason else "stop_requested"
+
+
 def _stop(
     ordered: Sequence[ProbeScores],
     judged: Sequence[Judged],
@@ -254,8 +268,8 @@ def _stop(
         if c.step < settings.warmup_steps:
             continue  # the warm-up neither stops the run nor uses up its patience
         if failed >= 2:
-            return True, f"step {c.step}: two evaluations in a row failed the guards ({j.why_not})"
+            return True, f"step {c.step}: two evaluations in a row {GUARDS_FAILED} ({j.why_not})"
         stale += 1
         if stale >= settings.patience:
-            return True, f"step {c.step}: no improvement beyond one standard error for {stale} evaluations"
+            return True, f"step {c.step}: {NO_IMPROVEMENT} beyond one standard error for {stale} evaluations"
     return False, "still improving" if stale == 0 else f"{stale} evaluation(s) without improvement"

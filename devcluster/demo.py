@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kleinstyle.contract.pod import PROVIDER_KEY_ENV, PROVIDER_URL_ENV
-from kleinstyle.operator import crdgen
+from kleinstyle.operator import crdgen, metrics
 from kleinstyle.operator.api import GROUP, KINDS
 from kleinstyle.operator.config import (
     ArtifactStore,
@@ -31,6 +31,8 @@ from kleinstyle.operator.config import (
     TrainingLimits,
 )
 from kleinstyle.operator.main import run_operator
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from . import admission
 from .cluster import DevCluster
@@ -312,7 +314,29 @@ async def demo(root: str, examples: str, timeout: float) -> int:
         applied = await cluster.apply(with_available_provider(docs, os.environ))
         print("applied: " + ", ".join(f"{d['kind']}/{d['metadata']['name']}" for d in applied) + "\n")
         objs = await watch(cluster, NAMESPACE, timeout)
-        return report(root_path, objs)
+        outcome = report(root_path, objs)
+    print_gpu_usage(metrics.REGISTRY)
+    return outcome
+
+
+def gpu_usage(registry: CollectorRegistry) -> dict[str, dict[tuple[str, str], float]]:
+    """{namespace: {(kind, node pool): GPU-seconds}} from the operator's metrics, read as Prometheus reads them."""
+    usage: dict[str, dict[tuple[str, str], float]] = {}
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        for sample in family.samples:
+            if sample.name == "kleinstyle_gpu_seconds_total":
+                labels = sample.labels
+                per_namespace = usage.setdefault(labels["namespace"], {})
+                key = (labels["kind"], labels["node_pool"])
+                per_namespace[key] = per_namespace.get(key, 0.0) + sample.value
+    return usage
+
+
+def print_gpu_usage(registry: CollectorRegistry) -> None:
+    print("\nGPU time by namespace (kleinstyle_gpu_seconds_total; on this CPU machine the pods only claim a GPU):")
+    for namespace, used in sorted(gpu_usage(registry).items()):
+        parts = ", ".join(f"{kind} {seconds:.1f} on {pool}" for (kind, pool), seconds in sorted(used.items()))
+        print(f"  {namespace}: {sum(used.values()):.1f} GPU-seconds ({parts})")
 
 
 def _gemini_secret() -> dict[str, Any]:

@@ -31,7 +31,7 @@ import kopf
 from kleinstyle.contract.layout import owner_folder
 from kubernetes.client.rest import ApiException
 
-from . import kueue, metrics
+from . import kueue, metrics, usage
 from .api import GROUP, KINDS, VERSION
 from .config import OperatorConfig
 from .kinds import KIND_RUNS, NotReady, check_dependencies
@@ -220,11 +220,14 @@ async def reconcile_once(body: Any, memo: Any, logger: Any, indexes: Mapping[str
     outcome = "ok"
     body = memo.wakers.current(body)
     try:
-        decision = reconcile(await observe(kube, body, indexes, memo.wakers), cfg, now_rfc3339())
+        observed = await observe(kube, body, indexes, memo.wakers)
+        decision = reconcile(observed, cfg, now_rfc3339())
         before = dict(body.get("status") or {})
         decision = await write_decision(kube, body, decision, memo.wakers, logger)
-        metrics.count_tokens(kind, before, decision.status)
-        metrics.set_phase(meta["namespace"], kind, meta["name"], decision.status.get("phase"))
+        jobs = {c["metadata"]["name"]: c for c in observed.children if c["kind"] == "Job"}
+        after = {**before, **decision.status}
+        now = datetime.now(UTC)
+        metrics.record(usage.Change(kind, meta["namespace"], meta["name"], before, after, jobs, now))
         return True
     except ApiException as exc:
         # Refused by the API (quota, a policy webhook, RBAC): say so in status, try again soon.

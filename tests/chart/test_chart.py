@@ -32,12 +32,6 @@ RELEASE, NAMESPACE = "kleinstyle", "kleinstyle-system"
 KUBE_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
 
 
-@pytest.fixture(scope="module")
-def chart():
-    with helm.Chart.load(CHART) as loaded:
-        yield loaded
-
-
 def render(chart, values: dict[str, Any] | None = None) -> list[dict]:
     manifests = chart.render(values=values or {}, name=RELEASE, namespace=NAMESPACE, is_install=True)
     return [
@@ -277,7 +271,11 @@ def test_service_monitor_scrapes_the_metrics_service(chart):
 
 EVERYTHING = {
     "watchNamespaces": ["team-a"],
-    "metrics": {"serviceMonitor": {"enabled": True}},
+    "metrics": {
+        "serviceMonitor": {"enabled": True},
+        "dashboard": {"enabled": True},
+        "prometheusRule": {"enabled": True},
+    },
     "config": {"artifactsLocalPath": "/artifacts"},
     "artifacts": {"createClaim": True, "storageClassName": "nfs", "operatorClaimName": "kleinstyle-artifacts-all"},
     "imagePullSecrets": [{"name": "registry"}],
@@ -291,7 +289,7 @@ def test_manifests_validate_strictly(chart, values, kube_version):
     crds = [yaml.safe_load(c["data"]) for c in chart.crds]
     checked = 0
     for doc in docs + crds:
-        if doc["kind"] == "ServiceMonitor":  # a Prometheus Operator kind: no schema in kubernetes-validate
+        if doc["kind"] in ("ServiceMonitor", "PrometheusRule"):  # Prometheus Operator kinds (test_monitoring.py)
             continue
         kubernetes_validate.validate(doc, kube_version, strict=True)
         checked += 1

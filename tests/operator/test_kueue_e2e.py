@@ -12,7 +12,7 @@ from kleinstyle.devcluster.kueue import NO_QUOTA, FakeKueue
 from kleinstyle.operator.config import TrainingLimits
 
 from .test_gitops import argo_health
-from .test_operator_e2e import BOARD, NS, phase_is, root  # noqa: F401 (root is a fixture)
+from .test_operator_e2e import BOARD, NS, phase_is
 
 LORA = {
     "apiVersion": "kleinstyle.dev/v1alpha1",
@@ -37,7 +37,7 @@ def reason_is(cluster, name: str, reason: str):
     return check
 
 
-async def test_an_evicted_job_shows_preempted_and_its_next_pod_resumes(root: Path):  # noqa: F811
+async def test_an_evicted_job_shows_preempted_and_its_next_pod_resumes(root: Path):
     write_model_cache(root)
     limits = TrainingLimits(maxSteps=2000, maxResolution=64)
     config = dev_config(root).model_copy(update={"trainingLimits": limits, "resyncSeconds": 3600.0})

@@ -21,7 +21,6 @@ from kleinstyle.devcluster.demo import (
     local_artifact,
     write_model_cache,
 )
-from kleinstyle.devcluster.references import write_references
 from kleinstyle.operator import metrics
 from kleinstyle.operator.kube import Kube
 
@@ -47,12 +46,6 @@ LORA = {
     "metadata": {"name": "bd9-lora"},
     "spec": {"boardRef": {"name": "bd9"}},
 }
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    write_references(tmp_path / "volumes" / REFERENCE_CLAIM / "bd9")
-    return tmp_path
 
 
 def phase_is(cluster, plural: str, name: str, *phases: str):
