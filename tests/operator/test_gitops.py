@@ -13,19 +13,10 @@ from kleinstyle.devcluster.demo import REFERENCE_CLAIM, cluster_for
 from kleinstyle.devcluster.references import write_references
 from lupa import LuaRuntime
 
+from .test_operator_e2e import BOARD, NS
+
 ROOT = Path(__file__).resolve().parents[2]
 HEALTH_LUA = ROOT / "charts/kleinstyle/files/argocd-health.lua"
-NS = "team-a"
-BOARD = {
-    "apiVersion": "kleinstyle.dev/v1alpha1",
-    "kind": "StyleBoard",
-    "metadata": {"name": "bd9"},
-    "spec": {
-        "triggerWord": "bd9style",
-        "images": [{"source": f"pvc://{REFERENCE_CLAIM}/bd9/ref-0{i}.png", "caption": "a hill"} for i in range(1, 6)],
-        "captioning": {"provider": "none"},
-    },
-}
 
 
 def lora(name: str, **spec: Any) -> dict[str, Any]:
