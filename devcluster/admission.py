@@ -237,7 +237,9 @@ class _Rule:
     def check(self, value: Any, node: dict[str, Any], path: str) -> FieldError | None:
         result = self.program.eval(data={"self": value})
         kind = result.type().name()
-        target = path + self.spec.get("fieldPath", "")
+        suffix = self.spec.get("fieldPath", "")
+        # A rule on the root names its field from the root: ".spec.sources" is "spec.sources".
+        target = (path + suffix) if path != "<nil>" or not suffix else suffix.lstrip(".")
         if kind == "ERROR":
             detail = str(result.plain_value())
             if "No matching overload" in detail:

@@ -63,7 +63,7 @@ class DevCluster:
     ) -> None:
         self.root = Path(root).resolve()
         self.namespace = namespace
-        self.emulator = Emulator(list(crds), admit=admit)
+        self.emulator = Emulator(list(crds), admit=admit, logs_dir=self.root / "logs")
         self._operator_factory = operator
         self._run_jobs = run_jobs
         self._parallelism = parallelism

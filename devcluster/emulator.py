@@ -30,12 +30,21 @@ import attrs
 import kmock
 import yaml
 
+from . import discovery, errors, openapi, protobuf, tables
 from .errors import ApiError, bad_request
+from .pod_logs import PodLog
 from .resources import CRD_GROUP, CRD_PLURAL, KindRegistry, ResourceKind
 from .selectors import parse_field_selector, parse_label_selector
 from .store import Admit, ObjectStore, WatchEvent, translate_event
 
 DEV_TOKEN = "devcluster-token"  # any bearer token is accepted; kubeconfigs carry this one
+MAX_REQUEST_BYTES = 3 * 1024 * 1024  # the API server's limit on a request body
+
+
+def is_protobuf(content_type: str) -> bool:
+    return content_type.startswith("application/vnd.kubernetes.protobuf")
+
+
 _NAMESPACE_LIST = re.compile(r"^/api/v1/namespaces/?$")
 
 
@@ -102,6 +111,8 @@ class ApiServer(kmock.KubernetesScaffold):
 
     store: ObjectStore
     bookmark_interval: float = 5.0
+    # Where the executor writes each pod's log (LOGS/NAMESPACE/POD.log): `kubectl logs` reads them.
+    logs_dir: Path | None = None
     log: list[ApiRequest] = attrs.field(factory=list, init=False)
     _closing: bool = attrs.field(default=False, init=False)
     _tick: asyncio.Future[None] | None = attrs.field(default=None, init=False)
@@ -148,6 +159,8 @@ class ApiServer(kmock.KubernetesScaffold):
         self._discovery_revision = kinds.revision
 
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        if (raw_request.content_length or 0) > MAX_REQUEST_BYTES:
+            return _status_response(errors.too_large(MAX_REQUEST_BYTES))
         # kmock's URL parser fails on the bare namespace list; build its Request for that one path ourselves.
         if not _NAMESPACE_LIST.match(raw_request.path):
             return await super().__call__(raw_request)
@@ -168,20 +181,54 @@ class ApiServer(kmock.KubernetesScaffold):
         return await self._handle(request)
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
-        target = parse_api_path(request.url.path)
+        path = request.url.path
+        if path == "/version":
+            return _json_response(200, discovery.SERVER_VERSION)
+        if discovery.is_discovery_path(path):
+            doc = discovery.document(path, list(self.store.kinds))
+            return _json_response(200, doc) if doc is not None else _status_response(errors.NOT_FOUND_PATH)
+        if path.startswith("/openapi/"):
+            doc = self._openapi(path)
+            return _json_response(200, doc) if doc is not None else _status_response(errors.NOT_FOUND_PATH)
+        target = parse_api_path(path)
         if target is None:
             self._sync_discovery()
             return await super()._handle(request)
-        body = _request_body(request)
+        body = None
         try:
+            body = _request_body(request)
             kind = self.store.kinds.get(target.group, target.version, target.plural)
             if kind is None:
-                raise ApiError(404, "NotFound", "the server could not find the requested resource")
+                raise errors.NOT_FOUND_PATH
             status, payload = await self._dispatch(request, kind, target, body)
         except ApiError as exc:
             status, payload = exc.code, exc.status
         self.log.append(ApiRequest(str(request.method.value), request.url.path, dict(request.params), body, status))
-        return await kmock.Response(status=status, payload=payload)(request)
+        if isinstance(payload, PodLog):
+            return await payload.respond(_raw(request))
+        as_table = (
+            status == 200
+            and request.method.value.upper() == "GET"
+            and tables.wants_table(request.headers.get("Accept", ""))
+        )
+        include = request.params.get("includeObject", "")
+        if hasattr(payload, "__aiter__"):
+            if as_table:
+                payload = tables.table_events(kind, self._crd_of(kind), payload, include)
+            return await _stream_events(_raw(request), payload)
+        if as_table:
+            payload = tables.table(kind, self._crd_of(kind), payload, include)
+        return _json_response(status, payload)
+
+    def _crd_of(self, kind: ResourceKind) -> dict[str, Any] | None:
+        if not kind.custom:
+            return None
+        crd_kind = self.store.kinds.get(CRD_GROUP, "v1", CRD_PLURAL)
+        assert crd_kind is not None
+        try:
+            return self.store.get(crd_kind, None, kind.qualified)
+        except ApiError:
+            return None
 
     async def _dispatch(
         self, request: kmock.Request, kind: ResourceKind, target: ApiPath, body: Any
@@ -198,22 +245,68 @@ class ApiServer(kmock.KubernetesScaffold):
                 items, rv = self.store.list(kind, namespace, *_selectors(params))
                 return 200, self._list_body(kind, items, rv)
             if method == "POST":
-                return 201, self.store.create(kind, namespace, body or {})
+                return 201, self.store.create(kind, namespace, body or {}, manager=_manager(request))
             if method == "DELETE":
                 deleted = self.store.delete_collection(
                     kind, namespace, *_selectors(params), _delete_options(params, body)
                 )
                 return 200, self._list_body(kind, deleted, self.store.resource_version)
+        elif method == "GET" and target.subresource == "log" and kind.qualified == "pods":
+            return 200, self._pod_log(namespace, target.name, params)
         elif method == "GET":
             return 200, self.store.get(kind, namespace, target.name)
         elif method == "PUT":
-            return 200, self.store.replace(kind, namespace, target.name, body or {}, target.subresource)
+            return 200, self.store.replace(
+                kind, namespace, target.name, body or {}, target.subresource, manager=_manager(request)
+            )
         elif method == "PATCH":
             content_type = request.headers.get("Content-Type", "application/merge-patch+json")
-            return 200, self.store.patch(kind, namespace, target.name, body, content_type, target.subresource)
+            return 200, self.store.patch(
+                kind,
+                namespace,
+                target.name,
+                body,
+                content_type,
+                target.subresource,
+                manager=_manager(request),
+                force=params.get("force") in ("true", "1"),
+            )
         elif method == "DELETE":
             return 200, self.store.delete(kind, namespace, target.name, _delete_options(params, body))
         raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
+
+    def _openapi(self, path: str) -> dict[str, Any] | None:
+        kinds = list(self.store.kinds)
+        crd_kind = self.store.kinds.get(CRD_GROUP, "v1", CRD_PLURAL)
+        crds = self.store.list(crd_kind)[0] if crd_kind is not None else []
+        if path == "/openapi/v2":
+            return openapi.v2(kinds, crds)
+        if path == "/openapi/v3":
+            return openapi.v3_root(kinds, crds)
+        if path.startswith("/openapi/v3/"):
+            return openapi.v3_group_version(path.removeprefix("/openapi/v3/"), kinds, crds)
+        return None
+
+    def _pod_log(self, namespace: str | None, name: str, params: Any) -> PodLog:
+        pods = self.store.kinds.get("", "v1", "pods")
+        assert pods is not None
+        self.store.get(pods, namespace, name)  # 404 for a pod that does not exist
+        path = (self.logs_dir or Path("/nonexistent")) / (namespace or "") / f"{name}.log"
+
+        def finished() -> bool:
+            try:
+                pod = self.store.get(pods, namespace, name)
+            except ApiError:
+                return True
+            return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+
+        tail = params.get("tailLines")
+        return PodLog(
+            path,
+            follow=params.get("follow") in ("true", "1"),
+            tail_lines=int(tail) if tail and tail.lstrip("-").isdigit() and int(tail) >= 0 else None,
+            finished=finished,
+        )
 
     @staticmethod
     def _list_body(kind: ResourceKind, items: list[dict[str, Any]], rv: str) -> dict[str, Any]:
@@ -244,7 +337,6 @@ class ApiServer(kmock.KubernetesScaffold):
 
         async def stream() -> AsyncIterator[Any]:
             nonlocal cursor
-            yield b""  # send the headers now: clients wait for them before reading events
             for obj in snapshot:
                 yield {"type": "ADDED", "object": obj}
             if initial:
@@ -288,6 +380,49 @@ class ApiServer(kmock.KubernetesScaffold):
         return {"type": "BOOKMARK", "object": {"apiVersion": kind.api_version, "kind": kind.kind, "metadata": meta}}
 
 
+def _manager(request: kmock.Request) -> str:
+    """The field manager of a write: `?fieldManager=`, else the client's name from its User-Agent, as a real API
+    server derives it."""
+    named = request.params.get("fieldManager")
+    if named:
+        return str(named)[:128]
+    agent = request.headers.get("User-Agent", "")
+    return (agent.split("/")[0].strip() or "unknown")[:128]
+
+
+def _raw(request: kmock.Request) -> aiohttp.web.BaseRequest:
+    """aiohttp's request behind kmock's (kmock keeps it private), to stream a response on it."""
+    raw = request._raw_request
+    assert raw is not None
+    return raw
+
+
+def _request_factory(*args: Any) -> aiohttp.web.BaseRequest:
+    """aiohttp's request, reading bodies up to the API server's limit (aiohttp's default is 1 MiB)."""
+    return aiohttp.web.BaseRequest(*args, asyncio.get_running_loop(), client_max_size=MAX_REQUEST_BYTES)
+
+
+def _json_response(status: int, payload: Any) -> aiohttp.web.Response:
+    return aiohttp.web.Response(status=status, body=json.dumps(payload).encode(), content_type="application/json")
+
+
+def _status_response(error: ApiError) -> aiohttp.web.Response:
+    return _json_response(error.code, error.status)
+
+
+async def _stream_events(raw: aiohttp.web.BaseRequest, events: AsyncIterator[Any]) -> aiohttp.web.StreamResponse:
+    """A watch as the API server sends it: `application/json`, one event object per line."""
+    response = aiohttp.web.StreamResponse(status=200)
+    response.content_type = "application/json"
+    response.enable_chunked_encoding()
+    await response.prepare(raw)
+    with contextlib.suppress(ConnectionResetError, ConnectionError):
+        async for event in events:
+            await response.write(json.dumps(event).encode() + b"\n")
+        await response.write_eof()
+    return response
+
+
 def _json_or_none(body: bytes) -> Any:
     try:
         return json.loads(body) if body else None
@@ -296,6 +431,8 @@ def _json_or_none(body: bytes) -> Any:
 
 
 def _request_body(request: kmock.Request) -> Any:
+    if request.body and is_protobuf(request.headers.get("Content-Type", "")):
+        return protobuf.decode(request.body)
     if request.data is not None and not isinstance(request.data, (bytes, str)):
         return request.data if isinstance(request.data, (dict, list)) else dict(request.data)
     if request.text and "yaml" in request.headers.get("Content-Type", ""):
@@ -333,8 +470,10 @@ class Emulator:
         host: str = "127.0.0.1",
         port: int = 0,
         bookmark_interval: float = 5.0,
+        logs_dir: Path | None = None,
     ) -> None:
         self.store = ObjectStore(admit=admit)
+        self.logs_dir = logs_dir
         self.register_crds(crds)
         self._host, self._port = host, port
         self._bookmark_interval = bookmark_interval
@@ -417,9 +556,11 @@ class Emulator:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
-        server = ApiServer(store=self.store, bookmark_interval=self._bookmark_interval)
+        server = ApiServer(store=self.store, bookmark_interval=self._bookmark_interval, logs_dir=self.logs_dir)
         async with server:
-            runner = aiohttp.web.ServerRunner(aiohttp.web.Server(server), shutdown_timeout=1.0)
+            runner = aiohttp.web.ServerRunner(
+                aiohttp.web.Server(server, request_factory=_request_factory), shutdown_timeout=1.0
+            )
             await runner.setup()
             site = aiohttp.web.TCPSite(runner, self._host, self._port)
             await site.start()

@@ -75,3 +75,11 @@ def invalid(kind: str, group: str, name: str, message: str, causes: list[dict[st
 
 def bad_request(message: str) -> ApiError:
     return ApiError(400, "BadRequest", message)
+
+
+# A path no served resource answers (the API server's own wording).
+NOT_FOUND_PATH = ApiError(404, "NotFound", "the server could not find the requested resource")
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(413, "RequestEntityTooLarge", f"Request entity too large: limit is {limit}")

@@ -16,6 +16,8 @@ import kmock
 
 CRD_GROUP = "apiextensions.k8s.io"
 CRD_PLURAL = "customresourcedefinitions"
+# Kinds stored as another: events.k8s.io Events are the core Events in another shape (devcluster/builtin.py).
+STORAGE_ALIASES = {("events.k8s.io", "events"): ("", "events")}
 ALL_VERBS = frozenset({"get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"})
 
 
@@ -31,12 +33,14 @@ class ResourceKind:
     subresources: frozenset[str] = frozenset()
     singular: str = ""
     shortnames: frozenset[str] = frozenset()
+    categories: frozenset[str] = frozenset()
     verbs: frozenset[str] = ALL_VERBS
     custom: bool = False  # defined by a CRD: admission applies to it
     storage_key: tuple[str, str] = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "storage_key", (self.group, self.plural))
+        key = (self.group, self.plural)
+        object.__setattr__(self, "storage_key", STORAGE_ALIASES.get(key, key))
 
     @property
     def api_version(self) -> str:
@@ -78,6 +82,7 @@ def _bundled_kinds() -> tuple[ResourceKind, ...]:
                 subresources=frozenset(info.subresources),
                 singular=info.singular or info.kind.lower(),
                 shortnames=frozenset(info.shortnames),
+                categories=frozenset(info.categories),
                 verbs=frozenset(info.verbs),
             )
         )
@@ -106,6 +111,7 @@ def kinds_from_crd(crd: Mapping[str, Any]) -> list[ResourceKind]:
                 subresources=frozenset(name for name in ("status", "scale") if name in subresources),
                 singular=names.get("singular") or kind.lower(),
                 shortnames=frozenset(names.get("shortNames") or ()),
+                categories=frozenset(names.get("categories") or ()),
                 custom=True,
             )
         )

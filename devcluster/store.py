@@ -32,9 +32,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import errors
+from . import builtin, errors, field_managers
 from .errors import ApiError
-from .patching import MERGE_PATCH, PatchError, apply_patch
+from .patching import APPLY_PATCH, MERGE_PATCH, PatchError, apply_patch
 from .resources import CRD_GROUP, CRD_PLURAL, KindRegistry, ResourceKind, builtin_kinds, kinds_from_crd
 from .selectors import Requirement, fields_match, labels_match
 from .validation import object_errors
@@ -46,6 +46,7 @@ ObjectKey = tuple[str | None, str]
 _SYSTEM_META = ("uid", "creationTimestamp", "name", "namespace", "deletionTimestamp", "deletionGracePeriodSeconds")
 _NAMESPACES: StorageKey = ("", "namespaces")
 _SECRETS: StorageKey = ("", "secrets")
+_JOBS: StorageKey = ("batch", "jobs")
 
 
 def now_rfc3339() -> str:
@@ -169,7 +170,15 @@ class ObjectStore:
 
     # --- writing -------------------------------------------------------------------------------------------------
 
-    def create(self, kind: ResourceKind, namespace: str | None, body: dict[str, Any]) -> dict[str, Any]:
+    def create(
+        self,
+        kind: ResourceKind,
+        namespace: str | None,
+        body: dict[str, Any],
+        manager: str | None = None,
+        managed_fields: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """Create `body`; `manager` (a field manager) owns what it set, or `managed_fields` are given (an apply)."""
         with self.lock:
             if not isinstance(body, dict) or not isinstance(body.get("metadata", {}), dict):
                 raise errors.bad_request("the body of a create must be an object with a metadata object")
@@ -202,6 +211,12 @@ class ObjectStore:
             if kind.custom:
                 obj = self._admitted(kind, obj, system, status=None)
             self._validate(kind, obj)
+            if managed_fields is not None:
+                obj["metadata"]["managedFields"] = managed_fields
+            elif manager:
+                field_managers.record_update(
+                    None, obj, manager, kind.api_version, now_rfc3339(), self._list_types(kind)
+                )
             if kind.group == CRD_GROUP and kind.plural == CRD_PLURAL:
                 self._register_crd(obj)
             if namespace is not None:
@@ -209,7 +224,13 @@ class ObjectStore:
             return self._store(kind, obj, None, "ADDED")
 
     def replace(
-        self, kind: ResourceKind, namespace: str | None, name: str, body: dict[str, Any], subresource: str | None = None
+        self,
+        kind: ResourceKind,
+        namespace: str | None,
+        name: str,
+        body: dict[str, Any],
+        subresource: str | None = None,
+        manager: str | None = None,
     ) -> dict[str, Any]:
         with self.lock:
             current = self._require(kind, namespace, name)
@@ -219,7 +240,7 @@ class ObjectStore:
             if meta.get("name", name) != name:
                 raise errors.bad_request("the name of the object does not match the name on the URL")
             self._check_version(kind, current, meta.get("resourceVersion"))
-            return self._write(kind, current, copy.deepcopy(body), subresource)
+            return self._write(kind, current, copy.deepcopy(body), subresource, manager)
 
     def patch(
         self,
@@ -229,8 +250,14 @@ class ObjectStore:
         patch: Any,
         content_type: str = MERGE_PATCH,
         subresource: str | None = None,
+        manager: str | None = None,
+        force: bool = False,
     ) -> dict[str, Any]:
+        """Patch per `content_type`; a server-side apply (apply-patch+yaml) creates the object when it is missing."""
         with self.lock:
+            is_apply = (content_type or "").split(";")[0].strip().lower() == APPLY_PATCH and subresource is None
+            if is_apply:
+                return self._server_side_apply(kind, namespace, name, patch, manager, force)
             current = self._require(kind, namespace, name)
             if isinstance(patch, dict):
                 self._check_version(kind, current, (patch.get("metadata") or {}).get("resourceVersion"))
@@ -238,7 +265,27 @@ class ObjectStore:
                 merged = apply_patch(current, patch, content_type)
             except PatchError as exc:
                 raise errors.invalid(kind.kind, kind.group, name, f"the patch does not apply: {exc}") from exc
-            return self._write(kind, current, merged, subresource)
+            return self._write(kind, current, merged, subresource, manager)
+
+    def _server_side_apply(
+        self, kind: ResourceKind, namespace: str | None, name: str, config: Any, manager: str | None, force: bool
+    ) -> dict[str, Any]:
+        if not manager:
+            raise errors.bad_request("PATCH, fieldManager: Required value: is required for apply patch")
+        if not isinstance(config, dict):
+            raise errors.bad_request("an apply patch must be an object")
+        if (config.get("metadata") or {}).get("name", name) != name:
+            raise errors.bad_request("the name of the object does not match the name on the URL")
+        current = self._objects[kind.storage_key].get((namespace if kind.namespaced else None, name))
+        applied = field_managers.apply(
+            current, config, manager, force, kind.api_version, now_rfc3339(), self._list_types(kind)
+        )
+        managed = applied["metadata"]["managedFields"]
+        if current is None:
+            body = copy.deepcopy(config)
+            _meta(body)["name"] = name
+            return self.create(kind, namespace, body, managed_fields=managed)
+        return self._write(kind, current, applied, None, managed=managed)
 
     def delete(
         self, kind: ResourceKind, namespace: str | None, name: str, options: dict[str, Any] | None = None
@@ -273,9 +320,21 @@ class ObjectStore:
     # --- internals -----------------------------------------------------------------------------------------------
 
     def _present(self, kind: ResourceKind, obj: dict[str, Any]) -> dict[str, Any]:
+        if kind.storage_key != (kind.group, kind.plural):
+            return builtin.event_v1(obj, kind.api_version)
         # Stored dicts are never mutated in place, so a shallow copy is a safe snapshot.
         body = {key: value for key, value in obj.items() if key not in ("apiVersion", "kind")}
         return {"apiVersion": kind.api_version, "kind": kind.kind, **body}
+
+    def _list_types(self, kind: ResourceKind) -> field_managers.ListTypes:
+        """How the kind's lists merge under server-side apply: from its CRD's schema; built-in kinds: atomic."""
+        if not kind.custom:
+            return field_managers.atomic
+        crd = self._objects[(CRD_GROUP, CRD_PLURAL)].get((None, kind.qualified)) or {}
+        for version in (crd.get("spec") or {}).get("versions") or []:
+            if version.get("name") == kind.version:
+                return field_managers.schema_list_types((version.get("schema") or {}).get("openAPIV3Schema"))
+        return field_managers.atomic
 
     @staticmethod
     def _key(obj: dict[str, Any]) -> ObjectKey:
@@ -320,6 +379,10 @@ class ObjectStore:
         return policy
 
     def _normalise(self, kind: ResourceKind, obj: dict[str, Any]) -> dict[str, Any]:
+        if kind.storage_key != (kind.group, kind.plural):
+            obj = builtin.event_core(obj)
+        if kind.storage_key == _JOBS and "uid" in _meta(obj) and "selector" not in (obj.get("spec") or {}):
+            obj = builtin.default_job(obj)
         if kind.storage_key == _SECRETS and obj.get("stringData"):
             data = dict(obj.get("data") or {})
             for key, value in obj.pop("stringData").items():
@@ -361,7 +424,13 @@ class ObjectStore:
             raise errors.invalid(kind.kind, kind.group, name, f'{prefix} "{name}" is invalid: ' + ", ".join(problems))
 
     def _write(
-        self, kind: ResourceKind, current: dict[str, Any], new: dict[str, Any], subresource: str | None
+        self,
+        kind: ResourceKind,
+        current: dict[str, Any],
+        new: dict[str, Any],
+        subresource: str | None,
+        manager: str | None = None,
+        managed: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """Finish an update (replace or patch): isolate status, keep system fields, admit, bump generation."""
         if subresource not in (None, "status") or (subresource == "status" and not kind.has_status):
@@ -385,7 +454,9 @@ class ObjectStore:
                 meta[key] = old_meta[key]
         meta["generation"] = old_meta.get("generation", 1)
         meta["resourceVersion"] = old_meta["resourceVersion"]
-        meta.pop("managedFields", None)
+        meta.pop("managedFields", None)  # the server keeps them: from the apply, or recorded below
+        if "managedFields" in old_meta:
+            meta["managedFields"] = old_meta["managedFields"]
         new["apiVersion"], new["kind"] = current.get("apiVersion"), current.get("kind")
         new = self._normalise(kind, new)
         if kind.custom and subresource is None:
@@ -408,6 +479,12 @@ class ObjectStore:
         self._validate(kind, new)
         if new == current:
             return self._present(kind, current)  # a no-op write: no new resourceVersion, no watch event
+        if managed is not None:
+            meta["managedFields"] = managed
+        elif manager:
+            field_managers.record_update(
+                current, new, manager, kind.api_version, now_rfc3339(), self._list_types(kind), subresource
+            )
         if kind.group == CRD_GROUP and kind.plural == CRD_PLURAL:
             self._register_crd(new)
         if meta.get("deletionTimestamp") and not meta.get("finalizers"):

@@ -94,6 +94,9 @@ class GenerationLimits(BaseModel):
 
     maxSide: int | None = Field(default=None, ge=64)
     maxSteps: int | None = Field(default=None, ge=1)
+    # Images one GenerationJob renders at the most (prompts x count, up to 1024 otherwise): fewer seeds per prompt
+    # first, then the first prompts only.
+    maxImages: int | None = Field(default=None, ge=1)
 
 
 class OperatorConfig(BaseModel):

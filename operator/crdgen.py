@@ -178,6 +178,8 @@ def build_crd(kind: Kind) -> dict[str, Any]:
         },
         "required": ["spec"],
     }
+    if kind.root_rules:
+        root["x-kubernetes-validations"] = list(kind.root_rules)
     columns = []
     for column in kind.columns:
         entry: dict[str, Any] = {"name": column.name, "type": column.type, "jsonPath": column.json_path}

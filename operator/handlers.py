@@ -24,6 +24,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from kubernetes.client.rest import ApiException
 from . import kueue, metrics, usage
 from .api import GROUP, KINDS, VERSION
 from .config import OperatorConfig
-from .kinds import KIND_RUNS, NotReady, check_dependencies
+from .kinds import KIND_RUNS, Dependency, NotReady, check_dependencies, find_cycle
 from .kinds.base import owner_of
 from .kube import PLURALS, Kube
 from .naming import OWNER_UID, selector
@@ -120,10 +121,11 @@ async def observe(kube: Kube, body: Any, indexes: Mapping[str, Any], wakers: Wak
     for dep in deps_wanted:
         wakers.waiting_on[(namespace, dep.kind, dep.name)].add(uid)
         dependencies[(dep.kind, dep.name)] = _one(indexes[_objects_index(dep.kind)].get((namespace, dep.name)))
+    cycle = find_cycle((kind, meta["name"]), partial(_dependencies_of, indexes, namespace)) if deps_wanted else None
     try:
         check_dependencies(deps_wanted, dependencies)
     except NotReady:
-        return Observed(body=dict(body), dependencies=dependencies)
+        return Observed(body=dict(body), dependencies=dependencies, cycle=cycle or ())
     children = {}
     for child_kind in CHILD_KINDS:
         for child in indexes[_children_index(child_kind)].get(uid, ()):
@@ -146,7 +148,26 @@ async def observe(kube: Kube, body: Any, indexes: Mapping[str, Any], wakers: Wak
         wakers.job_owner[job["metadata"]["uid"]] = uid
         if (workload := _one((indexes.get(WORKLOADS_INDEX) or {}).get(job["metadata"]["uid"]))) is not None:
             workloads[job["metadata"]["uid"]] = workload
-    return Observed(body=dict(body), dependencies=dependencies, children=listed, pods=pods, workloads=workloads)
+    return Observed(
+        body=dict(body),
+        dependencies=dependencies,
+        children=listed,
+        pods=pods,
+        workloads=workloads,
+        cycle=cycle or (),
+    )
+
+
+def _dependencies_of(indexes: Mapping[str, Any], namespace: str, node: tuple[str, str]) -> list[Dependency]:
+    """What the object `node` (kind, name) in `namespace` depends on, from the index (none when missing or invalid)."""
+    kind, name = node
+    obj = _one(indexes[_objects_index(kind)].get((namespace, name)))
+    if obj is None:
+        return []
+    try:
+        return KIND_RUNS[kind].dependencies(KIND_RUNS[kind].kind.spec.model_validate(obj.get("spec") or {}))
+    except ValueError:
+        return []
 
 
 def _api_message(exc: ApiException) -> str:

@@ -17,6 +17,7 @@ from .api import BY_KIND, GROUP, VERSION
 
 JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
+FIELD_MANAGER = "kleinstyle-operator"  # what managedFields name the operator's writes (children, status)
 PLURALS: dict[str, tuple[str, str]] = {
     "Job": ("batch/v1", "jobs"),
     "Pod": ("v1", "pods"),
@@ -78,7 +79,7 @@ class Kube:
         """Create `obj`; False when it already exists (adopted: a created child's spec is never re-applied)."""
         path = collection_path(obj["kind"], obj["metadata"]["namespace"])
         try:
-            await self.request("POST", path, obj)
+            await self.request("POST", path, obj, query=[("fieldManager", FIELD_MANAGER)])
         except ApiException as exc:
             if exc.status == 409:
                 return False
@@ -103,7 +104,8 @@ class Kube:
     async def patch_status(self, kind: str, namespace: str, name: str, changes: dict) -> Any:
         """A JSON merge patch of `changes` on the status subresource (keys set to None are removed)."""
         path = f"{collection_path(kind, namespace)}/{name}/status"
-        return await asyncio.to_thread(self._call, "PATCH", path, {"status": changes}, None, MERGE_PATCH)
+        query = [("fieldManager", FIELD_MANAGER)]
+        return await asyncio.to_thread(self._call, "PATCH", path, {"status": changes}, query, MERGE_PATCH)
 
     async def delete(self, kind: str, namespace: str, name: str) -> bool:
         body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}

@@ -27,7 +27,7 @@ from .api.common import field_errors
 from .children import build_children
 from .conditions import Condition, merge_conditions
 from .config import OperatorConfig
-from .kinds import KIND_RUNS, KindRuns, NotReady, check_dependencies
+from .kinds import KIND_RUNS, KindRuns, NotReady, changed_inputs, check_dependencies, inputs
 from .naming import RUN_HASH
 
 RUN_CHILD_KINDS = ("Job", "ConfigMap")
@@ -53,6 +53,8 @@ class Observed:
     pods: Sequence[Mapping[str, Any]] = ()
     # Kueue's Workloads of the owner's Jobs, by the Job's uid (empty where Kueue is not installed).
     workloads: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # A dependency cycle through this object ([self, ..., self]), found by following references in the namespace.
+    cycle: Sequence[tuple[str, str]] = ()
 
 
 @dataclass(frozen=True)
@@ -137,12 +139,28 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
         message = "; ".join(field_errors(exc))
         return finish("Failed", "InvalidSpec", message, [Condition("Ready", "False", "InvalidSpec", message)])
 
+    deps = kind_run.dependencies(spec)
+    if observed.cycle:
+        chain = " -> ".join(f"{kind} {name}" for kind, name in observed.cycle)
+        message = f"dependency cycle {chain}: it never resolves; remove one of these references"
+        conds = [
+            Condition("DependenciesReady", "False", "DependencyCycle", message),
+            Condition("Ready", "False", "DependencyCycle", message),
+            Condition("Warning", "True", "DependencyCycle", message),
+        ]
+        return finish("Waiting", "DependencyCycle", message, conds)
+    if finished(body):
+        return kept(body, observed, now)
     try:
-        check_dependencies(kind_run.dependencies(spec), observed.dependencies)
+        check_dependencies(deps, observed.dependencies)
     except NotReady as wait:
+        missing = (
+            [f"{wait.message} (yet): nothing runs until it is created"] if wait.reason.endswith("NotFound") else []
+        )
         conds = [
             Condition("DependenciesReady", "False", wait.reason, wait.message),
             Condition("Ready", "False", wait.reason, wait.message),
+            warning_condition(missing),
         ]
         return finish("Waiting", wait.reason, wait.message, conds)
 
@@ -162,6 +180,7 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
         "runHash": short_hash,
         "jobName": run.name,
         "artifactURI": run.runspec.output_display_uri,
+        "inputs": inputs(deps, observed.dependencies),
     }
     # Result fields are rewritten on every reconcile, from this run's result or empty: a value left by an older
     # run, or written by a pod (RBAC cannot narrow its status patch to `progress`), never stands.
@@ -213,6 +232,43 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
     return Decision(create=create, delete=delete, status=decision.status, events=events)
 
 
+def finished(body: Mapping[str, Any]) -> bool:
+    """The current generation's run has finished: it is kept as it is, whatever its inputs do since."""
+    status = body.get("status") or {}
+    return (
+        status.get("phase") in ("Succeeded", "Failed")
+        and status.get("observedGeneration") == body["metadata"].get("generation")
+        and bool(status.get("runHash"))
+    )
+
+
+def kept(body: Mapping[str, Any], observed: Observed, now: str) -> Decision:
+    """A finished run stays as it ended; `SourcesCurrent` says whether an input (a LoRA, a board) has a new run
+    since, because a retrained LoRA does not re-render the images already made with the old one (edit the spec to
+    run again). What is left of the run's children besides its Job and RunSpec goes."""
+    status = body.get("status") or {}
+    changed = changed_inputs(status.get("inputs"), observed.dependencies)
+    if changed:
+        message = "; ".join(changed) + ": this run used the earlier one; edit the spec to run again with the new"
+        source = Condition("SourcesCurrent", "False", "SourceChanged", message)
+    else:
+        source = Condition("SourcesCurrent", "True", "Unchanged", "every input is still the run this one used")
+    ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+    decision = _decided(body, now, status["phase"], ready.get("reason", ""), status.get("message", ""), [source])
+    before = next((c for c in status.get("conditions") or [] if c.get("type") == "SourcesCurrent"), {})
+    events = [Event("Normal", "SourceChanged", source.message)] if changed and before.get("status") != "False" else []
+    delete = [
+        child
+        for child in observed.children
+        if child["kind"] in RUNNER_KINDS
+        or (
+            child["kind"] in RUN_CHILD_KINDS
+            and (child["metadata"].get("labels") or {}).get(RUN_HASH) != status["runHash"]
+        )
+    ]
+    return Decision(delete=delete, status=decision.status, events=events)
+
+
 def current_report(progress: Any, kind_run: KindRuns, run_id: str) -> tuple[Any, str]:
     """(the current run's report or None, a warning when the report there is malformed). A report about another
     run (an older one, or none yet) is no report; a malformed one is shown as a warning and read as none."""
@@ -232,7 +288,7 @@ def current_report(progress: Any, kind_run: KindRuns, run_id: str) -> tuple[Any,
 
 # Reasons that need someone to act (a change of spec, a deleted stranger, a dependency fixed), so the resource will
 # not progress by itself: kstatus' Stalled.
-STALLED_REASONS = frozenset({"InvalidSpec", "ChildConflict"})
+STALLED_REASONS = frozenset({"InvalidSpec", "ChildConflict", "DependencyCycle"})
 
 
 def progress_conditions(phase: str, reason: str, message: str) -> list[Condition]:
@@ -291,5 +347,5 @@ def warning_condition(warnings: Sequence[str]) -> Condition:
 def _transition_events(old: Mapping[str, Any], new: Mapping[str, Any], reason: str) -> list[Event]:
     if old.get("phase") == new["phase"] and old.get("runHash") == new.get("runHash"):
         return []
-    kind = "Warning" if new["phase"] == "Failed" else "Normal"
-    return [Event(kind, reason, f"{new['phase']}: {new['message']}")]
+    warn = new["phase"] == "Failed" or reason in STALLED_REASONS or reason.endswith("NotFound")
+    return [Event("Warning" if warn else "Normal", reason, f"{new['phase']}: {new['message']}")]

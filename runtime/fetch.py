@@ -56,12 +56,14 @@ _REASON_MAX = 200
 
 
 class FetchError(Exception):
-    """A source that could not be fetched; `reason` is short and meant for the user (a StyleBoard rejection)."""
+    """A source that could not be fetched; `reason` is short and meant for the user (a StyleBoard rejection).
+    `retryable`: whether trying again could help (a timeout, a 503), not a refusal by policy or a 404."""
 
-    def __init__(self, source: str, reason: str) -> None:
+    def __init__(self, source: str, reason: str, *, retryable: bool = False) -> None:
         super().__init__(f"{source}: {reason}")
         self.source = source
         self.reason = reason
+        self.retryable = retryable
 
 
 def fetch(source: str, policy: FetchPolicy, *, verify: ssl.SSLContext | None = None) -> bytes:
@@ -170,9 +172,13 @@ def _fetch_https(source: str, policy: FetchPolicy, verify: ssl.SSLContext | None
             raise FetchError(source, "URL has no host")
         port = url.port or 443
         try:
-            address = pick_address(host, _resolve(host, port, _remaining(source, deadline, policy)), allowed)
+            addresses = _resolve(host, port, _remaining(source, deadline, policy))
         except ValueError as exc:
-            raise FetchError(source, str(exc)) from None
+            raise FetchError(source, str(exc), retryable=True) from None  # DNS may answer next time
+        try:
+            address = pick_address(host, addresses, allowed)
+        except ValueError as exc:
+            raise FetchError(source, str(exc)) from None  # refused by policy: no retry changes that
         outcome = _get_pinned(source, url, address, context, policy, deadline)
         if isinstance(outcome, bytes):
             return outcome
@@ -233,9 +239,9 @@ def _get_pinned(
             finally:
                 response.close()
         except httpx.TimeoutException:
-            raise FetchError(source, f"timed out after {policy.timeout_s:g} s") from None
+            raise FetchError(source, f"timed out after {policy.timeout_s:g} s", retryable=True) from None
         except httpx.HTTPError as exc:
-            raise FetchError(source, _transport_reason(exc)) from None
+            raise FetchError(source, _transport_reason(exc), retryable=True) from None
 
 
 def _read_response(
@@ -251,7 +257,8 @@ def _read_response(
         except httpx.InvalidURL:
             raise FetchError(source, f"HTTP {status} to an invalid URL") from None
     if status != 200:
-        raise FetchError(source, f"HTTP {status}")
+        # A server error or a rate limit may pass; a 403 or 404 will not.
+        raise FetchError(source, f"HTTP {status}", retryable=status >= 500 or status in (408, 429))
     too_big = f"larger than {policy.max_bytes} bytes"
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > policy.max_bytes:
@@ -263,7 +270,7 @@ def _read_response(
         if total > policy.max_bytes:
             raise FetchError(source, too_big)
         if time.monotonic() > deadline:
-            raise FetchError(source, f"timed out after {policy.timeout_s:g} s")
+            raise FetchError(source, f"timed out after {policy.timeout_s:g} s", retryable=True)
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -271,7 +278,7 @@ def _read_response(
 def _remaining(source: str, deadline: float, policy: FetchPolicy) -> float:
     left = deadline - time.monotonic()
     if left <= 0:
-        raise FetchError(source, f"timed out after {policy.timeout_s:g} s")
+        raise FetchError(source, f"timed out after {policy.timeout_s:g} s", retryable=True)
     return left
 
 
@@ -324,12 +331,13 @@ def _fetch_object(source: str, scheme: str, max_bytes: int) -> bytes:
             data = handle.read(max_bytes + 1)
     except FetchError:
         raise
-    except FileNotFoundError:
-        raise FetchError(source, "not found") from None
+    except FileNotFoundError:  # may still be uploading: worth a retry
+        raise FetchError(source, "not found", retryable=True) from None
     except PermissionError:
         raise FetchError(source, "access denied") from None
     except Exception as exc:  # object-store clients raise their own types; one image must not crash the run
-        raise FetchError(source, f"could not read: {_short(str(exc) or type(exc).__name__)}") from None
+        reason = f"could not read: {_short(str(exc) or type(exc).__name__)}"
+        raise FetchError(source, reason, retryable=True) from None  # a network or service error may pass
     if len(data) > max_bytes:
         raise FetchError(source, too_big)
     return data
@@ -350,8 +358,8 @@ def _read_pod_file(source: str, max_bytes: int) -> bytes:
             raise FetchError(source, too_big)
         with path.open("rb") as handle:
             data = handle.read(max_bytes + 1)
-    except FileNotFoundError:
-        raise FetchError(source, "no such file in the pod (is its volume mounted?)") from None
+    except FileNotFoundError:  # may still be copied there: worth a retry
+        raise FetchError(source, "no such file in the pod (is its volume mounted?)", retryable=True) from None
     except PermissionError:
         raise FetchError(source, "permission denied") from None
     except OSError as exc:

@@ -316,10 +316,10 @@ def _build_dataset(
             data = fetch(item.source, work.fetch)  # the pod path; reports use item.shown
             image = validate_image(data, max_pixels=work.fetch.max_pixels, min_short_side=work.min_short_side)
         except (FetchError, ImageRejected) as exc:
-            fetching = isinstance(exc, FetchError)
-            reason = exc.reason if fetching else str(exc)
+            reason = exc.reason if isinstance(exc, FetchError) else str(exc)
             log.info("image %d/%d rejected: %s: %s", position, total, item.shown, reason)
-            result.rejected.append(Rejection(source=item.shown, reason=reason, retryable=fetching))
+            retryable = isinstance(exc, FetchError) and exc.retryable
+            result.rejected.append(Rejection(source=item.shown, reason=reason, retryable=retryable))
             continue
         except Exception as exc:  # a bug or an odd input must cost one image, not the board
             log.exception("image %d/%d failed unexpectedly: %s", position, total, item.shown)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from .common import API_VERSION, GROUP, VERSION
+from .common import API_VERSION, GROUP, VERSION, cel
 from .generationjob import GenerationJobSpec, GenerationJobStatus
 from .lorafusion import LoRAFusionSpec, LoRAFusionStatus
 from .styleboard import StyleBoardSpec, StyleBoardStatus
@@ -33,6 +33,8 @@ class Kind:
     status: type[BaseModel]
     description: str
     columns: tuple[PrinterColumn, ...]
+    # CEL rules on the whole object (the only place a rule may read metadata.name).
+    root_rules: tuple[dict[str, str], ...] = ()
 
     @property
     def singular(self) -> str:
@@ -102,6 +104,13 @@ LORAFUSION = Kind(
     spec=LoRAFusionSpec,
     status=LoRAFusionStatus,
     description="Several LoRAs fused into one (concat, svd or K-LoRA).",
+    root_rules=(
+        cel(
+            "self.spec.sources.all(s, s.kind != 'LoRAFusion' || s.name != self.metadata.name)",
+            "a LoRAFusion cannot fuse itself",
+            ".spec.sources",
+        ),
+    ),
     columns=(
         PHASE,
         PrinterColumn("Method", ".spec.method", description="Fusion method"),

@@ -146,6 +146,14 @@ class QueueStatus(BaseModel):
     )
 
 
+class RunInput(BaseModel):
+    """A dependency's run that this run was built from."""
+
+    kind: str = Field(description="StyleBoard, StyleLoRA or LoRAFusion.")
+    name: str = Field(description="Its name.")
+    runHash: str = Field(description="Its run when this run was planned.")
+
+
 class CommonStatus(BaseModel):
     """Status fields every kind has; the operator owns all of them except `progress`."""
 
@@ -162,6 +170,10 @@ class CommonStatus(BaseModel):
     artifactURI: str | None = Field(default=None, description="Where the current run writes its artifacts.")
     startTime: str | None = Field(default=None, description="When the current run's Job started.")
     completionTime: str | None = Field(default=None, description="When the current run's Job finished.")
+    inputs: list[RunInput] = Field(
+        default_factory=list,
+        description="The dependencies' runs this run was built from; SourcesCurrent turns False when one changes.",
+    )
     queue: QueueStatus | None = Field(
         default=None, description="Kueue's view of the current run (where Kueue manages its Job)."
     )

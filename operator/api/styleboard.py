@@ -19,6 +19,18 @@ from .common import (
 
 IMAGE_SOURCE_PATTERN = r"^(https://[^\s/]+/\S*|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/\S+|gs://[a-z0-9][a-z0-9._-]{1,220}/\S+|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/\S+)$"
 
+# Hosts no fetch may reach, whatever the admin's fetchAllowedCIDRs: this machine (localhost, 127/8, ::1, 0.0.0.0) and
+# link-local addresses (169.254/16 and fe80::/10, the cloud metadata service among them), also inside IPv4-mapped IPv6
+# and after a user@. Names that resolve there are refused by the prepare Job's fetch (it checks every address).
+NEVER_FETCHED_HOST = (
+    r"(?i)^https://([^/@]*@)?(localhost|[^/:@]*\\.localhost|127\\.[0-9.]+|0\\.0\\.0\\.0|169\\.254\\.[0-9.]+"
+    r"|\\[(::1?|(0+:){7}0*1|::ffff:(127|0|169\\.254)\\.[^\\]]*|fe[89ab][0-9a-f]:[^\\]]*)\\])([:/]|$)"
+)
+NEVER_FETCHED_MESSAGE = (
+    "the source's host is this machine or a link-local address (the cloud metadata service among them): "
+    "such a source is never fetched"
+)
+
 
 class ReferenceImage(Model):
     """One reference image and, optionally, its content caption."""
@@ -31,7 +43,8 @@ class ReferenceImage(Model):
                     "!self.source.matches('/[.][.](/|$)')",
                     "'..' path segments are not allowed: a source must stay inside its bucket or volume",
                     ".source",
-                )
+                ),
+                cel(f"!self.source.matches('{NEVER_FETCHED_HOST}')", NEVER_FETCHED_MESSAGE, ".source"),
             ]
         },
     )

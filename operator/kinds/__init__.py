@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Dependency, KindRuns, NotReady, check_dependencies
+from .base import Dependency, KindRuns, NotReady, changed_inputs, check_dependencies, find_cycle, inputs
 from .generationjob import GenerationJobRuns
 from .lorafusion import LoRAFusionRuns
 from .styleboard import StyleBoardRuns
@@ -12,4 +12,13 @@ KIND_RUNS: dict[str, KindRuns] = {
     runs.kind.kind: runs for runs in (StyleBoardRuns(), StyleLoRARuns(), GenerationJobRuns(), LoRAFusionRuns())
 }
 
-__all__ = ["KIND_RUNS", "Dependency", "KindRuns", "NotReady", "check_dependencies"]
+__all__ = [
+    "KIND_RUNS",
+    "Dependency",
+    "KindRuns",
+    "NotReady",
+    "changed_inputs",
+    "check_dependencies",
+    "find_cycle",
+    "inputs",
+]

@@ -9,7 +9,7 @@ spec, a dependency's output) starts a new run, and nothing else does.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
@@ -65,6 +65,58 @@ def check_dependencies(deps: list[Dependency], observed: Dependencies) -> None:
                 f"{dep.kind}Without{dep.output[0].upper()}{dep.output[1:]}",
                 f"{dep.kind} {dep.name} succeeded without a {dep.output}: {why}".strip(),
             )
+
+
+def find_cycle(
+    start: tuple[str, str], dependencies_of: Callable[[tuple[str, str]], list[Dependency]]
+) -> list[tuple[str, str]] | None:
+    """The first dependency cycle through `start` ([start, ..., start]), or None. `dependencies_of` answers for any
+    object in the namespace (an empty list for one that is missing or invalid)."""
+    path: list[tuple[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+
+    def visit(node: tuple[str, str]) -> list[tuple[str, str]] | None:
+        if node == start and path:
+            return [*path, start]
+        if node in seen:
+            return None
+        seen.add(node)
+        path.append(node)
+        for dep in dependencies_of(node):
+            if (found := visit((dep.kind, dep.name))) is not None:
+                return found
+        path.pop()
+        return None
+
+    return visit(start)
+
+
+def inputs(deps: list[Dependency], observed: Dependencies) -> list[dict[str, str]]:
+    """What a run is built from: each dependency's kind, name and run (its runHash), for `status.inputs`."""
+    return [
+        {
+            "kind": dep.kind,
+            "name": dep.name,
+            "runHash": str(((observed.get((dep.kind, dep.name)) or {}).get("status") or {}).get("runHash") or ""),
+        }
+        for dep in deps
+    ]
+
+
+def changed_inputs(recorded: Any, observed: Dependencies) -> list[str]:
+    """Which of the inputs a finished run recorded have changed since: retrained, re-prepared or deleted."""
+    changed = []
+    for item in recorded if isinstance(recorded, list) else []:
+        obj = observed.get((item.get("kind"), item.get("name")))
+        if obj is None:
+            changed.append(f"{item.get('kind')} {item.get('name')} was deleted")
+            continue
+        now = (obj.get("status") or {}).get("runHash") or ""
+        if now != item.get("runHash"):
+            changed.append(
+                f"{item.get('kind')} {item.get('name')} has a new run ({item.get('runHash')} -> {now or 'none yet'})"
+            )
+    return changed
 
 
 def status_fields(model: BaseModel) -> Fields:

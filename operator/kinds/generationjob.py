@@ -44,13 +44,15 @@ class GenerationJobRuns(KindRuns):
         styles = [lora_style(ref, deps) for ref in spec.loras]
         mode, reason = decide_prompt_mode(spec.textPipeline, styles)
         width, height, steps, warnings = capped_render(spec, cfg)
+        prompts, count, capped = capped_images(spec, cfg)
+        warnings += capped
         if spec.textPipeline == "on":
             off = [style.label for style in styles if style.text_pipeline is False]
             warnings += [f"textPipeline is on although the training plan of {label} turns it off" for label in off]
         work = GenerateSpec(
             model_path=model_path(cfg, spec.model.name),
             loras=lora_inputs(spec.loras, deps, cfg),
-            prompts=tuple(spec.prompts),
+            prompts=prompts,
             negative_prompt=spec.negativePrompt,
             prompt_mode=mode,
             prompt_mode_reason=reason,
@@ -62,7 +64,7 @@ class GenerationJobRuns(KindRuns):
             height=height,
             steps=steps,
             guidance=spec.guidance,
-            seeds=tuple(spec.seed + i for i in range(spec.count)),
+            seeds=tuple(spec.seed + i for i in range(count)),
             warnings=tuple(warnings),
         )
         secrets = []
@@ -123,6 +125,21 @@ class GenerationJobRuns(KindRuns):
             progressText=f"{total}/{total} images",
         )
         return status_fields(outcome)
+
+
+def capped_images(spec: GenerationJobSpec, cfg: OperatorConfig) -> tuple[tuple[str, ...], int, list[str]]:
+    """(prompts, images per prompt) within the operator's generationLimits.maxImages, and a warning when capped:
+    fewer seeds per prompt first, so every prompt is still rendered; then the first prompts only."""
+    cap, prompts, count = cfg.generationLimits.maxImages, tuple(spec.prompts), spec.count
+    if not cap or len(prompts) * count <= cap:
+        return prompts, count, []
+    kept = prompts[:cap]
+    per_prompt = max(1, cap // len(kept))
+    warning = (
+        f"images capped at {len(kept) * per_prompt} ({len(kept)} prompts x {per_prompt}; asked {len(prompts)} x "
+        f"{count} = {len(prompts) * count}) by the operator's generationLimits"
+    )
+    return kept, per_prompt, [warning]
 
 
 def capped_render(spec: GenerationJobSpec, cfg: OperatorConfig) -> tuple[int, int, int, list[str]]:

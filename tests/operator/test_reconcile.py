@@ -737,6 +737,7 @@ def test_a_finished_fusion_shows_its_lora_rank_energy_and_duration():
     # A new spec starts a new run: the old run's numbers go.
     changed = with_status(fusion(rank=8), first)
     changed["status"].update(status)
+    changed["metadata"]["generation"] = 2  # the API server bumps it with the spec
     fresh = step(changed, deps=FUSION_DEPS).status
     assert (fresh["loraURI"], fresh["rank"], fresh["energyKept"], fresh["durationSeconds"]) == (None,) * 4
 

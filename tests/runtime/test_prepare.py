@@ -187,7 +187,13 @@ def test_a_board_that_can_never_succeed_exits_2_so_the_job_does_not_retry(
     kube_api.serve_status(STATUS_PATH)
     tiny = put(rootfs, "/boards/tiny.png", encode(picture(1, (32, 32))))
     assert main(write_spec(rootfs, board((tiny, None)))) == 2  # the podFailurePolicy's FailJob exit code
-    # A fetch failure might pass on a retry: that run exits 1 (see the test above).
+    # A fetch failure might pass on a retry (a missing file: see the test above): that run exits 1. An address the
+    # fetch policy refuses never will: the cloud metadata service, the pod's own loopback.
+    refused = board(("https://169.254.169.254/latest/meta-data/a.png", None), ("https://[::1]:8443/b.png", None))
+    assert main(write_spec(rootfs, refused)) == 2
+    finished = kube_api.patches[-1].json()["status"]["progress"]  # type: ignore[index]
+    assert [r["retryable"] for r in finished["result"]["rejected"]] == [False, False]
+    assert "link-local" in finished["result"]["rejected"][0]["reason"]
 
 
 def test_a_failure_midway_leaves_no_partial_output(
