@@ -208,7 +208,8 @@ def apply(
     previous = next((owned(e) for e in entries if e.get("manager") == manager and e.get("operation") == "Apply"), set())
     others = {p for e in entries if e.get("manager") != manager and not e.get("subresource") for p in owned(e)}
     result = copy.deepcopy(dict(current or {}))
-    for path in sorted(previous - mine - others, key=len, reverse=True):
+    # Whole list-map items first (found by their keys while intact), then fields, deepest first.
+    for path in sorted(previous - mine - others, key=lambda p: (p[-1] != ".", -len(p))):
         _remove(result, path)
     result = _merge_config(result, config, list_types, ())
     taken = {path for _, path in conflicts}  # forced: theirs no more; equal values stay shared

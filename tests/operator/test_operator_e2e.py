@@ -338,3 +338,31 @@ async def test_a_jobs_completion_reaches_status_at_once_without_a_resync(root: P
         board = await cluster.wait_for(phase_is(cluster, "styleboards", "bd9", "Succeeded"), timeout=5, interval=0.02)
         assert time.monotonic() - seen < 1.0
         assert board["status"]["jobName"] == job["metadata"]["name"]
+
+
+async def test_fusions_naming_each_other_stall_and_a_missing_reference_warns(root: Path):
+    def fusion(name: str, other: str) -> dict:
+        sources = [{"kind": "LoRAFusion", "name": other}, {"name": "ink-lora"}]
+        return {
+            "apiVersion": "kleinstyle.dev/v1alpha1",
+            "kind": "LoRAFusion",
+            "metadata": {"name": name},
+            "spec": {"sources": sources},
+        }
+
+    async with cluster_for(root, NS) as cluster:
+        await cluster.apply([fusion("a", "b"), fusion("b", "a")])
+        for name, chain in (
+            ("a", "LoRAFusion a -> LoRAFusion b -> LoRAFusion a"),
+            ("b", "LoRAFusion b -> LoRAFusion a"),
+        ):
+            stalled = await cluster.wait_for(phase_is(cluster, "lorafusions", name, "Waiting"), timeout=30)
+            conds = {c["type"]: c for c in stalled["status"]["conditions"]}
+            assert conds["Ready"]["reason"] == "DependencyCycle" and chain in stalled["status"]["message"]
+            assert conds["Stalled"]["status"] == "True"
+        await cluster.apply([GENERATION])  # its LoRA does not exist
+        waiting = await cluster.wait_for(phase_is(cluster, "generationjobs", "bd9-samples", "Waiting"), timeout=30)
+        warning = next(c for c in waiting["status"]["conditions"] if c["type"] == "Warning")
+        assert warning["status"] == "True" and "StyleLoRA bd9-lora does not exist" in warning["message"]
+        events = [e for e in cluster.emulator.list("events", NS) if e["involvedObject"]["name"] == "bd9-samples"]
+        assert [e["type"] for e in events] == ["Warning"]
