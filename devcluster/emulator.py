@@ -1,10 +1,11 @@
-"""A Kubernetes API emulator on a loopback port: kmock serves HTTP and discovery, `ObjectStore` keeps the objects.
+"""A Kubernetes API emulator on a loopback port: kmock serves HTTP, `ObjectStore` keeps the objects.
 
-kmock's `KubernetesScaffold` answers discovery (`/api`, `/apis`, `/apis/GROUP/VERSION`) from its `resources` table and
-logs every request; its stateful `KubernetesEmulator` lacks what the operator relies on
-(docs/facts.md#kubernetes-and-kmock), so resource URLs are routed to `ObjectStore` instead: CRUD with real metadata
-rules, PUT, `/status`, selectors, finalizers, garbage collection, admission, and watches that resume from a
-resourceVersion and send bookmarks.
+kmock's `KubernetesScaffold` logs every request; its discovery and its stateful `KubernetesEmulator` lack what the
+operator and kubectl rely on (docs/facts.md#kubernetes-and-kmock), so discovery (`discovery.py`), the OpenAPI
+documents (`openapi.py`) and resource URLs are answered here: CRUD on `ObjectStore` with real metadata rules, PUT,
+`/status`, selectors, finalizers, garbage collection, admission, server-side apply, watches that resume from a
+resourceVersion and send bookmarks (JSON lines), Tables for kubectl (`tables.py`), kubectl's protobuf bodies
+(`protobuf.py`) and pod logs (`pod_logs.py`).
 
 The server runs in its own thread with its own event loop. Code that blocks the caller's loop (a synchronous
 `kubernetes` client call inside an `async def` kopf handler) then stalls only itself instead of deadlocking
