@@ -119,6 +119,8 @@ class ApiServer(kmock.KubernetesScaffold):
     _tick: asyncio.Future[None] | None = attrs.field(default=None, init=False)
     _loop: asyncio.AbstractEventLoop | None = attrs.field(default=None, init=False)
     _discovery_revision: int = attrs.field(default=-1, init=False)
+    _openapi_revision: int = attrs.field(default=-1, init=False)
+    _openapi_docs: dict[str, Any] = attrs.field(factory=dict, init=False)
 
     async def __aenter__(self) -> ApiServer:
         self._loop = asyncio.get_running_loop()
@@ -277,13 +279,23 @@ class ApiServer(kmock.KubernetesScaffold):
         raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
 
     def _openapi(self, path: str) -> dict[str, Any] | None:
+        """An OpenAPI document, built once per set of served kinds (kubectl asks for the root on every apply)."""
+        if self._openapi_revision != self.store.kinds.revision:
+            self._openapi_docs.clear()
+            self._openapi_revision = self.store.kinds.revision
+        if path not in self._openapi_docs:
+            self._openapi_docs[path] = self._build_openapi(path)
+        return self._openapi_docs[path]
+
+    def _build_openapi(self, path: str) -> dict[str, Any] | None:
         kinds = list(self.store.kinds)
         crd_kind = self.store.kinds.get(CRD_GROUP, "v1", CRD_PLURAL)
         crds = self.store.list(crd_kind)[0] if crd_kind is not None else []
         if path == "/openapi/v2":
             return openapi.v2(kinds, crds)
         if path == "/openapi/v3":
-            return openapi.v3_root(kinds, crds)
+            docs = {gv: self._openapi(f"/openapi/v3/{gv}") for gv in openapi.group_versions(kinds)}
+            return openapi.v3_root({gv: doc for gv, doc in docs.items() if doc is not None})
         if path.startswith("/openapi/v3/"):
             return openapi.v3_group_version(path.removeprefix("/openapi/v3/"), kinds, crds)
         return None

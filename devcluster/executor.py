@@ -30,6 +30,7 @@ from typing import Any
 
 import aiohttp
 
+from .builtin import JOB_NAME_LABELS, JOB_UID_LABELS
 from .client import KubeClient
 from .errors import ApiError
 from .pod_setup import PodSetupError, PreparedContainer, prepare_container
@@ -39,8 +40,6 @@ logger = logging.getLogger(__name__)
 
 JOBS = "batch/v1/jobs"
 PODS = "v1/pods"
-JOB_NAME_LABELS = ("job-name", "batch.kubernetes.io/job-name")
-CONTROLLER_UID_LABELS = ("controller-uid", "batch.kubernetes.io/controller-uid")
 INTERRUPTED = "ExecutorRestarted"
 MAX_MESSAGE_BYTES = 4096  # the kubelet's limit on a termination message
 
@@ -227,9 +226,7 @@ class Executor:
 
     async def _drive_job(self, job: dict[str, Any]) -> bool:
         meta, spec = job["metadata"], job["spec"]
-        pods = await self.client.list(
-            PODS, meta["namespace"], label_selector=f"{CONTROLLER_UID_LABELS[1]}={meta['uid']}"
-        )
+        pods = await self.client.list(PODS, meta["namespace"], label_selector=f"{JOB_UID_LABELS[0]}={meta['uid']}")
         failed = 0
         for pod in pods:
             phase = _phase(pod)
@@ -323,7 +320,7 @@ class Executor:
 
     async def _suspend(self, job: dict[str, Any]) -> None:
         meta = job["metadata"]
-        selector = f"{CONTROLLER_UID_LABELS[1]}={meta['uid']}"
+        selector = f"{JOB_UID_LABELS[0]}={meta['uid']}"
         for pod in await self.client.list(PODS, meta["namespace"], label_selector=selector):
             if _phase(pod) in ("Pending", "Running"):
                 await self.client.delete(PODS, meta["namespace"], pod["metadata"]["name"])
@@ -358,7 +355,7 @@ class Executor:
         template_meta = template.get("metadata") or {}
         labels = dict(template_meta.get("labels") or {})
         labels.update({key: meta["name"] for key in JOB_NAME_LABELS})
-        labels.update({key: meta["uid"] for key in CONTROLLER_UID_LABELS})
+        labels.update({key: meta["uid"] for key in JOB_UID_LABELS})
         owner = {
             "apiVersion": "batch/v1",
             "kind": "Job",

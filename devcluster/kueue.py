@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from kleinstyle.operator.kueue import GROUP, JOB_UID_LABEL, QUEUE_LABEL, VERSIONS
+
 from .client import KubeClient
 from .executor import now_rfc3339
 
-GROUP = "kueue.x-k8s.io"
-VERSION = "v1beta2"
-QUEUE_LABEL = f"{GROUP}/queue-name"
-JOB_UID_LABEL = f"{GROUP}/job-uid"
+VERSION = VERSIONS[0]
 NO_QUOTA = "couldn't assign flavors to pod set main: insufficient unused quota for nvidia.com/gpu in flavor h200"
 
 WORKLOAD_CRD: dict[str, Any] = {

@@ -163,14 +163,16 @@ def v3_group_version(path: str, kinds: list[ResourceKind], crds: list[Mapping[st
     }
 
 
-def v3_root(kinds: list[ResourceKind], crds: list[Mapping[str, Any]]) -> dict[str, Any]:
-    """`/openapi/v3`: each group version and where its document is (with a hash clients cache by)."""
-    out = {}
-    for path in dict.fromkeys(gv_path(k) for k in kinds):
-        doc = v3_group_version(path, kinds, crds)
-        assert doc is not None
-        out[path] = {"serverRelativeURL": f"/openapi/v3/{path}?hash={_hash(doc)}"}
-    return {"paths": out}
+def group_versions(kinds: list[ResourceKind]) -> list[str]:
+    """Every served group version as an OpenAPI v3 path (`api/v1`, `apis/G/V`)."""
+    return list(dict.fromkeys(gv_path(k) for k in kinds))
+
+
+def v3_root(docs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """`/openapi/v3`: where each group version's document is, with a hash clients cache it by."""
+    return {
+        "paths": {path: {"serverRelativeURL": f"/openapi/v3/{path}?hash={_hash(doc)}"} for path, doc in docs.items()}
+    }
 
 
 def v2(kinds: list[ResourceKind], crds: list[Mapping[str, Any]]) -> dict[str, Any]:

@@ -58,6 +58,8 @@ SCHEMAS: dict[str, dict[int, tuple[str, str]]] = {
     },
     "LocalObjectReference": {1: ("name", "str")},
 }
+# The object kinds (the messages with metadata), as opposed to the messages inside them.
+KINDS = frozenset(name for name, schema in SCHEMAS.items() if any(f == "metadata" for f, _ in schema.values()))
 
 
 def _varint(data: bytes, i: int) -> tuple[int, int]:
@@ -134,11 +136,8 @@ def decode(body: bytes) -> dict[str, Any]:
     envelope = message("Unknown", body[len(MAGIC) :])
     type_meta = envelope.get("typeMeta") or {}
     kind = type_meta.get("kind", "")
-    if kind not in SCHEMAS or "metadata" not in {field for field, _ in SCHEMAS[kind].values()}:
+    if kind not in KINDS:
         raise ApiError(
-            415, "UnsupportedMediaType", f"the dev cluster reads protobuf bodies of {sorted(_KINDS)} only, not {kind}"
+            415, "UnsupportedMediaType", f"the dev cluster reads protobuf bodies of {sorted(KINDS)} only, not {kind}"
         )
     return {"apiVersion": type_meta.get("apiVersion", "v1"), "kind": kind, **message(kind, envelope.get("raw", b""))}
-
-
-_KINDS = [name for name, schema in SCHEMAS.items() if any(f == "metadata" for f, _ in schema.values())]

@@ -49,11 +49,15 @@ def human_duration(seconds: float) -> str:
     return f"{days // 365}y"
 
 
+def _time(timestamp: str) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+
+
 def age(timestamp: Any) -> str:
     if not isinstance(timestamp, str) or not timestamp:
         return "<unknown>"
     try:
-        then = datetime.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+        then = _time(timestamp)
     except ValueError:
         return "<invalid>"
     return human_duration((datetime.datetime.now(datetime.UTC) - then).total_seconds())
@@ -135,8 +139,7 @@ def _job_duration(job: Mapping[str, Any]) -> str:
     end = status.get("completionTime")
     if not end:
         return age(start)
-    parse = datetime.datetime.fromisoformat
-    return human_duration((parse(end.replace("Z", "+00:00")) - parse(start.replace("Z", "+00:00"))).total_seconds())
+    return human_duration((_time(end) - _time(start)).total_seconds())
 
 
 def _event_object(event: Mapping[str, Any]) -> str:
@@ -202,9 +205,7 @@ def _printer_cell(column: Mapping[str, Any]) -> Cell:
 
     def cell(obj: Mapping[str, Any]) -> Any:
         value = json_path(obj, path)
-        if kind == "date":
-            return age(value) if value else "<unknown>"
-        return value if value is not None else None
+        return (age(value) if value else "<unknown>") if kind == "date" else value
 
     return cell
 

@@ -35,3 +35,17 @@ def merge_conditions(
             entry["observedGeneration"] = generation
         merged[cond.type] = entry
     return list(merged.values())
+
+
+def condition(obj: Mapping[str, Any] | None, type_: str) -> Mapping[str, Any] | None:
+    """The condition of `type_` in an object's `status.conditions` (a Job's, a Workload's, ours), or None."""
+    for cond in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if cond.get("type") == type_:
+            return cond
+    return None
+
+
+def true_condition(obj: Mapping[str, Any] | None, type_: str) -> Mapping[str, Any] | None:
+    """The condition of `type_` when it is True, or None."""
+    cond = condition(obj, type_)
+    return cond if cond is not None and cond.get("status") == "True" else None

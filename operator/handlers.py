@@ -39,22 +39,15 @@ from .kinds import KIND_RUNS, Dependency, NotReady, check_dependencies, find_cyc
 from .kinds.base import owner_of
 from .kube import PLURALS, Kube
 from .naming import OWNER_UID, selector
-from .reconcile import Decision, Observed, blocked, foreign_child, job_failed, reconcile
+from .reconcile import Decision, Observed, blocked, foreign_child, job_failed, reconcile, settled
 
 CHILD_KINDS = ("ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Job")
 WORKLOADS_INDEX = "kueue_workloads"
-TERMINAL = ("Succeeded", "Failed")
 ERROR_BACKOFF_S = 5.0  # after an API refusal or a bug: try again this soon, not at the next slow resync
 
 
 def now_rfc3339() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def settled(body: Any) -> bool:
-    """Finished for the current generation: nothing to do until the spec changes."""
-    status = body.get("status") or {}
-    return status.get("phase") in TERMINAL and status.get("observedGeneration") == body["metadata"].get("generation")
 
 
 @dataclass

@@ -12,23 +12,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from .conditions import condition, true_condition
+
 GROUP = "kueue.x-k8s.io"
 VERSIONS = ("v1beta2", "v1beta1")  # newest first: the first one the cluster serves is watched
 JOB_UID_LABEL = f"{GROUP}/job-uid"
+# Ready reasons of a run whose Job Kueue holds suspended (no pod runs): `suspended_phase` gives these.
+QUEUE_REASONS = frozenset({"Queued", "QuotaReserved", "Admitted", "Preempted", "Evicted"})
 QUEUE_LABEL = f"{GROUP}/queue-name"
 PRIORITY_LABEL = f"{GROUP}/priority-class"
-
-
-def _condition(obj: Mapping[str, Any] | None, type_: str) -> Mapping[str, Any] | None:
-    for cond in ((obj or {}).get("status") or {}).get("conditions") or []:
-        if cond.get("type") == type_:
-            return cond
-    return None
-
-
-def _true(obj: Mapping[str, Any] | None, type_: str) -> Mapping[str, Any] | None:
-    cond = _condition(obj, type_)
-    return cond if cond is not None and cond.get("status") == "True" else None
 
 
 def _cluster_queue(workload: Mapping[str, Any]) -> str | None:
@@ -42,13 +34,13 @@ def _flavors(workload: Mapping[str, Any]) -> list[str]:
 
 def state(workload: Mapping[str, Any]) -> str:
     """Pending, QuotaReserved, Admitted, Evicted (and not readmitted yet) or Finished."""
-    if _true(workload, "Finished"):
+    if true_condition(workload, "Finished"):
         return "Finished"
-    if _true(workload, "Admitted"):
+    if true_condition(workload, "Admitted"):
         return "Admitted"
-    if _true(workload, "QuotaReserved"):
+    if true_condition(workload, "QuotaReserved"):
         return "QuotaReserved"
-    return "Evicted" if _true(workload, "Evicted") else "Pending"
+    return "Evicted" if true_condition(workload, "Evicted") else "Pending"
 
 
 def queue_status(workload: Mapping[str, Any], old: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -56,15 +48,15 @@ def queue_status(workload: Mapping[str, Any], old: Mapping[str, Any] | None) -> 
     old = old if isinstance(old, Mapping) and old.get("workload") == workload["metadata"]["name"] else {}
     current = state(workload)
     shown = {
-        "Pending": _condition(workload, "QuotaReserved"),
-        "QuotaReserved": _condition(workload, "Admitted"),
-        "Admitted": _condition(workload, "Admitted"),
-        "Evicted": _condition(workload, "Evicted"),
-        "Finished": _condition(workload, "Finished"),
+        "Pending": condition(workload, "QuotaReserved"),
+        "QuotaReserved": condition(workload, "Admitted"),
+        "Admitted": condition(workload, "Admitted"),
+        "Evicted": condition(workload, "Evicted"),
+        "Finished": condition(workload, "Finished"),
     }[current] or {}
     evictions = int(old.get("requeueCount") or 0)
     last_time, last_reason = old.get("lastEvictionTime"), old.get("lastEvictionReason")
-    evicted = _true(workload, "Evicted")
+    evicted = true_condition(workload, "Evicted")
     if evicted is not None and evicted.get("lastTransitionTime") != last_time:
         evictions += 1
         last_time, last_reason = evicted.get("lastTransitionTime"), _eviction_reason(workload)
@@ -85,8 +77,8 @@ def queue_status(workload: Mapping[str, Any], old: Mapping[str, Any] | None) -> 
 
 def _eviction_reason(workload: Mapping[str, Any]) -> str:
     """'Preempted (InClusterQueue): message' from the Evicted and Preempted conditions."""
-    evicted = _condition(workload, "Evicted") or {}
-    preempted = _true(workload, "Preempted")
+    evicted = condition(workload, "Evicted") or {}
+    preempted = true_condition(workload, "Preempted")
     reason = evicted.get("reason") or "Evicted"
     if preempted is not None and preempted.get("reason"):
         reason = f"{reason} ({preempted['reason']})"
@@ -103,7 +95,7 @@ def suspended_phase(
     current = state(workload)
     cluster_queue = _cluster_queue(workload) or "-"
     if current == "Evicted":
-        evicted = _condition(workload, "Evicted") or {}
+        evicted = condition(workload, "Evicted") or {}
         reason = "Preempted" if evicted.get("reason") == "Preempted" else "Evicted"
         count = (queue or {}).get("requeueCount") or 1
         return reason, (
@@ -111,10 +103,10 @@ def suspended_phase(
             f"{queue_name or '-'} (eviction {count}), its next pod resumes from the last checkpoint"
         )
     if current == "QuotaReserved":
-        waiting = (_condition(workload, "Admitted") or {}).get("message")
+        waiting = (condition(workload, "Admitted") or {}).get("message")
         detail = f": {waiting}" if waiting else ""
         return "QuotaReserved", f"Job {job_name} has quota in ClusterQueue {cluster_queue}; admission checks{detail}"
     if current == "Admitted":
         return "Admitted", f"Job {job_name} was admitted to ClusterQueue {cluster_queue} and is starting"
-    why = (_condition(workload, "QuotaReserved") or {}).get("message") or "waiting for quota"
+    why = (condition(workload, "QuotaReserved") or {}).get("message") or "waiting for quota"
     return "Queued", f"Job {job_name} is queued in {queue_name or '-'}: {why}"

@@ -25,13 +25,14 @@ from pydantic import ValidationError
 from . import kueue
 from .api.common import field_errors
 from .children import build_children
-from .conditions import Condition, merge_conditions
+from .conditions import Condition, condition, merge_conditions, true_condition
 from .config import OperatorConfig
 from .kinds import KIND_RUNS, KindRuns, NotReady, changed_inputs, check_dependencies, inputs
 from .naming import RUN_HASH
 
 RUN_CHILD_KINDS = ("Job", "ConfigMap")
 RUNNER_KINDS = ("ServiceAccount", "Role", "RoleBinding")
+TERMINAL = ("Succeeded", "Failed")
 
 
 @dataclass(frozen=True)
@@ -69,15 +70,8 @@ def _key(obj: Mapping[str, Any]) -> tuple[str, str]:
     return obj["kind"], obj["metadata"]["name"]
 
 
-def _job_condition(job: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
-    for cond in (job.get("status") or {}).get("conditions") or []:
-        if cond.get("type") == type_ and cond.get("status") == "True":
-            return cond
-    return None
-
-
 def job_failed(job: Mapping[str, Any]) -> bool:
-    return _job_condition(job, "Failed") is not None
+    return true_condition(job, "Failed") is not None
 
 
 def pod_failure_reason(pods: Sequence[Mapping[str, Any]]) -> str | None:
@@ -109,9 +103,9 @@ def job_phase(
     if job is None:
         return "Pending", "JobCreated", f"Job {name} is waiting for a pod"
     status = job.get("status") or {}
-    if _job_condition(job, "Complete") or _job_condition(job, "SuccessCriteriaMet"):
+    if true_condition(job, "Complete") or true_condition(job, "SuccessCriteriaMet"):
         return "Succeeded", "JobComplete", f"Job {name} completed"
-    failed = _job_condition(job, "Failed")
+    failed = true_condition(job, "Failed")
     if failed:
         detail = pod_failure_reason(pods) or failed.get("message") or "no reason given"
         return "Failed", failed.get("reason") or "JobFailed", f"Job {name} failed ({failed.get('reason')}): {detail}"
@@ -213,7 +207,7 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
     if report is not None and report.progress is not None:
         fields.update(kind_run.live(report.progress, run))  # live step, loss, ETA; a result overrides them
     result = report.result if report is not None else None
-    if result is not None and phase in ("Succeeded", "Failed"):
+    if result is not None and phase in TERMINAL:
         # Counts and reasons come from the run; where the artifacts are comes from the RunSpec, never the pod.
         fields.update(kind_run.result(result, run))
         warnings += result.warnings
@@ -221,7 +215,7 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
         phase, reason, message = "Running", "AwaitingResult", f"Job {run.name} completed; waiting for its result"
     conds.append(warning_condition(warnings))
     conds.append(Condition("Ready", "True" if phase == "Succeeded" else "False", reason, message))
-    if phase in ("Succeeded", "Failed"):
+    if phase in TERMINAL:
         # The run is over: its ServiceAccount may no longer write this object's status (a new run makes another).
         create = [c for c in create if c["kind"] not in RUNNER_KINDS]
         delete += [c for c in observed.children if c["kind"] in RUNNER_KINDS]
@@ -232,14 +226,15 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
     return Decision(create=create, delete=delete, status=decision.status, events=events)
 
 
-def finished(body: Mapping[str, Any]) -> bool:
-    """The current generation's run has finished: it is kept as it is, whatever its inputs do since."""
+def settled(body: Mapping[str, Any]) -> bool:
+    """Succeeded or Failed for the current generation: nothing to do until the spec changes."""
     status = body.get("status") or {}
-    return (
-        status.get("phase") in ("Succeeded", "Failed")
-        and status.get("observedGeneration") == body["metadata"].get("generation")
-        and bool(status.get("runHash"))
-    )
+    return status.get("phase") in TERMINAL and status.get("observedGeneration") == body["metadata"].get("generation")
+
+
+def finished(body: Mapping[str, Any]) -> bool:
+    """Settled with a run (not refused before one): it is kept as it is, whatever its inputs do since."""
+    return settled(body) and bool((body.get("status") or {}).get("runHash"))
 
 
 def kept(body: Mapping[str, Any], observed: Observed, now: str) -> Decision:
@@ -253,9 +248,9 @@ def kept(body: Mapping[str, Any], observed: Observed, now: str) -> Decision:
         source = Condition("SourcesCurrent", "False", "SourceChanged", message)
     else:
         source = Condition("SourcesCurrent", "True", "Unchanged", "every input is still the run this one used")
-    ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+    ready = condition(body, "Ready") or {}
     decision = _decided(body, now, status["phase"], ready.get("reason", ""), status.get("message", ""), [source])
-    before = next((c for c in status.get("conditions") or [] if c.get("type") == "SourcesCurrent"), {})
+    before = condition(body, "SourcesCurrent") or {}
     events = [Event("Normal", "SourceChanged", source.message)] if changed and before.get("status") != "False" else []
     delete = [
         child

@@ -14,11 +14,10 @@ from typing import Any
 
 from kleinstyle.contract.early_stop import stop_cause
 
+from .conditions import condition
+from .kueue import QUEUE_REASONS
 from .naming import NODE_POOL
-
-TERMINAL = ("Succeeded", "Failed")
-# Ready reasons of a run whose Job is suspended by Kueue (no pod runs).
-SUSPENDED = frozenset({"Queued", "QuotaReserved", "Admitted", "Preempted", "Evicted"})
+from .reconcile import TERMINAL
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,7 @@ def _seconds(start: Any, end: datetime | None) -> float | None:
 
 
 def ready_reason(status: Mapping[str, Any]) -> str:
-    return next((c.get("reason", "") for c in status.get("conditions") or [] if c.get("type") == "Ready"), "")
+    return (condition({"status": status}, "Ready") or {}).get("reason", "")
 
 
 def gpus_of(job: Mapping[str, Any] | None) -> tuple[int, str]:
@@ -71,7 +70,7 @@ def _running(status: Mapping[str, Any]) -> bool:
     return (
         bool(status.get("startTime"))
         and status.get("phase") in ("Pending", "Running")
-        and (ready_reason(status) not in SUSPENDED)
+        and (ready_reason(status) not in QUEUE_REASONS)
     )
 
 
@@ -83,7 +82,7 @@ def gpu_seconds(change: Change) -> tuple[float, str] | None:
             after.get("phase") in TERMINAL
             or not change.same_run
             or after.get("startTime") != before.get("startTime")
-            or ready_reason(after) in SUSPENDED
+            or ready_reason(after) in QUEUE_REASONS
         )
         if not stopped:
             return None
@@ -95,7 +94,7 @@ def gpu_seconds(change: Change) -> tuple[float, str] | None:
     end = change.now
     if change.same_run and after.get("completionTime"):
         end = parse_time(after["completionTime"]) or end
-    elif ready_reason(after) in SUSPENDED:
+    elif ready_reason(after) in QUEUE_REASONS:
         end = parse_time((after.get("queue") or {}).get("lastEvictionTime")) or end
     gpus, pool = gpus_of(change.job(status))
     seconds = _seconds(start, end)
@@ -176,7 +175,7 @@ def training(change: Change) -> dict[str, float] | None:
 def queued_since(change: Change) -> float | None:
     """Unix time since when the run has waited for Kueue (its Job's creation or last eviction); None when not."""
     after = change.after
-    if ready_reason(after) not in SUSPENDED:
+    if ready_reason(after) not in QUEUE_REASONS:
         return None
     job = change.job(after)
     since = parse_time((after.get("queue") or {}).get("lastEvictionTime")) or parse_time(

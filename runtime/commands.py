@@ -52,13 +52,19 @@ def _train(args: argparse.Namespace) -> int:
 
         return main(args.spec)
     needed = (("--model", args.model), ("--data", args.data), ("--trigger", args.trigger), ("-o", args.output))
-    missing = [flag for flag, value in needed if not value]
-    if missing:
-        print(f"kleinstyle train: {', '.join(missing)} required (or --spec RUNSPEC)", file=sys.stderr)
+    if _missing("train", needed):
         return 2
     from .train import cli
 
     return cli(args)
+
+
+def _missing(command: str, needed: tuple[tuple[str, object], ...]) -> bool:
+    """Say which flags a run on this machine lacks (none are needed with --spec); True when some are missing."""
+    missing = [flag for flag, value in needed if not value]
+    if missing:
+        print(f"kleinstyle {command}: {', '.join(missing)} required (or --spec RUNSPEC)", file=sys.stderr)
+    return bool(missing)
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
@@ -88,9 +94,7 @@ def _generate(args: argparse.Namespace) -> int:
 
         return main(args.spec)
     needed = (("--model", args.model), ("--prompt", args.prompt), ("-o", args.output))
-    missing = [flag for flag, value in needed if not value]
-    if missing:
-        print(f"kleinstyle generate: {', '.join(missing)} required (or --spec RUNSPEC)", file=sys.stderr)
+    if _missing("generate", needed):
         return 2
     from .generate import cli
 
