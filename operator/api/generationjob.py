@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .common import (
     ARTIFACT_POLICY_DESCRIPTION,
@@ -16,9 +16,14 @@ from .common import (
     ModelSelection,
     Scheduling,
     SecretKeySelector,
+    cel,
 )
 
 Prompt = Annotated[str, Field(min_length=1, max_length=4000)]
+
+MAX_SEED = 2**32 - 1
+# Image i renders with seed + i, so the last seed, not only the first, must fit the renderer's 32-bit generator.
+LAST_SEED_RULE = f"spec.seed + spec.count - 1 must be at most {MAX_SEED}: image i of a prompt renders with seed + i"
 
 
 class LoRAReference(Model):
@@ -53,6 +58,14 @@ class Reformulation(Model):
 class GenerationJobSpec(Model):
     """Prompts to render with FLUX.2 [klein] and the given LoRAs."""
 
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        json_schema_extra={
+            "x-kubernetes-validations": [cel(f"self.seed + self.count - 1 <= {MAX_SEED}", LAST_SEED_RULE, ".seed")]
+        },
+    )
+
     loras: list[LoRAReference] = Field(
         description="LoRAs to apply, 1 to 8; each must be Succeeded first, and named once.",
         min_length=1,
@@ -74,11 +87,19 @@ class GenerationJobSpec(Model):
     height: int = Field(default=2048, ge=256, le=2048, multiple_of=16, description="Height: 256-2048, multiple of 16.")
     steps: int = Field(default=50, ge=1, le=200, description="Inference steps, 1 to 200 (Base models: 50).")
     guidance: float = Field(default=4.0, ge=0, le=30, description="CFG guidance scale (Base models: 4.0).")
-    seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Seed of the first image; image i uses seed + i.")
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seed of the first image; image i uses seed + i.")
     count: int = Field(default=1, ge=1, le=16, description="Images per prompt, 1 to 16.")
     model: ModelSelection = Field(default_factory=ModelSelection, description="Base model.")
     scheduling: Scheduling = Field(default_factory=Scheduling, description="Queue, priority and node pool.")
     artifactPolicy: ArtifactPolicy = Field(default="Retain", description=ARTIFACT_POLICY_DESCRIPTION)
+
+    @model_validator(mode="after")
+    def _last_seed_fits(self) -> GenerationJobSpec:
+        """The CRD's CEL rule, again for a spec that reached the operator without it (an older CRD): refused as an
+        invalid spec rather than rendered with seeds the renderer cannot take."""
+        if self.seed + self.count - 1 > MAX_SEED:
+            raise ValueError(LAST_SEED_RULE)
+        return self
 
 
 class GeneratedImage(BaseModel):
