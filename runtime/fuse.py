@@ -95,7 +95,7 @@ def fuse_files(
     writing overlaps the arithmetic) and the file renamed into place whole; (result, summary). BadInput for
     anything a retry cannot fix."""
     from .klein.lora_format import COMPONENT_PREFIX
-    from .klein.lora_fuse import FusionError, Source, fuse
+    from .klein.lora_fuse import FusionError, Source, WeightsCancel, fuse
     from .klein.lora_io import IncompatibleLoras
     from .klein.tensorfile import SafetensorsWriter
 
@@ -122,6 +122,9 @@ def fuse_files(
                 dtype=DTYPES[dtype] if dtype else None,
                 on_layer=write,
             )
+        except WeightsCancel as exc:
+            where = "spec.sources[].weight of the LoRAFusion, or PATH:WEIGHT for kleinstyle fuse"
+            raise BadInput(f"{exc}; change the weights ({where})") from exc
         except (IncompatibleLoras, FusionError) as exc:
             raise BadInput(str(exc)) from exc
         summary = describe(fused, loras, inputs, time.perf_counter() - started)

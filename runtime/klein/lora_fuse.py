@@ -41,6 +41,8 @@ A static LoRA cannot follow t, and N style LoRAs have no content/style roles: th
 average over the schedule would only be a constant factor on one LoRA's score, which is what a weight is.
 Invariants (tested): input order does not matter, weight 0 equals leaving the LoRA out, and rescaling a LoRA's
 factors (c B, A / c) changes nothing; scaling a LoRA's whole update does not change which layers it wins.
+Weights that cancel (the sum holds under CANCELLED of its terms' energy, estimated per layer from a few random
+probes) are refused before anything is fused: the result would be an all-zero LoRA reported as keeping everything.
 """
 
 from __future__ import annotations
@@ -69,10 +71,17 @@ A_DROP = 1e-13  # eigenvalues of A A^T (float64) below this fraction of the larg
 M_DROP = 1e-12  # squared singular values below this fraction of the largest are numerically zero
 TRIM = 0.1  # gamma's trimmed mean drops this fraction of layers at each end
 TILE_ELEMENTS = 1 << 22  # dense entries per tile in K-LoRA's top-K pass
+CANCELLED = 1e-6  # a weighted sum holding less than this fraction of its terms' energy: the weights cancel
+PROBES = 8  # random vectors that estimate a layer's energy before fusing
 
 
 class FusionError(ValueError):
     """Fusion settings that cannot work (no input left, a negative K-LoRA priority, a bad rank or energy)."""
+
+
+class WeightsCancel(FusionError):
+    """The weighted sum is (numerically) zero: same-content LoRAs at opposite weights, or sources summing to zero.
+    Fusing would write an all-zero LoRA whose every layer "keeps all its energy", and it would change nothing."""
 
 
 @dataclass(frozen=True)
@@ -171,9 +180,14 @@ def fuse(
     else:
         coefficients = {m: {s.lora.label: s.weight for s in active if m in s.lora.layers} for m in modules}
 
-    def one(module: str) -> FusedLayer:
+    def parts_of(module: str) -> list[tuple[Factors, float]]:
         parts = [(s.lora.layers[module], coefficients[module][s.lora.label]) for s in active if module in s.lora.layers]
-        parts = [(f, c) for f, c in parts if c != 0]
+        return [(f, c) for f, c in parts if c != 0]
+
+    _refuse_cancelling(active, parallel_map(lambda module: weighted_energy(parts_of(module)), modules))
+
+    def one(module: str) -> FusedLayer:
+        parts = parts_of(module)
         layer = (
             concat_layer(parts, out_dtype) if method == "concat" else lowrank_layer(parts, target, energy, out_dtype)
         )
@@ -182,6 +196,35 @@ def fuse(
 
     layers = dict(zip(modules, parallel_map(one, modules, on_done=on_layer), strict=True))
     return Fused(method, layers, selection if method == "klora" else None, partial, compat.base)
+
+
+def weighted_energy(parts: Sequence[tuple[Factors, float]], probes: int = PROBES) -> tuple[float, float]:
+    """Estimates of ||sum_i c_i dW_i||^2 and sum_i ||c_i dW_i||^2 for one layer, from random Gaussian vectors x
+    (E ||M x||^2 = ||M||_F^2): thin products only, so every layer is checked before any is fused. Exactly
+    cancelling terms give exactly cancelling probes, up to float32 rounding (about 1e-14 of the terms' energy)."""
+    if not parts:
+        return 0.0, 0.0
+    x = np.random.default_rng(0).standard_normal((parts[0][0].shape[1], probes)).astype(np.float32)
+    total = np.zeros((parts[0][0].shape[0], probes))
+    separate = 0.0
+    for f, c in parts:
+        y = (f.B.float32() @ (f.A.float32() @ x)).astype(np.float64) * (c * f.scale)
+        separate += float(np.square(y).sum())
+        total += y
+    return float(np.square(total).sum()) / probes, separate / probes
+
+
+def _refuse_cancelling(active: Sequence[Source], energies: Sequence[tuple[float, float]]) -> None:
+    """WeightsCancel (FusionError) when the fused update would be all zeros: nothing to write, nothing it does."""
+    total, separate = sum(e[0] for e in energies), sum(e[1] for e in energies)
+    if separate == 0:
+        raise FusionError("every input's update is zero (untrained LoRAs?): the fusion would change nothing")
+    if total <= CANCELLED * separate:
+        weights = ", ".join(f"{s.lora.label} {s.weight:g}" for s in active)
+        raise WeightsCancel(
+            f"the weights cancel: the weighted sum of the inputs keeps {total / separate:.1e} of their energy, "
+            f"an all-zero LoRA that would change nothing (weights: {weights})"
+        )
 
 
 def _common_dtype(sources: Sequence[Source]) -> str:

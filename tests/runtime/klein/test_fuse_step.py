@@ -135,6 +135,19 @@ def test_loras_that_do_not_fit_are_refused_naming_the_key(tmp_path: Path, capsys
     assert "missing.safetensors: no such LoRA file" in capsys.readouterr().err
 
 
+def test_weights_that_cancel_exit_2_naming_the_weights(tmp_path: Path, capsys):
+    """The same LoRA at +1 and -1 fuses to all zeros: refused, never written as a LoRA that keeps 100% energy."""
+    a = write_lora(tmp_path / "a.safetensors", 1)
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(a.read_bytes())
+    for method in ("svd", "concat"):
+        assert cli(["fuse", "--method", method, "-o", str(tmp_path / "out.safetensors"), str(a), f"{copy}:-1"]) == 2
+        printed = capsys.readouterr()
+        assert "the weights cancel" in printed.err and f"{copy} -1" in printed.err and "spec.sources" in printed.err
+        assert "energy kept" not in printed.out
+        assert not (tmp_path / "out.safetensors").exists()
+
+
 def test_parse_input_reads_a_weight_only_after_the_last_colon():
     assert fuse.parse_input("a.safetensors") == fuse.Input("a.safetensors", 1.0)
     assert fuse.parse_input("a.safetensors:0.25") == fuse.Input("a.safetensors", 0.25)
@@ -215,5 +228,19 @@ def test_a_job_whose_sources_do_not_fit_fails_at_once_with_exit_2(rootfs: Path, 
     assert cli(["fuse", "--spec", spec]) == 2
     message = (rootfs / "dev/termination-log").read_text()
     assert message == "bad input: /artifacts/gone/lora.safetensors: no such LoRA file"
+    assert kube_api.patches[-1].json()["status"]["progress"]["state"] == "Failed"  # type: ignore[index]
+    assert not (rootfs / OUTPUT.lstrip("/")).exists()
+
+
+def test_a_job_whose_weights_cancel_fails_at_once_with_exit_2(rootfs: Path, kube_api: KubeApi):
+    kube_api.serve_status(OWNER_PATH + "/status")
+    sources = [
+        (f"/artifacts/team-a/stylelora/{name}/lora.safetensors", weight) for name, weight in (("a", 0.5), ("b", -0.5))
+    ]
+    for uri, _ in sources:
+        write_lora(rootfs / uri.lstrip("/"), 1)  # the same content twice
+    assert cli(["fuse", "--spec", write_spec(rootfs, sources, method="svd")]) == 2
+    message = (rootfs / "dev/termination-log").read_text()
+    assert message.startswith("bad input: the weights cancel") and "spec.sources" in message
     assert kube_api.patches[-1].json()["status"]["progress"]["state"] == "Failed"  # type: ignore[index]
     assert not (rootfs / OUTPUT.lstrip("/")).exists()

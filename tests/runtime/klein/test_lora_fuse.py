@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from kleinstyle.runtime.klein.lora_fuse import FusionError, Source, fuse, topk_abs_sum
+from kleinstyle.runtime.klein.lora_fuse import FusionError, Source, WeightsCancel, fuse, topk_abs_sum
 from kleinstyle.runtime.klein.lora_io import Factors, IncompatibleLoras, LoraFile
 from kleinstyle.runtime.klein.tensorfile import Stored
 
@@ -148,6 +148,41 @@ def test_bad_settings_and_incompatible_inputs_are_refused():
     other = lora("d", 4, 4, shapes={"transformer_blocks.0.attn.to_q": (48, 41)})
     with pytest.raises(IncompatibleLoras, match=r"d: transformer\.transformer_blocks\.0\.attn\.to_q\.lora_A\.weight"):
         fuse([*SOURCES, Source(other)], "svd")
+
+
+def _refactored(source: LoraFile, label: str, factor: float = 1.0) -> LoraFile:
+    """The same update as `source` times `factor`, stored as different factors (2 A, factor B / 2)."""
+    layers = {m: factors(2 * f.A.float32(), factor * f.B.float32() / 2, f.scale) for m, f in source.layers.items()}
+    return LoraFile(label, layers, {}, "test")
+
+
+@pytest.mark.parametrize(
+    ("method", "weights", "selection"),
+    [("concat", (1.0, -1.0, 0.0), "hard"), ("svd", (0.5, 0.5, 1.0), "hard"), ("klora", (1.0, 0.0, 1.0), "soft")],
+)
+def test_weights_that_cancel_are_refused_instead_of_fusing_to_zero(method: str, weights: tuple, selection: str):
+    """The same content at opposite weights, or three copies summing to zero (minus-a is -a): all zeros."""
+    a = lora("a", 4, 1)
+    copies = [a, _refactored(a, "a-again"), _refactored(a, "minus-a", -1.0)]
+    sources = [Source(x, w) for x, w in zip(copies, weights, strict=True)]
+    with pytest.raises(WeightsCancel, match="the weights cancel"):
+        fuse(sources, method, selection=selection)
+
+
+def test_weights_that_only_nearly_cancel_still_fuse():
+    a, b = lora("a", 4, 1), lora("b", 4, 2)
+    sources = [Source(a), Source(_refactored(a, "a-again"), -1.0), Source(b, 0.01)]
+    fused = fuse(sources, "svd", rank=4)
+    for module in SHAPES:
+        assert relative(delta(fused, module), weighted_sum(sources, module)) < 1e-3
+
+
+def test_inputs_that_change_nothing_are_refused():
+    zero = LoraFile(
+        "zero", {m: factors(f.A.float32(), 0 * f.B.float32()) for m, f in lora("z", 4, 1).layers.items()}, {}, "t"
+    )
+    with pytest.raises(FusionError, match="every input's update is zero"):
+        fuse([Source(zero), Source(LoraFile("zero-too", zero.layers, {}, "t"))], "svd")
 
 
 # ---- K-LoRA -----------------------------------------------------------------------------------------------------
