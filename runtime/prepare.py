@@ -105,7 +105,9 @@ def caption_warnings(trigger: str, accepted: Sequence[AcceptedImage]) -> list[st
     def named(items: list[AcceptedImage], detail: bool = True) -> str:
         return ", ".join(f"{a.file} ({a.caption_note})" if detail and a.caption_note else a.file for a in items)
 
-    styled = [a for a in accepted if a.caption_origin == "given" and a.style_words]
+    given = [a for a in accepted if a.caption_origin == "given"]
+    styled = [a for a in given if set(a.style_words) - {trigger.lower()}]
+    repeating = [a for a in given if trigger.lower() in a.style_words]
     cleaned = [a for a in accepted if a.caption_origin == "cleaned"]
     bare = [a for a in accepted if a.caption_origin == "trigger-only"]
     warnings = []
@@ -113,6 +115,12 @@ def caption_warnings(trigger: str, accepted: Sequence[AcceptedImage]) -> list[st
         warnings.append(
             f"{_count(styled, 'given caption describes', 'given captions describe')} how the image looks, not what "
             f"it shows: {named(styled)}; the LoRA learns less of the style from them"
+        )
+    if repeating:
+        warnings.append(
+            f"{_count(repeating, 'given caption names', 'given captions name')} the trigger word '{trigger}' in its "
+            f"text as well as in front: {named(repeating, detail=False)}; the trigger word then also stands for what "
+            "it names there, not only the style"
         )
     if cleaned:
         warnings.append(

@@ -6,6 +6,8 @@ caption, the provider's and the user's, goes through the style-descriptor check 
 - a provider's caption that describes style is asked for again, naming the offending words; if the second still
   does, the words are cut out (`clean_caption`) and the outcome says so;
 - a caption the user wrote is kept as written (it is their dataset) and flagged with the words it should lose.
+The trigger word counts as such a word inside the text (after the one in front): "bd9style. a bd9style house" ties
+the style token to houses, so it is flagged, asked again for and cut out like a style descriptor.
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ CAPTION_REQUEST = "Caption this image."
 RECAPTION_NOTE = (
     "Your caption described how the image looks with: {words}. Caption the same image again, naming only what it "
     "depicts and none of those words."
+)
+RECAPTION_TRIGGER_NOTE = (
+    "Your caption used the word {trigger}, which the training adds by itself. Caption the same image again without "
+    "that word."
 )
 
 Origin = CaptionOrigin  # where a caption came from, as StyleBoard status shows it
@@ -85,11 +91,32 @@ def without_trigger(text: str, trigger: str) -> str:
     return line
 
 
+def flagged_words(text: str, trigger: str) -> list[str]:
+    """The style words of a caption's text (the trigger word in front taken off), the trigger word among them when
+    the text repeats it."""
+    return style_words(without_trigger(text, trigger), (trigger,))
+
+
+def _problems(words: Sequence[str], trigger: str) -> tuple[list[str], bool]:
+    """(the style descriptors proper, whether the trigger word is among `words`)."""
+    return [w for w in words if w != trigger.lower()], trigger.lower() in words
+
+
 def check_given(text: str, trigger: str) -> Caption:
-    """A caption the user wrote: kept as written (trigger added), flagged with any style words in it."""
-    words = style_words(without_trigger(text, trigger))
-    note = f"describes style: {', '.join(words)}" if words else ""
-    return Caption(with_trigger(text, trigger), "given", tuple(words), note)
+    """A caption the user wrote: kept as written (trigger added), flagged with any style words in it and with the
+    trigger word when its text repeats it."""
+    words = flagged_words(text, trigger)
+    style, repeats = _problems(words, trigger)
+    notes = [f"describes style: {', '.join(style)}"] if style else []
+    notes += [f"names the trigger word {trigger} in its text"] if repeats else []
+    return Caption(with_trigger(text, trigger), "given", tuple(words), "; ".join(notes))
+
+
+def _recaption_note(words: Sequence[str], trigger: str) -> str:
+    style, repeats = _problems(words, trigger)
+    notes = [RECAPTION_NOTE.format(words=", ".join(style))] if style else []
+    notes += [RECAPTION_TRIGGER_NOTE.format(trigger=trigger)] if repeats else []
+    return " ".join(notes)
 
 
 def caption_prompt(image: ImagePart) -> Prompt:
@@ -108,16 +135,16 @@ def generate_caption(client: TextClient, image: ImagePart, trigger: str, what: s
     then cleaned if it still describes style. Raises TextError when the provider gives no usable answer."""
     prompt = caption_prompt(image)
     first = without_trigger(client.ask("caption", CAPTION_PROMPT_VERSION, prompt, CaptionAnswer, what).caption, trigger)
-    words = style_words(first)
+    words = flagged_words(first, trigger)
     if not words:
         return Caption(with_trigger(first, trigger), "generated")
     log.info("%s: the caption describes style (%s); asking again", what, ", ".join(words))
-    again = prompt.with_note(RECAPTION_NOTE.format(words=", ".join(words)))
+    again = prompt.with_note(_recaption_note(words, trigger))
     second = without_trigger(client.ask("caption", CAPTION_PROMPT_VERSION, again, CaptionAnswer, what).caption, trigger)
-    still = style_words(second)
+    still = flagged_words(second, trigger)
     if not still:
         return Caption(with_trigger(second, trigger), "regenerated", tuple(words), f"asked again: {', '.join(words)}")
-    cleaned = clean_caption(second)
+    cleaned = clean_caption(second, (trigger,))
     removed = tuple(dict.fromkeys([*words, *still]))
     if not cleaned:
         return Caption(trigger, "trigger-only", removed, f"nothing but style words twice ({', '.join(still)})")

@@ -81,36 +81,44 @@ class StyleTerm:
     end: int
 
 
+TRIGGER_CATEGORY = "trigger word"
+
+
 @cache
-def _pattern() -> re.Pattern[str]:
-    """One alternation over the whole vocabulary, longest phrases first so "film grain" wins over "grain"."""
-    phrases = sorted({p for items in STYLE_VOCABULARY.values() for p in items}, key=len, reverse=True)
+def _pattern(extra: tuple[str, ...] = ()) -> re.Pattern[str]:
+    """One alternation over the whole vocabulary and `extra`, longest phrases first so "film grain" wins over
+    "grain"."""
+    phrases = sorted({p for items in STYLE_VOCABULARY.values() for p in items} | set(extra), key=len, reverse=True)
     alternatives = "|".join(r"[\s-]+".join(map(re.escape, phrase.split())) for phrase in phrases)
     return re.compile(rf"(?<![\w-])(?:{alternatives})(?![\w-])", re.IGNORECASE)
 
 
 @cache
-def _category_of() -> dict[str, str]:
-    return {phrase: category for category, items in STYLE_VOCABULARY.items() for phrase in items}
+def _category_of(extra: tuple[str, ...] = ()) -> dict[str, str]:
+    vocabulary = {phrase: category for category, items in STYLE_VOCABULARY.items() for phrase in items}
+    return vocabulary | {_normal(phrase): TRIGGER_CATEGORY for phrase in extra}
 
 
 def _normal(text: str) -> str:
     return " ".join(re.split(r"[\s-]+", text.lower()))
 
 
-def style_terms(text: str) -> list[StyleTerm]:
-    """Every style descriptor in `text`, in order of appearance (overlaps resolved to the longest phrase)."""
-    categories = _category_of()
+def style_terms(text: str, triggers: tuple[str, ...] = ()) -> list[StyleTerm]:
+    """Every style descriptor in `text`, in order of appearance (overlaps resolved to the longest phrase).
+    `triggers` count as descriptors too (category "trigger word"): in a caption's text, after the trigger word in
+    front, a trigger word ties the style token to whatever it names there."""
+    categories = _category_of(triggers)
     return [
         StyleTerm(match.group(0), categories[_normal(match.group(0))], match.start(), match.end())
-        for match in _pattern().finditer(text)
+        for match in _pattern(triggers).finditer(text)
     ]
 
 
-def style_words(text: str) -> list[str]:
-    """The distinct style descriptors of `text` as written (lower case), for messages and status."""
+def style_words(text: str, triggers: tuple[str, ...] = ()) -> list[str]:
+    """The distinct style descriptors of `text` (and `triggers` in it) as written (lower case), for messages and
+    status."""
     seen: dict[str, None] = {}
-    for term in style_terms(text):
+    for term in style_terms(text, triggers):
         seen.setdefault(term.text.lower(), None)
     return list(seen)
 
@@ -133,20 +141,21 @@ def _bare(word: str) -> str:
     return re.sub(r"[^\w]", "", word.lower())
 
 
-def clean_caption(text: str) -> str:
-    """`text` without its style descriptors: clauses made only of style words go, other clauses lose just the
-    descriptors, and words left dangling at a clause's end ("under", "with a") go with them.
+def clean_caption(text: str, triggers: tuple[str, ...] = ()) -> str:
+    """`text` without its style descriptors (and `triggers`): clauses made only of style words go, other clauses
+    lose just the descriptors, and words left dangling at a clause's end ("under", "with a") go with them.
 
     The last resort after a re-ask failed; the result keeps every content word of the original.
     """
+    pattern = _pattern(triggers)
     clauses = re.split(r"(\s*[,;]\s*|\.\s+|\s+-\s+)", text.strip())
     kept: list[str] = []
     for index in range(0, len(clauses), 2):
         clause = clauses[index]
         separator = clauses[index + 1] if index + 1 < len(clauses) else ""
-        if style_terms(clause):
-            while style_terms(clause):  # a cut can join words into a new phrase ("soft golden-hour light")
-                clause = _pattern().sub(" ", clause)
+        if pattern.search(clause):
+            while pattern.search(clause):  # a cut can join words into a new phrase ("soft golden-hour light")
+                clause = pattern.sub(" ", clause)
             clause = _ORPHANED_OF.sub("", clause)  # "a watercolor painting of a fox" -> "a fox"
             words = clause.split()
             while words and (_bare(words[-1]) in _DANGLING or not _bare(words[-1])):

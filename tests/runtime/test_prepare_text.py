@@ -86,6 +86,21 @@ def test_images_without_captions_are_captioned_and_the_profile_extracted(
     assert report["style_profile"] == PROFILE_DOC
 
 
+def test_given_captions_naming_the_trigger_word_are_flagged(rootfs: Path, picture, encode) -> None:
+    """The trigger word "ink" in a caption's text ties the style token to ink bottles: listed like style words."""
+    spec = board(rootfs, picture, encode, "an ink bottle on a desk", "a boat on a lake")
+    result = run_prepare(spec, retry=FAST)  # no key: the given captions are used
+
+    assert [(a.caption, a.style_words) for a in result.accepted] == [
+        ("ink. an ink bottle on a desk", ["ink"]),
+        ("ink. a boat on a lake", []),
+    ]
+    assert result.accepted[0].caption_note == "names the trigger word ink in its text"
+    (warning,) = [w for w in result.warnings if "trigger word" in w]
+    assert warning.startswith("1 given caption names the trigger word 'ink' in its text as well as in front: 001.png;")
+    assert not any("how the image looks" in w for w in result.warnings)
+
+
 def test_fallback_mode_captions_every_image_and_keeps_given_ones_without_a_key(
     rootfs: Path, gemini_server: ModelServer, monkeypatch: pytest.MonkeyPatch, picture, encode
 ) -> None:

@@ -106,6 +106,34 @@ def test_user_captions_are_kept_and_flagged() -> None:
     assert check_given("bd9style, a fox", TRIGGER).style_words == ()
 
 
+def test_user_captions_naming_the_trigger_word_in_their_text_are_flagged() -> None:
+    flagged = check_given("bd9style. a bd9style house by a lake", TRIGGER)
+    assert flagged.text == "bd9style. a bd9style house by a lake"  # kept as written
+    assert (flagged.origin, flagged.style_words) == ("given", ("bd9style",))
+    assert flagged.note == "names the trigger word bd9style in its text"
+    both = check_given("a watercolor Bd9style house", TRIGGER)
+    assert both.style_words == ("watercolor", "bd9style")
+    assert both.note == "describes style: watercolor; names the trigger word bd9style in its text"
+    assert check_given("bd9style, a house by a lake", TRIGGER).style_words == ()
+
+
+def test_a_caption_naming_the_trigger_word_is_asked_again(gemini_server: ModelServer, clients: Clients) -> None:
+    gemini_server.respond = captions_by_turn(gemini_server, "A bd9style house by a lake", "A house by a lake")
+    caption = generate_caption(clients(gemini_server), image(1), TRIGGER, "001.png")
+    assert caption.text == "bd9style. A house by a lake"
+    assert caption.origin == "regenerated" and caption.style_words == ("bd9style",)
+    _first, second = gemini_server.calls("caption")
+    assert "used the word bd9style" in second.text and "described how the image looks" not in second.text
+
+
+def test_a_caption_still_naming_the_trigger_word_loses_it(gemini_server: ModelServer, clients: Clients) -> None:
+    gemini_server.respond = captions_by_turn(gemini_server, "A bd9style house, moody", "A bd9style house by a lake")
+    caption = generate_caption(clients(gemini_server), image(1), TRIGGER, "001.png")
+    assert caption.text == "bd9style. A house by a lake"
+    assert caption.origin == "cleaned" and caption.note == "removed: bd9style"
+    assert caption.style_words == ("bd9style", "moody")
+
+
 def test_one_failing_image_does_not_lose_the_others(gemini_server: ModelServer, clients: Clients) -> None:
     images = {f"00{i}.png": image(i) for i in range(1, 5)}
     blocked_image = images["003.png"]
