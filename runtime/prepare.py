@@ -10,6 +10,9 @@ Policy, decided here:
   `near_duplicate_distance`) are kept and listed with a warning: at that distance dHash also matches deliberate
   variations of one composition, which a user may well want; a copy only weighs its picture more in training.
 - Images are taken in the order given until `max_images` are accepted; later ones are not even fetched.
+- Training buckets stop at 4:1 (`klein.dataset.MAX_ASPECT`); a wider image is centre-cropped to it. An image that
+  would lose some of itself is kept with a warning saying how much; one that would lose more than half is rejected
+  with its ratio and the limit (`aspect_check`).
 - A caption always starts with the trigger word (`"{trigger}. "` is put in front when missing) and says what the
   image depicts, never how it looks (text/captions.py). With a provider and its key, images without a caption (or
   every image, with `given_captions: fallback`) are captioned by the provider; a caption the user wrote is kept and
@@ -40,6 +43,7 @@ from kleinstyle.contract.runspec import PrepareSpec, RunSpec
 from .artifacts import ArtifactDir, artifact_metadata, join_uri, published_metadata, read_json
 from .fetch import FetchError, fetch
 from .images import ImageRejected, ValidImage, hamming, validate_image
+from .klein.dataset import MAX_ASPECT
 from .step import Outcome, Reporter, run_step
 from .text.captions import (
     Caption,
@@ -71,6 +75,32 @@ def caption_source(given: str | None, mode: str, has_provider: bool) -> CaptionS
     if given and given.strip() and (mode == "use" or not has_provider):
         return "given"
     return "provider" if has_provider else "none"
+
+
+# The least of an image that training may keep after cropping it to MAX_ASPECT; below this it is rejected.
+MIN_KEPT_BY_CROP = 0.5
+
+
+def aspect_check(width: int, height: int) -> tuple[str | None, str | None]:
+    """(why the image is rejected, what a warning should say) for its aspect ratio; (None, None) when it fits.
+
+    Buckets (ours and ai-toolkit's) stop at MAX_ASPECT, so a wider image trains on its centre only. A style LoRA
+    learns from the whole composition: a reference a little wider loses its ends, which the user should hear of;
+    a panorama cropped to a sliver would train on a part nobody chose, so it is refused, naming the ratio and the
+    limit, for the user to crop or split it and so choose what the LoRA sees.
+    """
+    aspect = max(width / height, height / width)
+    if aspect <= MAX_ASPECT * (1 + 1e-9):
+        return None, None
+    kept = MAX_ASPECT / aspect
+    ratio = f"{width}x{height} is {aspect:.1f}:1 and training crops to at most {MAX_ASPECT:g}:1"
+    if kept < MIN_KEPT_BY_CROP:
+        return (
+            f"{ratio}, which would keep only {100 * kept:.1f}% of it (the centre); crop it or split it into images of "
+            f"at most {MAX_ASPECT:g}:1",
+            None,
+        )
+    return None, f"{ratio}: {100 * (1 - kept):.0f}% of it (the ends) is not trained on; crop it to choose what stays"
 
 
 @dataclass(frozen=True)
@@ -334,6 +364,11 @@ def _build_dataset(
             result.rejected.append(Rejection(source=item.shown, reason=f"unexpected error: {type(exc).__name__}"))
             continue
         del data
+        refused, cropped = aspect_check(image.width, image.height)
+        if refused:
+            log.info("image %d/%d rejected: %s: %s", position, total, item.shown, refused)
+            result.rejected.append(Rejection(source=item.shown, reason=refused))
+            continue
         stem = f"{len(kept) + 1:03d}"
         duplicate = find_duplicate(item.shown, image, kept, work.near_duplicate_distance, file=f"{stem}.png")
         if duplicate is not None and duplicate.kind == "exact":
@@ -348,6 +383,8 @@ def _build_dataset(
                 f"{stem}.png ({item.shown}) looks like a near copy of {duplicate.resembles_file} "
                 f"({duplicate.resembles}), distance {duplicate.distance}; remove one unless both are wanted."
             )
+        if cropped:
+            result.warnings.append(f"{stem}.png ({item.shown}) {cropped}.")
         kept.append(KeptImage(source=item.shown, file=f"{stem}.png", sha256=image.sha256, dhash=image.dhash))
         result.accepted.append(
             AcceptedImage(

@@ -17,7 +17,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-# Widest aspect ratio a bucket may have; more extreme images are cropped to it.
+# Widest aspect ratio a bucket may have; wider images are centre-cropped to it (prepare warns of that, and rejects
+# images that would lose more than half: runtime.prepare.aspect_check).
 MAX_ASPECT = 4.0
 
 

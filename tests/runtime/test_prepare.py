@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from kleinstyle.contract.runspec import ImageInput, Owner, PrepareSpec, RunSpec
 from kleinstyle.runtime import artifacts
-from kleinstyle.runtime.prepare import caption_for, main, run_prepare
+from kleinstyle.runtime.prepare import aspect_check, caption_for, main, run_prepare
 from kleinstyle.runtime.text.captions import starts_with_trigger
 from PIL import Image
 
@@ -72,6 +72,32 @@ def output_dir(rootfs: Path) -> Path:
 def test_caption_for(caption: str | None, expected: str, fell_back: bool) -> None:
     assert caption_for(TRIGGER, caption) == (expected, fell_back)
     assert starts_with_trigger(expected, TRIGGER)
+
+
+@pytest.mark.parametrize("size", [(131000, 512), (512, 131000)])
+def test_a_panorama_cropped_to_a_sliver_is_rejected_naming_the_ratio_and_the_limit(size: tuple[int, int]) -> None:
+    refused, warning = aspect_check(*size)
+    assert warning is None
+    assert refused is not None and refused.startswith(
+        f"{size[0]}x{size[1]} is 255.9:1 and training crops to at most 4:1, which would keep only 1.6% of it"
+    )
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        ((2048, 512), (None, None)),  # exactly the widest bucket
+        ((1024, 1024), (None, None)),
+        ((600, 100), (None, "600x100 is 6.0:1 and training crops to at most 4:1: 33% of it (the ends) is not trained")),
+        ((100, 800), (None, "100x800 is 8.0:1 and training crops to at most 4:1: 50% of it (the ends) is not trained")),
+    ],
+)
+def test_aspect_ratios_up_to_the_buckets_pass_and_a_little_wider_warn(
+    size: tuple[int, int], expected: tuple[str | None, str | None]
+) -> None:
+    refused, warning = aspect_check(*size)
+    assert refused is None
+    assert (warning or "").startswith(expected[1] or "") and (warning is None) == (expected[1] is None)
 
 
 # --- end to end --------------------------------------------------------------------------------------------------
@@ -240,6 +266,25 @@ def test_max_images_caps_in_order_without_fetching_the_rest(rootfs: Path, pictur
         ("/boards/never-fetched.png", "over the limit of 2 images")
     ]
     assert any("max_images" in w for w in result.warnings)
+
+
+def test_extreme_aspect_ratios_are_rejected_or_kept_with_a_warning(
+    rootfs: Path, picture: Picture, encode: Encode
+) -> None:
+    spec = board(
+        (put(rootfs, "/boards/panorama.png", encode(picture(1, (64 * 40, 64)))), None),
+        (put(rootfs, "/boards/wide.png", encode(picture(2, (64 * 6, 64)))), None),
+        (put(rootfs, "/boards/plain.png", encode(picture(3))), None),
+    )
+    result = run_prepare(spec)
+
+    assert [a.source for a in result.accepted] == ["/boards/wide.png", "/boards/plain.png"]
+    ((source, reason),) = [(r.source, r.reason) for r in result.rejected]
+    assert source == "/boards/panorama.png"
+    assert reason.startswith("2560x64 is 40.0:1 and training crops to at most 4:1, which would keep only 10.0%")
+    assert "001.png (/boards/wide.png) 384x64 is 6.0:1 and training crops to at most 4:1: 33% of it" in "".join(
+        result.warnings
+    )
 
 
 def test_a_retried_run_reports_the_published_output_again(rootfs: Path, picture: Picture, encode: Encode) -> None:
