@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import threading
 from collections.abc import Awaitable, Callable
+
+logger = logging.getLogger(__name__)
 
 OperatorFactory = Callable[[asyncio.Event], Awaitable[None]]
 
@@ -41,7 +44,8 @@ class OperatorThread:
             asyncio.run(self._run())
         except asyncio.CancelledError:  # cancelled by `stop` after its timeout
             self.result.set_result(None)
-        except BaseException as exc:  # the operator's crash, reported to whoever awaits `result`
+        except BaseException as exc:  # the operator's crash, reported to whoever awaits `result`, and logged now
+            logger.exception("the operator stopped with an error")
             self.result.set_exception(exc)
         else:
             self.result.set_result(None)

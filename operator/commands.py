@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Callable
+
+from .logs import FORMAT_ENV, FORMATS, LEVEL_ENV, LEVELS
 
 Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
@@ -21,12 +24,42 @@ def _operator_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--config", help="operator configuration file (default: $KLEINSTYLE_OPERATOR_CONFIG)")
     p.add_argument("--liveness", default="http://0.0.0.0:8081/healthz", help="liveness endpoint URL")
+    p.add_argument(
+        "--log-level",
+        type=_one_of(LEVELS, LEVEL_ENV),
+        default=os.environ.get(LEVEL_ENV, "INFO"),
+        metavar="{" + ",".join(LEVELS) + "}",
+        help=f"least severe records logged (default: ${LEVEL_ENV}, else INFO)",
+    )
+    p.add_argument(
+        "--log-format",
+        type=_one_of(FORMATS, FORMAT_ENV),
+        default=os.environ.get(FORMAT_ENV, "json"),
+        metavar="{" + ",".join(FORMATS) + "}",
+        help=f"one JSON object or one line of text per record, on stderr (default: ${FORMAT_ENV}, else json)",
+    )
+
+
+def _one_of(choices: tuple[str, ...], env: str) -> Callable[[str], str]:
+    """An argparse type accepting `choices` in any case. argparse converts a string default too, so a bad value in
+    `env` is refused as a bad flag would be, not found later."""
+    by_key = {choice.lower(): choice for choice in choices}
+
+    def parse(value: str) -> str:
+        try:
+            return by_key[value.lower()]
+        except KeyError:
+            raise argparse.ArgumentTypeError(f"{value!r} (or ${env}) is not one of {', '.join(choices)}") from None
+
+    return parse
 
 
 def _operator(args: argparse.Namespace) -> int:
+    from . import logs
     from .config import load_config
     from .main import run_operator
 
+    logs.setup(args.log_level, args.log_format)
     asyncio.run(run_operator(load_config(args.config), args.namespace, liveness_endpoint=args.liveness))
     return 0
 

@@ -14,6 +14,8 @@ from .config import OperatorConfig
 from .handlers import Wakers, register
 from .kube import Kube, load_client_config
 
+logger = logging.getLogger(__name__)
+
 
 def configure(settings: kopf.OperatorSettings) -> None:
     """Settings that must hold everywhere: kopf's bookkeeping in annotations, not in our structural status."""
@@ -23,6 +25,8 @@ def configure(settings: kopf.OperatorSettings) -> None:
     )
     settings.persistence.finalizer = "kleinstyle.dev/cleanup"
     settings.posting.level = logging.WARNING  # Our own Events say what matters; kopf's are noise to a user.
+    # Log lines stay log lines: a failure logged at every retry must not become an Event at every retry too.
+    settings.posting.loggers = False
     # Explicit namespaces need no namespace scanning, hence no cluster-wide permission to list namespaces.
     settings.scanning.disabled = True
     settings.networking.request_timeout = 30
@@ -36,7 +40,7 @@ async def workload_version(kube: Kube) -> str | None:
         group = await kube.request("GET", f"/apis/{kueue.GROUP}")
     except ApiException as exc:
         if exc.status == 404:
-            logging.getLogger(__name__).info("Kueue is not installed: no Workloads to mirror into status")
+            logger.info("Kueue is not installed: no Workloads to mirror into status")
             return None
         raise
     served = [v.get("version") for v in (group or {}).get("versions") or []]
@@ -61,7 +65,10 @@ async def run_operator(
     load_client_config()
     kube = kube or Kube()
     registry = kopf.OperatorRegistry()
-    register(registry, cfg, await workload_version(kube) if cfg.kueueWorkloads else None)
+    kueue_version = await workload_version(kube) if cfg.kueueWorkloads else None
+    register(registry, cfg, kueue_version)
+    watched = ", ".join(namespaces) or "the whole cluster"
+    logger.info(f"watching {watched}; Kueue Workloads: {kueue_version or 'not mirrored'}")
     settings = kopf.OperatorSettings()
     configure(settings)
     if tune is not None:
