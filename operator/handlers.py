@@ -44,6 +44,9 @@ from .reconcile import Decision, Observed, blocked, foreign_child, job_failed, r
 CHILD_KINDS = ("ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Job")
 WORKLOADS_INDEX = "kueue_workloads"
 ERROR_BACKOFF_S = 5.0  # after an API refusal or a bug: try again this soon, not at the next slow resync
+MAX_ERROR_BACKOFF_S = 300.0  # ... twice as long each time the same error repeats, up to this
+WARNING_INTERVAL_S = 600.0  # one Warning Event per object and reason this often at most, however often it fails
+ERROR_TEXT_LIMIT = 500  # characters of an exception's text in status and Events (the log has it all)
 
 
 def now_rfc3339() -> str:
@@ -64,6 +67,10 @@ class Wakers:
     # twice.
     written: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
     job_owner: dict[str, str] = field(default_factory=dict)  # a Job's uid -> its owner's uid (Workload events)
+    # Reconciles that failed, by uid: the last error and how many times in a row it came (each retry waits longer),
+    # and when a Warning Event of each reason was last posted (time.monotonic()).
+    failures: dict[str, tuple[str, int]] = field(default_factory=dict)
+    warned: dict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(dict))
 
     def event(self, uid: str) -> asyncio.Event:
         return self.events.setdefault(uid, asyncio.Event())
@@ -83,8 +90,28 @@ class Wakers:
             return dict(body)
         return {**body, "status": {**(body.get("status") or {}), **status}}
 
+    def failed(self, uid: str, error: str) -> float:
+        """Count a failed reconcile; the seconds until the next try: ERROR_BACKOFF_S, doubled each time the same
+        `error` comes again, up to MAX_ERROR_BACKOFF_S (a different error starts over)."""
+        last, times = self.failures.get(uid, ("", 0))
+        times = times + 1 if last == error else 1
+        self.failures[uid] = (error, times)
+        return min(ERROR_BACKOFF_S * 2 ** min(times - 1, 30), MAX_ERROR_BACKOFF_S)
+
+    def succeeded(self, uid: str) -> None:
+        self.failures.pop(uid, None)
+
+    def may_warn(self, uid: str, reason: str, now: float) -> bool:
+        """Whether a Warning Event with `reason` about `uid` may be posted at `now` (and, if so, that it was): one
+        per WARNING_INTERVAL_S, so a failure retried for hours is one Event every few minutes, not one per try."""
+        last = self.warned[uid].get(reason)
+        if last is not None and now - last < WARNING_INTERVAL_S:
+            return False
+        self.warned[uid][reason] = now
+        return True
+
     def forget(self, uid: str) -> None:
-        for table in (self.events, self.created, self.deleted, self.written):
+        for table in (self.events, self.created, self.deleted, self.written, self.failures, self.warned):
             table.pop(uid, None)
         for job_uid in [job for job, owner in self.job_owner.items() if owner == uid]:
             del self.job_owner[job_uid]
@@ -225,8 +252,8 @@ async def patch_status(kube: Kube, body: Any, desired: Mapping[str, Any], wakers
             wakers.written[meta["uid"]] = (str(version), {**before, **{key: desired[key] for key in changes}})
 
 
-async def reconcile_once(body: Any, memo: Any, logger: Any, indexes: Mapping[str, Any]) -> bool:
-    """One reconcile of `body`; False when it failed and should be retried soon."""
+async def reconcile_once(body: Any, memo: Any, logger: Any, indexes: Mapping[str, Any]) -> float | None:
+    """One reconcile of `body`; None when it succeeded, else the seconds until it should be tried again."""
     kind, meta = body["kind"], body["metadata"]
     cfg: OperatorConfig = memo.config
     kube: Kube = memo.kube
@@ -242,22 +269,37 @@ async def reconcile_once(body: Any, memo: Any, logger: Any, indexes: Mapping[str
         after = {**before, **decision.status}
         now = datetime.now(UTC)
         metrics.record(usage.Change(kind, meta["namespace"], meta["name"], before, after, jobs, now))
-        return True
+        memo.wakers.succeeded(meta["uid"])
+        return None
     except ApiException as exc:
-        # Refused by the API (quota, a policy webhook, RBAC): say so in status, try again soon.
+        # Refused by the API (quota, a policy webhook, RBAC): the API's message says why; no traceback needed.
         outcome = "error"
         message = f"the Kubernetes API refused a request: {exc.status} {exc.reason}: {_api_message(exc)}"
-        with contextlib.suppress(ApiException):
-            await patch_status(kube, body, blocked(body, "ApiError", message, now_rfc3339()).status, memo.wakers)
-        kopf.warn(body, reason="ApiError", message=message)
-        return False
-    except Exception:
+        logger.error(message)
+        return await report_failure(kube, body, memo.wakers, "ApiError", message)
+    except Exception as exc:
+        # A bug, or a configuration the code did not expect: the traceback goes to the log, the gist to the user.
         outcome = "error"
-        logger.exception("reconcile failed")
-        return False
+        message = (
+            f"reconcile failed: {type(exc).__name__}: {str(exc)[:ERROR_TEXT_LIMIT]} "
+            "(operator bug or configuration error; see the operator log)"
+        )
+        logger.exception(message)
+        return await report_failure(kube, body, memo.wakers, "ReconcileError", message)
     finally:
         metrics.RECONCILES.labels(kind, outcome).inc()
         metrics.RECONCILE_SECONDS.labels(kind).observe(time.perf_counter() - started)
+
+
+async def report_failure(kube: Kube, body: Any, wakers: Wakers, reason: str, message: str) -> float:
+    """Say why a reconcile failed where its user looks: Pending with `reason` in status (patched only when that
+    changes) and a Warning Event (one per WARNING_INTERVAL_S); the seconds until the next try."""
+    uid = body["metadata"]["uid"]
+    with contextlib.suppress(ApiException):  # the API may refuse this too: the log and the Event still say it
+        await patch_status(kube, body, blocked(body, reason, message, now_rfc3339()).status, wakers)
+    if wakers.may_warn(uid, reason, time.monotonic()):
+        kopf.warn(body, reason=reason, message=message)
+    return wakers.failed(uid, f"{reason}: {message}")
 
 
 async def run_resource(body: Any, memo: Any, logger: Any, stopped: Any, **indexes: Any) -> None:
@@ -269,8 +311,8 @@ async def run_resource(body: Any, memo: Any, logger: Any, stopped: Any, **indexe
     try:
         while not stopped:
             wake.clear()
-            ok = await reconcile_once(body, memo, logger, indexes)
-            timeout = ERROR_BACKOFF_S if not ok else None if settled(wakers.current(body)) else cfg.resyncSeconds
+            retry = await reconcile_once(body, memo, logger, indexes)
+            timeout = retry if retry is not None else None if settled(wakers.current(body)) else cfg.resyncSeconds
             await _sleep(wake, stopped, timeout)
     finally:
         wakers.forget(uid)
