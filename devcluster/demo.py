@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import logging
 import os
 import signal
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kleinstyle.contract.pod import PROVIDER_KEY_ENV, PROVIDER_URL_ENV
-from kleinstyle.operator import crdgen, metrics
+from kleinstyle.operator import crdgen, logs, metrics
 from kleinstyle.operator.api import GROUP, KINDS
 from kleinstyle.operator.config import (
     ArtifactStore,
@@ -119,10 +118,8 @@ async def embedded_operator(cfg: OperatorConfig, namespace: str, stop: asyncio.E
 def log_to(root: Path) -> None:
     """The operator's log goes to a file: the terminal shows the resources' story."""
     root.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(
-        filename=root / "operator.log", level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # The operator's own text format: each line about a resource names it (namespace/Kind/name).
+    logs.setup("INFO", "text", (root / "operator.log").open("a", encoding="utf-8"))
 
 
 def load_documents(paths: Iterable[str]) -> list[dict[str, Any]]:
