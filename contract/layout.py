@@ -50,6 +50,17 @@ def run_folder(owner: Owner, run_hash: str) -> str:
     return f"{owner_folder(owner)}/{run_hash[:RUN_ID_LENGTH]}"
 
 
+def namespace_folder(output_uri: str, owner: Owner) -> str | None:
+    """The folder of `owner`'s namespace in the artifact store that `output_uri` (a run's folder) lies in, e.g.
+    /artifacts/team-a or s3://bucket/prefix/team-a; None when `output_uri` does not follow the layout (then nothing
+    can be said to lie beside it)."""
+    parent, _, run = output_uri.rstrip("/").rpartition("/")
+    tail = f"/{owner_folder(owner)}"
+    if not run or not parent.endswith(tail) or not parent[: -len(tail)]:
+        return None
+    return f"{parent[: -len(tail)]}/{owner.namespace}"
+
+
 def image_file(name: str) -> str:
     """A GenerationJob's image, by the name `GenerateSpec.image_files` gives it."""
     return f"{IMAGES_DIR}/{name}.png"

@@ -6,7 +6,11 @@ The operator builds the Job from these names and the runtime reads them; one spe
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from typing import Literal
+
+from .layout import RUN_ID_LENGTH
 
 Step = Literal["prepare", "train", "generate", "fuse"]
 
@@ -19,9 +23,18 @@ AITOOLKIT_CONFIG_PATH = f"{RUNSPEC_DIR}/{AITOOLKIT_CONFIG_FILE}"
 # Kubernetes reads a container's last words from here (terminationMessagePath's default).
 TERMINATION_LOG = "/dev/termination-log"
 
-# Exit codes of every step. 2: input the run can never succeed on, so the Job's podFailurePolicy fails it at once
-# instead of retrying; 1: a failure a retry may fix (the next pod resumes where this one stopped).
-EXIT_OK, EXIT_FAILED, EXIT_BAD_SPEC = 0, 1, 2
+# Exit codes of every step. 2: input the run can never succeed on; 3: the artifacts volume (or the user's quota on
+# it) is full, which the next pod would only hit again after redoing the same work. The Job's podFailurePolicy fails
+# both at once instead of retrying; 1: a failure a retry may fix (the next pod resumes where this one stopped).
+EXIT_OK, EXIT_FAILED, EXIT_BAD_SPEC, EXIT_VOLUME_FULL = 0, 1, 2, 3
+NEVER_RETRIED = (EXIT_BAD_SPEC, EXIT_VOLUME_FULL)
+# The status reason of a run whose pod ended with one of these codes.
+FAILURE_REASONS = {EXIT_BAD_SPEC: "BadInput", EXIT_VOLUME_FULL: "VolumeFull"}
+
+
+def failure_reason(exit_code: int | None) -> str | None:
+    """The status reason a failed pod's exit code stands for (BadInput, VolumeFull); None for any other code."""
+    return FAILURE_REASONS.get(exit_code) if exit_code is not None else None
 
 
 def command(step: Step) -> list[str]:
@@ -48,3 +61,30 @@ GCS_CREDENTIALS_JSON_ENV = "GOOGLE_APPLICATION_CREDENTIALS_JSON"
 # which the process finds its pod paths (pods there are processes, their mounts symlinks in that folder).
 KUBE_API_ENV = "KLEINSTYLE_KUBE_API"
 ROOTFS_ENV = "KLEINSTYLE_ROOTFS"
+
+
+# A user stops a run by annotating its owner: `kleinstyle.dev/stop: "RUN_ID: reason"` (the reason may be left out).
+# An annotation, not a status field: a tenant sets it with ordinary edit rights, and nothing the pod acts on comes
+# from status, which the run's own ServiceAccount (and, in many clusters, the tenant) may write.
+# The value names the run it stops (`status.runHash`) so that a request made of one run never stops a later one: the
+# check needs no write by the operator when a new run starts, so no operator restart or race between "clear the
+# annotation" and "start the run" can leave a stale request standing, and a GitOps tool that re-applies it is
+# harmless.
+STOP_ANNOTATION = "kleinstyle.dev/stop"
+STOP_REASON_LIMIT = 200  # characters of the reason kept (it travels into status and the termination message)
+_STOP_VALUE = re.compile(rf"([0-9a-f]{{{RUN_ID_LENGTH}}})(?:\s*:\s*|\s+|$)(.*)", re.DOTALL)
+
+
+def parse_stop(value: str) -> tuple[str, str] | None:
+    """(run id, reason) of a stop annotation's value `RUN_ID[: reason]`; None when it does not begin with a run id."""
+    found = _STOP_VALUE.fullmatch(value.strip())
+    if found is None:
+        return None
+    return found.group(1), " ".join(found.group(2).split())[:STOP_REASON_LIMIT]
+
+
+def stop_request(annotations: Mapping[str, str] | None, run_id: str) -> str | None:
+    """The reason (possibly empty) of the stop `annotations` ask of run `run_id`; None when they ask none of it."""
+    value = (annotations or {}).get(STOP_ANNOTATION)
+    parsed = parse_stop(value) if isinstance(value, str) else None
+    return parsed[1] if parsed is not None and parsed[0] == run_id[:RUN_ID_LENGTH] else None

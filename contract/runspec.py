@@ -14,10 +14,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .layout import RUN_ID_LENGTH
+from .layout import RUN_ID_LENGTH, namespace_folder
 from .plan import TrainingPlan
 
 RUNSPEC_VERSION = "kleinstyle.dev/runspec-v1"
+# Schemes an input may have besides none (a pod path): object stores, and memory:// (fsspec's in-process store, the
+# tests' stand-in for one). Never http(s), file:// or anything else fsspec would open.
+STORE_SCHEMES = ("s3://", "gs://", "memory://")
 
 
 class _Frozen(BaseModel):
@@ -197,9 +200,49 @@ class RunSpec(_Frozen):
         """The short hash that names this run everywhere; progress reports carry it as `runHash`."""
         return self.content_hash()[:RUN_ID_LENGTH]
 
+    def input_uris(self) -> list[tuple[str, str]]:
+        """(field, URI) of every input a run reads from the artifact store: a training's dataset, the LoRAs a
+        generation or a fusion uses. They come from the status of other resources (datasetURI, loraURI), which
+        someone other than the operator may have written, so the runtime checks them (`check_inputs`)."""
+        work = self.work
+        if isinstance(work, TrainSpec):
+            return [("dataset_uri", work.dataset_uri)]
+        if isinstance(work, GenerateSpec):
+            return [(f"loras[{i}].uri", lora.uri) for i, lora in enumerate(work.loras)]
+        if isinstance(work, FuseSpec):
+            return [(f"sources[{i}].uri", lora.uri) for i, lora in enumerate(work.sources)]
+        return []  # prepare fetches its images through its own guard (runtime/fetch.py)
+
+    def check_inputs(self) -> None:
+        """Raise ValueError, naming the field, unless every input lies in this run's namespace folder of the
+        artifact store its output goes to (`layout.namespace_folder`): the same volume path or the same bucket and
+        prefix, the same namespace, no `..` segment, no other scheme. Pure: nothing is opened."""
+        folder = namespace_folder(self.output_uri, self.owner)
+        if folder is None:
+            raise ValueError(
+                f"output_uri {self.output_uri!r} does not follow the artifact layout {{namespace}}/"
+                "{kind}/{name}/{uid}/{run}: its inputs cannot be placed"
+            )
+        for name, uri in self.input_uris():
+            if problem := _outside(uri, folder):
+                raise ValueError(f"{name} {uri!r} {problem}")
+
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> RunSpec:
         return cls.model_validate_json(text)
+
+
+def _outside(uri: str, folder: str) -> str | None:
+    """Why `uri` does not lie in `folder`, or None when it does."""
+    scheme = uri.partition("://")[0] + "://" if "://" in uri else ""
+    if scheme and scheme not in STORE_SCHEMES:
+        return f"uses {scheme}, which a run never reads: inputs come from the artifact store only"
+    parts = uri.split("://", 1)[-1].split("/")
+    if any(part in (".", "..") for part in parts) or "::" in uri or "\\" in uri:
+        return "is not a plain path (., .. segments, :: chains and backslashes are refused)"
+    if not uri.startswith(folder.rstrip("/") + "/"):
+        return f"is outside this namespace's artifact folder {folder}"
+    return None
