@@ -24,6 +24,8 @@ from cel_expr_python.ext import ext_strings
 from kleinstyle.operator.api import common as api_common
 from kleinstyle.operator.crdgen import build_crds
 
+from .validation import field_path, unknown_fields
+
 DNS1123_SUBDOMAIN = re.compile(api_common.DNS1123_SUBDOMAIN)
 DNS1123_LABEL = re.compile(api_common.DNS1123_LABEL)
 SUBDOMAIN_MESSAGE = (
@@ -39,25 +41,6 @@ LABEL_MESSAGE = (
 BLOCKED_MESSAGE = (
     "some validation rules were not checked because the object was invalid; correct the existing errors to complete "
     "validation"
-)
-OBJECT_META_FIELDS = frozenset(
-    {
-        "name",
-        "generateName",
-        "namespace",
-        "selfLink",
-        "uid",
-        "resourceVersion",
-        "generation",
-        "creationTimestamp",
-        "deletionTimestamp",
-        "deletionGracePeriodSeconds",
-        "labels",
-        "annotations",
-        "ownerReferences",
-        "finalizers",
-        "managedFields",
-    }
 )
 # Kubernetes escapes CEL keywords used as property names: `namespace` is `self.__namespace__` in a rule.
 CEL_RESERVED = frozenset(
@@ -152,14 +135,6 @@ def format_value(value: Any) -> str:
     if isinstance(value, int | str):
         return json.dumps(value, ensure_ascii=False)
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
-def field_path(parts: Any) -> str:
-    """("spec", "images", 3, "source") -> "spec.images[3].source"; the empty path is Go's nil path, "<nil>"."""
-    text = ""
-    for part in parts:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text or "<nil>"
 
 
 # --- YAML -------------------------------------------------------------------------------------------------------
@@ -306,14 +281,7 @@ class Resource:
 
     def prune(self, obj: dict[str, Any]) -> list[str]:
         """Drop unknown fields (returned as paths) and non-nullable nulls; the root's metadata is ObjectMeta."""
-        unknown: list[str] = []
-        metadata = obj.get("metadata")
-        if isinstance(metadata, dict):
-            for key in [k for k in metadata if k not in OBJECT_META_FIELDS]:
-                unknown.append(f"metadata.{key}")
-                del metadata[key]
-        _prune(obj, self.schema, (), unknown)
-        return unknown
+        return unknown_fields(obj, self.schema, drop_nulls=True)
 
     def default(self, obj: dict[str, Any]) -> None:
         _default(obj, self.schema)
@@ -377,31 +345,6 @@ def _nodes(node: dict[str, Any], path: tuple) -> Iterator[tuple[tuple, dict[str,
     for key in ("items", "additionalProperties"):
         if isinstance(node.get(key), dict):
             yield from _nodes(node[key], (*path, 0))
-
-
-def _prune(value: Any, node: dict[str, Any], path: tuple, unknown: list[str]) -> None:
-    if node.get("x-kubernetes-preserve-unknown-fields"):
-        return
-    if isinstance(value, dict):
-        props = node.get("properties")
-        if props is None:
-            extra = node.get("additionalProperties")
-            for key, item in value.items() if isinstance(extra, dict) else ():
-                _prune(item, extra, (*path, key), unknown)
-            return
-        for key in list(value):
-            sub = props.get(key)
-            if sub is None:
-                if path or key not in ("apiVersion", "kind", "metadata"):
-                    unknown.append(field_path((*path, key)))
-                del value[key]
-            elif value[key] is None and not sub.get("nullable"):
-                del value[key]  # a null never reaches validation: defaulting fills it or it stays absent
-            elif path or key != "metadata":
-                _prune(value[key], sub, (*path, key), unknown)
-    elif isinstance(value, list) and isinstance(node.get("items"), dict):
-        for index, item in enumerate(value):
-            _prune(item, node["items"], (*path, index), unknown)
 
 
 def _default(value: Any, node: dict[str, Any]) -> None:

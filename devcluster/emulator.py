@@ -3,9 +3,9 @@
 kmock's `KubernetesScaffold` logs every request; its discovery and its stateful `KubernetesEmulator` lack what the
 operator and kubectl rely on (docs/facts.md#kubernetes-and-kmock), so discovery (`discovery.py`), the OpenAPI
 documents (`openapi.py`) and resource URLs are answered here: CRUD on `ObjectStore` with real metadata rules, PUT,
-`/status`, selectors, finalizers, garbage collection, admission, server-side apply, watches that resume from a
-resourceVersion and send bookmarks (JSON lines), Tables for kubectl (`tables.py`), kubectl's protobuf bodies
-(`protobuf.py`) and pod logs (`pod_logs.py`).
+`/status`, selectors, finalizers, garbage collection, field validation (`?fieldValidation=`), admission, server-side
+apply, watches that resume from a resourceVersion and send bookmarks (JSON lines), Tables for kubectl (`tables.py`),
+kubectl's protobuf bodies (`protobuf.py`) and pod logs (`pod_logs.py`).
 
 The server runs in its own thread with its own event loop. Code that blocks the caller's loop (a synchronous
 `kubernetes` client call inside an `async def` kopf handler) then stalls only itself instead of deadlocking
@@ -37,9 +37,11 @@ from .pod_logs import PodLog
 from .resources import CRD_GROUP, CRD_PLURAL, KindRegistry, ResourceKind
 from .selectors import parse_field_selector, parse_label_selector
 from .store import Admit, ObjectStore, WatchEvent, translate_event
+from .validation import duplicate_fields, unknown_fields
 
 DEV_TOKEN = "devcluster-token"  # any bearer token is accepted; kubeconfigs carry this one
 MAX_REQUEST_BYTES = 3 * 1024 * 1024  # the API server's limit on a request body
+FIELD_VALIDATION = ("Strict", "Warn", "Ignore")  # `?fieldValidation=`; none given is Warn, as on a real server
 
 
 def is_protobuf(content_type: str) -> bool:
@@ -198,11 +200,13 @@ class ApiServer(kmock.KubernetesScaffold):
             self._sync_discovery()
             return await super()._handle(request)
         body = None
+        warnings: list[str] = []
         try:
             body = _request_body(request)
             kind = self.store.kinds.get(target.group, target.version, target.plural)
             if kind is None:
                 raise errors.NOT_FOUND_PATH
+            warnings = self._validate_fields(request, kind, target, body)
             status, payload = await self._dispatch(request, kind, target, body)
         except ApiError as exc:
             status, payload = exc.code, exc.status
@@ -221,7 +225,43 @@ class ApiServer(kmock.KubernetesScaffold):
             return await _stream_events(_raw(request), payload)
         if as_table:
             payload = tables.table(kind, self._crd_of(kind), payload, include)
-        return _json_response(status, payload)
+        response = _json_response(status, payload)
+        for warning in warnings if status < 400 else ():
+            response.headers.add("Warning", f"299 - {json.dumps(warning)}")  # kubectl prints "Warning: ..."
+        return response
+
+    def _validate_fields(self, request: kmock.Request, kind: ResourceKind, target: ApiPath, body: Any) -> list[str]:
+        """The decoder's field validation of a write to a custom resource, as `?fieldValidation=` asks: fields its
+        schema does not declare and JSON keys given twice are a 400 under Strict (kubectl's default), dropped with
+        a warning each under Warn (no parameter: client-go, kopf), dropped silently under Ignore (`kubectl apply
+        --validate=false`). `body` loses the unknown fields in place; the warnings are returned. JSON patches (a
+        list of operations) and /status writes are left to the admission hook."""
+        method = str(request.method.value).upper()
+        directive = request.params.get("fieldValidation") or "Warn"
+        if method not in ("POST", "PUT", "PATCH") or not kind.custom:
+            return []
+        if directive not in FIELD_VALIDATION:
+            allowed = ", ".join(f'"{value}"' for value in FIELD_VALIDATION)
+            raise bad_request(f'fieldValidation: Unsupported value: "{directive}": supported values: {allowed}')
+        schema = self._schema_of(kind, target.version)
+        if target.subresource is not None or not isinstance(body, dict) or schema is None:
+            return []
+        problems = [f'duplicate field "{path}"' for path in duplicate_fields(request.body or b"")]
+        problems += [f'unknown field "{path}"' for path in unknown_fields(body, schema)]
+        if problems and directive == "Strict":
+            raise bad_request(
+                f'{kind.kind} in version "{target.version}" cannot be handled as a {kind.kind}: strict decoding '
+                f"error: {', '.join(problems)}"
+            )
+        return problems if directive == "Warn" else []
+
+    def _schema_of(self, kind: ResourceKind, version: str) -> dict[str, Any] | None:
+        """The openAPIV3Schema a CRD gives `version` of `kind`, if any."""
+        crd = self._crd_of(kind) or {}
+        for served in crd.get("spec", {}).get("versions", ()):
+            if served.get("name") == version:
+                return (served.get("schema") or {}).get("openAPIV3Schema")
+        return None
 
     def _crd_of(self, kind: ResourceKind) -> dict[str, Any] | None:
         if not kind.custom:
