@@ -22,8 +22,8 @@ Encode = Callable[..., bytes]
 
 OWNER = Owner(kind="StyleBoard", plural="styleboards", namespace="team-a", name="watercolor", uid="uid-1")
 STATUS_PATH = "/apis/kleinstyle.dev/v1alpha1/namespaces/team-a/styleboards/watercolor/status"
-OUTPUT = "/artifacts/team-a/StyleBoard/watercolor/uid-1"
-DISPLAY = "pvc://kleinstyle-artifacts/team-a/StyleBoard/watercolor/uid-1"
+OUTPUT = "/artifacts/team-a/styleboard/watercolor/uid-1/run1"
+DISPLAY = "pvc://kleinstyle-artifacts/team-a/styleboard/watercolor/uid-1/run1"
 SPEC_PATH = "/etc/kleinstyle/runspec.json"
 TRIGGER = "wtrclr"
 
