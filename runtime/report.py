@@ -155,7 +155,7 @@ def owner_path(owner: Owner) -> str:
 
 
 def read_owner(owner: Owner, *, target: ApiTarget | None = None, timeout_s: float = 10.0) -> dict[str, Any] | None:
-    """GET the owner (to read `status.stopRequest`); None without an API or when the read fails. Never raises."""
+    """GET the owner (to read its stop annotation); None without an API or when the read fails. Never raises."""
     target = target or api_target()
     if target is None:
         return None

@@ -1,14 +1,21 @@
-"""The harness every step's pod runs in: read the RunSpec, report progress, poll stop requests, and end with one last
-report, a termination message and an exit code. A step (prepare, train, generate, fuse) implements only its work:
+"""The harness every step's pod runs in: read the RunSpec, check its inputs, report progress, poll stop requests,
+and end with one last report, a termination message and an exit code. A step (prepare, train, generate, fuse)
+implements only its work:
 
     def work(spec: RunSpec, reporter: Reporter) -> Outcome
 
-raising `BadInput` (errors.py) for input it can never succeed on. Exit codes (`contract.pod`): 0 done; 2 bad input,
-which the Job's podFailurePolicy fails at once; 1 anything else, which the Job retries and the next pod resumes.
+raising `BadInput` (errors.py) for input it can never succeed on. Exit codes (`contract.pod`): 0 done; 2 bad input
+and 3 a full artifacts volume, which the Job's podFailurePolicy fails at once; 1 anything else, which the Job
+retries and the next pod resumes.
+
+Inputs (a dataset, LoRAs) are checked before anything is opened (`RunSpec.check_inputs`): only paths in this run's
+namespace folder of the artifact store, never another scheme, so a URI planted in a dependency's status cannot make
+the pod send a request or read another tenant's files.
 
 Reports are the contract's typed `Report` for the step (`contract.reports`), sent as a merge patch on the owner's
 `status.progress` (report.py). A result the API never heard of exits 1, so the Job's retry finds the published
-result and reports it again: the operator learns a result only through status.
+result and reports it again: the operator learns a result only through status. Nothing is read back from status:
+a stop request is the owner's `kleinstyle.dev/stop` annotation (`contract.pod.STOP_ANNOTATION`).
 """
 
 from __future__ import annotations
@@ -18,18 +25,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kleinstyle.contract.pod import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK, Step
+from kleinstyle.contract.pod import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK, EXIT_VOLUME_FULL, Step, stop_request
 from kleinstyle.contract.reports import REPORTS, State, StepProgress, StepResult
 from kleinstyle.contract.runspec import RunSpec
 
-from .errors import BadInput
+from .errors import BadInput, volume_full
 from .paths import local_path
 from .report import api_target, read_owner, report_progress, write_termination_message
 
 log = logging.getLogger(__name__)
 
 REPORT_INTERVAL_S = 2.0  # at most one progress report per this many seconds, besides state changes
-STOP_POLL_S = 5.0  # how often a run that can stop early reads its owner's status.stopRequest
+STOP_POLL_S = 5.0  # how often a run that can stop early reads its owner's stop annotation
 STOP_READ_TIMEOUT_S = 2.0  # polled from inside a training loop: a slow API may cost a step a little, never a stall
 
 
@@ -48,7 +55,7 @@ class Outcome:
 
 class Reporter:
     """Reports one run to its owner: state changes at once, progress at most every REPORT_INTERVAL_S, and whether
-    the user asked the run to stop (`status.stopRequest`, read at most every STOP_POLL_S)."""
+    the user asked the run to stop (the owner's stop annotation, read at most every STOP_POLL_S)."""
 
     def __init__(
         self,
@@ -66,7 +73,7 @@ class Reporter:
         self.stop_poll = STOP_POLL_S
         self._last_report = float("-inf")
         self._last_poll = float("-inf")
-        self._stop_requested = False
+        self._stop: str | None = None
 
     def send(self, state: State, message: str, result: StepResult | None = None) -> bool:
         """Report now; True when the API took it (False also without any API: a run on one machine)."""
@@ -90,22 +97,24 @@ class Reporter:
         if self.clock() - self._last_report >= self.interval:
             self.send("Running", message)
 
-    def stop_requested(self) -> bool:
-        """Whether the user asked this run to stop. A request stands for this run only while the owner's runHash
-        names it: the operator clears stopRequest in the same write that moves runHash to a new run."""
-        if self._stop_requested:
-            return True
+    def stop_request(self) -> str | None:
+        """The reason (possibly empty) the user gave for stopping this run, or None while none was asked of it.
+
+        Read from the owner's `metadata.annotations` (`contract.pod.stop_request`), which the user sets with
+        ordinary edit rights; a request stands only when it names this run's id, so one made of an earlier run
+        never stops this one. Never from status: status is output, and others may write it."""
+        if self._stop is not None:
+            return self._stop
         now = self.clock()
         if now - self._last_poll < self.stop_poll:
-            return False
+            return None
         self._last_poll = now
         owner = read_owner(self.spec.owner, timeout_s=STOP_READ_TIMEOUT_S)
-        status = (owner or {}).get("status") or {}
-        request = status.get("stopRequest")
-        if request and status.get("runHash") == self.spec.run_id():
-            log.info("stop requested: %s", request)
-            self._stop_requested = True
-        return self._stop_requested
+        annotations = ((owner or {}).get("metadata") or {}).get("annotations")
+        self._stop = stop_request(annotations if isinstance(annotations, dict) else None, self.spec.run_id())
+        if self._stop is not None:
+            log.info("stop requested%s", f": {self._stop}" if self._stop else "")
+        return self._stop
 
 
 def read_runspec(spec_path: str, step: Step) -> RunSpec | int:
@@ -131,6 +140,10 @@ def run_step(spec_path: str, step: Step, work: Callable[[RunSpec, Reporter], Out
     if isinstance(spec, int):
         return spec
     reporter = Reporter(spec)
+    try:
+        spec.check_inputs()  # before anything is opened: a pod reads only its namespace's artifacts
+    except ValueError as exc:
+        return conclude(Outcome(EXIT_BAD_SPEC, f"bad input: {exc}"), reporter)
     return conclude(run_work(spec, work, reporter), reporter)
 
 
@@ -142,6 +155,8 @@ def run_work(spec: RunSpec, work: Callable[[RunSpec, Reporter], Outcome], report
         return Outcome(EXIT_BAD_SPEC, f"bad input: {exc}")
     except Exception as exc:
         log.exception("%s failed", spec.work.step)
+        if (full := volume_full(exc)) is not None:
+            return Outcome(EXIT_VOLUME_FULL, full)
         return Outcome(EXIT_FAILED, f"{spec.work.step} failed: {type(exc).__name__}: {exc}")
 
 

@@ -14,9 +14,9 @@ Policy, decided here:
 - With early stopping on (the plan) and an `evaluation` in the RunSpec, every checkpoint is scored by rendered
   probes and the pure policy in `contract.early_stop` decides the best checkpoint and when to stop; the best checkpoint,
   not the last, becomes the LoRA.
-- A stop request (`status.stopRequest` of the owner, polled every `step.STOP_POLL_S` seconds) ends training at the
-  next step; the best checkpoint (the latest one without evaluation) becomes the LoRA and the run succeeds with
-  stop_reason "stop requested".
+- A stop request (the owner's `kleinstyle.dev/stop` annotation naming this run, polled every `step.STOP_POLL_S`
+  seconds) ends training at the next step; the best checkpoint (the latest one without evaluation) becomes the LoRA
+  and the run succeeds with stop_reason "stop requested" (": " and the user's reason, when one was given).
 - SIGTERM (preemption) saves a checkpoint (builtin) and exits 1: the Job's next pod resumes from it.
 - With an object store (s3://, gs://) as the artifact store the builtin backend trains in local scratch and mirrors
   each checkpoint to `work/checkpoints/` there (runtime/checkpoint_mirror.py); ai-toolkit needs the volume.
@@ -185,8 +185,8 @@ class TrainReporter:
             self.stop_reason = reason
 
     def should_stop(self) -> bool:
-        if self.stop_reason is None and self.reporter.stop_requested():
-            self.stop_reason = STOP_REQUESTED
+        if self.stop_reason is None and (reason := self.reporter.stop_request()) is not None:
+            self.stop_reason = f"{STOP_REQUESTED}: {reason}" if reason else STOP_REQUESTED
         return self.stop_requested
 
 

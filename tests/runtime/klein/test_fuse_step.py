@@ -170,11 +170,11 @@ def write_spec(rootfs: Path, sources: list[tuple[str, float]], output: str = OUT
 
 def test_the_job_publishes_the_fused_lora_whole_and_reports_it(rootfs: Path, kube_api: KubeApi):
     kube_api.serve_status(OWNER_PATH + "/status")
-    write_lora(rootfs / "artifacts/a/lora.safetensors", 1)
-    write_lora(rootfs / "artifacts/b/lora.safetensors", 2, modules=[m for m in SHAPES if m.startswith("single_")])
-    spec = write_spec(
-        rootfs, [("/artifacts/a/lora.safetensors", 1.0), ("/artifacts/b/lora.safetensors", 0.5)], method="svd", rank=3
-    )
+    write_lora(rootfs / "artifacts/team-a/a/lora.safetensors", 1)
+    single = [m for m in SHAPES if m.startswith("single_")]
+    write_lora(rootfs / "artifacts/team-a/b/lora.safetensors", 2, modules=single)
+    sources = [("/artifacts/team-a/a/lora.safetensors", 1.0), ("/artifacts/team-a/b/lora.safetensors", 0.5)]
+    spec = write_spec(rootfs, sources, method="svd", rank=3)
     assert cli(["fuse", "--spec", spec]) == 0
     out = rootfs / OUTPUT.lstrip("/")
     assert sorted(p.name for p in out.iterdir()) == ["_SUCCESS", "lora.json", "lora.safetensors", "metadata.json"]
@@ -203,13 +203,14 @@ def test_the_job_reads_and_writes_an_object_store(rootfs: Path, monkeypatch: pyt
     store = MemoryFileSystem()
     for name, seed in (("a", 1), ("b", 2)):
         store.pipe_file(
-            f"/bucket/{name}/lora.safetensors", write_lora(tmp_path / f"{name}.safetensors", seed).read_bytes()
+            f"/bucket/team-a/{name}/lora.safetensors", write_lora(tmp_path / f"{name}.safetensors", seed).read_bytes()
         )
-    sources = [("memory://bucket/a/lora.safetensors", 1.0), ("memory://bucket/b/lora.safetensors", 1.0)]
-    spec = write_spec(rootfs, sources, output="memory://bucket/out", method="klora")
+    sources = [(f"memory://bucket/team-a/{name}/lora.safetensors", 1.0) for name in ("a", "b")]
+    out = "/bucket/team-a/lorafusion/mix/uid-9/abc"
+    spec = write_spec(rootfs, sources, output=f"memory:/{out}", method="klora")
     assert cli(["fuse", "--spec", spec]) == 0
-    assert store.exists("/bucket/out/_SUCCESS") and store.exists("/bucket/out/lora.json")
-    (tmp_path / "fused.safetensors").write_bytes(store.cat_file("/bucket/out/lora.safetensors"))
+    assert store.exists(f"{out}/_SUCCESS") and store.exists(f"{out}/lora.json")
+    (tmp_path / "fused.safetensors").write_bytes(store.cat_file(f"{out}/lora.safetensors"))
     fused, da, db = (
         dense(tmp_path / "fused.safetensors"),
         dense(tmp_path / "a.safetensors"),
@@ -221,13 +222,12 @@ def test_the_job_reads_and_writes_an_object_store(rootfs: Path, monkeypatch: pyt
 
 def test_a_job_whose_sources_do_not_fit_fails_at_once_with_exit_2(rootfs: Path, kube_api: KubeApi):
     kube_api.serve_status(OWNER_PATH + "/status")
-    write_lora(rootfs / "artifacts/a/lora.safetensors", 1)
-    spec = write_spec(
-        rootfs, [("/artifacts/a/lora.safetensors", 1.0), ("/artifacts/gone/lora.safetensors", 1.0)], method="svd"
-    )
+    write_lora(rootfs / "artifacts/team-a/a/lora.safetensors", 1)
+    sources = [("/artifacts/team-a/a/lora.safetensors", 1.0), ("/artifacts/team-a/gone/lora.safetensors", 1.0)]
+    spec = write_spec(rootfs, sources, method="svd")
     assert cli(["fuse", "--spec", spec]) == 2
     message = (rootfs / "dev/termination-log").read_text()
-    assert message == "bad input: /artifacts/gone/lora.safetensors: no such LoRA file"
+    assert message == "bad input: /artifacts/team-a/gone/lora.safetensors: no such LoRA file"
     assert kube_api.patches[-1].json()["status"]["progress"]["state"] == "Failed"  # type: ignore[index]
     assert not (rootfs / OUTPUT.lstrip("/")).exists()
 

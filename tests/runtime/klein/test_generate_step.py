@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 OWNER = Owner(kind="GenerationJob", plural="generationjobs", namespace="team-a", name="samples", uid="uid-5")
 OWNER_PATH = "/apis/kleinstyle.dev/v1alpha1/namespaces/team-a/generationjobs/samples"
 OUTPUT = "/artifacts/team-a/generationjob/samples/uid-5/abc"
+LORA = "/artifacts/team-a/stylelora/tok/uid-1/0123456789/lora.safetensors"  # a StyleLoRA's, in the same namespace
 DISPLAY = "pvc://kleinstyle-artifacts/team-a/generationjob/samples/uid-5/abc"
 SPEC_PATH = "/etc/kleinstyle/runspec.json"
 PROMPTS = ("a fox crossing a snowy street", "a red house by a lake")
@@ -34,7 +35,7 @@ PROMPTS = ("a fox crossing a snowy street", "a red house by a lake")
 def work(**changes: Any) -> GenerateSpec:
     base = {
         "model_path": "/models/tiny",
-        "loras": (LoraInput(uri="/artifacts/lora.safetensors", weight=0.8, label="StyleLoRA/tok"),),
+        "loras": (LoraInput(uri=LORA, weight=0.8, label="StyleLoRA/tok"),),
         "prompts": PROMPTS,
         "trigger_words": ("tokstyle",),
         "width": 80,
@@ -48,11 +49,11 @@ def work(**changes: Any) -> GenerateSpec:
 
 @pytest.fixture
 def pod(rootfs: Path, tiny_klein: Path, random_lora) -> Path:
-    """The rootfs with the tiny klein at /models/tiny and a LoRA at /artifacts/lora.safetensors."""
+    """The rootfs with the tiny klein at /models/tiny and a LoRA at LORA."""
     (rootfs / "models").mkdir()
     (rootfs / "models" / "tiny").symlink_to(tiny_klein, target_is_directory=True)
-    (rootfs / "artifacts").mkdir()
-    (rootfs / "artifacts" / "lora.safetensors").symlink_to(random_lora(1))
+    (rootfs / LORA.lstrip("/")).parent.mkdir(parents=True)
+    (rootfs / LORA.lstrip("/")).symlink_to(random_lora(1))
     (rootfs / "dev").mkdir()
     return rootfs
 
@@ -159,7 +160,7 @@ def test_a_retried_pod_keeps_the_finished_images(pod: Path) -> None:
         ({"prompts": ("x" * 4001,)}, "prompt 1 is 4001 characters"),
         ({"width": 100}, "width 100 is not a multiple of 16"),
         ({"model_path": "/models/none"}, "no diffusers pipeline at"),
-        ({"loras": (LoraInput(uri="/artifacts/none.safetensors"),)}, "no LoRA file at"),
+        ({"loras": (LoraInput(uri="/artifacts/team-a/none.safetensors"),)}, "no LoRA file at"),
         ({"prompts": ("a red house by a lake " * 120,)}, "tokens with the chat template; klein reads at most 512"),
     ],
 )
@@ -188,8 +189,8 @@ def test_a_lora_for_another_model_is_named_in_the_failure(pod: Path, tmp_path: P
 
     flux1 = tmp_path / "flux1.safetensors"
     save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": zeros(4, 3072)}, flux1)
-    (pod / "artifacts" / "flux1.safetensors").symlink_to(flux1)
-    code, message, _ = run_generate(runspec(work(loras=(LoraInput(uri="/artifacts/flux1.safetensors"),))))
+    (pod / "artifacts/team-a/flux1.safetensors").symlink_to(flux1)
+    code, message, _ = run_generate(runspec(work(loras=(LoraInput(uri="/artifacts/team-a/flux1.safetensors"),))))
     assert code == 2
     assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight has shape [4, 3072]" in message
 

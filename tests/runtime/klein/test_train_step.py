@@ -1,5 +1,6 @@
 """`kleinstyle train` on the tiny klein in a pod filesystem: the plan mapped to the builtin trainer, progress reports
-to a recording API stand-in, a stop request that promotes a checkpoint, and bad input that exits 2."""
+to a recording API stand-in, a stop annotation that promotes a checkpoint, bad input that exits 2 and a full volume
+that exits 3."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 import yaml
 from kleinstyle.contract.early_stop import ProbeScores, StoppingSettings, decide_reported
 from kleinstyle.contract.plan import TrainingPlan, plan_training
+from kleinstyle.contract.pod import EXIT_VOLUME_FULL, STOP_ANNOTATION
 from kleinstyle.contract.reports import EvaluationReport
 from kleinstyle.contract.runspec import EvaluationSpec, Owner, RunSpec, TrainSpec
 from kleinstyle.runtime import step, train
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
 OWNER = Owner(kind="StyleLoRA", plural="styleloras", namespace="team-a", name="wc-lora", uid="uid-2")
 OWNER_PATH = "/apis/kleinstyle.dev/v1alpha1/namespaces/team-a/styleloras/wc-lora"
 OUTPUT = "/artifacts/team-a/stylelora/wc-lora/uid-2/abc"
+DATASET = "/artifacts/team-a/styleboard/wc/uid-1/0123456789/dataset"  # the board's, in the same namespace
 DISPLAY = "pvc://kleinstyle-artifacts/team-a/stylelora/wc-lora/uid-2/abc"
 SPEC_PATH = "/etc/kleinstyle/runspec.json"
 QUICK = {
@@ -104,7 +107,7 @@ def runspec(
     models.mkdir(exist_ok=True)
     if not (models / "tiny").exists():
         (models / "tiny").symlink_to(tiny_klein, target_is_directory=True)
-    data = rootfs / "artifacts" / "data"
+    data = rootfs / DATASET.lstrip("/")
     if not data.exists():
         data.parent.mkdir(parents=True, exist_ok=True)
         data.symlink_to(dataset, target_is_directory=True)
@@ -121,7 +124,7 @@ def write_spec(
         output_uri=OUTPUT,
         output_display_uri=DISPLAY,
         work=TrainSpec(
-            dataset_uri="/artifacts/data",
+            dataset_uri=DATASET,
             trigger_word="tokstyle",
             image_count=plan.images,
             backend=backend,
@@ -141,14 +144,18 @@ def run_id_of(rootfs: Path, spec_path: str) -> str:
     return RunSpec.from_json((rootfs / spec_path.lstrip("/")).read_text()).run_id()
 
 
-def serve_owner(kube_api: KubeApi, stop_when: Callable[[], bool] = lambda: False, run_hash: str = "") -> None:
-    """GET of the owner answers with `status.stopRequest` once `stop_when()` (and `status.runHash`, which the
-    operator writes); PATCH of its status is recorded."""
+def serve_owner(
+    kube_api: KubeApi, stop_when: Callable[[], bool] = lambda: False, run_hash: str = "", value: str | None = None
+) -> None:
+    """GET of the owner answers, once `stop_when()`, with the stop annotation `value` (default: one naming run
+    `run_hash`, "enough"); its status always holds a stopRequest for that run too, which nothing may read.
+    PATCH of its status is recorded."""
     kube_api.serve_status(OWNER_PATH + "/status")
 
     def handle(request: BaseHTTPRequestHandler) -> None:
-        status = {"stopRequest": "enough" if stop_when() else None, "runHash": run_hash}
-        body = json.dumps({"kind": "StyleLoRA", "status": status})
+        annotations = {STOP_ANNOTATION: value or f"{run_hash}: enough"} if stop_when() else {}
+        status = {"stopRequest": "enough", "runHash": run_hash}
+        body = json.dumps({"kind": "StyleLoRA", "metadata": {"annotations": annotations}, "status": status})
         request.send_response(200)
         request.send_header("Content-Type", "application/json")
         request.send_header("Content-Length", str(len(body)))
@@ -156,6 +163,18 @@ def serve_owner(kube_api: KubeApi, stop_when: Callable[[], bool] = lambda: False
         request.wfile.write(body.encode())
 
     kube_api.server.routes[OWNER_PATH] = handle
+
+
+def in_store(spec_path: str, rootfs: Path, memory_store: Any, images: Path, output_uri: str) -> RunSpec:
+    """Rewrite the RunSpec at `spec_path` to an object store: the board's dataset copied there, the output there."""
+    for image in images.iterdir():
+        memory_store.pipe_file(f"/bucket{DATASET}/{image.name}", image.read_bytes())
+    path = rootfs / spec_path.lstrip("/")
+    spec = RunSpec.from_json(path.read_text())
+    work = spec.work.model_copy(update={"dataset_uri": f"memory://bucket{DATASET}"})
+    spec = spec.model_copy(update={"output_uri": output_uri, "output_display_uri": output_uri, "work": work})
+    path.write_text(spec.to_json())
+    return spec
 
 
 def progress_reports(kube_api: KubeApi) -> list[dict[str, Any]]:
@@ -220,12 +239,41 @@ def test_a_stop_request_promotes_the_latest_checkpoint(
     final = progress_reports(kube_api)[-1]
     assert final["state"] == "Succeeded"
     result = final["result"]
-    assert (result["steps"], result["stopped_early"], result["stop_reason"]) == (2, True, "stop requested")
+    assert (result["steps"], result["stopped_early"]) == (2, True)
+    assert result["stop_reason"] == "stop requested: enough"  # the reason the annotation gave
     promoted = load_file(output(rootfs) / "lora.safetensors")
     checkpoint = load_file(output(rootfs) / "work/checkpoints/step_000002/lora.safetensors")
     assert promoted.keys() == checkpoint.keys()
     assert all((promoted[k] == checkpoint[k]).all() for k in promoted)
     assert not (output(rootfs) / "work/checkpoints/step_000006").exists()
+
+
+def test_a_full_volume_fails_at_once_with_exit_3_and_keeps_the_checkpoints_saved(
+    rootfs: Path, kube_api: KubeApi, tiny_klein: Path, two_images: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From the second checkpoint on, torch's writer writes to /dev/full, which answers every write with ENOSPC as
+    a full volume does: torch's own error (no errno in it) must read as a full volume, not as a retryable crash."""
+    import torch
+
+    real_save = torch.save
+    saves: list[object] = []
+
+    def save(obj: object, target: object, *args: Any, **kwargs: Any) -> None:
+        saves.append(target)
+        real_save(obj, target if len(saves) == 1 else "/dev/full", *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    serve_owner(kube_api)
+    assert train.main(runspec(rootfs, tiny_klein, two_images)) == EXIT_VOLUME_FULL
+
+    message = (rootfs / "dev/termination-log").read_text()
+    assert message.startswith("the artifacts volume is full (No space left on device")
+    assert "free space or grow the claim; checkpoints already saved are kept" in message
+    assert progress_reports(kube_api)[-1]["state"] == "Failed"
+    checkpoints = output(rootfs) / "work/checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_000002"]  # no half-written step 4 left
+    saved = checkpoints / "step_000002"
+    assert load_file(saved / "lora.safetensors") and torch.load(saved / "training_state.pt", weights_only=False)
 
 
 PROBES = EvaluationSpec(prompts=1, seeds=2, size=32, steps=2)
@@ -363,12 +411,11 @@ def test_two_step_on_an_object_store_keeps_the_content_lora_for_the_next_pod(
     serve_owner(kube_api)
     runspec(rootfs, tiny_klein, two_images)
     plan = plan_training(2, {"backend": "builtin", "mode": "two-step", "training": QUICK}, {"maxSteps": 4})
-    path = rootfs / write_spec(rootfs, plan, "builtin", "/models/tiny").lstrip("/")
-    remote = "memory://bucket/run"
-    path.write_text(RunSpec.from_json(path.read_text()).model_copy(update={"output_uri": remote}).to_json())
+    remote = f"memory://bucket{OUTPUT}"
+    in_store(write_spec(rootfs, plan, "builtin", "/models/tiny"), rootfs, memory_store, two_images, remote)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "pod-1"))
     assert train.main(SPEC_PATH) == 0
-    content = memory_store.cat_file("/bucket/run/work/content/lora.safetensors")
+    content = memory_store.cat_file(f"/bucket{OUTPUT}/work/content/lora.safetensors")
     before = len(progress_reports(kube_api))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "pod-2"))  # a pod after the report was lost
     assert train.main(SPEC_PATH) == 0
@@ -416,14 +463,8 @@ def test_on_an_object_store_the_dataset_is_fetched_checkpoints_mirrored_and_a_ne
     import tempfile
 
     monkeypatch.setattr(step, "STOP_POLL_S", 0.0)
-    path = rootfs / runspec(rootfs, tiny_klein, two_images).lstrip("/")
-    remote = "memory://bucket/team-a/stylelora/wc-lora/uid-2/abc"
-    for image in two_images.iterdir():  # the board's dataset is in the store too
-        memory_store.pipe_file(f"/bucket/team-a/dataset/{image.name}", image.read_bytes())
-    spec = RunSpec.from_json(path.read_text())
-    work = spec.work.model_copy(update={"dataset_uri": "memory://bucket/team-a/dataset"})
-    spec = spec.model_copy(update={"output_uri": remote, "output_display_uri": remote, "work": work})
-    path.write_text(spec.to_json())
+    remote = f"memory://bucket{OUTPUT}"
+    spec = in_store(runspec(rootfs, tiny_klein, two_images), rootfs, memory_store, two_images, remote)
     stop = {"now": True}
     serve_owner(
         kube_api,
@@ -432,7 +473,7 @@ def test_on_an_object_store_the_dataset_is_fetched_checkpoints_mirrored_and_a_ne
     )
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "pod-1"))  # each pod has its own /tmp
     assert train.main(SPEC_PATH) == 0  # stopped after the step-2 checkpoint, which is in the store
-    checkpoints = "/bucket/team-a/stylelora/wc-lora/uid-2/abc/work/checkpoints"
+    checkpoints = f"/bucket{OUTPUT}/work/checkpoints"
     assert memory_store.exists(f"{checkpoints}/step_000002/_COMPLETE")
 
     stop["now"] = False
@@ -446,17 +487,31 @@ def test_on_an_object_store_the_dataset_is_fetched_checkpoints_mirrored_and_a_ne
         "step_000004",
         "step_000006",
     ]
-    published = memory_store.cat_file("/bucket/team-a/stylelora/wc-lora/uid-2/abc/lora.safetensors")
+    published = memory_store.cat_file(f"/bucket{OUTPUT}/lora.safetensors")
     assert published == memory_store.cat_file(f"{checkpoints}/step_000006/lora.safetensors")
     assert later[-1]["result"]["lora_file"] == f"{remote}/lora.safetensors"
 
 
-def test_a_stop_request_left_from_an_earlier_run_is_ignored(
-    rootfs: Path, kube_api: KubeApi, tiny_klein: Path, two_images: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    "value",
+    [
+        "0123456789: enough",  # a stop asked of an earlier run (its id): it stopped that run, not this one
+        "enough",  # names no run
+        None,  # no annotation at all: the status's stopRequest for this very run is not a request
+    ],
+)
+def test_only_an_annotation_naming_this_run_stops_it(
+    rootfs: Path,
+    kube_api: KubeApi,
+    tiny_klein: Path,
+    two_images: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    value: str | None,
 ) -> None:
     monkeypatch.setattr(step, "STOP_POLL_S", 0.0)
-    serve_owner(kube_api, lambda: True, run_hash="an-earlier-run")
-    assert train.main(runspec(rootfs, tiny_klein, two_images)) == 0
+    spec_path = runspec(rootfs, tiny_klein, two_images)
+    serve_owner(kube_api, lambda: value is not None, run_hash=run_id_of(rootfs, spec_path), value=value)
+    assert train.main(spec_path) == 0
     assert progress_reports(kube_api)[-1]["result"]["stop_reason"] == "completed"
 
 
@@ -500,7 +555,7 @@ def aitoolkit_runspec(
     config = aitoolkit_config(
         plan,
         name=name,
-        dataset_dir="/artifacts/data",
+        dataset_dir=DATASET,
         training_folder=f"{OUTPUT}/aitoolkit",  # where the operator puts it (operator/kinds/stylelora.py)
         trigger_word="tokstyle",
         model_path=model_path,
@@ -569,7 +624,7 @@ def test_a_stopped_aitoolkit_run_never_promotes_a_cut_off_checkpoint(
     serve_owner(kube_api, lambda: len(list(folder.glob("wc-truncate_*.safetensors"))) >= 2, run_hash=run_id)
     assert train.main(spec_path) == 0
     result = progress_reports(kube_api)[-1]["result"]
-    assert result["stop_reason"] == "stop requested" and result["steps"] == 5  # step 10's save was cut off
+    assert result["stop_reason"] == "stop requested: enough" and result["steps"] == 5  # step 10's save was cut off
     assert (output(rootfs) / "lora.safetensors").read_bytes() == (
         folder / "wc-truncate_000000005.safetensors"
     ).read_bytes()
