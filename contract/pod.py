@@ -57,6 +57,15 @@ SOURCE_CREDENTIAL_ENV = {
 # ones; the runtime turns the Google JSON into a private credentials file for gcsfs).
 ARTIFACT_CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "GOOGLE_APPLICATION_CREDENTIALS_JSON")
 GCS_CREDENTIALS_JSON_ENV = "GOOGLE_APPLICATION_CREDENTIALS_JSON"
+# The artifact store's Secret (operator config artifacts.credentialsSecret, looked up in the run's own namespace) names,
+# under the key ARTIFACT_PREFIX_KEY, the prefix its credentials are limited to (s3://bucket/kleinstyle/team-a/): the
+# runtime reads and writes artifact URIs only under it. The Secret's name comes along so that a refusal can name it.
+ARTIFACT_PREFIX_KEY = "prefix"
+ARTIFACT_PREFIX_ENV = "KLEINSTYLE_ARTIFACT_PREFIX"
+ARTIFACT_SECRET_ENV = "KLEINSTYLE_ARTIFACT_SECRET"
+# pvc:// image sources: each claim is mounted read-only at REFERENCES_MOUNT/CLAIM of the prepare pod, which reads a
+# source only inside the mount of its own claim.
+REFERENCES_MOUNT = "/references"
 # The dev cluster's local executor only: a plain http API base URL (no auth) to report to, and the folder under
 # which the process finds its pod paths (pods there are processes, their mounts symlinks in that folder).
 KUBE_API_ENV = "KLEINSTYLE_KUBE_API"

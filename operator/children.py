@@ -2,22 +2,45 @@
 
 A run is a ConfigMap holding the RunSpec and a Job that reads it, plus a ServiceAccount, Role and RoleBinding that
 let the Job patch its owner's status (and nothing else). Pods run non-root on a read-only root filesystem with all
-capabilities dropped; API keys reach them only through secretKeyRef.
+capabilities dropped; API keys reach them only through secretKeyRef. A pod sees, of the artifact volume, only its own
+run's folder (read-write) and its inputs' run folders (read-only), each a subPath mount at the path the RunSpec names.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kleinstyle.contract.pod import EXIT_BAD_SPEC, RUNSPEC_DIR, RUNSPEC_FILE, Step, command
+from kleinstyle.contract.pod import (
+    ARTIFACT_CREDENTIAL_ENV,
+    ARTIFACT_PREFIX_ENV,
+    ARTIFACT_PREFIX_KEY,
+    ARTIFACT_SECRET_ENV,
+    EXIT_BAD_SPEC,
+    REFERENCES_MOUNT,
+    RUNSPEC_DIR,
+    RUNSPEC_FILE,
+    Step,
+    command,
+)
 from kleinstyle.contract.runspec import RunSpec
 
 from .config import OperatorConfig
 from .kueue import PRIORITY_LABEL, QUEUE_LABEL
 from .naming import NODE_POOL, owner_labels, run_labels, run_name, runner_name
 
-REFERENCES_MOUNT = "/references"
 GPU_STEPS = frozenset({"train", "generate"})
+# Steps that publish their run folder whole (runtime/artifacts.py stages `.RUN.tmp-*` beside it, then renames it into
+# place): the run folder cannot be their mount point, so they get their owner's folder, which holds nothing but that
+# owner's runs and its text cache (prepare's).
+PUBLISHES_RUN_FOLDER = frozenset({"prepare", "fuse"})
+# {namespace}/{kind}/{name}/{uid}/{run_id}: the segments of a run folder (contract.layout.run_folder).
+RUN_FOLDER_DEPTH = 5
+
+
+class InvalidSpec(Exception):
+    """A spec the schema let through that this operator cannot run (a source that names one of its own volumes, an
+    input outside the namespace's folder): the resource fails with reason InvalidSpec and this message, which names
+    the field and the rule."""
 
 
 @dataclass(frozen=True)
@@ -133,12 +156,56 @@ def _env(run: Run, cfg: OperatorConfig) -> list[dict]:
     # (rounded up), or a 16-core request on a 128-core node runs 128 threads that wait on each other.
     cpus = {"resource": "requests.cpu", "divisor": "1", "containerName": run.step}
     env.append({"name": "OMP_NUM_THREADS", "valueFrom": {"resourceFieldRef": cpus}})
-    for item in run.secret_env:
+    secrets = run.secret_env
+    if cfg.artifacts.uri and cfg.artifacts.credentialsSecret:
+        env.append({"name": ARTIFACT_SECRET_ENV, "value": cfg.artifacts.credentialsSecret})
+        secrets = (*secrets, *artifact_store_env(cfg.artifacts.credentialsSecret))
+    for item in secrets:
         ref = {"name": item.secret, "key": item.key}
         if item.optional:
             ref["optional"] = True
         env.append({"name": item.env, "valueFrom": {"secretKeyRef": ref}})
     return env
+
+
+def artifact_store_env(secret: str) -> tuple[SecretEnv, ...]:
+    """The object store's credentials and the prefix they are limited to, from `secret` in the run's own namespace:
+    each tenant holds a key for its own prefix only, and the runtime refuses any artifact URI outside that prefix."""
+    return (
+        *(SecretEnv(env, secret, env, optional=True) for env in ARTIFACT_CREDENTIAL_ENV),
+        # Optional so that a Secret without it fails the run naming what is missing (runtime/artifact_scope.py)
+        # instead of holding the pod in CreateContainerConfigError.
+        SecretEnv(ARTIFACT_PREFIX_ENV, secret, ARTIFACT_PREFIX_KEY, optional=True),
+    )
+
+
+def run_folder_of(field: str, uri: str, root: str, namespace: str, *, inside: bool = True) -> str:
+    """The run folder (relative to the artifact store's `root`) that `uri` lies in (`inside`) or is; InvalidSpec,
+    naming `field`, unless that is a run folder of `namespace`: a run never reaches another namespace's artifacts."""
+    prefix = f"{root.rstrip('/')}/"
+    parts = uri[len(prefix) :].rstrip("/").split("/") if uri.startswith(prefix) else []
+    if len(parts) < RUN_FOLDER_DEPTH + inside or parts[0] != namespace or {"", ".", ".."} & set(parts):
+        raise InvalidSpec(
+            f"{field}: {uri} is not inside a run folder under {prefix}{namespace}/ (this namespace's artifacts, "
+            "without '.', '..' or empty segments); a run reads only its own namespace's runs"
+        )
+    return "/".join(parts[:RUN_FOLDER_DEPTH])
+
+
+def artifact_folders(run: Run, cfg: OperatorConfig) -> dict[str, bool]:
+    """The folders of the artifact store a run uses, relative to its root, each with whether it is read-only: the
+    run's own folder (its owner's, for a step that publishes it whole) and each input's run folder; InvalidSpec when
+    one is not in the run's namespace."""
+    root, namespace = cfg.artifacts.uri or cfg.artifacts.mountPath, run.owner.namespace
+    output = run_folder_of("output_uri", run.runspec.output_uri, root, namespace, inside=False)
+    if run.step in PUBLISHES_RUN_FOLDER:
+        output = output.rsplit("/", 1)[0]
+    folders = {output: False}
+    for name, uri in run.runspec.input_uris():
+        folder = run_folder_of(name, uri, root, namespace)
+        if not any(folder == seen or folder.startswith(f"{seen}/") for seen in folders):
+            folders[folder] = True
+    return folders
 
 
 def _volumes(run: Run, cfg: OperatorConfig) -> tuple[list[dict], list[dict]]:
@@ -150,9 +217,15 @@ def _volumes(run: Run, cfg: OperatorConfig) -> tuple[list[dict], list[dict]]:
         {"name": "runspec", "mountPath": RUNSPEC_DIR, "readOnly": True},
         {"name": "tmp", "mountPath": "/tmp"},
     ]
+    folders = artifact_folders(run, cfg)
     if not cfg.artifacts.uri:
+        # Only these folders of the claim, at the paths the RunSpec names: one RWX filesystem may hold every namespace.
         volumes.append({"name": "artifacts", "persistentVolumeClaim": {"claimName": cfg.artifacts.claimName}})
-        mounts.append({"name": "artifacts", "mountPath": cfg.artifacts.mountPath})
+        root = cfg.artifacts.mountPath.rstrip("/")
+        mounts += [
+            {"name": "artifacts", "mountPath": f"{root}/{folder}", "subPath": folder, "readOnly": read_only}
+            for folder, read_only in folders.items()
+        ]
     if run.step in GPU_STEPS:
         volumes.append(
             {"name": "models", "persistentVolumeClaim": {"claimName": cfg.modelCacheClaim, "readOnly": True}}

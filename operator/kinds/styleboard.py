@@ -17,15 +17,23 @@ from kleinstyle.contract.runspec import FetchPolicy, ImageInput, PrepareSpec
 
 from ..api import BY_KIND
 from ..api.styleboard import DuplicateImage, ImageCaption, RejectedImage, StyleBoardOutcome, StyleBoardSpec, TokenUsage
-from ..children import REFERENCES_MOUNT, Run, SecretEnv
+from ..children import REFERENCES_MOUNT, InvalidSpec, Run, SecretEnv
 from ..config import OperatorConfig
 from .base import Dependencies, Fields, KindRuns, build_run, status_fields, with_provider_url
 
 
-def image_input(source: str, caption: str | None) -> tuple[ImageInput, str | None]:
-    """pvc://CLAIM/PATH becomes the path where the prepare pod mounts that claim (and the claim to mount)."""
+def image_input(source: str, caption: str | None, field: str, cfg: OperatorConfig) -> tuple[ImageInput, str | None]:
+    """pvc://CLAIM/PATH becomes the path where the prepare pod mounts that claim (and the claim to mount). The
+    operator's own claims are refused (InvalidSpec naming `field`): with one filesystem behind every namespace's
+    claim, the artifact claim holds every tenant's runs."""
     if source.startswith("pvc://"):
         claim, _, path = source[len("pvc://") :].partition("/")
+        own = {cfg.artifacts.claimName: "the artifacts", cfg.modelCacheClaim: "the model cache"}
+        if claim in own:
+            raise InvalidSpec(
+                f"{field}: {source} names the claim {claim}, which holds {own[claim]} of kleinstyle; a pvc:// source "
+                "must name a claim of your own"
+            )
         return ImageInput(source=f"{REFERENCES_MOUNT}/{claim}/{path}", caption=caption, label=source), claim
     return ImageInput(source=source, caption=caption), None
 
@@ -37,8 +45,8 @@ class StyleBoardRuns(KindRuns):
 
     def build(self, body: Mapping[str, Any], spec: StyleBoardSpec, deps: Dependencies, cfg: OperatorConfig) -> Run:
         images, claims = [], []
-        for image in spec.images:
-            item, claim = image_input(image.source, image.caption)
+        for i, image in enumerate(spec.images):
+            item, claim = image_input(image.source, image.caption, f"spec.images[{i}].source", cfg)
             images.append(item)
             if claim and claim not in claims:
                 claims.append(claim)
