@@ -8,7 +8,9 @@ check and the connect (DNS rebinding) cannot redirect it. Plain http is refused:
 
 Sources: `https://` (httpx), `s3://` and `gs://` (fsspec, with the board's credentials or anonymous), and absolute
 paths in the pod (a mounted volume, read through `local_path`). Everything is capped at `FetchPolicy.max_bytes`
-while it streams, so a huge or endless response never sits in memory.
+while it streams, so a huge or endless response never sits in memory. A path is read only inside the volume it names
+(a pvc:// source: its claim's mount, REFERENCES_MOUNT/CLAIM), and every reason it cannot be read is the same one, so
+a rejection never tells whether something exists there or what it is.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import PurePosixPath
 
 import httpx
+from kleinstyle.contract.pod import REFERENCES_MOUNT
 from kleinstyle.contract.pod import SOURCE_CREDENTIAL_ENV as SOURCE_ENV
 from kleinstyle.contract.runspec import FetchPolicy
 
@@ -53,6 +56,8 @@ SOURCE_CREDENTIAL_ENV = {
     "gs": (SOURCE_ENV["GOOGLE_APPLICATION_CREDENTIALS_JSON"],),
 }
 _REASON_MAX = 200
+# Why a pod path cannot be read, whatever the cause: missing, a folder, a FIFO, a device, no permission.
+UNREADABLE = "not found or not a readable regular file"
 
 
 class FetchError(Exception):
@@ -343,27 +348,41 @@ def _fetch_object(source: str, scheme: str, max_bytes: int) -> bytes:
     return data
 
 
+def volume_root(source: str) -> str:
+    """The mount a pod path `source` names: REFERENCES_MOUNT/CLAIM for a pvc:// source, else its top folder."""
+    parts = PurePosixPath(source).parts
+    depth = 3 if PurePosixPath(*parts[:2]) == PurePosixPath(REFERENCES_MOUNT) else 2
+    return str(PurePosixPath(*parts[:depth]))
+
+
 def _read_pod_file(source: str, max_bytes: int) -> bytes:
-    """Read a file on a volume mounted into the pod; only regular files (not /dev/zero, not a FIFO), and never
-    through '..' (a path must stay inside the volume it names)."""
+    """Read a regular file (not /dev/zero, not a FIFO) on a volume mounted into the pod, only inside the volume it
+    names: never through '..', nor through a symlink that leads out of it. Whatever else goes wrong reads as
+    UNREADABLE (retryable: a file may still be being copied there)."""
     if ".." in PurePosixPath(source).parts:
         raise FetchError(source, "'..' is not allowed in a path")
-    path = local_path(source)
+    root = local_path(volume_root(source)).resolve()
+    real = local_path(source).resolve()  # symlinks followed as far as they go, without touching the target
+    if not real.is_relative_to(root):
+        raise FetchError(source, f"leads outside its volume {volume_root(source)} (through a symlink); not allowed")
     too_big = f"larger than {max_bytes} bytes"
     try:
-        info = path.stat()
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; O_NOFOLLOW: the path was just resolved.
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError:
+        raise FetchError(source, UNREADABLE, retryable=True) from None
+    try:
+        info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise FetchError(source, "not a regular file")
+            raise FetchError(source, UNREADABLE, retryable=True)
         if info.st_size > max_bytes:
             raise FetchError(source, too_big)
-        with path.open("rb") as handle:
+        with os.fdopen(fd, "rb", closefd=False) as handle:
             data = handle.read(max_bytes + 1)
-    except FileNotFoundError:  # may still be copied there: worth a retry
-        raise FetchError(source, "no such file in the pod (is its volume mounted?)", retryable=True) from None
-    except PermissionError:
-        raise FetchError(source, "permission denied") from None
-    except OSError as exc:
-        raise FetchError(source, f"could not read: {_short(exc.strerror or str(exc))}") from None
+    except OSError:
+        raise FetchError(source, UNREADABLE, retryable=True) from None
+    finally:
+        os.close(fd)
     if len(data) > max_bytes:
         raise FetchError(source, too_big)
     return data

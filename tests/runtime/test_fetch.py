@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import ipaddress
+import os
 import socket
 import ssl
 import sys
@@ -269,6 +270,42 @@ def test_pod_paths_go_through_the_rootfs(rootfs: Path) -> None:
     (rootfs / "boards" / "big.png").write_bytes(b"x" * 2000)
     assert fetch("/boards/a.png", FetchPolicy()) == BODY
     assert reason_of("/boards/big.png", FetchPolicy(max_bytes=1000)) == "larger than 1000 bytes"
-    assert reason_of("/boards/missing.png").startswith("no such file in the pod")
-    assert reason_of("/boards") == "not a regular file"
     assert reason_of("/boards/../boards/a.png") == "'..' is not allowed in a path"
+
+
+def test_an_unreadable_pod_path_never_says_what_is_there(rootfs: Path) -> None:
+    """Missing, a folder, a FIFO, a path through a file, no permission: one reason, one retry verdict."""
+    claim = rootfs / "references" / "refs"
+    (claim / "folder").mkdir(parents=True)
+    (claim / "a.png").write_bytes(BODY)
+    (claim / "locked.png").write_bytes(BODY)
+    (claim / "locked.png").chmod(0)
+    os.mkfifo(claim / "pipe")
+    (claim / "dangling.png").symlink_to(claim / "gone.png")
+    sources = ["missing.png", "folder", "pipe", "a.png/inside", "dangling.png"]
+    if os.geteuid() != 0:  # root reads a file whatever its mode
+        sources.append("locked.png")
+    verdicts = set()
+    for name in sources:
+        with pytest.raises(FetchError) as caught:
+            fetch(f"/references/refs/{name}", DEFAULT)
+        verdicts.add((caught.value.reason, caught.value.retryable))
+    assert verdicts == {("not found or not a readable regular file", True)}
+
+
+def test_a_pvc_source_is_read_only_inside_its_own_claim(rootfs: Path, tmp_path: Path) -> None:
+    """A symlink in a tenant's claim cannot reach another claim's mount, nor anything outside the pod's volumes."""
+    refs, other = rootfs / "references" / "refs", rootfs / "references" / "kleinstyle-artifacts"
+    refs.mkdir(parents=True)
+    (other / "team-b").mkdir(parents=True)
+    (other / "team-b" / "001.png").write_bytes(BODY)
+    (tmp_path / "outside.png").write_bytes(BODY)
+    (refs / "inside.png").write_bytes(BODY)
+    (refs / "alias.png").symlink_to("inside.png")
+    (refs / "sideways.png").symlink_to("../kleinstyle-artifacts/team-b/001.png")
+    (refs / "absolute.png").symlink_to(tmp_path / "outside.png")
+    (refs / "nowhere.png").symlink_to(tmp_path / "never-written.png")
+    assert fetch("/references/refs/alias.png", DEFAULT) == BODY
+    escape = "leads outside its volume /references/refs (through a symlink); not allowed"
+    for name in ("sideways.png", "absolute.png", "nowhere.png"):  # whether the target exists or not: one reason
+        assert reason_of(f"/references/refs/{name}") == escape
