@@ -7,7 +7,8 @@ A restarted pod on a fresh node downloads the newest complete checkpoint before 
 scheduler and RNG state included) as it would from the artifact volume, and a finished two-step content stage's
 LoRA, so the style stage resumes on the same merged base. What it does not restore: the scores of the checkpoints
 before the newest (early stopping starts its patience again from there, and can promote only checkpoints from the
-newest on).
+newest on). The remote folder is checked against the prefix the namespace's Secret is scoped to before anything is
+opened there (artifact_scope.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from .artifact_scope import check_uri
 from .artifacts import join_uri, read_bytes, write_bytes_atomic
 from .klein import checkpoints as ckpt
 
@@ -28,6 +30,7 @@ class CheckpointMirror:
     """Checkpoints of `local_dir` (a trainer's output folder) mirrored under `remote_uri` (the run's work folder)."""
 
     def __init__(self, remote_uri: str, local_dir: Path) -> None:
+        check_uri(remote_uri)  # every URI below is inside it
         self.remote_uri = remote_uri
         self.local_dir = local_dir
 
