@@ -2,9 +2,14 @@
 
 Each pod gets `{root}/pods/{namespace}/{pod}/` as its filesystem root: every `volumeMount.mountPath` becomes a
 symlink there to a local folder (a PVC is `{root}/volumes/{claimName}`, shared by all pods as a real claim would
-be), and `KLEINSTYLE_ROOTFS` names it so the runtime resolves pod paths under it (runtime/paths.py). The process
-sees a minimal environment plus the pod's, not the operator's: a Job that works here does not lean on a variable
-that only the developer's shell has.
+be; a `subPath` mount links to that folder inside it, created when missing as the kubelet does), and
+`KLEINSTYLE_ROOTFS` names it so the runtime resolves pod paths under it (runtime/paths.py). A pod path reaches only
+what is mounted: the folders between mount points are the pod's own, so a claim's other folders are not there.
+What a process cannot be held to: `readOnly` (a local process gets no read-only bind; the end-to-end tests check
+that the operator's Jobs leave their read-only inputs as they were), and '..' after a mount point, which the kernel
+resolves in the linked folder rather than in the pod (the runtime refuses '..' in the paths it is given). The
+process sees a minimal environment plus the pod's, not the operator's: a Job that works here does not lean on a
+variable that only the developer's shell has.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import shutil
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 ROOTFS_ENV = "KLEINSTYLE_ROOTFS"
@@ -137,7 +142,13 @@ def mount_volumes(container: dict[str, Any], rootfs: Path, folders: Mapping[str,
             raise PodSetupError("CreateContainerConfigError", f'volume "{mount["name"]}" not found in the pod spec')
         source = folders[mount["name"]]
         if mount.get("subPath"):
-            source = source / mount["subPath"]
+            sub = PurePosixPath(mount["subPath"])
+            if sub.is_absolute() or ".." in sub.parts:  # the API server refuses these; never leave the volume
+                raise PodSetupError(
+                    "CreateContainerConfigError",
+                    f"subPath {mount['subPath']!r} of {mount['mountPath']}: must be a relative path without '..'",
+                )
+            source = source / sub
             if not source.exists():
                 source.mkdir(parents=True, exist_ok=True)  # kubelet creates a missing subPath as a directory
         link = rootfs / mount["mountPath"].strip("/")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import textwrap
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -188,19 +189,21 @@ async def test_a_restarted_executor_does_not_rerun_a_finished_pod(tmp_path: Path
     assert counter.read_text() == "x"
 
 
+def waiting(cluster: DevCluster) -> dict[str, Any] | None:
+    """The waiting state of a container of a pod in `default`, if one is waiting."""
+    for pod in cluster.emulator.list("pods", "default"):
+        for status in pod.get("status", {}).get("containerStatuses", []):
+            if "waiting" in status["state"]:
+                return status["state"]["waiting"]
+    return None
+
+
 async def test_a_missing_secret_keeps_the_pod_waiting(tmp_path: Path) -> None:
     env = [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "later", "key": "token"}}}]
     async with DevCluster(tmp_path) as cluster:
         await cluster.apply([job("waits", "import os; assert os.environ['TOKEN'] == 'ok'", env=env)])
 
-        def waiting() -> dict[str, Any] | None:
-            for pod in cluster.emulator.list("pods", "default"):
-                for status in pod.get("status", {}).get("containerStatuses", []):
-                    if "waiting" in status["state"]:
-                        return status["state"]["waiting"]
-            return None
-
-        state = await cluster.wait_for(waiting)
+        state = await cluster.wait_for(partial(waiting, cluster))
         assert state["reason"] == "CreateContainerConfigError"
         assert state["message"] == 'secret "later" not found'
         await cluster.apply(
@@ -268,3 +271,56 @@ async def test_a_missing_command_fails_the_pod_like_a_start_error(tmp_path: Path
         terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
         assert terminated["reason"] == "StartError"
         assert "executable file not found" in terminated["message"]
+
+
+SUBPATH_SCRIPT = textwrap.dedent(
+    """
+    import json, os, pathlib
+    root = pathlib.Path(os.environ["KLEINSTYLE_ROOTFS"])
+    seen = {
+        "input": (root / "artifacts/team-a/lora/r1/lora.txt").read_text(),
+        "team-b": (root / "artifacts/team-b/secret.txt").exists(),
+        "sibling": (root / "artifacts/team-a/other/x.txt").exists(),
+        "listed": sorted(p.name for p in (root / "artifacts/team-a").iterdir()),
+    }
+    (root / "artifacts/team-a/gen/r2/seen.json").write_text(json.dumps(seen))
+    """
+)
+
+
+async def test_subpath_mounts_of_one_claim_show_only_their_folders(tmp_path: Path) -> None:
+    """One RWX claim holding several namespaces, mounted folder by folder as the operator's Jobs do: the process
+    reaches the mounted folders at their nested paths and nothing else of the claim."""
+    claim = tmp_path / "volumes" / "artifacts"
+    for path, text in {
+        "team-a/lora/r1/lora.txt": "weights",
+        "team-b/secret.txt": "b",
+        "team-a/other/x.txt": "x",
+    }.items():
+        (claim / path).parent.mkdir(parents=True, exist_ok=True)
+        (claim / path).write_text(text)
+    spec = job("subpaths", SUBPATH_SCRIPT)
+    pod = spec["spec"]["template"]["spec"]
+    pod["volumes"] = [{"name": "artifacts", "persistentVolumeClaim": {"claimName": "artifacts"}}]
+    pod["containers"][0]["volumeMounts"] = [
+        {"name": "artifacts", "mountPath": "/artifacts/team-a/gen/r2", "subPath": "team-a/gen/r2"},  # created
+        {"name": "artifacts", "mountPath": "/artifacts/team-a/lora/r1", "subPath": "team-a/lora/r1", "readOnly": True},
+    ]
+    async with DevCluster(tmp_path) as cluster:
+        await cluster.apply([spec])
+        assert condition(await finished(cluster, "subpaths"), "Complete")
+    seen = json.loads((claim / "team-a" / "gen" / "r2" / "seen.json").read_text())
+    assert seen == {"input": "weights", "team-b": False, "sibling": False, "listed": ["gen", "lora"]}
+
+
+async def test_a_subpath_that_leaves_its_volume_keeps_the_pod_waiting(tmp_path: Path) -> None:
+    spec = job("escape", "print('never runs')")
+    pod = spec["spec"]["template"]["spec"]
+    pod["volumes"] = [{"name": "artifacts", "persistentVolumeClaim": {"claimName": "artifacts"}}]
+    pod["containers"][0]["volumeMounts"] = [{"name": "artifacts", "mountPath": "/a", "subPath": "team-a/../../x"}]
+    async with DevCluster(tmp_path) as cluster:
+        await cluster.apply([spec])
+        state = await cluster.wait_for(partial(waiting, cluster), timeout=20)
+    assert state["reason"] == "CreateContainerConfigError"
+    assert "must be a relative path without '..'" in state["message"]
+    assert not (tmp_path / "x").exists()
