@@ -15,7 +15,7 @@ from kleinstyle.contract.pod import (
     ARTIFACT_PREFIX_ENV,
     ARTIFACT_PREFIX_KEY,
     ARTIFACT_SECRET_ENV,
-    EXIT_BAD_SPEC,
+    NEVER_RETRIED,
     REFERENCES_MOUNT,
     RUNSPEC_DIR,
     RUNSPEC_FILE,
@@ -301,12 +301,13 @@ def build_job(run: Run, cfg: OperatorConfig) -> dict:
     spec: dict = {
         "backoffLimit": cfg.backoffLimit,
         "activeDeadlineSeconds": cfg.activeDeadlineSeconds,
-        # Bad input fails the Job at once; a preempted or evicted pod does not count against backoffLimit.
+        # Bad input and a full artifacts volume fail the Job at once (a retry would redo the work to fail the same
+        # way); a preempted or evicted pod does not count against backoffLimit.
         "podFailurePolicy": {
             "rules": [
                 {
                     "action": "FailJob",
-                    "onExitCodes": {"containerName": run.step, "operator": "In", "values": [EXIT_BAD_SPEC]},
+                    "onExitCodes": {"containerName": run.step, "operator": "In", "values": list(NEVER_RETRIED)},
                 },
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
             ]

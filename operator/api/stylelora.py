@@ -136,6 +136,12 @@ class StyleLoRAOutcome(BaseModel):
     """What the current run reports: rewritten from its progress and result on every reconcile, emptied otherwise."""
 
     step: int | None = Field(default=None, description="Current training step.")
+    stopRequest: str | None = Field(
+        default=None,
+        description="Output only: the stop the kleinstyle.dev/stop annotation asks of the current run (its reason), "
+        'as the operator read it. To stop a run, annotate the StyleLoRA with kleinstyle.dev/stop="RUNHASH: '
+        'reason"; nothing reads this field.',
+    )
     progressText: str | None = Field(default=None, description="step/total and percent, for kubectl get.")
     loss: float | None = Field(default=None, description="Latest training loss.")
     eta: str | None = Field(default=None, description="Estimated time left.")
@@ -178,10 +184,3 @@ class StyleLoRAPlanned(BaseModel):
 
 class StyleLoRAStatus(StyleLoRAOutcome, StyleLoRAPlanned, CommonStatus):
     """Observed state of a StyleLoRA."""
-
-    stopRequest: str | None = Field(
-        default=None,
-        description="Set it (any text, e.g. with kubectl patch --subresource=status) to stop training: the run "
-        "promotes its best checkpoint (the latest when checkpoints are not evaluated) to the LoRA and succeeds. "
-        "A new run clears it.",
-    )

@@ -19,7 +19,7 @@ from kleinstyle.contract.aitoolkit import aitoolkit_config
 from kleinstyle.contract.early_stop import Decision, StoppingSettings, decide_reported
 from kleinstyle.contract.layout import AITOOLKIT_DIR, CHECKPOINT_GALLERY, LORA_FILE
 from kleinstyle.contract.plan import TrainingPlan, plan_training
-from kleinstyle.contract.pod import AITOOLKIT_CONFIG_FILE
+from kleinstyle.contract.pod import AITOOLKIT_CONFIG_FILE, STOP_ANNOTATION, parse_stop
 from kleinstyle.contract.reports import CheckpointReport, EvaluationReport, TrainProgress, TrainResult
 from kleinstyle.contract.runspec import EvaluationSpec, TrainSpec
 
@@ -34,7 +34,6 @@ class StyleLoRARuns(KindRuns):
     kind = BY_KIND["StyleLoRA"]
     step = "train"
     outcome = StyleLoRAOutcome
-    new_run_fields = {"stopRequest": None}  # a stop asked of an earlier run is not one for this run
 
     def dependencies(self, spec: StyleLoRASpec) -> list[Dependency]:
         return [Dependency("StyleBoard", spec.boardRef.name, "datasetURI")]
@@ -112,6 +111,22 @@ class StyleLoRARuns(KindRuns):
         if result.total_steps > 0:
             out["totalSteps"] = result.total_steps
         return {**out, **scored(result.checkpoints, result.evaluation, run)}
+
+    def requested(self, body: Mapping[str, Any], run: Run) -> tuple[Fields, list[str]]:
+        """The stop the user asked of the current run (its `kleinstyle.dev/stop` annotation), as status shows it:
+        `stopRequest`, output only (the trainer reads the annotation itself), and a warning for an annotation that
+        names no run, which stops nothing. One naming an earlier run is that run's: it says nothing of this one."""
+        value = ((body.get("metadata") or {}).get("annotations") or {}).get(STOP_ANNOTATION)
+        if not isinstance(value, str):
+            return {}, []
+        run_id = run.runspec.run_id()
+        parsed = parse_stop(value)
+        if parsed is None:
+            return {}, [
+                f"metadata.annotations[{STOP_ANNOTATION}] stops nothing: its value must begin with the id of the run "
+                f'to stop (status.runHash), e.g. {STOP_ANNOTATION}="{run_id}: enough"'
+            ]
+        return ({"stopRequest": parsed[1] or "stop requested"}, []) if parsed[0] == run_id else ({}, [])
 
 
 def evaluation(cfg: OperatorConfig, plan: TrainingPlan) -> EvaluationSpec:

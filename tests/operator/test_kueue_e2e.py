@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from kleinstyle.contract.pod import STOP_ANNOTATION
 from kleinstyle.devcluster.demo import cluster_for, dev_config, write_model_cache
 from kleinstyle.devcluster.kueue import NO_QUOTA, FakeKueue
 from kleinstyle.operator.config import TrainingLimits
@@ -69,11 +70,11 @@ async def test_an_evicted_job_shows_preempted_and_its_next_pod_resumes(root: Pat
         pod_logs = root / "logs" / NS
         resumed = await cluster.wait_for(lambda: _resumed_step(pod_logs, job), timeout=120, interval=0.2)
         assert resumed >= before  # the next pod went on from a checkpoint, not from step 0
-        await cluster.client.patch(
-            "styleloras", NS, "bd9-queued", {"status": {"stopRequest": "enough"}}, subresource="status"
-        )
+        stop = {STOP_ANNOTATION: f"{running['status']['runHash']}: enough"}  # what README's kubectl annotate sets
+        await cluster.client.patch("styleloras", NS, "bd9-queued", {"metadata": {"annotations": stop}})
         done = await cluster.wait_for(phase_is(cluster, "styleloras", "bd9-queued", "Succeeded"), timeout=120)
         assert done["status"]["queue"]["requeueCount"] == 1
+        assert done["status"]["stopReason"] == "stop requested: enough"
         assert [c["step"] for c in done["status"]["checkpoints"]][:1] == [50]
 
 
