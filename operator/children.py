@@ -26,7 +26,7 @@ from kleinstyle.contract.runspec import RunSpec
 
 from .config import OperatorConfig
 from .kueue import PRIORITY_LABEL, QUEUE_LABEL
-from .naming import NODE_POOL, owner_labels, run_labels, run_name, runner_name
+from .naming import GENERATION, NODE_POOL, owner_labels, run_labels, run_name, runner_name
 
 GPU_STEPS = frozenset({"train", "generate"})
 # Steps that publish their run folder whole (runtime/artifacts.py stages `.RUN.tmp-*` beside it, then renames it into
@@ -71,6 +71,9 @@ class Run:
     extra_env: dict[str, str] = field(default_factory=dict)
     # More files beside the RunSpec in the ConfigMap (e.g. the ai-toolkit config the trainer launches with).
     files: dict[str, str] = field(default_factory=dict)
+    # The owner's metadata.generation the run was started for, recorded on its Job: the run goes on, whatever its
+    # dependencies or the operator's configuration do since, until the owner's spec changes (reconcile).
+    generation: int | None = None
 
     @property
     def owner(self):
@@ -316,7 +319,10 @@ def build_job(run: Run, cfg: OperatorConfig) -> dict:
     }
     if run.queue_name:
         spec["suspend"] = True  # Kueue admits (unsuspends) it when quota allows.
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(run, run.name, labels), "spec": spec}
+    meta = _meta(run, run.name, labels)
+    if run.generation is not None:
+        meta["annotations"] = {GENERATION: str(run.generation)}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}
 
 
 def build_children(run: Run, cfg: OperatorConfig) -> list[dict]:

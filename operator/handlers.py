@@ -35,7 +35,7 @@ from kubernetes.client.rest import ApiException
 from . import kueue, metrics, usage
 from .api import GROUP, KINDS, VERSION
 from .config import OperatorConfig
-from .kinds import KIND_RUNS, Dependency, NotReady, check_dependencies, find_cycle
+from .kinds import KIND_RUNS, Dependency, find_cycle
 from .kinds.base import owner_of
 from .kube import PLURALS, Kube
 from .naming import OWNER_UID, selector
@@ -142,10 +142,11 @@ async def observe(kube: Kube, body: Any, indexes: Mapping[str, Any], wakers: Wak
         wakers.waiting_on[(namespace, dep.kind, dep.name)].add(uid)
         dependencies[(dep.kind, dep.name)] = _one(indexes[_objects_index(dep.kind)].get((namespace, dep.name)))
     cycle = find_cycle((kind, meta["name"]), partial(_dependencies_of, indexes, namespace)) if deps_wanted else None
-    try:
-        check_dependencies(deps_wanted, dependencies)
-    except NotReady:
-        return Observed(body=dict(body), dependencies=dependencies, cycle=cycle or ())
+    # The operator's record of each dependency's runs: the Jobs it created for it (status alone is never believed).
+    jobs_index = indexes[_children_index("Job")]
+    dependency_jobs = {
+        key: list(jobs_index.get(obj["metadata"]["uid"], ())) for key, obj in dependencies.items() if obj is not None
+    }
     children = {}
     for child_kind in CHILD_KINDS:
         for child in indexes[_children_index(child_kind)].get(uid, ()):
@@ -175,6 +176,7 @@ async def observe(kube: Kube, body: Any, indexes: Mapping[str, Any], wakers: Wak
         pods=pods,
         workloads=workloads,
         cycle=cycle or (),
+        dependency_jobs=dependency_jobs,
     )
 
 
@@ -234,6 +236,8 @@ async def write_decision(kube: Kube, body: Any, decision: Decision, wakers: Wake
             decision = blocked(body, "ChildConflict", conflict, now_rfc3339())
             break
         wakers.created[uid][key] = existing or child
+    for child, marks in decision.annotate:
+        await kube.annotate(child["kind"], child["metadata"]["namespace"], child["metadata"]["name"], marks)
     await patch_status(kube, body, decision.status, wakers)
     for event in decision.events:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)

@@ -107,6 +107,13 @@ class Kube:
         query = [("fieldManager", FIELD_MANAGER)]
         return await asyncio.to_thread(self._call, "PATCH", path, {"status": changes}, query, MERGE_PATCH)
 
+    async def annotate(self, kind: str, namespace: str, name: str, annotations: dict[str, str]) -> Any:
+        """A JSON merge patch of `annotations` on an object's metadata (never its spec)."""
+        path = f"{collection_path(kind, namespace)}/{name}"
+        body = {"metadata": {"annotations": annotations}}
+        query = [("fieldManager", FIELD_MANAGER)]
+        return await asyncio.to_thread(self._call, "PATCH", path, body, query, MERGE_PATCH)
+
     async def delete(self, kind: str, namespace: str, name: str) -> bool:
         body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
         try:

@@ -15,6 +15,7 @@ OWNER_KIND = "kleinstyle.dev/owner-kind"
 OWNER_UID = "kleinstyle.dev/owner-uid"
 RUN_HASH = "kleinstyle.dev/run-hash"
 STEP = "kleinstyle.dev/step"
+GENERATION = "kleinstyle.dev/generation"  # on Jobs: the owner's generation the run was started for
 NODE_POOL = "kleinstyle.dev/node-pool"  # on GPU Jobs: the pool their GPU-seconds are counted against
 HASH_LEN = RUN_ID_LENGTH
 MAX_NAME = 63  # Job names end up in the job-name label of their pods: a label value is at most 63 characters.

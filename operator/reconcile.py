@@ -8,9 +8,16 @@ The phase machine, in one place:
     Succeeded  the Job completed; the run's result is copied into status
     Failed     the Job failed; the message carries the pod's reason (exit code, termination message)
 
-Spec changes: a run is keyed by the hash of its RunSpec. When the spec (or a dependency's output) changes, the hash
-changes, a new ConfigMap and Job are created under new names, and the children of older runs are deleted, running
-or not. A finished run is never silently kept for a spec it does not match.
+Spec changes: a run is keyed by the hash of its RunSpec. When the spec changes, a new run is planned from the spec,
+the dependencies as they are now and the operator's configuration; when its hash differs, a new ConfigMap and Job
+are created under new names and the children of older runs are deleted, running or not. A finished run is never
+silently kept for a spec it does not match.
+
+Runs survive their dependencies: a run started for the current generation of the spec goes on (and a finished one
+stays) when a dependency is deleted, re-created or retrained, or the operator's configuration changes; status says
+so (`SourcesCurrent=False`) and only an edit of the spec starts another run. Which run is current is read from the
+operator's own records (the Job annotated with the generation, the RunSpec beside it), never from status, which
+anyone with rights on the status subresource could write.
 """
 
 from __future__ import annotations
@@ -19,16 +26,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kleinstyle.contract.pod import RUNSPEC_FILE
 from kleinstyle.contract.reports import read_report
+from kleinstyle.contract.runspec import RunSpec
 from pydantic import ValidationError
 
 from . import kueue
-from .api.common import field_errors
-from .children import build_children
+from .api.common import API_VERSION, field_errors
+from .children import InvalidSpec, Run, build_children
 from .conditions import Condition, condition, merge_conditions, true_condition
 from .config import OperatorConfig
 from .kinds import KIND_RUNS, KindRuns, NotReady, changed_inputs, check_dependencies, inputs
-from .naming import RUN_HASH
+from .kinds.base import Dependencies, DependencyJobs, controlled_by, job_complete, recorded_run
+from .naming import GENERATION, RUN_HASH
 
 RUN_CHILD_KINDS = ("Job", "ConfigMap")
 RUNNER_KINDS = ("ServiceAccount", "Role", "RoleBinding")
@@ -56,6 +66,8 @@ class Observed:
     workloads: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     # A dependency cycle through this object ([self, ..., self]), found by following references in the namespace.
     cycle: Sequence[tuple[str, str]] = ()
+    # Each dependency's Jobs (the operator's record of what ran for it), by (kind, name).
+    dependency_jobs: DependencyJobs = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,8 @@ class Decision:
     delete: list[dict] = field(default_factory=list)
     status: dict[str, Any] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
+    # Existing children whose annotations to merge (a Job re-recorded for the spec's current generation).
+    annotate: list[tuple[dict, dict[str, str]]] = field(default_factory=list)
 
 
 def _key(obj: Mapping[str, Any]) -> tuple[str, str]:
@@ -103,7 +117,7 @@ def job_phase(
     if job is None:
         return "Pending", "JobCreated", f"Job {name} is waiting for a pod"
     status = job.get("status") or {}
-    if true_condition(job, "Complete") or true_condition(job, "SuccessCriteriaMet"):
+    if job_complete(job):
         return "Succeeded", "JobComplete", f"Job {name} completed"
     failed = true_condition(job, "Failed")
     if failed:
@@ -127,11 +141,13 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
     def finish(phase: str, reason: str, message: str, conds: list[Condition], **fields: Any) -> Decision:
         return _decided(body, now, phase, reason, message, conds, **fields)
 
+    def invalid(message: str) -> Decision:
+        return finish("Failed", "InvalidSpec", message, [Condition("Ready", "False", "InvalidSpec", message)])
+
     try:
         spec = kind_run.kind.spec.model_validate(body.get("spec") or {})
     except ValidationError as exc:  # The CRD schema normally refuses this at apply time.
-        message = "; ".join(field_errors(exc))
-        return finish("Failed", "InvalidSpec", message, [Condition("Ready", "False", "InvalidSpec", message)])
+        return invalid("; ".join(field_errors(exc)))
 
     deps = kind_run.dependencies(spec)
     if observed.cycle:
@@ -143,10 +159,22 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
             Condition("Warning", "True", "DependencyCycle", message),
         ]
         return finish("Waiting", "DependencyCycle", message, conds)
-    if finished(body):
+    if finished(body) and recorded_run(body, jobs_of(observed.children), complete=False):
         return kept(body, observed, now)
+
+    run = run_in_flight(body, observed.children)
     try:
-        check_dependencies(deps, observed.dependencies)
+        if run is not None:
+            # Started for this generation of the spec: it goes on with what it was started with, whatever its
+            # dependencies or the operator's configuration (trainingLimits, say) do since.
+            source = sources_condition(old_status.get("inputs"), observed.dependencies, "goes on with")
+            fields: dict[str, Any] = {"inputs": old_status.get("inputs") or inputs(deps, observed.dependencies)}
+        else:
+            check_dependencies(deps, observed.dependencies, observed.dependency_jobs)
+            run = kind_run.build(body, spec, observed.dependencies, cfg)
+            source = Condition("SourcesCurrent", "True", "Unchanged", "every input is the run this one uses")
+            fields = {"inputs": inputs(deps, observed.dependencies)}
+        desired = build_children(run, cfg)
     except NotReady as wait:
         missing = (
             [f"{wait.message} (yet): nothing runs until it is created"] if wait.reason.endswith("NotFound") else []
@@ -156,32 +184,24 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
             Condition("Ready", "False", wait.reason, wait.message),
             warning_condition(missing),
         ]
-        return finish("Waiting", wait.reason, wait.message, conds)
+        # A run of an earlier generation of the spec is superseded: it must not go on, unowned by status.
+        return _without_run(finish("Waiting", wait.reason, wait.message, conds), observed)
+    except InvalidSpec as exc:
+        return _without_run(invalid(str(exc)), observed)
 
-    run = kind_run.build(body, spec, observed.dependencies, cfg)
     short_hash = run.runspec.run_id()
-    desired = build_children(run, cfg)
     by_key = {_key(child): child for child in observed.children}
     create = [child for child in desired if _key(child) not in by_key]
-    delete = [
-        child
-        for child in observed.children
-        if child["kind"] in RUN_CHILD_KINDS and (child["metadata"].get("labels") or {}).get(RUN_HASH) != short_hash
-    ]
+    delete = superseded(observed.children, keep=short_hash)
     job = by_key.get(("Job", run.name))
 
-    fields: dict[str, Any] = {
-        "runHash": short_hash,
-        "jobName": run.name,
-        "artifactURI": run.runspec.output_display_uri,
-        "inputs": inputs(deps, observed.dependencies),
-    }
+    fields.update({"runHash": short_hash, "jobName": run.name, "artifactURI": run.runspec.output_display_uri})
     # Result fields are rewritten on every reconcile, from this run's result or empty: a value left by an older
     # run, or written by a pod (RBAC cannot narrow its status patch to `progress`), never stands.
     fields.update(kind_run.cleared())
     if old_status.get("runHash") != short_hash:
         fields.update(kind_run.new_run_fields)
-    conds = [Condition("DependenciesReady", "True", "Ready", "all dependencies are Succeeded")]
+    conds = [Condition("DependenciesReady", "True", "Ready", "all dependencies are Succeeded"), source]
     planned, warnings = kind_run.planned(run)
     fields.update(planned)
 
@@ -223,7 +243,17 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
     events = list(decision.events)
     if delete and any(c["kind"] == "Job" for c in delete):
         events.append(Event("Normal", "Superseded", f"spec changed: replacing the run with run {short_hash}"))
-    return Decision(create=create, delete=delete, status=decision.status, events=events)
+    # An edited spec that plans the same run keeps it: its Job is recorded for this generation, so it goes on when
+    # a dependency goes later.
+    generation = str(body["metadata"].get("generation"))
+    stale = job is not None and (job["metadata"].get("annotations") or {}).get(GENERATION) != generation
+    annotate = [(dict(job), {GENERATION: generation})] if stale and job is not None and phase not in TERMINAL else []
+    return Decision(create=create, delete=delete, status=decision.status, events=events, annotate=annotate)
+
+
+def _without_run(decision: Decision, observed: Observed) -> Decision:
+    """`decision` for an object that has no run now: every child of an earlier run goes."""
+    return Decision(delete=superseded(observed.children, keep=None), status=decision.status, events=decision.events)
 
 
 def settled(body: Mapping[str, Any]) -> bool:
@@ -242,26 +272,71 @@ def kept(body: Mapping[str, Any], observed: Observed, now: str) -> Decision:
     since, because a retrained LoRA does not re-render the images already made with the old one (edit the spec to
     run again). What is left of the run's children besides its Job and RunSpec goes."""
     status = body.get("status") or {}
-    changed = changed_inputs(status.get("inputs"), observed.dependencies)
-    if changed:
-        message = "; ".join(changed) + ": this run used the earlier one; edit the spec to run again with the new"
-        source = Condition("SourcesCurrent", "False", "SourceChanged", message)
-    else:
-        source = Condition("SourcesCurrent", "True", "Unchanged", "every input is still the run this one used")
+    source = sources_condition(status.get("inputs"), observed.dependencies, "used")
     ready = condition(body, "Ready") or {}
     decision = _decided(body, now, status["phase"], ready.get("reason", ""), status.get("message", ""), [source])
     before = condition(body, "SourcesCurrent") or {}
-    events = [Event("Normal", "SourceChanged", source.message)] if changed and before.get("status") != "False" else []
-    delete = [
-        child
-        for child in observed.children
-        if child["kind"] in RUNNER_KINDS
-        or (
-            child["kind"] in RUN_CHILD_KINDS
-            and (child["metadata"].get("labels") or {}).get(RUN_HASH) != status["runHash"]
-        )
-    ]
+    changed = source.status == "False" and before.get("status") != "False"
+    events = [Event("Normal", "SourceChanged", source.message)] if changed else []
+    delete = [c for c in superseded(observed.children, keep=status["runHash"]) if c["kind"] in RUN_CHILD_KINDS]
+    delete += [child for child in observed.children if child["kind"] in RUNNER_KINDS]
     return Decision(delete=delete, status=decision.status, events=events)
+
+
+def sources_condition(recorded: Any, dependencies: Dependencies, verb: str) -> Condition:
+    """`SourcesCurrent`: whether each input a run recorded (`status.inputs`) is still the run it `verb` (a LoRA
+    retrained, a board re-prepared, or either deleted since). Shown, never acted on: the run keeps what it had."""
+    changed = changed_inputs(recorded, dependencies)
+    if changed:
+        message = "; ".join(changed) + f": this run {verb} the earlier one; edit the spec to run again with the new"
+        return Condition("SourcesCurrent", "False", "SourceChanged", message)
+    return Condition("SourcesCurrent", "True", "Unchanged", "every input is still the run this one uses")
+
+
+def jobs_of(children: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [child for child in children if child["kind"] == "Job"]
+
+
+def superseded(children: Sequence[Mapping[str, Any]], keep: str | None) -> list[dict]:
+    """The children to delete when the run `keep` (a run id; None: no run) is the object's only run: every other
+    run's Job and RunSpec, and with no run at all the runner's RBAC too."""
+    gone = []
+    for child in children:
+        run_id = (child["metadata"].get("labels") or {}).get(RUN_HASH)
+        if (child["kind"] in RUN_CHILD_KINDS and run_id != keep) or (keep is None and child["kind"] in RUNNER_KINDS):
+            gone.append(dict(child))
+    return gone
+
+
+def run_in_flight(body: Mapping[str, Any], children: Sequence[Mapping[str, Any]]) -> Run | None:
+    """The run this generation of the object's spec started, rebuilt from the operator's own records: its Job
+    (annotated with the generation) and the RunSpec ConfigMap beside it, whose content must hash to the run's name.
+    None when there is none (a new spec, a first run) or the records do not agree (then the run is planned anew)."""
+    meta = body["metadata"]
+    generation, uid = str(meta.get("generation")), meta.get("uid") or ""
+    by_key = {_key(child): child for child in children}
+    for job in sorted(jobs_of(children), key=lambda j: j["metadata"].get("creationTimestamp") or "", reverse=True):
+        if (job["metadata"].get("annotations") or {}).get(GENERATION) != generation or not controlled_by(job, uid):
+            continue
+        configmap = by_key.get(("ConfigMap", job["metadata"]["name"]))
+        data = (configmap or {}).get("data") or {}
+        try:
+            runspec = RunSpec.from_json(data.get(RUNSPEC_FILE) or "")
+        except ValueError:
+            continue
+        run_id = (job["metadata"].get("labels") or {}).get(RUN_HASH)
+        if runspec.run_id() != run_id or runspec.owner.uid != uid or not controlled_by(configmap or {}, uid):
+            continue
+        files = {name: text for name, text in data.items() if name != RUNSPEC_FILE}
+        return Run(
+            runspec=runspec,
+            step=runspec.work.step,
+            run_hash=runspec.content_hash(),
+            owner_api_version=API_VERSION,
+            files=files,
+            generation=meta.get("generation"),
+        )
+    return None
 
 
 def current_report(progress: Any, kind_run: KindRuns, run_id: str) -> tuple[Any, str]:
@@ -340,7 +415,8 @@ def warning_condition(warnings: Sequence[str]) -> Condition:
 
 
 def _transition_events(old: Mapping[str, Any], new: Mapping[str, Any], reason: str) -> list[Event]:
-    if old.get("phase") == new["phase"] and old.get("runHash") == new.get("runHash"):
+    # A status without a run (Waiting) leaves the run id it had: only a new run id is a new run.
+    if old.get("phase") == new["phase"] and old.get("runHash") == new.get("runHash", old.get("runHash")):
         return []
     warn = new["phase"] == "Failed" or reason in STALLED_REASONS or reason.endswith("NotFound")
     return [Event("Warning" if warn else "Normal", reason, f"{new['phase']}: {new['message']}")]

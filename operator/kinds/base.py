@@ -9,31 +9,41 @@ spec, a dependency's output) starts a new run, and nothing else does.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
-from kleinstyle.contract.layout import run_folder
-from kleinstyle.contract.pod import ARTIFACT_CREDENTIAL_ENV, PROVIDER_URL_ENV, Step
+from kleinstyle.contract.layout import RUN_ID_LENGTH, run_folder
+from kleinstyle.contract.pod import PROVIDER_URL_ENV, Step
 from kleinstyle.contract.reports import StepProgress, StepResult
 from kleinstyle.contract.runspec import Owner, RunSpec, StepSpec
 from pydantic import BaseModel
 
-from ..api import Kind
+from ..api import BY_KIND, Kind
 from ..api.common import API_VERSION, Scheduling
-from ..children import GPU_STEPS, Run, SecretEnv
+from ..children import GPU_STEPS, InvalidSpec, Run, SecretEnv
+from ..conditions import true_condition
 from ..config import OperatorConfig
+from ..naming import RUN_HASH
 
 Dependencies = Mapping[tuple[str, str], Mapping[str, Any] | None]
+# The Jobs of each dependency (every Job labelled with its uid), from the operator's own index.
+DependencyJobs = Mapping[tuple[str, str], Sequence[Mapping[str, Any]]]
 Fields = dict[str, Any]
+# A run id as the operator writes it (hex, RUN_ID_LENGTH at most): anything else in a status names no run of ours.
+RUN_ID = re.compile(rf"[0-9a-f]{{1,{RUN_ID_LENGTH}}}")
 
 
 @dataclass(frozen=True)
 class Dependency:
     kind: str
     name: str
-    # The status field that must be set once the dependency has Succeeded.
+    # The status field that must be set once the dependency has Succeeded (what a user reads).
     output: str
+    # What the run consumes, inside the dependency's run folder (contract.layout): its place is derived from the
+    # dependency's uid and run, never read from its status.
+    artifact: str
 
 
 class NotReady(Exception):
@@ -45,8 +55,48 @@ class NotReady(Exception):
         self.message = message
 
 
-def check_dependencies(deps: list[Dependency], observed: Dependencies) -> None:
-    """Raise NotReady naming the first dependency that is missing or has not Succeeded."""
+def job_complete(job: Mapping[str, Any]) -> bool:
+    return bool(true_condition(job, "Complete") or true_condition(job, "SuccessCriteriaMet"))
+
+
+def controlled_by(child: Mapping[str, Any], uid: str) -> bool:
+    """Whether `child`'s one controller is the object with `uid` (what the operator sets on every child)."""
+    controllers = [r.get("uid") for r in child["metadata"].get("ownerReferences") or [] if r.get("controller")]
+    return controllers == [uid]
+
+
+def recorded_run(obj: Mapping[str, Any], jobs: Sequence[Mapping[str, Any]], *, complete: bool = True) -> str | None:
+    """The id of `obj`'s current run when the operator holds a record of it: a Job it created for `obj` (controlled
+    by it, labelled with that run) that completed (`complete`) or at least ended. None otherwise.
+
+    Status is output, never input: anyone who may patch an object's status could write any phase, run or URI
+    there. A status is believed only where a Job of the operator's own agrees with it, and nothing is ever located
+    through it: where a run's artifacts are follows from the object's uid and run id (`dependency_path`)."""
+    run_id = (obj.get("status") or {}).get("runHash")
+    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
+        return None
+    uid = obj["metadata"].get("uid") or ""
+    for job in jobs:
+        if (job["metadata"].get("labels") or {}).get(RUN_HASH) != run_id or not controlled_by(job, uid):
+            continue
+        if job_complete(job) or (not complete and true_condition(job, "Failed")):
+            return run_id
+    return None
+
+
+def dependency_path(cfg: OperatorConfig, kind: str, obj: Mapping[str, Any], artifact: str) -> str:
+    """Where a pod reads `artifact` of the dependency `obj`'s recorded run: its run folder, from its uid and run id
+    (`layout.run_folder`), under the namespace's own prefix of the artifact store."""
+    run_id = (obj.get("status") or {}).get("runHash")
+    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
+        raise ValueError(f"{kind} {obj['metadata'].get('name')} has no run of record")
+    output, _ = artifact_location(cfg, owner_of(BY_KIND[kind], obj), run_id)
+    return f"{output}/{artifact}"
+
+
+def check_dependencies(deps: list[Dependency], observed: Dependencies, jobs: DependencyJobs | None = None) -> None:
+    """Raise NotReady naming the first dependency that is missing, has not Succeeded, or whose success the
+    operator has no record of (its status says so, but no Job of the operator's completed that run)."""
     for dep in deps:
         obj = observed.get((dep.kind, dep.name))
         if obj is None:
@@ -64,6 +114,12 @@ def check_dependencies(deps: list[Dependency], observed: Dependencies) -> None:
             raise NotReady(
                 f"{dep.kind}Without{dep.output[0].upper()}{dep.output[1:]}",
                 f"{dep.kind} {dep.name} succeeded without a {dep.output}: {why}".strip(),
+            )
+        if recorded_run(obj, (jobs or {}).get((dep.kind, dep.name), ())) is None:
+            raise NotReady(
+                f"{dep.kind}Unrecorded",
+                f"{dep.kind} {dep.name} says it succeeded (run {status.get('runHash')!s:.20}), but no Job this "
+                "operator ran for it completed that run: a status is not taken as input",
             )
 
 
@@ -176,14 +232,6 @@ def artifact_location(cfg: OperatorConfig, owner: Owner, run_hash: str) -> tuple
     return f"{cfg.artifacts.mountPath}/{rel}", f"pvc://{cfg.artifacts.claimName}/{rel}"
 
 
-def pod_path(cfg: OperatorConfig, display_uri: str) -> str:
-    """Map an artifact URI from status (pvc://CLAIM/...) back to where a pod sees it."""
-    prefix = f"pvc://{cfg.artifacts.claimName}/"
-    if display_uri.startswith(prefix):
-        return f"{cfg.artifacts.mountPath}/{display_uri[len(prefix) :]}"
-    return display_uri
-
-
 def model_path(cfg: OperatorConfig, model_name: str) -> str:
     return f"{cfg.modelCacheMountPath}/{cfg.modelDirs[model_name]}"
 
@@ -199,15 +247,15 @@ def build_run(
 ) -> Run:
     """The Run of `work` for the object `body`: its RunSpec (named by its hash), placement and secrets."""
     owner = owner_of(kind, body)
+    pool = scheduling.nodePool if scheduling else None
+    if work.step in GPU_STEPS and pool is not None and pool not in cfg.nodePools:
+        known = ", ".join(sorted(cfg.nodePools)) or "none"
+        raise InvalidSpec(f"spec.scheduling.nodePool: {pool!r} is not a node pool of this operator (known: {known})")
     provisional = RunSpec(owner=owner, output_uri="", output_display_uri="", work=work)
     run_hash = provisional.content_hash()
     output, display = artifact_location(cfg, owner, run_hash)
     runspec = provisional.model_copy(update={"output_uri": output, "output_display_uri": display})
     secrets = list(secrets or [])
-    if cfg.artifacts.uri and cfg.artifacts.credentialsSecret:
-        secrets += [
-            SecretEnv(env, cfg.artifacts.credentialsSecret, env, optional=True) for env in ARTIFACT_CREDENTIAL_ENV
-        ]
     return Run(
         runspec=runspec,
         step=work.step,
@@ -220,6 +268,7 @@ def build_run(
         priority_class=scheduling.priorityClassName if scheduling else None,
         secret_env=tuple(secrets),
         reference_claims=tuple(claims or ()),
+        generation=body["metadata"].get("generation"),
     )
 
 

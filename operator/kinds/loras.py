@@ -6,16 +6,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from kleinstyle.contract.layout import LORA_FILE
 from kleinstyle.contract.prompt_policy import LoraStyle
 from kleinstyle.contract.runspec import LoraInput
 
 from ..api.generationjob import LoRAReference
 from ..config import OperatorConfig
-from .base import Dependencies, Dependency, pod_path
+from .base import Dependencies, Dependency, dependency_path
 
 
 def lora_dependencies(refs: Sequence[LoRAReference]) -> list[Dependency]:
-    return [Dependency(ref.kind, ref.name, "loraURI") for ref in refs]
+    return [Dependency(ref.kind, ref.name, "loraURI", LORA_FILE) for ref in refs]
 
 
 def _status(ref: LoRAReference, deps: Dependencies) -> Mapping[str, Any]:
@@ -23,8 +24,13 @@ def _status(ref: LoRAReference, deps: Dependencies) -> Mapping[str, Any]:
 
 
 def lora_inputs(refs: Sequence[LoRAReference], deps: Dependencies, cfg: OperatorConfig) -> tuple[LoraInput, ...]:
+    """Each LoRA's file where the pod reads it: the source's recorded run folder, never its `status.loraURI`."""
     return tuple(
-        LoraInput(uri=pod_path(cfg, _status(ref, deps)["loraURI"]), weight=ref.weight, label=f"{ref.kind}/{ref.name}")
+        LoraInput(
+            uri=dependency_path(cfg, ref.kind, deps[(ref.kind, ref.name)] or {}, LORA_FILE),
+            weight=ref.weight,
+            label=f"{ref.kind}/{ref.name}",
+        )
         for ref in refs
     )
 

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from kleinstyle.contract.aitoolkit import aitoolkit_config
 from kleinstyle.contract.early_stop import Decision, StoppingSettings, decide_reported
-from kleinstyle.contract.layout import AITOOLKIT_DIR, CHECKPOINT_GALLERY, LORA_FILE
+from kleinstyle.contract.layout import AITOOLKIT_DIR, CHECKPOINT_GALLERY, DATASET_DIR, LORA_FILE
 from kleinstyle.contract.plan import TrainingPlan, plan_training
 from kleinstyle.contract.pod import AITOOLKIT_CONFIG_FILE, STOP_ANNOTATION, parse_stop
 from kleinstyle.contract.reports import CheckpointReport, EvaluationReport, TrainProgress, TrainResult
@@ -27,7 +27,16 @@ from ..api import BY_KIND
 from ..api.stylelora import Checkpoint, StyleLoRAOutcome, StyleLoRAPlanned, StyleLoRASpec
 from ..children import Run
 from ..config import OperatorConfig
-from .base import Dependencies, Dependency, Fields, KindRuns, build_run, model_path, pod_path, status_fields
+from .base import (
+    Dependencies,
+    Dependency,
+    Fields,
+    KindRuns,
+    build_run,
+    dependency_path,
+    model_path,
+    status_fields,
+)
 
 
 class StyleLoRARuns(KindRuns):
@@ -36,7 +45,7 @@ class StyleLoRARuns(KindRuns):
     outcome = StyleLoRAOutcome
 
     def dependencies(self, spec: StyleLoRASpec) -> list[Dependency]:
-        return [Dependency("StyleBoard", spec.boardRef.name, "datasetURI")]
+        return [Dependency("StyleBoard", spec.boardRef.name, "datasetURI", DATASET_DIR)]
 
     def build(self, body: Mapping[str, Any], spec: StyleLoRASpec, deps: Dependencies, cfg: OperatorConfig) -> Run:
         board = deps[("StyleBoard", spec.boardRef.name)] or {}
@@ -46,7 +55,7 @@ class StyleLoRARuns(KindRuns):
         spec_dict = {**spec.model_dump(mode="json", exclude_none=True), "backend": backend}
         plan = plan_training(images, spec_dict, cfg.trainingLimits.model_dump())
         work = TrainSpec(
-            dataset_uri=pod_path(cfg, status["datasetURI"]),
+            dataset_uri=dependency_path(cfg, "StyleBoard", board, DATASET_DIR),
             trigger_word=board["spec"]["triggerWord"],
             image_count=images,
             backend=backend,

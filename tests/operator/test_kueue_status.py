@@ -6,7 +6,8 @@ from __future__ import annotations
 import copy
 
 from kleinstyle.operator.config import OperatorConfig
-from kleinstyle.operator.reconcile import Observed, reconcile
+from kleinstyle.operator.reconcile import reconcile
+from records import observed
 
 from .test_reconcile import CFG, NOW, board, job_of, lora, ready_board, with_status
 
@@ -42,7 +43,7 @@ ADMISSION = {
 
 def queued_lora(cfg: OperatorConfig = CFG):
     body = lora(scheduling={"queueName": "team-a-gpu"})
-    first = reconcile(Observed(body=body, dependencies=DEPS), cfg, NOW)
+    first = reconcile(observed(body=body, dependencies=DEPS), cfg, NOW)
     job = copy.deepcopy(job_of(first))
     job["metadata"]["uid"] = "job-uid"
     return with_status(body, first), job
@@ -53,7 +54,7 @@ def observe(body: dict, job: dict, wl: dict | None, **job_status) -> dict:
     job["status"] = job_status
     children = [job]
     workloads = {"job-uid": wl} if wl else {}
-    decision = reconcile(Observed(body=body, dependencies=DEPS, children=children, workloads=workloads), CFG, NOW)
+    decision = reconcile(observed(body=body, dependencies=DEPS, children=children, workloads=workloads), CFG, NOW)
     return decision.status
 
 
@@ -144,12 +145,12 @@ def test_an_eviction_shows_preempted_with_its_reason_and_is_counted_once():
 
 def test_gpu_jobs_go_to_the_default_local_queue_unless_the_spec_names_one():
     cfg = CFG.model_copy(update={"defaultQueueName": "default"})
-    plain = reconcile(Observed(body=lora(), dependencies=DEPS), cfg, NOW)
+    plain = reconcile(observed(body=lora(), dependencies=DEPS), cfg, NOW)
     assert job_of(plain)["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "default"
     assert job_of(plain)["spec"]["suspend"] is True
-    first = reconcile(Observed(body=lora(scheduling={"queueName": "team-a-gpu"}), dependencies=DEPS), cfg, NOW)
+    first = reconcile(observed(body=lora(scheduling={"queueName": "team-a-gpu"}), dependencies=DEPS), cfg, NOW)
     assert job_of(first)["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a-gpu"
-    prepare = reconcile(Observed(body=board()), cfg, NOW)  # CPU work takes no GPU quota: not queued
+    prepare = reconcile(observed(body=board()), cfg, NOW)  # CPU work takes no GPU quota: not queued
     assert "kueue.x-k8s.io/queue-name" not in job_of(prepare)["metadata"]["labels"]
     # Kueue's own defaulting (a LocalQueue named default) labels and suspends the Job itself: read from the Job.
     body, job = queued_lora()

@@ -11,6 +11,7 @@ from kleinstyle.contract.reports import FuseReport, GenerateReport, PrepareRepor
 from kleinstyle.operator.config import OperatorConfig
 from kleinstyle.operator.naming import RUN_HASH
 from kleinstyle.operator.reconcile import Observed, reconcile
+from records import records
 
 NOW = "2026-11-26T12:00:00Z"
 LATER = "2026-11-26T12:05:00Z"
@@ -46,6 +47,7 @@ def ready_board() -> dict:
     body["status"] = {
         "phase": "Succeeded",
         "observedGeneration": 1,
+        "runHash": "abc",
         "datasetURI": "pvc://kleinstyle-artifacts/team-a/styleboard/bd9/uid-board/abc/dataset",
         "imagesAccepted": 12,
     }
@@ -53,7 +55,11 @@ def ready_board() -> dict:
 
 
 def step(body: dict, children=(), pods=(), deps=None, now: str = NOW):
-    return reconcile(Observed(body=body, dependencies=deps or {}, children=list(children), pods=list(pods)), CFG, now)
+    deps = deps or {}
+    observed = Observed(
+        body=body, dependencies=deps, children=list(children), pods=list(pods), dependency_jobs=records(deps)
+    )
+    return reconcile(observed, CFG, now)
 
 
 def with_status(body: dict, decision) -> dict:
@@ -110,7 +116,7 @@ def test_job_is_restricted_and_reads_its_runspec():
     assert key_env["valueFrom"]["secretKeyRef"] == {"name": "gemini", "key": "GEMINI_API_KEY", "optional": True}
     assert not any("value" in e and "KEY" in e["name"] for e in container["env"])
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
-    assert {"/etc/kleinstyle", "/tmp", "/artifacts", "/references/refs"} <= mounts
+    assert {"/etc/kleinstyle", "/tmp", "/artifacts/team-a/styleboard/bd9/uid-board", "/references/refs"} <= mounts
     assert "nvidia.com/gpu" not in container["resources"]["limits"]  # prepare is CPU work
     assert job["metadata"]["ownerReferences"][0]["uid"] == "uid-board"
 
@@ -367,7 +373,8 @@ def test_training_limits_cap_the_plan():
 
     capped = CFG.model_copy(update={"trainingLimits": TrainingLimits(maxSteps=30, maxResolution=128)})
     body = lora(training={"steps": 2000, "resolution": 1024})
-    decision = reconcile(Observed(body=body, dependencies={("StyleBoard", "bd9"): ready_board()}), capped, NOW)
+    deps = {("StyleBoard", "bd9"): ready_board()}
+    decision = reconcile(Observed(body=body, dependencies=deps, dependency_jobs=records(deps)), capped, NOW)
     plan = decision.status["plan"]
     assert (plan["steps"], plan["resolution"], decision.status["totalSteps"]) == (30, 128, 30)
     assert "capped at 30 by the operator's trainingLimits" in plan["stepsReason"]
@@ -513,10 +520,11 @@ def generation(**spec) -> dict:
 
 def trained_lora(name: str = "bd9-lora", trigger: str = "bd9style", keeps_text: bool = True, **status) -> dict:
     body = lora()
-    body["metadata"]["name"] = name
+    body["metadata"].update(name=name, uid="uid")
     body["status"] = {
         "phase": "Succeeded",
         "observedGeneration": 1,
+        "runHash": "abc",
         "loraURI": f"pvc://kleinstyle-artifacts/team-a/stylelora/{name}/uid/abc/lora.safetensors",
         "triggerWord": trigger,
         "plan": {"textPipeline": keeps_text, "variantReason": "3 references: rank 128 without the text pipeline"},
@@ -593,7 +601,7 @@ def test_generation_limits_cap_size_and_steps_and_say_so():
     capped = CFG.model_copy(update={"generationLimits": GenerationLimits(maxSide=128, maxSteps=8)})
     body = generation(width=2048, height=1024, steps=50)
     deps = {("StyleLoRA", "bd9-lora"): trained_lora()}
-    decision = reconcile(Observed(body=body, dependencies=deps), capped, NOW)
+    decision = reconcile(Observed(body=body, dependencies=deps, dependency_jobs=records(deps)), capped, NOW)
     render = decision.status["render"]
     assert (render["width"], render["height"], render["steps"]) == (128, 64, 8)
     warning = next(c for c in decision.status["conditions"] if c["type"] == "Warning")
@@ -689,10 +697,11 @@ def fusion(**spec) -> dict:
 def trained(name: str) -> dict:
     return {
         "kind": "StyleLoRA",
-        "metadata": {"name": name, "namespace": "team-a", "generation": 1},
+        "metadata": {"name": name, "namespace": "team-a", "uid": "uid", "generation": 1},
         "status": {
             "phase": "Succeeded",
             "observedGeneration": 1,
+            "runHash": "abc",
             "loraURI": f"pvc://kleinstyle-artifacts/team-a/stylelora/{name}/uid/abc/lora.safetensors",
         },
     }

@@ -3,7 +3,11 @@ folder, so a new hash re-runs every resource once after an operator upgrade. The
 contract package was split out (issue #10); a change here must be deliberate and said in the README. The StyleLoRA
 ones changed once since, on purpose (issue #11): the plan holds references out for a validation loss, its rank
 reason records the shared q/k/v LoRA, and the evaluation names its style and text models, because what the
-builtin trainer computes changed (no upscaling, Kaiming init, one LoRA per fused qkv)."""
+builtin trainer computes changed (no upscaling, Kaiming init, one LoRA per fused qkv).
+
+Inputs are located from each dependency's uid and run since (status is output, never input), as the operator
+always wrote them into status: only the fusion's golden changed, because its fixture gave the LoRA `ink` the file
+of `bd9-lora` (`loraURI` copied), which no real status could say."""
 
 from __future__ import annotations
 
@@ -12,17 +16,18 @@ import json
 
 import pytest
 from kleinstyle.operator.config import OperatorConfig
-from kleinstyle.operator.reconcile import Observed, reconcile
+from kleinstyle.operator.reconcile import reconcile
+from records import observed
 
 CFG = OperatorConfig()
 NS = "team-a"
 
 
-def _obj(kind: str, name: str, spec: dict, status: dict | None = None) -> dict:
+def _obj(kind: str, name: str, spec: dict, status: dict | None = None, uid: str | None = None) -> dict:
     body = {
         "apiVersion": "kleinstyle.dev/v1alpha1",
         "kind": kind,
-        "metadata": {"name": name, "namespace": NS, "uid": f"uid-{name}", "generation": 1},
+        "metadata": {"name": name, "namespace": NS, "uid": uid or f"uid-{name}", "generation": 1},
         "spec": spec,
     }
     if status is not None:
@@ -51,24 +56,28 @@ BOARD = _obj(
     "bd9",
     BOARD_SPEC,
     {
+        "runHash": "abc",
         "datasetURI": "pvc://kleinstyle-artifacts/team-a/styleboard/bd9/uid-bd9/abc/dataset",
         "imagesAccepted": 12,
         "styleProfile": PROFILE,
     },
 )
 LORA_STATUS = {
+    "runHash": "abc",
     "loraURI": "pvc://kleinstyle-artifacts/team-a/stylelora/bd9-lora/uid/abc/lora.safetensors",
     "triggerWord": "bd9style",
     "plan": {"textPipeline": True, "variantReason": "12 references: GEM+A"},
     "styleProfile": PROFILE,
 }
-LORA = _obj("StyleLoRA", "bd9-lora", {"boardRef": {"name": "bd9"}}, LORA_STATUS)
+# Where a LoRA is follows from its uid and run (status.runHash), as its status.loraURI says.
+LORA = _obj("StyleLoRA", "bd9-lora", {"boardRef": {"name": "bd9"}}, LORA_STATUS, uid="uid")
 INK = _obj("StyleLoRA", "ink", {"boardRef": {"name": "bd9"}}, {**LORA_STATUS, "triggerWord": "inkstyle"})
 FUSION = _obj(
     "LoRAFusion",
     "mix",
     {"sources": [{"name": "bd9-lora"}, {"name": "ink", "weight": 0.5}], "method": "svd"},
-    {"loraURI": "pvc://kleinstyle-artifacts/team-a/lorafusion/mix/uid/abc/lora.safetensors"},
+    {"runHash": "abc", "loraURI": "pvc://kleinstyle-artifacts/team-a/lorafusion/mix/uid/abc/lora.safetensors"},
+    uid="uid",
 )
 DEPS = {
     ("StyleBoard", "bd9"): BOARD,
@@ -104,13 +113,13 @@ CASES = {
     ),
     "fusion": (
         _obj("LoRAFusion", "mix", {"sources": [{"name": "bd9-lora"}, {"name": "ink", "weight": 0.5}], "method": "svd"}),
-        "13e84c74a7",
+        "f202957753",
     ),
 }
 
 CONFIGMAPS = {
     "board": "0246c7454b307e6e",
-    "fusion": "fd4ddd2bb644dc88",
+    "fusion": "b078f90093c3bf6e",
     "generation": "f94329feefdf0413",
     "lora-aitoolkit": "b578eec831cec1f4",
     "lora-builtin": "3cd7e9058a6bae7f",
@@ -121,7 +130,7 @@ CONFIGMAPS = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_the_runspec_hash_of_an_unchanged_resource_stays_the_same(case):
     body, golden = CASES[case]
-    decision = reconcile(Observed(body=body, dependencies=DEPS), CFG, "2026-12-06T00:00:00Z")
+    decision = reconcile(observed(body=body, dependencies=DEPS), CFG, "2026-12-06T00:00:00Z")
     assert decision.status["phase"] == "Pending", decision.status["message"]
     assert decision.status["runHash"] == golden
     configmap = next(c for c in decision.create if c["kind"] == "ConfigMap")

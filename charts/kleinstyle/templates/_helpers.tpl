@@ -86,9 +86,10 @@ no Secrets (API keys reach Job pods by secretKeyRef, which the kubelet resolves 
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
   verbs: [get, list, watch, create, delete]
+# A Job's annotations (never its spec) are patched to record the spec's generation it runs for.
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [get, list, watch, create, delete]
+  verbs: [get, list, watch, create, patch, delete]
 # Kueue's Workloads (one per queued Job), listed and watched into an index to mirror them into status: why a run
 # waits, where it was admitted, its evictions. Harmless where Kueue is not installed (the operator checks discovery).
 - apiGroups: [kueue.x-k8s.io]
