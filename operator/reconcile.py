@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kleinstyle.contract.pod import RUNSPEC_FILE
+from kleinstyle.contract.pod import RUNSPEC_FILE, failure_reason
 from kleinstyle.contract.reports import read_report
 from kleinstyle.contract.runspec import RunSpec
 from pydantic import ValidationError
@@ -88,8 +88,8 @@ def job_failed(job: Mapping[str, Any]) -> bool:
     return true_condition(job, "Failed") is not None
 
 
-def pod_failure_reason(pods: Sequence[Mapping[str, Any]]) -> str | None:
-    """The newest failed pod's reason, exit code and termination message, for a Failed status."""
+def last_failure(pods: Sequence[Mapping[str, Any]]) -> tuple[str, Mapping[str, Any]] | None:
+    """(name, terminated state) of the newest failed container among `pods`, or None."""
     failed = []
     for pod in pods:
         for cs in (pod.get("status") or {}).get("containerStatuses") or []:
@@ -99,6 +99,14 @@ def pod_failure_reason(pods: Sequence[Mapping[str, Any]]) -> str | None:
     if not failed:
         return None
     _, name, term = max(failed, key=lambda item: (item[0], item[1]))
+    return name, term
+
+
+def pod_failure_reason(pods: Sequence[Mapping[str, Any]]) -> str | None:
+    """The newest failed pod's reason, exit code and termination message, for a Failed status."""
+    if (last := last_failure(pods)) is None:
+        return None
+    name, term = last
     detail = (term.get("message") or "").strip().splitlines()
     tail = f": {detail[-1]}" if detail else ""
     return f"pod {name}: {term.get('reason') or 'Error'} (exit code {term.get('exitCode')}){tail}"
@@ -122,7 +130,10 @@ def job_phase(
     failed = true_condition(job, "Failed")
     if failed:
         detail = pod_failure_reason(pods) or failed.get("message") or "no reason given"
-        return "Failed", failed.get("reason") or "JobFailed", f"Job {name} failed ({failed.get('reason')}): {detail}"
+        last = last_failure(pods)
+        # The runtime's exit code says what no retry mends (BadInput, VolumeFull); else the Job's own reason.
+        reason = failure_reason(last[1].get("exitCode") if last else None) or failed.get("reason") or "JobFailed"
+        return "Failed", reason, f"Job {name} failed ({failed.get('reason')}): {detail}"
     if (job.get("spec") or {}).get("suspend"):
         queue_name = (job["metadata"].get("labels") or {}).get(kueue.QUEUE_LABEL, "")
         return "Pending", *kueue.suspended_phase(name, queue_name, workload, queue)
@@ -199,11 +210,12 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
     # Result fields are rewritten on every reconcile, from this run's result or empty: a value left by an older
     # run, or written by a pod (RBAC cannot narrow its status patch to `progress`), never stands.
     fields.update(kind_run.cleared())
-    if old_status.get("runHash") != short_hash:
-        fields.update(kind_run.new_run_fields)
     conds = [Condition("DependenciesReady", "True", "Ready", "all dependencies are Succeeded"), source]
     planned, warnings = kind_run.planned(run)
     fields.update(planned)
+    asked, unheeded = kind_run.requested(body, run)
+    fields.update(asked)
+    warnings += unheeded
 
     conflict = next((why for d in desired if (why := foreign_child(d, by_key.get(_key(d))))), None)
     if conflict:
@@ -216,7 +228,9 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
 
     workload = observed.workloads.get(job["metadata"].get("uid", "")) if job else None
     fields["queue"] = kueue.queue_status(workload, old_status.get("queue")) if workload else None
-    phase, reason, message = job_phase(job, run.name, observed.pods, workload, fields["queue"])
+    # A Job created by this decision reads as it is created (suspended for Kueue, say): its first status is final.
+    created_job = next((c for c in create if c["kind"] == "Job"), None)
+    phase, reason, message = job_phase(job or created_job, run.name, observed.pods, workload, fields["queue"])
     job_status = (job or {}).get("status") or {}
     fields["startTime"] = job_status.get("startTime")
     fields["completionTime"] = job_status.get("completionTime")

@@ -29,6 +29,7 @@ from kleinstyle.contract.pod import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK, EXIT_VO
 from kleinstyle.contract.reports import REPORTS, State, StepProgress, StepResult
 from kleinstyle.contract.runspec import RunSpec
 
+from .artifact_scope import check_runspec
 from .errors import BadInput, volume_full
 from .paths import local_path
 from .report import api_target, read_owner, report_progress, write_termination_message
@@ -142,6 +143,7 @@ def run_step(spec_path: str, step: Step, work: Callable[[RunSpec, Reporter], Out
     reporter = Reporter(spec)
     try:
         spec.check_inputs()  # before anything is opened: a pod reads only its namespace's artifacts
+        check_runspec(spec)  # and, on an object store, only the prefix its namespace's Secret is limited to
     except ValueError as exc:
         return conclude(Outcome(EXIT_BAD_SPEC, f"bad input: {exc}"), reporter)
     return conclude(run_work(spec, work, reporter), reporter)

@@ -189,8 +189,6 @@ class KindRuns:
     # The status fields a run's progress and result fill: rewritten on every reconcile from the current run, and
     # emptied (to this model's defaults) when there is none, so a value an older run or a pod left never stands.
     outcome: ClassVar[type[BaseModel]]
-    # Fields reset only when a new run starts (a request the user made of the run before).
-    new_run_fields: ClassVar[Fields] = {}
 
     def dependencies(self, spec: Any) -> list[Dependency]:
         return []
@@ -200,6 +198,11 @@ class KindRuns:
 
     def planned(self, run: Run) -> tuple[Fields, list[str]]:
         """Status fields (and warnings) known as soon as the run is planned, before any Job runs."""
+        return {}, []
+
+    def requested(self, body: Mapping[str, Any], run: Run) -> tuple[Fields, list[str]]:
+        """Status fields (and warnings) from what a user asked of the current run outside its spec (a stop, by
+        annotation): shown, never a condition of anything the operator does."""
         return {}, []
 
     def live(self, progress: StepProgress, run: Run) -> Fields:

@@ -44,7 +44,8 @@ def render(chart, values: dict[str, Any] | None = None) -> list[dict]:
 
 
 def only(docs: list[dict], kind: str) -> dict:
-    found = [d for d in docs if d["kind"] == kind]
+    """The one `kind` of the operator's own (not the tenant roles aggregated into Kubernetes' edit and view)."""
+    found = [d for d in docs if d["kind"] == kind and not d["metadata"]["name"].endswith(("-edit", "-view"))]
     assert len(found) == 1, f"{len(found)} {kind}s"
     return found[0]
 
@@ -99,9 +100,8 @@ def job_role_rules(kind) -> list[dict]:
 def test_default_render_is_cluster_wide_with_metrics(chart):
     docs = render(chart)
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == sorted(
-        ["ConfigMap", "Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service"]
-    )
+    roles = ["ClusterRole"] * 3  # the operator's, and the tenants' edit and view
+    assert kinds == sorted(["ConfigMap", "Deployment", "ServiceAccount", *roles, "ClusterRoleBinding", "Service"])
     args = container(docs)["args"]
     assert args[:3] == ["operator", "--config", "/etc/kleinstyle/operator.yaml"]
     assert "--namespace" not in args
@@ -206,7 +206,7 @@ def test_operator_may_grant_the_job_role(chart, kind):
 
 
 def test_watched_namespaces_get_roles_not_cluster_roles(chart):
-    docs = render(chart, {"watchNamespaces": ["team-a", "team-b"]})
+    docs = render(chart, {"watchNamespaces": ["team-a", "team-b"], "rbac": {"tenantRoles": False}})
     assert not [d for d in docs if d["kind"].startswith("Cluster")]
     roles = [d for d in docs if d["kind"] == "Role"]
     bindings = [d for d in docs if d["kind"] == "RoleBinding"]
@@ -295,3 +295,22 @@ def test_manifests_validate_strictly(chart, values, kube_version):
         kubernetes_validate.validate(doc, kube_version, strict=True)
         checked += 1
     assert checked >= 6
+
+
+def test_tenant_roles_aggregate_into_edit_and_view_and_grant_no_status(chart):
+    roles = {d["metadata"]["name"]: d for d in render(chart) if d["kind"] == "ClusterRole"}
+    edit = next(r for name, r in roles.items() if name.endswith("-edit"))
+    view = next(r for name, r in roles.items() if name.endswith("-view"))
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
+    assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    for role in (edit, view):
+        held = grants(role["rules"])
+        assert {resource for _, resource, _ in held} == {k.plural for k in KINDS}  # no */status, no children
+    assert ("kleinstyle.dev", "styleloras", "patch") in grants(edit["rules"])  # the stop annotation
+    assert {verb for _, _, verb in grants(view["rules"])} == {"get", "list", "watch"}
+    assert not [
+        d
+        for d in render(chart, {"rbac": {"create": True, "tenantRoles": False}})
+        if d["metadata"]["name"].endswith("-edit")
+    ]

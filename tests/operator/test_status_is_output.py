@@ -247,3 +247,25 @@ def test_an_edit_that_plans_the_same_run_keeps_it_recorded_for_the_new_generatio
         NOW,
     )
     assert later.status["phase"] == "Running" and later.delete == [] and later.annotate == []
+
+
+def test_a_full_volume_fails_with_reason_volume_full_and_deleting_the_job_retries_the_same_run():
+    body, children, first = started_lora()
+    failed_job = _job(first, failed=1, conditions=[{"type": "Failed", "status": "True", "reason": "PodFailurePolicy"}])
+    pod = {
+        "metadata": {"name": f"{first.status['jobName']}-x1"},
+        "status": {"containerStatuses": [{"state": {"terminated": {"exitCode": 3, "message": "volume is full"}}}]},
+    }
+    deps = {("StyleBoard", "bd9"): ready_board()}
+    failed = reconcile(
+        observed(body=body, dependencies=deps, children=[*children[:-1], failed_job], pods=[pod]), CFG, NOW
+    )
+    assert failed.status["phase"] == "Failed" and conditions(failed.status)["Ready"]["reason"] == "VolumeFull"
+    assert "volume is full" in failed.status["message"]
+    # Kept as it ended while its Job stays; its Job deleted by hand, the same run (same name, same hash) again.
+    body = with_status(body, failed)
+    kept = reconcile(observed(body=body, dependencies=deps, children=[*children[3:-1], failed_job]), CFG, NOW)
+    assert kept.create == [] and kept.status["phase"] == "Failed"
+    again = reconcile(observed(body=body, dependencies=deps, children=children[3:-1]), CFG, NOW)
+    assert [c["metadata"]["name"] for c in again.create if c["kind"] == "Job"] == [first.status["jobName"]]
+    assert again.status["phase"] == "Pending" and again.status["runHash"] == first.status["runHash"]

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from kleinstyle.contract.pod import EXIT_VOLUME_FULL
 from kleinstyle.contract.runspec import ImageInput, Owner, PrepareSpec, RunSpec
 from kleinstyle.runtime import artifacts
 from kleinstyle.runtime.prepare import aspect_check, caption_for, main, run_prepare
@@ -158,7 +159,7 @@ def test_prepare_end_to_end(
         "/boards/lighthouse-copy.png": "exact duplicate of /boards/lighthouse.png",
         "/boards/thumbnail.png": "60x40 is too small; the short side must be at least 64 pixels",
         "/boards/notes.png": "not a PNG, JPEG or WEBP image",
-        "/boards/missing.png": "no such file in the pod (is its volume mounted?)",
+        "/boards/missing.png": "not found or not a readable regular file",
         "http://example.com/a.png": "plain http:// is not allowed; use https://",
     }
     kinds = {(d["kind"], d["source"], d["resembles"]) for d in report["duplicates"]}
@@ -242,7 +243,7 @@ def test_a_failure_midway_leaves_no_partial_output(
         original(self, name, data)
 
     monkeypatch.setattr(artifacts.ArtifactDir, "write_bytes", failing)
-    assert main(write_spec(rootfs, spec)) == 1
+    assert main(write_spec(rootfs, spec)) == EXIT_VOLUME_FULL  # a full volume: never retried into the same wall
     assert len(writes) == 3  # it really did fail midway
     assert not output_dir(rootfs).exists()
     assert list(output_dir(rootfs).parent.iterdir()) == []  # no staging folder either
