@@ -24,19 +24,18 @@ def _operator_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--config", help="operator configuration file (default: $KLEINSTYLE_OPERATOR_CONFIG)")
     p.add_argument("--liveness", default="http://0.0.0.0:8081/healthz", help="liveness endpoint URL")
+    _choice(p, "--log-level", LEVELS, LEVEL_ENV, "INFO", "least severe records logged")
+    _choice(p, "--log-format", FORMATS, FORMAT_ENV, "json", "one JSON object or one line of text per record, on stderr")
+
+
+def _choice(p: argparse.ArgumentParser, flag: str, choices: tuple[str, ...], env: str, default: str, what: str) -> None:
+    """A flag taking one of `choices` (any case), its default from `env`, else `default`."""
     p.add_argument(
-        "--log-level",
-        type=_one_of(LEVELS, LEVEL_ENV),
-        default=os.environ.get(LEVEL_ENV, "INFO"),
-        metavar="{" + ",".join(LEVELS) + "}",
-        help=f"least severe records logged (default: ${LEVEL_ENV}, else INFO)",
-    )
-    p.add_argument(
-        "--log-format",
-        type=_one_of(FORMATS, FORMAT_ENV),
-        default=os.environ.get(FORMAT_ENV, "json"),
-        metavar="{" + ",".join(FORMATS) + "}",
-        help=f"one JSON object or one line of text per record, on stderr (default: ${FORMAT_ENV}, else json)",
+        flag,
+        type=_one_of(choices, env),
+        default=os.environ.get(env, default),
+        metavar="{" + ",".join(choices) + "}",
+        help=f"{what} (default: ${env}, else {default})",
     )
 
 

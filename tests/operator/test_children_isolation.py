@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 from kleinstyle.contract.layout import run_folder
-from kleinstyle.contract.plan import plan_training
 from kleinstyle.contract.runspec import FuseSpec, GenerateSpec, LoraInput, Owner, RunSpec, StepSpec, TrainSpec
 from kleinstyle.operator.children import InvalidSpec, Run, build_children
 from kleinstyle.operator.config import ArtifactStore, OperatorConfig
 from kleinstyle.operator.reconcile import Observed, reconcile
+from runs import train_work
 
 CFG = OperatorConfig()
 NS = "team-a"
@@ -57,14 +57,7 @@ def generate(*uris: str) -> GenerateSpec:
 
 
 def train(dataset: str) -> TrainSpec:
-    return TrainSpec(
-        dataset_uri=dataset,
-        trigger_word="bd9",
-        image_count=5,
-        backend="builtin",
-        model_path="/models/k",
-        plan=plan_training(5, {}),
-    )
+    return train_work(dataset)
 
 
 def test_a_generation_mounts_its_run_read_write_and_each_lora_run_read_only():

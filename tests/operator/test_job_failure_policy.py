@@ -4,29 +4,10 @@ redo the work up to the same full volume), and its exit code reads as a status r
 from __future__ import annotations
 
 import pytest
-from kleinstyle.contract.layout import run_folder
-from kleinstyle.contract.plan import plan_training
 from kleinstyle.contract.pod import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK, EXIT_VOLUME_FULL, failure_reason
-from kleinstyle.contract.runspec import Owner, RunSpec, TrainSpec
-from kleinstyle.operator.children import Run, build_job
+from kleinstyle.operator.children import build_job
 from kleinstyle.operator.config import OperatorConfig
-
-
-def train_run() -> Run:
-    owner = Owner(kind="StyleLoRA", plural="styleloras", namespace="team-a", name="l", uid="uid-1")
-    work = TrainSpec(
-        dataset_uri="/artifacts/team-a/styleboard/b/uid-2/0123456789/dataset",
-        trigger_word="tok",
-        image_count=5,
-        backend="builtin",
-        model_path="/models/FLUX.2-klein-base-9B",
-        plan=plan_training(5, {}),
-    )
-    provisional = RunSpec(owner=owner, output_uri="", output_display_uri="", work=work)
-    run_hash = provisional.content_hash()
-    output = f"{OperatorConfig().artifacts.mountPath}/{run_folder(owner, run_hash)}"  # where the operator puts it
-    spec = provisional.model_copy(update={"output_uri": output, "output_display_uri": output})
-    return Run(runspec=spec, step="train", run_hash=run_hash, owner_api_version="kleinstyle.dev/v1alpha1")
+from runs import train_run
 
 
 def fails_job_at_once(exit_code: int) -> bool:

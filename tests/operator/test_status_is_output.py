@@ -15,6 +15,7 @@ from kleinstyle.operator.config import TrainingLimits
 from kleinstyle.operator.reconcile import reconcile
 from records import completed_job, observed
 
+from .test_dependencies import conditions
 from .test_reconcile import (
     CFG,
     NOW,
@@ -28,10 +29,6 @@ from .test_reconcile import (
     trained_lora,
     with_status,
 )
-
-
-def conditions(status: dict) -> dict[str, dict]:
-    return {c["type"]: c for c in status["conditions"]}
 
 
 def phantom(**status) -> dict:

@@ -5,25 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from kleinstyle.contract.plan import plan_training
 from kleinstyle.contract.pod import STOP_ANNOTATION
-from kleinstyle.contract.runspec import Owner, RunSpec, TrainSpec
-from kleinstyle.operator.children import Run
 from kleinstyle.operator.kinds.stylelora import StyleLoRARuns
-
-
-def run(steps: int = 500) -> Run:
-    owner = Owner(kind="StyleLoRA", plural="styleloras", namespace="team-a", name="l", uid="uid-1")
-    work = TrainSpec(
-        dataset_uri="/artifacts/team-a/styleboard/b/uid-2/0123456789/dataset",
-        trigger_word="tok",
-        image_count=5,
-        backend="builtin",
-        model_path="/models/m",
-        plan=plan_training(5, {"training": {"steps": steps}}),
-    )
-    spec = RunSpec(owner=owner, output_uri="/a", output_display_uri="/a", work=work)
-    return Run(runspec=spec, step="train", run_hash=spec.content_hash(), owner_api_version="kleinstyle.dev/v1alpha1")
+from runs import train_run
 
 
 def body(annotation: str | None, status: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -34,7 +18,7 @@ def body(annotation: str | None, status: dict[str, Any] | None = None) -> dict[s
 
 
 def test_a_stop_naming_the_current_run_is_shown() -> None:
-    current = run()
+    current = train_run()
     fields, warnings = StyleLoRARuns().requested(body(f"{current.runspec.run_id()}: enough"), current)
     assert (fields, warnings) == ({"stopRequest": "enough"}, [])
     fields, _ = StyleLoRARuns().requested(body(current.runspec.run_id()), current)
@@ -42,12 +26,12 @@ def test_a_stop_naming_the_current_run_is_shown() -> None:
 
 
 def test_a_stop_naming_an_earlier_run_is_not_this_runs() -> None:
-    earlier, current = run(500), run(600)
+    earlier, current = train_run(500), train_run(600)
     assert StyleLoRARuns().requested(body(f"{earlier.runspec.run_id()}: enough"), current) == ({}, [])
 
 
 def test_a_stop_naming_no_run_warns_that_it_stops_nothing() -> None:
-    current = run()
+    current = train_run()
     fields, warnings = StyleLoRARuns().requested(body("enough"), current)
     assert fields == {}
     assert warnings == [
@@ -57,7 +41,7 @@ def test_a_stop_naming_no_run_warns_that_it_stops_nothing() -> None:
 
 
 def test_status_is_never_read_for_it() -> None:
-    current = run()
+    current = train_run()
     forged = {"runHash": current.runspec.run_id(), "stopRequest": "enough"}
     assert StyleLoRARuns().requested(body(None, forged), current) == ({}, [])
     assert StyleLoRARuns().cleared()["stopRequest"] is None  # every reconcile rewrites what a pod or tenant left

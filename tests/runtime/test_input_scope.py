@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from kleinstyle.contract.plan import plan_training
 from kleinstyle.contract.pod import EXIT_BAD_SPEC
-from kleinstyle.contract.runspec import FuseSpec, GenerateSpec, LoraInput, Owner, PrepareSpec, RunSpec, TrainSpec
+from kleinstyle.contract.runspec import FuseSpec, GenerateSpec, LoraInput, Owner, PrepareSpec, RunSpec
 from kleinstyle.runtime import fuse, generate, train
+from runs import train_work
 
 if TYPE_CHECKING:
     from conftest import KubeApi, LoopbackServer
@@ -29,14 +29,7 @@ def output(kind: str, root: str = "/artifacts") -> str:
 
 
 def train_spec(dataset: str, root: str = "/artifacts") -> RunSpec:
-    work = TrainSpec(
-        dataset_uri=dataset,
-        trigger_word="tok",
-        image_count=5,
-        backend="builtin",
-        model_path="/models/tiny",
-        plan=plan_training(5, {}),
-    )
+    work = train_work(dataset)
     return RunSpec(owner=owner("StyleLoRA"), output_uri=output("StyleLoRA", root), output_display_uri="x", work=work)
 
 

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from kleinstyle.contract.plan import plan_training
 from kleinstyle.contract.pod import STOP_ANNOTATION, parse_stop, stop_request
-from kleinstyle.contract.runspec import Owner, RunSpec, TrainSpec
+from kleinstyle.contract.runspec import Owner, RunSpec
 from kleinstyle.runtime.step import Reporter
+from runs import train_spec
 
 if TYPE_CHECKING:
     from conftest import KubeApi
@@ -26,15 +26,7 @@ RUN_HASH = "$(kubectl get sl NAME -o jsonpath='{.status.runHash}')"
 
 
 def spec(steps: int) -> RunSpec:
-    work = TrainSpec(
-        dataset_uri="/artifacts/team-a/styleboard/b/u/0123456789/dataset",
-        trigger_word="tok",
-        image_count=5,
-        backend="builtin",
-        model_path="/models/tiny",
-        plan=plan_training(5, {"training": {"steps": steps}}),
-    )
-    return RunSpec(owner=OWNER, output_uri="/artifacts/x", output_display_uri="pvc://c/x", work=work)
+    return train_spec(steps, owner=OWNER)
 
 
 def readme_stop_command() -> str:
