@@ -12,7 +12,7 @@ from typing import Literal
 
 import yaml
 from kleinstyle.contract.runspec import EvaluationSettings
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 CONFIG_ENV = "KLEINSTYLE_OPERATOR_CONFIG"
 
@@ -144,6 +144,14 @@ class OperatorConfig(BaseModel):
     textProviderURLs: dict[Literal["gemini", "openrouter"], str] = Field(default_factory=dict)
     # Caps on generation (size, steps); each cap applied is a warning in the GenerationJob's status.
     generationLimits: GenerationLimits = Field(default_factory=GenerationLimits)
+
+    @model_validator(mode="after")
+    def _default_pool_exists(self) -> OperatorConfig:
+        """Refused at start, not as a KeyError on every GPU run: the default pool must be one of the pools."""
+        if self.defaultNodePool not in self.nodePools:
+            known = ", ".join(sorted(self.nodePools)) or "none"
+            raise ValueError(f"defaultNodePool {self.defaultNodePool!r} is not one of nodePools ({known})")
+        return self
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> OperatorConfig:

@@ -39,7 +39,16 @@ from .kinds import KIND_RUNS, Dependency, find_cycle
 from .kinds.base import owner_of
 from .kube import PLURALS, Kube
 from .naming import OWNER_UID, selector
-from .reconcile import Decision, Observed, blocked, foreign_child, job_failed, reconcile, settled
+from .reconcile import (
+    Decision,
+    Observed,
+    blocked,
+    failed_reconcile,
+    foreign_child,
+    job_failed,
+    reconcile,
+    settled,
+)
 
 CHILD_KINDS = ("ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Job")
 WORKLOADS_INDEX = "kueue_workloads"
@@ -296,11 +305,12 @@ async def reconcile_once(body: Any, memo: Any, logger: Any, indexes: Mapping[str
 
 
 async def report_failure(kube: Kube, body: Any, wakers: Wakers, reason: str, message: str) -> float:
-    """Say why a reconcile failed where its user looks: Pending with `reason` in status (patched only when that
-    changes) and a Warning Event (one per WARNING_INTERVAL_S); the seconds until the next try."""
+    """Say why a reconcile failed where its user looks: a `ReconcileError` condition with `reason` in status (the
+    phase kept; patched only when that changes) and a Warning Event (one per WARNING_INTERVAL_S); the seconds until
+    the next try."""
     uid = body["metadata"]["uid"]
     with contextlib.suppress(ApiException):  # the API may refuse this too: the log and the Event still say it
-        await patch_status(kube, body, blocked(body, reason, message, now_rfc3339()).status, wakers)
+        await patch_status(kube, body, failed_reconcile(body, reason, message, now_rfc3339()).status, wakers)
     if wakers.may_warn(uid, reason, time.monotonic()):
         kopf.warn(body, reason=reason, message=message)
     return wakers.failed(uid, f"{reason}: {message}")

@@ -37,12 +37,21 @@ from .children import InvalidSpec, Run, build_children
 from .conditions import Condition, condition, merge_conditions, true_condition
 from .config import OperatorConfig
 from .kinds import KIND_RUNS, KindRuns, NotReady, changed_inputs, check_dependencies, inputs
-from .kinds.base import Dependencies, DependencyJobs, controlled_by, job_complete, recorded_run
-from .naming import GENERATION, RUN_HASH
+from .kinds.base import (
+    Dependencies,
+    DependencyJobs,
+    artifact_location,
+    controlled_by,
+    job_complete,
+    owner_of,
+    recorded_run,
+)
+from .naming import GENERATION, RUN_HASH, run_name
 
 RUN_CHILD_KINDS = ("Job", "ConfigMap")
 RUNNER_KINDS = ("ServiceAccount", "Role", "RoleBinding")
 TERMINAL = ("Succeeded", "Failed")
+ERROR_CONDITION = "ReconcileError"  # True while the operator's last reconcile of the object failed
 
 
 @dataclass(frozen=True)
@@ -173,7 +182,8 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
     if finished(body) and recorded_run(body, jobs_of(observed.children), complete=False):
         return kept(body, observed, now)
 
-    run = run_in_flight(body, observed.children)
+    run = run_in_flight(body, observed.children, cfg)
+    pinned = run is not None
     try:
         if run is not None:
             # Started for this generation of the spec: it goes on with what it was started with, whatever its
@@ -195,14 +205,14 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
             Condition("Ready", "False", wait.reason, wait.message),
             warning_condition(missing),
         ]
-        # A run of an earlier generation of the spec is superseded: it must not go on, unowned by status.
-        return _without_run(finish("Waiting", wait.reason, wait.message, conds), observed)
+        return _without_run(finish("Waiting", wait.reason, wait.message + earlier_run(observed), conds))
     except InvalidSpec as exc:
-        return _without_run(invalid(str(exc)), observed)
+        return _without_run(invalid(str(exc) + earlier_run(observed)))
 
     short_hash = run.runspec.run_id()
     by_key = {_key(child): child for child in observed.children}
-    create = [child for child in desired if _key(child) not in by_key]
+    # A run rebuilt from its records is never started again: only its runner's RBAC may be made anew.
+    create = [c for c in desired if _key(c) not in by_key and (not pinned or c["kind"] in RUNNER_KINDS)]
     delete = superseded(observed.children, keep=short_hash)
     job = by_key.get(("Job", run.name))
 
@@ -261,13 +271,21 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
     # a dependency goes later.
     generation = str(body["metadata"].get("generation"))
     stale = job is not None and (job["metadata"].get("annotations") or {}).get(GENERATION) != generation
-    annotate = [(dict(job), {GENERATION: generation})] if stale and job is not None and phase not in TERMINAL else []
+    annotate = [(dict(job), {GENERATION: generation})] if stale and job is not None else []
     return Decision(create=create, delete=delete, status=decision.status, events=events, annotate=annotate)
 
 
-def _without_run(decision: Decision, observed: Observed) -> Decision:
-    """`decision` for an object that has no run now: every child of an earlier run goes."""
-    return Decision(delete=superseded(observed.children, keep=None), status=decision.status, events=decision.events)
+def _without_run(decision: Decision) -> Decision:
+    """`decision` for an object whose spec cannot be planned now: nothing is created, and nothing deleted either. A
+    run an earlier spec started goes on (its GPU work is not thrown away on a guess) until a new plan supersedes it
+    or, the same run, adopts it."""
+    return Decision(status=decision.status, events=decision.events)
+
+
+def earlier_run(observed: Observed) -> str:
+    """What status says of a run an earlier spec started that is still going (its Job has not ended)."""
+    going = [j["metadata"]["name"] for j in jobs_of(observed.children) if not job_complete(j) and not job_failed(j)]
+    return f"; Job {going[0]}, started for an earlier spec, goes on until the new spec can be planned" if going else ""
 
 
 def settled(body: Mapping[str, Any]) -> bool:
@@ -322,30 +340,48 @@ def superseded(children: Sequence[Mapping[str, Any]], keep: str | None) -> list[
     return gone
 
 
-def run_in_flight(body: Mapping[str, Any], children: Sequence[Mapping[str, Any]]) -> Run | None:
+def run_in_flight(body: Mapping[str, Any], children: Sequence[Mapping[str, Any]], cfg: OperatorConfig) -> Run | None:
     """The run this generation of the object's spec started, rebuilt from the operator's own records: its Job
-    (annotated with the generation) and the RunSpec ConfigMap beside it, whose content must hash to the run's name.
-    None when there is none (a new spec, a first run) or the records do not agree (then the run is planned anew)."""
-    meta = body["metadata"]
-    generation, uid = str(meta.get("generation")), meta.get("uid") or ""
+    (annotated with the generation) and the RunSpec ConfigMap of the same name, whose content must be this object's
+    run of its kind's step, hash to that name and write where the layout puts that run. A ConfigMap edited, or a
+    label changed, since the operator wrote them is no record. None when there is none (a new spec, a first run) or
+    the records do not agree: then the run is planned anew from the spec.
+
+    A Job from before Jobs were annotated counts for the generation its status was written for, when it is the run
+    status names (the one time status picks a record: among the object's own Jobs, never what they read)."""
+    kind_run = KIND_RUNS[body["kind"]]
+    meta, status = body["metadata"], body.get("status") or {}
+    owner = owner_of(kind_run.kind, body)
+    generation = str(meta.get("generation"))
     by_key = {_key(child): child for child in children}
+    legacy = str(status.get("runHash") or "") if str(status.get("observedGeneration")) == generation else ""
     for job in sorted(jobs_of(children), key=lambda j: j["metadata"].get("creationTimestamp") or "", reverse=True):
-        if (job["metadata"].get("annotations") or {}).get(GENERATION) != generation or not controlled_by(job, uid):
+        name = job["metadata"]["name"]
+        recorded_for = (job["metadata"].get("annotations") or {}).get(GENERATION)
+        if recorded_for is None and legacy and name == run_name(owner.name, kind_run.step, legacy):
+            recorded_for = generation
+        configmap = by_key.get(("ConfigMap", name))
+        if recorded_for != generation or configmap is None or not controlled_by(job, owner.uid):
             continue
-        configmap = by_key.get(("ConfigMap", job["metadata"]["name"]))
-        data = (configmap or {}).get("data") or {}
+        data = configmap.get("data") or {}
         try:
             runspec = RunSpec.from_json(data.get(RUNSPEC_FILE) or "")
         except ValueError:
             continue
-        run_id = (job["metadata"].get("labels") or {}).get(RUN_HASH)
-        if runspec.run_id() != run_id or runspec.owner.uid != uid or not controlled_by(configmap or {}, uid):
+        run_hash = runspec.content_hash()
+        if (
+            runspec.owner != owner
+            or runspec.work.step != kind_run.step
+            or name != run_name(owner.name, kind_run.step, run_hash)
+            or runspec.output_uri != artifact_location(cfg, owner, run_hash)[0]
+            or not controlled_by(configmap, owner.uid)
+        ):
             continue
-        files = {name: text for name, text in data.items() if name != RUNSPEC_FILE}
+        files = {key: text for key, text in data.items() if key != RUNSPEC_FILE}
         return Run(
             runspec=runspec,
-            step=runspec.work.step,
-            run_hash=runspec.content_hash(),
+            step=kind_run.step,
+            run_hash=run_hash,
             owner_api_version=API_VERSION,
             files=files,
             generation=meta.get("generation"),
@@ -394,8 +430,30 @@ def _decided(
     generation = body["metadata"].get("generation")
     status = {"phase": phase, "message": message, "observedGeneration": generation, **fields}
     conds = [*conds, *progress_conditions(phase, reason, message)]
+    if true_condition(body, ERROR_CONDITION):
+        conds.append(Condition(ERROR_CONDITION, "False", "Reconciled", "the last reconcile succeeded"))
     status["conditions"] = merge_conditions(old_status.get("conditions") or [], conds, now, generation)
     return Decision(status=status, events=_transition_events(old_status, status, reason))
+
+
+def failed_reconcile(body: Mapping[str, Any], reason: str, message: str, now: str) -> Decision:
+    """A reconcile that raised (ReconcileError) or that the API refused (ApiError), in a `ReconcileError` condition
+    of its own. An object with a phase keeps it and the rest of its status: a finished run must never read as one to
+    plan again because a request failed. One without a phase yet reads Pending, blocked by that error. The next
+    reconcile that succeeds turns the condition False."""
+    status = body.get("status") or {}
+    if not status.get("phase"):
+        decision = blocked(body, reason, message, now)
+        conds = merge_conditions(
+            decision.status["conditions"],
+            [Condition(ERROR_CONDITION, "True", reason, message)],
+            now,
+            body["metadata"].get("generation"),
+        )
+        return Decision(status={**decision.status, "conditions": conds}, events=decision.events)
+    error = Condition(ERROR_CONDITION, "True", reason, message)
+    conds = merge_conditions(status.get("conditions") or [], [error], now, status.get("observedGeneration"))
+    return Decision(status={"conditions": conds})
 
 
 def blocked(body: Mapping[str, Any], reason: str, message: str, now: str) -> Decision:

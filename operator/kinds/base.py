@@ -251,7 +251,7 @@ def build_run(
     """The Run of `work` for the object `body`: its RunSpec (named by its hash), placement and secrets."""
     owner = owner_of(kind, body)
     pool = scheduling.nodePool if scheduling else None
-    if work.step in GPU_STEPS and pool is not None and pool not in cfg.nodePools:
+    if pool is not None and pool not in cfg.nodePools:  # a CPU step too: a spec naming a pool means one
         known = ", ".join(sorted(cfg.nodePools)) or "none"
         raise InvalidSpec(f"spec.scheduling.nodePool: {pool!r} is not a node pool of this operator (known: {known})")
     provisional = RunSpec(owner=owner, output_uri="", output_display_uri="", work=work)

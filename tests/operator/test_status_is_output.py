@@ -10,9 +10,11 @@ from __future__ import annotations
 import copy
 import json
 
+import pytest
 from kleinstyle.contract.reports import TrainReport
+from kleinstyle.contract.runspec import RunSpec
 from kleinstyle.operator.config import TrainingLimits
-from kleinstyle.operator.reconcile import reconcile
+from kleinstyle.operator.reconcile import failed_reconcile, reconcile
 from records import completed_job, observed
 
 from .test_dependencies import conditions
@@ -181,26 +183,115 @@ def test_a_running_lora_is_not_restarted_by_a_retrained_board_or_new_training_li
     assert {c["kind"] for c in rerun.delete} == {"ConfigMap", "Job"}
 
 
-def test_an_edited_spec_with_its_board_gone_stops_the_old_run():
-    body, children, _ = started_lora()
+def test_an_edited_spec_with_its_board_gone_leaves_the_old_run_going_until_it_can_be_planned():
+    body, children, first = started_lora()
     edited = copy.deepcopy(body)
     edited["metadata"]["generation"] = 2
     decision = reconcile(observed(body=edited, dependencies={("StyleBoard", "bd9"): None}, children=children), CFG, NOW)
-    assert decision.status["phase"] == "Waiting"
-    assert {c["kind"] for c in decision.delete} == {"ConfigMap", "Job", "ServiceAccount", "Role", "RoleBinding"}
+    assert decision.status["phase"] == "Waiting" and decision.create == [] and decision.delete == []
+    assert f"Job {first.status['jobName']}, started for an earlier spec, goes on" in decision.status["message"]
+    # The board back, the edit planning the same run: the run is adopted, not started again.
+    back = reconcile(
+        observed(
+            body=with_status(edited, decision), dependencies={("StyleBoard", "bd9"): ready_board()}, children=children
+        ),
+        CFG,
+        NOW,
+    )
+    assert back.create == [] and back.delete == [] and back.status["runHash"] == first.status["runHash"]
+    assert back.status["phase"] == "Running"
+    # An edit that plans another run supersedes it, once it can be planned.
+    edited["spec"]["training"] = {"rank": 64}
+    other = reconcile(
+        observed(
+            body=with_status(edited, decision), dependencies={("StyleBoard", "bd9"): ready_board()}, children=children
+        ),
+        CFG,
+        NOW,
+    )
+    assert {c["kind"] for c in other.delete} == {"ConfigMap", "Job"} and other.status["runHash"] != first.status[
+        "runHash"
+    ]
+
+
+def tampered(children: list[dict], edit) -> list[dict]:
+    """`children` with the RunSpec in the run's ConfigMap changed by `edit` (as a tenant may)."""
+    children = copy.deepcopy(children)
+    configmap = next(c for c in children if c["kind"] == "ConfigMap")
+    runspec = json.loads(configmap["data"]["runspec.json"])
+    edit(runspec)
+    configmap["data"]["runspec.json"] = json.dumps(runspec)
+    return children
 
 
 def test_an_edited_runspec_configmap_is_no_record_of_the_run():
     body, children, _ = started_lora()
-    tampered = copy.deepcopy(children)
-    configmap = next(c for c in tampered if c["kind"] == "ConfigMap")
-    runspec = json.loads(configmap["data"]["runspec.json"])
-    runspec["work"]["dataset_uri"] = "/artifacts/team-b/styleboard/x/uid/abc/dataset"
-    configmap["data"]["runspec.json"] = json.dumps(runspec)
-    decision = reconcile(observed(body=body, dependencies={("StyleBoard", "bd9"): None}, children=tampered), CFG, NOW)
-    # Not the operator's run any more: nothing goes on with it.
-    assert decision.status["phase"] == "Waiting"
-    assert any(c["kind"] == "Job" for c in decision.delete)
+
+    def elsewhere(runspec: dict) -> None:
+        runspec["work"]["dataset_uri"] = "/artifacts/team-b/styleboard/x/uid/abc/dataset"
+
+    decision = reconcile(
+        observed(body=body, dependencies={("StyleBoard", "bd9"): None}, children=tampered(children, elsewhere)),
+        CFG,
+        NOW,
+    )
+    # Not the operator's run any more: nothing goes on with it, nothing is made from it.
+    assert decision.status["phase"] == "Waiting" and decision.create == []
+
+
+def test_a_runspec_moved_to_another_namespace_and_relabelled_makes_nothing_there():
+    """A tenant rewrites its run's RunSpec to be another namespace's object's run and relabels the Job to match:
+    the Job's name (which no one can change) still names the run the operator made, so it is no record."""
+    body, children, _ = started_lora()
+
+    def victims(runspec: dict) -> None:
+        runspec["owner"].update(namespace="team-z", name="victim")
+        runspec["output_uri"] = runspec["output_uri"].replace(
+            "/team-a/stylelora/bd9-lora/", "/team-z/stylelora/victim/"
+        )
+        runspec["work"]["dataset_uri"] = "/artifacts/team-z/styleboard/b/uid-z/0123456789/dataset"
+
+    forged = tampered(children, victims)
+    configmap = next(c for c in forged if c["kind"] == "ConfigMap")
+    run_id = RunSpec.from_json(configmap["data"]["runspec.json"]).run_id()
+    for child in forged:
+        child["metadata"]["labels"]["kleinstyle.dev/run-hash"] = run_id
+    decision = reconcile(observed(body=body, dependencies={("StyleBoard", "bd9"): None}, children=forged), CFG, NOW)
+    assert decision.status["phase"] == "Waiting" and decision.create == []
+    made = reconcile(
+        observed(body=body, dependencies={("StyleBoard", "bd9"): ready_board()}, children=forged), CFG, NOW
+    )
+    assert all(c["metadata"]["namespace"] == "team-a" for c in made.create)
+
+
+def test_a_failed_reconcile_keeps_a_finished_run_finished():
+    body, children, first = started_lora()
+    result = {"lora_step": 30, "steps": 30, "total_steps": 30, "checkpoints": []}
+    body["status"]["progress"] = report(first, TrainReport, state="Succeeded", result=result)
+    done_job = _job(first, succeeded=1, conditions=[{"type": "Complete", "status": "True"}])
+    deps = {("StyleBoard", "bd9"): ready_board()}
+    done = reconcile(observed(body=body, dependencies=deps, children=[*children[:-1], done_job]), CFG, NOW)
+    body = with_status(body, done)
+    failed = with_status(body, failed_reconcile(body, "ApiError", "the Kubernetes API refused a request: 500", NOW))
+    assert failed["status"]["phase"] == "Succeeded" and failed["status"]["runHash"] == first.status["runHash"]
+    assert conditions(failed["status"])["ReconcileError"]["status"] == "True"
+    # Its board gone meanwhile: still kept as it ended, and the error condition cleared.
+    kept = reconcile(
+        observed(body=failed, dependencies={("StyleBoard", "bd9"): None}, children=[*children[3:-1], done_job]),
+        CFG,
+        NOW,
+    )
+    assert kept.delete == [] and kept.status["phase"] == "Succeeded"
+    assert conditions(kept.status)["ReconcileError"]["status"] == "False"
+
+
+def test_a_run_started_before_jobs_were_annotated_goes_on_for_the_generation_status_names():
+    body, children, first = started_lora()
+    legacy = copy.deepcopy(children)
+    del legacy[-1]["metadata"]["annotations"]
+    decision = reconcile(observed(body=body, dependencies={("StyleBoard", "bd9"): None}, children=legacy), CFG, NOW)
+    assert decision.status["phase"] == "Running" and decision.delete == []
+    assert decision.status["runHash"] == first.status["runHash"]
 
 
 def test_the_board_is_read_from_its_run_folder_not_its_status():
@@ -266,3 +357,15 @@ def test_a_full_volume_fails_with_reason_volume_full_and_deleting_the_job_retrie
     again = reconcile(observed(body=body, dependencies=deps, children=children[3:-1]), CFG, NOW)
     assert [c["metadata"]["name"] for c in again.create if c["kind"] == "Job"] == [first.status["jobName"]]
     assert again.status["phase"] == "Pending" and again.status["runHash"] == first.status["runHash"]
+
+
+def test_an_unknown_node_pool_fails_a_cpu_step_too_and_a_config_without_its_default_pool_is_refused():
+    from kleinstyle.operator.config import OperatorConfig
+    from pydantic import ValidationError
+
+    from .test_reconcile import FUSION_DEPS, fusion
+
+    decision = reconcile(observed(body=fusion(scheduling={"nodePool": "a100"}), dependencies=FUSION_DEPS), CFG, NOW)
+    assert decision.status["phase"] == "Failed" and "spec.scheduling.nodePool" in decision.status["message"]
+    with pytest.raises(ValidationError, match="defaultNodePool 'a100' is not one of nodePools"):
+        OperatorConfig(defaultNodePool="a100")
