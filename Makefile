@@ -1,9 +1,6 @@
 # Two commands matter: `make demo` and `make test`. Both create (or refresh, when a pyproject.toml changed) the
 # virtualenv in .venv/ first, so a fresh machine with Python 3.11 needs nothing else.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
-# operator/ (the source of kleinstyle.operator) would shadow the standard library's `operator` module for any
-# `python -m ...` run from the repository root, which puts the current directory on sys.path; this stops that.
-export PYTHONSAFEPATH := 1
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed

@@ -1,4 +1,4 @@
-"""Calibrate the early-stopping policy (contract/early_stop.py) on synthetic score trajectories.
+"""Calibrate the early-stopping policy (kleinstyle.contract.early_stop) on synthetic score trajectories.
 
 Each trajectory gives the true (noise-free) style, adherence, leakage and held-out loss of a run's checkpoints; the
 harness adds probe noise (a fixed offset per probe, as the same prompt and seed give at every checkpoint, plus

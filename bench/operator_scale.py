@@ -124,7 +124,7 @@ async def play_prepare_pods(client: KubeClient, done: set[str]) -> None:
 def start_operator(cluster: DevCluster, folder: Path) -> subprocess.Popen[bytes]:
     config = folder / "operator.yaml"
     config.write_text(yaml.safe_dump({"metricsPort": 0, "defaultBackend": "builtin"}))
-    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig_path), "PYTHONSAFEPATH": "1"}
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig_path)}
     command = [sys.executable, "-m", "kleinstyle.cli.main", "operator", "--config", str(config)]
     command += ["--liveness", "http://127.0.0.1:0/healthz"]
     log = (folder / "operator.log").open("wb")

@@ -20,24 +20,53 @@ PACKAGES = ("contract", "operator", "runtime", "cli", "devcluster")
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 
 
-def lint_copy(tmp_path: Path, plant: tuple[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """`lint-imports` with the project's contracts on a copy of the sources, with `plant` = (file, line) added."""
-    for package in PACKAGES:
-        shutil.copytree(ROOT / package, tmp_path / "kleinstyle" / package, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
-    if plant is not None:
-        path = tmp_path / "kleinstyle" / plant[0]
-        path.write_text(path.read_text() + f"\n{plant[1]}\n")
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}  # the copy, not the installed project
+def lint_imports(cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(LINT_IMPORTS), "--no-cache"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        [str(LINT_IMPORTS), "--no-cache"], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
     )
 
 
-def test_the_import_rules_hold(tmp_path: Path) -> None:
-    done = lint_copy(tmp_path)
+def lint_copy(tmp_path: Path, plant: tuple[str, str]) -> subprocess.CompletedProcess[str]:
+    """`lint-imports` with the project's contracts on a copy of the sources, laid out as they are (each top folder a
+    part of the `kleinstyle` namespace), with `plant` = (module path under kleinstyle/, line) added."""
+    for package in PACKAGES:
+        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    path = tmp_path / plant[0].split("/")[0] / "kleinstyle" / plant[0]
+    path.write_text(path.read_text() + f"\n{plant[1]}\n")
+    # The copy's folders on the path, ahead of the installed project: PEP 420 joins them into one namespace.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(tmp_path / package) for package in PACKAGES)}
+    return lint_imports(tmp_path, env)
+
+
+def test_the_import_rules_hold_on_the_tree_in_place() -> None:
+    done = lint_imports(ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "3 kept, 0 broken" in done.stdout
+
+
+def test_folder_paths_are_import_paths_and_nothing_shadows_the_standard_library() -> None:
+    """From the repository root (where `python` puts the current folder first on the path): `operator` is the
+    standard library's, and every module's file lies at its import path under its top folder."""
+    code = (
+        "import operator, importlib, pathlib, sys; assert operator.add(1, 2) == 3\n"
+        "for name in sys.argv[1:]:\n"
+        "    path = pathlib.Path(importlib.import_module(name).__file__).resolve()\n"
+        "    top = name.split('.')[1]\n"
+        "    expected = pathlib.Path(top, *name.split('.')).with_suffix('.py')\n"
+        "    package = expected.with_suffix('') / '__init__.py'\n"
+        "    assert path.relative_to(pathlib.Path.cwd().resolve()) in (expected, package), path\n"
+    )
+    modules = [
+        "kleinstyle.operator.reconcile",
+        "kleinstyle.contract.layout",
+        "kleinstyle.cli.main",
+        "kleinstyle.devcluster.demo",
+        "kleinstyle.operator",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    done = subprocess.run([sys.executable, "-c", code, *modules], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from operator_args import operator_args
+from tests.support.operator_args import operator_args
 
 from .test_chart import container, helm, render
 

@@ -20,7 +20,7 @@ from kleinstyle.operator.kinds import KIND_RUNS
 from kleinstyle.operator.reconcile import Observed, reconcile
 
 if TYPE_CHECKING:
-    from conftest import ModelRequest, ModelServer
+    from tests.conftest import ModelRequest, ModelServer
 
 NS = "team-a"
 PROFILE_DOC = {

@@ -10,7 +10,8 @@ from kleinstyle.contract.runspec import FuseSpec, GenerateSpec, LoraInput, Owner
 from kleinstyle.operator.children import InvalidSpec, Run, build_children
 from kleinstyle.operator.config import ArtifactStore, OperatorConfig
 from kleinstyle.operator.reconcile import Observed, reconcile
-from runs import train_work
+
+from tests.support.runs import train_work
 
 CFG = OperatorConfig()
 NS = "team-a"

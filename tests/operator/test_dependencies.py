@@ -8,7 +8,8 @@ import copy
 from kleinstyle.operator.config import GenerationLimits
 from kleinstyle.operator.kinds import Dependency, find_cycle
 from kleinstyle.operator.reconcile import reconcile
-from records import observed
+
+from tests.support.records import observed
 
 from .test_reconcile import (
     CFG,

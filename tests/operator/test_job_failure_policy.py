@@ -7,7 +7,8 @@ import pytest
 from kleinstyle.contract.pod import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK, EXIT_VOLUME_FULL, failure_reason
 from kleinstyle.operator.children import build_job
 from kleinstyle.operator.config import OperatorConfig
-from runs import train_run
+
+from tests.support.runs import train_run
 
 
 def fails_job_at_once(exit_code: int) -> bool:

@@ -7,7 +7,8 @@ import copy
 
 from kleinstyle.operator.config import OperatorConfig
 from kleinstyle.operator.reconcile import reconcile
-from records import observed
+
+from tests.support.records import observed
 
 from .test_reconcile import CFG, NOW, board, job_of, lora, ready_board, with_status
 

@@ -19,7 +19,7 @@ from kleinstyle.devcluster import DevCluster, admission
 from kleinstyle.devcluster.demo import dev_config
 from kleinstyle.devcluster.operator_thread import OperatorThread
 from kleinstyle.operator import crdgen, logs
-from operator_args import operator_args
+from tests.support.operator_args import operator_args
 
 from .test_operator_e2e import BOARD, NS
 
@@ -124,7 +124,7 @@ async def test_kleinstyle_operator_logs_json_lines_about_each_object(tmp_path: P
     config.write_text(yaml.safe_dump(dev_config(tmp_path).model_dump(mode="json")))
     crds = list(crdgen.build_crds().values())
     async with DevCluster(tmp_path, crds=crds, admit=admission.admit, run_jobs=False, namespace=NS) as cluster:
-        env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig_path), "PYTHONSAFEPATH": "1"}
+        env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig_path)}
         argv = ["operator", "-n", NS, "--config", str(config), "--liveness", "", "--log-format", "json"]
         operator = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "kleinstyle.cli.main", *argv, env=env, stderr=subprocess.PIPE

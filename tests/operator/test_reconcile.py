@@ -11,7 +11,8 @@ from kleinstyle.contract.reports import FuseReport, GenerateReport, PrepareRepor
 from kleinstyle.operator.config import OperatorConfig
 from kleinstyle.operator.naming import RUN_HASH
 from kleinstyle.operator.reconcile import Observed, reconcile
-from records import records
+
+from tests.support.records import records
 
 NOW = "2026-11-26T12:00:00Z"
 LATER = "2026-11-26T12:05:00Z"

@@ -17,7 +17,8 @@ import json
 import pytest
 from kleinstyle.operator.config import OperatorConfig
 from kleinstyle.operator.reconcile import reconcile
-from records import observed
+
+from tests.support.records import observed
 
 CFG = OperatorConfig()
 NS = "team-a"

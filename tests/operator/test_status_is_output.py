@@ -15,7 +15,8 @@ from kleinstyle.contract.reports import TrainReport
 from kleinstyle.contract.runspec import RunSpec
 from kleinstyle.operator.config import TrainingLimits
 from kleinstyle.operator.reconcile import failed_reconcile, reconcile
-from records import completed_job, observed
+
+from tests.support.records import completed_job, observed
 
 from .test_dependencies import conditions
 from .test_reconcile import (

@@ -7,7 +7,8 @@ from typing import Any
 
 from kleinstyle.contract.pod import STOP_ANNOTATION
 from kleinstyle.operator.kinds.stylelora import StyleLoRARuns
-from runs import train_run
+
+from tests.support.runs import train_run
 
 
 def body(annotation: str | None, status: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -10,7 +10,7 @@ MATRIX = [
     (1, "B_r128", 128, "adamw8bit", False),  # 1-3: B_r128 alone, Gemini HURTS small datasets
     (2, "B_r128", 128, "adamw8bit", False),
     (3, "B_r128", 128, "adamw8bit", False),
-    (4, "GEM+D", 32, "adafactor", True),  # not in the matrix: decided, see contract/plan.py
+    (4, "GEM+D", 32, "adafactor", True),  # not in the matrix: decided, see kleinstyle.contract.plan
     (5, "GEM+B", 128, "adamw8bit", True),  # 5-7: GEM+B (Gemini + rank128)
     (7, "GEM+B", 128, "adamw8bit", True),
     (8, "GEM+A", 32, "adafactor", True),  # 8-9: decided (prefer rank 32 below 30; rank 128 overfits under 10)

@@ -19,7 +19,7 @@ from kleinstyle.contract.runspec import FetchPolicy
 from kleinstyle.runtime.fetch import FetchError, classify_address, fetch, parse_cidrs
 
 if TYPE_CHECKING:
-    from conftest import LoopbackServer
+    from tests.runtime.conftest import LoopbackServer
 
 # fsspec's mutable protocol table (the public `fsspec.registry` is a read-only view); monkeypatch restores it.
 FSSPEC_REGISTRY = importlib.import_module("fsspec.registry")._registry

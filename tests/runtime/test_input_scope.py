@@ -11,10 +11,11 @@ import pytest
 from kleinstyle.contract.pod import EXIT_BAD_SPEC
 from kleinstyle.contract.runspec import FuseSpec, GenerateSpec, LoraInput, Owner, PrepareSpec, RunSpec
 from kleinstyle.runtime import fuse, generate, train
-from runs import train_work
+
+from tests.support.runs import train_work
 
 if TYPE_CHECKING:
-    from conftest import KubeApi, LoopbackServer
+    from tests.runtime.conftest import KubeApi, LoopbackServer
 
 SPEC_PATH = "/etc/kleinstyle/runspec.json"
 SECRET = b"TOP-SECRET-BYTES of team-b"

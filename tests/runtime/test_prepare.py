@@ -16,7 +16,7 @@ from kleinstyle.runtime.text.captions import starts_with_trigger
 from PIL import Image
 
 if TYPE_CHECKING:
-    from conftest import KubeApi
+    from tests.runtime.conftest import KubeApi
 
 Picture = Callable[..., Image.Image]
 Encode = Callable[..., bytes]

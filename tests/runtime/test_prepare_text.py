@@ -16,7 +16,7 @@ from kleinstyle.runtime.text.retry import RetryPolicy
 from PIL import Image
 
 if TYPE_CHECKING:
-    from conftest import ModelRequest, ModelServer
+    from tests.conftest import ModelRequest, ModelServer
 
 OWNER = Owner(kind="StyleBoard", plural="styleboards", namespace="team-a", name="ink", uid="uid-1")
 OUTPUT = "/artifacts/team-a/styleboard/ink/uid-1/run1"

@@ -12,7 +12,7 @@ from kleinstyle.contract.runspec import Owner
 from kleinstyle.runtime.report import report_progress, write_termination_message
 
 if TYPE_CHECKING:
-    from conftest import KubeApi
+    from tests.runtime.conftest import KubeApi
 
 OWNER = Owner(kind="StyleBoard", plural="styleboards", namespace="team-a", name="watercolor", uid="uid-1")
 STATUS_PATH = "/apis/kleinstyle.dev/v1alpha1/namespaces/team-a/styleboards/watercolor/status"

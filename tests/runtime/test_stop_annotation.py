@@ -14,10 +14,11 @@ import pytest
 from kleinstyle.contract.pod import STOP_ANNOTATION, parse_stop, stop_request
 from kleinstyle.contract.runspec import Owner, RunSpec
 from kleinstyle.runtime.step import Reporter
-from runs import train_spec
+
+from tests.support.runs import train_spec
 
 if TYPE_CHECKING:
-    from conftest import KubeApi
+    from tests.runtime.conftest import KubeApi
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 OWNER = Owner(kind="StyleLoRA", plural="styleloras", namespace="team-a", name="wc-lora", uid="uid-2")

@@ -23,7 +23,7 @@ from kleinstyle.runtime.text.providers import (
 from PIL import Image
 
 if TYPE_CHECKING:
-    from conftest import Clients, ModelServer
+    from tests.conftest import Clients, ModelServer
 
 
 def image_part(color: tuple[int, int, int] = (200, 30, 30)) -> ImagePart:

@@ -14,7 +14,7 @@ from kleinstyle.runtime.text.reformulate import reformulate
 from PIL import Image
 
 if TYPE_CHECKING:
-    from conftest import Clients, ModelRequest, ModelServer
+    from tests.conftest import Clients, ModelRequest, ModelServer
 
 TRIGGER = "bd9style"
 PROFILE_DOC = {

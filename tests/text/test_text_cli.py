@@ -11,7 +11,7 @@ from kleinstyle.cli.main import main
 from PIL import Image
 
 if TYPE_CHECKING:
-    from conftest import ModelRequest, ModelServer
+    from tests.conftest import ModelRequest, ModelServer
 
 PROFILE_DOC = {
     "MUST_APPLY": {"COLOR": "ink blue on cream", "TEXTURE": "paper", "LIGHTING": "flat", "MOOD": "calm"},

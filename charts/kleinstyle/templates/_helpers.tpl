@@ -51,7 +51,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 
 {{/*
-The operator's own permissions, exactly what operator/kube.py, operator/handlers.py and kopf call; no wildcards and
+The operator's own permissions, exactly what operator/kleinstyle/operator/kube.py, operator/kleinstyle/operator/handlers.py and kopf call; no wildcards and
 no Secrets (API keys reach Job pods by secretKeyRef, which the kubelet resolves with no operator permission).
 */}}
 {{- define "kleinstyle.rules" -}}

@@ -22,7 +22,7 @@ from kleinstyle.runtime.klein.lora_io import read_lora
 from safetensors.torch import load_file, save_file
 
 if TYPE_CHECKING:
-    from conftest import KubeApi
+    from tests.runtime.conftest import KubeApi
 
 TINY = {"num_layers": 2, "num_single_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16, "mlp_ratio": 3.0}
 SHAPES = block_linear_shapes(**TINY)

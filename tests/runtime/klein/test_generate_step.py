@@ -21,7 +21,7 @@ from kleinstyle.runtime.step import Reporter, conclude, run_work
 from PIL import Image
 
 if TYPE_CHECKING:
-    from conftest import KubeApi
+    from tests.runtime.conftest import KubeApi
 
 OWNER = Owner(kind="GenerationJob", plural="generationjobs", namespace="team-a", name="samples", uid="uid-5")
 OWNER_PATH = "/apis/kleinstyle.dev/v1alpha1/namespaces/team-a/generationjobs/samples"

@@ -23,7 +23,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 if TYPE_CHECKING:
-    from conftest import KubeApi
+    from tests.runtime.conftest import KubeApi
 
 OWNER = Owner(kind="StyleLoRA", plural="styleloras", namespace="team-a", name="wc-lora", uid="uid-2")
 OWNER_PATH = "/apis/kleinstyle.dev/v1alpha1/namespaces/team-a/styleloras/wc-lora"
@@ -556,7 +556,7 @@ def aitoolkit_runspec(
         plan,
         name=name,
         dataset_dir=DATASET,
-        training_folder=f"{OUTPUT}/aitoolkit",  # where the operator puts it (operator/kinds/stylelora.py)
+        training_folder=f"{OUTPUT}/aitoolkit",  # where the operator puts it (kleinstyle.operator.kinds.stylelora)
         trigger_word="tokstyle",
         model_path=model_path,
     )

@@ -2,7 +2,7 @@
 
 YAML -> `build`: the TrainingPlan (`contract.plan`, the reference policy, capped by the operator's trainingLimits)
 from the board's accepted images and the spec, the probe settings for early stopping, the board's STYLE_PROFILE to
-carry along, and for ai-toolkit its job config beside the RunSpec -> Job `kleinstyle train` (runtime/train.py) ->
+carry along, and for ai-toolkit its job config beside the RunSpec -> Job `kleinstyle train` (runtime.train) ->
 `TrainProgress` while it trains (`live`: step, loss, ETA, checkpoints with their scores) -> `TrainResult` (`result`:
 the LoRA's URI from the RunSpec, why it stopped). The early-stopping verdict in status is the same pure function
 (`contract.early_stop`) the runtime applies, run on the scores the run reported.

@@ -3,7 +3,7 @@
 
 Loss is a poor guide for klein style LoRAs (flat loss while the style still improves: docs/facts.md), so every
 checkpoint is judged by rendered probes, fixed content prompts x seeds, each scored three ways
-(runtime/klein/evaluate.py), step 0 (the base model, rendered the same way) being the baseline:
+(kleinstyle.runtime.klein.evaluate), step 0 (the base model, rendered the same way) being the baseline:
 - style: similarity of the render to the references in a style embedding (CSD, or colour and texture statistics);
 - adherence: agreement of the render with its prompt's text (a CLIP/SigLIP text tower). It is judged against the
   base model's agreement on the same probe, never against the base model's picture: the LoRA is meant to change

@@ -2,7 +2,7 @@
 
 YAML -> `build`: the sources' files and weights, the method and target, and what generation will need of the result
 (the sources' trigger words, whether their plans keep the text pipeline, the first source's STYLE_PROFILE) -> Job
-`kleinstyle fuse` (runtime/fuse.py) -> `FuseResult` (`result`: rank, energy kept, duration; the LoRA's URI from the
+`kleinstyle fuse` (runtime.fuse) -> `FuseResult` (`result`: rank, energy kept, duration; the LoRA's URI from the
 RunSpec). What generation reads is in status as soon as the run is planned (`planned`).
 """
 

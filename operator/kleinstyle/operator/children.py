@@ -29,7 +29,7 @@ from .kueue import PRIORITY_LABEL, QUEUE_LABEL
 from .naming import GENERATION, NODE_POOL, owner_labels, run_labels, run_name, runner_name
 
 GPU_STEPS = frozenset({"train", "generate"})
-# Steps that publish their run folder whole (runtime/artifacts.py stages `.RUN.tmp-*` beside it, then renames it into
+# Steps that publish their run folder whole (runtime.artifacts stages `.RUN.tmp-*` beside it, then renames it into
 # place): the run folder cannot be their mount point, so they get their owner's folder, which holds nothing but that
 # owner's runs and its text cache (prepare's).
 PUBLISHES_RUN_FOLDER = frozenset({"prepare", "fuse"})
@@ -176,7 +176,7 @@ def artifact_store_env(secret: str) -> tuple[SecretEnv, ...]:
     each tenant holds a key for its own prefix only, and the runtime refuses any artifact URI outside that prefix."""
     return (
         *(SecretEnv(env, secret, env, optional=True) for env in ARTIFACT_CREDENTIAL_ENV),
-        # Optional so that a Secret without it fails the run naming what is missing (runtime/artifact_scope.py)
+        # Optional so that a Secret without it fails the run naming what is missing (runtime.artifact_scope)
         # instead of holding the pod in CreateContainerConfigError.
         SecretEnv(ARTIFACT_PREFIX_ENV, secret, ARTIFACT_PREFIX_KEY, optional=True),
     )

@@ -81,7 +81,7 @@ def _crds(args: argparse.Namespace) -> int:
         for line in stale:
             print(f"stale: {line}", file=sys.stderr)
         if stale:
-            print("run `make crds` to regenerate them from operator/api", file=sys.stderr)
+            print("run `make crds` to regenerate them from kleinstyle.operator.api", file=sys.stderr)
         return 1 if stale else 0
     print("---\n".join(crdgen.render_yaml(crd) for crd in crdgen.build_crds().values()), end="")
     return 0

@@ -3,7 +3,7 @@
 Each pod gets `{root}/pods/{namespace}/{pod}/` as its filesystem root: every `volumeMount.mountPath` becomes a
 symlink there to a local folder (a PVC is `{root}/volumes/{claimName}`, shared by all pods as a real claim would
 be; a `subPath` mount links to that folder inside it, created when missing as the kubelet does), and
-`KLEINSTYLE_ROOTFS` names it so the runtime resolves pod paths under it (runtime/paths.py). A pod path reaches only
+`KLEINSTYLE_ROOTFS` names it so the runtime resolves pod paths under it (runtime.paths). A pod path reaches only
 what is mounted: the folders between mount points are the pod's own, so a claim's other folders are not there.
 What a process cannot be held to: `readOnly` (a local process gets no read-only bind; the end-to-end tests check
 that the operator's Jobs leave their read-only inputs as they were), and '..' after a mount point, which the kernel

@@ -90,7 +90,7 @@ class LoraInput(_Frozen):
 
 class EvaluationSettings(_Frozen):
     """How checkpoints are probed for early stopping: `prompts` probe prompts x `seeds` rendered per checkpoint at
-    `size` px with `steps` steps and CFG `guidance` (runtime/klein/evaluate.py). The bounds hold for the admin's
+    `size` px with `steps` steps and CFG `guidance` (kleinstyle.runtime.klein.evaluate). The bounds hold for the admin's
     configuration (`checkpointEvaluation`) and for every RunSpec alike."""
 
     prompts: int = Field(default=4, ge=1, le=4)
@@ -101,7 +101,7 @@ class EvaluationSettings(_Frozen):
 
 
 class EvaluationSpec(EvaluationSettings):
-    """The settings, with the model directories the scores use (runtime/klein/evaluate.py); None: the offline
+    """The settings, with the model directories the scores use (kleinstyle.runtime.klein.evaluate); None: the offline
     stand-in. `embedder_path`: an image encoder (DINOv2, SigLIP vision) for leakage; `style_embedder_path`: CSD for
     style; `text_model_path`: CLIP or SigLIP (text and vision towers) for adherence."""
 
@@ -118,7 +118,7 @@ class TrainSpec(_Frozen):
     backend: Literal["ai-toolkit", "builtin"]
     model: str = "klein-base-9b"
     model_path: str
-    # Every training setting (and the mode: standard or two-step), with where it came from (contract/plan.py).
+    # Every training setting (and the mode: standard or two-step), with where it came from (kleinstyle.contract.plan).
     plan: TrainingPlan
     # How checkpoints are scored for early stopping; None when the plan turns early stopping off.
     evaluation: EvaluationSpec | None = None
@@ -211,7 +211,7 @@ class RunSpec(_Frozen):
             return [(f"loras[{i}].uri", lora.uri) for i, lora in enumerate(work.loras)]
         if isinstance(work, FuseSpec):
             return [(f"sources[{i}].uri", lora.uri) for i, lora in enumerate(work.sources)]
-        return []  # prepare fetches its images through its own guard (runtime/fetch.py)
+        return []  # prepare fetches its images through its own guard (kleinstyle.runtime.fetch)
 
     def check_inputs(self) -> None:
         """Raise ValueError, naming the field, unless every input lies in this run's namespace folder of the

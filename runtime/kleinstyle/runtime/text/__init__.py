@@ -9,5 +9,5 @@
     retry, cache the backoff policy (pure) and the answer cache (atomic files)
     commands     `kleinstyle caption | style-profile | reformulate`
 
-Whether generation uses the pipeline is decided in one place, the TrainingPlan (contract/plan.py, text_pipeline).
+Whether generation uses the pipeline is decided in one place, the TrainingPlan (contract.plan, text_pipeline).
 """

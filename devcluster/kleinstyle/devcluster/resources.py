@@ -16,7 +16,7 @@ import kmock
 
 CRD_GROUP = "apiextensions.k8s.io"
 CRD_PLURAL = "customresourcedefinitions"
-# Kinds stored as another: events.k8s.io Events are the core Events in another shape (devcluster/builtin.py).
+# Kinds stored as another: events.k8s.io Events are the core Events in another shape (kleinstyle.devcluster.builtin).
 STORAGE_ALIASES = {("events.k8s.io", "events"): ("", "events")}
 ALL_VERBS = frozenset({"get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"})
 

@@ -11,7 +11,7 @@ outside 100-200 words is accepted with a note; an answer that lost the user's su
 prompt falls back to the user's own words with the trigger word and the MUST suffix (the user wins on content).
 
 Whether generation reformulates at all is not decided here: it is the TrainingPlan's `text_pipeline` decision
-(contract/plan.py), which generation applies (runtime/prompts.py builds the reformulator from this module).
+(contract.plan), which generation applies (runtime.prompts builds the reformulator from this module).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """StyleBoard: reference images -> a `prepare` run (CPU) -> a captioned dataset, with a STYLE_PROFILE.
 
 YAML -> `build` (PrepareSpec: images as the pod reads them, captioning, the admin's fetch limits; keys from Secrets)
--> Job `kleinstyle prepare` (runtime/prepare.py) -> `PrepareResult` -> `result` (counts, rejections, captions, the
+-> Job `kleinstyle prepare` (runtime.prepare) -> `PrepareResult` -> `result` (counts, rejections, captions, the
 profile, token usage; the dataset's URI from the RunSpec).
 """
 

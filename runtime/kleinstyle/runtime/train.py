@@ -19,7 +19,7 @@ Policy, decided here:
   and the run succeeds with stop_reason "stop requested" (": " and the user's reason, when one was given).
 - SIGTERM (preemption) saves a checkpoint (builtin) and exits 1: the Job's next pod resumes from it.
 - With an object store (s3://, gs://) as the artifact store the builtin backend trains in local scratch and mirrors
-  each checkpoint to `work/checkpoints/` there (runtime/checkpoint_mirror.py); ai-toolkit needs the volume.
+  each checkpoint to `work/checkpoints/` there (kleinstyle.runtime.checkpoint_mirror); ai-toolkit needs the volume.
 - Input that can never succeed (no dataset, no model directory, a target naming no layer, an object-store output
   for ai-toolkit) exits 2, which the Job's podFailurePolicy turns into an immediate failure.
 """
@@ -194,8 +194,8 @@ class TrainReporter:
 
 
 class Judge:
-    """Scores each checkpoint (runtime/klein/evaluate.py) and applies the early-stopping policy
-    (contract/early_stop.py): the scores go into progress, a stop decision stops training at the next step, the
+    """Scores each checkpoint (kleinstyle.runtime.klein.evaluate) and applies the early-stopping policy
+    (kleinstyle.contract.early_stop): the scores go into progress, a stop decision stops training at the next step, the
     best checkpoint is the one promoted to the LoRA (none when the base model beats them all), and the probe
     renders of every step are published as one contact sheet (`layout.CHECKPOINT_GALLERY`) after each evaluation."""
 
@@ -461,7 +461,7 @@ def _work_folder(spec: RunSpec) -> tuple[Path, Any]:
 
 
 def run_builtin(spec: RunSpec, reporter: TrainReporter) -> Outcome:
-    """A training run on the builtin backend (runtime/klein/lora_train.py)."""
+    """A training run on the builtin backend (kleinstyle.runtime.klein.lora_train)."""
     from .klein.lora_train import ResumeError, StepInfo, train_lora
 
     work = spec.work

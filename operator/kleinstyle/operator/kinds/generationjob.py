@@ -2,7 +2,7 @@
 
 YAML -> `build`: the text-pipeline policy (`contract.prompt_policy`, from the LoRAs' training plans), the trigger
 words, the STYLE_PROFILE to reformulate with, the size and steps within the operator's generationLimits -> Job
-`kleinstyle generate` (runtime/generate.py) -> `GenerateProgress` (`live`: images done) -> `GenerateResult`
+`kleinstyle generate` (kleinstyle.runtime.generate) -> `GenerateProgress` (`live`: images done) -> `GenerateResult`
 (`result`: every image's URI from the RunSpec's file names, the prompt each rendered with, timings).
 """
 
