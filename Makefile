@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # What the operator image installs, alone, in a virtualenv of its own (operator-image-check).
 OPERATOR_VENV := .venv-operator
 
-.PHONY: venv demo dev-cluster test lint lint-imports operator-image-check crds crds-check clean
+.PHONY: venv demo dev-cluster test typecheck lint lint-imports operator-image-check crds crds-check clean
 
 $(STAMP): pyproject.toml devcluster/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,12 @@ test: $(STAMP) operator-image-check
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/kleinstyle crds --check crds
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
+
+# mypy --strict over contract, operator, runtime and cli: the files and settings are [tool.mypy] in pyproject.toml.
+typecheck: $(STAMP)
+	$(BIN)/mypy
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

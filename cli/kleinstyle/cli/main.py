@@ -10,6 +10,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
+
+# What each side's `commands.COMMANDS` maps a command's name to: (add its arguments to a parser, run it).
+Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
 OPERATOR, RUNTIME, DEVCLUSTER = "kleinstyle.operator", "kleinstyle.runtime", "kleinstyle.devcluster"
 # name: (the side whose `commands` module has it, one line of help)
@@ -47,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     if chosen in COMMANDS:
         side = COMMANDS[chosen][0]
         try:
-            commands = importlib.import_module(f"{side}.commands").COMMANDS
+            commands: dict[str, Command] = importlib.import_module(f"{side}.commands").COMMANDS
             add_arguments, run = commands[chosen]
             add_arguments(parsers[chosen])
         except ImportError as exc:

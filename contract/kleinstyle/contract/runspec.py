@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from .layout import RUN_ID_LENGTH, namespace_folder
 from .plan import TrainingPlan
 
-RUNSPEC_VERSION = "kleinstyle.dev/runspec-v1"
+RUNSPEC_VERSION: Final = "kleinstyle.dev/runspec-v1"
 # Schemes an input may have besides none (a pod path): object stores, and memory:// (fsspec's in-process store, the
 # tests' stand-in for one). Never http(s), file:// or anything else fsspec would open.
 STORE_SCHEMES = ("s3://", "gs://", "memory://")
