@@ -14,6 +14,8 @@ from kleinstyle.devcluster import Emulator, KubeClient
 
 from .conftest import crd
 
+pytestmark = pytest.mark.emulator
+
 # `kubectl create secret generic s1 --from-literal=a=b --type=foo/bar` and `kubectl create namespace n1`, as
 # kubectl 1.37 sends them (protobuf).
 SECRET_PB = bytes.fromhex(

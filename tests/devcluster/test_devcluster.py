@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 from kleinstyle.devcluster import ApiError, DevCluster, KubeClient
 
+pytestmark = pytest.mark.emulator
+
 
 class Invalid(Exception):
     def __init__(self, message: str) -> None:

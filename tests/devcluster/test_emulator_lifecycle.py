@@ -10,6 +10,8 @@ import aiohttp
 import pytest
 from kleinstyle.devcluster import ApiError, Emulator, KubeClient
 
+pytestmark = pytest.mark.emulator
+
 WIDGETS = "widgets"
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from kleinstyle.devcluster import ApiError, Emulator, KubeClient
 
+pytestmark = pytest.mark.emulator
+
 WIDGETS = "widgets"
 
 

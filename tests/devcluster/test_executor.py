@@ -9,7 +9,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import pytest
 from kleinstyle.devcluster import DevCluster, Executor
+
+pytestmark = pytest.mark.emulator
 
 WRITE_SCRIPT = textwrap.dedent(
     """

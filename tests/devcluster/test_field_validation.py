@@ -19,6 +19,8 @@ from kleinstyle.operator import crdgen
 
 from .test_api_server import WIDGETS, printed_crd, widget
 
+pytestmark = pytest.mark.emulator
+
 
 @pytest.fixture
 async def server(tmp_path: Path):

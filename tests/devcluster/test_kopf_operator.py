@@ -12,6 +12,8 @@ import kubernetes
 import pytest
 from kleinstyle.devcluster import DevCluster, configure_kopf_for_emulator, emulator_connection
 
+pytestmark = pytest.mark.emulator
+
 
 def widget_operator(cluster_url: list[str], deleted: list[str], login_via: str) -> kopf.OperatorRegistry:
     """Widgets get a ConfigMap `{name}-data` holding their size; deletions are recorded through a finalizer."""

@@ -173,6 +173,7 @@ def succeeded(cluster):
     return check
 
 
+@pytest.mark.emulator
 async def test_with_a_key_the_board_is_captioned_for_real(
     root: Path, gemini_server: ModelServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -198,6 +199,7 @@ async def test_with_a_key_the_board_is_captioned_for_real(
     assert len(gemini_server.calls("caption")) == 4 and len(gemini_server.calls("style_profile")) == 1
 
 
+@pytest.mark.emulator
 async def test_without_a_key_the_shipped_captions_are_used_and_status_says_so(root: Path) -> None:
     async with cluster_for(root, NS) as cluster:
         await cluster.apply([applied_board()])  # the Secret it names does not exist: the key is optional

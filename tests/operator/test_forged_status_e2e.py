@@ -10,10 +10,13 @@ import json
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
+import pytest
 from kleinstyle.devcluster.demo import cluster_for
 
 from .test_kubectl import Kubectl, manifest
 from .test_operator_e2e import NS
+
+pytestmark = pytest.mark.emulator
 
 PHANTOM = {
     "apiVersion": "kleinstyle.dev/v1alpha1",

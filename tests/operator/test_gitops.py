@@ -15,6 +15,8 @@ from lupa import LuaRuntime
 
 from .test_operator_e2e import BOARD, NS
 
+pytestmark = pytest.mark.emulator
+
 ROOT = Path(__file__).resolve().parents[2]
 HEALTH_LUA = ROOT / "charts/kleinstyle/files/argocd-health.lua"
 

@@ -20,6 +20,8 @@ from kleinstyle.devcluster.demo import (
 from kleinstyle.devcluster.pod_setup import pod_rootfs
 from kleinstyle.runtime.paths import local_path
 
+pytestmark = pytest.mark.emulator
+
 NS = "team-a"
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 BOARD, LORA, GENERATION = (

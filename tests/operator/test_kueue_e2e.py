@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 from kleinstyle.contract.pod import STOP_ANNOTATION
 from kleinstyle.devcluster.demo import cluster_for, dev_config, write_model_cache
 from kleinstyle.devcluster.kueue import NO_QUOTA, FakeKueue
@@ -14,6 +15,8 @@ from kleinstyle.operator.config import TrainingLimits
 
 from .test_gitops import argo_health
 from .test_operator_e2e import BOARD, NS, phase_is
+
+pytestmark = pytest.mark.emulator
 
 LORA = {
     "apiVersion": "kleinstyle.dev/v1alpha1",

@@ -117,6 +117,7 @@ def test_a_bad_level_in_the_environment_is_refused_as_a_bad_flag(monkeypatch, ca
     assert f"'loud' (or ${logs.LEVEL_ENV}) is not one of DEBUG" in capsys.readouterr().err
 
 
+@pytest.mark.emulator
 async def test_kleinstyle_operator_logs_json_lines_about_each_object(tmp_path: Path):
     """The real command in its own process against the embedded cluster: every stderr line is a JSON object, kopf's
     and kleinstyle's, and the child it creates is logged naming the StyleBoard."""

@@ -8,10 +8,13 @@ import socket
 import urllib.request
 from pathlib import Path
 
+import pytest
 from kleinstyle.devcluster.demo import cluster_for, dev_config, write_model_cache
 from prometheus_client.parser import text_string_to_metric_families
 
 from .test_operator_e2e import BOARD, GENERATION, LORA, NS, phase_is
+
+pytestmark = pytest.mark.emulator
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -24,6 +24,8 @@ from kleinstyle.devcluster.demo import (
 from kleinstyle.operator import metrics
 from kleinstyle.operator.kube import Kube
 
+pytestmark = pytest.mark.emulator
+
 NS = "team-a"
 CHILDREN = ("serviceaccounts", "roles", "rolebindings", "configmaps", "jobs")
 

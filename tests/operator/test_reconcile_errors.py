@@ -51,6 +51,7 @@ def warnings(cluster) -> list[dict]:
     ]
 
 
+@pytest.mark.emulator
 async def test_a_reconcile_that_raises_is_a_condition_one_warning_an_error_line_and_slower_retries(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ):

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from kleinstyle.devcluster.demo import cluster_for, write_model_cache
 
 from .test_operator_e2e import BOARD, LORA, NS, phase_is
+
+pytestmark = pytest.mark.emulator
 
 
 async def test_a_lora_whose_board_is_deleted_mid_run_finishes_and_is_published(root: Path):
