@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from tests.support.operator_args import operator_args
 
 from .test_chart import container, helm, render

@@ -19,6 +19,7 @@ from kleinstyle.devcluster import DevCluster, admission
 from kleinstyle.devcluster.demo import dev_config
 from kleinstyle.devcluster.operator_thread import OperatorThread
 from kleinstyle.operator import crdgen, logs
+
 from tests.support.operator_args import operator_args
 
 from .test_operator_e2e import BOARD, NS
