@@ -1,4 +1,4 @@
-"""LoRA fusion at klein 9B shapes: `kleinstyle fuse` against a straightforward exact fusion (issue #6's benchmark).
+"""LoRA fusion at klein 9B shapes: `kleinstyle fuse` against a straightforward exact fusion (README: fusion).
 
 Three random rank-32 LoRAs on all 144 LoRA-targetable linears of FLUX.2 [klein] 9B (8 double + 24 single blocks,
 4096 hidden; the shapes come from the diffusers config, nothing is allocated), bfloat16, in the artifact format,

@@ -1,4 +1,4 @@
-"""Seconds per generated image of klein (issue #5's benchmark; never a timed test).
+"""Seconds per generated image of klein (the README's generation benchmark; never a timed test).
 
 One image is what a GenerationJob does per seed once its prompts are encoded: 50 flow-matching steps with real CFG
 (guidance 4.0) through the transformer, then the VAE decode, at 2048x2048. On a GPU: the full FLUX.2 [klein] 9B

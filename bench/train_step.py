@@ -1,10 +1,10 @@
-"""Seconds per training step of the builtin klein LoRA trainer (issue #3's benchmark; never a timed test).
+"""Seconds per training step of the builtin klein LoRA trainer (the README's Benchmarks; never a timed test).
 
 One step is what `train_lora`'s loop does with cached latents and text embeddings: noise, the flow-matching loss
 through the transformer with LoRA layers, backward, clipping, an optimizer step. Batch 1, rank 32 on every targetable
 linear, Adafactor. On a GPU: the full FLUX.2 [klein] 9B transformer (8 double + 24 single blocks, 4096 hidden) with
 random bf16 weights at 1024 px (64x64 latent tokens, 512 text tokens); on a CPU: the tiny test transformer at 64 px.
-The reference document reports about 0.84 s/step on an H200 (1000 steps in 14 minutes); the goal is 0.42.
+The write-up (docs/policy.md) reports about 0.84 s/step on an H200 (1000 steps in 14 minutes); the goal is 0.42.
 
     python bench/train_step.py                       # whatever device is there, every variant
     python bench/train_step.py --variants eager,compile --steps 10 --json out.json

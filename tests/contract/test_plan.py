@@ -1,4 +1,4 @@
-"""The training policy, row by row from the reference document's tables (the tests are the policy's documentation)."""
+"""The training policy, row by row from docs/policy.md's tables (the tests are the policy's documentation)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The text-pipeline decision, decided once in the TrainingPlan: the reference document's rows as cases."""
+"""The text-pipeline decision, decided once in the TrainingPlan: docs/policy.md's rows as cases."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A tenant forges status with kubectl (issue 16's reproduction, end to end): a StyleLoRA whose board does not
+"""A tenant forges status with kubectl (the attack, end to end; docs/threat-model.md): a StyleLoRA whose board does not
 exist, its status patched to Succeeded with a run id and a loraURI pointing at another namespace's LoRA or at an
 internal address. Before, a GenerationJob on it rendered with that file, and the generate pod sent a GET to the
 address. Now nothing runs on it, no request leaves, and the operator writes the phantom's real status back."""

@@ -1,4 +1,4 @@
-"""A run survives its dependency (issue 16's reproduction, on the embedded cluster): the board of a training LoRA is
+"""A run survives its dependency (the failure, reproduced on the embedded cluster): the board of a training LoRA is
 deleted mid-run. Before, the LoRA turned Waiting while its Job trained on, its RBAC stayed, its status froze at the
 last progress without a loraURI after the Job completed, and a Warning Event was posted on every reconcile. Now the
 run finishes and is published, status says its board is gone, and Events come on transitions only."""

@@ -1,7 +1,7 @@
 """The RunSpec hash of an unchanged resource never changes with a refactor: it names the run's Job and artifact
 folder, so a new hash re-runs every resource once after an operator upgrade. These values were recorded before the
-contract package was split out (issue #10); a change here must be deliberate and said in the README. The StyleLoRA
-ones changed once since, on purpose (issue #11): the plan holds references out for a validation loss, its rank
+contract package was split out of the operator; a change here must be deliberate and said in the README. The StyleLoRA
+ones changed once since, on purpose: the plan holds references out for a validation loss, its rank
 reason records the shared q/k/v LoRA, and the evaluation names its style and text models, because what the
 builtin trainer computes changed (no upscaling, Kaiming init, one LoRA per fused qkv).
 

@@ -1,4 +1,4 @@
-"""Status is output, never input; runs survive their dependencies (issue 16), through the pure reconcile.
+"""Status is output, never input; runs survive their dependencies (docs/threat-model.md), through the pure reconcile.
 
 A tenant who may patch the status subresource can write any phase, run id or URI there. These tests play that
 tenant: each forged status must change nothing a pod reads or opens. And a run that has started goes on, with what

@@ -20,7 +20,7 @@ FUSED = LoraStyle("LoRAFusion mix", ("a", "b"), None)
 @pytest.mark.parametrize(
     ("setting", "loras", "mode", "why"),
     [
-        # The reference document: Gemini helps 5+ references, hurts 1-3; auto follows every LoRA's plan.
+        # The write-up (docs/policy.md): Gemini helps 5+ references, hurts 1-3; auto follows every LoRA's plan.
         ("auto", [BIG], "reformulate", "every LoRA's training plan keeps the text pipeline"),
         ("auto", [SMALL], "raw", "StyleLoRA small turns the text pipeline off (3 references"),
         ("auto", [BIG, SMALL], "raw", "StyleLoRA small"),  # one small board is enough to turn it off
@@ -120,7 +120,7 @@ PROFILE_DOC = {
 
 
 def test_the_seam_reformulates_through_the_text_pipeline(gemini_server, tmp_path) -> None:
-    """A generation's prompts go through issue #4's L2 against a local Gemini server; the answers are cached."""
+    """A generation's prompts go through the text pipeline's L2 on a local Gemini server; the answers are cached."""
     body = "A fox in draped crimson silk crosses a marble hall among floating rose petals in soft warm side light."
     answer = " ".join([body] * 7) + " " + PROFILE_DOC["PROMPT_SUFFIX_MUST"]
     gemini_server.respond = lambda request: gemini_server.answer({"prompt": answer})

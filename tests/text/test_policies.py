@@ -24,7 +24,7 @@ from kleinstyle.runtime.text.vocabulary import clean_caption, style_words
 @pytest.mark.parametrize(
     ("caption", "words"),
     [
-        # The reference document's correct caption: plain colours of things are content.
+        # The write-up's correct caption (docs/policy.md#captions): plain colours of things are content.
         ("A woman with flowing white hair stands beside a white horse in a grassy field", []),
         # ... and its wrong one.
         (

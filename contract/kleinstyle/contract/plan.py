@@ -1,4 +1,4 @@
-"""The TrainingPlan: the reference document's training policy as one pure function.
+"""The TrainingPlan: the training policy of docs/policy.md as one pure function.
 
 `plan_training(images, spec)` turns the number of accepted references and a StyleLoRA spec into every training
 setting, records for each whether it came from the policy or from the spec, and says why. No torch: the operator

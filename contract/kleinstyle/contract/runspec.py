@@ -140,7 +140,8 @@ class GenerateSpec(_Frozen):
     prompt_mode: Literal["raw", "reformulate"] = "raw"
     prompt_mode_reason: str = ""
     trigger_words: tuple[str, ...] = ()
-    # The L1 STYLE_PROFILE the reformulation weaves in (issue #4); None: none is known, so raw prompts are used.
+    # The L1 STYLE_PROFILE the L2 reformulation weaves in (docs/policy.md); None: none is known, so raw prompts are
+    # used.
     style_profile: dict[str, Any] | None = None
     reformulation_provider: Literal["gemini", "openrouter"] = "gemini"
     reformulation_model: str | None = None

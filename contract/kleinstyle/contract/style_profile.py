@@ -48,7 +48,7 @@ class Enrich(_Section):
 
 
 class StyleProfile(_Section):
-    """The STYLE_PROFILE of a board (the reference document's L1 output)."""
+    """The STYLE_PROFILE of a board (L1's output, in the write-up's structure: docs/policy.md)."""
 
     must_apply: MustApply = Field(alias="MUST_APPLY", description="Non-negotiable visual elements.")
     enrich: Enrich = Field(alias="ENRICH", description="Elements added when compatible with the user's content.")

@@ -178,8 +178,8 @@ class StyleBoardOutcome(BaseModel):
     styleProfile: StyleProfile | None = Field(
         default=None,
         description=(
-            "The L1 STYLE_PROFILE (the reference document's structure); bounded to about 8 KiB, so it always fits "
-            "here. Whether generation uses it is the StyleLoRA plan's textPipeline decision."
+            "The L1 STYLE_PROFILE (the write-up's structure, docs/policy.md); bounded to about 8 KiB, so it always "
+            "fits here. Whether generation uses it is the StyleLoRA plan's textPipeline decision."
         ),
     )
     styleProfileImages: list[str] = Field(default_factory=list, description="Dataset files the profile was made from.")

@@ -1,4 +1,4 @@
-"""The one LoRA file format kleinstyle publishes for FLUX.2 [klein] (issue 3: both backends produce it).
+"""The one LoRA file format kleinstyle publishes for FLUX.2 [klein] (both backends write it).
 
 Format `klein-diffusers-v1`:
 - a safetensors file whose keys are diffusers/peft names with the pipeline-component prefix:

@@ -1,4 +1,4 @@
-"""The builtin LoRA trainer for FLUX.2 [klein] on diffusers + peft + torch (issue 3, "The builtin backend").
+"""The builtin LoRA trainer for FLUX.2 [klein] on diffusers + peft + torch (the `builtin` backend).
 
 It follows the same plan semantics as the ai-toolkit backend (rank/alpha, target blocks, adafactor or 8-bit AdamW,
 cosine schedule, caption dropout of the whole caption, flow matching, the Qwen3 layers Klein reads) and adds what
@@ -61,7 +61,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Everything that decides a training run. Defaults are the reference document's rank-32 recipe.
+    """Everything that decides a training run. Defaults are the write-up's rank-32 recipe (docs/policy.md).
 
     `target`: "all", "single", "double", or diffusers module-name prefixes ("single_transformer_blocks.3.").
     `alpha`: None means alpha = rank (scale 1, ai-toolkit's behaviour for Klein).

@@ -1,4 +1,5 @@
-"""The Gemini text pipeline (the reference document's captions, L1 and L2), as a library the steps and the CLI use.
+"""The Gemini text pipeline (docs/policy.md#the-text-pipeline: captions, L1 and L2), as a library the steps and
+the CLI use.
 
     vocabulary   the style-descriptor check and cleaner (pure)
     captions     content-only captions with the trigger word; the check, the re-ask, the cleaning

@@ -1,6 +1,6 @@
 """Content-only captions: what an image depicts, never how it looks, after the trigger word.
 
-The reference document's caption strategy: whatever a caption names is tied to text tokens, whatever it leaves out
+The caption strategy (docs/policy.md#captions): whatever a caption names is tied to text tokens, whatever it leaves out
 is absorbed into the LoRA, so a style LoRA's captions must name the content and nothing of the style. Every
 caption, the provider's and the user's, goes through the style-descriptor check (vocabulary.py):
 - a provider's caption that describes style is asked for again, naming the offending words; if the second still

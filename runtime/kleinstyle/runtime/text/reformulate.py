@@ -1,6 +1,6 @@
 """L2, prompt reformulation: a STYLE_PROFILE and a user's prompt become one 100-200 word prompt.
 
-The reference document's rules, given to the model verbatim in spirit: the style wins every visual decision
+The write-up's rules (docs/policy.md), given to the model verbatim in spirit: the style wins every visual decision
 (colours, textures, lighting), the user wins subject, action and content; wardrobe is translated into the style's
 wardrobe language for the subject's gender; a generic environment becomes the style's own; signature elements are
 never dropped; mood words must not flatten the palette's saturation. PROMPT_SUFFIX_MUST is always appended.

@@ -1,6 +1,6 @@
 """The style-descriptor check: which words in a caption describe how an image looks rather than what it shows.
 
-The reference document's caption rule: a caption says WHAT is depicted, never HOW it looks, because whatever a
+The caption rule (docs/policy.md#captions): a caption says WHAT is depicted, never HOW it looks, because whatever a
 caption names is tied to text tokens instead of being absorbed into the LoRA. The vocabulary below is curated for
 precision over recall: a false hit makes the provider re-ask and the cleaner cut words out of a good caption, so
 plain colour names ("a white horse", the document's own correct example) and words that are usually content
