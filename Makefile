@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # What the operator image installs, alone, in a virtualenv of its own (operator-image-check).
 OPERATOR_VENV := .venv-operator
 
-.PHONY: venv demo dev-cluster test typecheck lint lint-imports operator-image-check crds crds-check clean
+.PHONY: venv demo dev-cluster test test-unit test-emulator test-cluster typecheck lint lint-imports operator-image-check crds crds-check clean
 
 $(STAMP): pyproject.toml devcluster/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,17 @@ test: $(STAMP) operator-image-check
 	$(BIN)/kleinstyle crds --check crds
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
+
+# One tier of the tests each (tests/conftest.py gives every test one; `make test` runs them all): unit, the
+# embedded cluster, and a real control plane on loopback (none yet: it says so and passes).
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -m unit
+
+test-emulator: $(STAMP)
+	$(BIN)/python -m pytest -m emulator
+
+test-cluster: $(STAMP)
+	$(BIN)/python -m pytest -m cluster
 
 # mypy --strict over contract, operator, runtime and cli: the files and settings are [tool.mypy] in pyproject.toml.
 typecheck: $(STAMP)
