@@ -9,6 +9,7 @@ run's folder (read-write) and its inputs' run folders (read-only), each a subPat
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from kleinstyle.contract.pod import (
     ARTIFACT_CREDENTIAL_ENV,
@@ -22,7 +23,7 @@ from kleinstyle.contract.pod import (
     Step,
     command,
 )
-from kleinstyle.contract.runspec import RunSpec
+from kleinstyle.contract.runspec import Owner, RunSpec
 
 from .config import OperatorConfig
 from .kueue import PRIORITY_LABEL, QUEUE_LABEL
@@ -76,7 +77,7 @@ class Run:
     generation: int | None = None
 
     @property
-    def owner(self):
+    def owner(self) -> Owner:
         return self.runspec.owner
 
     @property
@@ -92,7 +93,7 @@ class Run:
         return run_labels(self.owner.kind, self.owner.uid, self.step, self.run_hash)
 
 
-def owner_reference(run: Run) -> dict:
+def owner_reference(run: Run) -> dict[str, Any]:
     return {
         "apiVersion": run.owner_api_version,
         "kind": run.owner.kind,
@@ -103,7 +104,7 @@ def owner_reference(run: Run) -> dict:
     }
 
 
-def _meta(run: Run, name: str, labels: dict[str, str]) -> dict:
+def _meta(run: Run, name: str, labels: dict[str, str]) -> dict[str, Any]:
     return {
         "name": name,
         "namespace": run.owner.namespace,
@@ -112,7 +113,7 @@ def _meta(run: Run, name: str, labels: dict[str, str]) -> dict:
     }
 
 
-def build_configmap(run: Run) -> dict:
+def build_configmap(run: Run) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -121,7 +122,7 @@ def build_configmap(run: Run) -> dict:
     }
 
 
-def build_rbac(run: Run) -> list[dict]:
+def build_rbac(run: Run) -> list[dict[str, Any]]:
     """A ServiceAccount allowed to read its owner and patch the owner's status, by name, and nothing else."""
     labels = owner_labels(run.owner.kind, run.owner.uid)
     group = run.owner_api_version.split("/")[0]
@@ -152,9 +153,9 @@ def build_rbac(run: Run) -> list[dict]:
     ]
 
 
-def _env(run: Run, cfg: OperatorConfig) -> list[dict]:
+def _env(run: Run, cfg: OperatorConfig) -> list[dict[str, Any]]:
     plain = {"HOME": "/tmp", "XDG_CACHE_HOME": "/tmp/cache", "HF_HUB_OFFLINE": "1", **run.extra_env}
-    env: list[dict] = [{"name": k, "value": v} for k, v in plain.items()]
+    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in plain.items()]
     # torch and BLAS start a thread per core of the node, not of the pod: hold them to the pod's CPU request
     # (rounded up), or a 16-core request on a 128-core node runs 128 threads that wait on each other.
     cpus = {"resource": "requests.cpu", "divisor": "1", "containerName": run.step}
@@ -164,7 +165,7 @@ def _env(run: Run, cfg: OperatorConfig) -> list[dict]:
         env.append({"name": ARTIFACT_SECRET_ENV, "value": cfg.artifacts.credentialsSecret})
         secrets = (*secrets, *artifact_store_env(cfg.artifacts.credentialsSecret))
     for item in secrets:
-        ref = {"name": item.secret, "key": item.key}
+        ref: dict[str, str | bool] = {"name": item.secret, "key": item.key}
         if item.optional:
             ref["optional"] = True
         env.append({"name": item.env, "valueFrom": {"secretKeyRef": ref}})
@@ -211,12 +212,12 @@ def artifact_folders(run: Run, cfg: OperatorConfig) -> dict[str, bool]:
     return folders
 
 
-def _volumes(run: Run, cfg: OperatorConfig) -> tuple[list[dict], list[dict]]:
-    volumes = [
+def _volumes(run: Run, cfg: OperatorConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    volumes: list[dict[str, Any]] = [
         {"name": "runspec", "configMap": {"name": run.name}},
         {"name": "tmp", "emptyDir": {}},
     ]
-    mounts = [
+    mounts: list[dict[str, Any]] = [
         {"name": "runspec", "mountPath": RUNSPEC_DIR, "readOnly": True},
         {"name": "tmp", "mountPath": "/tmp"},
     ]
@@ -240,7 +241,7 @@ def _volumes(run: Run, cfg: OperatorConfig) -> tuple[list[dict], list[dict]]:
     return volumes, mounts
 
 
-def _resources(run: Run, cfg: OperatorConfig) -> dict:
+def _resources(run: Run, cfg: OperatorConfig) -> dict[str, Any]:
     gpu = run.step in GPU_STEPS
     size = cfg.gpuResources if gpu else cfg.cpuResources
     requests = {"cpu": size.cpu, "memory": size.memory}
@@ -253,14 +254,14 @@ def _resources(run: Run, cfg: OperatorConfig) -> dict:
 TERMINATION_GRACE_S = 120
 
 
-def build_job(run: Run, cfg: OperatorConfig) -> dict:
+def build_job(run: Run, cfg: OperatorConfig) -> dict[str, Any]:
     volumes, mounts = _volumes(run, cfg)
     labels = dict(run.labels)
     if run.queue_name:
         labels[QUEUE_LABEL] = run.queue_name
         if run.priority_class:
             labels[PRIORITY_LABEL] = run.priority_class
-    pod_spec: dict = {
+    pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         # SIGTERM on preemption: the trainer finishes its step and writes a checkpoint (seconds for a LoRA and its
         # optimizer state) before this runs out and SIGKILL follows.
@@ -301,7 +302,7 @@ def build_job(run: Run, cfg: OperatorConfig) -> dict:
             pod_spec["tolerations"] = [t.model_dump(exclude_none=True) for t in pool.tolerations]
     if run.priority_class and not run.queue_name:
         pod_spec["priorityClassName"] = run.priority_class
-    spec: dict = {
+    spec: dict[str, Any] = {
         "backoffLimit": cfg.backoffLimit,
         "activeDeadlineSeconds": cfg.activeDeadlineSeconds,
         # Bad input and a full artifacts volume fail the Job at once (a retry would redo the work to fail the same
@@ -325,6 +326,6 @@ def build_job(run: Run, cfg: OperatorConfig) -> dict:
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}
 
 
-def build_children(run: Run, cfg: OperatorConfig) -> list[dict]:
+def build_children(run: Run, cfg: OperatorConfig) -> list[dict[str, Any]]:
     """Every child of a run, in creation order: RBAC and the RunSpec before the Job that needs them."""
     return [*build_rbac(run), build_configmap(run), build_job(run, cfg)]

@@ -23,13 +23,15 @@ def merge_conditions(
     merged: dict[str, dict[str, Any]] = {t: dict(c) for t, c in previous.items()}
     for cond in new:
         before = previous.get(cond.type)
-        changed = before is None or before.get("status") != cond.status
-        entry = {
+        since = now  # a new condition, or one whose status changed; else the time it last changed
+        if before is not None and before.get("status") == cond.status:
+            since = before.get("lastTransitionTime", now)
+        entry: dict[str, Any] = {
             "type": cond.type,
             "status": cond.status,
             "reason": cond.reason,
             "message": cond.message,
-            "lastTransitionTime": now if changed else before.get("lastTransitionTime", now),
+            "lastTransitionTime": since,
         }
         if generation is not None:
             entry["observedGeneration"] = generation
@@ -39,7 +41,8 @@ def merge_conditions(
 
 def condition(obj: Mapping[str, Any] | None, type_: str) -> Mapping[str, Any] | None:
     """The condition of `type_` in an object's `status.conditions` (a Job's, a Workload's, ours), or None."""
-    for cond in ((obj or {}).get("status") or {}).get("conditions") or []:
+    conditions: list[Mapping[str, Any]] = ((obj or {}).get("status") or {}).get("conditions") or []
+    for cond in conditions:
         if cond.get("type") == type_:
             return cond
     return None

@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from kubernetes import client, config
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 
 from .api import BY_KIND, GROUP, VERSION
 
@@ -55,7 +55,12 @@ class Kube:
         return self._api
 
     def _call(
-        self, method: str, path: str, body: Any = None, query: list | None = None, content_type: str = JSON
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: list[tuple[str, str]] | None = None,
+        content_type: str = JSON,
     ) -> Any:
         headers = {"Accept": "application/json", "Content-Type": content_type}
         method, url, headers, body, _ = self.api.param_serialize(
@@ -72,10 +77,12 @@ class Kube:
             raise ApiException(http_resp=response)
         return json.loads(response.data) if response.data else None
 
-    async def request(self, method: str, path: str, body: Any = None, query: list | None = None) -> Any:
+    async def request(
+        self, method: str, path: str, body: Any = None, query: list[tuple[str, str]] | None = None
+    ) -> Any:
         return await asyncio.to_thread(self._call, method, path, body, query)
 
-    async def create(self, obj: dict) -> bool:
+    async def create(self, obj: dict[str, Any]) -> bool:
         """Create `obj`; False when it already exists (adopted: a created child's spec is never re-applied)."""
         path = collection_path(obj["kind"], obj["metadata"]["namespace"])
         try:
@@ -86,22 +93,23 @@ class Kube:
             raise
         return True
 
-    async def get(self, kind: str, namespace: str, name: str) -> dict | None:
+    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return await self.request("GET", f"{collection_path(kind, namespace)}/{name}")
+            found: dict[str, Any] | None = await self.request("GET", f"{collection_path(kind, namespace)}/{name}")
+            return found
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
 
-    async def list(self, kind: str, namespace: str, label_selector: str) -> list[dict]:
+    async def list(self, kind: str, namespace: str, label_selector: str) -> list[dict[str, Any]]:
         answer = await self.request("GET", collection_path(kind, namespace), query=[("labelSelector", label_selector)])
         items = (answer or {}).get("items") or []
         api_version = PLURALS[kind][0]
         # List items carry no kind/apiVersion in Kubernetes; the reconcile needs them.
         return [{"apiVersion": api_version, "kind": kind, **item} for item in items]
 
-    async def patch_status(self, kind: str, namespace: str, name: str, changes: dict) -> Any:
+    async def patch_status(self, kind: str, namespace: str, name: str, changes: dict[str, Any]) -> Any:
         """A JSON merge patch of `changes` on the status subresource (keys set to None are removed)."""
         path = f"{collection_path(kind, namespace)}/{name}/status"
         query = [("fieldManager", FIELD_MANAGER)]

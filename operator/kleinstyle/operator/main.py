@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 import kopf
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 
 from . import kueue, metrics
 from .config import OperatorConfig

@@ -81,12 +81,12 @@ class Observed:
 
 @dataclass(frozen=True)
 class Decision:
-    create: list[dict] = field(default_factory=list)
-    delete: list[dict] = field(default_factory=list)
+    create: list[dict[str, Any]] = field(default_factory=list)
+    delete: list[dict[str, Any]] = field(default_factory=list)
     status: dict[str, Any] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     # Existing children whose annotations to merge (a Job re-recorded for the spec's current generation).
-    annotate: list[tuple[dict, dict[str, str]]] = field(default_factory=list)
+    annotate: list[tuple[dict[str, Any], dict[str, str]]] = field(default_factory=list)
 
 
 def _key(obj: Mapping[str, Any]) -> tuple[str, str]:
@@ -262,7 +262,7 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
     if phase in TERMINAL:
         # The run is over: its ServiceAccount may no longer write this object's status (a new run makes another).
         create = [c for c in create if c["kind"] not in RUNNER_KINDS]
-        delete += [c for c in observed.children if c["kind"] in RUNNER_KINDS]
+        delete += [dict(c) for c in observed.children if c["kind"] in RUNNER_KINDS]
     decision = finish(phase, reason, message, conds, **fields)
     events = list(decision.events)
     if delete and any(c["kind"] == "Job" for c in delete):
@@ -311,7 +311,7 @@ def kept(body: Mapping[str, Any], observed: Observed, now: str) -> Decision:
     changed = source.status == "False" and before.get("status") != "False"
     events = [Event("Normal", "SourceChanged", source.message)] if changed else []
     delete = [c for c in superseded(observed.children, keep=status["runHash"]) if c["kind"] in RUN_CHILD_KINDS]
-    delete += [child for child in observed.children if child["kind"] in RUNNER_KINDS]
+    delete += [dict(child) for child in observed.children if child["kind"] in RUNNER_KINDS]
     return Decision(delete=delete, status=decision.status, events=events)
 
 
@@ -329,7 +329,7 @@ def jobs_of(children: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return [child for child in children if child["kind"] == "Job"]
 
 
-def superseded(children: Sequence[Mapping[str, Any]], keep: str | None) -> list[dict]:
+def superseded(children: Sequence[Mapping[str, Any]], keep: str | None) -> list[dict[str, Any]]:
     """The children to delete when the run `keep` (a run id; None: no run) is the object's only run: every other
     run's Job and RunSpec, and with no run at all the runner's RBAC too."""
     gone = []
@@ -389,7 +389,7 @@ def run_in_flight(body: Mapping[str, Any], children: Sequence[Mapping[str, Any]]
     return None
 
 
-def current_report(progress: Any, kind_run: KindRuns, run_id: str) -> tuple[Any, str]:
+def current_report(progress: Any, kind_run: KindRuns[Any, Any, Any, Any], run_id: str) -> tuple[Any, str]:
     """(the current run's report or None, a warning when the report there is malformed). A report about another
     run (an older one, or none yet) is no report; a malformed one is shown as a warning and read as none."""
     if not isinstance(progress, Mapping) or progress.get("runHash") != run_id:

@@ -53,7 +53,8 @@ def _seconds(start: Any, end: datetime | None) -> float | None:
 
 
 def ready_reason(status: Mapping[str, Any]) -> str:
-    return (condition({"status": status}, "Ready") or {}).get("reason", "")
+    reason: str = (condition({"status": status}, "Ready") or {}).get("reason", "")
+    return reason
 
 
 def gpus_of(job: Mapping[str, Any] | None) -> tuple[int, str]:

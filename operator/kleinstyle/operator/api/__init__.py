@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pydantic import BaseModel
+from pydantic.config import JsonDict
 
 from .common import API_VERSION, GROUP, VERSION, cel
 from .generationjob import GenerationJobSpec, GenerationJobStatus
@@ -34,7 +35,7 @@ class Kind:
     description: str
     columns: tuple[PrinterColumn, ...]
     # CEL rules on the whole object (the only place a rule may read metadata.name).
-    root_rules: tuple[dict[str, str], ...] = ()
+    root_rules: tuple[JsonDict, ...] = ()
 
     @property
     def singular(self) -> str:

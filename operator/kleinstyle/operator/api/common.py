@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.config import JsonDict
 
 GROUP = "kleinstyle.dev"
 VERSION = "v1alpha1"
@@ -19,7 +20,7 @@ DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 Phase = Literal["Pending", "Waiting", "Running", "Succeeded", "Failed"]
 
-NO_CROSS_NAMESPACE = {
+NO_CROSS_NAMESPACE: JsonDict = {
     "rule": "!has(self.__namespace__)",
     "message": "cross-namespace references are not allowed: omit namespace (the referring object's namespace is used)",
     "fieldPath": ".namespace",
@@ -36,9 +37,9 @@ def field_errors(exc: ValidationError, prefix: str = "spec", skip: int = 0) -> l
     ]
 
 
-def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+def cel(rule: str, message: str, field_path: str | None = None) -> JsonDict:
     """One `x-kubernetes-validations` entry; `field_path` points kubectl's error at the offending field."""
-    entry = {"rule": rule, "message": message}
+    entry: JsonDict = {"rule": rule, "message": message}
     if field_path:
         entry["fieldPath"] = field_path
     return entry

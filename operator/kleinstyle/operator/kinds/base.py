@@ -12,12 +12,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 from kleinstyle.contract.layout import RUN_ID_LENGTH, run_folder
 from kleinstyle.contract.pod import PROVIDER_URL_ENV, Step
 from kleinstyle.contract.reports import StepProgress, StepResult
-from kleinstyle.contract.runspec import Owner, RunSpec, StepSpec
+from kleinstyle.contract.runspec import FuseSpec, GenerateSpec, Owner, PrepareSpec, RunSpec, StepSpec, TrainSpec
 from pydantic import BaseModel
 
 from ..api import BY_KIND, Kind
@@ -109,7 +109,8 @@ def check_dependencies(deps: list[Dependency], observed: Dependencies, jobs: Dep
         if phase != "Succeeded" or not current:
             raise NotReady(f"{dep.kind}NotReady", f"waiting for {dep.kind} {dep.name} (now {phase})")
         if not status.get(dep.output):  # finished without what is needed of it (a LoRA the base model beat)
-            warning = next((c for c in status.get("conditions") or [] if c.get("type") == "Warning"), {})
+            conditions: list[Mapping[str, Any]] = status.get("conditions") or []
+            warning = next((c for c in conditions if c.get("type") == "Warning"), {})
             why = warning.get("message") if warning.get("status") == "True" else status.get("message") or ""
             raise NotReady(
                 f"{dep.kind}Without{dep.output[0].upper()}{dep.output[1:]}",
@@ -180,20 +181,41 @@ def status_fields(model: BaseModel) -> Fields:
     return model.model_dump(mode="json", exclude_unset=True)
 
 
-class KindRuns:
-    """How one kind runs. Subclasses set the class attributes and implement `dependencies` and `build`; the status
-    hooks default to "nothing to say"."""
+SpecT = TypeVar("SpecT", bound=BaseModel)
+WorkT = TypeVar("WorkT", bound=PrepareSpec | TrainSpec | GenerateSpec | FuseSpec)
+ProgressT = TypeVar("ProgressT", bound=StepProgress | None)
+ResultT = TypeVar("ResultT", bound=StepResult)
+
+
+def work_of(run: Run, work_type: type[WorkT]) -> WorkT:
+    """The run's step spec as the step it runs: every Run of a kind is built for, or checked to be, its step."""
+    work = run.runspec.work
+    if not isinstance(work, work_type):
+        raise TypeError(f"run {run.name} runs {work.step}, not a {work_type.__name__}")
+    return work
+
+
+class KindRuns(Generic[SpecT, WorkT, ProgressT, ResultT]):
+    """How one kind runs: its spec model (`SpecT`), the step spec its runs carry (`WorkT`), what its runs report
+    while they run (`ProgressT`; None for a step that reports no progress) and once finished (`ResultT`).
+    Subclasses set the class attributes and implement `dependencies` and `build`; the status hooks default to
+    "nothing to say"."""
 
     kind: ClassVar[Kind]
     step: ClassVar[Step]
     # The status fields a run's progress and result fill: rewritten on every reconcile from the current run, and
     # emptied (to this model's defaults) when there is none, so a value an older run or a pod left never stands.
     outcome: ClassVar[type[BaseModel]]
+    # The step spec of this kind's runs (`run.runspec.work` as `WorkT`, by `work`).
+    work_type: type[WorkT]
 
-    def dependencies(self, spec: Any) -> list[Dependency]:
+    def work(self, run: Run) -> WorkT:
+        return work_of(run, self.work_type)
+
+    def dependencies(self, spec: SpecT) -> list[Dependency]:
         return []
 
-    def build(self, body: Mapping[str, Any], spec: Any, deps: Dependencies, cfg: OperatorConfig) -> Run:
+    def build(self, body: Mapping[str, Any], spec: SpecT, deps: Dependencies, cfg: OperatorConfig) -> Run:
         raise NotImplementedError
 
     def planned(self, run: Run) -> tuple[Fields, list[str]]:
@@ -205,11 +227,11 @@ class KindRuns:
         annotation): shown, never a condition of anything the operator does."""
         return {}, []
 
-    def live(self, progress: StepProgress, run: Run) -> Fields:
+    def live(self, progress: ProgressT, run: Run) -> Fields:
         """Status fields from the running run's progress (step, ETA, images done); a result overrides them."""
         return {}
 
-    def result(self, result: StepResult, run: Run) -> Fields:
+    def result(self, result: ResultT, run: Run) -> Fields:
         """Status fields from the finished run's result: counts and reasons from the pod, locations from the
         RunSpec, never from the pod."""
         return {}
@@ -275,7 +297,9 @@ def build_run(
     )
 
 
-def with_provider_url(run: Run, provider: str, cfg: OperatorConfig) -> Run:
+def with_provider_url(run: Run, provider: Literal["gemini", "openrouter", "none"], cfg: OperatorConfig) -> Run:
     """The run with the admin's endpoint override for a text provider (textProviderURLs), if any."""
-    endpoint = cfg.textProviderURLs.get(provider)  # type: ignore[call-overload]
+    if provider == "none":
+        return run
+    endpoint = cfg.textProviderURLs.get(provider)
     return replace(run, extra_env={PROVIDER_URL_ENV[provider]: endpoint}) if endpoint else run

@@ -32,10 +32,11 @@ from .base import Dependencies, Dependency, Fields, KindRuns, build_run, model_p
 from .loras import lora_dependencies, lora_inputs, lora_style, style_profile, trigger_words
 
 
-class GenerationJobRuns(KindRuns):
+class GenerationJobRuns(KindRuns[GenerationJobSpec, GenerateSpec, GenerateProgress, GenerateResult]):
     kind = BY_KIND["GenerationJob"]
     step = "generate"
     outcome = GenerationJobOutcome
+    work_type = GenerateSpec
 
     def dependencies(self, spec: GenerationJobSpec) -> list[Dependency]:
         return lora_dependencies(spec.loras)
@@ -76,7 +77,7 @@ class GenerationJobRuns(KindRuns):
 
     def planned(self, run: Run) -> tuple[Fields, list[str]]:
         """The settings as the run renders them, known before its Job starts, and the operator's warnings."""
-        work: GenerateSpec = run.runspec.work  # type: ignore[assignment]
+        work = self.work(run)
         render = RenderSettings(
             width=work.width,
             height=work.height,
@@ -90,7 +91,7 @@ class GenerationJobRuns(KindRuns):
             work.warnings
         )
 
-    def live(self, progress: GenerateProgress, run: Run) -> Fields:  # type: ignore[override]
+    def live(self, progress: GenerateProgress, run: Run) -> Fields:
         if progress.imagesTotal < 1:
             return {}
         done = progress.imagesDone
@@ -98,9 +99,9 @@ class GenerationJobRuns(KindRuns):
             GenerationJobOutcome(imagesDone=done, progressText=f"{done}/{progress.imagesTotal} images")
         )
 
-    def result(self, result: GenerateResult, run: Run) -> Fields:  # type: ignore[override]
+    def result(self, result: GenerateResult, run: Run) -> Fields:
         """URIs come from the RunSpec (`GenerateSpec.image_files`); from the pod only the texts and timings."""
-        work: GenerateSpec = run.runspec.work  # type: ignore[assignment]
+        work = self.work(run)
         base = run.runspec.output_display_uri
         seconds = {item.index: item.seconds for item in result.images if item.seconds is not None}
         images = [

@@ -23,10 +23,11 @@ from .base import Dependencies, Dependency, Fields, KindRuns, build_run, status_
 from .loras import lora_dependencies, lora_inputs, lora_style, style_profile, trigger_words
 
 
-class LoRAFusionRuns(KindRuns):
+class LoRAFusionRuns(KindRuns[LoRAFusionSpec, FuseSpec, None, FuseResult]):
     kind = BY_KIND["LoRAFusion"]
     step = "fuse"
     outcome = LoRAFusionOutcome
+    work_type = FuseSpec
 
     def dependencies(self, spec: LoRAFusionSpec) -> list[Dependency]:
         return lora_dependencies(spec.sources)
@@ -48,13 +49,13 @@ class LoRAFusionRuns(KindRuns):
         return build_run(self.kind, body, work, cfg, spec.scheduling)
 
     def planned(self, run: Run) -> tuple[Fields, list[str]]:
-        work: FuseSpec = run.runspec.work  # type: ignore[assignment]
+        work = self.work(run)
         planned = LoRAFusionPlanned(
             triggerWords=list(work.trigger_words), textPipeline=work.text_pipeline, styleProfile=work.style_profile
         )
         return status_fields(planned), []
 
-    def result(self, result: FuseResult, run: Run) -> Fields:  # type: ignore[override]
+    def result(self, result: FuseResult, run: Run) -> Fields:
         outcome = LoRAFusionOutcome(
             loraURI=f"{run.runspec.output_display_uri}/{LORA_FILE}",
             rank=result.rank,

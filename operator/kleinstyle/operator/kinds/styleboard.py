@@ -11,13 +11,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from kleinstyle.contract.layout import DATASET_DIR
-from kleinstyle.contract.pod import PROVIDER_KEY_ENV, SOURCE_CREDENTIAL_ENV
+from kleinstyle.contract.pod import PROVIDER_KEY_ENV, REFERENCES_MOUNT, SOURCE_CREDENTIAL_ENV
 from kleinstyle.contract.reports import PrepareResult
 from kleinstyle.contract.runspec import FetchPolicy, ImageInput, PrepareSpec
 
 from ..api import BY_KIND
 from ..api.styleboard import DuplicateImage, ImageCaption, RejectedImage, StyleBoardOutcome, StyleBoardSpec, TokenUsage
-from ..children import REFERENCES_MOUNT, InvalidSpec, Run, SecretEnv
+from ..children import InvalidSpec, Run, SecretEnv
 from ..config import OperatorConfig
 from .base import Dependencies, Fields, KindRuns, build_run, status_fields, with_provider_url
 
@@ -38,10 +38,11 @@ def image_input(source: str, caption: str | None, field: str, cfg: OperatorConfi
     return ImageInput(source=source, caption=caption), None
 
 
-class StyleBoardRuns(KindRuns):
+class StyleBoardRuns(KindRuns[StyleBoardSpec, PrepareSpec, None, PrepareResult]):
     kind = BY_KIND["StyleBoard"]
     step = "prepare"
     outcome = StyleBoardOutcome
+    work_type = PrepareSpec
 
     def build(self, body: Mapping[str, Any], spec: StyleBoardSpec, deps: Dependencies, cfg: OperatorConfig) -> Run:
         images, claims = [], []
@@ -72,7 +73,7 @@ class StyleBoardRuns(KindRuns):
         run = build_run(self.kind, body, work, cfg, None, secrets, claims)
         return with_provider_url(run, spec.captioning.provider, cfg)
 
-    def result(self, result: PrepareResult, run: Run) -> Fields:  # type: ignore[override]
+    def result(self, result: PrepareResult, run: Run) -> Fields:
         usage = result.token_usage
         profile = result.style_profile
         fields = StyleBoardOutcome(

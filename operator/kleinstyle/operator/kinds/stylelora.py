@@ -36,13 +36,15 @@ from .base import (
     dependency_path,
     model_path,
     status_fields,
+    work_of,
 )
 
 
-class StyleLoRARuns(KindRuns):
+class StyleLoRARuns(KindRuns[StyleLoRASpec, TrainSpec, TrainProgress, TrainResult]):
     kind = BY_KIND["StyleLoRA"]
     step = "train"
     outcome = StyleLoRAOutcome
+    work_type = TrainSpec
 
     def dependencies(self, spec: StyleLoRASpec) -> list[Dependency]:
         return [Dependency("StyleBoard", spec.boardRef.name, "datasetURI", DATASET_DIR)]
@@ -80,7 +82,7 @@ class StyleLoRARuns(KindRuns):
         return replace(run, files={AITOOLKIT_CONFIG_FILE: yaml.safe_dump(config, sort_keys=False)})
 
     def planned(self, run: Run) -> tuple[Fields, list[str]]:
-        work: TrainSpec = run.runspec.work  # type: ignore[assignment]
+        work = self.work(run)
         fields = StyleLoRAPlanned(
             plan=plan_summary(work.plan),
             totalSteps=work.plan.steps.value,
@@ -89,7 +91,7 @@ class StyleLoRARuns(KindRuns):
         )
         return status_fields(fields), list(work.plan.warnings)
 
-    def live(self, progress: TrainProgress, run: Run) -> Fields:  # type: ignore[override]
+    def live(self, progress: TrainProgress, run: Run) -> Fields:
         fields = StyleLoRAOutcome(step=progress.step)
         if progress.totalSteps > 0:
             text = steps_text(progress.step, progress.totalSteps)
@@ -103,7 +105,7 @@ class StyleLoRARuns(KindRuns):
             out["totalSteps"] = progress.totalSteps  # a two-step run's stages each count their own steps
         return {**out, **scored(progress.checkpoints, progress.evaluation, run)}
 
-    def result(self, result: TrainResult, run: Run) -> Fields:  # type: ignore[override]
+    def result(self, result: TrainResult, run: Run) -> Fields:
         fields = StyleLoRAOutcome(
             # Where the LoRA is comes from the RunSpec, never from the pod; step 0: the base model won, no LoRA.
             loraURI=f"{run.runspec.output_display_uri}/{LORA_FILE}" if result.lora_step > 0 else None,
@@ -196,7 +198,7 @@ def eta_text(seconds: float | None) -> str | None:
 
 def decision(evaluation: EvaluationReport | None, run: Run) -> Decision | None:
     """The early-stopping policy on the scores a run reports: the same pure function the runtime applies."""
-    work: TrainSpec = run.runspec.work  # type: ignore[assignment]
+    work = work_of(run, TrainSpec)
     try:
         return decide_reported(evaluation, StoppingSettings.from_plan(work.plan))
     except ValueError:  # scores a pod reported inconsistent (probe counts differ): shown without them
