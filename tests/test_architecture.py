@@ -78,7 +78,7 @@ def test_folder_paths_are_import_paths_and_nothing_shadows_the_standard_library(
             "kleinstyle.operator.reconcile -> kleinstyle.runtime.prepare",
         ),
         (
-            ("runtime/train.py", "from kleinstyle.operator.kinds import KIND_RUNS"),
+            ("runtime/train/__init__.py", "from kleinstyle.operator.kinds import KIND_RUNS"),
             "operator and runtime never import each other",
             "kleinstyle.runtime.train -> kleinstyle.operator.kinds",
         ),

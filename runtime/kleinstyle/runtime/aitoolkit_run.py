@@ -163,7 +163,9 @@ def launch(
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    last, tail, stopped = None, [], False
+    last: Progress | None = None
+    tail: list[str] = []  # the last records, where a failure names itself
+    stopped = False
     assert process.stdout is not None
     try:
         for record in _records(process.stdout):

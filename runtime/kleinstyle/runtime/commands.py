@@ -54,7 +54,7 @@ def _train(args: argparse.Namespace) -> int:
     needed = (("--model", args.model), ("--data", args.data), ("--trigger", args.trigger), ("-o", args.output))
     if _missing("train", needed):
         return 2
-    from .train import cli
+    from .train.cli import cli
 
     return cli(args)
 

@@ -18,7 +18,9 @@ from kleinstyle.contract.pod import EXIT_VOLUME_FULL, STOP_ANNOTATION
 from kleinstyle.contract.reports import EvaluationReport
 from kleinstyle.contract.runspec import EvaluationSpec, Owner, RunSpec, TrainSpec
 from kleinstyle.runtime import step, train
+from kleinstyle.runtime.errors import BadInput
 from kleinstyle.runtime.klein.evaluate import Evaluator
+from kleinstyle.runtime.train.settings import diffusers_prefix, train_settings
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -55,18 +57,18 @@ QUICK = {
     ],
 )
 def test_bfl_block_names_map_to_diffusers_prefixes(block: str, prefix: str) -> None:
-    assert train.diffusers_prefix(block) == prefix
+    assert diffusers_prefix(block) == prefix
 
 
 @pytest.mark.parametrize("block", ["blocks.1", "single_blocks", "single_blocks.x", "transformer_blocks.1"])
 def test_unknown_block_names_are_bad_input(block: str) -> None:
-    with pytest.raises(train.BadInput):
-        train.diffusers_prefix(block)
+    with pytest.raises(BadInput):
+        diffusers_prefix(block)
 
 
 def test_plan_maps_to_train_settings() -> None:
     plan = plan_training(12, {"training": {"alpha": 16, "seed": 7}})
-    cfg = train.train_settings(plan)
+    cfg = train_settings(plan)
     v = plan.values()
     assert (cfg.rank, cfg.alpha, cfg.optimizer, cfg.steps) == (32, 16.0, "adafactor", v["steps"])
     assert (cfg.learning_rate, cfg.weight_decay, cfg.scheduler) == (1e-4, 1e-4, "cosine")
@@ -81,14 +83,14 @@ def test_plan_maps_to_train_settings() -> None:
     assert cfg.shared_qkv  # one LoRA per fused q/k/v, as ai-toolkit
     # The cosine midpoint the document says to check is a checkpoint even off the checkpoint_every grid.
     midpoint = plan_training(5, {"training": {"steps": 900, "checkpointEvery": 200}})
-    midcfg = train.train_settings(midpoint)
+    midcfg = train_settings(midpoint)
     assert 450 in midpoint.checkpoint_steps and midcfg.is_checkpoint(450) and not midcfg.is_checkpoint(500)
 
     custom = plan_training(
         12, {"training": {"targetBlocks": "custom", "blocks": ["single_blocks.1", "double_blocks.3"]}}
     )
-    assert train.train_settings(custom).target == ("single_transformer_blocks.1.", "transformer_blocks.3.")
-    assert train.train_settings(plan_training(12, {"training": {"targetBlocks": "single"}})).target == "single"
+    assert train_settings(custom).target == ("single_transformer_blocks.1.", "transformer_blocks.3.")
+    assert train_settings(plan_training(12, {"training": {"targetBlocks": "single"}})).target == "single"
 
 
 # --- the step on the tiny model ----------------------------------------------------------------------------------
