@@ -22,7 +22,7 @@ from kleinstyle.operator import kueue  # noqa: E402
 from kleinstyle.operator.api import KINDS  # noqa: E402
 from kleinstyle.operator.children import Run, build_rbac  # noqa: E402
 from kleinstyle.operator.config import OperatorConfig  # noqa: E402
-from kleinstyle.operator.handlers import CHILD_KINDS  # noqa: E402
+from kleinstyle.operator.indexes import CHILD_KINDS  # noqa: E402
 from kleinstyle.operator.kube import PLURALS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,7 +68,7 @@ def api_group(kind: str) -> str:
 
 
 def needed_grants() -> set[tuple[str, str, str]]:
-    """Every call the operator makes, from the code's own tables (kube.py, handlers.py) plus kopf's."""
+    """Every call the operator makes, from the code's own tables (kube.py, indexes.py) plus kopf's."""
     verbs = ("get", "list", "watch", "create", "delete")  # indexes watch; a create that finds one gets it
     needed = {(api_group(k), PLURALS[k][1], v) for k in CHILD_KINDS for v in verbs}
     needed.add(("", "pods", "list"))

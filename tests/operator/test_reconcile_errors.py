@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 from kleinstyle.devcluster.demo import cluster_for
-from kleinstyle.operator import handlers, logs
-from kleinstyle.operator.handlers import ERROR_BACKOFF_S, MAX_ERROR_BACKOFF_S, WARNING_INTERVAL_S, Wakers
+from kleinstyle.operator import logs
 from kleinstyle.operator.kinds import KIND_RUNS
+from kleinstyle.operator.wakers import ERROR_BACKOFF_S, MAX_ERROR_BACKOFF_S, WARNING_INTERVAL_S, Wakers
 
 from .test_operator_e2e import BOARD, NS
 
@@ -61,7 +61,7 @@ async def test_a_reconcile_that_raises_is_a_condition_one_warning_an_error_line_
         attempts.append(time.monotonic())
         raise KeyError("gpu-a100")
 
-    monkeypatch.setattr(handlers, "ERROR_BACKOFF_S", BACKOFF_S)
+    monkeypatch.setattr("kleinstyle.operator.wakers.ERROR_BACKOFF_S", BACKOFF_S)
     monkeypatch.setattr(KIND_RUNS["StyleBoard"], "build", broken)
     with operator_log() as log:
         async with cluster_for(root, NS) as cluster:

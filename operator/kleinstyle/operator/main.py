@@ -11,8 +11,9 @@ from kubernetes.client.exceptions import ApiException
 
 from . import kueue, metrics
 from .config import OperatorConfig
-from .handlers import Wakers, register
+from .handlers import register
 from .kube import Kube, load_client_config
+from .wakers import Wakers
 
 logger = logging.getLogger(__name__)
 

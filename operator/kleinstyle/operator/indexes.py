@@ -1,0 +1,52 @@
+"""The in-memory indexes kopf fills from its watches, and their names.
+
+Reconcile reads the world from these, never by polling the API: every child of every resource by its owner's uid,
+every kleinstyle object by namespace and name, and Kueue's Workloads by their Job's uid. kopf fills them before any
+daemon starts, so a restarted operator sees every child it made and creates none twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from . import kueue
+from .kube import PLURALS
+from .naming import OWNER_UID
+
+CHILD_KINDS = ("ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Job")  # what a run creates, in that order
+WORKLOADS_INDEX = "kueue_workloads"
+
+Indexer = Callable[..., dict[Any, dict[str, Any]]]
+
+
+def children_index(kind: str) -> str:
+    return f"children_{PLURALS[kind][1]}"
+
+
+def objects_index(kind: str) -> str:
+    return f"objects_{PLURALS[kind][1]}"
+
+
+def one(store: Any) -> Any:
+    """The object an index keeps under a key (one per key here), or None."""
+    return next(iter(store), None) if store is not None else None
+
+
+def child_indexer(kind: str) -> Indexer:
+    api_version = PLURALS[kind][0]
+
+    def index_child(body: Any, labels: Mapping[str, str], **_: Any) -> dict[str, dict[str, Any]]:
+        """A child by its owner's uid, with the apiVersion and kind reconcile compares by."""
+        return {labels[OWNER_UID]: {**dict(body), "apiVersion": api_version, "kind": kind}}
+
+    return index_child
+
+
+def index_object(body: Any, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    meta = body["metadata"]
+    return {(meta["namespace"], meta["name"]): dict(body)}
+
+
+def index_workload(labels: Mapping[str, str], body: Any, **_: Any) -> dict[str, dict[str, Any]]:
+    return {labels[kueue.JOB_UID_LABEL]: dict(body)}

@@ -1,0 +1,83 @@
+"""Observe: what one reconcile needs, read from the indexes (and this process's writes still in flight).
+
+Reading is kept apart from deciding (`reconcile`, pure) and writing (`write`) so that a reconcile costs the API
+nothing but one LIST of pods, made only when a Job failed, to learn why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+from .indexes import CHILD_KINDS, WORKLOADS_INDEX, children_index, objects_index, one
+from .kinds import KIND_RUNS, Dependency, find_cycle
+from .kube import Kube
+from .naming import OWNER_UID, selector
+from .reconcile import Observed, job_failed
+from .wakers import ChildKey, Wakers
+
+
+async def observe(kube: Kube, body: Any, indexes: Mapping[str, Any], wakers: Wakers) -> Observed:
+    """What reconcile needs, from the indexes; pods (one LIST) only when a Job failed, for the pod's reason."""
+    meta = body["metadata"]
+    namespace, uid, kind = meta["namespace"], meta["uid"], body["kind"]
+    deps_wanted: list[Dependency] = []
+    with contextlib.suppress(ValueError):  # an invalid spec is reported by reconcile
+        deps_wanted = KIND_RUNS[kind].dependencies(KIND_RUNS[kind].kind.spec.model_validate(body.get("spec") or {}))
+    for waited in [key for key, uids in wakers.waiting_on.items() if uid in uids]:
+        wakers.waiting_on[waited].discard(uid)
+    dependencies = {}
+    for dep in deps_wanted:
+        wakers.waiting_on[(namespace, dep.kind, dep.name)].add(uid)
+        dependencies[(dep.kind, dep.name)] = one(indexes[objects_index(dep.kind)].get((namespace, dep.name)))
+    cycle = find_cycle((kind, meta["name"]), partial(dependencies_of, indexes, namespace)) if deps_wanted else None
+    # The operator's record of each dependency's runs: the Jobs it created for it (status alone is never believed).
+    jobs_index = indexes[children_index("Job")]
+    dependency_jobs = {
+        key: list(jobs_index.get(obj["metadata"]["uid"], ())) for key, obj in dependencies.items() if obj is not None
+    }
+    children: dict[ChildKey, dict[str, Any]] = {}
+    for child_kind in CHILD_KINDS:
+        for child in indexes[children_index(child_kind)].get(uid, ()):
+            children[(child_kind, child["metadata"]["name"])] = child
+    for key, child in list(wakers.created[uid].items()):
+        if key in children:
+            del wakers.created[uid][key]  # the index has it now
+        else:
+            children[key] = child
+    for key in list(wakers.deleted[uid]):
+        if key in children:
+            del children[key]
+        else:
+            wakers.deleted[uid].discard(key)  # the index has forgotten it too
+    listed = list(children.values())
+    failed = any(c["kind"] == "Job" and job_failed(c) for c in listed)
+    pods = await kube.list("Pod", namespace, selector({OWNER_UID: uid})) if failed else []
+    workloads = {}
+    for job in (c for c in listed if c["kind"] == "Job" and c["metadata"].get("uid")):
+        wakers.job_owner[job["metadata"]["uid"]] = uid
+        if (workload := one((indexes.get(WORKLOADS_INDEX) or {}).get(job["metadata"]["uid"]))) is not None:
+            workloads[job["metadata"]["uid"]] = workload
+    return Observed(
+        body=dict(body),
+        dependencies=dependencies,
+        children=listed,
+        pods=pods,
+        workloads=workloads,
+        cycle=cycle or (),
+        dependency_jobs=dependency_jobs,
+    )
+
+
+def dependencies_of(indexes: Mapping[str, Any], namespace: str, node: tuple[str, str]) -> list[Dependency]:
+    """What the object `node` (kind, name) in `namespace` depends on, from the index (none when missing or invalid)."""
+    kind, name = node
+    obj = one(indexes[objects_index(kind)].get((namespace, name)))
+    if obj is None:
+        return []
+    try:
+        return KIND_RUNS[kind].dependencies(KIND_RUNS[kind].kind.spec.model_validate(obj.get("spec") or {}))
+    except ValueError:
+        return []
