@@ -191,7 +191,8 @@ def read_bytes(uri: str) -> bytes | None:
     try:
         if is_remote(uri):
             fs, path = _filesystem(uri)
-            return fs.cat_file(path)
+            data: bytes = fs.cat_file(path)
+            return data
         return local_path(uri).read_bytes()
     except FileNotFoundError:
         return None

@@ -167,7 +167,8 @@ def _text_command(name: str) -> tuple[Callable[[argparse.ArgumentParser], None],
     def run(args: argparse.Namespace) -> int:
         from .text import commands
 
-        return getattr(commands, name)(args)
+        code: int = getattr(commands, name)(args)
+        return code
 
     return add, run
 

@@ -68,7 +68,7 @@ def contact_sheet(
     return sheet, boxes
 
 
-def _fit(text: str, font: ImageFont.FreeTypeFont, width: int) -> str:
+def _fit(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int) -> str:
     if font.getlength(text) <= width:
         return text
     while text and font.getlength(text + "...") > width:
@@ -76,7 +76,7 @@ def _fit(text: str, font: ImageFont.FreeTypeFont, width: int) -> str:
     return text + "..."
 
 
-def _wrap(text: str, font: ImageFont.FreeTypeFont, width: int, lines: int) -> list[str]:
+def _wrap(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int, lines: int) -> list[str]:
     """Greedy word wrap to at most `lines` lines; the last one ends in "..." when text is left over."""
     out: list[str] = []
     words = text.split()

@@ -333,7 +333,7 @@ def _fetch_object(source: str, scheme: str, max_bytes: int) -> bytes:
         if size is not None and size > max_bytes:
             raise FetchError(source, too_big)
         with fs.open(source, "rb") as handle:
-            data = handle.read(max_bytes + 1)
+            data: bytes = handle.read(max_bytes + 1)
     except FetchError:
         raise
     except FileNotFoundError:  # may still be uploading: worth a retry

@@ -35,7 +35,7 @@ from .errors import BadInput
 if TYPE_CHECKING:
     from kleinstyle.contract.runspec import RunSpec
 
-    from .klein.lora_fuse import Fused, FusedLayer
+    from .klein.lora_fuse import Fused, FusedLayer, Selection
     from .klein.lora_io import LoraFile
     from .step import Outcome, Reporter
 
@@ -87,7 +87,7 @@ def fuse_files(
     *,
     rank: int | None = None,
     energy: float | None = None,
-    selection: str = "hard",
+    selection: Selection = "hard",
     dtype: str | None = None,
     scratch: Path,
 ) -> tuple[Fused, dict[str, Any]]:
@@ -118,7 +118,7 @@ def fuse_files(
                 method,
                 rank=rank,
                 energy=energy,
-                selection=selection,  # type: ignore[arg-type]
+                selection=selection,
                 dtype=DTYPES[dtype] if dtype else None,
                 on_layer=write,
             )
@@ -201,7 +201,7 @@ def main_cli(
     *,
     rank: int | None,
     energy: float | None,
-    selection: str,
+    selection: Selection,
     dtype: str | None,
     per_layer: bool,
 ) -> int:

@@ -214,7 +214,7 @@ def render_job(
         for count, (p, seed, name) in enumerate(plan, start=1):
             png_uri = join_uri(output_uri, image_file(name))
             if name in done:
-                image = Image.open(io.BytesIO(read_bytes(png_uri) or b""))
+                image: Image.Image = Image.open(io.BytesIO(read_bytes(png_uri) or b""))
                 seconds = None
             else:
                 assert sampler is not None
@@ -247,7 +247,7 @@ def render_job(
     return rendered
 
 
-def _finished(output_uri: str, name: str, job: str) -> dict | None:
+def _finished(output_uri: str, name: str, job: str) -> dict[str, Any] | None:
     """The sidecar of an image an earlier pod of this job completed (the PNG is written before it)."""
     meta = read_json(join_uri(output_uri, IMAGES_DIR, f"{name}.json"))
     return meta if isinstance(meta, dict) and meta.get("job") == job else None
@@ -270,7 +270,7 @@ def sheet_header(work: GenerateSpec, prompts: Sequence[PromptUsed]) -> list[str]
 
 
 def write_contact_sheet(work: GenerateSpec, rendered: Rendered, thumbs: Sequence[Image.Image], output_uri: str) -> str:
-    cells = []
+    cells: list[Cell] = []
     for (p, seed, _), thumb, seconds in zip(work.image_files(), thumbs, rendered.seconds, strict=True):
         took = "" if seconds is None else f", {seconds:.1f} s"
         index = len(cells) + 1

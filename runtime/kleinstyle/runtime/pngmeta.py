@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
+from PIL.PngImagePlugin import PngImageFile, PngInfo
 
 from .images import PNG_COMPRESS_LEVEL
 
@@ -36,5 +36,8 @@ def png_with_metadata(image: Image.Image, metadata: Mapping[str, Any]) -> bytes:
 def read_png_metadata(source: bytes | str | Path) -> dict[str, Any]:
     """The record `png_with_metadata` wrote; KeyError when the PNG carries none."""
     with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        if not isinstance(image, PngImageFile):  # no PNG, no record
+            raise KeyError(RECORD_KEY)
         image.load()  # text chunks after the image data are read with it
-        return json.loads(image.text[RECORD_KEY])
+        record: dict[str, Any] = json.loads(image.text[RECORD_KEY])
+        return record

@@ -265,6 +265,13 @@ class Staged:
     api_image: ImagePart | None
 
 
+def _api_image(item: Staged) -> ImagePart:
+    """The image a provider captions: every image is staged with one when there is a client to caption with."""
+    if item.api_image is None:
+        raise ValueError(f"{item.stem} was staged without an image for the captioning provider")
+    return item.api_image
+
+
 def _caption(
     work: PrepareSpec, client: TextClient | None, why_not: str, staged: Sequence[Staged], result: PrepareResult
 ) -> None:
@@ -274,7 +281,7 @@ def _caption(
     asked = [i for i, source in enumerate(sources) if source == "provider"]
     answers: dict[int, Caption | Exception] = {}
     if client is not None and asked:
-        tasks = [CaptionTask(accepted[i].file, lambda i=i: staged[i].api_image) for i in asked]  # type: ignore[misc]
+        tasks = [CaptionTask(accepted[i].file, partial(_api_image, staged[i])) for i in asked]
         answers = dict(zip(asked, generate_captions(client, tasks, trigger), strict=True))
     refused = next((a for a in answers.values() if isinstance(a, ProviderRefused)), None)
     if refused is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 if TYPE_CHECKING:  # torch is imported where a model is at hand: fusion reads these tables without it
     from torch import nn
@@ -71,7 +71,8 @@ def text_encoder_layers(num_hidden_layers: int) -> tuple[int, int, int]:
     """
     if num_hidden_layers < 3:
         raise ValueError(f"Klein stacks three text-encoder layers; this encoder has only {num_hidden_layers}")
-    return tuple(math.ceil(k * num_hidden_layers / 4) for k in (1, 2, 3))  # type: ignore[return-value]
+    first, second, third = (math.ceil(k * num_hidden_layers / 4) for k in (1, 2, 3))
+    return first, second, third
 
 
 def lora_linear_names(transformer: nn.Module) -> list[str]:
@@ -130,7 +131,17 @@ def _block_counts(names: list[str]) -> str:
 
 # The klein transformers by the shape parameters that fix their LoRA-targetable linears (diffusers config names).
 # Base and distilled models of one size share every shape; only metadata can tell them apart.
-KLEIN_SIZES: dict[str, dict[str, float | int]] = {
+class KleinSize(TypedDict):
+    """The shape parameters of one klein transformer (`block_linear_shapes`' arguments)."""
+
+    num_layers: int
+    num_single_layers: int
+    num_attention_heads: int
+    attention_head_dim: int
+    mlp_ratio: float
+
+
+KLEIN_SIZES: dict[str, KleinSize] = {
     "klein-9b": {
         "num_layers": 8,
         "num_single_layers": 24,

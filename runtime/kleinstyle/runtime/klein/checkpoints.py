@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ..artifacts import fsync_path
+from ..paths import fsync_path
 
 CHECKPOINTS = "checkpoints"
 LORA_FILE = "lora.safetensors"
@@ -97,12 +97,14 @@ def write_checkpoint(
 
 
 def read_metadata(checkpoint: Path) -> dict[str, Any]:
-    return json.loads((checkpoint / METADATA_FILE).read_text())
+    metadata: dict[str, Any] = json.loads((checkpoint / METADATA_FILE).read_text())
+    return metadata
 
 
 def read_training_state(checkpoint: Path) -> dict[str, Any]:
     """The resume state; `weights_only` because a checkpoint folder may sit on a shared volume."""
-    return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+    state: dict[str, Any] = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+    return state
 
 
 def publish_copy(source: Path, target: Path) -> Path:

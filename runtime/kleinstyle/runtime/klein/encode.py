@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import Flux2KleinPipeline
+
+# diffusers' classes from the modules that define them: its top-level names read, to a type checker, as the
+# placeholders it exports when torch or transformers is missing.
+from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
 from PIL import Image, ImageOps
 
 from .arch import text_encoder_layers
@@ -134,7 +137,8 @@ def encode_captions(
                     prompt=caption,
                     device=device,
                     max_sequence_length=max_sequence_length,
-                    text_encoder_out_layers=used,
+                    # diffusers annotates the layers as tuple[int] (one) where it means tuple[int, ...].
+                    text_encoder_out_layers=used,  # type: ignore[arg-type]
                 )
                 cache[caption] = embeds.to(dtype)
         return [cache[c] for c in captions], cache[""], used
@@ -167,7 +171,8 @@ def encode_images(
             image = load_rgb(sample.image)
             width, height = training_size(image.size, resolution, multiple)
             pixels = pipe.image_processor.preprocess(image, height=height, width=width, resize_mode="crop")
-            latent = pipe._encode_vae_image(pixels.to(device=device, dtype=dtype), generator=None)
+            # diffusers annotates generator as a torch.Generator; None (its default downstream) takes the mode.
+            latent = pipe._encode_vae_image(pixels.to(device=device, dtype=dtype), generator=None)  # type: ignore[arg-type]
             latents.append(latent.to(dtype))
             buckets.setdefault((width, height), []).append(index)
         return latents, buckets

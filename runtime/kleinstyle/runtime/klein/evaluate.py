@@ -36,7 +36,10 @@ from typing import Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import Flux2KleinPipeline
+
+# diffusers' classes from the modules that define them: its top-level names read, to a type checker, as the
+# placeholders it exports when torch or transformers is missing.
+from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
 from kleinstyle.contract.early_stop import Decision, ProbeScores
 from kleinstyle.contract.reports import ProbeScoresReport
 from kleinstyle.contract.runspec import EvaluationSpec
@@ -118,7 +121,8 @@ class _ImageModel:
 
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
         inputs = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
-        return inputs["pixel_values"].to(self.device)
+        pixels: torch.Tensor = inputs["pixel_values"].to(self.device)
+        return pixels
 
 
 class VisionModelEmbedder(_ImageModel):
@@ -185,7 +189,10 @@ def _features(output: torch.Tensor | object) -> torch.Tensor:
     """The embedding tensor, whether a model returns it bare or in an output object (newer transformers)."""
     if isinstance(output, torch.Tensor):
         return output.float()
-    return getattr(output, "pooler_output", None).float()  # type: ignore[union-attr]
+    pooled = getattr(output, "pooler_output", None)
+    if not isinstance(pooled, torch.Tensor):
+        raise AttributeError(f"{type(output).__name__} has no pooler_output tensor")
+    return pooled.float()
 
 
 class UnmeasuredAdherence:

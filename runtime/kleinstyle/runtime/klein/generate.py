@@ -22,11 +22,14 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from diffusers import Flux2KleinPipeline
-from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
+
+# diffusers' classes from the modules that define them: its top-level names read, to a type checker, as the
+# placeholders it exports when torch or transformers is missing.
+from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline, compute_empirical_mu, retrieve_timesteps
 from PIL import Image
 
 from .encode import check_components, encode_captions
@@ -67,8 +70,9 @@ class RenderOptions:
 # --- facts read from the model directory (no weights) ------------------------------------------------------------
 
 
-def model_index(model_dir: str | Path) -> dict:
-    return json.loads((Path(model_dir) / "model_index.json").read_text())
+def model_index(model_dir: str | Path) -> dict[str, Any]:
+    index: dict[str, Any] = json.loads((Path(model_dir) / "model_index.json").read_text())
+    return index
 
 
 def model_defaults(model_dir: str | Path) -> dict[str, float]:
@@ -80,7 +84,8 @@ def size_multiple(model_dir: str | Path) -> int:
     """Pixel multiple the model renders exactly: VAE downsampling x the 2x2 patchify x the transformer's patch."""
     vae = json.loads((Path(model_dir) / "vae" / "config.json").read_text())
     transformer = json.loads((Path(model_dir) / "transformer" / "config.json").read_text())
-    return 2 ** (len(vae["block_out_channels"]) - 1) * 2 * int(transformer.get("patch_size", 1))
+    vae_scale: int = 2 ** (len(vae["block_out_channels"]) - 1)
+    return vae_scale * 2 * int(transformer.get("patch_size", 1))
 
 
 def check_size(width: int, height: int, multiple: int) -> None:
@@ -148,7 +153,7 @@ class Sampler:
     def __init__(self, pipe: Flux2KleinPipeline, device: torch.device, batch_cfg: bool = True) -> None:
         self.pipe = pipe
         self.device = device
-        self.distilled = bool(pipe.config.is_distilled)
+        self.distilled = bool(pipe.config["is_distilled"])
         self.batch_cfg = batch_cfg
 
     @torch.no_grad()
@@ -180,7 +185,8 @@ class Sampler:
         )
         sigmas = np.linspace(1.0, 1 / steps, steps)
         mu = compute_empirical_mu(image_seq_len=latents.shape[1], num_steps=steps)
-        timesteps, _ = retrieve_timesteps(pipe.scheduler, steps, device, sigmas=sigmas, mu=mu)
+        # diffusers annotates sigmas as a list; its own pipeline passes this same array.
+        timesteps, _ = retrieve_timesteps(pipe.scheduler, steps, device, sigmas=sigmas, mu=mu)  # type: ignore[arg-type]
         pipe.scheduler.set_begin_index(0)
         cfg = guidance > 1 and not self.distilled
         texts = [embeds, negative.to(device, dtype)] if cfg else [embeds]
@@ -207,7 +213,7 @@ class Sampler:
         """The transformer's prediction for `latents` under each prompt embedding of `text` (a batch of them)."""
         passes = text.shape[0]
         timestep = t.expand(passes).to(latents.dtype)  # as the pipeline: cast first, then / 1000
-        return self.pipe.transformer(
+        velocity: torch.Tensor = self.pipe.transformer(
             hidden_states=latents.repeat(passes, 1, 1),
             timestep=timestep / 1000,
             guidance=None,
@@ -216,11 +222,13 @@ class Sampler:
             img_ids=latent_ids.repeat(passes, 1, 1),
             return_dict=False,
         )[0]
+        return velocity
 
     def _decode(self, latents: torch.Tensor, latent_ids: torch.Tensor, width: int, height: int) -> Image.Image:
         pipe = self.pipe
         side = pipe.vae_scale_factor * 2
-        latents = pipe._unpack_latents_with_ids(latents, latent_ids, height // side, width // side)
+        # diffusers annotates this as a list of tensors; it returns them stacked, one tensor.
+        latents = pipe._unpack_latents_with_ids(latents, latent_ids, height // side, width // side)  # type: ignore[assignment]
         bn = pipe.vae.bn
         mean = bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
         std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps).to(
@@ -228,7 +236,8 @@ class Sampler:
         )
         latents = pipe._unpatchify_latents(latents * std + mean)
         image = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
-        return pipe.image_processor.postprocess(image, output_type="pil")[0]
+        decoded: Image.Image = pipe.image_processor.postprocess(image, output_type="pil")[0]
+        return decoded
 
 
 def load_sampler(

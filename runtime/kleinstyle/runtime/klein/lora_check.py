@@ -16,7 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
+
+# diffusers' classes from the modules that define them: its top-level names read, to a type checker, as the
+# placeholders it exports when torch or transformers is missing.
+from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel
+from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
@@ -42,7 +46,8 @@ def transformer_skeleton(model_dir: str | Path) -> nn.Module:
     """The model's transformer on the meta device: every layer and shape, no weights read (instant even for 9B)."""
     config = Flux2Transformer2DModel.load_config(Path(model_dir), subfolder="transformer")
     with torch.device("meta"):
-        return Flux2Transformer2DModel.from_config(config)
+        skeleton: nn.Module = Flux2Transformer2DModel.from_config(config)
+    return skeleton
 
 
 def read_lora(path: str | Path) -> dict[str, torch.Tensor]:
@@ -57,7 +62,8 @@ def read_lora(path: str | Path) -> dict[str, torch.Tensor]:
     if not raw:
         raise LoraMismatch(f"{path} holds no tensors")
     try:
-        return Flux2KleinPipeline.lora_state_dict(raw)
+        state: dict[str, torch.Tensor] = Flux2KleinPipeline.lora_state_dict(raw)
+        return state
     except (ValueError, KeyError, IndexError) as exc:  # the ai-toolkit/kohya converters reject unknown block keys
         raise LoraMismatch(f"{path} is not a FLUX.2 LoRA diffusers can read: {_short(exc)}") from exc
 

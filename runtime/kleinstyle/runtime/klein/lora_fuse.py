@@ -280,15 +280,15 @@ def parallel_map(
     threads: int | None = None,
 ) -> list[T]:
     """`function` over `items` on a pool of threads (module docstring); `on_done` runs in the calling thread."""
-    results: list[T | None] = [None] * len(items)
+    results: dict[int, T] = {}
     with _single_threaded_math(), ThreadPoolExecutor(max_workers=threads or workers()) as pool:
         futures = {pool.submit(function, item): index for index, item in enumerate(items)}
         for future in as_completed(futures):
             index = futures[future]
             results[index] = future.result()
             if on_done:
-                on_done(items[index], results[index])  # type: ignore[arg-type]
-    return results  # type: ignore[return-value]
+                on_done(items[index], results[index])
+    return [results[index] for index in range(len(items))]
 
 
 # ---- one layer --------------------------------------------------------------------------------------------------

@@ -293,10 +293,10 @@ def _scale(
     label: str,
 ) -> float:
     if "alpha" in parts:
-        key, alpha = parts["alpha"]
-        if alpha.data.size != 1 or alpha.dtype not in (*FLOATS, "I64", "I32"):
+        key, stored = parts["alpha"]
+        if stored.data.size != 1 or stored.dtype not in (*FLOATS, "I64", "I32"):
             raise LoraFormatError(f"{label}: {key} must be a single number")
-        value = alpha.float32() if alpha.dtype in FLOATS else alpha.data
+        value = stored.float32() if stored.dtype in FLOATS else stored.data
         return float(value.reshape(())) / rank
     alpha = _pattern_value(targets[0], alpha_pattern)
     if alpha is None:
@@ -312,8 +312,7 @@ def _scale(
 # ---- compatibility ----------------------------------------------------------------------------------------------
 
 KNOWN_LAYOUTS: dict[str, dict[str, tuple[int, int]]] = {
-    name: block_linear_shapes(**config)  # type: ignore[arg-type]
-    for name, config in KLEIN_SIZES.items()
+    name: block_linear_shapes(**config) for name, config in KLEIN_SIZES.items()
 }
 # Metadata keys that name a base model; two files that both carry one must agree on it.
 BASE_KEYS = ("kleinstyle.base", "modelspec.architecture", "ss_base_model_version")
@@ -386,6 +385,6 @@ def _shape(shape: tuple[int, int]) -> str:
     return f"{shape[0]}x{shape[1]}"
 
 
-def _module_order(module: str) -> tuple:
+def _module_order(module: str) -> tuple[tuple[int, int, str], ...]:
     """Blocks in numeric order (transformer_blocks.2 before transformer_blocks.10), then by name."""
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in module.split("."))

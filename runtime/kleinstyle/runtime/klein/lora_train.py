@@ -33,7 +33,11 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
+
+# diffusers' classes from the modules that define them: its top-level names read, to a type checker, as the
+# placeholders it exports when torch or transformers is missing.
+from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel
+from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
@@ -275,7 +279,7 @@ def merge_lora(transformer: torch.nn.Module, lora_file: str | Path) -> int:
     return merged
 
 
-def add_lora(transformer: torch.nn.Module, cfg: TrainSettings) -> list[str]:
+def add_lora(transformer: Flux2Transformer2DModel, cfg: TrainSettings) -> list[str]:
     """Add the run's LoRA to `transformer` and return the adapted module names. lora_A is Kaiming-uniform (std
     1/sqrt(3 fan_in)) and lora_B zero, as peft's default and ai-toolkit initialise them, so the update per step at a
     given learning rate and rank is the one the plan's steps were tuned with; seeded by the run's seed."""
@@ -286,7 +290,7 @@ def add_lora(transformer: torch.nn.Module, cfg: TrainSettings) -> list[str]:
         transformer.add_adapter(
             LoraConfig(
                 r=cfg.rank,
-                lora_alpha=cfg.lora_alpha,
+                lora_alpha=cfg.lora_alpha,  # type: ignore[arg-type]  # peft annotates an int; any float scales
                 lora_dropout=0.0,
                 init_lora_weights=True,
                 target_modules=targets,
@@ -305,8 +309,8 @@ def share_qkv_down(transformer: torch.nn.Module) -> int:
     for block in getattr(transformer, "transformer_blocks", []):
         for group in QKV_GROUPS:
             layers = [getattr(block.attn, name, None) for name in group]
-            downs = [_lora_down(layer) for layer in layers]
-            if all(down is not None for down in downs):
+            downs = [down for layer in layers if (down := _lora_down(layer)) is not None]
+            if len(downs) == len(layers):
                 for down in downs[1:]:
                     down.weight = downs[0].weight
                 tied += 1

@@ -22,7 +22,7 @@ import shutil
 import struct
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -272,7 +272,8 @@ def write_safetensors(
     path: str | os.PathLike[str], tensors: Mapping[str, Stored], metadata: Mapping[str, str] | None = None
 ) -> None:
     """Write `tensors` to `path` whole or not at all: a temporary sibling, fsync, then a rename."""
-    offset, header = 0, {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     for name, tensor in tensors.items():
         nbytes = tensor.data.nbytes
         header[name] = {"dtype": tensor.dtype, "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}

@@ -26,7 +26,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+
+# diffusers' classes from the modules that define them: its top-level names read, to a type checker, as the
+# placeholders it exports when torch or transformers is missing.
+from diffusers.models.autoencoders.autoencoder_kl_flux2 import AutoencoderKLFlux2
+from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel
+from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
+from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
@@ -110,7 +116,8 @@ def tiny_klein_pipeline(*, seed: int = 0) -> Flux2KleinPipeline:
         vae = _vae()
     scheduler = klein_scheduler()
     return Flux2KleinPipeline(
-        scheduler=scheduler,
+        # diffusers annotates this with its top-level name, which reads as the placeholder class (see the imports).
+        scheduler=scheduler,  # type: ignore[arg-type]
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -139,7 +146,8 @@ def tiny_qwen_tokenizer() -> Qwen2Tokenizer:
     bpe.train_from_iterator(_CORPUS, trainer=trainer)
     state = json.loads(bpe.to_str())["model"]
     merges = [tuple(pair.split(" ")) if isinstance(pair, str) else tuple(pair) for pair in state["merges"]]
-    tokenizer = Qwen2Tokenizer(vocab=state["vocab"], merges=merges, chat_template=QWEN3_CHAT_TEMPLATE)
+    # transformers annotates merges as strings; it takes (left, right) pairs too, as tokenizer.json stores them now.
+    tokenizer = Qwen2Tokenizer(vocab=state["vocab"], merges=merges, chat_template=QWEN3_CHAT_TEMPLATE)  # type: ignore[arg-type]
     tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS[1:])})
     return tokenizer
 
@@ -156,7 +164,9 @@ def _text_encoder(*, vocab_size: int) -> Qwen3ForCausalLM:
         max_position_embeddings=1024,
         tie_word_embeddings=False,
     )
-    return Qwen3ForCausalLM(config).eval()
+    model = Qwen3ForCausalLM(config)
+    model.eval()
+    return model
 
 
 # The tiny transformer's diffusers config (benchmarks build it directly, as they build KLEIN_9B_TRANSFORMER).
@@ -176,7 +186,8 @@ TINY_TRANSFORMER: dict[str, object] = {
 
 
 def _transformer() -> Flux2Transformer2DModel:
-    return Flux2Transformer2DModel(**TINY_TRANSFORMER)
+    transformer: Flux2Transformer2DModel = Flux2Transformer2DModel(**TINY_TRANSFORMER)
+    return transformer
 
 
 def _vae() -> AutoencoderKLFlux2:
@@ -197,12 +208,13 @@ def _vae() -> AutoencoderKLFlux2:
     generator = torch.Generator().manual_seed(channels)
     vae.bn.running_mean.copy_(0.1 * torch.randn(channels, generator=generator))
     vae.bn.running_var.copy_(0.5 + torch.rand(channels, generator=generator))
-    return vae.eval()
+    tiny: AutoencoderKLFlux2 = vae.eval()
+    return tiny
 
 
 def klein_scheduler() -> FlowMatchEulerDiscreteScheduler:
     # Klein's scheduler: flow matching with resolution-dependent shift (the pipeline passes `mu`).
-    return FlowMatchEulerDiscreteScheduler(
+    scheduler: FlowMatchEulerDiscreteScheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,
         shift=3.0,
         use_dynamic_shifting=True,
@@ -211,3 +223,4 @@ def klein_scheduler() -> FlowMatchEulerDiscreteScheduler:
         base_image_seq_len=256,
         max_image_seq_len=4096,
     )
+    return scheduler

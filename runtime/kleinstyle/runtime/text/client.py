@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 from kleinstyle.contract.reports import TokenUsage
@@ -117,7 +118,7 @@ class TextClient:
         for attempt in range(1, self.answer_attempts + 1):
             try:
                 reply = call_with_retries(
-                    lambda p=asked: self.provider.send(p), self.policy, f"{self.label}, {what}", sleep=self.sleep
+                    partial(self.provider.send, asked), self.policy, f"{self.label}, {what}", sleep=self.sleep
                 )
             except GaveUp as exc:
                 raise ProviderUnavailable(str(exc)) from None

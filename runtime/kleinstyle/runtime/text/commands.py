@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 from kleinstyle.contract.pod import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK
@@ -49,6 +50,10 @@ def _fail(message: str, code: int) -> int:
 
 def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _image_part(path: Path) -> ImagePart:
+    return _load(path)[0]
 
 
 def _load(path: Path) -> tuple[ImagePart, int]:
@@ -93,7 +98,7 @@ def caption(args: argparse.Namespace) -> int:
         if existing.is_file() and not args.overwrite:
             results[path.name] = check_given(existing.read_text(encoding="utf-8"), args.trigger)
         else:
-            tasks.append(CaptionTask(path.name, lambda path=path: _load(path)[0]))
+            tasks.append(CaptionTask(path.name, partial(_image_part, path)))
     try:
         answers = generate_captions(client, tasks, args.trigger, workers=args.workers)
     except ImageRejected as exc:
@@ -160,9 +165,9 @@ def reformulate_args(p: argparse.ArgumentParser) -> None:
 
 
 def reformulate(args: argparse.Namespace) -> int:
+    from kleinstyle.contract.style_profile import StyleProfile
     from pydantic import ValidationError
 
-    from .profile import StyleProfile
     from .reformulate import reformulate as run
 
     try:

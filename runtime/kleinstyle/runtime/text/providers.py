@@ -153,7 +153,8 @@ def answer_schema(model: type[BaseModel]) -> dict[str, Any]:
             out["required"] = list(out["properties"])
         return out
 
-    return convert(raw)
+    schema: dict[str, Any] = convert(raw)
+    return schema
 
 
 def api_key(provider: str, env: Mapping[str, str] | None = None) -> str | None:

@@ -20,11 +20,11 @@ import logging
 import re
 from typing import Literal
 
+from kleinstyle.contract.style_profile import StyleProfile
 from pydantic import BaseModel, Field
 
 from .captions import with_trigger
 from .client import TextClient
-from .profile import StyleProfile
 from .providers import AnswerRejected, Prompt, answer_schema
 
 log = logging.getLogger(__name__)

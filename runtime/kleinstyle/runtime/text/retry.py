@@ -50,7 +50,7 @@ def backoff_s(policy: RetryPolicy, retry: int, retry_after: float | None, rand: 
     Full jitter, `rand * min(cap, base * 2**(retry-1))` with `rand` in [0, 1), spreads clients that failed together;
     a server's Retry-After is a floor, never shortened by the jitter.
     """
-    jittered = rand * min(policy.cap_s, policy.base_s * 2 ** (retry - 1))
+    jittered = rand * min(policy.cap_s, policy.base_s * 2.0 ** (retry - 1))
     return max(retry_after or 0.0, jittered)
 
 
