@@ -60,6 +60,7 @@ operator-image-check:
 	$(OPERATOR_VENV)/bin/python -m pip install --quiet --disable-pip-version-check '.[operator]'
 	cd / && $(CURDIR)/$(OPERATOR_VENV)/bin/python -c "import kleinstyle.operator.main"
 	cd / && $(CURDIR)/$(OPERATOR_VENV)/bin/kleinstyle operator --help > /dev/null
+	cd / && $(CURDIR)/$(OPERATOR_VENV)/bin/kleinstyle crds > /dev/null
 	cd / && ! $(CURDIR)/$(OPERATOR_VENV)/bin/python -c "import PIL" 2>/dev/null
 	cd / && ! $(CURDIR)/$(OPERATOR_VENV)/bin/python -c "import torch" 2>/dev/null
 	rm -rf $(OPERATOR_VENV) build
