@@ -34,19 +34,9 @@ from kleinstyle.contract.reports import (
 from kleinstyle.contract.style_profile import StyleProfile
 from pydantic import ValidationError
 
-PROFILE = StyleProfile.model_validate(
-    {
-        "MUST_APPLY": {"COLOR": "red and white", "TEXTURE": "matte paper", "LIGHTING": "soft daylight", "MOOD": "calm"},
-        "ENRICH": {
-            "SIGNATURE_ELEMENTS": "floating lanterns",
-            "WARDROBE_LANGUAGE": "linen",
-            "ENVIRONMENT": "a quiet harbour",
-            "CAMERA": "35 mm film",
-        },
-        "PROMPT_SUFFIX_MUST": "red and white palette, matte paper texture",
-        "PROMPT_SUFFIX_ENRICH": "floating lanterns, quiet harbour",
-    }
-)
+from tests.support.profiles import PROFILE as PROFILE_DATA
+
+PROFILE = StyleProfile.model_validate(PROFILE_DATA)
 SCORES = ProbeScoresReport(step=0, style=[0.4, 0.5], adherence=[0.9, 0.8], leakage=[0.1, 0.2])
 EVALUATION = EvaluationReport(
     baseline=SCORES,

@@ -18,6 +18,7 @@ import pytest
 from kleinstyle.operator.config import OperatorConfig
 from kleinstyle.operator.reconcile import reconcile
 
+from tests.support.profiles import PROFILE
 from tests.support.records import observed
 
 CFG = OperatorConfig()
@@ -36,17 +37,6 @@ def _obj(kind: str, name: str, spec: dict, status: dict | None = None, uid: str 
     return body
 
 
-PROFILE = {
-    "MUST_APPLY": {"COLOR": "red and white", "TEXTURE": "matte paper", "LIGHTING": "soft daylight", "MOOD": "calm"},
-    "ENRICH": {
-        "SIGNATURE_ELEMENTS": "floating lanterns",
-        "WARDROBE_LANGUAGE": "linen",
-        "ENVIRONMENT": "a quiet harbour",
-        "CAMERA": "35 mm film",
-    },
-    "PROMPT_SUFFIX_MUST": "red and white palette, matte paper texture, soft daylight, calm mood",
-    "PROMPT_SUFFIX_ENRICH": "floating lanterns, quiet harbour, 35 mm film",
-}
 BOARD_SPEC = {
     "triggerWord": "bd9style",
     "images": [{"source": "pvc://refs/bd9/01.png", "caption": "a sun"}, {"source": "https://x.test/2.png"}],
