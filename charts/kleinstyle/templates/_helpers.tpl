@@ -51,8 +51,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 
 {{/*
-The operator's own permissions, exactly what operator/kleinstyle/operator/kube.py, operator/kleinstyle/operator/handlers.py and kopf call; no wildcards and
-no Secrets (API keys reach Job pods by secretKeyRef, which the kubelet resolves with no operator permission).
+The operator's own permissions, exactly what the operator calls (operator/kleinstyle/operator/: kube.py, the children
+indexes.py watches, handlers.py's watches) and kopf; no wildcards and no Secrets (API keys reach Job pods by
+secretKeyRef, which the kubelet resolves with no operator permission).
 */}}
 {{- define "kleinstyle.rules" -}}
 {{- $custom := list "styleboards" "styleloras" "generationjobs" "lorafusions" -}}

@@ -19,6 +19,7 @@ from kleinstyle.contract.reports import EvaluationReport
 from kleinstyle.contract.runspec import EvaluationSpec, Owner, RunSpec, TrainSpec
 from kleinstyle.runtime import step, train
 from kleinstyle.runtime.errors import BadInput
+from kleinstyle.runtime.klein import lora_train
 from kleinstyle.runtime.klein.evaluate import Evaluator
 from kleinstyle.runtime.train.settings import diffusers_prefix, train_settings
 from PIL import Image
@@ -356,13 +357,15 @@ def test_when_no_checkpoint_passes_the_guards_the_latest_is_promoted_with_a_warn
     assert "no checkpoint passed the early-stopping guards (adherence fell 90% below" in result["warnings"][0]
 
 
+def worse(self: Evaluator, step: int, lora_file: Path | None) -> ProbeScores:
+    """Scores in which each checkpoint improves and none reaches the base model."""
+    style = 0.9 if step == 0 else 0.5 + 0.01 * step
+    return ProbeScores(step, (style, style + 0.01), (0.9, 0.9), (0.2, 0.2))
+
+
 def test_a_lora_scoring_below_the_base_model_is_not_promoted(
     rootfs: Path, kube_api: KubeApi, tiny_klein: Path, two_images: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def worse(self: Evaluator, step: int, lora_file: Path | None) -> ProbeScores:
-        style = 0.9 if step == 0 else 0.5 + 0.01 * step  # each checkpoint improves, none reaches the base model
-        return ProbeScores(step, (style, style + 0.01), (0.9, 0.9), (0.2, 0.2))
-
     monkeypatch.setattr(Evaluator, "score", worse)
     serve_owner(kube_api)
     assert train.main(runspec(rootfs, tiny_klein, two_images, evaluation=PROBES, stopping={"patience": 20})) == 0
@@ -692,3 +695,54 @@ def test_train_on_one_machine_names_bad_input(
     assert "--data: dataset folder" in capsys.readouterr().err
     assert kleinstyle(["train", "--model", str(tiny_klein)]) == 2
     assert "--data, --trigger, -o required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stopped", [False, True], ids=["completed", "stopped"])
+def test_an_aitoolkit_lora_scoring_below_the_base_model_is_not_published(
+    rootfs: Path,
+    kube_api: KubeApi,
+    tiny_klein: Path,
+    two_images: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    stopped: bool,
+) -> None:
+    """Both backends choose the checkpoint to publish alike: where the base model beats every checkpoint, none is
+    published, whether ai-toolkit ran its steps out or was stopped (a stop once crashed on it, and a completed run
+    published its final file although the judge said it scored below the base model)."""
+    monkeypatch.setattr(Evaluator, "score", worse)
+    monkeypatch.setenv("AI_TOOLKIT_DIR", str(DOUBLE))
+    monkeypatch.setattr(step, "STOP_POLL_S", 0.0)
+    runspec(rootfs, tiny_klein, two_images)
+    spec_path = aitoolkit_runspec(rootfs, "wc-lora", "/models/tiny", PROBES)
+    folder = output(rootfs) / "aitoolkit/wc-lora"
+    if stopped:
+        saved = lambda: len(list(folder.glob("wc-lora_*.safetensors"))) >= 2  # noqa: E731
+        serve_owner(kube_api, saved, run_hash=run_id_of(rootfs, spec_path))
+    else:
+        serve_owner(kube_api)
+    assert train.main(spec_path) == 0
+    result = progress_reports(kube_api)[-1]["result"]
+    assert (result["lora_step"], result["lora_file"]) == (0, None)
+    assert not (output(rootfs) / "lora.safetensors").exists()
+
+
+def test_sigterm_during_training_exits_1_for_the_next_pod_to_resume(
+    rootfs: Path, kube_api: KubeApi, tiny_klein: Path, two_images: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop nobody asked for is SIGTERM (preemption, eviction): exit 1, so the Job's next pod resumes; in
+    two-step mode the content stage ends there and the style stage never starts."""
+    real = lora_train.train_lora
+    stages: list[Path] = []
+
+    def terminated(model: Any, data: Any, out: Path, cfg: Any, **kwargs: Any) -> Any:
+        stages.append(out)
+        return real(model, data, out, cfg, **{**kwargs, "should_stop": lambda: True})
+
+    monkeypatch.setattr(lora_train, "train_lora", terminated)
+    serve_owner(kube_api)
+    assert train.main(runspec(rootfs, tiny_klein, two_images)) == 1
+    assert "the next pod resumes" in progress_reports(kube_api)[-1]["message"]
+    stages.clear()
+    plan = plan_training(2, {"backend": "builtin", "mode": "two-step", "training": QUICK}, {"maxSteps": 4})
+    assert train.main(write_spec(rootfs, plan, "builtin", "/models/tiny")) == 1
+    assert len(stages) == 1  # the content stage only
