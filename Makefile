@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # What the operator image installs, alone, in a virtualenv of its own (operator-image-check).
 OPERATOR_VENV := .venv-operator
 
-.PHONY: venv demo dev-cluster test test-unit test-emulator test-cluster typecheck lint lint-imports operator-image-check crds crds-check clean
+.PHONY: venv demo dev-cluster test test-unit test-emulator typecheck lint lint-imports operator-image-check crds crds-check clean
 
 $(STAMP): pyproject.toml devcluster/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,9 +36,6 @@ test-unit: $(STAMP)
 
 test-emulator: $(STAMP)
 	$(BIN)/python -m pytest -m emulator
-
-test-cluster: $(STAMP)
-	$(BIN)/python -m pytest -m cluster
 
 # mypy --strict over contract, operator, runtime and cli: the files and settings are [tool.mypy] in pyproject.toml.
 typecheck: $(STAMP)

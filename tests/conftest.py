@@ -9,15 +9,13 @@ blocks, malformed bodies, reset connections, hangs) are replies like any other. 
 Tiers: every test is `unit`, `emulator` or `cluster` (pyproject.toml registers them; `pytest -m emulator` runs one).
 The rule (`pytest_collection_modifyitems` below): a tier marker on the test, its class or its module (`pytestmark`)
 wins; a test without one is `emulator` when its module lies in tests/devcluster/, else `unit`. Two tiers on one test
-fail the collection. A `cluster` test is skipped, naming what is missing, where the control plane's binaries are not
-found; `pytest -m cluster` selecting nothing says so and passes, since no such test exists yet.
+fail the collection. No `cluster` test exists yet: that tier (a real control plane on loopback) is still to be built,
+so until then everything is proven on the embedded cluster only.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import socket
 import struct
 import threading
@@ -35,8 +33,6 @@ API_KEY = "test-key"
 
 TIERS = ("unit", "emulator", "cluster")
 EMULATOR_FOLDERS = ("devcluster",)  # folders of tests/ whose every module tests the embedded cluster
-# What a `cluster` test starts: a real control plane on loopback, from $KUBEBUILDER_ASSETS (envtest's layout) or PATH.
-CONTROL_PLANE_BINARIES = ("etcd", "kube-apiserver")
 TESTS = Path(__file__).parent
 
 
@@ -62,35 +58,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(getattr(pytest.mark, _default_tier(item)))
     if doubled:
         raise pytest.UsageError("a test has exactly one tier (unit, emulator or cluster):\n  " + "\n  ".join(doubled))
-
-
-def control_plane_binaries() -> dict[str, str | None]:
-    """Where each binary a `cluster` test needs lies ($KUBEBUILDER_ASSETS first, then PATH); None: not found."""
-    assets = os.environ.get("KUBEBUILDER_ASSETS")
-    found: dict[str, str | None] = {}
-    for name in CONTROL_PLANE_BINARIES:
-        in_assets = Path(assets, name) if assets else None
-        found[name] = str(in_assets) if in_assets is not None and os.access(in_assets, os.X_OK) else shutil.which(name)
-    return found
-
-
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    """A `cluster` test runs only where a control plane can be started; elsewhere it is skipped, saying what lacks."""
-    if item.get_closest_marker("cluster") is None:
-        return
-    missing = [name for name, path in control_plane_binaries().items() if path is None]
-    if missing:
-        pytest.skip(
-            f"the cluster tier needs {', '.join(missing)} (a real control plane on loopback): none found in "
-            "$KUBEBUILDER_ASSETS or PATH"
-        )
-
-
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """`pytest -m cluster` with no cluster test yet: say so and pass (exit 0), rather than pytest's 'no tests' (5)."""
-    if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED and session.config.getoption("markexpr") == "cluster":
-        session.config.get_terminal_writer().line("no test of the cluster tier exists yet: nothing to run", yellow=True)
-        session.exitstatus = pytest.ExitCode.OK
 
 
 @dataclass(frozen=True)

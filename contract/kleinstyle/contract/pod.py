@@ -80,6 +80,7 @@ ROOTFS_ENV = "KLEINSTYLE_ROOTFS"
 # annotation" and "start the run" can leave a stale request standing, and a GitOps tool that re-applies it is
 # harmless.
 STOP_ANNOTATION = "kleinstyle.dev/stop"
+STOP_REQUESTED = "stop requested"  # a stopped run's stop reason (": " and the user's reason, when one was given)
 STOP_REASON_LIMIT = 200  # characters of the reason kept (it travels into status and the termination message)
 _STOP_VALUE = re.compile(rf"([0-9a-f]{{{RUN_ID_LENGTH}}})(?:\s*:\s*|\s+|$)(.*)", re.DOTALL)
 

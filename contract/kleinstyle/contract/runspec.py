@@ -203,8 +203,8 @@ class RunSpec(_Frozen):
 
     def input_uris(self) -> list[tuple[str, str]]:
         """(field, URI) of every input a run reads from the artifact store: a training's dataset, the LoRAs a
-        generation or a fusion uses. They come from the status of other resources (datasetURI, loraURI), which
-        someone other than the operator may have written, so the runtime checks them (`check_inputs`)."""
+        generation or a fusion uses. The operator derives them from each dependency's uid and run; the runtime
+        checks them again before opening anything (`check_inputs`), so a RunSpec that says otherwise reads nothing."""
         work = self.work
         if isinstance(work, TrainSpec):
             return [("dataset_uri", work.dataset_uri)]

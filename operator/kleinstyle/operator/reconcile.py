@@ -111,10 +111,8 @@ def last_failure(pods: Sequence[Mapping[str, Any]]) -> tuple[str, Mapping[str, A
     return name, term
 
 
-def pod_failure_reason(pods: Sequence[Mapping[str, Any]]) -> str | None:
-    """The newest failed pod's reason, exit code and termination message, for a Failed status."""
-    if (last := last_failure(pods)) is None:
-        return None
+def pod_failure_reason(last: tuple[str, Mapping[str, Any]]) -> str:
+    """The failed pod's (`last_failure`) reason, exit code and termination message, for a Failed status."""
     name, term = last
     detail = (term.get("message") or "").strip().splitlines()
     tail = f": {detail[-1]}" if detail else ""
@@ -138,8 +136,8 @@ def job_phase(
         return "Succeeded", "JobComplete", f"Job {name} completed"
     failed = true_condition(job, "Failed")
     if failed:
-        detail = pod_failure_reason(pods) or failed.get("message") or "no reason given"
         last = last_failure(pods)
+        detail = (pod_failure_reason(last) if last else None) or failed.get("message") or "no reason given"
         # The runtime's exit code says what no retry mends (BadInput, VolumeFull); else the Job's own reason.
         reason = failure_reason(last[1].get("exitCode") if last else None) or failed.get("reason") or "JobFailed"
         return "Failed", reason, f"Job {name} failed ({failed.get('reason')}): {detail}"
@@ -270,8 +268,9 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
     # An edited spec that plans the same run keeps it: its Job is recorded for this generation, so it goes on when
     # a dependency goes later.
     generation = str(body["metadata"].get("generation"))
-    stale = job is not None and (job["metadata"].get("annotations") or {}).get(GENERATION) != generation
-    annotate = [(dict(job), {GENERATION: generation})] if stale and job is not None else []
+    annotate = []
+    if job is not None and (job["metadata"].get("annotations") or {}).get(GENERATION) != generation:
+        annotate.append((dict(job), {GENERATION: generation}))
     return Decision(create=create, delete=delete, status=decision.status, events=events, annotate=annotate)
 
 

@@ -65,6 +65,12 @@ def controlled_by(child: Mapping[str, Any], uid: str) -> bool:
     return controllers == [uid]
 
 
+def status_run_id(obj: Mapping[str, Any]) -> str | None:
+    """The run id `obj`'s status names, when it is one the operator could have written (hex, short); else None."""
+    run_id = (obj.get("status") or {}).get("runHash")
+    return run_id if isinstance(run_id, str) and RUN_ID.fullmatch(run_id) else None
+
+
 def recorded_run(obj: Mapping[str, Any], jobs: Sequence[Mapping[str, Any]], *, complete: bool = True) -> str | None:
     """The id of `obj`'s current run when the operator holds a record of it: a Job it created for `obj` (controlled
     by it, labelled with that run) that completed (`complete`) or at least ended. None otherwise.
@@ -72,8 +78,8 @@ def recorded_run(obj: Mapping[str, Any], jobs: Sequence[Mapping[str, Any]], *, c
     Status is output, never input: anyone who may patch an object's status could write any phase, run or URI
     there. A status is believed only where a Job of the operator's own agrees with it, and nothing is ever located
     through it: where a run's artifacts are follows from the object's uid and run id (`dependency_path`)."""
-    run_id = (obj.get("status") or {}).get("runHash")
-    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
+    run_id = status_run_id(obj)
+    if run_id is None:
         return None
     uid = obj["metadata"].get("uid") or ""
     for job in jobs:
@@ -87,14 +93,14 @@ def recorded_run(obj: Mapping[str, Any], jobs: Sequence[Mapping[str, Any]], *, c
 def dependency_path(cfg: OperatorConfig, kind: str, obj: Mapping[str, Any], artifact: str) -> str:
     """Where a pod reads `artifact` of the dependency `obj`'s recorded run: its run folder, from its uid and run id
     (`layout.run_folder`), under the namespace's own prefix of the artifact store."""
-    run_id = (obj.get("status") or {}).get("runHash")
-    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
+    run_id = status_run_id(obj)
+    if run_id is None:
         raise ValueError(f"{kind} {obj['metadata'].get('name')} has no run of record")
     output, _ = artifact_location(cfg, owner_of(BY_KIND[kind], obj), run_id)
     return f"{output}/{artifact}"
 
 
-def check_dependencies(deps: list[Dependency], observed: Dependencies, jobs: DependencyJobs | None = None) -> None:
+def check_dependencies(deps: list[Dependency], observed: Dependencies, jobs: DependencyJobs) -> None:
     """Raise NotReady naming the first dependency that is missing, has not Succeeded, or whose success the
     operator has no record of (its status says so, but no Job of the operator's completed that run)."""
     for dep in deps:
@@ -116,7 +122,7 @@ def check_dependencies(deps: list[Dependency], observed: Dependencies, jobs: Dep
                 f"{dep.kind}Without{dep.output[0].upper()}{dep.output[1:]}",
                 f"{dep.kind} {dep.name} succeeded without a {dep.output}: {why}".strip(),
             )
-        if recorded_run(obj, (jobs or {}).get((dep.kind, dep.name), ())) is None:
+        if recorded_run(obj, jobs.get((dep.kind, dep.name), ())) is None:
             raise NotReady(
                 f"{dep.kind}Unrecorded",
                 f"{dep.kind} {dep.name} says it succeeded (run {status.get('runHash')!s:.20}), but no Job this "

@@ -19,7 +19,7 @@ from kleinstyle.contract.aitoolkit import aitoolkit_config
 from kleinstyle.contract.early_stop import Decision, StoppingSettings, decide_reported
 from kleinstyle.contract.layout import AITOOLKIT_DIR, CHECKPOINT_GALLERY, DATASET_DIR, LORA_FILE
 from kleinstyle.contract.plan import TrainingPlan, plan_training
-from kleinstyle.contract.pod import AITOOLKIT_CONFIG_FILE, STOP_ANNOTATION, parse_stop
+from kleinstyle.contract.pod import AITOOLKIT_CONFIG_FILE, STOP_ANNOTATION, STOP_REQUESTED, parse_stop
 from kleinstyle.contract.reports import CheckpointReport, EvaluationReport, TrainProgress, TrainResult
 from kleinstyle.contract.runspec import EvaluationSpec, TrainSpec
 
@@ -137,7 +137,7 @@ class StyleLoRARuns(KindRuns[StyleLoRASpec, TrainSpec, TrainProgress, TrainResul
                 f"metadata.annotations[{STOP_ANNOTATION}] stops nothing: its value must begin with the id of the run "
                 f'to stop (status.runHash), e.g. {STOP_ANNOTATION}="{run_id}: enough"'
             ]
-        return ({"stopRequest": parsed[1] or "stop requested"}, []) if parsed[0] == run_id else ({}, [])
+        return ({"stopRequest": parsed[1] or STOP_REQUESTED}, []) if parsed[0] == run_id else ({}, [])
 
 
 def evaluation(cfg: OperatorConfig, plan: TrainingPlan) -> EvaluationSpec:

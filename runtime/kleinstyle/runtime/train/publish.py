@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from kleinstyle.contract.layout import LORA_FILE, LORA_SIDECAR
-from kleinstyle.contract.pod import EXIT_BAD_SPEC, EXIT_OK
+from kleinstyle.contract.pod import EXIT_BAD_SPEC, EXIT_OK, STOP_REQUESTED
 from kleinstyle.contract.reports import TrainResult
 from kleinstyle.contract.runspec import RunSpec
 
@@ -19,7 +19,7 @@ from ..artifacts import join_uri, kleinstyle_version, write_bytes_atomic, write_
 from ..step import Outcome
 from .backend import Trained
 from .judge import Judge
-from .reporter import STOP_REQUESTED, TrainReporter
+from .reporter import TrainReporter
 from .settings import train_spec
 
 COMPLETED = "completed"  # the stop_reason of a run that trained all its planned steps

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from typing import Literal
 
+from kleinstyle.contract.pod import STOP_REQUESTED
 from kleinstyle.contract.reports import CheckpointReport, EvaluationReport, State, TrainProgress
 
 from ..step import Reporter
-
-STOP_REQUESTED = "stop requested"  # a stopped run's stop_reason (": " and the user's reason, when one was given)
 
 
 class TrainReporter:
