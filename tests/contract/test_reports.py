@@ -48,7 +48,7 @@ CHECKPOINT = CheckpointReport(step=250, uri="pvc://artifacts/x/work/checkpoints/
 
 REPORTED = [
     PrepareReport(
-        runHash="0123456789",
+        run_hash="0123456789",
         state="Succeeded",
         message="2 of 3 images accepted",
         result=PrepareResult(
@@ -104,22 +104,22 @@ REPORTED = [
         ),
     ),
     TrainReport(
-        runHash="0123456789",
+        run_hash="0123456789",
         state="Running",
         progress=TrainProgress(
             step=300,
-            totalSteps=1000,
+            total_steps=1000,
             loss=0.1,
             lr=1e-4,
-            secondsPerStep=0.8,
-            etaSeconds=560.0,
+            seconds_per_step=0.8,
+            eta_seconds=560.0,
             checkpoints=[CHECKPOINT],
             evaluation=EVALUATION,
             stage="style",
         ),
     ),
     TrainReport(
-        runHash="0123456789",
+        run_hash="0123456789",
         state="Succeeded",
         result=TrainResult(
             lora_file="lora.safetensors",
@@ -136,9 +136,9 @@ REPORTED = [
         ),
     ),
     GenerateReport(
-        runHash="0123456789",
+        run_hash="0123456789",
         state="Succeeded",
-        progress=GenerateProgress(imagesDone=2, imagesTotal=2),
+        progress=GenerateProgress(images_done=2, images_total=2),
         result=GenerateResult(
             images=[ImageTiming(index=1, seconds=3.5), ImageTiming(index=2, reused=True)],
             prompts_used=["bd9style, a fox"],
@@ -148,7 +148,7 @@ REPORTED = [
         ),
     ),
     FuseReport(
-        runHash="0123456789",
+        run_hash="0123456789",
         state="Failed",
         message="no room",
         result=FuseResult(
@@ -196,7 +196,7 @@ def test_a_newer_pods_extra_fields_are_ignored() -> None:
     }
     read = read_report(sent)
     assert read == GenerateReport(
-        runHash="0123456789", state="Running", progress=GenerateProgress(imagesDone=1, imagesTotal=4)
+        run_hash="0123456789", state="Running", progress=GenerateProgress(images_done=1, images_total=4)
     )
 
 

@@ -133,22 +133,22 @@ def test_every_report_reads_back_after_the_merge_patch_drops_its_nulls() -> None
     scores = ProbeScoresReport(step=0, style=[0.5, None], adherence=[1.0, 1.0], leakage=[0.2, 0.2])
     evaluation = EvaluationReport(baseline=scores)
     reports = [
-        PrepareReport(runHash="r", state="Failed", result=PrepareResult(succeeded=False, message="no images")),
-        TrainReport(runHash="r", state="Running", progress=TrainProgress(step=1, totalSteps=9, evaluation=evaluation)),
+        PrepareReport(run_hash="r", state="Failed", result=PrepareResult(succeeded=False, message="no images")),
+        TrainReport(run_hash="r", state="Running", progress=TrainProgress(step=1, total_steps=9, evaluation=evaluation)),
         TrainReport(
-            runHash="r",
+            run_hash="r",
             state="Succeeded",
             progress=TrainProgress(),
             result=TrainResult(steps=9, lora_step=0, total_steps=9, best_checkpoint=0, evaluation=evaluation),
         ),
         GenerateReport(
-            runHash="r",
+            run_hash="r",
             state="Succeeded",
-            progress=GenerateProgress(imagesDone=1, imagesTotal=1),
+            progress=GenerateProgress(images_done=1, images_total=1),
             result=GenerateResult(images=[ImageTiming(index=1, reused=True)]),
         ),
         FuseReport(
-            runHash="r",
+            run_hash="r",
             state="Succeeded",
             result=FuseResult(method="svd", rank=8, energy_kept=1.0, layers=2, duration_seconds=0.1),
         ),

@@ -7,8 +7,9 @@ status, never a crash, and never a half-read result.
 
 Reports travel as JSON merge patches, which drop every null: a field that may be None must have a default, or the
 report would not read back (tests/runtime/test_report.py checks every model). The field names are the wire format
-since v0.1 (progress in camelCase, results in snake_case): kept as they were,
-so a pod of the previous release still reports to a new operator. Models ignore fields they do not know, for the
+since v0.1 (progress in camelCase, results in snake_case) and kept as they were, so a pod of the previous
+release still reports to a new operator; in Python every field is snake_case, and a camelCase wire name is its
+alias (models read either, and write the wire name). Models ignore fields they do not know, for the
 same reason the other way round. Nothing here is trusted for a location: the operator derives every URI it shows
 from the RunSpec (docs/runspec.md), never from a report.
 """
@@ -28,7 +29,7 @@ CaptionOrigin = Literal["given", "generated", "regenerated", "cleaned", "trigger
 class _Reported(BaseModel):
     """Lenient on read (a newer pod may send more), typed on every field it knows."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
 
 
 # --- prepare (StyleBoard) ----------------------------------------------------------------------------------------
@@ -124,11 +125,11 @@ class EvaluationReport(_Reported):
 
 class TrainProgress(_Reported):
     step: int = 0
-    totalSteps: int = 0
+    total_steps: int = Field(default=0, alias="totalSteps")
     loss: float | None = None
     lr: float | None = None
-    secondsPerStep: float | None = None
-    etaSeconds: float | None = None
+    seconds_per_step: float | None = Field(default=None, alias="secondsPerStep")
+    eta_seconds: float | None = Field(default=None, alias="etaSeconds")
     checkpoints: list[CheckpointReport] = Field(default_factory=list)
     evaluation: EvaluationReport | None = None
     stage: Literal["content", "style"] | None = None  # two-step mode: the steps count per stage
@@ -154,8 +155,8 @@ class TrainResult(_Reported):
 
 
 class GenerateProgress(_Reported):
-    imagesDone: int
-    imagesTotal: int
+    images_done: int = Field(alias="imagesDone")
+    images_total: int = Field(alias="imagesTotal")
 
 
 class ImageTiming(_Reported):
@@ -200,7 +201,8 @@ class FuseResult(_Reported):
 
 
 class _Envelope(_Reported):
-    runHash: str = Field(description="The run this report is about (`RunSpec.run_id`); an older run's is ignored.")
+    run_hash: str = Field(
+        alias="runHash", description="The run this report is about (`RunSpec.run_id`); an older run's is ignored.")
     state: State
     message: str = ""
 

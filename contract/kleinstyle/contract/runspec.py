@@ -24,13 +24,16 @@ STORE_SCHEMES = ("s3://", "gs://", "memory://")
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Python names are snake_case; a camelCase wire name (apiVersion) is the field's alias, read and written.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True, serialize_by_alias=True
+    )
 
 
 class Owner(_Frozen):
     """The custom resource a run belongs to; the runtime reports progress to it."""
 
-    apiVersion: str = "kleinstyle.dev/v1alpha1"
+    api_version: str = Field(default="kleinstyle.dev/v1alpha1", alias="apiVersion")
     kind: str
     plural: str
     namespace: str
@@ -184,7 +187,7 @@ StepSpec = Annotated[PrepareSpec | TrainSpec | GenerateSpec | FuseSpec, Field(di
 class RunSpec(_Frozen):
     """Everything one run needs. Its hash names the run's Job, so it holds no timestamps or placement."""
 
-    apiVersion: Literal["kleinstyle.dev/runspec-v1"] = RUNSPEC_VERSION
+    api_version: Literal["kleinstyle.dev/runspec-v1"] = Field(default=RUNSPEC_VERSION, alias="apiVersion")
     owner: Owner
     # Where the run writes its artifacts: a path in the pod or an s3://, gs:// URI. Unique per run.
     output_uri: str

@@ -313,10 +313,10 @@ def work(spec: RunSpec, reporter: Reporter, reformulator: Callable[[], Reformula
 
     def on_image(done: int, count: int) -> None:
         reporter.update(
-            GenerateProgress(imagesDone=done, imagesTotal=count), f"image {done} of {count}", now=done == count
+            GenerateProgress(images_done=done, images_total=count), f"image {done} of {count}", now=done == count
         )
 
-    reporter.progress = GenerateProgress(imagesDone=0, imagesTotal=total)
+    reporter.progress = GenerateProgress(images_done=0, images_total=total)
     reporter.send("Running", f"rendering {total} images at {job.width}x{job.height}, {job.steps} steps")
     rendered = render_job(job, spec.output_uri, reformulator=reformulator, on_image=on_image)
     message = f"rendered {total} images; contact sheet at {join_uri(spec.output_display_uri, CONTACT_SHEET)}"

@@ -72,7 +72,7 @@ def api_target(env: Mapping[str, str] | None = None) -> ApiTarget | None:
 
 def status_path(owner: Owner) -> str:
     """The owner's status subresource, e.g. /apis/kleinstyle.dev/v1alpha1/namespaces/ns/styleboards/b/status."""
-    return f"/apis/{owner.apiVersion}/namespaces/{owner.namespace}/{owner.plural}/{owner.name}/status"
+    return f"/apis/{owner.api_version}/namespaces/{owner.namespace}/{owner.plural}/{owner.name}/status"
 
 
 def progress_patch(progress: Mapping[str, Any]) -> dict[str, Any]:
@@ -151,7 +151,7 @@ def write_termination_message(text: str) -> bool:
 
 def owner_path(owner: Owner) -> str:
     """The owner object itself, e.g. /apis/kleinstyle.dev/v1alpha1/namespaces/ns/styleloras/l."""
-    return f"/apis/{owner.apiVersion}/namespaces/{owner.namespace}/{owner.plural}/{owner.name}"
+    return f"/apis/{owner.api_version}/namespaces/{owner.namespace}/{owner.plural}/{owner.name}"
 
 
 def read_owner(owner: Owner, *, target: ApiTarget | None = None, timeout_s: float = 10.0) -> dict[str, Any] | None:

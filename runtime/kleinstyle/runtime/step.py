@@ -81,7 +81,7 @@ class Reporter:
         self._last_report = self.clock()
         progress = self.progress() if callable(self.progress) else self.progress
         report = REPORTS[self.spec.work.step](
-            runHash=self.spec.run_id(), state=state, message=message, progress=progress, result=result
+            run_hash=self.spec.run_id(), state=state, message=message, progress=progress, result=result
         )
         return self._send(self.spec.owner, report.model_dump(mode="json"))
 

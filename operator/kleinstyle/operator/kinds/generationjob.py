@@ -92,11 +92,11 @@ class GenerationJobRuns(KindRuns[GenerationJobSpec, GenerateSpec, GenerateProgre
         )
 
     def live(self, progress: GenerateProgress, run: Run) -> Fields:
-        if progress.imagesTotal < 1:
+        if progress.images_total < 1:
             return {}
-        done = progress.imagesDone
+        done = progress.images_done
         return status_fields(
-            GenerationJobOutcome(imagesDone=done, progressText=f"{done}/{progress.imagesTotal} images")
+            GenerationJobOutcome(imagesDone=done, progressText=f"{done}/{progress.images_total} images")
         )
 
     def result(self, result: GenerateResult, run: Run) -> Fields:

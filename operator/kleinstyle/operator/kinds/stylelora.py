@@ -93,16 +93,16 @@ class StyleLoRARuns(KindRuns[StyleLoRASpec, TrainSpec, TrainProgress, TrainResul
 
     def live(self, progress: TrainProgress, run: Run) -> Fields:
         fields = StyleLoRAOutcome(step=progress.step)
-        if progress.totalSteps > 0:
-            text = steps_text(progress.step, progress.totalSteps)
+        if progress.total_steps > 0:
+            text = steps_text(progress.step, progress.total_steps)
             fields.progressText = f"{progress.stage} stage {text}" if progress.stage else text
         if progress.loss is not None:
             fields.loss = progress.loss
-        if (eta := eta_text(progress.etaSeconds)) is not None:
+        if (eta := eta_text(progress.eta_seconds)) is not None:
             fields.eta = eta
         out = status_fields(fields)
-        if progress.totalSteps > 0:
-            out["totalSteps"] = progress.totalSteps  # a two-step run's stages each count their own steps
+        if progress.total_steps > 0:
+            out["totalSteps"] = progress.total_steps  # a two-step run's stages each count their own steps
         return {**out, **scored(progress.checkpoints, progress.evaluation, run)}
 
     def result(self, result: TrainResult, run: Run) -> Fields:

@@ -47,11 +47,11 @@ class TrainReporter:
             eta = round(self.seconds_per_step * max(0, self.total - self.step), 1)
         return TrainProgress(
             step=self.step,
-            totalSteps=self.total,
+            total_steps=self.total,
             loss=self.loss,
             lr=self.lr,
-            secondsPerStep=None if self.seconds_per_step is None else round(self.seconds_per_step, 4),
-            etaSeconds=eta,
+            seconds_per_step=None if self.seconds_per_step is None else round(self.seconds_per_step, 4),
+            eta_seconds=eta,
             checkpoints=list(self.checkpoints),
             evaluation=self.evaluation,
             stage=self.stage,
