@@ -134,7 +134,9 @@ def test_every_report_reads_back_after_the_merge_patch_drops_its_nulls() -> None
     evaluation = EvaluationReport(baseline=scores)
     reports = [
         PrepareReport(run_hash="r", state="Failed", result=PrepareResult(succeeded=False, message="no images")),
-        TrainReport(run_hash="r", state="Running", progress=TrainProgress(step=1, total_steps=9, evaluation=evaluation)),
+        TrainReport(
+            run_hash="r", state="Running", progress=TrainProgress(step=1, total_steps=9, evaluation=evaluation)
+        ),
         TrainReport(
             run_hash="r",
             state="Succeeded",

@@ -202,7 +202,8 @@ class FuseResult(_Reported):
 
 class _Envelope(_Reported):
     run_hash: str = Field(
-        alias="runHash", description="The run this report is about (`RunSpec.run_id`); an older run's is ignored.")
+        alias="runHash", description="The run this report is about (`RunSpec.run_id`); an older run's is ignored."
+    )
     state: State
     message: str = ""
 
