@@ -70,3 +70,9 @@ crds-check: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(OPERATOR_VENV) .kleinstyle-dev .pytest_cache .ruff_cache
+
+# A real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, helm),
+# built once per machine from pinned Go modules into ~/.cache/kleinstyle (docs/real-cluster.md); tests/cluster uses it.
+.PHONY: controlplane
+controlplane:
+	hack/controlplane/build.sh
