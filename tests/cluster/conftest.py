@@ -54,9 +54,9 @@ def resources() -> dict[str, dict[str, str]]:
 _serial = itertools.count()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_namespace(real_cluster: RealCluster) -> Callable[..., str]:
-    """Create a namespace (a fresh name unless one is given) and return its name; each test gets its own."""
+    """Create a namespace (a fresh name unless one is given; an existing one is kept) and return its name."""
 
     def make(name: str | None = None) -> str:
         name = name or f"t{next(_serial)}"

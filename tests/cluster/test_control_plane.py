@@ -124,6 +124,7 @@ def test_a_job_makes_a_pod_that_stays_unschedulable(
 
     def unschedulable() -> dict[str, Any] | None:
         _, pods = real_cluster.api("GET", f"/api/v1/namespaces/{namespace}/pods?labelSelector=job-name%3Dprobe")
+        pod: dict[str, Any]
         for pod in pods.get("items", []):
             for condition in pod.get("status", {}).get("conditions", []):
                 if condition["type"] == "PodScheduled" and condition.get("reason") == "Unschedulable":
