@@ -1,3 +1,5 @@
+// etcd v3.7.0, the version Kubernetes v1.37.2 tests with (its build/dependencies.yaml), built by ../build.sh in a
+// module of its own so it keeps exactly the dependency versions it pins.
 module kleinstyle.dev/hack/controlplane/etcd
 
 go 1.26.0

@@ -1,3 +1,4 @@
+// helm v4.3.2, built by ../build.sh in a module of its own so it keeps exactly the dependency versions it pins.
 module kleinstyle.dev/hack/controlplane/helm
 
 go 1.26.0
