@@ -43,7 +43,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 KUBE_VERSION = "v1.37.2"
 STAMP = ".stamp"  # written by build.sh last, inside the bin folder it renames into place
-BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "helm")
+# What RealCluster runs (build.sh also builds helm beside them, for the chart's tests).
+BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
 
 # The controllers the operator's world needs: Jobs and their pods' garbage, Deployments (the operator's own),
 # namespaces, service accounts with their tokens and the kube-root-ca.crt ConfigMap a pod's projected token needs,
@@ -98,7 +99,8 @@ def find_bin_dir() -> Path | None:
 
 
 def free_port() -> int:
-    """A port free on 127.0.0.1 now (the kernel's pick; another process could take it before we bind it)."""
+    """A port free on 127.0.0.1 now: the kernel's pick, so parallel clusters do not collide (another process could
+    still take it before the component binds it; the start then fails, naming the component, and can be retried)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -224,7 +226,7 @@ class RealCluster:
         found = Path(bin_dir) if bin_dir is not None else find_bin_dir()
         if found is None:
             raise ControlPlaneError("the control plane is not built: run `make controlplane`")
-        missing = [name for name in BINARIES[:5] if not (found / name).is_file()]
+        missing = [name for name in BINARIES if not (found / name).is_file()]
         if missing:
             raise ControlPlaneError(f"{found} lacks {', '.join(missing)}: run `make controlplane`")
         self.bin_dir = found
