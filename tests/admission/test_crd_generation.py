@@ -82,11 +82,15 @@ def test_conversions_from_pydantic() -> None:
     status = _schema("styleloras")["properties"]["status"]
     assert status["properties"]["conditions"]["x-kubernetes-list-type"] == "map"
     assert status["properties"]["conditions"]["x-kubernetes-list-map-keys"] == ["type"]
-    assert status["properties"]["plan"] == {
-        "description": status["properties"]["plan"]["description"],
+    assert status["properties"]["progress"] == {  # what a pod reports: free-form, read by the contract's models
+        "description": status["properties"]["progress"]["description"],
         "type": "object",
         "x-kubernetes-preserve-unknown-fields": True,
     }
+    plan = status["properties"]["plan"]  # the plan's summary: typed, in wire names
+    assert (
+        plan["properties"]["textPipeline"]["type"] == "boolean" and "x-kubernetes-preserve-unknown-fields" not in plan
+    )
     assert "default" not in status["properties"]["conditions"]
     assert _schema("styleloras")["required"] == ["spec"]
 

@@ -119,7 +119,7 @@ def test_default_config_is_the_operators_default():
         docs = render(loaded)
         schema_keys = set(loaded.schema["properties"]["config"]["properties"])
     assert operator_config(docs) == OperatorConfig()
-    assert schema_keys == set(OperatorConfig.model_fields)
+    assert schema_keys == {field.alias for field in OperatorConfig.model_fields.values()}
 
 
 def test_crds_come_from_the_generated_folder(chart, tmp_path):
@@ -236,7 +236,7 @@ def test_artifacts_mounted_into_the_operator_only_for_delete_on_a_pvc(chart):
     pod = only(docs, "Deployment")["spec"]["template"]["spec"]
     assert {"name": "artifacts", "persistentVolumeClaim": {"claimName": "shared"}} in pod["volumes"]
     assert {"name": "artifacts", "mountPath": "/artifacts"} in container(docs)["volumeMounts"]
-    assert operator_config(docs).artifactsLocalPath == "/artifacts"
+    assert operator_config(docs).artifacts_local_path == "/artifacts"
     with pytest.raises(helm.HelmError, match="operatorClaimName"):  # no silent guess at a claim that sees it all
         render(chart, {"config": {"artifactsLocalPath": "/artifacts"}})
 

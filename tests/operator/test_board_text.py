@@ -15,9 +15,10 @@ from kleinstyle.devcluster.demo import REFERENCE_CLAIM, cluster_for, with_availa
 from kleinstyle.devcluster.references import write_references
 from kleinstyle.operator import metrics
 from kleinstyle.operator.api import BY_KIND
+from kleinstyle.operator.api.styleboard import StyleBoardStatus
 from kleinstyle.operator.config import OperatorConfig
 from kleinstyle.operator.kinds import KIND_RUNS
-from kleinstyle.operator.reconcile import Observed, reconcile
+from kleinstyle.operator.reconcile import Observed, reconcile, serialised
 
 if TYPE_CHECKING:
     from tests.conftest import ModelRequest, ModelServer
@@ -87,7 +88,7 @@ def result(**extra: Any) -> dict[str, Any]:
 
 def test_status_shows_captions_profile_and_token_usage() -> None:
     report = PrepareResult.model_validate(result())
-    status = KIND_RUNS["StyleBoard"].result(report, board_run(OperatorConfig()))
+    status = serialised(KIND_RUNS["StyleBoard"].result(report, board_run(OperatorConfig())))
     assert status["captioning"] == "1 generated, 1 given by gemini (gemini-2.5-pro)"
     assert status["captions"][1] == {
         "file": "002.png",
@@ -132,9 +133,10 @@ def test_token_usage_is_counted_once_per_run() -> None:
     sample = metrics.REGISTRY.get_sample_value
     labels = {"kind": "StyleBoard", "provider": "openrouter", "model": "m-test", "direction": "prompt"}
     before = sample("kleinstyle_text_tokens_total", labels) or 0.0
-    usage = {"provider": "openrouter", "model": "m-test", "promptTokens": 500, "outputTokens": 40}
-    metrics.count_tokens("StyleBoard", {}, {"tokenUsage": usage})
-    metrics.count_tokens("StyleBoard", {"tokenUsage": usage}, {"tokenUsage": usage})  # a later reconcile
+    usage = {"provider": "openrouter", "model": "m-test", "calls": 2, "cachedCalls": 0, "promptTokens": 500}
+    counted = StyleBoardStatus.read({"tokenUsage": {**usage, "outputTokens": 40, "totalTokens": 540}})
+    metrics.count_tokens("StyleBoard", StyleBoardStatus(), counted)
+    metrics.count_tokens("StyleBoard", counted, counted)  # a later reconcile
     assert sample("kleinstyle_text_tokens_total", labels) == before + 500
     assert sample("kleinstyle_text_tokens_total", {**labels, "direction": "output"}) >= 40
 

@@ -26,7 +26,7 @@ def run_of(kind: str, work: StepSpec, namespace: str = NS, cfg: OperatorConfig =
     owner = Owner(kind=kind, plural=PLURALS.get(kind, "lorafusions"), namespace=namespace, name="mine", uid="uid-1")
     provisional = RunSpec(owner=owner, output_uri="", output_display_uri="", work=work)
     run_hash = provisional.content_hash()
-    output = f"{cfg.artifacts.uri or cfg.artifacts.mountPath}/{run_folder(owner, run_hash)}"
+    output = f"{cfg.artifacts.uri or cfg.artifacts.mount_path}/{run_folder(owner, run_hash)}"
     spec = provisional.model_copy(update={"output_uri": output, "output_display_uri": output})
     return Run(runspec=spec, step=work.step, run_hash=run_hash, owner_api_version="kleinstyle.dev/v1alpha1")
 
@@ -41,7 +41,7 @@ def artifact_mounts(run: Run, cfg: OperatorConfig = CFG) -> dict[str, tuple[str,
     return {
         m["mountPath"]: (m["subPath"], m["readOnly"])
         for m in pod["containers"][0]["volumeMounts"]
-        if claims.get(m["name"]) == CFG.artifacts.claimName
+        if claims.get(m["name"]) == CFG.artifacts.claim_name
     }
 
 

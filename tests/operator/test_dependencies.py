@@ -60,18 +60,18 @@ def test_a_cycle_stalls_naming_the_chain():
 def test_find_cycle_follows_references_through_the_namespace():
     graph = {
         ("LoRAFusion", "a"): [
-            Dependency("LoRAFusion", "b", "loraURI", "lora.safetensors"),
-            Dependency("StyleLoRA", "ink", "loraURI", "lora.safetensors"),
+            Dependency("LoRAFusion", "b", "lora.safetensors"),
+            Dependency("StyleLoRA", "ink", "lora.safetensors"),
         ],
-        ("LoRAFusion", "b"): [Dependency("LoRAFusion", "c", "loraURI", "lora.safetensors")],
-        ("LoRAFusion", "c"): [Dependency("LoRAFusion", "a", "loraURI", "lora.safetensors")],
-        ("StyleLoRA", "ink"): [Dependency("StyleBoard", "bd9", "datasetURI", "dataset")],
+        ("LoRAFusion", "b"): [Dependency("LoRAFusion", "c", "lora.safetensors")],
+        ("LoRAFusion", "c"): [Dependency("LoRAFusion", "a", "lora.safetensors")],
+        ("StyleLoRA", "ink"): [Dependency("StyleBoard", "bd9", "dataset")],
     }
     found = find_cycle(("LoRAFusion", "a"), lambda node: graph.get(node, []))
     assert found == [("LoRAFusion", "a"), ("LoRAFusion", "b"), ("LoRAFusion", "c"), ("LoRAFusion", "a")]
     assert find_cycle(("StyleLoRA", "ink"), lambda node: graph.get(node, [])) is None
     # A cycle the object is not on (it only leads into one) is that other object's to report.
-    graph[("GenerationJob", "g")] = [Dependency("LoRAFusion", "a", "loraURI", "lora.safetensors")]
+    graph[("GenerationJob", "g")] = [Dependency("LoRAFusion", "a", "lora.safetensors")]
     assert find_cycle(("GenerationJob", "g"), lambda node: graph.get(node, [])) is None
 
 
@@ -132,7 +132,7 @@ def test_an_unchanged_input_keeps_sources_current():
 
 
 def test_generation_limits_cap_the_images_per_job_and_say_so():
-    capped = CFG.model_copy(update={"generationLimits": GenerationLimits(maxImages=5)})
+    capped = CFG.model_copy(update={"generation_limits": GenerationLimits(maxImages=5)})
     deps = {("StyleLoRA", "bd9-lora"): trained_lora()}
     decision = reconcile(observed(body=generation(count=16), dependencies=deps), capped, NOW)
     work = generate_work(decision)

@@ -44,7 +44,7 @@ def reason_is(cluster, name: str, reason: str):
 async def test_an_evicted_job_shows_preempted_and_its_next_pod_resumes(root: Path):
     write_model_cache(root)
     limits = TrainingLimits(maxSteps=2000, maxResolution=64)
-    config = dev_config(root).model_copy(update={"trainingLimits": limits, "resyncSeconds": 3600.0})
+    config = dev_config(root).model_copy(update={"training_limits": limits, "resync_seconds": 3600.0})
     async with cluster_for(root, NS, config=config, kueue=True) as cluster:
         kueue = FakeKueue(cluster.client, NS)
         await cluster.apply([BOARD, LORA])

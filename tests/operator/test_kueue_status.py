@@ -145,7 +145,7 @@ def test_an_eviction_shows_preempted_with_its_reason_and_is_counted_once():
 
 
 def test_gpu_jobs_go_to_the_default_local_queue_unless_the_spec_names_one():
-    cfg = CFG.model_copy(update={"defaultQueueName": "default"})
+    cfg = CFG.model_copy(update={"default_queue_name": "default"})
     plain = reconcile(observed(body=lora(), dependencies=DEPS), cfg, NOW)
     assert job_of(plain)["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "default"
     assert job_of(plain)["spec"]["suspend"] is True

@@ -50,7 +50,7 @@ def documented_metrics() -> set[str]:
 async def test_after_a_run_the_metrics_say_what_each_namespace_used(root: Path):
     write_model_cache(root)
     port = free_port()
-    config = dev_config(root).model_copy(update={"metricsPort": port})
+    config = dev_config(root).model_copy(update={"metrics_port": port})
     async with cluster_for(root, NS, config=config) as cluster:
         await cluster.apply([GENERATION, BOARD, LORA])
         # The registry is this process's: other tests count into it too, so compare with a scrape before.

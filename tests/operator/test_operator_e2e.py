@@ -110,7 +110,7 @@ async def test_a_lora_trains_for_real_and_status_points_at_it(root: Path):
         await cluster.apply([BOARD, LORA])
         lora = await cluster.wait_for(phase_is(cluster, "styleloras", "bd9-lora", "Succeeded"), timeout=120)
         status = lora["status"]
-        limit = dev_config(root).trainingLimits.maxSteps
+        limit = dev_config(root).training_limits.max_steps
         assert status["loraURI"] == f"{status['artifactURI']}/lora.safetensors"
         assert Path(local_artifact(root, status["loraURI"])).is_file()
         assert (status["step"], status["totalSteps"], status["stopReason"]) == (limit, limit, "completed")
@@ -143,8 +143,8 @@ async def test_a_generation_job_renders_with_the_lora_it_waited_for(root: Path):
         await cluster.apply([GENERATION, BOARD, LORA])  # the job first: it waits for its LoRA, then renders
         done = await cluster.wait_for(phase_is(cluster, "generationjobs", "bd9-samples", "Succeeded"), timeout=180)
         status = done["status"]
-        limits = dev_config(root).generationLimits
-        assert (status["render"]["width"], status["render"]["steps"]) == (limits.maxSide, limits.maxSteps)
+        limits = dev_config(root).generation_limits
+        assert (status["render"]["width"], status["render"]["steps"]) == (limits.max_side, limits.max_steps)
         assert status["render"]["triggerWords"] == ["bd9style"]
         assert [(i["promptIndex"], i["seed"]) for i in status["images"]] == [(1, 0), (1, 1)]
         for image in status["images"]:
@@ -324,7 +324,7 @@ async def test_bad_yaml_is_refused_at_apply_with_causes_kubectl_lists(root: Path
 
 async def test_a_jobs_completion_reaches_status_at_once_without_a_resync(root: Path):
     """Watch, don't poll: with the safety-net resync an hour away, the Job's completion wakes its owner."""
-    config = dev_config(root).model_copy(update={"resyncSeconds": 3600.0})
+    config = dev_config(root).model_copy(update={"resync_seconds": 3600.0})
     async with cluster_for(root, NS, config=config) as cluster:
         await cluster.apply([BOARD])
 

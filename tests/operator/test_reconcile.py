@@ -7,11 +7,14 @@ import json
 
 import pytest
 import yaml
+from kleinstyle.contract.plan import plan_training
 from kleinstyle.contract.reports import FuseReport, GenerateReport, PrepareReport, PrepareResult, TrainReport
 from kleinstyle.operator.config import OperatorConfig
+from kleinstyle.operator.kinds.stylelora import plan_summary
 from kleinstyle.operator.naming import RUN_HASH
 from kleinstyle.operator.reconcile import Observed, reconcile
 
+from tests.support.profiles import PROFILE
 from tests.support.records import records
 
 NOW = "2026-11-26T12:00:00Z"
@@ -372,7 +375,7 @@ def test_a_finished_lora_points_at_its_run_and_says_why_it_stopped():
 def test_training_limits_cap_the_plan():
     from kleinstyle.operator.config import TrainingLimits
 
-    capped = CFG.model_copy(update={"trainingLimits": TrainingLimits(maxSteps=30, maxResolution=128)})
+    capped = CFG.model_copy(update={"training_limits": TrainingLimits(maxSteps=30, maxResolution=128)})
     body = lora(training={"steps": 2000, "resolution": 1024})
     deps = {("StyleBoard", "bd9"): ready_board()}
     decision = reconcile(Observed(body=body, dependencies=deps, dependency_jobs=records(deps)), capped, NOW)
@@ -519,6 +522,12 @@ def generation(**spec) -> dict:
     }
 
 
+def planned(keeps_text: bool) -> dict:
+    """`status.plan` of a LoRA trained on 3 references, its text pipeline as given."""
+    summary = plan_summary(plan_training(3, {"boardRef": {"name": "bd9"}}, {}))
+    return summary.model_copy(update={"text_pipeline": keeps_text}).model_dump(mode="json")
+
+
 def trained_lora(name: str = "bd9-lora", trigger: str = "bd9style", keeps_text: bool = True, **status) -> dict:
     body = lora()
     body["metadata"].update(name=name, uid="uid")
@@ -528,7 +537,7 @@ def trained_lora(name: str = "bd9-lora", trigger: str = "bd9style", keeps_text: 
         "runHash": "abc",
         "loraURI": f"pvc://kleinstyle-artifacts/team-a/stylelora/{name}/uid/abc/lora.safetensors",
         "triggerWord": trigger,
-        "plan": {"textPipeline": keeps_text, "variantReason": "3 references: rank 128 without the text pipeline"},
+        "plan": planned(keeps_text),
         **status,
     }
     return body
@@ -599,7 +608,7 @@ def test_the_api_key_reaches_the_pod_only_when_prompts_are_reformulated():
 def test_generation_limits_cap_size_and_steps_and_say_so():
     from kleinstyle.operator.config import GenerationLimits
 
-    capped = CFG.model_copy(update={"generationLimits": GenerationLimits(maxSide=128, maxSteps=8)})
+    capped = CFG.model_copy(update={"generation_limits": GenerationLimits(maxSide=128, maxSteps=8)})
     body = generation(width=2048, height=1024, steps=50)
     deps = {("StyleLoRA", "bd9-lora"): trained_lora()}
     decision = reconcile(Observed(body=body, dependencies=deps, dependency_jobs=records(deps)), capped, NOW)
@@ -670,7 +679,7 @@ def test_a_trained_lora_shows_its_trigger_word():
 def test_the_boards_style_profile_travels_with_the_lora_to_the_generation():
     """L1 lands in the board's status; the StyleLoRA carries it (RunSpec and status), a GenerationJob that
     reformulates takes it from there, and one that does not leaves it out of its RunSpec."""
-    profile = {"PROMPT_SUFFIX_MUST": "crimson and ivory palette", "MUST_APPLY": {"COLOR": "crimson"}}
+    profile = PROFILE
     board_body = ready_board()
     board_body["status"]["styleProfile"] = profile
     trained = step(lora(), deps={("StyleBoard", "bd9"): board_body})

@@ -168,7 +168,7 @@ def test_a_running_lora_is_not_restarted_by_a_retrained_board_or_new_training_li
     body, children, first = started_lora()
     retrained = ready_board()
     retrained["status"]["runHash"] = "def"
-    capped = CFG.model_copy(update={"trainingLimits": TrainingLimits(maxSteps=100)})
+    capped = CFG.model_copy(update={"training_limits": TrainingLimits(maxSteps=100)})
     for cfg, deps in ((CFG, {("StyleBoard", "bd9"): retrained}), (capped, {("StyleBoard", "bd9"): ready_board()})):
         decision = reconcile(observed(body=body, dependencies=deps, children=children), cfg, NOW)
         assert decision.create == [] and decision.delete == []

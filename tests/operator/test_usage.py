@@ -38,13 +38,13 @@ def status(phase: str, reason: str = "", run: str = "r1", **fields) -> dict:
         "phase": phase,
         "runHash": run,
         "jobName": "j1",
-        "conditions": [{"type": "Ready", "reason": reason}],
+        "conditions": [{"type": "Ready", "status": "False", "reason": reason, "lastTransitionTime": at(0)}],
         **fields,
     }
 
 
 def change(before: dict, after: dict, now: float = 1000, kind: str = "StyleLoRA", the_job: dict | None = None):
-    return Change(kind, "team-a", "x", before, after, {"j1": the_job or job()}, T0 + timedelta(seconds=now))
+    return Change.of(kind, "team-a", "x", before, after, {"j1": the_job or job()}, T0 + timedelta(seconds=now))
 
 
 def test_gpu_seconds_of_a_run_are_counted_once_when_it_ends():
@@ -61,7 +61,7 @@ def test_gpu_seconds_of_a_run_are_counted_once_when_it_ends():
 
 def test_a_preempted_run_counts_each_stretch_it_ran_and_not_the_wait_between():
     running = status("Running", "JobRunning", startTime=at(100))
-    queue = {"state": "Evicted", "requeueCount": 1, "lastEvictionTime": at(250)}
+    queue = {"workload": "w1", "state": "Evicted", "requeueCount": 1, "lastEvictionTime": at(250)}
     preempted = status("Pending", "Preempted", startTime=at(100), queue=queue)
     assert gpu_seconds(change(running, preempted, now=260)) == (300.0, "h200")  # 100 -> 250, 2 GPUs
     resumed = status("Running", "JobRunning", startTime=at(900), queue={**queue, "state": "Admitted"})
@@ -105,17 +105,24 @@ def test_finished_runs_and_why_loras_stopped_early():
 
 
 def test_checkpoints_images_fusion_and_training_are_counted_as_they_arrive():
-    one = status("Running", "JobRunning", checkpoints=[{"step": 50, "score": 0.1}, {"step": 100}])
-    two = status("Running", "JobRunning", checkpoints=[{"step": 50, "score": 0.1}, {"step": 100, "score": 0.2}])
+    one = status(
+        "Running", "JobRunning", checkpoints=[{"step": 50, "uri": "c", "score": 0.1}, {"step": 100, "uri": "c"}]
+    )
+    two = status(
+        "Running",
+        "JobRunning",
+        checkpoints=[{"step": 50, "uri": "c", "score": 0.1}, {"step": 100, "uri": "c", "score": 0.2}],
+    )
     assert checkpoints_scored(change(status("Pending"), one)) == 1
     assert checkpoints_scored(change(one, two)) == 1 and checkpoints_scored(change(two, two)) == 0
     assert checkpoints_scored(change(two, {**two, "runHash": "r2"})) == 2  # a new run's are new
-    assert images_rendered(change(status("Running", imagesDone=2), status("Running", imagesDone=5))) == 3
-    assert images_rendered(change(status("Running", imagesDone=5), status("Running", imagesDone=5))) == 0
+    two, five = status("Running", imagesDone=2), status("Running", imagesDone=5)
+    assert images_rendered(change(two, five, kind="GenerationJob")) == 3
+    assert images_rendered(change(five, five, kind="GenerationJob")) == 0
     fused = status("Succeeded", durationSeconds=12.5)
     assert fusion_seconds(change(status("Running"), fused, kind="LoRAFusion")) == 12.5
     assert fusion_seconds(change(fused, fused, kind="LoRAFusion")) is None
-    progress = {"runHash": "r1", "progress": {"etaSeconds": 120.0}}
+    progress = {"step": "train", "runHash": "r1", "state": "Running", "progress": {"etaSeconds": 120.0}}
     live = status("Running", "JobRunning", step=40, totalSteps=100, loss=0.25, progress=progress)
     assert training(change(live, live)) == {"step": 40, "total_steps": 100, "loss": 0.25, "eta_seconds": 120.0}
     assert training(change(live, {**live, "phase": "Succeeded"})) is None

@@ -121,7 +121,7 @@ class Judged:
 
 
 @dataclass(frozen=True)
-class Decision:
+class Verdict:
     """`best_step`: the checkpoint to promote; 0 when the base model beats every eligible checkpoint (promote
     nothing); None when no checkpoint is eligible (or none was evaluated yet)."""
 
@@ -135,7 +135,7 @@ class Decision:
         return next((j.score for j in self.judged if j.step == step), None)
 
 
-def decide_reported(evaluation: EvaluationReport | None, settings: StoppingSettings) -> Decision | None:
+def decide_reported(evaluation: EvaluationReport | None, settings: StoppingSettings) -> Verdict | None:
     """`decide` on the scores a run reports; None without any. ValueError when their probe counts disagree."""
     if evaluation is None:
         return None
@@ -202,12 +202,12 @@ def _finite_or_none(value: float | None) -> bool:
     return value is None or math.isfinite(value)
 
 
-def decide(baseline: ProbeScores, checkpoints: Sequence[ProbeScores], settings: StoppingSettings) -> Decision:
+def decide(baseline: ProbeScores, checkpoints: Sequence[ProbeScores], settings: StoppingSettings) -> Verdict:
     """Best checkpoint and stop decision for the checkpoints evaluated so far (any order; one entry per step)."""
     ordered = sorted(checkpoints, key=lambda c: c.step)
     base_score = round(_mean(probe_objective(baseline, baseline)), 6)
     if not ordered:
-        return Decision(None, False, "no checkpoint evaluated yet", base_score=base_score)
+        return Verdict(None, False, "no checkpoint evaluated yet", base_score=base_score)
     per_probe = {c.step: probe_objective(c, baseline) for c in ordered}
     judged = []
     for c in ordered:
@@ -228,7 +228,7 @@ def decide(baseline: ProbeScores, checkpoints: Sequence[ProbeScores], settings: 
                 best = j.step
                 break
     stop, reason = _stop(ordered, judged, per_probe, settings)
-    return Decision(best, stop, reason, tuple(judged), base_score)
+    return Verdict(best, stop, reason, tuple(judged), base_score)
 
 
 GUARDS_FAILED = "failed the guards"

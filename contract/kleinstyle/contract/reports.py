@@ -16,6 +16,7 @@ from the RunSpec (docs/runspec.md), never from a report.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
@@ -242,6 +243,12 @@ REPORTS: dict[str, type[PrepareReport | TrainReport | GenerateReport | FuseRepor
     "fuse": FuseReport,
 }
 _REPORT: TypeAdapter[Report] = TypeAdapter(Report)
+
+
+def reported_run(data: object) -> str | None:
+    """The run a report in `data` says it is about (its envelope's run id), without reading the rest of it."""
+    run_id = data.get(_Envelope.model_fields["run_hash"].alias or "") if isinstance(data, Mapping) else None
+    return run_id if isinstance(run_id, str) else None
 
 
 def read_report(data: object) -> Report:

@@ -60,26 +60,26 @@ def dev_config(root: Path) -> OperatorConfig:
     the text providers' endpoint overrides of this process's environment (a proxy, a test server)."""
     urls = {name: os.environ[env] for name, env in PROVIDER_URL_ENV.items() if os.environ.get(env)}
     return OperatorConfig(
-        textProviderURLs=urls,
-        runtimeImage="local",
-        defaultBackend="builtin",
-        resyncSeconds=5.0,
-        metricsPort=0,
-        artifacts=ArtifactStore(claimName=ARTIFACT_CLAIM),
-        artifactsLocalPath=str(root / "volumes" / ARTIFACT_CLAIM),
+        text_provider_urls=urls,
+        runtime_image="local",
+        default_backend="builtin",
+        resync_seconds=5.0,
+        metrics_port=0,
+        artifacts=ArtifactStore(claim_name=ARTIFACT_CLAIM),
+        artifacts_local_path=str(root / "volumes" / ARTIFACT_CLAIM),
         # The tiny model on a CPU: a handful of steps at low resolution train in seconds.
-        trainingLimits=TrainingLimits(maxSteps=DEMO_MAX_STEPS, maxResolution=DEMO_MAX_RESOLUTION),
+        training_limits=TrainingLimits(max_steps=DEMO_MAX_STEPS, max_resolution=DEMO_MAX_RESOLUTION),
         # Early stopping scores each checkpoint with two 32 px probes of two steps: a fraction of a second here.
-        checkpointEvaluation=CheckpointEvaluation(prompts=2, seeds=1, size=32, steps=2),
+        checkpoint_evaluation=CheckpointEvaluation(prompts=2, seeds=1, size=32, steps=2),
         # ... and renders a few steps at the same size: a GenerationJob's 2048x2048 at 50 steps becomes seconds.
-        generationLimits=GenerationLimits(maxSide=DEMO_MAX_SIDE, maxSteps=DEMO_MAX_GENERATION_STEPS),
+        generation_limits=GenerationLimits(max_side=DEMO_MAX_SIDE, max_steps=DEMO_MAX_GENERATION_STEPS),
     )
 
 
 def write_model_cache(root: Path, model: str = "klein-base-9b") -> Path:
     """The tiny random klein where the embedded cluster's model-cache volume keeps `model` (kept if present)."""
     cfg = dev_config(root)
-    target = root / "volumes" / cfg.modelCacheClaim / cfg.modelDirs[model]
+    target = root / "volumes" / cfg.model_cache_claim / cfg.model_dirs[model]
     if not (target / "model_index.json").is_file():
         from kleinstyle.runtime.klein.tiny import write_tiny_klein
         from transformers.utils import logging as transformers_logging

@@ -161,9 +161,9 @@ def _env(run: Run, cfg: OperatorConfig) -> list[dict[str, Any]]:
     cpus = {"resource": "requests.cpu", "divisor": "1", "containerName": run.step}
     env.append({"name": "OMP_NUM_THREADS", "valueFrom": {"resourceFieldRef": cpus}})
     secrets = run.secret_env
-    if cfg.artifacts.uri and cfg.artifacts.credentialsSecret:
-        env.append({"name": ARTIFACT_SECRET_ENV, "value": cfg.artifacts.credentialsSecret})
-        secrets = (*secrets, *artifact_store_env(cfg.artifacts.credentialsSecret))
+    if cfg.artifacts.uri and cfg.artifacts.credentials_secret:
+        env.append({"name": ARTIFACT_SECRET_ENV, "value": cfg.artifacts.credentials_secret})
+        secrets = (*secrets, *artifact_store_env(cfg.artifacts.credentials_secret))
     for item in secrets:
         ref: dict[str, str | bool] = {"name": item.secret, "key": item.key}
         if item.optional:
@@ -200,7 +200,7 @@ def artifact_folders(run: Run, cfg: OperatorConfig) -> dict[str, bool]:
     """The folders of the artifact store a run uses, relative to its root, each with whether it is read-only: the
     run's own folder (its owner's, for a step that publishes it whole) and each input's run folder; InvalidSpec when
     one is not in the run's namespace."""
-    root, namespace = cfg.artifacts.uri or cfg.artifacts.mountPath, run.owner.namespace
+    root, namespace = cfg.artifacts.uri or cfg.artifacts.mount_path, run.owner.namespace
     output = run_folder_of("output_uri", run.runspec.output_uri, root, namespace, inside=False)
     if run.step in PUBLISHES_RUN_FOLDER:
         output = output.rsplit("/", 1)[0]
@@ -224,17 +224,17 @@ def _volumes(run: Run, cfg: OperatorConfig) -> tuple[list[dict[str, Any]], list[
     folders = artifact_folders(run, cfg)
     if not cfg.artifacts.uri:
         # Only these folders of the claim, at the paths the RunSpec names: one RWX filesystem may hold every namespace.
-        volumes.append({"name": "artifacts", "persistentVolumeClaim": {"claimName": cfg.artifacts.claimName}})
-        root = cfg.artifacts.mountPath.rstrip("/")
+        volumes.append({"name": "artifacts", "persistentVolumeClaim": {"claimName": cfg.artifacts.claim_name}})
+        root = cfg.artifacts.mount_path.rstrip("/")
         mounts += [
             {"name": "artifacts", "mountPath": f"{root}/{folder}", "subPath": folder, "readOnly": read_only}
             for folder, read_only in folders.items()
         ]
     if run.step in GPU_STEPS:
         volumes.append(
-            {"name": "models", "persistentVolumeClaim": {"claimName": cfg.modelCacheClaim, "readOnly": True}}
+            {"name": "models", "persistentVolumeClaim": {"claimName": cfg.model_cache_claim, "readOnly": True}}
         )
-        mounts.append({"name": "models", "mountPath": cfg.modelCacheMountPath, "readOnly": True})
+        mounts.append({"name": "models", "mountPath": cfg.model_cache_mount_path, "readOnly": True})
     for i, claim in enumerate(run.reference_claims):
         volumes.append({"name": f"ref-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
         mounts.append({"name": f"ref-{i}", "mountPath": f"{REFERENCES_MOUNT}/{claim}", "readOnly": True})
@@ -243,7 +243,7 @@ def _volumes(run: Run, cfg: OperatorConfig) -> tuple[list[dict[str, Any]], list[
 
 def _resources(run: Run, cfg: OperatorConfig) -> dict[str, Any]:
     gpu = run.step in GPU_STEPS
-    size = cfg.gpuResources if gpu else cfg.cpuResources
+    size = cfg.gpu_resources if gpu else cfg.cpu_resources
     requests = {"cpu": size.cpu, "memory": size.memory}
     limits: dict[str, str | int] = {"memory": size.memory}
     if gpu:
@@ -269,16 +269,16 @@ def build_job(run: Run, cfg: OperatorConfig) -> dict[str, Any]:
         "serviceAccountName": run.runner,
         "securityContext": {
             "runAsNonRoot": True,
-            "runAsUser": cfg.runAsUser,
-            "runAsGroup": cfg.runAsUser,
-            "fsGroup": cfg.runAsUser,
+            "runAsUser": cfg.run_as_user,
+            "runAsGroup": cfg.run_as_user,
+            "fsGroup": cfg.run_as_user,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [
             {
                 "name": run.step,
-                "image": cfg.runtimeImage,
-                "imagePullPolicy": cfg.imagePullPolicy,
+                "image": cfg.runtime_image,
+                "imagePullPolicy": cfg.image_pull_policy,
                 "command": command(run.step),
                 "env": _env(run, cfg),
                 "resources": _resources(run, cfg),
@@ -294,17 +294,17 @@ def build_job(run: Run, cfg: OperatorConfig) -> dict[str, Any]:
         "volumes": volumes,
     }
     if run.step in GPU_STEPS:
-        labels[NODE_POOL] = run.node_pool or cfg.defaultNodePool
-        pool = cfg.nodePools[labels[NODE_POOL]]
-        if pool.nodeSelector:
-            pod_spec["nodeSelector"] = dict(pool.nodeSelector)
+        labels[NODE_POOL] = run.node_pool or cfg.default_node_pool
+        pool = cfg.node_pools[labels[NODE_POOL]]
+        if pool.node_selector:
+            pod_spec["nodeSelector"] = dict(pool.node_selector)
         if pool.tolerations:
             pod_spec["tolerations"] = [t.model_dump(exclude_none=True) for t in pool.tolerations]
     if run.priority_class and not run.queue_name:
         pod_spec["priorityClassName"] = run.priority_class
     spec: dict[str, Any] = {
-        "backoffLimit": cfg.backoffLimit,
-        "activeDeadlineSeconds": cfg.activeDeadlineSeconds,
+        "backoffLimit": cfg.backoff_limit,
+        "activeDeadlineSeconds": cfg.active_deadline_seconds,
         # Bad input and a full artifacts volume fail the Job at once (a retry would redo the work to fail the same
         # way); a preempted or evicted pod does not count against backoffLimit.
         "podFailurePolicy": {

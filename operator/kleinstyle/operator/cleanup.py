@@ -33,7 +33,7 @@ async def delete_resource(body: Any, memo: Any, logger: Any, **indexes: Any) -> 
     if (body.get("spec") or {}).get("artifactPolicy") != "Delete":
         return
     cfg: OperatorConfig = memo.config
-    root = cfg.artifactsLocalPath
+    root = cfg.artifacts_local_path
     if root is None or cfg.artifacts.uri:
         message = "artifactPolicy is Delete, but the operator has no access to the artifact store"
         kopf.warn(body, reason="ArtifactsKept", message=message)

@@ -14,11 +14,13 @@ import yaml
 from kleinstyle.contract.runspec import EvaluationSettings
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .api.common import WIRE
+
 CONFIG_ENV = "KLEINSTYLE_OPERATOR_CONFIG"
 
 
 class Toleration(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", **WIRE)
 
     key: str
     operator: str = "Exists"
@@ -29,20 +31,20 @@ class Toleration(BaseModel):
 class NodePool(BaseModel):
     """Placement of GPU Jobs: nodeSelector and tolerations (Kueue may overwrite both on admission)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", **WIRE)
 
-    nodeSelector: dict[str, str] = Field(default_factory=dict)
+    node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
 
 
 H200_POOL = NodePool(
-    nodeSelector={"nvidia.com/gpu.product": "NVIDIA-H200"},
+    node_selector={"nvidia.com/gpu.product": "NVIDIA-H200"},
     tolerations=[Toleration(key="nvidia.com/gpu")],
 )
 
 
 class Resources(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", **WIRE)
 
     cpu: str
     memory: str
@@ -51,37 +53,37 @@ class Resources(BaseModel):
 class ArtifactStore(BaseModel):
     """Where runs write artifacts: a PVC mounted at mountPath (default) or an object-store URI."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", **WIRE)
 
-    claimName: str = "kleinstyle-artifacts"
-    mountPath: str = "/artifacts"
+    claim_name: str = "kleinstyle-artifacts"
+    mount_path: str = "/artifacts"
     # s3://bucket/prefix or gs://bucket/prefix; when set, runs write there instead of the PVC.
     uri: str | None = None
-    credentialsSecret: str | None = None
+    credentials_secret: str | None = None
 
 
 class TrainingLimits(BaseModel):
     """Caps the operator applies to every StyleLoRA's plan (a shared cluster, the demo); None: no cap."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", **WIRE)
 
-    maxSteps: int | None = Field(default=None, ge=1)
-    maxResolution: int | None = Field(default=None, ge=64)
+    max_steps: int | None = Field(default=None, ge=1)
+    max_resolution: int | None = Field(default=None, ge=64)
 
 
 class CheckpointEvaluation(EvaluationSettings):
     """How training runs score their checkpoints for early stopping (probes rendered per checkpoint); the probe size
     is never above the plan's training resolution."""
 
-    model_config = ConfigDict(extra="forbid", frozen=False)
+    model_config = ConfigDict(extra="forbid", frozen=False, **WIRE)
 
     # Model directories in the model cache, by name; None: the offline stand-in (docs/policy.md#early-stopping).
     # An image encoder (DINOv2, SigLIP vision) for leakage (likeness to the nearest training image).
-    embedderDir: str | None = None
+    embedder_dir: str | None = None
     # CSD (a CLIP ViT-L vision tower and csd_style_projection.safetensors) for style; offline: colour and texture.
-    styleEmbedderDir: str | None = None
+    style_embedder_dir: str | None = None
     # CLIP or SigLIP (text and vision towers) for adherence (render-prompt agreement); offline: not measured.
-    textModelDir: str | None = None
+    text_model_dir: str | None = None
 
 
 class GenerationLimits(BaseModel):
@@ -90,67 +92,67 @@ class GenerationLimits(BaseModel):
     A larger size is scaled down to maxSide on its longer side, keeping the aspect ratio (multiples of 16, at least
     64: the smallest side the runtime renders)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", **WIRE)
 
-    maxSide: int | None = Field(default=None, ge=64)
-    maxSteps: int | None = Field(default=None, ge=1)
+    max_side: int | None = Field(default=None, ge=64)
+    max_steps: int | None = Field(default=None, ge=1)
     # Images one GenerationJob renders at the most (prompts x count, up to 1024 otherwise): fewer seeds per prompt
     # first, then the first prompts only.
-    maxImages: int | None = Field(default=None, ge=1)
+    max_images: int | None = Field(default=None, ge=1)
 
 
 class OperatorConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", **WIRE)
 
-    runtimeImage: str = "ghcr.io/kleinstyle/runtime:0.1.0"
-    imagePullPolicy: str = "IfNotPresent"
-    defaultBackend: str = "ai-toolkit"
-    nodePools: dict[str, NodePool] = Field(default_factory=lambda: {"h200": H200_POOL})
-    defaultNodePool: str = "h200"
+    runtime_image: str = "ghcr.io/kleinstyle/runtime:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    default_backend: str = "ai-toolkit"
+    node_pools: dict[str, NodePool] = Field(default_factory=lambda: {"h200": H200_POOL})
+    default_node_pool: str = "h200"
     artifacts: ArtifactStore = Field(default_factory=ArtifactStore)
-    modelCacheClaim: str = "kleinstyle-models"
-    modelCacheMountPath: str = "/models"
+    model_cache_claim: str = "kleinstyle-models"
+    model_cache_mount_path: str = "/models"
     # Model directory names inside the model cache, per spec.model.name.
-    modelDirs: dict[str, str] = Field(
+    model_dirs: dict[str, str] = Field(
         default_factory=lambda: {"klein-base-9b": "FLUX.2-klein-base-9B", "klein-base-4b": "FLUX.2-klein-base-4B"}
     )
-    cpuResources: Resources = Field(default_factory=lambda: Resources(cpu="2", memory="4Gi"))
-    gpuResources: Resources = Field(default_factory=lambda: Resources(cpu="16", memory="120Gi"))
-    backoffLimit: int = 2
-    activeDeadlineSeconds: int = 6 * 3600
+    cpu_resources: Resources = Field(default_factory=lambda: Resources(cpu="2", memory="4Gi"))
+    gpu_resources: Resources = Field(default_factory=lambda: Resources(cpu="16", memory="120Gi"))
+    backoff_limit: int = 2
+    active_deadline_seconds: int = 6 * 3600
     # Watches wake a resource when something it depends on changes; this slow resync is only the safety net
     # (seconds between reconciles of an unfinished resource that nothing woke).
-    resyncSeconds: float = 300.0
+    resync_seconds: float = 300.0
     # CIDRs that prepare may fetch from although private (an internal mirror, say). Empty: none.
-    fetchAllowedCIDRs: list[str] = Field(default_factory=list)
-    fetchMaxBytes: int = 50 * 1024 * 1024
-    fetchMaxPixels: int = 64 * 1024 * 1024
-    runAsUser: int = 1000
+    fetch_allowed_cidrs: list[str] = Field(default_factory=list)
+    fetch_max_bytes: int = 50 * 1024 * 1024
+    fetch_max_pixels: int = 64 * 1024 * 1024
+    run_as_user: int = 1000
     # Where the operator itself sees the artifact PVC (the chart mounts it read-write); needed only to honour
     # artifactPolicy: Delete. Unset: artifacts are always kept and a Warning event says so.
-    artifactsLocalPath: str | None = None
+    artifacts_local_path: str | None = None
     # Mirror Kueue's Workloads into status when the cluster serves them (the chart's RBAC lets it read them).
-    kueueWorkloads: bool = True
+    kueue_workloads: bool = True
     # The LocalQueue GPU Jobs go to when spec.scheduling.queueName is empty (e.g. "default"); unset: none. Kueue's own
     # default LocalQueue (a LocalQueue named "default" in the namespace) works without it.
-    defaultQueueName: str | None = Field(default=None, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    default_queue_name: str | None = Field(default=None, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     # Port of the Prometheus metrics endpoint; 0 disables it.
-    metricsPort: int = 8080
+    metrics_port: int = 8080
     # Caps on training plans (steps, resolution); recorded in each plan with the reason.
-    trainingLimits: TrainingLimits = Field(default_factory=TrainingLimits)
-    checkpointEvaluation: CheckpointEvaluation = Field(default_factory=CheckpointEvaluation)
+    training_limits: TrainingLimits = Field(default_factory=TrainingLimits)
+    checkpoint_evaluation: CheckpointEvaluation = Field(default_factory=CheckpointEvaluation)
     # Endpoint overrides of the text providers (an egress proxy, a test server), per provider: gemini, openrouter.
     # Handed to the Jobs as KLEINSTYLE_GEMINI_BASE_URL / KLEINSTYLE_OPENROUTER_BASE_URL. Empty: the public APIs.
-    textProviderURLs: dict[Literal["gemini", "openrouter"], str] = Field(default_factory=dict)
+    text_provider_urls: dict[Literal["gemini", "openrouter"], str] = Field(default_factory=dict)
     # Caps on generation (size, steps); each cap applied is a warning in the GenerationJob's status.
-    generationLimits: GenerationLimits = Field(default_factory=GenerationLimits)
+    generation_limits: GenerationLimits = Field(default_factory=GenerationLimits)
 
     @model_validator(mode="after")
     def _default_pool_exists(self) -> OperatorConfig:
         """Refused at start, not as a KeyError on every GPU run: the default pool must be one of the pools."""
-        if self.defaultNodePool not in self.nodePools:
-            known = ", ".join(sorted(self.nodePools)) or "none"
-            raise ValueError(f"defaultNodePool {self.defaultNodePool!r} is not one of nodePools ({known})")
+        if self.default_node_pool not in self.node_pools:
+            known = ", ".join(sorted(self.node_pools)) or "none"
+            raise ValueError(f"defaultNodePool {self.default_node_pool!r} is not one of nodePools ({known})")
         return self
 
 

@@ -40,7 +40,7 @@ async def run_resource(body: Any, memo: Any, logger: Any, stopped: Any, **indexe
         while not stopped:
             wake.clear()
             retry = await reconcile_once(body, memo, logger, indexes)
-            timeout = retry if retry is not None else None if settled(wakers.current(body)) else cfg.resyncSeconds
+            timeout = retry if retry is not None else None if settled(wakers.current(body)) else cfg.resync_seconds
             await _sleep(wake, stopped, timeout)
     finally:
         wakers.forget(uid)
@@ -62,7 +62,7 @@ async def reconcile_once(body: Any, memo: Any, logger: Any, indexes: Mapping[str
         jobs = {c["metadata"]["name"]: c for c in observed.children if c["kind"] == "Job"}
         after = {**before, **decision.status}
         now = datetime.now(UTC)
-        metrics.record(usage.Change(kind, meta["namespace"], meta["name"], before, after, jobs, now))
+        metrics.record(usage.Change.of(kind, meta["namespace"], meta["name"], before, after, jobs, now))
         memo.wakers.succeeded(meta["uid"])
         return None
     except ApiException as exc:

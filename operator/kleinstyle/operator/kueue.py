@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from .api.common import QueueStatus
 from .conditions import condition, true_condition
 
 GROUP = "kueue.x-k8s.io"
@@ -43,9 +44,10 @@ def state(workload: Mapping[str, Any]) -> str:
     return "Evicted" if true_condition(workload, "Evicted") else "Pending"
 
 
-def queue_status(workload: Mapping[str, Any], old: Mapping[str, Any] | None) -> dict[str, Any]:
+def queue_status(workload: Mapping[str, Any], old: QueueStatus | None) -> QueueStatus:
     """`status.queue` from the Workload and the previous `status.queue` (for the eviction count)."""
-    old = old if isinstance(old, Mapping) and old.get("workload") == workload["metadata"]["name"] else {}
+    name = workload["metadata"]["name"]
+    before = old if old is not None and old.workload == name else QueueStatus(workload=name, state="Pending")
     current = state(workload)
     shown = {
         "Pending": condition(workload, "QuotaReserved"),
@@ -54,25 +56,25 @@ def queue_status(workload: Mapping[str, Any], old: Mapping[str, Any] | None) -> 
         "Evicted": condition(workload, "Evicted"),
         "Finished": condition(workload, "Finished"),
     }[current] or {}
-    evictions = int(old.get("requeueCount") or 0)
-    last_time, last_reason = old.get("lastEvictionTime"), old.get("lastEvictionReason")
+    evictions = before.requeue_count
+    last_time, last_reason = before.last_eviction_time, before.last_eviction_reason
     evicted = true_condition(workload, "Evicted")
     if evicted is not None and evicted.get("lastTransitionTime") != last_time:
         evictions += 1
         last_time, last_reason = evicted.get("lastTransitionTime"), _eviction_reason(workload)
-    status = {
-        "workload": workload["metadata"]["name"],
-        "localQueue": (workload.get("spec") or {}).get("queueName"),
-        "clusterQueue": _cluster_queue(workload),
+    fields = {
+        "workload": name,
+        "local_queue": (workload.get("spec") or {}).get("queueName"),
+        "cluster_queue": _cluster_queue(workload),
         "flavors": _flavors(workload) or None,
         "state": current,
         "reason": shown.get("reason"),
         "message": shown.get("message"),
-        "requeueCount": evictions,
-        "lastEvictionTime": last_time,
-        "lastEvictionReason": last_reason,
+        "requeue_count": evictions,
+        "last_eviction_time": last_time,
+        "last_eviction_reason": last_reason,
     }
-    return {key: value for key, value in status.items() if value is not None}
+    return QueueStatus.model_validate({key: value for key, value in fields.items() if value is not None})
 
 
 def _eviction_reason(workload: Mapping[str, Any]) -> str:
@@ -87,7 +89,7 @@ def _eviction_reason(workload: Mapping[str, Any]) -> str:
 
 
 def suspended_phase(
-    job_name: str, queue_name: str, workload: Mapping[str, Any] | None, queue: Mapping[str, Any] | None
+    job_name: str, queue_name: str, workload: Mapping[str, Any] | None, queue: QueueStatus | None
 ) -> tuple[str, str]:
     """(reason, message) of a run whose Job is suspended: queued, preempted or evicted, quota reserved, admitted."""
     if workload is None:
@@ -97,7 +99,7 @@ def suspended_phase(
     if current == "Evicted":
         evicted = condition(workload, "Evicted") or {}
         reason = "Preempted" if evicted.get("reason") == "Preempted" else "Evicted"
-        count = (queue or {}).get("requeueCount") or 1
+        count = (queue.requeue_count if queue else 0) or 1
         return reason, (
             f"Job {job_name} was {reason.lower()} by Kueue ({_eviction_reason(workload)}); requeued in "
             f"{queue_name or '-'} (eviction {count}), its next pod resumes from the last checkpoint"

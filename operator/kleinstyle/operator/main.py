@@ -66,7 +66,7 @@ async def run_operator(
     load_client_config()
     kube = kube or Kube()
     registry = kopf.OperatorRegistry()
-    kueue_version = await workload_version(kube) if cfg.kueueWorkloads else None
+    kueue_version = await workload_version(kube) if cfg.kueue_workloads else None
     register(registry, cfg, kueue_version)
     watched = ", ".join(namespaces) or "the whole cluster"
     logger.info(f"watching {watched}; Kueue Workloads: {kueue_version or 'not mirrored'}")
@@ -74,8 +74,8 @@ async def run_operator(
     configure(settings)
     if tune is not None:
         tune(settings)
-    if cfg.metricsPort:
-        metrics.serve(cfg.metricsPort)
+    if cfg.metrics_port:
+        metrics.serve(cfg.metrics_port)
     await kopf.operator(
         registry=registry,
         settings=settings,

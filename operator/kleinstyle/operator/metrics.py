@@ -8,12 +8,12 @@ dashboard and alerts (checked by tests/chart).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
 
 from . import usage
+from .api.common import CommonStatus
+from .api.styleboard import StyleBoardStatus
 
 # No `*_created` series beside each counter and histogram: twice the series for a timestamp nobody queries.
 disable_created_metrics()
@@ -128,7 +128,7 @@ def forget(namespace: str, kind: str, name: str) -> None:
 def record(change: usage.Change) -> None:
     """Everything a reconcile's status change adds to the metrics."""
     ns, kind = change.namespace, change.kind
-    set_phase(ns, kind, change.name, change.after.get("phase"))
+    set_phase(ns, kind, change.name, change.after.phase)
     count_tokens(kind, change.before, change.after)
     if (gpu := usage.gpu_seconds(change)) is not None:
         GPU_SECONDS.labels(ns, kind, gpu[1]).inc(gpu[0])
@@ -165,13 +165,13 @@ def serve(port: int) -> None:
     start_http_server(port, registry=REGISTRY)
 
 
-def count_tokens(kind: str, old_status: Mapping[str, Any], new_status: Mapping[str, Any]) -> None:
+def count_tokens(kind: str, old_status: CommonStatus, new_status: CommonStatus) -> None:
     """Add a run's token usage once, when its `tokenUsage` first appears in status (a new run's replaces the old
     one's, and is counted in turn); reconciles that rewrite the same value add nothing."""
-    usage = new_status.get("tokenUsage")
-    if not isinstance(usage, Mapping) or usage == old_status.get("tokenUsage"):
+    usage = new_status.token_usage if isinstance(new_status, StyleBoardStatus) else None
+    before = old_status.token_usage if isinstance(old_status, StyleBoardStatus) else None
+    if usage is None or usage == before:
         return
-    for direction, field in (("prompt", "promptTokens"), ("output", "outputTokens")):
-        value = usage.get(field)
-        if isinstance(value, int) and value > 0:
-            TEXT_TOKENS.labels(kind, str(usage.get("provider")), str(usage.get("model")), direction).inc(value)
+    for direction, value in (("prompt", usage.prompt_tokens), ("output", usage.output_tokens)):
+        if value > 0:
+            TEXT_TOKENS.labels(kind, usage.provider, usage.model, direction).inc(value)

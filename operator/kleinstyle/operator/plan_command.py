@@ -26,8 +26,8 @@ def plan(args: argparse.Namespace) -> int:
         print(f"{args.stylelora}: expected one StyleLoRA, found {len(docs)}", file=sys.stderr)
         return 2
     try:
-        spec = StyleLoRASpec.model_validate(docs[0].get("spec") or {}).model_dump(mode="json", exclude_none=True)
-        result = plan_training(args.images, spec)
+        spec = StyleLoRASpec.model_validate(docs[0].get("spec") or {})
+        result = plan_training(args.images, spec.model_dump(mode="json", exclude_none=True))
     except ValidationError as exc:
         print("\n".join(field_errors(exc)), file=sys.stderr)
         return 2
@@ -44,8 +44,8 @@ def plan(args: argparse.Namespace) -> int:
             name=(docs[0].get("metadata") or {}).get("name", "stylelora"),
             dataset_dir=args.dataset,
             training_folder=args.training_folder,
-            trigger_word=args.trigger or spec["boardRef"]["name"],
-            model=spec["model"]["name"],
+            trigger_word=args.trigger or spec.board_ref.name,
+            model=spec.model.name,
             model_path=args.model_path,
         )
         print(yaml.safe_dump(config, sort_keys=False), end="")

@@ -24,17 +24,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from kleinstyle.contract.pod import RUNSPEC_FILE, failure_reason
-from kleinstyle.contract.reports import read_report
+from kleinstyle.contract.reports import Report, read_report, reported_run
 from kleinstyle.contract.runspec import RunSpec
 from pydantic import ValidationError
 
 from . import kueue
-from .api.common import API_VERSION, field_errors
+from .api.common import API_VERSION, CommonStatus, Condition, Phase, QueueStatus, RunInput, field_errors
 from .children import InvalidSpec, Run, build_children
-from .conditions import Condition, condition, merge_conditions, true_condition
+from .conditions import cond, merge_conditions, true_condition
 from .config import OperatorConfig
 from .kinds import KIND_RUNS, KindRuns, NotReady, changed_inputs, check_dependencies, inputs
 from .kinds.base import (
@@ -45,9 +45,11 @@ from .kinds.base import (
     job_complete,
     owner_of,
     recorded_run,
+    status_of,
 )
 from .naming import GENERATION, RUN_HASH, run_name
 
+StatusT = TypeVar("StatusT", bound=CommonStatus)
 RUN_CHILD_KINDS = ("Job", "ConfigMap")
 RUNNER_KINDS = ("ServiceAccount", "Role", "RoleBinding")
 TERMINAL = ("Succeeded", "Failed")
@@ -81,6 +83,9 @@ class Observed:
 
 @dataclass(frozen=True)
 class Decision:
+    """What one reconcile does: children to create and delete, the status (serialised once, by alias: what the
+    status patch is computed from), Events, and Jobs to re-record."""
+
     create: list[dict[str, Any]] = field(default_factory=list)
     delete: list[dict[str, Any]] = field(default_factory=list)
     status: dict[str, Any] = field(default_factory=dict)
@@ -124,8 +129,8 @@ def job_phase(
     name: str,
     pods: Sequence[Mapping[str, Any]],
     workload: Mapping[str, Any] | None = None,
-    queue: Mapping[str, Any] | None = None,
-) -> tuple[str, str, str]:
+    queue: QueueStatus | None = None,
+) -> tuple[Phase, str, str]:
     """(phase, reason, message) of the run whose Job is `name`, from the Job (None: being created now), its pods and
     its Kueue Workload. A Job created this moment and one that has no pod yet read alike, so creating it writes
     status once, not twice."""
@@ -151,16 +156,25 @@ def job_phase(
     return "Pending", "JobCreated", f"Job {name} is waiting for a pod"
 
 
+def merged(status: StatusT, *parts: CommonStatus) -> StatusT:
+    """`status` with the fields each of `parts` set (in order, a later one winning), still only those set."""
+    for part in parts:
+        status = status.model_copy(update={name: getattr(part, name) for name in part.model_fields_set})
+    return status
+
+
 def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
     body = observed.body
     kind_run = KIND_RUNS[body["kind"]]
-    old_status = body.get("status") or {}
+    old_status = status_of(body)
 
-    def finish(phase: str, reason: str, message: str, conds: list[Condition], **fields: Any) -> Decision:
-        return _decided(body, now, phase, reason, message, conds, **fields)
+    def finish(phase: Phase, reason: str, message: str, conds: list[Condition], fields: CommonStatus) -> Decision:
+        return _decided(body, now, phase, reason, message, conds, fields)
 
     def invalid(message: str) -> Decision:
-        return finish("Failed", "InvalidSpec", message, [Condition("Ready", "False", "InvalidSpec", message)])
+        return finish(
+            "Failed", "InvalidSpec", message, [cond("Ready", "False", "InvalidSpec", message)], CommonStatus()
+        )
 
     try:
         spec = kind_run.kind.spec.model_validate(body.get("spec") or {})
@@ -172,11 +186,11 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
         chain = " -> ".join(f"{kind} {name}" for kind, name in observed.cycle)
         message = f"dependency cycle {chain}: it never resolves; remove one of these references"
         conds = [
-            Condition("DependenciesReady", "False", "DependencyCycle", message),
-            Condition("Ready", "False", "DependencyCycle", message),
-            Condition("Warning", "True", "DependencyCycle", message),
+            cond("DependenciesReady", "False", "DependencyCycle", message),
+            cond("Ready", "False", "DependencyCycle", message),
+            cond("Warning", "True", "DependencyCycle", message),
         ]
-        return finish("Waiting", "DependencyCycle", message, conds)
+        return finish("Waiting", "DependencyCycle", message, conds, CommonStatus())
     if finished(body) and recorded_run(body, jobs_of(observed.children), complete=False):
         return kept(body, observed, now)
 
@@ -186,24 +200,24 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
         if run is not None:
             # Started for this generation of the spec: it goes on with what it was started with, whatever its
             # dependencies or the operator's configuration (trainingLimits, say) do since.
-            source = sources_condition(old_status.get("inputs"), observed.dependencies, "goes on with")
-            fields: dict[str, Any] = {"inputs": old_status.get("inputs") or inputs(deps, observed.dependencies)}
+            source = sources_condition(old_status.inputs, observed.dependencies, "goes on with")
+            status = kind_run.status_type(inputs=old_status.inputs or inputs(deps, observed.dependencies))
         else:
             check_dependencies(deps, observed.dependencies, observed.dependency_jobs)
             run = kind_run.build(body, spec, observed.dependencies, cfg)
-            source = Condition("SourcesCurrent", "True", "Unchanged", "every input is the run this one uses")
-            fields = {"inputs": inputs(deps, observed.dependencies)}
+            source = cond("SourcesCurrent", "True", "Unchanged", "every input is the run this one uses")
+            status = kind_run.status_type(inputs=inputs(deps, observed.dependencies))
         desired = build_children(run, cfg)
     except NotReady as wait:
         missing = (
             [f"{wait.message} (yet): nothing runs until it is created"] if wait.reason.endswith("NotFound") else []
         )
         conds = [
-            Condition("DependenciesReady", "False", wait.reason, wait.message),
-            Condition("Ready", "False", wait.reason, wait.message),
+            cond("DependenciesReady", "False", wait.reason, wait.message),
+            cond("Ready", "False", wait.reason, wait.message),
             warning_condition(missing),
         ]
-        return _without_run(finish("Waiting", wait.reason, wait.message + earlier_run(observed), conds))
+        return _without_run(finish("Waiting", wait.reason, wait.message + earlier_run(observed), conds, CommonStatus()))
     except InvalidSpec as exc:
         return _without_run(invalid(str(exc) + earlier_run(observed)))
 
@@ -214,54 +228,54 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
     delete = superseded(observed.children, keep=short_hash)
     job = by_key.get(("Job", run.name))
 
-    fields.update({"runHash": short_hash, "jobName": run.name, "artifactURI": run.runspec.output_display_uri})
+    status.run_hash = short_hash
+    status.job_name = run.name
+    status.artifact_uri = run.runspec.output_display_uri
     # Result fields are rewritten on every reconcile, from this run's result or empty: a value left by an older
     # run, or written by a pod (RBAC cannot narrow its status patch to `progress`), never stands.
-    fields.update(kind_run.cleared())
-    conds = [Condition("DependenciesReady", "True", "Ready", "all dependencies are Succeeded"), source]
+    conds = [cond("DependenciesReady", "True", "Ready", "all dependencies are Succeeded"), source]
     planned, warnings = kind_run.planned(run)
-    fields.update(planned)
     asked, unheeded = kind_run.requested(body, run)
-    fields.update(asked)
+    status = merged(status, kind_run.cleared(), planned, asked)
     warnings += unheeded
 
     conflict = next((why for d in desired if (why := foreign_child(d, by_key.get(_key(d))))), None)
     if conflict:
         conds += [
-            Condition("JobCreated", "False", "ChildConflict", conflict),
-            Condition("Ready", "False", "ChildConflict", conflict),
+            cond("JobCreated", "False", "ChildConflict", conflict),
+            cond("Ready", "False", "ChildConflict", conflict),
         ]
-        decision = finish("Pending", "ChildConflict", conflict, conds, **fields)
+        decision = finish("Pending", "ChildConflict", conflict, conds, status)
         return Decision(delete=delete, status=decision.status, events=decision.events)  # create nothing
 
     workload = observed.workloads.get(job["metadata"].get("uid", "")) if job else None
-    fields["queue"] = kueue.queue_status(workload, old_status.get("queue")) if workload else None
+    status.queue = kueue.queue_status(workload, old_status.queue) if workload else None
     # A Job created by this decision reads as it is created (suspended for Kueue, say): its first status is final.
     created_job = next((c for c in create if c["kind"] == "Job"), None)
-    phase, reason, message = job_phase(job or created_job, run.name, observed.pods, workload, fields["queue"])
+    phase, reason, message = job_phase(job or created_job, run.name, observed.pods, workload, status.queue)
     job_status = (job or {}).get("status") or {}
-    fields["startTime"] = job_status.get("startTime")
-    fields["completionTime"] = job_status.get("completionTime")
-    conds.append(Condition("JobCreated", "True", "Created", f"Job {run.name}"))
-    report, problem = current_report(old_status.get("progress"), kind_run, short_hash)
+    status.start_time = job_status.get("startTime")
+    status.completion_time = job_status.get("completionTime")
+    conds.append(cond("JobCreated", "True", "Created", f"Job {run.name}"))
+    report, problem = current_report(old_status.progress, kind_run, short_hash)
     if problem:
         warnings.append(problem)
     if report is not None and report.progress is not None:
-        fields.update(kind_run.live(report.progress, run))  # live step, loss, ETA; a result overrides them
+        status = merged(status, kind_run.live(report.progress, run))  # live step, loss, ETA; a result overrides
     result = report.result if report is not None else None
     if result is not None and phase in TERMINAL:
         # Counts and reasons come from the run; where the artifacts are comes from the RunSpec, never the pod.
-        fields.update(kind_run.result(result, run))
+        status = merged(status, kind_run.result(result, run))
         warnings += result.warnings
     elif phase == "Succeeded":
         phase, reason, message = "Running", "AwaitingResult", f"Job {run.name} completed; waiting for its result"
     conds.append(warning_condition(warnings))
-    conds.append(Condition("Ready", "True" if phase == "Succeeded" else "False", reason, message))
+    conds.append(cond("Ready", "True" if phase == "Succeeded" else "False", reason, message))
     if phase in TERMINAL:
         # The run is over: its ServiceAccount may no longer write this object's status (a new run makes another).
         create = [c for c in create if c["kind"] not in RUNNER_KINDS]
         delete += [dict(c) for c in observed.children if c["kind"] in RUNNER_KINDS]
-    decision = finish(phase, reason, message, conds, **fields)
+    decision = finish(phase, reason, message, conds, status)
     events = list(decision.events)
     if delete and any(c["kind"] == "Job" for c in delete):
         events.append(Event("Normal", "Superseded", f"spec changed: replacing the run with run {short_hash}"))
@@ -289,39 +303,40 @@ def earlier_run(observed: Observed) -> str:
 
 def settled(body: Mapping[str, Any]) -> bool:
     """Succeeded or Failed for the current generation: nothing to do until the spec changes."""
-    status = body.get("status") or {}
-    return status.get("phase") in TERMINAL and status.get("observedGeneration") == body["metadata"].get("generation")
+    status = CommonStatus.read(body.get("status"))
+    return status.phase in TERMINAL and status.observed_generation == body["metadata"].get("generation")
 
 
 def finished(body: Mapping[str, Any]) -> bool:
     """Settled with a run (not refused before one): it is kept as it is, whatever its inputs do since."""
-    return settled(body) and bool((body.get("status") or {}).get("runHash"))
+    return settled(body) and bool(CommonStatus.read(body.get("status")).run_hash)
 
 
 def kept(body: Mapping[str, Any], observed: Observed, now: str) -> Decision:
     """A finished run stays as it ended; `SourcesCurrent` says whether an input (a LoRA, a board) has a new run
     since, because a retrained LoRA does not re-render the images already made with the old one (edit the spec to
     run again). What is left of the run's children besides its Job and RunSpec goes."""
-    status = body.get("status") or {}
-    source = sources_condition(status.get("inputs"), observed.dependencies, "used")
-    ready = condition(body, "Ready") or {}
-    decision = _decided(body, now, status["phase"], ready.get("reason", ""), status.get("message", ""), [source])
-    before = condition(body, "SourcesCurrent") or {}
-    changed = source.status == "False" and before.get("status") != "False"
+    status = CommonStatus.read(body.get("status"))
+    source = sources_condition(status.inputs, observed.dependencies, "used")
+    ready = status.condition("Ready")
+    phase, reason = status.phase or "Pending", ready.reason if ready else ""
+    decision = _decided(body, now, phase, reason, status.message or "", [source], CommonStatus())
+    before = status.condition("SourcesCurrent")
+    changed = source.status == "False" and (before is None or before.status != "False")
     events = [Event("Normal", "SourceChanged", source.message)] if changed else []
-    delete = [c for c in superseded(observed.children, keep=status["runHash"]) if c["kind"] in RUN_CHILD_KINDS]
+    delete = [c for c in superseded(observed.children, keep=status.run_hash) if c["kind"] in RUN_CHILD_KINDS]
     delete += [dict(child) for child in observed.children if child["kind"] in RUNNER_KINDS]
     return Decision(delete=delete, status=decision.status, events=events)
 
 
-def sources_condition(recorded: Any, dependencies: Dependencies, verb: str) -> Condition:
+def sources_condition(recorded: Sequence[RunInput], dependencies: Dependencies, verb: str) -> Condition:
     """`SourcesCurrent`: whether each input a run recorded (`status.inputs`) is still the run it `verb` (a LoRA
     retrained, a board re-prepared, or either deleted since). Shown, never acted on: the run keeps what it had."""
     changed = changed_inputs(recorded, dependencies)
     if changed:
         message = "; ".join(changed) + f": this run {verb} the earlier one; edit the spec to run again with the new"
-        return Condition("SourcesCurrent", "False", "SourceChanged", message)
-    return Condition("SourcesCurrent", "True", "Unchanged", "every input is still the run this one uses")
+        return cond("SourcesCurrent", "False", "SourceChanged", message)
+    return cond("SourcesCurrent", "True", "Unchanged", "every input is still the run this one uses")
 
 
 def jobs_of(children: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -349,11 +364,11 @@ def run_in_flight(body: Mapping[str, Any], children: Sequence[Mapping[str, Any]]
     A Job from before Jobs were annotated counts for the generation its status was written for, when it is the run
     status names (the one time status picks a record: among the object's own Jobs, never what they read)."""
     kind_run = KIND_RUNS[body["kind"]]
-    meta, status = body["metadata"], body.get("status") or {}
+    meta, status = body["metadata"], CommonStatus.read(body.get("status"))
     owner = owner_of(kind_run.kind, body)
     generation = str(meta.get("generation"))
     by_key = {_key(child): child for child in children}
-    legacy = str(status.get("runHash") or "") if str(status.get("observedGeneration")) == generation else ""
+    legacy = (status.run_hash or "") if str(status.observed_generation) == generation else ""
     for job in sorted(jobs_of(children), key=lambda j: j["metadata"].get("creationTimestamp") or "", reverse=True):
         name = job["metadata"]["name"]
         recorded_for = (job["metadata"].get("annotations") or {}).get(GENERATION)
@@ -388,10 +403,12 @@ def run_in_flight(body: Mapping[str, Any], children: Sequence[Mapping[str, Any]]
     return None
 
 
-def current_report(progress: Any, kind_run: KindRuns[Any, Any, Any, Any], run_id: str) -> tuple[Any, str]:
+def current_report(
+    progress: Mapping[str, Any] | None, kind_run: KindRuns[Any, Any, Any, Any, Any], run_id: str
+) -> tuple[Report | None, str]:
     """(the current run's report or None, a warning when the report there is malformed). A report about another
     run (an older one, or none yet) is no report; a malformed one is shown as a warning and read as none."""
-    if not isinstance(progress, Mapping) or progress.get("runHash") != run_id:
+    if progress is None or reported_run(progress) != run_id:
         return None, ""
     try:
         report = read_report(progress)
@@ -410,29 +427,45 @@ def current_report(progress: Any, kind_run: KindRuns[Any, Any, Any, Any], run_id
 STALLED_REASONS = frozenset({"InvalidSpec", "ChildConflict", "DependencyCycle"})
 
 
-def progress_conditions(phase: str, reason: str, message: str) -> list[Condition]:
+def progress_conditions(phase: Phase, reason: str, message: str) -> list[Condition]:
     """kstatus' `Reconciling` and `Stalled` (Flux, Argo CD and `kubectl wait` read them): Stalled when the
     resource failed or cannot progress without a change (a failed dependency included), Reconciling while it is
     on its way (waiting, queued, running), neither when it succeeded."""
     stalled = phase == "Failed" or reason in STALLED_REASONS or (phase == "Waiting" and reason.endswith("Failed"))
     reconciling = not stalled and phase != "Succeeded"
     return [
-        Condition("Reconciling", "True", reason, message) if reconciling else Condition("Reconciling", "False", phase),
-        Condition("Stalled", "True", reason, message) if stalled else Condition("Stalled", "False", phase),
+        cond("Reconciling", "True", reason, message) if reconciling else cond("Reconciling", "False", phase),
+        cond("Stalled", "True", reason, message) if stalled else cond("Stalled", "False", phase),
     ]
 
 
 def _decided(
-    body: Mapping[str, Any], now: str, phase: str, reason: str, message: str, conds: list[Condition], **fields: Any
+    body: Mapping[str, Any],
+    now: str,
+    phase: Phase,
+    reason: str,
+    message: str,
+    conds: list[Condition],
+    fields: CommonStatus,
 ) -> Decision:
-    old_status = body.get("status") or {}
+    """The decision's status, serialised once (by alias, only the fields set): `fields` with the phase, its message,
+    the generation it answers and the conditions merged into the old ones."""
+    old = status_of(body)
     generation = body["metadata"].get("generation")
-    status = {"phase": phase, "message": message, "observedGeneration": generation, **fields}
     conds = [*conds, *progress_conditions(phase, reason, message)]
-    if true_condition(body, ERROR_CONDITION):
-        conds.append(Condition(ERROR_CONDITION, "False", "Reconciled", "the last reconcile succeeded"))
-    status["conditions"] = merge_conditions(old_status.get("conditions") or [], conds, now, generation)
-    return Decision(status=status, events=_transition_events(old_status, status, reason))
+    if (error := old.condition(ERROR_CONDITION)) is not None and error.status == "True":
+        conds.append(cond(ERROR_CONDITION, "False", "Reconciled", "the last reconcile succeeded"))
+    status = fields.model_copy()
+    status.phase = phase
+    status.message = message
+    status.observed_generation = generation
+    status.conditions = merge_conditions(old.conditions, conds, now, generation)
+    return Decision(status=serialised(status), events=_transition_events(old, status, reason))
+
+
+def serialised(status: CommonStatus) -> dict[str, Any]:
+    """A status as the status patch writes it: wire names, and only the fields a reconcile set (None: removed)."""
+    return status.model_dump(mode="json", exclude_unset=True)
 
 
 def failed_reconcile(body: Mapping[str, Any], reason: str, message: str, now: str) -> Decision:
@@ -440,25 +473,24 @@ def failed_reconcile(body: Mapping[str, Any], reason: str, message: str, now: st
     of its own. An object with a phase keeps it and the rest of its status: a finished run must never read as one to
     plan again because a request failed. One without a phase yet reads Pending, blocked by that error. The next
     reconcile that succeeds turns the condition False."""
-    status = body.get("status") or {}
-    if not status.get("phase"):
+    status = CommonStatus.read(body.get("status"))
+    error = cond(ERROR_CONDITION, "True", reason, message)
+    if not status.phase:
         decision = blocked(body, reason, message, now)
-        conds = merge_conditions(
-            decision.status["conditions"],
-            [Condition(ERROR_CONDITION, "True", reason, message)],
-            now,
-            body["metadata"].get("generation"),
+        generation = body["metadata"].get("generation")
+        before = CommonStatus.read(decision.status).conditions
+        conds = merge_conditions(before, [error], now, generation)
+        return Decision(
+            status={**decision.status, **serialised(CommonStatus(conditions=conds))}, events=decision.events
         )
-        return Decision(status={**decision.status, "conditions": conds}, events=decision.events)
-    error = Condition(ERROR_CONDITION, "True", reason, message)
-    conds = merge_conditions(status.get("conditions") or [], [error], now, status.get("observedGeneration"))
-    return Decision(status={"conditions": conds})
+    conds = merge_conditions(status.conditions, [error], now, status.observed_generation)
+    return Decision(status=serialised(CommonStatus(conditions=conds)))
 
 
 def blocked(body: Mapping[str, Any], reason: str, message: str, now: str) -> Decision:
     """Pending with `reason` (ChildConflict, ApiError): the run cannot start until someone acts; retried at resync."""
-    conds = [Condition("JobCreated", "False", reason, message), Condition("Ready", "False", reason, message)]
-    return _decided(body, now, "Pending", reason, message, conds)
+    conds = [cond("JobCreated", "False", reason, message), cond("Ready", "False", reason, message)]
+    return _decided(body, now, "Pending", reason, message, conds, CommonStatus())
 
 
 def foreign_child(desired: Mapping[str, Any], existing: Mapping[str, Any] | None) -> str | None:
@@ -481,13 +513,14 @@ def foreign_child(desired: Mapping[str, Any], existing: Mapping[str, Any] | None
 
 def warning_condition(warnings: Sequence[str]) -> Condition:
     if warnings:
-        return Condition("Warning", "True", "RunWarnings", "; ".join(warnings))
-    return Condition("Warning", "False", "NoWarnings", "")
+        return cond("Warning", "True", "RunWarnings", "; ".join(warnings))
+    return cond("Warning", "False", "NoWarnings", "")
 
 
-def _transition_events(old: Mapping[str, Any], new: Mapping[str, Any], reason: str) -> list[Event]:
+def _transition_events(old: CommonStatus, new: CommonStatus, reason: str) -> list[Event]:
     # A status without a run (Waiting) leaves the run id it had: only a new run id is a new run.
-    if old.get("phase") == new["phase"] and old.get("runHash") == new.get("runHash", old.get("runHash")):
+    run_hash = new.run_hash if "run_hash" in new.model_fields_set else old.run_hash
+    if old.phase == new.phase and old.run_hash == run_hash:
         return []
-    warn = new["phase"] == "Failed" or reason in STALLED_REASONS or reason.endswith("NotFound")
-    return [Event("Warning" if warn else "Normal", reason, f"{new['phase']}: {new['message']}")]
+    warn = new.phase == "Failed" or reason in STALLED_REASONS or reason.endswith("NotFound")
+    return [Event("Warning" if warn else "Normal", reason, f"{new.phase}: {new.message}")]

@@ -13,8 +13,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from kleinstyle.contract.early_stop import stop_cause
+from kleinstyle.contract.reports import TrainReport, read_report
 
-from .conditions import condition
+from .api import BY_KIND
+from .api.common import CommonStatus
+from .api.generationjob import GenerationJobStatus
+from .api.lorafusion import LoRAFusionStatus
+from .api.stylelora import StyleLoRAStatus
 from .kueue import QUEUE_REASONS
 from .naming import NODE_POOL
 from .reconcile import TERMINAL
@@ -25,17 +30,32 @@ class Change:
     kind: str
     namespace: str
     name: str
-    before: Mapping[str, Any]  # status before the reconcile
-    after: Mapping[str, Any]  # status after it
+    before: CommonStatus  # status before the reconcile (the kind's status model)
+    after: CommonStatus  # status after it
     jobs: Mapping[str, Mapping[str, Any]]  # the owner's Jobs, by name
     now: datetime
 
+    @classmethod
+    def of(
+        cls,
+        kind: str,
+        namespace: str,
+        name: str,
+        before: Mapping[str, Any],
+        after: Mapping[str, Any],
+        jobs: Mapping[str, Mapping[str, Any]],
+        now: datetime,
+    ) -> Change:
+        """The change between two statuses as the API holds them, read with the kind's status model."""
+        model = BY_KIND[kind].status
+        return cls(kind, namespace, name, model.read(before), model.read(after), jobs, now)
+
     @property
     def same_run(self) -> bool:
-        return self.before.get("runHash") == self.after.get("runHash")
+        return self.before.run_hash == self.after.run_hash
 
-    def job(self, status: Mapping[str, Any]) -> Mapping[str, Any] | None:
-        return self.jobs.get(status.get("jobName") or "")
+    def job(self, status: CommonStatus) -> Mapping[str, Any] | None:
+        return self.jobs.get(status.job_name or "")
 
 
 def parse_time(value: Any) -> datetime | None:
@@ -52,9 +72,9 @@ def _seconds(start: Any, end: datetime | None) -> float | None:
     return max(0.0, (end - begun).total_seconds()) if begun and end else None
 
 
-def ready_reason(status: Mapping[str, Any]) -> str:
-    reason: str = (condition({"status": status}, "Ready") or {}).get("reason", "")
-    return reason
+def ready_reason(status: CommonStatus) -> str:
+    ready = status.condition("Ready")
+    return ready.reason if ready else ""
 
 
 def gpus_of(job: Mapping[str, Any] | None) -> tuple[int, str]:
@@ -66,13 +86,15 @@ def gpus_of(job: Mapping[str, Any] | None) -> tuple[int, str]:
     return gpus, ((job.get("metadata") or {}).get("labels") or {}).get(NODE_POOL, "")
 
 
-def _running(status: Mapping[str, Any]) -> bool:
+def _running(status: CommonStatus) -> bool:
     """A pod of the run may be running: started, not finished, not suspended by Kueue."""
     return (
-        bool(status.get("startTime"))
-        and status.get("phase") in ("Pending", "Running")
-        and (ready_reason(status) not in QUEUE_REASONS)
+        bool(status.start_time) and status.phase in ("Pending", "Running") and ready_reason(status) not in QUEUE_REASONS
     )
+
+
+def _evicted_at(status: CommonStatus) -> datetime | None:
+    return parse_time(status.queue.last_eviction_time if status.queue else None)
 
 
 def gpu_seconds(change: Change) -> tuple[float, str] | None:
@@ -80,23 +102,23 @@ def gpu_seconds(change: Change) -> tuple[float, str] | None:
     before, after = change.before, change.after
     if _running(before):
         stopped = (
-            after.get("phase") in TERMINAL
+            after.phase in TERMINAL
             or not change.same_run
-            or after.get("startTime") != before.get("startTime")
+            or after.start_time != before.start_time
             or ready_reason(after) in QUEUE_REASONS
         )
         if not stopped:
             return None
-        status, start = before, before.get("startTime")
-    elif after.get("phase") in TERMINAL and before.get("phase") not in TERMINAL and after.get("startTime"):
-        status, start = after, after.get("startTime")  # started and finished between two reconciles
+        status, start = before, before.start_time
+    elif after.phase in TERMINAL and before.phase not in TERMINAL and after.start_time:
+        status, start = after, after.start_time  # started and finished between two reconciles
     else:
         return None
     end = change.now
-    if change.same_run and after.get("completionTime"):
-        end = parse_time(after["completionTime"]) or end
+    if change.same_run and after.completion_time:
+        end = parse_time(after.completion_time) or end
     elif ready_reason(after) in QUEUE_REASONS:
-        end = parse_time((after.get("queue") or {}).get("lastEvictionTime")) or end
+        end = _evicted_at(after) or end
     gpus, pool = gpus_of(change.job(status))
     seconds = _seconds(start, end)
     return (gpus * seconds, pool) if gpus and seconds is not None else None
@@ -105,16 +127,13 @@ def gpu_seconds(change: Change) -> tuple[float, str] | None:
 def queue_wait(change: Change) -> float | None:
     """Seconds from the Job's creation (or its last eviction) to its start, when it has just started."""
     after = change.after
-    start = parse_time(after.get("startTime"))
-    if start is None or (change.same_run and change.before.get("startTime") == after.get("startTime")):
+    start = parse_time(after.start_time)
+    if start is None or (change.same_run and change.before.start_time == after.start_time):
         return None
     job = change.job(after)
     if job is None:
         return None
-    since = [
-        parse_time((job.get("metadata") or {}).get("creationTimestamp")),
-        parse_time((after.get("queue") or {}).get("lastEvictionTime")),
-    ]
+    since = [parse_time((job.get("metadata") or {}).get("creationTimestamp")), _evicted_at(after)]
     waited_from = max((t for t in since if t is not None and t <= start), default=None)
     return (start - waited_from).total_seconds() if waited_from else None
 
@@ -122,16 +141,17 @@ def queue_wait(change: Change) -> float | None:
 def finished_run(change: Change) -> tuple[str, float | None] | None:
     """(outcome, seconds the run's pods ran) when the run has just finished."""
     after = change.after
-    if after.get("phase") not in TERMINAL or (change.same_run and change.before.get("phase") in TERMINAL):
+    if after.phase not in TERMINAL or (change.same_run and change.before.phase in TERMINAL):
         return None
-    if not after.get("jobName"):
+    if not after.job_name:
         return None  # an invalid spec: no run
-    end = parse_time(after.get("completionTime")) or change.now
-    return after["phase"], _seconds(after.get("startTime"), end)
+    end = parse_time(after.completion_time) or change.now
+    return after.phase, _seconds(after.start_time, end)
 
 
-def _scored_steps(status: Mapping[str, Any]) -> set[int]:
-    return {c["step"] for c in status.get("checkpoints") or [] if c.get("score") is not None and "step" in c}
+def _scored_steps(status: CommonStatus) -> set[int]:
+    checkpoints = status.checkpoints if isinstance(status, StyleLoRAStatus) else []
+    return {c.step for c in checkpoints if c.score is not None}
 
 
 def checkpoints_scored(change: Change) -> int:
@@ -142,7 +162,7 @@ def checkpoints_scored(change: Change) -> int:
 def early_stop(change: Change) -> str | None:
     """Why a StyleLoRA stopped before its planned steps, when its run has just finished."""
     done = finished_run(change)
-    reason = change.after.get("stopReason")
+    reason = change.after.stop_reason if isinstance(change.after, StyleLoRAStatus) else None
     if done is None or done[0] != "Succeeded" or not reason:
         return None
     cause = stop_cause(reason)
@@ -150,13 +170,19 @@ def early_stop(change: Change) -> str | None:
 
 
 def images_rendered(change: Change) -> int:
-    earlier = int(change.before.get("imagesDone") or 0) if change.same_run else 0
-    return max(0, int(change.after.get("imagesDone") or 0) - earlier)
+    before, after = change.before, change.after
+    if not isinstance(after, GenerationJobStatus):
+        return 0
+    earlier = (before.images_done or 0) if change.same_run and isinstance(before, GenerationJobStatus) else 0
+    return max(0, (after.images_done or 0) - earlier)
 
 
 def fusion_seconds(change: Change) -> float | None:
-    seconds = change.after.get("durationSeconds")
-    if seconds is None or (change.same_run and change.before.get("durationSeconds") == seconds):
+    before, after = change.before, change.after
+    seconds = after.duration_seconds if isinstance(after, LoRAFusionStatus) else None
+    if seconds is None or (
+        change.same_run and isinstance(before, LoRAFusionStatus) and before.duration_seconds == seconds
+    ):
         return None
     return float(seconds)
 
@@ -164,13 +190,22 @@ def fusion_seconds(change: Change) -> float | None:
 def training(change: Change) -> dict[str, float] | None:
     """Step, total steps, loss and ETA of a StyleLoRA while it trains; None otherwise."""
     after = change.after
-    if change.kind != "StyleLoRA" or after.get("phase") != "Running" or after.get("step") is None:
+    if not isinstance(after, StyleLoRAStatus) or after.phase != "Running" or after.step is None:
         return None
-    values = {"step": after.get("step"), "total_steps": after.get("totalSteps"), "loss": after.get("loss")}
-    report = after.get("progress") or {}
-    if report.get("runHash") == after.get("runHash"):
-        values["eta_seconds"] = (report.get("progress") or {}).get("etaSeconds")
-    return {key: float(value) for key, value in values.items() if isinstance(value, int | float)}
+    values = {"step": after.step, "total_steps": after.total_steps, "loss": after.loss}
+    values["eta_seconds"] = _eta(after)
+    return {key: float(value) for key, value in values.items() if value is not None}
+
+
+def _eta(status: StyleLoRAStatus) -> float | None:
+    """The ETA the current run last reported (a report of another run, or a malformed one, has none)."""
+    try:
+        report = read_report(status.progress)
+    except ValueError:
+        return None
+    if not isinstance(report, TrainReport) or report.run_hash != status.run_hash or report.progress is None:
+        return None
+    return report.progress.eta_seconds
 
 
 def queued_since(change: Change) -> float | None:
@@ -179,7 +214,5 @@ def queued_since(change: Change) -> float | None:
     if ready_reason(after) not in QUEUE_REASONS:
         return None
     job = change.job(after)
-    since = parse_time((after.get("queue") or {}).get("lastEvictionTime")) or parse_time(
-        ((job or {}).get("metadata") or {}).get("creationTimestamp")
-    )
+    since = _evicted_at(after) or parse_time(((job or {}).get("metadata") or {}).get("creationTimestamp"))
     return since.timestamp() if since else None

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from kleinstyle.contract.early_stop import Decision, Judged, ProbeScores
+from kleinstyle.contract.early_stop import Judged, ProbeScores, Verdict
 from kleinstyle.runtime.klein.arch import lora_linear_names
 from kleinstyle.runtime.klein.dataset import read_dataset
 from kleinstyle.runtime.klein.evaluate import (
@@ -106,7 +106,7 @@ def test_the_gallery_has_a_row_per_evaluated_step(evaluator: Evaluator, tiny_kle
     evaluator.score(0, None)
     one = evaluator.gallery(None)
     evaluator.score(100, _random_lora(tiny_klein, tmp_path / "l.safetensors", scale=0.3))
-    decision = Decision(100, False, "still improving", (Judged(100, 0.93, True),), base_score=0.92)
+    decision = Verdict(100, False, "still improving", (Judged(100, 0.93, True),), base_score=0.92)
     two = evaluator.gallery(decision)
     assert two.width == one.width and two.height > one.height  # one more row of 4 probes
     assert sorted(p.name for p in (evaluator.cache_dir / "step_000100").iterdir()) == [

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel
 from pydantic.config import JsonDict
 
-from .common import API_VERSION, GROUP, VERSION, cel
+from .common import API_VERSION, GROUP, VERSION, CommonStatus, cel
 from .generationjob import GenerationJobSpec, GenerationJobStatus
 from .lorafusion import LoRAFusionSpec, LoRAFusionStatus
 from .styleboard import StyleBoardSpec, StyleBoardStatus
@@ -31,7 +31,7 @@ class Kind:
     plural: str
     short_names: tuple[str, ...]
     spec: type[BaseModel]
-    status: type[BaseModel]
+    status: type[CommonStatus]
     description: str
     columns: tuple[PrinterColumn, ...]
     # CEL rules on the whole object (the only place a rule may read metadata.name).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from .common import (
     ARTIFACT_POLICY_DESCRIPTION,
@@ -16,6 +16,7 @@ from .common import (
     ModelSelection,
     Scheduling,
     SecretKeySelector,
+    StatusModel,
     cel,
 )
 
@@ -48,7 +49,7 @@ class Reformulation(Model):
         default="gemini", description="gemini (Google Gemini API) or openrouter (OpenAI-compatible API)."
     )
     model: str | None = Field(default=None, description="Model name; empty: the provider's default.", max_length=128)
-    apiKeySecret: SecretKeySelector | None = Field(
+    api_key_secret: SecretKeySelector | None = Field(
         default=None,
         description="Secret key holding the provider's API key (an env var in the pod, never logged). Without it "
         "prompts are used raw, with the trigger words, and a Warning condition says so.",
@@ -60,7 +61,6 @@ class GenerationJobSpec(Model):
 
     model_config = ConfigDict(
         extra="forbid",
-        populate_by_name=True,
         json_schema_extra={
             "x-kubernetes-validations": [cel(f"self.seed + self.count - 1 <= {MAX_SEED}", LAST_SEED_RULE, ".seed")]
         },
@@ -74,8 +74,8 @@ class GenerationJobSpec(Model):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["kind", "name"]},
     )
     prompts: list[Prompt] = Field(description="Prompts to render, 1 to 64.", min_length=1, max_length=64)
-    negativePrompt: str = Field(default="", max_length=4000, description="Negative prompt for real CFG.")
-    textPipeline: Literal["auto", "on", "off"] = Field(
+    negative_prompt: str = Field(default="", max_length=4000, description="Negative prompt for real CFG.")
+    text_pipeline: Literal["auto", "on", "off"] = Field(
         default="auto",
         description="Gemini prompt reformulation: auto (policy: off for boards of 1-3 images), on, or off. "
         "Off, prompts are used as written with the LoRAs' trigger words in front.",
@@ -91,7 +91,7 @@ class GenerationJobSpec(Model):
     count: int = Field(default=1, ge=1, le=16, description="Images per prompt, 1 to 16.")
     model: ModelSelection = Field(default_factory=ModelSelection, description="Base model.")
     scheduling: Scheduling = Field(default_factory=Scheduling, description="Queue, priority and node pool.")
-    artifactPolicy: ArtifactPolicy = Field(default="Retain", description=ARTIFACT_POLICY_DESCRIPTION)
+    artifact_policy: ArtifactPolicy = Field(default="Retain", description=ARTIFACT_POLICY_DESCRIPTION)
 
     @model_validator(mode="after")
     def _last_seed_fits(self) -> GenerationJobSpec:
@@ -102,55 +102,49 @@ class GenerationJobSpec(Model):
         return self
 
 
-class GeneratedImage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class GeneratedImage(StatusModel):
     uri: str = Field(description="Where the PNG is (its text chunks and a .json beside it hold the full record).")
-    promptIndex: int = Field(description="Which prompt (1-based; see prompts for the text actually rendered).")
+    prompt_index: int = Field(description="Which prompt (1-based; see prompts for the text actually rendered).")
     seed: int = Field(description="Seed of this image.")
     seconds: float | None = Field(default=None, description="Render time (empty: rendered by an earlier pod).")
 
 
-class GeneratedPrompt(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class GeneratedPrompt(StatusModel):
     index: int = Field(description="Position in spec.prompts, 1-based.")
-    promptUsed: str = Field(description="The prompt actually rendered: reformulated, or with the trigger words.")
+    prompt_used: str = Field(description="The prompt actually rendered: reformulated, or with the trigger words.")
     reformulated: bool = Field(description="Whether the text pipeline reformulated it.")
 
 
-class RenderSettings(BaseModel):
+class RenderSettings(StatusModel):
     """What the run renders, after the text-pipeline policy and the operator's generationLimits."""
-
-    model_config = ConfigDict(extra="ignore")
 
     width: int = Field(description="Width in pixels.")
     height: int = Field(description="Height in pixels.")
     steps: int = Field(description="Inference steps.")
     guidance: float = Field(description="CFG guidance scale.")
-    textPipeline: Literal["on", "off"] = Field(description="Whether prompts are reformulated.")
-    textPipelineReason: str = Field(description="Why (the spec, or the LoRAs' training plans under auto).")
-    triggerWords: list[str] = Field(default_factory=list, description="Trigger words put in front of prompts.")
+    text_pipeline: Literal["on", "off"] = Field(description="Whether prompts are reformulated.")
+    text_pipeline_reason: str = Field(description="Why (the spec, or the LoRAs' training plans under auto).")
+    trigger_words: list[str] = Field(default_factory=list, description="Trigger words put in front of prompts.")
 
 
-class GenerationJobOutcome(BaseModel):
+class GenerationJobOutcome(StatusModel):
     """What the current run reports: rewritten from its progress and result on every reconcile, emptied otherwise."""
 
-    imagesDone: int | None = Field(default=None, description="Images rendered so far.")
-    progressText: str | None = Field(default=None, description="done/total images, for kubectl get.")
+    images_done: int | None = Field(default=None, description="Images rendered so far.")
+    progress_text: str | None = Field(default=None, description="done/total images, for kubectl get.")
     images: list[GeneratedImage] = Field(
         default_factory=list,
         description="Rendered images, in prompt-seed order.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["uri"]},
     )
     prompts: list[GeneratedPrompt] = Field(default_factory=list, description="The prompt each image rendered with.")
-    contactSheetURI: str | None = Field(default=None, description="A labelled grid of all images.")
+    contact_sheet_uri: str | None = Field(default=None, description="A labelled grid of all images.")
 
 
-class GenerationJobPlanned(BaseModel):
+class GenerationJobPlanned(StatusModel):
     """Known as soon as the run is planned, before any Job runs."""
 
-    imagesTotal: int | None = Field(default=None, description="Images to render (prompts x count).")
+    images_total: int | None = Field(default=None, description="Images to render (prompts x count).")
     render: RenderSettings | None = Field(default=None, description="What the run renders, and why.")
 
 

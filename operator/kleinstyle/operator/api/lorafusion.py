@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
-from .common import ARTIFACT_POLICY_DESCRIPTION, ArtifactPolicy, CommonStatus, Model, Scheduling, cel
+from .common import ARTIFACT_POLICY_DESCRIPTION, ArtifactPolicy, CommonStatus, Model, Scheduling, StatusModel, cel
 from .generationjob import LoRAReference
 
 
@@ -59,32 +59,32 @@ class LoRAFusionSpec(Model):
         ),
     )
     scheduling: Scheduling = Field(default_factory=Scheduling, description="Queue, priority and node pool.")
-    artifactPolicy: ArtifactPolicy = Field(default="Retain", description=ARTIFACT_POLICY_DESCRIPTION)
+    artifact_policy: ArtifactPolicy = Field(default="Retain", description=ARTIFACT_POLICY_DESCRIPTION)
 
 
-class LoRAFusionOutcome(BaseModel):
+class LoRAFusionOutcome(StatusModel):
     """What the current run reports: rewritten from its result on every reconcile, emptied otherwise."""
 
-    loraURI: str | None = Field(default=None, description="The fused LoRA.")
+    lora_uri: str | None = Field(default=None, description="The fused LoRA.")
     rank: int | None = Field(default=None, description="Rank of the fused LoRA (the largest over its layers).")
-    energyKept: float | None = Field(
+    energy_kept: float | None = Field(
         default=None, description="Fraction of the fused update's energy (squared Frobenius norm) the LoRA keeps."
     )
-    durationSeconds: float | None = Field(
+    duration_seconds: float | None = Field(
         default=None, description="Time the fusion took, reading and writing included."
     )
 
 
-class LoRAFusionPlanned(BaseModel):
+class LoRAFusionPlanned(StatusModel):
     """What GenerationJobs read of the fused LoRA: known from its sources as soon as the run is planned."""
 
-    triggerWords: list[str] = Field(
+    trigger_words: list[str] = Field(
         default_factory=list, description="The sources' trigger words; GenerationJobs put them in prompts."
     )
-    textPipeline: bool | None = Field(
+    text_pipeline: bool | None = Field(
         default=None, description="Whether every source's training plan keeps the text pipeline (unset: unknown)."
     )
-    styleProfile: dict[str, Any] | None = Field(
+    style_profile: dict[str, Any] | None = Field(
         default=None,
         description="The first source's L1 STYLE_PROFILE; GenerationJobs reformulate with it.",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
@@ -93,3 +93,5 @@ class LoRAFusionPlanned(BaseModel):
 
 class LoRAFusionStatus(LoRAFusionOutcome, LoRAFusionPlanned, CommonStatus):
     """Observed state of a LoRAFusion."""
+
+    output_field = "lora_uri"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from kleinstyle.contract.style_profile import StyleProfile
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from .common import (
     ARTIFACT_POLICY_DESCRIPTION,
@@ -14,6 +14,7 @@ from .common import (
     CommonStatus,
     Model,
     SecretKeySelector,
+    StatusModel,
     cel,
 )
 
@@ -80,10 +81,10 @@ class Captioning(Model):
         description="Model name; empty: gemini-2.5-pro for gemini, google/gemini-3-flash-preview for openrouter.",
         max_length=128,
     )
-    apiKeySecret: SecretKeySelector | None = Field(
+    api_key_secret: SecretKeySelector | None = Field(
         default=None, description="Secret key holding the provider's API key (mounted as an env var, never logged)."
     )
-    givenCaptions: Literal["use", "fallback"] = Field(
+    given_captions: Literal["use", "fallback"] = Field(
         default="use",
         description=(
             "use: a caption written in images[] is used as written (and flagged when it describes style); the "
@@ -96,7 +97,7 @@ class Captioning(Model):
 class StyleBoardSpec(Model):
     """The reference images of one visual style (5-50 recommended) and how to caption them."""
 
-    triggerWord: str = Field(
+    trigger_word: str = Field(
         description="Token that starts every caption and activates the style in prompts, e.g. bd9style.",
         pattern=r"^[A-Za-z][A-Za-z0-9_-]{1,31}$",
     )
@@ -107,34 +108,28 @@ class StyleBoardSpec(Model):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["source"]},
     )
     captioning: Captioning = Field(default_factory=Captioning, description="Captioning of images without a caption.")
-    storageSecret: str | None = Field(
+    storage_secret: str | None = Field(
         default=None,
         description="Secret with object-store credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY for s3, "
         "GOOGLE_APPLICATION_CREDENTIALS_JSON for gs) used to read s3:// and gs:// sources.",
         max_length=253,
         pattern=DNS1123_SUBDOMAIN,
     )
-    artifactPolicy: ArtifactPolicy = Field(default="Retain", description=ARTIFACT_POLICY_DESCRIPTION)
+    artifact_policy: ArtifactPolicy = Field(default="Retain", description=ARTIFACT_POLICY_DESCRIPTION)
 
 
-class RejectedImage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class RejectedImage(StatusModel):
     source: str = Field(description="The image source as given in the spec.")
     reason: str = Field(description="Why the image was not used.")
 
 
-class DuplicateImage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class DuplicateImage(StatusModel):
     source: str = Field(description="An image that repeats another: exact copies are rejected, near copies kept.")
-    similarTo: str = Field(description="The image it resembles.")
+    similar_to: str = Field(description="The image it resembles.")
     distance: int = Field(description="Hamming distance of the two 64-bit difference hashes (0 = identical).")
 
 
-class ImageCaption(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class ImageCaption(StatusModel):
     file: str = Field(description="Dataset file of the image, e.g. 001.png (its caption is 001.txt).")
     source: str = Field(description="The image source as given in the spec.")
     caption: str = Field(description="The caption the dataset holds, trigger word first.")
@@ -146,45 +141,49 @@ class ImageCaption(BaseModel):
         )
     )
     note: str | None = Field(default=None, description="Why, when it is not plain: the style words, the failure.")
-    styleWords: list[str] = Field(default_factory=list, description="Style descriptors the caption check found.")
+    style_words: list[str] = Field(default_factory=list, description="Style descriptors the caption check found.")
 
 
-class TokenUsage(BaseModel):
+class TokenUsageStatus(StatusModel):
     """Tokens the text provider spent on a run (its calls, cached answers and tokens)."""
-
-    model_config = ConfigDict(extra="ignore")
 
     provider: str = Field(description="Text provider: gemini or openrouter.")
     model: str = Field(description="Model the provider ran.")
     calls: int = Field(description="Calls paid for.")
-    cachedCalls: int = Field(description="Answers served from the answer cache (not paid again).")
-    promptTokens: int = Field(description="Prompt tokens of the paid calls.")
-    outputTokens: int = Field(description="Output tokens of the paid calls, thinking included.")
-    totalTokens: int = Field(description="All tokens of the paid calls.")
+    cached_calls: int = Field(description="Answers served from the answer cache (not paid again).")
+    prompt_tokens: int = Field(description="Prompt tokens of the paid calls.")
+    output_tokens: int = Field(description="Output tokens of the paid calls, thinking included.")
+    total_tokens: int = Field(description="All tokens of the paid calls.")
 
 
-class StyleBoardOutcome(BaseModel):
+class StyleBoardOutcome(StatusModel):
     """What the current run reports: rewritten from its result on every reconcile, emptied otherwise."""
 
-    imagesAccepted: int | None = Field(default=None, description="Images in the dataset.")
-    imagesRejected: int | None = Field(default=None, description="Images left out (see rejected).")
+    images_accepted: int | None = Field(default=None, description="Images in the dataset.")
+    images_rejected: int | None = Field(default=None, description="Images left out (see rejected).")
     rejected: list[RejectedImage] = Field(default_factory=list, description="Each image left out, with its reason.")
     duplicates: list[DuplicateImage] = Field(default_factory=list, description="Exact and near duplicates, flagged.")
-    datasetURI: str | None = Field(default=None, description="The prepared dataset: images with captions beside them.")
+    dataset_uri: str | None = Field(default=None, description="The prepared dataset: images with captions beside them.")
     captioning: str | None = Field(
         default=None, description="How the captions were obtained, e.g. '6 generated, 2 given by gemini (...)'."
     )
     captions: list[ImageCaption] = Field(default_factory=list, description="Each dataset image's caption and origin.")
-    styleProfile: StyleProfile | None = Field(
+    style_profile: StyleProfile | None = Field(
         default=None,
         description=(
             "The L1 STYLE_PROFILE (the write-up's structure, docs/policy.md); bounded to about 8 KiB, so it always "
             "fits here. Whether generation uses it is the StyleLoRA plan's textPipeline decision."
         ),
     )
-    styleProfileImages: list[str] = Field(default_factory=list, description="Dataset files the profile was made from.")
-    tokenUsage: TokenUsage | None = Field(default=None, description="Tokens the text provider spent on this run.")
+    style_profile_images: list[str] = Field(
+        default_factory=list, description="Dataset files the profile was made from."
+    )
+    token_usage: TokenUsageStatus | None = Field(
+        default=None, description="Tokens the text provider spent on this run."
+    )
 
 
 class StyleBoardStatus(StyleBoardOutcome, CommonStatus):
     """Observed state of a StyleBoard."""
+
+    output_field = "dataset_uri"

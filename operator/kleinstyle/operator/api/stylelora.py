@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from .common import (
     ARTIFACT_POLICY_DESCRIPTION,
@@ -14,6 +14,7 @@ from .common import (
     ModelSelection,
     ObjectReference,
     Scheduling,
+    StatusModel,
     cel,
 )
 
@@ -45,14 +46,14 @@ class TrainingSettings(Model):
     optimizer: Literal["adafactor", "adamw8bit", "adamw"] | None = Field(
         default=None, description="Optimizer: adafactor (policy default), adamw8bit or adamw."
     )
-    learningRate: float | None = Field(
+    learning_rate: float | None = Field(
         default=None, gt=0, le=0.01, description="Learning rate, greater than 0 and at most 0.01 (policy: 1e-4)."
     )
-    weightDecay: float | None = Field(default=None, ge=0, le=1, description="Weight decay (policy: 1e-4).")
+    weight_decay: float | None = Field(default=None, ge=0, le=1, description="Weight decay (policy: 1e-4).")
     steps: int | None = Field(
         default=None, ge=100, le=10000, description="Training steps, 100 to 10000; unset uses the policy's formula."
     )
-    captionDropout: float | None = Field(
+    caption_dropout: float | None = Field(
         default=None, ge=0, le=1, description="Probability, 0 to 1, of dropping a whole caption (policy: 0.05)."
     )
     resolution: int | None = Field(
@@ -61,7 +62,7 @@ class TrainingSettings(Model):
     scheduler: Literal["cosine", "constant", "linear"] | None = Field(
         default=None, description="Learning-rate schedule (policy: cosine)."
     )
-    targetBlocks: Literal["all", "single", "double", "custom"] = Field(
+    target_blocks: Literal["all", "single", "double", "custom"] = Field(
         default="all",
         description="Which transformer blocks get LoRA layers: all, single (single-stream, style-leaning), "
         "double, or custom (list them in blocks).",
@@ -72,11 +73,11 @@ class TrainingSettings(Model):
         min_length=1,
         max_length=32,
     )
-    checkpointEvery: int | None = Field(
+    checkpoint_every: int | None = Field(
         default=None, ge=50, le=5000, description="Steps between checkpoints (each one is evaluated)."
     )
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1, description="Random seed for a reproducible run.")
-    fp8Base: bool | None = Field(
+    fp8_base: bool | None = Field(
         default=None,
         description="Keep the frozen base weights in float8 (Hopper GPUs: about half the weight memory, fp8 matmuls); "
         "ai-toolkit: its quantize option. Unset: bf16, as the reference runs trained.",
@@ -88,7 +89,7 @@ class EarlyStopping(Model):
 
     enabled: bool = Field(default=True, description="Evaluate checkpoints and stop when they stop improving.")
     patience: int = Field(default=3, ge=1, le=20, description="Evaluations without improvement before stopping.")
-    warmupSteps: int | None = Field(
+    warmup_steps: int | None = Field(
         default=None, ge=0, le=10000, description="No stop before this step; unset: a third of the planned steps."
     )
 
@@ -96,7 +97,7 @@ class EarlyStopping(Model):
 class StyleLoRASpec(Model):
     """A style LoRA trained on a StyleBoard's dataset."""
 
-    boardRef: ObjectReference = Field(description="The StyleBoard whose dataset is used; it must become Ready.")
+    board_ref: ObjectReference = Field(description="The StyleBoard whose dataset is used; it must become Ready.")
     variant: Variant = Field(
         default="auto",
         description="Training recipe: auto picks from the dataset size (the reference matrix); GEM+A (rank 32, "
@@ -107,20 +108,18 @@ class StyleLoRASpec(Model):
         default="standard",
         description="standard, or two-step (a content LoRA first, then the style LoRA on top: ConsisLoRA).",
     )
-    earlyStopping: EarlyStopping = Field(default_factory=EarlyStopping, description="Early stopping.")
+    early_stopping: EarlyStopping = Field(default_factory=EarlyStopping, description="Early stopping.")
     backend: Literal["auto", "ai-toolkit", "builtin"] = Field(
         default="auto", description="Trainer: ai-toolkit, builtin (diffusers + peft), or auto (operator's default)."
     )
     model: ModelSelection = Field(default_factory=ModelSelection, description="Base model.")
     scheduling: Scheduling = Field(default_factory=Scheduling, description="Queue, priority and node pool.")
-    artifactPolicy: ArtifactPolicy = Field(default="Retain", description=ARTIFACT_POLICY_DESCRIPTION)
+    artifact_policy: ArtifactPolicy = Field(default="Retain", description=ARTIFACT_POLICY_DESCRIPTION)
 
 
-class Checkpoint(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class Checkpoint(StatusModel):
     step: int = Field(description="Training step of the checkpoint.")
-    validationLoss: float | None = Field(
+    validation_loss: float | None = Field(
         default=None, description="Flow-matching loss on the references held out of training (fixed noise)."
     )
     uri: str = Field(description="Where the checkpoint is.")
@@ -132,55 +131,93 @@ class Checkpoint(BaseModel):
     loss: float | None = Field(default=None, description="Training loss at the checkpoint.")
 
 
-class StyleLoRAOutcome(BaseModel):
+class StyleLoRAOutcome(StatusModel):
     """What the current run reports: rewritten from its progress and result on every reconcile, emptied otherwise."""
 
     step: int | None = Field(default=None, description="Current training step.")
-    stopRequest: str | None = Field(
+    stop_request: str | None = Field(
         default=None,
         description="Output only: the stop the kleinstyle.dev/stop annotation asks of the current run (its reason), "
         'as the operator read it. To stop a run, annotate the StyleLoRA with kleinstyle.dev/stop="RUNHASH: '
         'reason"; nothing reads this field.',
     )
-    progressText: str | None = Field(default=None, description="step/total and percent, for kubectl get.")
+    progress_text: str | None = Field(default=None, description="step/total and percent, for kubectl get.")
     loss: float | None = Field(default=None, description="Latest training loss.")
     eta: str | None = Field(default=None, description="Estimated time left.")
     checkpoints: list[Checkpoint] = Field(default_factory=list, description="Checkpoints with their scores.")
-    bestCheckpoint: int | None = Field(
+    best_checkpoint: int | None = Field(
         default=None,
         description="Step of the best checkpoint: the earliest within one standard error of the top score and "
         "above the base model's; 0 when the base model beats every checkpoint (then no LoRA is published).",
     )
-    baseScore: float | None = Field(default=None, description="The base model's score J (step 0), the bar to beat.")
-    checkpointGalleryURI: str | None = Field(
+    base_score: float | None = Field(default=None, description="The base model's score J (step 0), the bar to beat.")
+    checkpoint_gallery_uri: str | None = Field(
         default=None,
         description="A contact sheet of every evaluated step's probe renders, the base model first, titled with "
         "their scores: why a checkpoint won.",
     )
-    earlyStopping: str | None = Field(default=None, description="The early-stopping policy's latest verdict.")
-    loraStep: int | None = Field(default=None, description="The step of the checkpoint that became the LoRA.")
-    loraURI: str | None = Field(default=None, description="The trained LoRA (the best checkpoint).")
-    stopReason: str | None = Field(default=None, description="Why training ended.")
+    early_stopping: str | None = Field(default=None, description="The early-stopping policy's latest verdict.")
+    lora_step: int | None = Field(default=None, description="The step of the checkpoint that became the LoRA.")
+    lora_uri: str | None = Field(default=None, description="The trained LoRA (the best checkpoint).")
+    stop_reason: str | None = Field(default=None, description="Why training ended.")
 
 
-class StyleLoRAPlanned(BaseModel):
+class ContentStage(StatusModel):
+    """Two-step mode: the content LoRA trained first."""
+
+    rank: int | None = Field(default=None, description="Its LoRA rank.")
+    steps: int | None = Field(default=None, description="Its training steps.")
+
+
+class PlanSummary(StatusModel):
+    """Key values of the training plan and where they came from (each optional: read leniently, written whole)."""
+
+    variant: str | None = Field(default=None, description="The recipe the plan follows: GEM+A, GEM+B, B_r128 or GEM+D.")
+    variant_reason: str | None = Field(
+        default=None, description="Why that recipe (the dataset-size matrix, or the spec)."
+    )
+    rank: int | None = Field(default=None, description="LoRA rank.")
+    alpha: int | None = Field(default=None, description="LoRA alpha.")
+    optimizer: str | None = Field(default=None, description="Optimizer.")
+    learning_rate: float | None = Field(default=None, description="Learning rate.")
+    steps: int | None = Field(default=None, description="Training steps.")
+    steps_reason: str | None = Field(
+        default=None, description="Why that many steps (the policy's formula, a cap, or the spec)."
+    )
+    checkpoint_every: int | None = Field(default=None, description="Steps between checkpoints.")
+    caption_dropout: float | None = Field(default=None, description="Probability of dropping a whole caption.")
+    resolution: int | None = Field(default=None, description="Training resolution in pixels.")
+    target_blocks: str | None = Field(default=None, description="Which transformer blocks get LoRA layers.")
+    early_stopping: bool | None = Field(
+        default=None, description="Whether checkpoints are evaluated and training stops at the best."
+    )
+    mode: str | None = Field(default=None, description="standard, or two-step (a content LoRA first).")
+    content_stage: ContentStage | None = Field(default=None, description="Two-step mode: the content stage.")
+    text_pipeline: bool | None = Field(
+        default=None, description="Whether generation reformulates prompts with the style profile."
+    )
+    from_spec: list[str] = Field(default_factory=list, description="The settings the spec set (the rest: policy).")
+    hash: str | None = Field(default=None, description="Hash of the whole plan.")
+
+
+class StyleLoRAPlanned(StatusModel):
     """Known as soon as the run is planned, before any Job runs."""
 
-    totalSteps: int | None = Field(default=None, description="Planned training steps.")
-    triggerWord: str | None = Field(
+    total_steps: int | None = Field(default=None, description="Planned training steps.")
+    trigger_word: str | None = Field(
         default=None, description="The trigger word the LoRA is trained with; GenerationJobs put it in prompts."
     )
-    styleProfile: dict[str, Any] | None = Field(
+    style_profile: dict[str, Any] | None = Field(
         default=None,
         description="The board's L1 STYLE_PROFILE this LoRA was trained with; GenerationJobs reformulate with it.",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
-    plan: dict[str, Any] | None = Field(
-        default=None,
-        description="Key values of the training plan and where each came from (policy or spec).",
-        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    plan: PlanSummary | None = Field(
+        default=None, description="Key values of the training plan and where each came from (policy or spec)."
     )
 
 
 class StyleLoRAStatus(StyleLoRAOutcome, StyleLoRAPlanned, CommonStatus):
     """Observed state of a StyleLoRA."""
+
+    output_field = "lora_uri"

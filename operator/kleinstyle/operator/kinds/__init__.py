@@ -11,7 +11,7 @@ from .styleboard import StyleBoardRuns
 from .stylelora import StyleLoRARuns
 
 # By kind name: what reconcile reads of an object of any kind (its report checked to be of the kind's step).
-KIND_RUNS: dict[str, KindRuns[Any, Any, Any, Any]] = {
+KIND_RUNS: dict[str, KindRuns[Any, Any, Any, Any, Any]] = {
     runs.kind.kind: runs for runs in (StyleBoardRuns(), StyleLoRARuns(), GenerationJobRuns(), LoRAFusionRuns())
 }
 

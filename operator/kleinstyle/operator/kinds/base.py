@@ -21,7 +21,7 @@ from kleinstyle.contract.runspec import FuseSpec, GenerateSpec, Owner, PrepareSp
 from pydantic import BaseModel
 
 from ..api import BY_KIND, Kind
-from ..api.common import API_VERSION, Scheduling
+from ..api.common import API_VERSION, CommonStatus, RunInput, Scheduling
 from ..children import GPU_STEPS, InvalidSpec, Run, SecretEnv
 from ..conditions import true_condition
 from ..config import OperatorConfig
@@ -30,7 +30,6 @@ from ..naming import RUN_HASH
 Dependencies = Mapping[tuple[str, str], Mapping[str, Any] | None]
 # The Jobs of each dependency (every Job labelled with its uid), from the operator's own index.
 DependencyJobs = Mapping[tuple[str, str], Sequence[Mapping[str, Any]]]
-Fields = dict[str, Any]
 # A run id as the operator writes it (hex, RUN_ID_LENGTH at most): anything else in a status names no run of ours.
 RUN_ID = re.compile(rf"[0-9a-f]{{1,{RUN_ID_LENGTH}}}")
 
@@ -39,8 +38,6 @@ RUN_ID = re.compile(rf"[0-9a-f]{{1,{RUN_ID_LENGTH}}}")
 class Dependency:
     kind: str
     name: str
-    # The status field that must be set once the dependency has Succeeded (what a user reads).
-    output: str
     # What the run consumes, inside the dependency's run folder (contract.layout): its place is derived from the
     # dependency's uid and run, never read from its status.
     artifact: str
@@ -65,10 +62,16 @@ def controlled_by(child: Mapping[str, Any], uid: str) -> bool:
     return controllers == [uid]
 
 
+def status_of(obj: Mapping[str, Any]) -> CommonStatus:
+    """`obj`'s status as its kind's model reads it (`CommonStatus.read`: what does not validate is left out)."""
+    kind = BY_KIND.get(str(obj.get("kind")))
+    return (kind.status if kind else CommonStatus).read(obj.get("status"))
+
+
 def status_run_id(obj: Mapping[str, Any]) -> str | None:
     """The run id `obj`'s status names, when it is one the operator could have written (hex, short); else None."""
-    run_id = (obj.get("status") or {}).get("runHash")
-    return run_id if isinstance(run_id, str) and RUN_ID.fullmatch(run_id) else None
+    run_id = CommonStatus.read(obj.get("status")).run_hash
+    return run_id if run_id is not None and RUN_ID.fullmatch(run_id) else None
 
 
 def recorded_run(obj: Mapping[str, Any], jobs: Sequence[Mapping[str, Any]], *, complete: bool = True) -> str | None:
@@ -107,25 +110,25 @@ def check_dependencies(deps: list[Dependency], observed: Dependencies, jobs: Dep
         obj = observed.get((dep.kind, dep.name))
         if obj is None:
             raise NotReady(f"{dep.kind}NotFound", f"{dep.kind} {dep.name} does not exist in this namespace")
-        status = obj.get("status") or {}
-        phase = status.get("phase") or "Pending"
+        status = status_of(obj)
+        phase = status.phase or "Pending"
         if phase == "Failed":
-            raise NotReady(f"{dep.kind}Failed", f"{dep.kind} {dep.name} failed: {status.get('message', '')}".strip())
-        current = status.get("observedGeneration") == (obj.get("metadata") or {}).get("generation")
+            raise NotReady(f"{dep.kind}Failed", f"{dep.kind} {dep.name} failed: {status.message or ''}".strip())
+        current = status.observed_generation == (obj.get("metadata") or {}).get("generation")
         if phase != "Succeeded" or not current:
             raise NotReady(f"{dep.kind}NotReady", f"waiting for {dep.kind} {dep.name} (now {phase})")
-        if not status.get(dep.output):  # finished without what is needed of it (a LoRA the base model beat)
-            conditions: list[Mapping[str, Any]] = status.get("conditions") or []
-            warning = next((c for c in conditions if c.get("type") == "Warning"), {})
-            why = warning.get("message") if warning.get("status") == "True" else status.get("message") or ""
+        if not status.output():  # finished without what is needed of it (a LoRA the base model beat)
+            warning = status.condition("Warning")
+            why = warning.message if warning and warning.status == "True" else status.message or ""
+            output = status.output_name()
             raise NotReady(
-                f"{dep.kind}Without{dep.output[0].upper()}{dep.output[1:]}",
-                f"{dep.kind} {dep.name} succeeded without a {dep.output}: {why}".strip(),
+                f"{dep.kind}Without{output[0].upper()}{output[1:]}",
+                f"{dep.kind} {dep.name} succeeded without a {output}: {why}".strip(),
             )
         if recorded_run(obj, jobs.get((dep.kind, dep.name), ())) is None:
             raise NotReady(
                 f"{dep.kind}Unrecorded",
-                f"{dep.kind} {dep.name} says it succeeded (run {status.get('runHash')!s:.20}), but no Job this "
+                f"{dep.kind} {dep.name} says it succeeded (run {status.run_hash!s:.20}), but no Job this "
                 "operator ran for it completed that run: a status is not taken as input",
             )
 
@@ -154,43 +157,37 @@ def find_cycle(
     return visit(start)
 
 
-def inputs(deps: list[Dependency], observed: Dependencies) -> list[dict[str, str]]:
+def inputs(deps: list[Dependency], observed: Dependencies) -> list[RunInput]:
     """What a run is built from: each dependency's kind, name and run (its runHash), for `status.inputs`."""
     return [
-        {
-            "kind": dep.kind,
-            "name": dep.name,
-            "runHash": str(((observed.get((dep.kind, dep.name)) or {}).get("status") or {}).get("runHash") or ""),
-        }
+        RunInput(
+            kind=dep.kind,
+            name=dep.name,
+            run_hash=CommonStatus.read((observed.get((dep.kind, dep.name)) or {}).get("status")).run_hash or "",
+        )
         for dep in deps
     ]
 
 
-def changed_inputs(recorded: Any, observed: Dependencies) -> list[str]:
+def changed_inputs(recorded: Sequence[RunInput], observed: Dependencies) -> list[str]:
     """Which of the inputs a finished run recorded have changed since: retrained, re-prepared or deleted."""
     changed = []
-    for item in recorded if isinstance(recorded, list) else []:
-        obj = observed.get((item.get("kind"), item.get("name")))
+    for item in recorded:
+        obj = observed.get((item.kind, item.name))
         if obj is None:
-            changed.append(f"{item.get('kind')} {item.get('name')} was deleted")
+            changed.append(f"{item.kind} {item.name} was deleted")
             continue
-        now = (obj.get("status") or {}).get("runHash") or ""
-        if now != item.get("runHash"):
-            changed.append(
-                f"{item.get('kind')} {item.get('name')} has a new run ({item.get('runHash')} -> {now or 'none yet'})"
-            )
+        now = CommonStatus.read(obj.get("status")).run_hash or ""
+        if now != item.run_hash:
+            changed.append(f"{item.kind} {item.name} has a new run ({item.run_hash} -> {now or 'none yet'})")
     return changed
-
-
-def status_fields(model: BaseModel) -> Fields:
-    """The fields a kind set on one of its status models, as the status patch writes them."""
-    return model.model_dump(mode="json", exclude_unset=True)
 
 
 SpecT = TypeVar("SpecT", bound=BaseModel)
 WorkT = TypeVar("WorkT", bound=PrepareSpec | TrainSpec | GenerateSpec | FuseSpec)
 ProgressT = TypeVar("ProgressT", bound=StepProgress | None)
 ResultT = TypeVar("ResultT", bound=StepResult)
+StatusT = TypeVar("StatusT", bound=CommonStatus)
 
 
 def work_of(run: Run, work_type: type[WorkT]) -> WorkT:
@@ -201,18 +198,21 @@ def work_of(run: Run, work_type: type[WorkT]) -> WorkT:
     return work
 
 
-class KindRuns(Generic[SpecT, WorkT, ProgressT, ResultT]):
+class KindRuns(Generic[SpecT, WorkT, ProgressT, ResultT, StatusT]):
     """How one kind runs: its spec model (`SpecT`), the step spec its runs carry (`WorkT`), what its runs report
-    while they run (`ProgressT`; None for a step that reports no progress) and once finished (`ResultT`).
-    Subclasses set the class attributes and implement `dependencies` and `build`; the status hooks default to
-    "nothing to say"."""
+    while they run (`ProgressT`; None for a step that reports no progress) and once finished (`ResultT`), and its
+    status model (`StatusT`). Subclasses set the class attributes and implement `dependencies` and `build`; the
+    status hooks return the kind's status with only the fields they know set (`reconcile` merges them and
+    serialises the status once), and default to "nothing to say"."""
 
     kind: ClassVar[Kind]
     step: ClassVar[Step]
     # The status fields a run's progress and result fill: rewritten on every reconcile from the current run, and
     # emptied (to this model's defaults) when there is none, so a value an older run or a pod left never stands.
     outcome: ClassVar[type[BaseModel]]
-    # The step spec of this kind's runs (`run.runspec.work` as `WorkT`, by `work`).
+    # The status model (`kind.status`, as `StatusT`) and the step spec of this kind's runs (`run.runspec.work` as
+    # `WorkT`, by `work`).
+    status_type: type[StatusT]
     work_type: type[WorkT]
 
     def work(self, run: Run) -> WorkT:
@@ -224,26 +224,30 @@ class KindRuns(Generic[SpecT, WorkT, ProgressT, ResultT]):
     def build(self, body: Mapping[str, Any], spec: SpecT, deps: Dependencies, cfg: OperatorConfig) -> Run:
         raise NotImplementedError
 
-    def planned(self, run: Run) -> tuple[Fields, list[str]]:
+    def planned(self, run: Run) -> tuple[StatusT, list[str]]:
         """Status fields (and warnings) known as soon as the run is planned, before any Job runs."""
-        return {}, []
+        return self.status_type(), []
 
-    def requested(self, body: Mapping[str, Any], run: Run) -> tuple[Fields, list[str]]:
+    def requested(self, body: Mapping[str, Any], run: Run) -> tuple[StatusT, list[str]]:
         """Status fields (and warnings) from what a user asked of the current run outside its spec (a stop, by
         annotation): shown, never a condition of anything the operator does."""
-        return {}, []
+        return self.status_type(), []
 
-    def live(self, progress: ProgressT, run: Run) -> Fields:
+    def live(self, progress: ProgressT, run: Run) -> StatusT:
         """Status fields from the running run's progress (step, ETA, images done); a result overrides them."""
-        return {}
+        return self.status_type()
 
-    def result(self, result: ResultT, run: Run) -> Fields:
+    def result(self, result: ResultT, run: Run) -> StatusT:
         """Status fields from the finished run's result: counts and reasons from the pod, locations from the
         RunSpec, never from the pod."""
-        return {}
+        return self.status_type()
 
-    def cleared(self) -> Fields:
-        return {name: field.get_default(call_default_factory=True) for name, field in self.outcome.model_fields.items()}
+    def cleared(self) -> StatusT:
+        """Every outcome field set to its default: the patch empties what an older run or a pod left."""
+        defaults = {
+            name: field.get_default(call_default_factory=True) for name, field in self.outcome.model_fields.items()
+        }
+        return self.status_type.model_validate(defaults)
 
 
 # ---- what every kind's run is built from ----------------------------------------------------------------------
@@ -260,11 +264,11 @@ def artifact_location(cfg: OperatorConfig, owner: Owner, run_hash: str) -> tuple
     if cfg.artifacts.uri:
         uri = f"{cfg.artifacts.uri.rstrip('/')}/{rel}"
         return uri, uri
-    return f"{cfg.artifacts.mountPath}/{rel}", f"pvc://{cfg.artifacts.claimName}/{rel}"
+    return f"{cfg.artifacts.mount_path}/{rel}", f"pvc://{cfg.artifacts.claim_name}/{rel}"
 
 
 def model_path(cfg: OperatorConfig, model_name: str) -> str:
-    return f"{cfg.modelCacheMountPath}/{cfg.modelDirs[model_name]}"
+    return f"{cfg.model_cache_mount_path}/{cfg.model_dirs[model_name]}"
 
 
 def build_run(
@@ -278,9 +282,9 @@ def build_run(
 ) -> Run:
     """The Run of `work` for the object `body`: its RunSpec (named by its hash), placement and secrets."""
     owner = owner_of(kind, body)
-    pool = scheduling.nodePool if scheduling else None
-    if pool is not None and pool not in cfg.nodePools:  # a CPU step too: a spec naming a pool means one
-        known = ", ".join(sorted(cfg.nodePools)) or "none"
+    pool = scheduling.node_pool if scheduling else None
+    if pool is not None and pool not in cfg.node_pools:  # a CPU step too: a spec naming a pool means one
+        known = ", ".join(sorted(cfg.node_pools)) or "none"
         raise InvalidSpec(f"spec.scheduling.nodePool: {pool!r} is not a node pool of this operator (known: {known})")
     provisional = RunSpec(owner=owner, output_uri="", output_display_uri="", work=work)
     run_hash = provisional.content_hash()
@@ -293,10 +297,10 @@ def build_run(
         run_hash=run_hash,
         owner_api_version=API_VERSION,
         gpus=scheduling.gpus if scheduling else 0,
-        node_pool=scheduling.nodePool if scheduling else None,
-        queue_name=(scheduling.queueName if scheduling else None)
-        or (cfg.defaultQueueName if work.step in GPU_STEPS else None),
-        priority_class=scheduling.priorityClassName if scheduling else None,
+        node_pool=scheduling.node_pool if scheduling else None,
+        queue_name=(scheduling.queue_name if scheduling else None)
+        or (cfg.default_queue_name if work.step in GPU_STEPS else None),
+        priority_class=scheduling.priority_class_name if scheduling else None,
         secret_env=tuple(secrets),
         reference_claims=tuple(claims or ()),
         generation=body["metadata"].get("generation"),
@@ -307,5 +311,5 @@ def with_provider_url(run: Run, provider: Literal["gemini", "openrouter", "none"
     """The run with the admin's endpoint override for a text provider (textProviderURLs), if any."""
     if provider == "none":
         return run
-    endpoint = cfg.textProviderURLs.get(provider)
+    endpoint = cfg.text_provider_urls.get(provider)
     return replace(run, extra_env={PROVIDER_URL_ENV[provider]: endpoint}) if endpoint else run

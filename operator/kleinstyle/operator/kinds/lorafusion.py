@@ -16,17 +16,18 @@ from kleinstyle.contract.reports import FuseResult
 from kleinstyle.contract.runspec import FuseSpec
 
 from ..api import BY_KIND
-from ..api.lorafusion import LoRAFusionOutcome, LoRAFusionPlanned, LoRAFusionSpec
+from ..api.lorafusion import LoRAFusionOutcome, LoRAFusionSpec, LoRAFusionStatus
 from ..children import Run
 from ..config import OperatorConfig
-from .base import Dependencies, Dependency, Fields, KindRuns, build_run, status_fields
+from .base import Dependencies, Dependency, KindRuns, build_run
 from .loras import lora_dependencies, lora_inputs, lora_style, style_profile, trigger_words
 
 
-class LoRAFusionRuns(KindRuns[LoRAFusionSpec, FuseSpec, None, FuseResult]):
+class LoRAFusionRuns(KindRuns[LoRAFusionSpec, FuseSpec, None, FuseResult, LoRAFusionStatus]):
     kind = BY_KIND["LoRAFusion"]
     step = "fuse"
     outcome = LoRAFusionOutcome
+    status_type = LoRAFusionStatus
     work_type = FuseSpec
 
     def dependencies(self, spec: LoRAFusionSpec) -> list[Dependency]:
@@ -48,18 +49,17 @@ class LoRAFusionRuns(KindRuns[LoRAFusionSpec, FuseSpec, None, FuseResult]):
         )
         return build_run(self.kind, body, work, cfg, spec.scheduling)
 
-    def planned(self, run: Run) -> tuple[Fields, list[str]]:
+    def planned(self, run: Run) -> tuple[LoRAFusionStatus, list[str]]:
         work = self.work(run)
-        planned = LoRAFusionPlanned(
-            triggerWords=list(work.trigger_words), textPipeline=work.text_pipeline, styleProfile=work.style_profile
+        status = LoRAFusionStatus(
+            trigger_words=list(work.trigger_words), text_pipeline=work.text_pipeline, style_profile=work.style_profile
         )
-        return status_fields(planned), []
+        return status, []
 
-    def result(self, result: FuseResult, run: Run) -> Fields:
-        outcome = LoRAFusionOutcome(
-            loraURI=f"{run.runspec.output_display_uri}/{LORA_FILE}",
+    def result(self, result: FuseResult, run: Run) -> LoRAFusionStatus:
+        return LoRAFusionStatus(
+            lora_uri=f"{run.runspec.output_display_uri}/{LORA_FILE}",
             rank=result.rank,
-            energyKept=result.energy_kept,
-            durationSeconds=result.duration_seconds,
+            energy_kept=result.energy_kept,
+            duration_seconds=result.duration_seconds,
         )
-        return status_fields(outcome)

@@ -3,7 +3,7 @@ trigger words, whether its training plan keeps the text pipeline, and the STYLE_
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from kleinstyle.contract.layout import LORA_FILE
@@ -11,16 +11,19 @@ from kleinstyle.contract.prompt_policy import LoraStyle
 from kleinstyle.contract.runspec import LoraInput
 
 from ..api.generationjob import LoRAReference
+from ..api.lorafusion import LoRAFusionStatus
+from ..api.stylelora import StyleLoRAStatus
 from ..config import OperatorConfig
 from .base import Dependencies, Dependency, dependency_path
 
 
 def lora_dependencies(refs: Sequence[LoRAReference]) -> list[Dependency]:
-    return [Dependency(ref.kind, ref.name, "loraURI", LORA_FILE) for ref in refs]
+    return [Dependency(ref.kind, ref.name, LORA_FILE) for ref in refs]
 
 
-def _status(ref: LoRAReference, deps: Dependencies) -> Mapping[str, Any]:
-    return (deps[(ref.kind, ref.name)] or {}).get("status") or {}
+def _status(ref: LoRAReference, deps: Dependencies) -> StyleLoRAStatus | LoRAFusionStatus:
+    status = (deps[(ref.kind, ref.name)] or {}).get("status")
+    return StyleLoRAStatus.read(status) if ref.kind == "StyleLoRA" else LoRAFusionStatus.read(status)
 
 
 def lora_inputs(refs: Sequence[LoRAReference], deps: Dependencies, cfg: OperatorConfig) -> tuple[LoraInput, ...]:
@@ -40,13 +43,12 @@ def lora_style(ref: LoRAReference, deps: Dependencies) -> LoraStyle:
     and `textPipeline` where its status has them (unknown otherwise, which `auto` reads as off)."""
     status = _status(ref, deps)
     label = f"{ref.kind} {ref.name}"
-    if ref.kind == "StyleLoRA":
-        plan = status.get("plan") or {}
-        words = [status.get("triggerWord")]
-        keeps, reason = plan.get("textPipeline"), str(plan.get("variantReason") or "")
+    if isinstance(status, StyleLoRAStatus):
+        keeps, reason = (status.plan.text_pipeline, status.plan.variant_reason or "") if status.plan else (None, "")
+        words = [status.trigger_word]
     else:
-        words = status.get("triggerWords") or []
-        keeps, reason = status.get("textPipeline"), ""
+        words = list(status.trigger_words)
+        keeps, reason = status.text_pipeline, ""
     triggers = tuple(w for w in words if isinstance(w, str) and w)
     return LoraStyle(label, triggers, keeps if isinstance(keeps, bool) else None, reason)
 
@@ -59,7 +61,7 @@ def style_profile(refs: Sequence[LoRAReference], deps: Dependencies) -> dict[str
     """The L1 STYLE_PROFILE the reformulation uses: the first LoRA's `status.styleProfile` (a StyleLoRA carries its
     board's; a fusion its first source's). None: prompts stay raw with a warning."""
     for ref in refs:
-        profile = _status(ref, deps).get("styleProfile")
-        if isinstance(profile, dict):
+        profile = _status(ref, deps).style_profile
+        if profile is not None:
             return profile
     return None

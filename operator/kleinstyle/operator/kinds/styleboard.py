@@ -16,10 +16,18 @@ from kleinstyle.contract.reports import PrepareResult
 from kleinstyle.contract.runspec import FetchPolicy, ImageInput, PrepareSpec
 
 from ..api import BY_KIND
-from ..api.styleboard import DuplicateImage, ImageCaption, RejectedImage, StyleBoardOutcome, StyleBoardSpec, TokenUsage
+from ..api.styleboard import (
+    DuplicateImage,
+    ImageCaption,
+    RejectedImage,
+    StyleBoardOutcome,
+    StyleBoardSpec,
+    StyleBoardStatus,
+    TokenUsageStatus,
+)
 from ..children import InvalidSpec, Run, SecretEnv
 from ..config import OperatorConfig
-from .base import Dependencies, Fields, KindRuns, build_run, status_fields, with_provider_url
+from .base import Dependencies, KindRuns, build_run, with_provider_url
 
 
 def image_input(source: str, caption: str | None, field: str, cfg: OperatorConfig) -> tuple[ImageInput, str | None]:
@@ -28,7 +36,7 @@ def image_input(source: str, caption: str | None, field: str, cfg: OperatorConfi
     claim, the artifact claim holds every tenant's runs."""
     if source.startswith("pvc://"):
         claim, _, path = source[len("pvc://") :].partition("/")
-        own = {cfg.artifacts.claimName: "the artifacts", cfg.modelCacheClaim: "the model cache"}
+        own = {cfg.artifacts.claim_name: "the artifacts", cfg.model_cache_claim: "the model cache"}
         if claim in own:
             raise InvalidSpec(
                 f"{field}: {source} names the claim {claim}, which holds {own[claim]} of kleinstyle; a pvc:// source "
@@ -38,10 +46,11 @@ def image_input(source: str, caption: str | None, field: str, cfg: OperatorConfi
     return ImageInput(source=source, caption=caption), None
 
 
-class StyleBoardRuns(KindRuns[StyleBoardSpec, PrepareSpec, None, PrepareResult]):
+class StyleBoardRuns(KindRuns[StyleBoardSpec, PrepareSpec, None, PrepareResult, StyleBoardStatus]):
     kind = BY_KIND["StyleBoard"]
     step = "prepare"
     outcome = StyleBoardOutcome
+    status_type = StyleBoardStatus
     work_type = PrepareSpec
 
     def build(self, body: Mapping[str, Any], spec: StyleBoardSpec, deps: Dependencies, cfg: OperatorConfig) -> Run:
@@ -52,38 +61,40 @@ class StyleBoardRuns(KindRuns[StyleBoardSpec, PrepareSpec, None, PrepareResult])
             if claim and claim not in claims:
                 claims.append(claim)
         work = PrepareSpec(
-            trigger_word=spec.triggerWord,
+            trigger_word=spec.trigger_word,
             images=tuple(images),
             captioning_provider=spec.captioning.provider,
             captioning_model=spec.captioning.model,
-            given_captions=spec.captioning.givenCaptions,
+            given_captions=spec.captioning.given_captions,
             fetch=FetchPolicy(
-                allowed_cidrs=tuple(cfg.fetchAllowedCIDRs), max_bytes=cfg.fetchMaxBytes, max_pixels=cfg.fetchMaxPixels
+                allowed_cidrs=tuple(cfg.fetch_allowed_cidrs),
+                max_bytes=cfg.fetch_max_bytes,
+                max_pixels=cfg.fetch_max_pixels,
             ),
         )
         secrets: list[SecretEnv] = []
-        key = spec.captioning.apiKeySecret
+        key = spec.captioning.api_key_secret
         if key and spec.captioning.provider in PROVIDER_KEY_ENV:
             # Optional: without the key, prepare uses the given captions and says so in a warning.
             secrets.append(SecretEnv(PROVIDER_KEY_ENV[spec.captioning.provider], key.name, key.key, optional=True))
-        if spec.storageSecret:
+        if spec.storage_secret:
             secrets += [
-                SecretEnv(env, spec.storageSecret, key, optional=True) for key, env in SOURCE_CREDENTIAL_ENV.items()
+                SecretEnv(env, spec.storage_secret, key, optional=True) for key, env in SOURCE_CREDENTIAL_ENV.items()
             ]
         run = build_run(self.kind, body, work, cfg, None, secrets, claims)
         return with_provider_url(run, spec.captioning.provider, cfg)
 
-    def result(self, result: PrepareResult, run: Run) -> Fields:
+    def result(self, result: PrepareResult, run: Run) -> StyleBoardStatus:
         usage = result.token_usage
         profile = result.style_profile
-        fields = StyleBoardOutcome(
-            imagesAccepted=len(result.accepted),
-            imagesRejected=len(result.rejected),
+        return StyleBoardStatus(
+            images_accepted=len(result.accepted),
+            images_rejected=len(result.rejected),
             rejected=[RejectedImage(source=r.source, reason=r.reason) for r in result.rejected],
             duplicates=[
-                DuplicateImage(source=d.source, similarTo=d.resembles, distance=d.distance) for d in result.duplicates
+                DuplicateImage(source=d.source, similar_to=d.resembles, distance=d.distance) for d in result.duplicates
             ],
-            datasetURI=f"{run.runspec.output_display_uri}/{DATASET_DIR}" if result.accepted else None,
+            dataset_uri=f"{run.runspec.output_display_uri}/{DATASET_DIR}" if result.accepted else None,
             captioning=result.captioning or None,
             captions=[
                 ImageCaption(
@@ -92,22 +103,13 @@ class StyleBoardRuns(KindRuns[StyleBoardSpec, PrepareSpec, None, PrepareResult])
                     caption=a.caption,
                     origin=a.caption_origin,
                     note=a.caption_note or None,
-                    styleWords=a.style_words,
+                    style_words=a.style_words,
                 )
                 for a in result.accepted
             ],
-            styleProfile=profile,
-            styleProfileImages=result.style_profile_images if profile else [],
-            tokenUsage=TokenUsage(
-                provider=usage.provider,
-                model=usage.model,
-                calls=usage.calls,
-                cachedCalls=usage.cached_calls,
-                promptTokens=usage.prompt_tokens,
-                outputTokens=usage.output_tokens,
-                totalTokens=usage.total_tokens,
-            )
+            style_profile=profile,
+            style_profile_images=result.style_profile_images if profile else [],
+            token_usage=TokenUsageStatus.model_validate(usage.model_dump(include=set(TokenUsageStatus.model_fields)))
             if usage
             else None,
         )
-        return status_fields(fields)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 # diffusers' classes from the modules that define them: its top-level names read, to a type checker, as the
 # placeholders it exports when torch or transformers is missing.
 from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
-from kleinstyle.contract.early_stop import Decision, ProbeScores
+from kleinstyle.contract.early_stop import ProbeScores, Verdict
 from kleinstyle.contract.reports import ProbeScoresReport
 from kleinstyle.contract.runspec import EvaluationSpec
 from PIL import Image
@@ -344,7 +344,7 @@ class Evaluator:
         write_file_atomic(path, json.dumps(record).encode())  # last: the thumbnails are there when it is
         return scores
 
-    def gallery(self, decision: Decision | None) -> Image.Image | None:
+    def gallery(self, decision: Verdict | None) -> Image.Image | None:
         """Every evaluated step's probe renders in one labelled sheet: a row per step (the base model first), a
         column per probe, each row titled with its score and, for the best, that it became the LoRA."""
         rows = sorted(int(p.name.removeprefix("step_")) for p in self.cache_dir.glob("step_*") if p.is_dir())
@@ -367,7 +367,7 @@ class Evaluator:
         free_memory()
 
 
-def _row_title(step: int, decision: Decision | None) -> str:
+def _row_title(step: int, decision: Verdict | None) -> str:
     """`step 200 J 0.9312 best`: what the policy made of a step, short enough for a thumbnail's width."""
     judged = next((j for j in decision.judged if j.step == step), None) if decision else None
     if step == 0:

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from kleinstyle.contract.early_stop import Decision, StoppingSettings, decide_reported
+from kleinstyle.contract.early_stop import StoppingSettings, Verdict, decide_reported
 from kleinstyle.contract.layout import CHECKPOINT_GALLERY
 from kleinstyle.contract.reports import EvaluationReport
 from kleinstyle.contract.runspec import RunSpec, TrainSpec
@@ -91,7 +91,7 @@ class Judge:
         )
         baseline = self.evaluator.score(0, None)
         reporter.evaluation = EvaluationReport(baseline=baseline.to_report())
-        self.decision: Decision | None = None
+        self.decision: Verdict | None = None
         self.publish_gallery()
 
     def judge(self, step: int, lora_file: Path) -> None:
