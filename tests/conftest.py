@@ -8,9 +8,9 @@ blocks, malformed bodies, reset connections, hangs) are replies like any other. 
 
 Tiers: every test is `unit`, `emulator` or `cluster` (pyproject.toml registers them; `pytest -m emulator` runs one).
 The rule (`pytest_collection_modifyitems` below): a tier marker on the test, its class or its module (`pytestmark`)
-wins; a test without one is `emulator` when its module lies in tests/devcluster/, else `unit`. Two tiers on one test
-fail the collection. No `cluster` test exists yet: that tier (a real control plane on loopback) is still to be built,
-so until then everything is proven on the embedded cluster only.
+wins; a test without one is `emulator` when its module lies in tests/devcluster/, `cluster` in tests/cluster/ (a real
+control plane on loopback, built by `make controlplane`; skipped, saying so, where it is not built), else `unit`.
+Two tiers on one test fail the collection.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ API_KEY = "test-key"
 # --- tiers -----------------------------------------------------------------------------------------------------------
 
 TIERS = ("unit", "emulator", "cluster")
-EMULATOR_FOLDERS = ("devcluster",)  # folders of tests/ whose every module tests the embedded cluster
+# Folders of tests/ whose every module is of one tier: the embedded cluster's, the real control plane's.
+FOLDER_TIERS = {"devcluster": "emulator", "cluster": "cluster"}
 TESTS = Path(__file__).parent
 
 
@@ -43,7 +44,7 @@ def _tiers(item: pytest.Item) -> list[str]:
 
 def _default_tier(item: pytest.Item) -> str:
     relative = item.path.relative_to(TESTS) if item.path.is_relative_to(TESTS) else item.path
-    return "emulator" if relative.parts[0] in EMULATOR_FOLDERS else "unit"
+    return FOLDER_TIERS.get(relative.parts[0], "unit")
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker

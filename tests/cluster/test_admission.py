@@ -22,8 +22,6 @@ from kleinstyle.devcluster.controlplane import RealCluster
 
 from .conftest import REPO
 
-pytestmark = pytest.mark.cluster
-
 ADMISSION = REPO / "tests" / "admission"
 INVALID = sorted((ADMISSION / "invalid").glob("*.yaml"))
 VALID = sorted((REPO / "examples").glob("*.yaml")) + sorted((ADMISSION / "valid").glob("*.yaml"))

@@ -13,13 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 from kleinstyle.devcluster.controlplane import KUBE_VERSION, RealCluster
 
 from .conftest import CRDS
-
-pytestmark = pytest.mark.cluster
 
 
 def _wait(what: str, probe: Callable[[], Any], timeout: float = 30.0) -> Any:
