@@ -1,7 +1,8 @@
 """The cluster tier: one real control plane on loopback (`RealCluster`) for the whole session.
 
 Its binaries come from `make controlplane` (docs/real-cluster.md); where they are not built every test here skips,
-saying how to build them, so `make test` passes on a machine without them. Each module marks itself `cluster`.
+saying how to build them, so `make test` passes on a machine without them. tests/conftest.py gives every
+test here the `cluster` tier.
 """
 
 from __future__ import annotations
