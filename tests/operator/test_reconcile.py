@@ -9,7 +9,7 @@ import pytest
 import yaml
 from kleinstyle.contract.plan import plan_training
 from kleinstyle.contract.reports import FuseReport, GenerateReport, PrepareReport, PrepareResult, TrainReport
-from kleinstyle.operator.config import OperatorConfig
+from kleinstyle.operator.config import OperatorConfig, Resources
 from kleinstyle.operator.kinds.stylelora import plan_summary
 from kleinstyle.operator.naming import RUN_HASH
 from kleinstyle.operator.reconcile import Observed, reconcile
@@ -123,6 +123,18 @@ def test_job_is_restricted_and_reads_its_runspec():
     assert {"/etc/kleinstyle", "/tmp", "/artifacts/team-a/styleboard/bd9/uid-board", "/references/refs"} <= mounts
     assert "nvidia.com/gpu" not in container["resources"]["limits"]  # prepare is CPU work
     assert job["metadata"]["ownerReferences"][0]["uid"] == "uid-board"
+
+
+def test_job_pods_have_cpu_limits_so_a_limits_quota_admits_them():
+    """A namespace ResourceQuota on limits.cpu refuses a pod without a CPU limit: every Job sets one, the request
+    unless the operator's configuration raises it."""
+    container = job_of(step(board()))["spec"]["template"]["spec"]["containers"][0]
+    quantities = {"cpu": "2", "memory": "4Gi"}
+    assert container["resources"] == {"requests": quantities, "limits": quantities}
+    bursting = CFG.model_copy(update={"cpu_resources": Resources(cpu="2", memory="4Gi", cpuLimit="6")})
+    decision = reconcile(Observed(body=board()), bursting, NOW)
+    container = job_of(decision)["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"] == {"cpu": "6", "memory": "4Gi"}
 
 
 def test_runspec_maps_pvc_sources_to_their_mount():

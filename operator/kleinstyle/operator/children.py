@@ -245,7 +245,7 @@ def _resources(run: Run, cfg: OperatorConfig) -> dict[str, Any]:
     gpu = run.step in GPU_STEPS
     size = cfg.gpu_resources if gpu else cfg.cpu_resources
     requests = {"cpu": size.cpu, "memory": size.memory}
-    limits: dict[str, str | int] = {"memory": size.memory}
+    limits: dict[str, str | int] = {**size.limits()}
     if gpu:
         limits["nvidia.com/gpu"] = max(1, run.gpus)
     return {"requests": requests, "limits": limits}

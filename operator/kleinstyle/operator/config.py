@@ -44,10 +44,17 @@ H200_POOL = NodePool(
 
 
 class Resources(BaseModel):
+    """A Job container's CPU and memory: requested, and its limits (memory: the request; CPU: `cpu_limit`, else the
+    request, so that a namespace ResourceQuota on limits.cpu admits the pod)."""
+
     model_config = ConfigDict(extra="forbid", **WIRE)
 
     cpu: str
     memory: str
+    cpu_limit: str | None = None
+
+    def limits(self) -> dict[str, str]:
+        return {"cpu": self.cpu_limit or self.cpu, "memory": self.memory}
 
 
 class ArtifactStore(BaseModel):
