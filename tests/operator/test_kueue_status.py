@@ -157,3 +157,17 @@ def test_gpu_jobs_go_to_the_default_local_queue_unless_the_spec_names_one():
     body, job = queued_lora()
     job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] = "default"
     assert "queue default" in observe(body, job, None)["message"]
+
+
+def test_a_priority_class_too_long_for_kueues_label_is_refused_naming_the_field():
+    """Kueue reads the priority class from a label (63 characters at most): a longer name with a queue, the
+    operator's default queue included (the CRD's rule sees only the spec's), is an invalid spec, not a refused Job."""
+    long_name = "p" * 64
+    cfg = CFG.model_copy(update={"default_queue_name": "default"})
+    decision = reconcile(observed(body=lora(scheduling={"priorityClassName": long_name}), dependencies=DEPS), cfg, NOW)
+    assert decision.status["phase"] == "Failed" and not decision.create
+    assert decision.status["message"].startswith("spec.scheduling.priorityClassName: 'pppp")
+    assert "kueue.x-k8s.io/priority-class" in decision.status["message"]
+    # Without a queue it is the pod's priorityClassName, where 253 characters are fine.
+    plain = reconcile(observed(body=lora(scheduling={"priorityClassName": long_name}), dependencies=DEPS), CFG, NOW)
+    assert job_of(plain)["spec"]["template"]["spec"]["priorityClassName"] == long_name

@@ -109,6 +109,19 @@ class ModelSelection(Model):
 class Scheduling(Model):
     """Where and how the Job runs on a shared cluster."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.queueName) || !has(self.priorityClassName) || size(self.priorityClassName) <= 63",
+                    "with queueName, priorityClassName becomes the label kueue.x-k8s.io/priority-class, whose value "
+                    "may hold 63 characters at most",
+                    ".priorityClassName",
+                )
+            ]
+        }
+    )
+
     queue_name: str | None = Field(
         default=None,
         description="Kueue LocalQueue name; the Job is labelled kueue.x-k8s.io/queue-name and admitted by Kueue.",

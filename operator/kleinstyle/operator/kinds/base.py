@@ -25,12 +25,14 @@ from ..api.common import API_VERSION, CommonStatus, RunInput, Scheduling
 from ..children import GPU_STEPS, InvalidSpec, Run, SecretEnv
 from ..conditions import true_condition
 from ..config import OperatorConfig
+from ..kueue import PRIORITY_LABEL
 from ..naming import RUN_HASH
 
 Dependencies = Mapping[tuple[str, str], Mapping[str, Any] | None]
 # The Jobs of each dependency (every Job labelled with its uid), from the operator's own index.
 DependencyJobs = Mapping[tuple[str, str], Sequence[Mapping[str, Any]]]
 # A run id as the operator writes it (hex, RUN_ID_LENGTH at most): anything else in a status names no run of ours.
+LABEL_VALUE_MAX = 63  # characters in a label value (Kubernetes' validation)
 RUN_ID = re.compile(rf"[0-9a-f]{{1,{RUN_ID_LENGTH}}}")
 
 
@@ -286,6 +288,15 @@ def build_run(
     if pool is not None and pool not in cfg.node_pools:  # a CPU step too: a spec naming a pool means one
         known = ", ".join(sorted(cfg.node_pools)) or "none"
         raise InvalidSpec(f"spec.scheduling.nodePool: {pool!r} is not a node pool of this operator (known: {known})")
+    queue = (scheduling.queue_name if scheduling else None) or (
+        cfg.default_queue_name if work.step in GPU_STEPS else None
+    )
+    priority = scheduling.priority_class_name if scheduling else None
+    if queue and priority and len(priority) > LABEL_VALUE_MAX:  # Kueue reads it from a label: 63 characters at most
+        raise InvalidSpec(
+            f"spec.scheduling.priorityClassName: {priority!r} is {len(priority)} characters; with Kueue (queue "
+            f"{queue}) it becomes the label {PRIORITY_LABEL}, whose value may hold {LABEL_VALUE_MAX} at most"
+        )
     provisional = RunSpec(owner=owner, output_uri="", output_display_uri="", work=work)
     run_hash = provisional.content_hash()
     output, display = artifact_location(cfg, owner, run_hash)
@@ -298,9 +309,8 @@ def build_run(
         owner_api_version=API_VERSION,
         gpus=scheduling.gpus if scheduling else 0,
         node_pool=scheduling.node_pool if scheduling else None,
-        queue_name=(scheduling.queue_name if scheduling else None)
-        or (cfg.default_queue_name if work.step in GPU_STEPS else None),
-        priority_class=scheduling.priority_class_name if scheduling else None,
+        queue_name=queue,
+        priority_class=priority,
         secret_env=tuple(secrets),
         reference_claims=tuple(claims or ()),
         generation=body["metadata"].get("generation"),
