@@ -12,7 +12,9 @@ from kubernetes.client.exceptions import ApiException
 from . import kueue, metrics
 from .config import OperatorConfig
 from .handlers import register
-from .kube import Kube, load_client_config
+from .indexes import CHILD_KINDS
+from .kube import PLURALS, Kube, load_client_config
+from .naming import OWNER_UID
 from .wakers import Wakers
 
 logger = logging.getLogger(__name__)
@@ -21,9 +23,20 @@ logger = logging.getLogger(__name__)
 def configure(settings: kopf.OperatorSettings) -> None:
     """Settings that must hold everywhere: kopf's bookkeeping in annotations, not in our structural status."""
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kopf.kleinstyle.dev")
+    # kopf keeps the "last handled" state to diff specs for change handlers; ours read the spec afresh (daemons), so
+    # the spec is left out of it: a GenerationJob within the CRD's limits (64 prompts of CJK text, escaped six bytes
+    # a character) would push that annotation past the 256 KiB the API allows, and the object would stay
+    # Terminating for ever when the finalizer's patch is refused with it.
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="kopf.kleinstyle.dev", key="last-handled-configuration"
+        prefix="kopf.kleinstyle.dev", key="last-handled-configuration", ignored_fields=["spec"]
     )
+    # The children are watched with a server-side label selector: only the operator's own Jobs, ConfigMaps and RBAC
+    # come to this process, not every one in the cluster (nor its RBAC rights to see them all).
+    for kind in CHILD_KINDS:
+        api_version, plural = PLURALS[kind]
+        group, _, version = api_version.rpartition("/")
+        settings.watching.label_selectors[group, version, plural] = OWNER_UID
+    settings.watching.label_selectors[kueue.GROUP, "workloads"] = kueue.JOB_UID_LABEL
     settings.persistence.finalizer = "kleinstyle.dev/cleanup"
     settings.posting.level = logging.WARNING  # Our own Events say what matters; kopf's are noise to a user.
     # Log lines stay log lines: a failure logged at every retry must not become an Event at every retry too.
