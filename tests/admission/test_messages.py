@@ -67,7 +67,7 @@ def _board(**spec: Any) -> dict[str, Any]:
         ),
         (
             _obj("LoRAFusion", {"sources": [{"name": "a"}, {"name": "b"}], "rank": 8, "energy": 0.5}),
-            'spec.energy: Invalid value: "object": set rank or energy, not both',
+            "spec.energy: Invalid value: set rank or energy, not both",
         ),
         (
             _obj("GenerationJob", {"loras": [{"name": "a"}], "prompts": ["p"], "guidance": "high"}),
@@ -136,7 +136,7 @@ def test_value_formatting_follows_go() -> None:
         "-0.1",
         "3",
         '"a"',
-        '"null"',
+        "null",
         "true",
     ]
 
@@ -182,6 +182,6 @@ def test_rule_that_cannot_be_evaluated_raises() -> None:
 
 def test_message_expression_and_transition_rules() -> None:
     crds = _fusion_crds_with_rule({"rule": "self.method != 'svd'", "messageExpression": "'no ' + self.method"})
-    assert _refusal(FUSION, crds=crds).causes[0]["message"] == 'Invalid value: "object": no svd'
+    assert _refusal(FUSION, crds=crds).causes[0]["message"] == "Invalid value: no svd"
     crds = _fusion_crds_with_rule({"rule": "self.method == oldSelf.method"})
     assert admit(FUSION, crds)["spec"]["method"] == "svd"  # transition rules run on update only

@@ -125,9 +125,9 @@ class FieldError:
 
 
 def format_value(value: Any) -> str:
-    """Go's rendering of a bad value: strings quoted, numbers as %v (100, not 100.0), null as "null"."""
+    """Go's rendering of a bad value (Kubernetes 1.37): strings quoted, numbers as %v (100, not 100.0), null bare."""
     if value is None:
-        return '"null"'
+        return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
@@ -219,9 +219,8 @@ class _Rule:
             detail = str(result.plain_value())
             if "No matching overload" in detail:
                 raise CELRuleError(f"{path}: rule {self.spec['rule']!r} cannot be evaluated: {detail}")
-            return FieldError(
-                "invalid", target, node.get("type", "object"), f"{detail} evaluating rule: {self.spec['rule']}"
-            )
+            # Kubernetes 1.37 names no value in a CEL rule's error (it wrote the value's type before).
+            return FieldError("invalid", target, detail=f"{detail} evaluating rule: {self.spec['rule']}")
         if kind != "BOOL":
             raise CELRuleError(f"{path}: rule {self.spec['rule']!r} returned {kind}, not a bool")
         if result.plain_value():
@@ -238,7 +237,7 @@ class _Rule:
             return FieldError("required", target, detail=message)
         if reason == "FieldValueDuplicate":
             return FieldError("duplicate", target, node.get("type", "object"), message)
-        return FieldError("invalid", target, node.get("type", "object"), message)
+        return FieldError("invalid", target, detail=message)
 
 
 def cel_value(value: Any, node: dict[str, Any]) -> Any:
