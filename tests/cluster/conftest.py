@@ -16,6 +16,18 @@ import pytest
 import yaml
 from kleinstyle.devcluster.controlplane import KUBE_VERSION, RealCluster, cache_dir, find_bin_dir
 
+from .rbac import (
+    OperatorProcess,
+    Release,
+    Tenant,
+    bind,
+    ensure_namespace,
+    install_chart,
+    service_account,
+    user,
+    wait_for,
+)
+
 REPO = Path(__file__).parents[2]
 CRDS = REPO / "crds"
 
@@ -69,3 +81,92 @@ def make_namespace(real_cluster: RealCluster) -> Callable[..., str]:
         return name
 
     return make
+
+
+# --- the chart installed with the built helm, its operator as its ServiceAccount, tenants as users (issue 18) -------
+
+CHART = REPO / "charts" / "kleinstyle"
+RELEASE, RELEASE_NAMESPACE = "kleinstyle", "kleinstyle-system"
+# What a platform team passes: its own registry, a GPU pool of its own, caps for a shared cluster.
+PLATFORM_VALUES: dict[str, Any] = {
+    "image": {"repository": "registry.example.com/platform/kleinstyle-operator", "tag": "0.1.0"},
+    "podLabels": {"team": "platform"},
+    "config": {
+        "runtimeImage": "registry.example.com/platform/kleinstyle-runtime:0.1.0",
+        "nodePools": {
+            "h100": {
+                "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            }
+        },
+        "defaultNodePool": "h100",
+        "trainingLimits": {"maxSteps": 2000, "maxResolution": 1024},
+        "activeDeadlineSeconds": 7200,
+    },
+}
+# user: (namespace, the ClusterRole bound to them there)
+TENANTS = {"alice": ("team-a", "edit"), "bob": ("team-b", "edit"), "carol": ("team-a", "view")}
+
+
+@pytest.fixture(scope="session")
+def chart_cluster() -> Iterator[RealCluster]:
+    """A control plane for the chart alone. The chart is cluster-wide (CRDs, ClusterRoles aggregated into
+    admin/edit/view, an operator that watches every namespace and puts its finalizer on every kleinstyle object), so
+    it gets a cluster where no other test's objects are reconciled and no other test's node runs its pods."""
+    bin_dir = find_bin_dir()
+    if bin_dir is None or not (bin_dir / "helm").is_file():
+        pytest.skip(
+            f"no real control plane and helm: `make controlplane` builds Kubernetes {KUBE_VERSION} and helm into "
+            f"{cache_dir() / 'controlplane' / KUBE_VERSION / 'bin'} (once per machine; docs/real-cluster.md)"
+        )
+    with RealCluster(bin_dir) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def chart_release(chart_cluster: RealCluster, tmp_path_factory: pytest.TempPathFactory) -> Release:
+    """The chart installed by `helm install --create-namespace` with PLATFORM_VALUES, its CRDs Established and its
+    tenant roles aggregated into edit and view (the controller-manager does that a moment after the install)."""
+    release = install_chart(
+        chart_cluster,
+        CHART,
+        PLATFORM_VALUES,
+        tmp_path_factory.mktemp("helm"),
+        name=RELEASE,
+        namespace=RELEASE_NAMESPACE,
+    )
+    chart_cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(CRDS))
+
+    def aggregated(role: str) -> bool:
+        _, body = chart_cluster.api("GET", f"/apis/rbac.authorization.k8s.io/v1/clusterroles/{role}")
+        return any("kleinstyle.dev" in rule.get("apiGroups", []) for rule in body.get("rules") or [])
+
+    for role in ("admin", "edit", "view"):
+        wait_for(f"the chart's tenant roles aggregated into {role}", lambda role=role: aggregated(role))
+    return release
+
+
+@pytest.fixture(scope="session")
+def tenants(chart_release: Release) -> dict[str, Tenant]:
+    """TENANTS: each user bound by a RoleBinding to Kubernetes' own edit or view in one namespace, nothing more."""
+    cluster = chart_release.cluster
+    found = {}
+    for name, (namespace, role) in TENANTS.items():
+        ensure_namespace(cluster, namespace)
+        bind(cluster, namespace, role, name)
+        found[name] = Tenant(user(cluster, name), namespace, role)
+    for t in found.values():  # RBAC's cache takes the bindings a moment later
+        wait_for(f"{t.who.name}'s binding", lambda t=t: t.who.can_i("get", "StyleBoard", t.namespace))
+    return found
+
+
+@pytest.fixture
+def chart_operator(chart_release: Release, tmp_path: Path) -> Iterator[OperatorProcess]:
+    """The operator as the chart's Deployment runs it, with a token of the chart's ServiceAccount as its only
+    credential; stopped after the test. It watches the whole cluster, as the chart's default values say."""
+    account = service_account(chart_release.cluster, chart_release.namespace, chart_release.fullname, tmp_path)
+    operator = OperatorProcess(chart_release, account, tmp_path).start()
+    try:
+        yield operator
+    finally:
+        operator.stop()

@@ -1,0 +1,376 @@
+"""The chart installed with the real helm, and the operator running under exactly the chart's RBAC.
+
+tests/chart/ renders the chart offline; here the real API server decides. helm installs the chart as a platform team
+would; its CRDs become Established and every object it made is there (the Deployment's pod waits for a node: there is
+no kubelet yet). Then `kleinstyle operator`, run with the Deployment's args and ConfigMap and a token of the chart's
+ServiceAccount as its only credential, takes a StyleBoard through a whole run - children, status, Events, a run
+superseded, a Job failed, deletion - and its log, at DEBUG so it holds every response's status, shows no refusal.
+A copy of the chart's rules with one grant taken away shows that the scan sees a refusal where there is one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kleinstyle.devcluster.controlplane import RealCluster
+from kleinstyle.operator.config import OperatorConfig
+from kleinstyle.operator.kube import FIELD_MANAGER
+from kleinstyle.operator.naming import GENERATION
+
+from .conftest import CHART, CRDS, PLATFORM_VALUES, REPO
+from .rbac import (
+    OperatorProcess,
+    Release,
+    ensure_namespace,
+    helm,
+    path,
+    rules_without,
+    service_account,
+    wait_for,
+)
+
+EXAMPLES = REPO / "examples"
+RUNNER_KINDS = ("ServiceAccount", "Role", "RoleBinding")
+
+
+def get(cluster: RealCluster, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+    status, body = cluster.api("GET", path(kind, namespace, name))
+    assert status in (200, 404), body
+    return body if status == 200 else None
+
+
+def apply(cluster: RealCluster, namespace: str, *examples: str) -> None:
+    files = [arg for example in examples for arg in ("-f", str(EXAMPLES / example))]
+    cluster.kubectl("apply", "-n", namespace, *files)
+
+
+def status_of(cluster: RealCluster, kind: str, namespace: str, name: str) -> dict[str, Any]:
+    found = get(cluster, kind, namespace, name)
+    assert found is not None, f"{kind} {namespace}/{name} is gone"
+    status: dict[str, Any] = found.get("status") or {}
+    return status
+
+
+def condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
+    return next((c for c in status.get("conditions") or [] if c["type"] == kind), {})
+
+
+def unschedulable_pod(cluster: RealCluster, namespace: str, job: str) -> dict[str, Any] | None:
+    """The Job's pod once the scheduler has marked it Unschedulable (no node), else None."""
+    _, pods = cluster.api("GET", f"/api/v1/namespaces/{namespace}/pods?labelSelector=job-name%3D{job}")
+    for pod in pods.get("items", []):
+        scheduled = condition(pod.get("status") or {}, "PodScheduled")
+        if scheduled.get("reason") == "Unschedulable":
+            return dict(pod)
+    return None
+
+
+def events_for(cluster: RealCluster, namespace: str, name: str) -> list[dict[str, Any]]:
+    _, events = cluster.api("GET", f"/api/v1/namespaces/{namespace}/events?fieldSelector=involvedObject.name%3D{name}")
+    return list(events.get("items", []))
+
+
+def assert_no_refusals(operator: OperatorProcess) -> None:
+    refused = operator.refusals()
+    assert not refused, "the API server refused the operator under the chart's RBAC:\n" + "\n".join(refused)
+
+
+# --- helm install ----------------------------------------------------------------------------------------------------
+
+
+def test_helm_installs_the_release_with_every_object(chart_release: Release) -> None:
+    cluster, ns, name = chart_release.cluster, chart_release.namespace, chart_release.fullname
+    info = json.loads(chart_release.helm("status", chart_release.name, "-n", ns, "-o", "json").stdout)
+    assert info["info"]["status"] == "deployed"
+    # Every object of the rendered manifest exists on the server (kubectl get fails naming any missing one).
+    manifest = chart_release.helm("get", "manifest", chart_release.name, "-n", ns).stdout
+    listed = cluster.kubectl("get", "-f", "-", "-o", "name", input=manifest).stdout.split()
+    assert len(listed) == sum(1 for doc in yaml.safe_load_all(manifest) if doc)
+
+    for crd_file in sorted(CRDS.glob("*.yaml")):
+        crd_name = yaml.safe_load(crd_file.read_text(encoding="utf-8"))["metadata"]["name"]
+        _, crd = cluster.api("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{crd_name}")
+        assert condition(crd["status"], "Established").get("status") == "True", crd_name
+
+    assert get(cluster, "ServiceAccount", ns, name) is not None
+    rbac = "/apis/rbac.authorization.k8s.io/v1"
+    _, binding = cluster.api("GET", f"{rbac}/clusterrolebindings/{name}")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": name, "namespace": ns}]
+    for role in (name, f"{name}-edit", f"{name}-view"):
+        assert cluster.api("GET", f"{rbac}/clusterroles/{role}")[0] == 200, role
+
+    configmap = get(cluster, "ConfigMap", ns, name)
+    assert configmap is not None
+    config = OperatorConfig.model_validate(yaml.safe_load(configmap["data"]["operator.yaml"]))
+    platform = PLATFORM_VALUES["config"]
+    assert (config.runtime_image, config.default_node_pool) == (platform["runtimeImage"], "h100")
+    assert config.training_limits.max_steps == platform["trainingLimits"]["maxSteps"]
+
+    status, deployment = cluster.api("GET", f"/apis/apps/v1/namespaces/{ns}/deployments/{name}")
+    assert status == 200, deployment
+    pod_spec = deployment["spec"]["template"]["spec"]
+    assert pod_spec["serviceAccountName"] == name
+    assert pod_spec["containers"][0]["image"] == "registry.example.com/platform/kleinstyle-operator:0.1.0"
+    assert deployment["spec"]["template"]["metadata"]["labels"]["team"] == "platform"
+
+    # The Deployment's pod exists and waits for a node, which there is none of yet (no kubelet).
+    def pending_pod() -> dict[str, Any] | None:
+        _, pods = cluster.api(
+            "GET", f"/api/v1/namespaces/{ns}/pods?labelSelector=app.kubernetes.io%2Finstance%3D{chart_release.name}"
+        )
+        for pod in pods.get("items", []):
+            if condition(pod.get("status") or {}, "PodScheduled").get("reason") == "Unschedulable":
+                return dict(pod)
+        return None
+
+    pod = wait_for("the operator's pod, Unschedulable", pending_pod)
+    assert pod["status"]["phase"] == "Pending"
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        pytest.param({}, id="cluster-wide"),
+        pytest.param(
+            {
+                "watchNamespaces": ["team-a", "team-b"],
+                "artifacts": {"createClaim": True},
+                "metrics": {"dashboard": {"enabled": True}},
+            },
+            id="per-namespace",
+        ),
+    ],
+)
+def test_helm_template_passes_a_server_side_dry_run(
+    chart_release: Release, values: dict[str, Any], tmp_path: Path
+) -> None:
+    """What GitOps applies instead of `helm install`: `helm template` output, admitted by the real server as it is
+    (a release of another name in another namespace, so every object is created, not merely compared)."""
+    cluster = chart_release.cluster
+    namespace = ensure_namespace(cluster, "kleinstyle-preview")
+    for watched in values.get("watchNamespaces", []):
+        ensure_namespace(cluster, watched)
+    values_file = tmp_path / "values.yaml"
+    values_file.write_text(yaml.safe_dump({**PLATFORM_VALUES, **values}), encoding="utf-8")
+    rendered = helm(
+        cluster,
+        chart_release.helm_env,
+        "template",
+        "preview",
+        str(CHART),
+        "-n",
+        namespace,
+        "--include-crds",
+        "-f",
+        str(values_file),
+    ).stdout
+    docs = [doc for doc in yaml.safe_load_all(rendered) if doc]
+    # Every namespaced object names its namespace: piped to `kubectl apply` without -n, none lands in `default`.
+    cluster_scoped = {"CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}
+    unplaced = [
+        f"{d['kind']}/{d['metadata']['name']}"
+        for d in docs
+        if d["kind"] not in cluster_scoped and not d["metadata"].get("namespace")
+    ]
+    assert not unplaced, unplaced
+    applied = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=rendered)
+    lines = applied.stdout.splitlines()
+    assert len(lines) == len(docs), applied.stdout
+    assert all(line.endswith("(server dry run)") for line in lines), applied.stdout
+    kinds = {doc["kind"] for doc in docs}
+    assert {"CustomResourceDefinition", "Deployment", "ServiceAccount", "ConfigMap"} <= kinds
+    assert ({"Role", "RoleBinding"} if values else {"ClusterRole", "ClusterRoleBinding"}) <= kinds
+
+
+# --- the operator as the chart's ServiceAccount ----------------------------------------------------------------------
+
+
+def test_the_operators_credential_is_the_service_account_alone(chart_release: Release, tmp_path: Path) -> None:
+    """The kubeconfig the operator gets authenticates as the chart's ServiceAccount, and what that may do stops where
+    the chart says: no Secrets, no pods of its own, no RBAC beyond creating the per-run Roles."""
+    ns, name = chart_release.namespace, chart_release.fullname
+    account = service_account(chart_release.cluster, ns, name, tmp_path)
+    assert account.kubeconfig is not None
+    user = yaml.safe_load(account.kubeconfig.read_text(encoding="utf-8"))["users"][0]["user"]
+    assert set(user) == {"token"}
+    whoami = json.loads(account.kubectl("auth", "whoami", "-o", "json").stdout)
+    assert whoami["status"]["userInfo"]["username"] == f"system:serviceaccount:{ns}:{name}"
+
+    assert account.can_i("create", "Job", "team-a")
+    assert account.can_i("patch", "StyleLoRA", "team-a", subresource="status")
+    for verb, kind, subresource in [
+        ("get", "Secret", ""),
+        ("list", "Secret", ""),
+        ("create", "Pod", ""),
+        ("update", "StyleLoRA", ""),  # kopf patches; a full update could rewrite a tenant's spec
+        ("update", "Job", ""),  # a Job is never re-applied (Kueue mutates it)
+        ("deletecollection", "Job", ""),
+        ("update", "StyleLoRA", "status"),
+    ]:
+        assert not account.can_i(verb, kind, "team-a", subresource=subresource), (verb, kind, subresource)
+
+
+def test_a_styleboard_runs_under_the_charts_rbac(chart_operator: OperatorProcess) -> None:
+    cluster = chart_operator.release.cluster
+    ns = ensure_namespace(cluster, "studio-run")
+    apply(cluster, ns, "styleboard.yaml", "stylelora.yaml")
+    board = get(cluster, "StyleBoard", ns, "bd9")
+    assert board is not None
+
+    wait_for("the board's Job in status", lambda: status_of(cluster, "StyleBoard", ns, "bd9").get("jobName"))
+    status = status_of(cluster, "StyleBoard", ns, "bd9")
+    run, job_name = status["runHash"], status["jobName"]
+    assert job_name == f"bd9-prepare-{run}"
+    assert condition(status, "JobCreated") | {"lastTransitionTime": None} == {
+        "type": "JobCreated",
+        "status": "True",
+        "reason": "Created",
+        "message": f"Job {job_name}",
+        "observedGeneration": 1,
+        "lastTransitionTime": None,
+    }
+    assert condition(status, "Ready")["reason"] not in ("ApiError", "ReconcileError"), status
+
+    # Every child of the run, made by the operator's own identity and controlled by the board.
+    children = {
+        "ServiceAccount": "bd9-prepare-runner",
+        "Role": "bd9-prepare-runner",
+        "RoleBinding": "bd9-prepare-runner",
+    }
+    children |= {"ConfigMap": job_name, "Job": job_name}
+    for kind, name in children.items():
+        child = get(cluster, kind, ns, name)
+        assert child is not None, f"no {kind} {name}"
+        (owner,) = child["metadata"]["ownerReferences"]
+        assert (owner["uid"], owner["controller"]) == (board["metadata"]["uid"], True), kind
+        assert child["metadata"]["managedFields"][0]["manager"] == FIELD_MANAGER, kind
+    wait_for("the run's pod marked Unschedulable", lambda: unschedulable_pod(cluster, ns, job_name))
+    # The job controller counts the unscheduled pod as active (Job.status.active 1), yet the run waits for a node:
+    # status says so, with the scheduler's reason, once the operator has seen the pod.
+    status = wait_for(
+        "status past JobCreated",
+        lambda: (
+            (s := status_of(cluster, "StyleBoard", ns, "bd9")) and condition(s, "Ready")["reason"] != "JobCreated" and s
+        ),
+    )
+    assert (status["phase"], condition(status, "Ready")["reason"]) == ("Pending", "Unschedulable"), status
+    assert any(e["reason"] == "JobCreated" for e in events_for(cluster, ns, "bd9")), "no Event from the operator"
+
+    wait_for("the LoRA waiting", lambda: status_of(cluster, "StyleLoRA", ns, "bd9-lora").get("phase") == "Waiting")
+    lora = status_of(cluster, "StyleLoRA", ns, "bd9-lora")
+    assert condition(lora, "DependenciesReady")["status"] == "False"
+
+    # The run's ServiceAccount may write its owner's status, by name, and nothing else.
+    runner = service_account(cluster, ns, "bd9-prepare-runner", chart_operator.folder)
+    assert runner.can_i("patch", "StyleBoard", ns, subresource="status", name="bd9")
+    assert runner.can_i("get", "StyleBoard", ns, name="bd9")
+    assert not runner.can_i("patch", "StyleBoard", ns, subresource="status", name="other")
+    assert not runner.can_i("patch", "StyleBoard", ns, name="bd9")
+    assert not runner.can_i("get", "Secret", ns)
+    assert_no_refusals(chart_operator)
+
+
+def test_a_run_is_annotated_superseded_failed_and_cleaned_up_under_the_charts_rbac(
+    chart_operator: OperatorProcess,
+) -> None:
+    """Every other call the operator makes: a Job's annotation patched, children deleted when a spec edit supersedes
+    the run, pods listed when a Job fails, the runner's RBAC deleted when the run ends, the finalizer released."""
+    cluster = chart_operator.release.cluster
+    ns = ensure_namespace(cluster, "studio-lifecycle")
+    apply(cluster, ns, "styleboard.yaml")
+    first = wait_for("the first run", lambda: status_of(cluster, "StyleBoard", ns, "bd9").get("jobName"))
+
+    # An edit that plans the same run keeps it: its Job is annotated with the new generation (jobs: patch).
+    cluster.kubectl(
+        "patch", "styleboard", "bd9", "-n", ns, "--type=merge", "-p", '{"spec":{"artifactPolicy":"Delete"}}'
+    )
+    wait_for(
+        "the Job annotated with generation 2",
+        lambda: (
+            ((get(cluster, "Job", ns, first) or {}).get("metadata", {}).get("annotations") or {}).get(GENERATION) == "2"
+        ),
+    )
+
+    # An edit that changes the run supersedes it: the old Job and ConfigMap are deleted (delete).
+    cluster.kubectl(
+        "patch", "styleboard", "bd9", "-n", ns, "--type=merge", "-p", '{"spec":{"triggerWord":"bd10style"}}'
+    )
+    second = wait_for(
+        "the second run", lambda: (j := status_of(cluster, "StyleBoard", ns, "bd9").get("jobName")) != first and j
+    )
+    wait_for(
+        "the first run's Job and ConfigMap deleted",
+        lambda: not get(cluster, "Job", ns, first) and not get(cluster, "ConfigMap", ns, first),
+    )
+    assert any(e["reason"] == "Superseded" for e in events_for(cluster, ns, "bd9"))
+
+    # A Job past its deadline fails; the operator lists its pods for the reason (pods: list) and ends the run,
+    # deleting the runner's ServiceAccount, Role and RoleBinding.
+    cluster.kubectl("patch", "job", second, "-n", ns, "--type=merge", "-p", '{"spec":{"activeDeadlineSeconds":1}}')
+    wait_for(
+        "the board Failed", lambda: status_of(cluster, "StyleBoard", ns, "bd9").get("phase") == "Failed", timeout=30
+    )
+    failed = status_of(cluster, "StyleBoard", ns, "bd9")
+    assert condition(failed, "Ready")["reason"] == "DeadlineExceeded", failed
+    wait_for(
+        "the runner's RBAC deleted", lambda: not any(get(cluster, k, ns, "bd9-prepare-runner") for k in RUNNER_KINDS)
+    )
+
+    # Deletion: the cleanup handler deletes the children and releases the finalizer (patch on the kind).
+    cluster.kubectl("delete", "styleboard", "bd9", "-n", ns, "--wait=false")
+    wait_for("the board gone", lambda: get(cluster, "StyleBoard", ns, "bd9") is None)
+    wait_for(
+        "its Job and ConfigMap gone",
+        lambda: not get(cluster, "Job", ns, second) and not get(cluster, "ConfigMap", ns, second),
+    )
+    assert_no_refusals(chart_operator)
+
+
+@pytest.fixture
+def narrowed_operator(chart_release: Release, tmp_path: Path) -> Iterator[OperatorProcess]:
+    """The operator under a copy of the chart's ClusterRole without `create` on Jobs, bound to an account of its own."""
+    cluster, ns = chart_release.cluster, chart_release.namespace
+    rbac = "/apis/rbac.authorization.k8s.io/v1"
+    _, chart_role = cluster.api("GET", f"{rbac}/clusterroles/{chart_release.fullname}")
+    name = "kleinstyle-narrowed"
+    role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": name}}
+    role["rules"] = rules_without(chart_role["rules"], "jobs", "create")
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}],
+    }
+    account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name}}
+    for url, body in [
+        (f"/api/v1/namespaces/{ns}/serviceaccounts", account),
+        (f"{rbac}/clusterroles", role),
+        (f"{rbac}/clusterrolebindings", binding),
+    ]:
+        status, answer = cluster.api("POST", url, body)
+        assert status in (201, 409), answer
+    operator = OperatorProcess(chart_release, service_account(cluster, ns, name, tmp_path), tmp_path).start()
+    try:
+        yield operator
+    finally:
+        operator.stop()
+
+
+def test_the_log_scan_sees_a_grant_the_chart_lacks(narrowed_operator: OperatorProcess) -> None:
+    """The control: with `create` on Jobs taken away, the same run is refused, and both the log and status say so."""
+    cluster = narrowed_operator.release.cluster
+    ns = ensure_namespace(cluster, "studio-narrowed")
+    apply(cluster, ns, "styleboard.yaml")
+    wait_for(
+        "an ApiError in status",
+        lambda: condition(status_of(cluster, "StyleBoard", ns, "bd9"), "Ready").get("reason") == "ApiError",
+    )
+    refused = narrowed_operator.refusals()
+    assert any('cannot create resource \\"jobs\\"' in line for line in refused), narrowed_operator.tail()
