@@ -21,7 +21,6 @@ import datetime
 import logging
 import os
 import random
-import signal
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,7 +32,15 @@ import aiohttp
 from .builtin import JOB_NAME_LABELS, JOB_UID_LABELS
 from .client import KubeClient
 from .errors import ApiError
-from .pod_setup import PodSetupError, PreparedContainer, prepare_container
+from .pod_setup import (
+    KUBE_API_ENV,
+    PodSetupError,
+    PreparedContainer,
+    container_status,
+    prepare_container,
+    prepare_until_ready,
+    run_process,
+)
 from .store import now_rfc3339
 
 logger = logging.getLogger(__name__)
@@ -41,7 +48,6 @@ logger = logging.getLogger(__name__)
 JOBS = "batch/v1/jobs"
 PODS = "v1/pods"
 INTERRUPTED = "ExecutorRestarted"
-MAX_MESSAGE_BYTES = 4096  # the kubelet's limit on a termination message
 
 
 class _JobGone(Exception):
@@ -395,26 +401,26 @@ class Executor:
 
     async def _prepare(self, pod: dict[str, Any]) -> PreparedContainer | Outcome:
         """Set the pod up, waiting (as the kubelet does) while a Secret or ConfigMap it needs is missing."""
-        reported = None
         container = pod["spec"]["containers"][0]
-        while True:
-            try:
-                return await prepare_container(
-                    pod,
-                    self.root,
-                    self._read,
-                    api_url=self.api_url,
-                    default_command=self.default_command,
-                    cpus=max(1, (os.cpu_count() or 1) // self._parallelism),
-                )
-            except PodSetupError as exc:
-                if exc.reason == "StartError":
-                    return Outcome(container.get("name", "main"), 128, "StartError", exc.message)
-                if exc.message != reported:
-                    waiting = {"waiting": {"reason": exc.reason, "message": exc.message}}
-                    await self._pod_status(pod, {"containerStatuses": [self._container_status(pod, waiting)]})
-                    reported = exc.message
-            await asyncio.sleep(0.5)
+
+        async def waiting(exc: PodSetupError) -> None:
+            state = {"waiting": {"reason": exc.reason, "message": exc.message}}
+            await self._pod_status(pod, {"containerStatuses": [self._container_status(pod, state)]})
+
+        prepared = await prepare_until_ready(
+            lambda: prepare_container(
+                pod,
+                self.root,
+                self._read,
+                api_env={KUBE_API_ENV: self.api_url},
+                default_command=self.default_command,
+                cpus=max(1, (os.cpu_count() or 1) // self._parallelism),
+            ),
+            waiting,
+        )
+        if isinstance(prepared, PodSetupError):
+            return Outcome(container.get("name", "main"), 128, prepared.reason, prepared.message)
+        return prepared
 
     async def _run_pod(self, pod: dict[str, Any]) -> Outcome:
         prepared = await self._prepare(pod)
@@ -422,90 +428,33 @@ class Executor:
             terminated = {"exitCode": prepared.exit_code, "reason": prepared.reason, "message": prepared.message}
             await self._pod_status(pod, self._terminated_status(pod, "Failed", terminated))
             return prepared
+
+        async def running(pid: int, started: str) -> None:
+            state = {"running": {"startedAt": started}}
+            await self._pod_status(
+                pod,
+                {
+                    "phase": "Running",
+                    "startTime": started,
+                    "podIP": "127.0.0.1",
+                    "hostIP": "127.0.0.1",
+                    "containerStatuses": [self._container_status(pod, state, ready=True, pid=pid)],
+                },
+            )
+
         assert self._slots is not None
+        log_path = self.root / "logs" / pod["metadata"]["namespace"] / f"{pod['metadata']['name']}.log"
         async with self._slots:
-            started = now_rfc3339()
-            log_path = self.root / "logs" / pod["metadata"]["namespace"] / f"{pod['metadata']['name']}.log"
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            with log_path.open("wb") as log:
-                process = await asyncio.create_subprocess_exec(
-                    *prepared.argv,
-                    env=prepared.env,
-                    cwd=prepared.cwd,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=asyncio.subprocess.STDOUT,
-                    start_new_session=True,
-                )
-                try:
-                    running = {"running": {"startedAt": started}}
-                    await self._pod_status(
-                        pod,
-                        {
-                            "phase": "Running",
-                            "startTime": started,
-                            "podIP": "127.0.0.1",
-                            "hostIP": "127.0.0.1",
-                            "containerStatuses": [self._container_status(pod, running, ready=True, pid=process.pid)],
-                        },
-                    )
-                    returncode = await process.wait()
-                except BaseException:
-                    await asyncio.shield(self._kill(process))  # a second cancel must not leave the process alive
-                    raise
-        exit_code = returncode if returncode >= 0 else 128 - returncode
-        message = self._termination_message(prepared, log_path, exit_code)
-        reason = "Completed" if exit_code == 0 else "Error"
-        terminated = {
-            "exitCode": exit_code,
-            "reason": reason,
-            "message": message,
-            "startedAt": started,
-            "finishedAt": now_rfc3339(),
-        }
-        phase = "Succeeded" if exit_code == 0 else "Failed"
-        await self._pod_status(pod, self._terminated_status(pod, phase, terminated))
-        return Outcome(prepared.name, exit_code, reason, message)
-
-    @staticmethod
-    def _termination_message(prepared: PreparedContainer, log_path: Path, exit_code: int) -> str:
-        message = b""
-        if prepared.termination_log.is_file():
-            message = prepared.termination_log.read_bytes()[-MAX_MESSAGE_BYTES:]
-        if not message.strip() and exit_code != 0 and prepared.fallback_to_logs and log_path.is_file():
-            message = b"\n".join(log_path.read_bytes().splitlines()[-80:])[-2048:]
-        return message.decode("utf-8", "replace")
-
-    async def _kill(self, process: asyncio.subprocess.Process) -> None:
-        """SIGTERM the pod's process group, then SIGKILL after the grace period."""
-        if process.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            await asyncio.wait_for(process.wait(), self.kill_grace)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            await process.wait()
+            exited = await run_process(prepared, log_path, running, kill_grace=self.kill_grace)
+        phase = "Succeeded" if exited.exit_code == 0 else "Failed"
+        await self._pod_status(pod, self._terminated_status(pod, phase, exited.terminated()))
+        return Outcome(prepared.name, exited.exit_code, exited.reason, exited.message)
 
     @staticmethod
     def _container_status(
         pod: dict[str, Any], state: dict[str, Any], *, ready: bool = False, pid: int | None = None
     ) -> dict[str, Any]:
-        container = pod["spec"]["containers"][0]
-        status = {
-            "name": container.get("name", "main"),
-            "image": container.get("image", ""),
-            "imageID": "",
-            "ready": ready,
-            "started": "running" in state,
-            "restartCount": 0,
-            "state": state,
-        }
-        if pid is not None:
-            status["containerID"] = f"local://{pid}"
-        return status
+        return container_status(pod["spec"]["containers"][0], state, ready=ready, pid=pid)
 
     def _terminated_status(self, pod: dict[str, Any], phase: str, terminated: dict[str, Any]) -> dict[str, Any]:
         terminated = {key: value for key, value in terminated.items() if value not in ("", None)}

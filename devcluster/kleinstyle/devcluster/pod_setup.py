@@ -1,36 +1,57 @@
-"""Turn a Pod's first container into a local process: its rootfs folder, volumes, environment and argv.
+"""Turn a Pod's first container into a local process: its rootfs folder, volumes, environment and argv, and run it.
+
+Shared by the two kubelets that run pods as processes: the emulator's executor (executor.py) and the node agent of
+the real control plane (node_agent.py); each reports what `run_process` saw through its own API client.
 
 Each pod gets `{root}/pods/{namespace}/{pod}/` as its filesystem root: every `volumeMount.mountPath` becomes a
 symlink there to a local folder (a PVC is `{root}/volumes/{claimName}`, shared by all pods as a real claim would
 be; a `subPath` mount links to that folder inside it, created when missing as the kubelet does), and
 `KLEINSTYLE_ROOTFS` names it so the runtime resolves pod paths under it (runtime.paths). A pod path reaches only
 what is mounted: the folders between mount points are the pod's own, so a claim's other folders are not there.
-What a process cannot be held to: `readOnly` (a local process gets no read-only bind; the end-to-end tests check
-that the operator's Jobs leave their read-only inputs as they were), and '..' after a mount point, which the kernel
-resolves in the linked folder rather than in the pod (the runtime refuses '..' in the paths it is given). The
+What a process cannot be held to: `readOnly` (a local process gets no read-only bind unless its runner makes one in
+a private mount namespace, as the node agent does where it may, from `PreparedContainer.mounts`; the end-to-end tests
+check that the operator's Jobs leave their read-only inputs as they were), and '..' after a mount point, which the
+kernel resolves in the linked folder rather than in the pod (the runtime refuses '..' in the paths it is given). The
 process sees a minimal environment plus the pod's, not the operator's: a Job that works here does not lean on a
-variable that only the developer's shell has.
+variable that only the developer's shell has. How it reaches the API is the caller's (`api_env`): the emulator's
+plain-http KLEINSTYLE_KUBE_API, or a kubelet's KUBERNETES_SERVICE_HOST/PORT with a projected ServiceAccount token
+(`write_token` writes it; the emulator's is a placeholder).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import os
 import re
 import shutil
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from .store import now_rfc3339
+
 ROOTFS_ENV = "KLEINSTYLE_ROOTFS"
 KUBE_API_ENV = "KLEINSTYLE_KUBE_API"
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 INHERITED_ENV = ("PATH", "HOME", "PYTHONPATH", "LANG")
+# The thread pools a CPU limit bounds: OpenMP (torch), MKL, OpenBLAS (numpy) and numexpr each start one per core.
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+MAX_MESSAGE_BYTES = 4096  # the kubelet's limit on a termination message
 
 # Reads a ConfigMap or Secret ("configmaps"/"secrets", namespace, name); None when it does not exist.
 ObjectReader = Callable[[str, str, str], Awaitable[dict[str, Any] | None]]
+# Writes the token a projected `serviceAccountToken` source asks for: (the pod, the source, the file).
+TokenWriter = Callable[[dict[str, Any], Mapping[str, Any], Path], Awaitable[None]]
+
+
+async def placeholder_token(pod: dict[str, Any], source: Mapping[str, Any], target: Path) -> None:
+    """The emulator's token: it accepts any bearer, so the file only has to exist."""
+    target.write_text("devcluster-token")
 
 
 class PodSetupError(Exception):
@@ -51,6 +72,8 @@ class PreparedContainer:
     rootfs: Path
     termination_log: Path  # where the container's terminationMessagePath lands on this machine
     fallback_to_logs: bool  # terminationMessagePolicy: FallbackToLogsOnError
+    # What each mount links to on this machine, and whether it is readOnly (a runner that can may hold it to that).
+    mounts: tuple[tuple[Path, bool], ...] = ()
 
 
 def pod_rootfs(root: Path, namespace: str, pod: str) -> Path:
@@ -99,7 +122,19 @@ async def _projection(
     _write_projection(folder, files, source.get("items"))
 
 
-async def prepare_volumes(pod: dict[str, Any], root: Path, rootfs: Path, read: ObjectReader) -> dict[str, Path]:
+def _downward_api(pod: dict[str, Any], source: Mapping[str, Any], folder: Path) -> None:
+    """A downwardAPI volume or projection: each item's fieldRef as a file (resourceFieldRef is not modelled)."""
+    files = {
+        item["path"]: _field_ref(pod, item["fieldRef"]["fieldPath"]).encode()
+        for item in source.get("items") or ()
+        if "fieldRef" in item
+    }
+    _write_projection(folder, files, None)
+
+
+async def prepare_volumes(
+    pod: dict[str, Any], root: Path, rootfs: Path, read: ObjectReader, write_token: TokenWriter = placeholder_token
+) -> dict[str, Path]:
     """Materialise the pod's volumes as local folders: volume name -> folder."""
     namespace = pod["metadata"]["namespace"]
     folders: dict[str, Path] = {}
@@ -123,8 +158,14 @@ async def prepare_volumes(pod: dict[str, Any], root: Path, rootfs: Path, read: O
                     await _projection(read, namespace, source["configMap"], False, folder, name)
                 elif "secret" in source:
                     await _projection(read, namespace, source["secret"], True, folder, name)
+                elif "downwardAPI" in source:
+                    _downward_api(pod, source["downwardAPI"], folder)
                 elif "serviceAccountToken" in source:
-                    (folder / source["serviceAccountToken"].get("path", "token")).write_text("devcluster-token")
+                    token = source["serviceAccountToken"]
+                    await write_token(pod, token, folder / token.get("path", "token"))
+        elif "downwardAPI" in volume:
+            folder = private
+            _downward_api(pod, volume["downwardAPI"], folder)
         elif "hostPath" in volume:
             folder = Path(volume["hostPath"]["path"])
         else:  # emptyDir, and anything this executor does not model
@@ -134,8 +175,15 @@ async def prepare_volumes(pod: dict[str, Any], root: Path, rootfs: Path, read: O
     return folders
 
 
-def mount_volumes(container: dict[str, Any], rootfs: Path, folders: Mapping[str, Path]) -> None:
-    """Make each `mountPath` (with its `subPath`) a symlink under the rootfs to the volume's folder."""
+def mount_volumes(
+    container: dict[str, Any],
+    rootfs: Path,
+    folders: Mapping[str, Path],
+    read_only_volumes: frozenset[str] = frozenset(),
+) -> tuple[tuple[Path, bool], ...]:
+    """Make each `mountPath` (with its `subPath`) a symlink under the rootfs to the volume's folder; return what each
+    links to and whether it is readOnly (or of one of `read_only_volumes`), for a runner that can hold it to that."""
+    linked: list[tuple[Path, bool]] = []
     mounts = sorted(container.get("volumeMounts") or [], key=lambda mount: mount["mountPath"].count("/"))
     for mount in mounts:
         if mount["name"] not in folders:
@@ -163,6 +211,8 @@ def mount_volumes(container: dict[str, Any], rootfs: Path, folders: Mapping[str,
                 "CreateContainerConfigError", f"cannot mount {mount['mountPath']}: something already exists there"
             )
         link.symlink_to(source.resolve(), target_is_directory=source.is_dir())
+        linked.append((source.resolve(), bool(mount.get("readOnly")) or mount["name"] in read_only_volumes))
+    return tuple(linked)
 
 
 _VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
@@ -264,6 +314,11 @@ def resolve_command(argv: Sequence[str], search_path: str) -> list[str]:
     return [found, *argv[1:]]
 
 
+def thread_env(cpus: int) -> dict[str, str]:
+    """What bounds a process's thread pools to `cpus` cores, as a CPU limit bounds a container."""
+    return dict.fromkeys(THREAD_ENV, str(cpus))
+
+
 def base_env() -> dict[str, str]:
     """The minimal environment every pod process starts from (plus its own variables)."""
     venv_bin = str(Path(sys.executable).parent)
@@ -277,28 +332,34 @@ async def prepare_container(
     root: Path,
     read: ObjectReader,
     *,
-    api_url: str,
+    api_env: Mapping[str, str],
     default_command: Sequence[str] | None = None,
     cpus: int | None = None,
+    write_token: TokenWriter = placeholder_token,
 ) -> PreparedContainer:
     """Lay out the pod's rootfs and compute how to run its first container; raise PodSetupError if it cannot run.
 
-    `cpus`: the pod's share of this machine's cores, given to it as OMP_NUM_THREADS (unless the pod sets it), as a
-    kubelet's CPU limit would bound it: without it two torch pods on a 2-core machine each start a thread per core
-    and spend most of their time waiting for each other (the demo's two trainings: about 12 s with it, 40-50 s
-    without)."""
+    `api_env`: the variables that tell the process where the API is. `cpus`: the pod's share of this machine's
+    cores, given to it as OMP_NUM_THREADS and the like (unless the pod sets them), as a kubelet's CPU limit would
+    bound it: without it two torch pods on a 2-core machine each start a thread per core and spend most of their
+    time waiting for each other (the demo's two trainings: about 12 s with it, 40-50 s without)."""
     meta = pod["metadata"]
     rootfs = pod_rootfs(root, meta["namespace"], meta["name"])
     (rootfs / "dev").mkdir(parents=True, exist_ok=True)
     container = pod["spec"]["containers"][0]
-    folders = await prepare_volumes(pod, root, rootfs, read)
-    mount_volumes(container, rootfs, folders)
+    folders = await prepare_volumes(pod, root, rootfs, read, write_token)
+    claims_read_only = frozenset(
+        volume["name"]
+        for volume in pod["spec"].get("volumes") or []
+        if (volume.get("persistentVolumeClaim") or {}).get("readOnly")
+    )
+    mounts = mount_volumes(container, rootfs, folders, claims_read_only)
     env = base_env()
     if cpus:
-        env["OMP_NUM_THREADS"] = str(cpus)
+        env.update(thread_env(cpus))
     own = await container_env(pod, container, read)
     env.update(own)
-    env.update({"HOSTNAME": meta["name"], ROOTFS_ENV: str(rootfs), KUBE_API_ENV: api_url})
+    env.update({"HOSTNAME": meta["name"], ROOTFS_ENV: str(rootfs), **api_env})
     command = container.get("command") or list(default_command or [])
     argv = [expand(str(part), own) for part in [*command, *(container.get("args") or [])]]
     argv = resolve_command(argv, env["PATH"])
@@ -314,4 +375,148 @@ async def prepare_container(
         rootfs=rootfs,
         termination_log=rootfs / termination_path.strip("/"),
         fallback_to_logs=container.get("terminationMessagePolicy") == "FallbackToLogsOnError",
+        mounts=mounts,
     )
+
+
+async def prepare_until_ready(
+    prepare: Callable[[], Awaitable[PreparedContainer]],
+    waiting: Callable[[PodSetupError], Awaitable[None]],
+    retry: float = 0.5,
+) -> PreparedContainer | PodSetupError:
+    """Set a container up, retrying while it cannot start yet (a Secret or ConfigMap it needs is missing), as the
+    kubelet does: `waiting` is told each new reason; a StartError is final and returned for the caller to report."""
+    reported = None
+    while True:
+        try:
+            return await prepare()
+        except PodSetupError as exc:
+            if exc.reason == "StartError":
+                return exc
+            if exc.message != reported:
+                await waiting(exc)
+                reported = exc.message
+        await asyncio.sleep(retry)
+
+
+# --- running it ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Exited:
+    """How a container's process ended: what its `terminated` state reports."""
+
+    exit_code: int
+    started: str
+    finished: str
+    message: str  # the termination message
+
+    @property
+    def reason(self) -> str:
+        return "Completed" if self.exit_code == 0 else "Error"
+
+    def terminated(self) -> dict[str, Any]:
+        state = {
+            "exitCode": self.exit_code,
+            "reason": self.reason,
+            "message": self.message,
+            "startedAt": self.started,
+            "finishedAt": self.finished,
+        }
+        return {key: value for key, value in state.items() if value not in ("", None)}
+
+
+def container_status(
+    container: Mapping[str, Any],
+    state: dict[str, Any],
+    *,
+    ready: bool = False,
+    pid: int | None = None,
+    restart_count: int = 0,
+    last_state: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One entry of `status.containerStatuses`, as the kubelet writes it."""
+    status: dict[str, Any] = {
+        "name": container.get("name", "main"),
+        "image": container.get("image", ""),
+        "imageID": "",
+        "ready": ready,
+        "started": "running" in state,
+        "restartCount": restart_count,
+        "state": state,
+    }
+    if last_state:
+        status["lastState"] = last_state
+    if pid is not None:
+        status["containerID"] = f"local://{pid}"
+    return status
+
+
+def termination_message(prepared: PreparedContainer, log_path: Path, exit_code: int) -> str:
+    """What the container left at its terminationMessagePath (the log's tail under FallbackToLogsOnError)."""
+    message = b""
+    if prepared.termination_log.is_file():
+        message = prepared.termination_log.read_bytes()[-MAX_MESSAGE_BYTES:]
+    if not message.strip() and exit_code != 0 and prepared.fallback_to_logs and log_path.is_file():
+        message = b"\n".join(log_path.read_bytes().splitlines()[-80:])[-2048:]
+    return message.decode("utf-8", "replace")
+
+
+async def kill_process_group(process: asyncio.subprocess.Process, grace: float) -> None:
+    """SIGTERM the pod's process group, then SIGKILL after the grace period."""
+    if process.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(process.wait(), grace)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
+
+
+async def run_process(
+    prepared: PreparedContainer,
+    log_path: Path,
+    started: Callable[[int, str], Awaitable[None]],
+    *,
+    kill_grace: float,
+    stop: asyncio.Future[float] | None = None,
+    wrapper: Sequence[str] = (),
+) -> Exited:
+    """Run the container's process (its own session, output to `log_path`) until it exits, and say how it ended.
+
+    `started(pid, startedAt)` reports it running. A result set on `stop` is a grace period: the process gets SIGTERM,
+    then SIGKILL once it has passed, and its end is reported like any other. Cancelling kills it the same way with
+    `kill_grace` and does not wait for a second cancel. `wrapper`: argv that runs the container's argv after it."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    begun = now_rfc3339()
+    with log_path.open("wb") as log:
+        process = await asyncio.create_subprocess_exec(
+            *wrapper,
+            *prepared.argv,
+            env=prepared.env,
+            cwd=prepared.cwd,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        await started(process.pid, begun)
+        if stop is None:
+            returncode = await process.wait()
+        else:
+            exited = asyncio.ensure_future(process.wait())
+            either: set[asyncio.Future[Any]] = {exited, stop}
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if not exited.done():
+                await kill_process_group(process, stop.result())
+            returncode = await exited
+    except BaseException:
+        await asyncio.shield(kill_process_group(process, kill_grace))  # a second cancel must not leave it alive
+        raise
+    exit_code = returncode if returncode >= 0 else 128 - returncode
+    message = termination_message(prepared, log_path, exit_code)
+    return Exited(exit_code, begun, now_rfc3339(), message)
