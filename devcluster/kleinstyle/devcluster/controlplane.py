@@ -48,7 +48,9 @@ BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler
 
 # The controllers the operator's world needs: Jobs and their pods' garbage, Deployments (the operator's own),
 # namespaces, service accounts with their tokens and the kube-root-ca.crt ConfigMap a pod's projected token needs,
-# and the aggregation that fills admin/edit/view (the chart's tenant roles aggregate into them).
+# the aggregation that fills admin/edit/view (the chart's tenant roles aggregate into them); for the node agent
+# (node_agent.py), node lifecycle (it lifts the not-ready taint the API server puts on every new Node once the node
+# reports Ready) and the PersistentVolume binder (the scheduler places no pod whose claim is unbound).
 CONTROLLERS = (
     "job-controller",
     "cronjob-controller",
@@ -62,6 +64,8 @@ CONTROLLERS = (
     "serviceaccount-token-controller",
     "root-ca-certificate-publisher-controller",
     "clusterrole-aggregation-controller",
+    "node-lifecycle-controller",
+    "persistentvolume-binder-controller",
 )
 SERVICE_CIDR = "10.0.0.0/24"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
@@ -482,6 +486,23 @@ class RealCluster:
                 return response.status, _decode(response)
         except urllib.error.HTTPError as error:
             return error.code, _decode(error)
+
+    def client_certificate(self, user: str, group: str | None = None) -> tuple[Path, Path]:
+        """A client certificate and key for `user` in `group`, signed by the cluster's CA, as files in the cluster's
+        folder: how a component outside the control plane authenticates (the node agent's kubelets are
+        `system:node:NAME` in `system:nodes`, whom the Node authorizer confines to their own node's objects)."""
+        pki = self.root / "pki"
+        ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), password=None)
+        if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+            raise ControlPlaneError(f"{pki / 'ca.key'} is not the EC key RealCluster makes")
+        ca = _Issued(x509.load_pem_x509_certificate((pki / "ca.crt").read_bytes()), ca_key)
+        issued = _issue(user, ca=ca, organization=group, client=True)
+        stem = user.replace(":", "-")
+        cert_file, key_file = pki / f"{stem}.crt", pki / f"{stem}.key"
+        cert_file.write_bytes(issued.cert_pem)
+        key_file.write_bytes(issued.key_pem)
+        key_file.chmod(0o600)
+        return cert_file, key_file
 
     def _get_ok(self, path: str) -> bool:
         with contextlib.suppress(OSError):
