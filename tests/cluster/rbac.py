@@ -37,9 +37,12 @@ APPLY = "application/apply-patch+yaml"
 # Where each kind lives: the operator's own table, and Secrets, which it never touches but tenants must not read.
 KINDS: dict[str, tuple[str, str]] = {**PLURALS, "Secret": ("v1", "secrets")}
 CUSTOM_KINDS = ("StyleBoard", "StyleLoRA", "GenerationJob", "LoRAFusion")
-# A refused or unauthenticated request, as the operator's log shows it: urllib3's DEBUG line ("POST ... HTTP/1.1"
-# 403), kopf's APIForbiddenError, the operator's "403 Forbidden" ApiError; the same for 401.
-REFUSED = re.compile(r'(?i)forbidden|unauthorized|" 40[13] |status[=:] ?40[13]\b')
+# A refused or unauthenticated request in the operator's log: urllib3's DEBUG line for each response
+# ("POST ... HTTP/1.1" 403), and any warning or error naming one (kopf's APIForbiddenError, the operator's
+# "403 Forbidden" ApiError). DEBUG lines of other loggers are left out: kopf dumps bodies there, and a status may
+# quote a refusal.
+RESPONSE_REFUSED = re.compile(r'" 40[13] ')
+REFUSED = re.compile(r"(?i)forbidden|unauthorized|\b40[13]\b")
 
 
 def wait_for(what: str, probe: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1) -> Any:
@@ -238,6 +241,7 @@ def install_chart(
     cluster: RealCluster, chart: Path, values: dict[str, Any], home: Path, *, name: str, namespace: str
 ) -> Release:
     """`helm install --create-namespace` with a values file, as a platform team runs it."""
+    home.mkdir(parents=True, exist_ok=True)
     values_file = home / "values.yaml"
     values_file.write_text(yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
     env = helm_env(home)
@@ -283,7 +287,7 @@ class OperatorProcess:
         self._process: subprocess.Popen[bytes] | None = None
 
     def command(self) -> list[str]:
-        """The Deployment's container args, with the paths and ports of this machine and DEBUG logs."""
+        """The Deployment's container args, with the paths and ports of this machine, and JSON logs at DEBUG."""
         cluster, ns, name = self.release.cluster, self.release.namespace, self.release.fullname
         status, deployment = cluster.api("GET", f"/apis/apps/v1/namespaces/{ns}/deployments/{name}")
         assert status == 200, deployment
@@ -294,7 +298,12 @@ class OperatorProcess:
         config["metricsPort"] = free_port()  # the chart's 8080 is the pod's; here it is this machine's
         config_file = self.folder / "operator.yaml"
         config_file.write_text(yaml.safe_dump(config), encoding="utf-8")
-        local = {"--config": str(config_file), "--liveness": self.health, "--log-level": "DEBUG"}
+        local = {
+            "--config": str(config_file),
+            "--liveness": self.health,
+            "--log-level": "DEBUG",
+            "--log-format": "json",
+        }
         args = list(container["args"])
         for index, arg in enumerate(args[:-1]):
             if arg in local:
@@ -341,8 +350,22 @@ class OperatorProcess:
         return "\n".join(self.text().splitlines()[-lines:])
 
     def refusals(self) -> list[str]:
-        """Every log line where the API server refused (403) or did not know (401) the operator."""
-        return [line for line in self.text().splitlines() if REFUSED.search(line)]
+        """Every log line where the API server refused (403) or did not know (401) the operator; a line that is no
+        JSON record (a traceback) counts when it names one."""
+        found = []
+        for line in self.text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = {"level": "ERROR", "message": line}
+            message = str(record.get("message", ""))
+            if record.get("logger") == "urllib3.connectionpool":
+                refused = RESPONSE_REFUSED.search(message)
+            else:
+                refused = record.get("level") in ("WARNING", "ERROR", "CRITICAL") and REFUSED.search(message)
+            if refused:
+                found.append(line)
+        return found
 
 
 def rules_without(rules: Sequence[dict[str, Any]], resource: str, verb: str) -> list[dict[str, Any]]:
