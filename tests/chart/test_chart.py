@@ -71,7 +71,7 @@ def needed_grants() -> set[tuple[str, str, str]]:
     """Every call the operator makes, from the code's own tables (kube.py, indexes.py) plus kopf's."""
     verbs = ("get", "list", "watch", "create", "delete")  # indexes watch; a create that finds one gets it
     needed = {(api_group(k), PLURALS[k][1], v) for k in CHILD_KINDS for v in verbs}
-    needed.add(("", "pods", "list"))
+    needed |= {("", "pods", v) for v in ("list", "watch")}  # the runs' pods index
     needed.add(("batch", "jobs", "patch"))  # Kube.annotate: the spec generation a Job runs for
     needed |= {(kueue.GROUP, "workloads", v) for v in ("list", "watch")}  # the Workload index
     needed.add(("", "events", "create"))  # kopf.event

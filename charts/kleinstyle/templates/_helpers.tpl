@@ -96,10 +96,10 @@ secretKeyRef, which the kubelet resolves with no operator permission).
 - apiGroups: [kueue.x-k8s.io]
   resources: [workloads]
   verbs: [list, watch]
-# A Job's pods, read for exit codes and scheduling state.
+# The runs' pods (label-selected), watched for scheduling state, start times and exit codes.
 - apiGroups: [""]
   resources: [pods]
-  verbs: [list]
+  verbs: [list, watch]
 # kopf.event posts core/v1 Events.
 - apiGroups: [""]
   resources: [events]

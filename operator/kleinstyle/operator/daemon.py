@@ -55,7 +55,7 @@ async def reconcile_once(body: Any, memo: Any, logger: Any, indexes: Mapping[str
     outcome = "ok"
     body = memo.wakers.current(body)
     try:
-        observed = await observe(kube, body, indexes, memo.wakers)
+        observed = observe(body, indexes, memo.wakers)
         decision = reconcile(observed, cfg, now_rfc3339())
         before = dict(body.get("status") or {})
         decision = await write_decision(kube, body, decision, memo.wakers, logger)

@@ -19,10 +19,12 @@ from .config import OperatorConfig
 from .daemon import run_resource
 from .indexes import (
     CHILD_KINDS,
+    PODS_INDEX,
     WORKLOADS_INDEX,
     child_indexer,
     children_index,
     index_object,
+    index_pod,
     index_workload,
     objects_index,
 )
@@ -43,6 +45,9 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig, kueue_version
         resource = (group, version, plural)
         kopf.index(*resource, labels=owned, registry=registry, id=children_index(child_kind))(child_indexer(child_kind))
         kopf.on.event(*resource, labels=owned, registry=registry, id=f"wake_{plural}")(_wake_owner)
+    # The runs' pods: why a run waits (unschedulable, an image it cannot pull) or failed, and when it started.
+    kopf.index("", "v1", "pods", labels=owned, registry=registry, id=PODS_INDEX)(index_pod)
+    kopf.on.event("", "v1", "pods", labels=owned, registry=registry, id="wake_pods")(_wake_owner)
     for kind in KINDS:
         resource = (GROUP, VERSION, kind.plural)
         kopf.index(*resource, registry=registry, id=objects_index(kind.kind))(index_object)

@@ -16,6 +16,7 @@ from .naming import OWNER_UID
 
 CHILD_KINDS = ("ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Job")  # what a run creates, in that order
 WORKLOADS_INDEX = "kueue_workloads"
+PODS_INDEX = "run_pods"  # the pods of every run's Job, by the owner's uid (why a run waits or failed)
 
 Indexer = Callable[..., dict[Any, dict[str, Any]]]
 
@@ -46,6 +47,11 @@ def child_indexer(kind: str) -> Indexer:
 def index_object(body: Any, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
     meta = body["metadata"]
     return {(meta["namespace"], meta["name"]): dict(body)}
+
+
+def index_pod(body: Any, labels: Mapping[str, str], **_: Any) -> dict[str, dict[str, Any]]:
+    """A run's pod by its owner's uid (the Job's pod template carries the owner's labels)."""
+    return {labels[OWNER_UID]: {**dict(body), "apiVersion": "v1", "kind": "Pod"}}
 
 
 def index_workload(labels: Mapping[str, str], body: Any, **_: Any) -> dict[str, dict[str, Any]]:

@@ -36,6 +36,7 @@ def configure(settings: kopf.OperatorSettings) -> None:
         api_version, plural = PLURALS[kind]
         group, _, version = api_version.rpartition("/")
         settings.watching.label_selectors[group, version, plural] = OWNER_UID
+    settings.watching.label_selectors["", "v1", "pods"] = OWNER_UID
     settings.watching.label_selectors[kueue.GROUP, "workloads"] = kueue.JOB_UID_LABEL
     settings.persistence.finalizer = "kleinstyle.dev/cleanup"
     settings.posting.level = logging.WARNING  # Our own Events say what matters; kopf's are noise to a user.

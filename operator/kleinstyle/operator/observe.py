@@ -1,7 +1,7 @@
 """Observe: what one reconcile needs, read from the indexes (and this process's writes still in flight).
 
 Reading is kept apart from deciding (`reconcile`, pure) and writing (`write`) so that a reconcile costs the API
-nothing but one LIST of pods, made only when a Job failed, to learn why.
+nothing: children, their pods and Kueue's Workloads all come from the watches.
 """
 
 from __future__ import annotations
@@ -11,16 +11,14 @@ from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
-from .indexes import CHILD_KINDS, WORKLOADS_INDEX, children_index, objects_index, one
+from .indexes import CHILD_KINDS, PODS_INDEX, WORKLOADS_INDEX, children_index, objects_index, one
 from .kinds import KIND_RUNS, Dependency, find_cycle
-from .kube import Kube
-from .naming import OWNER_UID, selector
-from .reconcile import Observed, job_failed
+from .reconcile import Observed
 from .wakers import ChildKey, Wakers
 
 
-async def observe(kube: Kube, body: Any, indexes: Mapping[str, Any], wakers: Wakers) -> Observed:
-    """What reconcile needs, from the indexes; pods (one LIST) only when a Job failed, for the pod's reason."""
+def observe(body: Any, indexes: Mapping[str, Any], wakers: Wakers) -> Observed:
+    """What reconcile needs, from the indexes: no request to the API."""
     meta = body["metadata"]
     namespace, uid, kind = meta["namespace"], meta["uid"], body["kind"]
     deps_wanted: list[Dependency] = []
@@ -53,8 +51,7 @@ async def observe(kube: Kube, body: Any, indexes: Mapping[str, Any], wakers: Wak
         else:
             wakers.deleted[uid].discard(key)  # the index has forgotten it too
     listed = list(children.values())
-    failed = any(c["kind"] == "Job" and job_failed(c) for c in listed)
-    pods = await kube.list("Pod", namespace, selector({OWNER_UID: uid})) if failed else []
+    pods = list(indexes.get(PODS_INDEX, {}).get(uid, ()))
     workloads = {}
     for job in (c for c in listed if c["kind"] == "Job" and c["metadata"].get("uid")):
         wakers.job_owner[job["metadata"]["uid"]] = uid

@@ -32,6 +32,7 @@ from kleinstyle.contract.runspec import RunSpec
 from pydantic import ValidationError
 
 from . import kueue
+from . import pods as pods_
 from .api.common import API_VERSION, CommonStatus, Condition, Phase, QueueStatus, RunInput, field_errors
 from .children import InvalidSpec, Run, build_children
 from .conditions import cond, merge_conditions, true_condition
@@ -102,28 +103,6 @@ def job_failed(job: Mapping[str, Any]) -> bool:
     return true_condition(job, "Failed") is not None
 
 
-def last_failure(pods: Sequence[Mapping[str, Any]]) -> tuple[str, Mapping[str, Any]] | None:
-    """(name, terminated state) of the newest failed container among `pods`, or None."""
-    failed = []
-    for pod in pods:
-        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-            term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
-            if term and term.get("exitCode", 0) != 0:
-                failed.append((term.get("finishedAt") or "", pod["metadata"]["name"], term))
-    if not failed:
-        return None
-    _, name, term = max(failed, key=lambda item: (item[0], item[1]))
-    return name, term
-
-
-def pod_failure_reason(last: tuple[str, Mapping[str, Any]]) -> str:
-    """The failed pod's (`last_failure`) reason, exit code and termination message, for a Failed status."""
-    name, term = last
-    detail = (term.get("message") or "").strip().splitlines()
-    tail = f": {detail[-1]}" if detail else ""
-    return f"pod {name}: {term.get('reason') or 'Error'} (exit code {term.get('exitCode')}){tail}"
-
-
 def job_phase(
     job: Mapping[str, Any] | None,
     name: str,
@@ -141,8 +120,8 @@ def job_phase(
         return "Succeeded", "JobComplete", f"Job {name} completed"
     failed = true_condition(job, "Failed")
     if failed:
-        last = last_failure(pods)
-        detail = (pod_failure_reason(last) if last else None) or failed.get("message") or "no reason given"
+        last = pods_.last_failure(pods)
+        detail = (pods_.failure_text(last) if last else None) or failed.get("message") or "no reason given"
         # The runtime's exit code says what no retry mends (BadInput, VolumeFull); else the Job's own reason.
         reason = failure_reason(last[1].get("exitCode") if last else None) or failed.get("reason") or "JobFailed"
         return "Failed", reason, f"Job {name} failed ({failed.get('reason')}): {detail}"
@@ -150,6 +129,13 @@ def job_phase(
         queue_name = (job["metadata"].get("labels") or {}).get(kueue.QUEUE_LABEL, "")
         return "Pending", *kueue.suspended_phase(name, queue_name, workload, queue)
     if status.get("active"):
+        # A Pending pod counts as active: the run runs only once a pod does. Where the watch has brought no pod of
+        # the Job yet, the Job's word stands.
+        current = pods_.of_job(pods, name)
+        if current and (stuck := pods_.waiting(current[0])) is not None:
+            return "Pending", *stuck
+        if current and pods_.starting(current[0]):
+            return "Pending", "PodStarting", f"Job {name}'s pod {current[0]['metadata']['name']} is starting"
         return "Running", "JobRunning", f"Job {name} is running"
     if status.get("failed"):
         return "Running", "JobRetrying", f"Job {name} is retrying after {status['failed']} failed pod(s)"
@@ -254,7 +240,9 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
     created_job = next((c for c in create if c["kind"] == "Job"), None)
     phase, reason, message = job_phase(job or created_job, run.name, observed.pods, workload, status.queue)
     job_status = (job or {}).get("status") or {}
-    status.start_time = job_status.get("startTime")
+    # The run started when its pod started running (GPU time and the queue wait count from there), not when its Job
+    # was created: known from the pods alone, so it is set once, when the watch brings a running pod.
+    status.start_time = pods_.started(pods_.of_job(observed.pods, run.name))
     status.completion_time = job_status.get("completionTime")
     conds.append(cond("JobCreated", "True", "Created", f"Job {run.name}"))
     report, problem = current_report(old_status.progress, kind_run, short_hash)
@@ -518,9 +506,12 @@ def warning_condition(warnings: Sequence[str]) -> Condition:
 
 
 def _transition_events(old: CommonStatus, new: CommonStatus, reason: str) -> list[Event]:
-    # A status without a run (Waiting) leaves the run id it had: only a new run id is a new run.
+    # A status without a run (Waiting) leaves the run id it had: only a new run id is a new run. A pod stuck
+    # (unschedulable, its image unpullable) is a transition of its own, told once, though the phase stays Pending.
     run_hash = new.run_hash if "run_hash" in new.model_fields_set else old.run_hash
-    if old.phase == new.phase and old.run_hash == run_hash:
+    ready = old.condition("Ready")
+    stuck = reason in pods_.STUCK_REASONS and (ready is None or ready.reason != reason)
+    if old.phase == new.phase and old.run_hash == run_hash and not stuck:
         return []
-    warn = new.phase == "Failed" or reason in STALLED_REASONS or reason.endswith("NotFound")
+    warn = new.phase == "Failed" or reason in STALLED_REASONS or reason.endswith("NotFound") or stuck
     return [Event("Warning" if warn else "Normal", reason, f"{new.phase}: {new.message}")]

@@ -208,7 +208,7 @@ class CommonStatus(StatusModel):
     run_hash: str | None = Field(default=None, description="Hash of the current run's RunSpec; names its Job.")
     job_name: str | None = Field(default=None, description="The Job of the current run.")
     artifact_uri: str | None = Field(default=None, description="Where the current run writes its artifacts.")
-    start_time: str | None = Field(default=None, description="When the current run's Job started.")
+    start_time: str | None = Field(default=None, description="When the current run's pod started running.")
     completion_time: str | None = Field(default=None, description="When the current run's Job finished.")
     inputs: list[RunInput] = Field(
         default_factory=list,
