@@ -147,14 +147,15 @@ def chart_release(chart_cluster: RealCluster, tmp_path_factory: pytest.TempPathF
 
 
 @pytest.fixture(scope="session")
-def tenants(chart_release: Release) -> dict[str, Tenant]:
-    """TENANTS: each user bound by a RoleBinding to Kubernetes' own edit or view in one namespace, nothing more."""
-    cluster = chart_release.cluster
+def tenants(chart_release: Release, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Tenant]:
+    """TENANTS: each user, signing in with a client certificate of the cluster's CA, bound by one RoleBinding to
+    Kubernetes' own edit or view in one namespace, and holding nothing more."""
+    cluster, folder = chart_release.cluster, tmp_path_factory.mktemp("tenants")
     found = {}
     for name, (namespace, role) in TENANTS.items():
         ensure_namespace(cluster, namespace)
         bind(cluster, namespace, role, name)
-        found[name] = Tenant(user(cluster, name), namespace, role)
+        found[name] = Tenant(user(cluster, name, namespace, folder), namespace, role)
     for t in found.values():  # RBAC's cache takes the bindings a moment later
         wait_for(f"{t.who.name}'s binding", lambda t=t: t.who.can_i("get", "StyleBoard", t.namespace))
     return found

@@ -1,10 +1,10 @@
 """RBAC as the real API server enforces it: the chart installed with the built helm, its operator running as the
 chart's ServiceAccount and nothing more, tenants as the users a platform team binds to `edit` and `view`.
 
-An `Identity` sends requests, runs kubectl and asks `can-i` as one subject. Users are impersonated by the admin
-(`kubectl --as` sends the same headers): RealCluster keeps its CA key to itself, and the server authorizes an
-impersonated user exactly as it would that user signing in, with none of the admin's rights. ServiceAccounts use a
-TokenRequest token in a kubeconfig holding that token only.
+An `Identity` sends requests, runs kubectl and asks `can-i` as one subject, with its own credential and no other:
+a user a client certificate signed by the cluster's CA (as an OIDC login or a platform's certificate would make
+them), a ServiceAccount a TokenRequest token. Each has a kubeconfig holding that credential alone, so neither the
+requests nor the kubectl it runs ever carry the admin's.
 """
 
 from __future__ import annotations
@@ -71,18 +71,20 @@ def group_resource(kind: str) -> tuple[str, str]:
 
 @dataclass
 class Identity:
-    """One subject of RBAC: a user the admin impersonates, or a ServiceAccount's bearer token."""
+    """One subject of RBAC: a user with a client certificate, or a ServiceAccount with a bearer token."""
 
     cluster: RealCluster
     name: str  # the username RBAC sees
     token: str | None = None
-    kubeconfig: Path | None = None  # for a token: a kubeconfig holding it and no other credential
+    certificate: tuple[Path, Path] | None = None  # (certificate, key)
+    kubeconfig: Path | None = None  # holding this credential and no other
     _opener: urllib.request.OpenerDirector = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        assert (self.token is None) != (self.certificate is None), "a token or a client certificate"
         context = ssl.create_default_context(cafile=str(self.cluster.ca_file))
-        if self.token is None:  # the admin's certificate carries the impersonation headers
-            context.load_cert_chain(str(self.cluster.admin_cert_file), str(self.cluster.admin_key_file))
+        if self.certificate is not None:
+            context.load_cert_chain(*map(str, self.certificate))
         # No proxy: urllib would send even 127.0.0.1 through HTTPS_PROXY.
         self._opener = urllib.request.build_opener(
             urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
@@ -99,8 +101,6 @@ class Identity:
             request.add_header("Content-Type", content_type)
         if self.token is not None:
             request.add_header("Authorization", f"Bearer {self.token}")
-        else:
-            request.add_header("Impersonate-User", self.name)
         try:
             with self._opener.open(request, timeout=30) as response:
                 raw = response.readline() if first_line else response.read()
@@ -109,9 +109,9 @@ class Identity:
             return error.code, _decode(error.read())
 
     def kubectl(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
-        """The built kubectl as this identity (its exit status left to the caller)."""
-        who = ["--kubeconfig", str(self.kubeconfig)] if self.kubeconfig else ["--as", self.name]
-        return self.cluster.kubectl(*who, *args, input=input, check=False)
+        """The built kubectl with this identity's kubeconfig (its exit status left to the caller)."""
+        assert self.kubeconfig is not None, f"{self.name} has no kubeconfig"
+        return self.cluster.kubectl("--kubeconfig", str(self.kubeconfig), *args, input=input, check=False)
 
     def can_i(self, verb: str, kind: str, namespace: str | None, *, subresource: str = "", name: str = "") -> bool:
         """A SelfSubjectAccessReview as this identity: the request `kubectl auth can-i` sends."""
@@ -137,8 +137,28 @@ def _decode(raw: bytes) -> Any:
         return text
 
 
-def user(cluster: RealCluster, name: str) -> Identity:
-    return Identity(cluster, name)
+def write_kubeconfig(cluster: RealCluster, name: str, credential: dict[str, str], path: Path, namespace: str) -> Path:
+    """A kubeconfig with the cluster's CA, its server and one credential (a token, or certificate and key files)."""
+    ca = base64.b64encode(Path(cluster.ca_file).read_bytes()).decode()
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "cluster", "cluster": {"server": cluster.server, "certificate-authority-data": ca}}],
+        "users": [{"name": name, "user": credential}],
+        "contexts": [{"name": name, "context": {"cluster": "cluster", "user": name, "namespace": namespace}}],
+        "current-context": name,
+    }
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    path.chmod(0o600)
+    return path
+
+
+def user(cluster: RealCluster, name: str, namespace: str, folder: Path) -> Identity:
+    """A user signing in with a client certificate the cluster's CA signed for `name` (no group)."""
+    certificate = cluster.client_certificate(name)
+    credential = {"client-certificate": str(certificate[0]), "client-key": str(certificate[1])}
+    kubeconfig = write_kubeconfig(cluster, name, credential, folder / f"{name}.kubeconfig", namespace)
+    return Identity(cluster, name, certificate=certificate, kubeconfig=kubeconfig)
 
 
 def mint_token(cluster: RealCluster, namespace: str, account: str, seconds: int = 3600) -> str:
@@ -153,19 +173,9 @@ def mint_token(cluster: RealCluster, namespace: str, account: str, seconds: int 
 def service_account(cluster: RealCluster, namespace: str, account: str, folder: Path) -> Identity:
     """The ServiceAccount as its own client: a fresh token in a kubeconfig holding the CA, the server and the token."""
     token = mint_token(cluster, namespace, account)
-    ca = base64.b64encode(Path(cluster.ca_file).read_bytes()).decode()
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "cluster", "cluster": {"server": cluster.server, "certificate-authority-data": ca}}],
-        "users": [{"name": account, "user": {"token": token}}],
-        "contexts": [{"name": account, "context": {"cluster": "cluster", "user": account, "namespace": namespace}}],
-        "current-context": account,
-    }
-    kubeconfig = folder / f"{namespace}.{account}.kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump(config), encoding="utf-8")
-    kubeconfig.chmod(0o600)
-    return Identity(cluster, f"system:serviceaccount:{namespace}:{account}", token, kubeconfig)
+    path = folder / f"{namespace}.{account}.kubeconfig"
+    kubeconfig = write_kubeconfig(cluster, account, {"token": token}, path, namespace)
+    return Identity(cluster, f"system:serviceaccount:{namespace}:{account}", token, kubeconfig=kubeconfig)
 
 
 def ensure_namespace(cluster: RealCluster, name: str) -> str:

@@ -2,11 +2,12 @@
 tenant roles are aggregated in, and what they do not.
 
 A platform team binds alice to `edit` in team-a, bob to `edit` in team-b and carol to `view` in team-a, one
-RoleBinding each (conftest TENANTS). The admin impersonates them, as `kubectl --as` does: the server authorizes each
-request as that user alone. An editor creates, reads, watches, annotates (the stop) and deletes the four kinds in
-its namespace; nobody writes a `/status` (status is the operator's output, and the forged-status attack must stop
-at RBAC); nobody reads the other tenant's namespace; a viewer reads and changes nothing; `kubectl auth can-i` says
-the same as the server does. The last test shows what RBAC does not stop (docs/threat-model.md).
+RoleBinding each (conftest TENANTS). Each signs in with a client certificate of the cluster's CA and a kubeconfig of
+their own, so the server authenticates and authorizes every request, kubectl's too, as that user alone. An editor
+creates, reads, watches, annotates (the stop) and deletes the four kinds in its namespace; nobody writes a
+`/status` (status is the operator's output, and the forged-status attack must stop at RBAC); nobody reads the other
+tenant's namespace; a viewer reads and changes nothing; `kubectl auth can-i` says the same as the server does. The
+last test shows what RBAC does not stop (docs/threat-model.md).
 """
 
 from __future__ import annotations
@@ -306,7 +307,7 @@ def test_an_editor_can_write_its_own_objects_status_as_the_runs_service_account(
         assert bob.who.request("POST", token_path, request)[0] == 403
         code, minted = alice.who.request("POST", token_path, request)
         assert code == 201, minted
-        as_runner = Identity(cluster, f"system:serviceaccount:{ns}:{runner}", minted["status"]["token"])
+        as_runner = Identity(cluster, f"system:serviceaccount:{ns}:{runner}", token=minted["status"]["token"])
         wait_for(
             "the run's Role bound",
             lambda: as_runner.can_i("patch", "StyleBoard", ns, subresource="status", name="runner-probe"),
