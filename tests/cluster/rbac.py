@@ -178,11 +178,13 @@ def service_account(cluster: RealCluster, namespace: str, account: str, folder: 
     return Identity(cluster, f"system:serviceaccount:{namespace}:{account}", token, kubeconfig=kubeconfig)
 
 
-def ensure_namespace(cluster: RealCluster, name: str) -> str:
+def ensure_namespace(cluster: RealCluster, name: str, labels: dict[str, str] | None = None) -> str:
+    """The namespace `name`, created with `labels` unless it exists."""
     status, body = cluster.api("GET", f"/api/v1/namespaces/{name}")
     if status == 404:
+        metadata = {"name": name, "labels": labels or {}}
         status, body = cluster.api(
-            "POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+            "POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": metadata}
         )
         assert status == 201, body
     return name

@@ -36,6 +36,8 @@ from .rbac import (
 )
 
 EXAMPLES = REPO / "examples"
+# Pod Security's strictest level, as platform teams enforce it on tenant namespaces and on the operator's own.
+RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted"}
 RUNNER_KINDS = ("ServiceAccount", "Role", "RoleBinding")
 
 
@@ -120,7 +122,11 @@ def test_helm_installs_the_release_with_every_object(chart_release: Release) -> 
     assert pod_spec["containers"][0]["image"] == "registry.example.com/platform/kleinstyle-operator:0.1.0"
     assert deployment["spec"]["template"]["metadata"]["labels"]["team"] == "platform"
 
-    # The Deployment's pod exists and waits for a node, which there is none of yet (no kubelet).
+    # The Deployment's pod exists and waits for a node, which there is none of yet (no kubelet); it passes Pod
+    # Security's restricted level: labelling the namespace warns of no pod that violates it, and a new pod is admitted.
+    labelled = cluster.kubectl("label", "namespace", ns, *(f"{k}={v}" for k, v in RESTRICTED.items()))
+    assert "violate" not in labelled.stderr, labelled.stderr
+
     def pending_pod() -> dict[str, Any] | None:
         _, pods = cluster.api(
             "GET", f"/api/v1/namespaces/{ns}/pods?labelSelector=app.kubernetes.io%2Finstance%3D{chart_release.name}"
@@ -132,6 +138,12 @@ def test_helm_installs_the_release_with_every_object(chart_release: Release) -> 
 
     pod = wait_for("the operator's pod, Unschedulable", pending_pod)
     assert pod["status"]["phase"] == "Pending"
+    cluster.kubectl("delete", "pod", pod["metadata"]["name"], "-n", ns, "--wait=false")
+    replaced = wait_for(
+        "a new pod under restricted",
+        lambda: (p := pending_pod()) and p["metadata"]["name"] != pod["metadata"]["name"] and p,
+    )
+    assert replaced["status"]["phase"] == "Pending"
 
 
 @pytest.mark.parametrize(
@@ -253,7 +265,7 @@ def test_the_operators_credential_is_the_service_account_alone(chart_release: Re
 
 def test_a_styleboard_runs_under_the_charts_rbac(chart_operator: OperatorProcess) -> None:
     cluster = chart_operator.release.cluster
-    ns = ensure_namespace(cluster, "studio-run")
+    ns = ensure_namespace(cluster, "studio-run", RESTRICTED)  # the run's pod must pass it to be created at all
     apply(cluster, ns, "styleboard.yaml", "stylelora.yaml")
     board = get(cluster, "StyleBoard", ns, "bd9")
     assert board is not None
