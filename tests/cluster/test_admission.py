@@ -87,7 +87,7 @@ def test_the_api_server_refuses_naming_the_field(
 
     # The offline admission (the emulator's, tests/admission's) refuses with the same words and causes.
     offline = _offline(obj)
-    assert offline.message == message
+    assert (offline.message, offline.code) == (message, status)
     if causes is not None:
         rendered = [dict(cause) for cause in offline.causes]
         assert sorted(rendered, key=json.dumps) == sorted(causes, key=json.dumps)

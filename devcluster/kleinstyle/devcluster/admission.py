@@ -86,12 +86,14 @@ _BLOCKING = frozenset({"required", "type", "unsupported", "too-long", "too-many"
 
 
 class AdmissionRejected(Exception):
-    """The API server's refusal: `message` as kubectl prints it, `causes` as in the Status details."""
+    """The API server's refusal: `message` as kubectl prints it, `causes` as in the Status details, `code` its HTTP
+    status (422 Invalid; 400 BadRequest for a strict-decoding error, whose Status has no causes)."""
 
-    def __init__(self, message: str, causes: list[dict[str, str]]) -> None:
+    def __init__(self, message: str, causes: list[dict[str, str]], code: int = 422) -> None:
         super().__init__(message)
         self.message = message
         self.causes = causes
+        self.code = code
 
 
 class CELRuleError(RuntimeError):
@@ -507,10 +509,7 @@ def admit(
         message = (
             f'{kind} in version "{resource.version}" cannot be handled as a {kind}: strict decoding error: {errors}'
         )
-        causes = [
-            {"field": path, "reason": "FieldValueUnknown", "message": f'unknown field "{path}"'} for path in unknown
-        ]
-        raise AdmissionRejected(message, causes)
+        raise AdmissionRejected(message, [], code=400)  # the real server's Status names the fields in its message only
     resource.default(obj)
     obj.pop("status", None)  # the status subresource is on: a create never sets status
 
