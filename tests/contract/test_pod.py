@@ -1,9 +1,11 @@
-"""A run's pod as both sides read it (kleinstyle.contract.pod): what its exit codes mean and which stop annotation
-asks a stop of which run. The Job's podFailurePolicy built from the codes is tested in
-tests/operator/test_job_failure_policy.py; reading the annotation through the API in
+"""A run's pod as both sides read it (kleinstyle.contract.pod): what its exit codes mean, which stop annotation
+asks a stop of which run, and where a pod path is on this machine. The Job's podFailurePolicy built from the codes
+is tested in tests/operator/test_job_failure_policy.py; reading the annotation through the API in
 tests/runtime/test_stop_annotation.py."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 from kleinstyle.contract.pod import (
@@ -13,10 +15,14 @@ from kleinstyle.contract.pod import (
     EXIT_VOLUME_FULL,
     FAILURE_REASONS,
     NEVER_RETRIED,
+    ROOTFS_ENV,
+    SERVICE_ACCOUNT_CA,
+    SERVICE_ACCOUNT_TOKEN,
     STOP_ANNOTATION,
     STOP_REASON_LIMIT,
     command,
     failure_reason,
+    local_path,
     parse_stop,
     stop_request,
 )
@@ -70,3 +76,38 @@ def test_parse_stop_keeps_the_reason_to_its_limit_after_collapsing_space() -> No
     assert run == RUN
     assert len(reason) == STOP_REASON_LIMIT
     assert "  " not in reason
+
+
+# --- pod paths on this machine ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("env", [{}, {ROOTFS_ENV: ""}], ids=["unset", "empty"])
+def test_a_pod_path_is_itself_in_a_real_container(env: dict[str, str]) -> None:
+    assert local_path("/etc/kleinstyle/operator.yaml", env) == Path("/etc/kleinstyle/operator.yaml")
+    assert local_path(SERVICE_ACCOUNT_TOKEN, env) == Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+
+
+def test_a_pod_path_lies_under_the_rootfs_of_a_pod_run_as_a_process(tmp_path: Path) -> None:
+    env = {ROOTFS_ENV: str(tmp_path)}
+    assert local_path("/etc/kleinstyle/operator.yaml", env) == tmp_path / "etc/kleinstyle/operator.yaml"
+    assert local_path(SERVICE_ACCOUNT_CA, env) == tmp_path / "var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+    assert local_path(Path("/artifacts/run"), env) == tmp_path / "artifacts/run"
+
+
+def test_a_relative_path_is_left_as_it_is(tmp_path: Path) -> None:
+    """Relative to the process's working directory, which the kubelet puts in the pod already."""
+    assert local_path("dataset/001.png", {ROOTFS_ENV: str(tmp_path)}) == Path("dataset/001.png")
+
+
+def test_the_process_environment_is_read_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ROOTFS_ENV, str(tmp_path))
+    assert local_path("/models") == tmp_path / "models"
+    monkeypatch.delenv(ROOTFS_ENV)
+    assert local_path("/models") == Path("/models")
+
+
+def test_the_runtime_opens_pod_paths_through_the_contracts_mapping() -> None:
+    """One mapping for both sides: the runtime's `local_path` is the contract's, not a copy."""
+    from kleinstyle.runtime import paths
+
+    assert paths.local_path is local_path

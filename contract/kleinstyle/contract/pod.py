@@ -6,8 +6,10 @@ The operator builds the Job from these names and the runtime reads them; one spe
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Literal
 
 from .layout import RUN_ID_LENGTH
@@ -66,10 +68,26 @@ ARTIFACT_SECRET_ENV = "KLEINSTYLE_ARTIFACT_SECRET"
 # pvc:// image sources: each claim is mounted read-only at REFERENCES_MOUNT/CLAIM of the prepare pod, which reads a
 # source only inside the mount of its own claim.
 REFERENCES_MOUNT = "/references"
-# The dev cluster's local executor only: a plain http API base URL (no auth) to report to, and the folder under
-# which the process finds its pod paths (pods there are processes, their mounts symlinks in that folder).
+# The dev cluster's local executor only: a plain http API base URL (no auth) to report to.
 KUBE_API_ENV = "KLEINSTYLE_KUBE_API"
+# The dev cluster's kubelets only (the emulator's executor, the real control plane's node agent): the folder under
+# which a pod's process finds its pod paths (pods there are processes, their mounts symlinks in that folder).
 ROOTFS_ENV = "KLEINSTYLE_ROOTFS"
+# Where every pod finds its ServiceAccount's projected token and the cluster's CA (in-cluster credentials).
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+SERVICE_ACCOUNT_TOKEN = f"{SERVICE_ACCOUNT_DIR}/token"
+SERVICE_ACCOUNT_CA = f"{SERVICE_ACCOUNT_DIR}/ca.crt"
+
+
+def local_path(pod_path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Path:
+    """Where the pod path `pod_path` is on this machine: itself in a real container, under $KLEINSTYLE_ROOTFS in a
+    pod the dev cluster runs as a process. Both sides open every absolute pod path through it (the runtime its
+    RunSpec and volumes, the operator its config file and in-cluster credentials), so one code path serves both."""
+    path = Path(pod_path)
+    rootfs = (os.environ if env is None else env).get(ROOTFS_ENV)
+    if rootfs and path.is_absolute():
+        return Path(rootfs) / path.relative_to("/")
+    return path
 
 
 # A user stops a run by annotating its owner: `kleinstyle.dev/stop: "RUN_ID: reason"` (the reason may be left out).

@@ -1,8 +1,9 @@
-"""Where a pod path lives on this machine.
+"""Where a pod path lives on this machine, and the file helpers the runtime's writes share.
 
-In a cluster a path such as /artifacts/x is a volume mount and is used as is. The dev cluster's local executor runs
-pods as plain processes and lays their mounts out under a per-pod folder named by KLEINSTYLE_ROOTFS (symlinks to
-local folders); every file the runtime opens by pod path goes through `local_path` so both cases share one code path.
+In a cluster a path such as /artifacts/x is a volume mount and is used as is. The dev cluster runs pods as plain
+processes and lays their mounts out under a per-pod folder named by KLEINSTYLE_ROOTFS (symlinks to local folders);
+every file the runtime opens by pod path goes through `local_path`, the contract's mapping (the operator opens its
+own pod paths through it too), so both cases share one code path.
 """
 
 from __future__ import annotations
@@ -12,15 +13,8 @@ import tempfile
 from collections.abc import MutableMapping
 from pathlib import Path
 
-from kleinstyle.contract.pod import GCS_CREDENTIALS_JSON_ENV, ROOTFS_ENV
-
-
-def local_path(pod_path: str | os.PathLike[str]) -> Path:
-    path = Path(pod_path)
-    rootfs = os.environ.get(ROOTFS_ENV)
-    if rootfs and path.is_absolute():
-        return Path(rootfs) / path.relative_to("/")
-    return path
+from kleinstyle.contract.pod import GCS_CREDENTIALS_JSON_ENV
+from kleinstyle.contract.pod import local_path as local_path
 
 
 def is_remote(uri: str) -> bool:
