@@ -54,12 +54,17 @@ def _one_of(choices: tuple[str, ...], env: str) -> Callable[[str], str]:
 
 
 def _operator(args: argparse.Namespace) -> int:
+    from kleinstyle.contract.pod import local_path
+
     from . import logs
-    from .config import load_config
+    from .config import CONFIG_ENV, load_config
     from .main import run_operator
 
     logs.setup(args.log_level, args.log_format)
-    asyncio.run(run_operator(load_config(args.config), args.namespace, liveness_endpoint=args.liveness))
+    # A pod path (the chart mounts the file at /etc/kleinstyle): where the pod's files are when it runs as a process.
+    config_path = args.config or os.environ.get(CONFIG_ENV)
+    cfg = load_config(local_path(config_path) if config_path else None)
+    asyncio.run(run_operator(cfg, args.namespace, liveness_endpoint=args.liveness))
     return 0
 
 

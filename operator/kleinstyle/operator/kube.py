@@ -10,8 +10,11 @@ import asyncio
 import json
 from typing import Any
 
+import kopf
+from kleinstyle.contract.pod import SERVICE_ACCOUNT_CA, SERVICE_ACCOUNT_TOKEN, local_path
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from kubernetes.config.incluster_config import InClusterConfigLoader
 
 from .api import BY_KIND, GROUP, VERSION
 
@@ -35,12 +38,46 @@ def collection_path(kind: str, namespace: str) -> str:
     return f"{prefix}/namespaces/{namespace}/{plural}"
 
 
+def in_cluster_config() -> client.Configuration | None:
+    """The pod's in-cluster credentials (the API's address from the env, its ServiceAccount's token and the CA), None
+    outside a pod. Read where `local_path` puts the pod's files, not at the client's fixed paths: a pod the dev cluster
+    runs as a process has them under its KLEINSTYLE_ROOTFS. The token is re-read as the kubelet rotates it."""
+    configuration = client.Configuration()
+    loader = InClusterConfigLoader(
+        token_filename=str(local_path(SERVICE_ACCOUNT_TOKEN)), cert_filename=str(local_path(SERVICE_ACCOUNT_CA))
+    )
+    try:
+        loader.load_and_set(configuration)
+    except config.ConfigException:
+        return None
+    return configuration
+
+
 def load_client_config() -> None:
     """In-cluster credentials when running in a pod, the kubeconfig otherwise."""
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
+    configuration = in_cluster_config()
+    if configuration is None:
         config.load_kube_config()
+    else:
+        client.Configuration.set_default(configuration)
+
+
+def login(*, settings: kopf.OperatorSettings, **kwargs: Any) -> kopf.ConnectionInfo | None:
+    """kopf's login with the credentials `load_client_config` finds: kopf's own (`login_via_client`) reads the
+    in-cluster token at the client's fixed path, which a pod run as a process has elsewhere. Outside a pod, kopf's
+    own kubeconfig login."""
+    configuration = in_cluster_config()
+    if configuration is None:
+        return kopf.login_via_client(settings=settings, **kwargs)
+    header = configuration.get_api_key_with_prefix("BearerToken") or ""  # "bearer TOKEN", as the loader sets it
+    scheme, _, token = header.partition(" ")
+    return kopf.ConnectionInfo(
+        server=configuration.host,
+        ca_path=configuration.ssl_ca_cert,
+        scheme=scheme,
+        token=token.strip(),
+        trust_env=settings.networking.trust_env,
+    )
 
 
 class Kube:
