@@ -101,7 +101,10 @@ def test_default_render_is_cluster_wide_with_metrics(chart):
     docs = render(chart)
     kinds = sorted(d["kind"] for d in docs)
     roles = ["ClusterRole"] * 3  # the operator's, and the tenants' edit and view
-    assert kinds == sorted(["ConfigMap", "Deployment", "ServiceAccount", *roles, "ClusterRoleBinding", "Service"])
+    policy = ["ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]  # the operator's own writes
+    assert kinds == sorted(
+        ["ConfigMap", "Deployment", "ServiceAccount", *roles, "ClusterRoleBinding", "Service", *policy]
+    )
     args = container(docs)["args"]
     assert args[:3] == ["operator", "--config", "/etc/kleinstyle/operator.yaml"]
     assert "--namespace" not in args

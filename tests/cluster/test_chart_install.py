@@ -178,6 +178,7 @@ def test_helm_template_passes_a_server_side_dry_run(
     docs = [doc for doc in yaml.safe_load_all(rendered) if doc]
     # Every namespaced object names its namespace: piped to `kubectl apply` without -n, none lands in `default`.
     cluster_scoped = {"CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}
+    cluster_scoped |= {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
     unplaced = [
         f"{d['kind']}/{d['metadata']['name']}"
         for d in docs
