@@ -431,3 +431,17 @@ def test_the_log_scan_sees_each_grant_taken_from_the_chart(narrowed_operator: Op
         return any(shown in line.replace('\\"', '"') for line in narrowed_operator.refusals())
 
     wait_for(f"the log to show {shown!r}", seen)
+
+
+def test_deleting_a_namespace_with_runs_in_it_is_no_error(chart_operator: OperatorProcess) -> None:
+    """The namespace controller deletes a namespace's Jobs and ConfigMaps before the kleinstyle objects its
+    finalizer holds: the operator, woken by the deletions, must not recreate them and call the refusal
+    (NamespaceTerminating) an error; it lets the objects go, and the namespace with them."""
+    cluster = chart_operator.release.cluster
+    ns = ensure_namespace(cluster, "studio-gone")
+    apply(cluster, ns, "styleboard.yaml")
+    wait_for("the board's Job", lambda: status_of(cluster, "StyleBoard", ns, "bd9").get("jobName"))
+    assert cluster.api("DELETE", f"/api/v1/namespaces/{ns}")[0] == 200
+    wait_for("the namespace gone", lambda: cluster.api("GET", f"/api/v1/namespaces/{ns}")[0] == 404, timeout=120)
+    errors = [line for line in chart_operator.text().splitlines() if '"ERROR"' in line and ns in line]
+    assert errors == [], errors[:3]

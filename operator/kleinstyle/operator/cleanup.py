@@ -11,10 +11,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import kopf
 from kleinstyle.contract.layout import owner_folder
 
-from . import metrics
+from . import events, metrics
 from .config import OperatorConfig
 from .indexes import CHILD_KINDS, children_index
 from .kinds import KIND_RUNS
@@ -36,11 +35,11 @@ async def delete_resource(body: Any, memo: Any, logger: Any, **indexes: Any) -> 
     root = cfg.artifacts_local_path
     if root is None or cfg.artifacts.uri:
         message = "artifactPolicy is Delete, but the operator has no access to the artifact store"
-        kopf.warn(body, reason="ArtifactsKept", message=message)
+        await events.post(kube, body, "Warning", "ArtifactsKept", message)
         return
     folder = Path(root) / owner_folder(owner_of(KIND_RUNS[body["kind"]].kind, body))
     await asyncio.to_thread(shutil.rmtree, folder, True)
     if folder.exists():
-        kopf.warn(body, reason="ArtifactsKept", message=f"could not delete all artifacts in {folder}")
+        await events.post(kube, body, "Warning", "ArtifactsKept", f"could not delete all artifacts in {folder}")
     else:
         logger.info(f"deleted artifacts in {folder}")

@@ -16,11 +16,11 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-import kopf
 from kubernetes.client.exceptions import ApiException
 
-from . import metrics, usage
+from . import events, metrics, usage
 from .config import OperatorConfig
+from .events import namespace_terminating
 from .kube import Kube
 from .observe import observe
 from .reconcile import failed_reconcile, reconcile, settled
@@ -66,6 +66,11 @@ async def reconcile_once(body: Any, memo: Any, logger: Any, indexes: Mapping[str
         memo.wakers.succeeded(meta["uid"])
         return None
     except ApiException as exc:
+        if namespace_terminating(exc):
+            # The namespace is being deleted: its children went first, and nothing may be created there again.
+            # Not an error of the object's; its own deletion (cleanup) follows.
+            logger.info(f"not reconciled: namespace {meta['namespace']} is being deleted")
+            return None
         # Refused by the API (quota, a policy webhook, RBAC): the API's message says why; no traceback needed.
         outcome = "error"
         message = f"the Kubernetes API refused a request: {exc.status} {exc.reason}: {_api_message(exc)}"
@@ -93,7 +98,8 @@ async def report_failure(kube: Kube, body: Any, wakers: Wakers, reason: str, mes
     with contextlib.suppress(ApiException):  # the API may refuse this too: the log and the Event still say it
         await patch_status(kube, body, failed_reconcile(body, reason, message, now_rfc3339()).status, wakers)
     if wakers.may_warn(uid, reason, time.monotonic()):
-        kopf.warn(body, reason=reason, message=message)
+        with contextlib.suppress(ApiException):  # the log line above says it already
+            await events.post(kube, body, "Warning", reason, message)
     return wakers.failed(uid, f"{reason}: {message}")
 
 

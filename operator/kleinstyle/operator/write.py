@@ -10,9 +10,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-import kopf
-
-from . import metrics
+from . import events, metrics
 from .kube import Kube
 from .reconcile import Decision, blocked, foreign_child
 from .wakers import Wakers
@@ -63,7 +61,7 @@ async def write_decision(kube: Kube, body: Any, decision: Decision, wakers: Wake
         await kube.annotate(child["kind"], child["metadata"]["namespace"], child["metadata"]["name"], marks)
     await patch_status(kube, body, decision.status, wakers)
     for event in decision.events:
-        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+        await events.post(kube, body, event.type, event.reason, event.message)
     return decision
 
 
