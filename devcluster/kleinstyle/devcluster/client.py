@@ -163,7 +163,8 @@ class KubeClient:
     ) -> dict[str, Any]:
         kind = self.kind(resource)
         namespace = namespace or (body.get("metadata") or {}).get("namespace")
-        return await self.request("POST", self.path(kind, namespace), body=body)
+        typed = {"apiVersion": kind.api_version, "kind": kind.kind, **body}  # as a typed client sends it
+        return await self.request("POST", self.path(kind, namespace), body=typed)
 
     async def patch(
         self,

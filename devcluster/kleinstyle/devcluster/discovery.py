@@ -40,7 +40,15 @@ SUBRESOURCE_VERBS = {
     "ephemeralcontainers": ["get", "patch", "update"],
     "resize": ["get", "patch", "update"],
 }
-SUBRESOURCE_KINDS = {"scale": "Scale", "binding": "Binding", "eviction": "Eviction", "token": "TokenRequest"}
+SUBRESOURCE_KINDS = {
+    "scale": "Scale",
+    "binding": "Binding",
+    "eviction": "Eviction",
+    "token": "TokenRequest",
+    "exec": "PodExecOptions",
+    "attach": "PodAttachOptions",
+    "portforward": "PodPortForwardOptions",
+}
 
 
 def is_discovery_path(path: str) -> bool:
@@ -85,7 +93,7 @@ def _resources(kinds: Iterable[ResourceKind]) -> list[dict[str, Any]]:
                     "name": f"{kind.plural}/{sub}",
                     "singularName": "",
                     "namespaced": kind.namespaced,
-                    "kind": SUBRESOURCE_KINDS.get(sub, kind.kind),
+                    "kind": f"{kind.kind}ProxyOptions" if sub == "proxy" else SUBRESOURCE_KINDS.get(sub, kind.kind),
                     "verbs": SUBRESOURCE_VERBS.get(sub, ["get"]),
                 }
             )

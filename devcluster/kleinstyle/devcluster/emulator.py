@@ -33,9 +33,10 @@ import yaml
 
 from . import discovery, errors, openapi, protobuf, tables
 from .errors import ApiError, bad_request
+from .patching import APPLY_PATCH, JSON_PATCH, MERGE_PATCH, STRATEGIC_MERGE_PATCH
 from .pod_logs import PodLog
 from .resources import CRD_GROUP, CRD_PLURAL, KindRegistry, ResourceKind
-from .selectors import parse_field_selector, parse_label_selector
+from .selectors import convert_field_selector, parse_field_selector, parse_label_selector
 from .store import Admit, ObjectStore, WatchEvent, translate_event
 from .validation import duplicate_fields, unknown_fields
 
@@ -202,10 +203,18 @@ class ApiServer(kmock.KubernetesScaffold):
         body = None
         warnings: list[str] = []
         try:
-            body = _request_body(request)
             kind = self.store.kinds.get(target.group, target.version, target.plural)
             if kind is None:
                 raise errors.NOT_FOUND_PATH
+            if target.subresource is not None and target.subresource not in kind.subresources:
+                # A custom kind's unknown subresource reads as its object not found, a built-in's as no such path.
+                raise (
+                    errors.not_found(kind.plural, target.name or "", kind.group)
+                    if kind.custom
+                    else errors.NOT_FOUND_PATH
+                )
+            body = _request_body(request, kind)
+            _check_body(str(request.method.value).upper(), kind, body)
             warnings = self._validate_fields(request, kind, target, body)
             status, payload = await self._dispatch(request, kind, target, body)
         except ApiError as exc:
@@ -285,14 +294,13 @@ class ApiServer(kmock.KubernetesScaffold):
             return 200, self._watch(kind, namespace, target.name, dict(params))
         if target.name is None:
             if method == "GET":
-                items, rv = self.store.list(kind, namespace, *_selectors(params))
+                items, rv = self.store.list(kind, namespace, *_selectors(params, kind, self._crd_of(kind)))
                 return 200, self._list_body(kind, items, rv)
             if method == "POST":
                 return 201, self.store.create(kind, namespace, body or {}, manager=_manager(request))
             if method == "DELETE":
-                deleted = self.store.delete_collection(
-                    kind, namespace, *_selectors(params), _delete_options(params, body)
-                )
+                selected = _selectors(params, kind, self._crd_of(kind))
+                deleted = self.store.delete_collection(kind, namespace, *selected, _delete_options(params, body))
                 return 200, self._list_body(kind, deleted, self.store.resource_version)
         elif method == "GET" and target.subresource == "log" and kind.qualified == "pods":
             return 200, self._pod_log(namespace, target.name, params)
@@ -303,17 +311,23 @@ class ApiServer(kmock.KubernetesScaffold):
                 kind, namespace, target.name, body or {}, target.subresource, manager=_manager(request)
             )
         elif method == "PATCH":
-            content_type = request.headers.get("Content-Type", "application/merge-patch+json")
-            return 200, self.store.patch(
-                kind,
-                namespace,
-                target.name,
-                body,
-                content_type,
-                target.subresource,
-                manager=_manager(request),
-                force=params.get("force") in ("true", "1"),
-            )
+            content_type = _media_type(request.headers.get("Content-Type", ""))
+            _check_patch(kind, content_type, body)
+            is_apply = content_type == APPLY_PATCH and target.subresource is None
+            with self.store.lock:  # an apply that creates answers 201, as a POST does
+                created = is_apply and not self.store.exists(kind, namespace, target.name)
+                patched = self.store.patch(
+                    kind,
+                    namespace,
+                    target.name,
+                    body,
+                    content_type,
+                    target.subresource,
+                    # An apply names its manager; only other writes fall back to the client's name.
+                    manager=params.get("fieldManager") if is_apply else _manager(request),
+                    force=params.get("force") in ("true", "1"),
+                )
+            return 201 if created else 200, patched
         elif method == "DELETE":
             return 200, self.store.delete(kind, namespace, target.name, _delete_options(params, body))
         raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
@@ -373,7 +387,7 @@ class ApiServer(kmock.KubernetesScaffold):
     def _watch(
         self, kind: ResourceKind, namespace: str | None, name: str | None, params: dict[str, str]
     ) -> AsyncIterator[Any]:
-        labels, fields = _selectors(params)
+        labels, fields = _selectors(params, kind, self._crd_of(kind))
         if name is not None:
             fields = [*fields, ("metadata.name", "=", name)]
         since = params.get("resourceVersion") or ""
@@ -483,19 +497,94 @@ def _json_or_none(body: bytes) -> Any:
         return None
 
 
-def _request_body(request: kmock.Request) -> Any:
-    if request.body and is_protobuf(request.headers.get("Content-Type", "")):
-        return protobuf.decode(request.body)
-    if request.data is not None and not isinstance(request.data, (bytes, str)):
-        return request.data if isinstance(request.data, (dict, list)) else dict(request.data)
-    if request.text and "yaml" in request.headers.get("Content-Type", ""):
-        return yaml.safe_load(request.text)  # server-side apply bodies (applied as merge patches)
-    return None
+def _media_type(content_type: str) -> str:
+    return content_type.split(";")[0].strip().lower()
 
 
-def _selectors(params: Any) -> tuple[list[Any], list[tuple[str, str, str]]]:
+def _request_body(request: kmock.Request, kind: ResourceKind) -> Any:
+    """The decoded body (JSON, YAML for server-side apply, kubectl's protobuf), None when there is none; a body that
+    does not decode is the client's error (400), as on a real server, not an empty object."""
+    raw = request.body or b""
+    if not raw.strip():
+        return None
+    content_type = request.headers.get("Content-Type", "")
+    if is_protobuf(content_type):
+        return protobuf.decode(raw)
+    patching = str(request.method.value).upper() == "PATCH"
     try:
-        return parse_label_selector(params.get("labelSelector")), parse_field_selector(params.get("fieldSelector"))
+        if "yaml" in _media_type(content_type):
+            return yaml.safe_load(raw)
+        return json.loads(raw)
+    except (ValueError, yaml.YAMLError) as exc:
+        if patching:
+            raise bad_request(f"error decoding patch: {exc}") from exc
+        raise bad_request(
+            f"the object provided is unrecognized (must be of type {kind.kind}): couldn't get version/kind; "
+            f"json parse error: {exc}"
+        ) from exc
+
+
+def _check_body(method: str, kind: ResourceKind, body: Any) -> None:
+    """The decoder's checks of a created or replaced object's apiVersion and kind: a custom resource must name its
+    own (its decoder has nothing to default them from); a built-in kind may leave them out but not name another."""
+    if method not in ("POST", "PUT") or not isinstance(body, dict):
+        return
+    api_version, kind_name = body.get("apiVersion"), body.get("kind")
+    if kind.custom:
+        for key, value in (("Kind", kind_name), ("apiVersion", api_version)):
+            if not value:
+                raise bad_request(
+                    f"the object provided is unrecognized (must be of type {kind.kind}): "
+                    f"Object '{key}' is missing in '{json.dumps(body)[:100]}'"
+                )
+        if api_version != kind.api_version:
+            raise bad_request(
+                f"the API version in the data ({api_version}) does not match the expected API version "
+                f"({kind.api_version})"
+            )
+        if kind_name != kind.kind:
+            name = str((body.get("metadata") or {}).get("name") or "")
+            problem = f'kind: Invalid value: "{kind_name}": must be {kind.kind}'
+            raise errors.field_invalid(str(kind_name), kind.group, name, [problem])
+    elif (api_version and api_version != kind.api_version) or (kind_name and kind_name != kind.kind):
+        version = api_version or kind.api_version
+        raise bad_request(f'{kind_name or kind.kind} in version "{version}" cannot be handled as a {kind.kind}')
+
+
+def _check_patch(kind: ResourceKind, media_type: str, body: Any) -> None:
+    """415 for a patch format the kind does not take (custom resources have no strategic merge patch: no Go types
+    to read merge keys from), 400 for a body of the wrong shape, before the object is looked up."""
+    accepted = [JSON_PATCH, MERGE_PATCH, APPLY_PATCH] + ([] if kind.custom else [STRATEGIC_MERGE_PATCH])
+    if media_type not in accepted:
+        raise ApiError(
+            415,
+            "UnsupportedMediaType",
+            f"the body of the request was in an unknown format - accepted media types include: {', '.join(accepted)}",
+        )
+    if media_type == JSON_PATCH and not isinstance(body, list):
+        raise bad_request("error decoding patch: a JSON patch must be a list of operations")
+    if media_type != JSON_PATCH and not isinstance(body, dict):
+        raise bad_request("error decoding patch: the patch must be a JSON object")
+
+
+def _selectors(params: Any, kind: ResourceKind, crd: dict[str, Any] | None) -> tuple[list[Any], list[Any]]:
+    """The request's label selector, and its field selector with each label as the stored object's path; 400 for
+    what does not parse or names a field the kind does not index (`selectors.FIELD_LABELS`)."""
+    selectable = tuple(
+        str(field.get("jsonPath", "")).lstrip(".")
+        for version in ((crd or {}).get("spec") or {}).get("versions") or ()
+        if version.get("name") == kind.version
+        for field in version.get("selectableFields") or ()
+    )
+    try:
+        fields = convert_field_selector(
+            parse_field_selector(params.get("fieldSelector")),
+            (kind.group, kind.plural),
+            custom=kind.custom,
+            namespaced=kind.namespaced,
+            selectable=selectable,
+        )
+        return parse_label_selector(params.get("labelSelector")), fields
     except ValueError as exc:
         raise bad_request(str(exc)) from exc
 
@@ -554,8 +643,10 @@ class Emulator:
         assert crd_kind is not None
         for crd in crds:
             name = (crd.get("metadata") or {}).get("name")
-            if name and any(item["metadata"]["name"] == name for item in self.store.list(crd_kind)[0]):
-                self.store.replace(crd_kind, None, name, crd)
+            current = self.get(f"{CRD_GROUP}/v1/{CRD_PLURAL}", None, name) if name else None
+            if current is not None:
+                meta = {**crd.get("metadata", {}), "resourceVersion": current["metadata"]["resourceVersion"]}
+                self.store.replace(crd_kind, None, name, {**crd, "metadata": meta})
             else:
                 self.store.create(crd_kind, None, crd)
 

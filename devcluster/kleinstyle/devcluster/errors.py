@@ -47,30 +47,72 @@ class ApiError(Exception):
         return cls(code, "Unknown", str(body))
 
 
-def not_found(qualified: str, name: str) -> ApiError:
-    return ApiError(404, "NotFound", f'{qualified} "{name}" not found', {"name": name, "kind": qualified})
+def _details(resource: str, group: str, name: str) -> dict[str, Any]:
+    """StatusDetails as the API server fills them: `kind` is the resource (plural), `group` apart and left out when
+    empty (Go's omitempty), as is an empty name."""
+    details: dict[str, Any] = {"name": name} if name else {}
+    if group:
+        details["group"] = group
+    details["kind"] = resource
+    return details
 
 
-def already_exists(qualified: str, name: str) -> ApiError:
-    return ApiError(409, "AlreadyExists", f'{qualified} "{name}" already exists', {"name": name, "kind": qualified})
+def _qualified(resource: str, group: str) -> str:
+    return f"{resource}.{group}" if group else resource
 
 
-def conflict(qualified: str, name: str) -> ApiError:
+def not_found(resource: str, name: str, group: str = "") -> ApiError:
+    message = f'{_qualified(resource, group)} "{name}" not found'
+    return ApiError(404, "NotFound", message, _details(resource, group, name))
+
+
+def already_exists(resource: str, name: str, group: str = "") -> ApiError:
+    message = f'{_qualified(resource, group)} "{name}" already exists'
+    return ApiError(409, "AlreadyExists", message, _details(resource, group, name))
+
+
+def conflict(resource: str, name: str, group: str = "") -> ApiError:
     return ApiError(
         409,
         "Conflict",
-        f'Operation cannot be fulfilled on {qualified} "{name}": the object has been modified; '
+        f'Operation cannot be fulfilled on {_qualified(resource, group)} "{name}": the object has been modified; '
         "please apply your changes to the latest version and try again",
-        {"name": name, "kind": qualified},
+        _details(resource, group, name),
     )
 
 
 def invalid(kind: str, group: str, name: str, message: str, causes: list[dict[str, Any]] | None = None) -> ApiError:
     """422 Invalid; `causes` ({reason, message, field}) are what kubectl lists under "is invalid:"."""
-    details: dict[str, Any] = {"name": name, "group": group, "kind": kind}
+    details = _details(kind, group, name)
     if causes:
         details["causes"] = [{k: c[k] for k in ("reason", "message", "field") if k in c} for c in causes]
     return ApiError(422, "Invalid", message, details)
+
+
+# The words of a field error (k8s.io/apimachinery's field.ErrorType) -> the cause's reason.
+CAUSE_REASONS = {
+    "Invalid value": "FieldValueInvalid",
+    "Required value": "FieldValueRequired",
+    "Forbidden": "FieldValueForbidden",
+    "Too long": "FieldValueTooLong",
+    "Too many": "FieldValueTooMany",
+    "Unsupported value": "FieldValueNotSupported",
+    "Duplicate value": "FieldValueDuplicate",
+    "Not found": "FieldValueNotFound",
+}
+
+
+def field_invalid(kind: str, group: str, name: str, problems: list[str]) -> ApiError:
+    """422 Invalid from field errors written as the API server prints them (`metadata.name: Invalid value: ...`):
+    the message lists them (in brackets when several) and each becomes a cause naming its field."""
+    causes = []
+    for problem in problems:
+        field, _, text = problem.partition(": ")
+        reason = next((r for words, r in CAUSE_REASONS.items() if text.startswith(words)), "FieldValueInvalid")
+        causes.append({"reason": reason, "message": text, "field": field})
+    summary = problems[0] if len(problems) == 1 else f"[{', '.join(problems)}]"
+    prefix = f"{kind}.{group}" if group else kind
+    return invalid(kind, group, name, f'{prefix} "{name}" is invalid: {summary}', causes)
 
 
 def bad_request(message: str) -> ApiError:

@@ -197,14 +197,14 @@ def apply(
     entries = list((current or {}).get("metadata", {}).get("managedFields") or [])
     mine = fields(config, list_types)
     conflicts = sorted(
-        (entry["manager"], path)
+        (_manager_words(entry), path)
         for entry in entries
         if entry.get("manager") != manager and not entry.get("subresource")
         for path in owned(entry) & mine
         if current is not None and value_at(current, path) != value_at(config, path)
     )
     if conflicts and not force:
-        raise _conflict_error(conflicts, api_version)
+        raise _conflict_error(conflicts)
     previous = next((owned(e) for e in entries if e.get("manager") == manager and e.get("operation") == "Apply"), set())
     others = {p for e in entries if e.get("manager") != manager and not e.get("subresource") for p in owned(e)}
     result = copy.deepcopy(dict(current or {}))
@@ -257,14 +257,42 @@ def _remove(obj: Any, path: Path) -> None:
             parent.remove(target)
 
 
-def _conflict_error(conflicts: list[tuple[str, Path]], api_version: str) -> ApiError:
+def same_ownership(before: list[Mapping[str, Any]] | None, after: list[Mapping[str, Any]]) -> bool:
+    """Whether two managedFields lists give the same fields to the same managers, whatever their times say: an
+    apply that changes nothing else is then a no-op, as on a real server."""
+
+    def untimed(entries: list[Mapping[str, Any]] | None) -> list[dict[str, Any]]:
+        return sorted(({k: v for k, v in e.items() if k != "time"} for e in entries or ()), key=json.dumps)
+
+    return untimed(before) == untimed(after)
+
+
+def _manager_words(entry: Mapping[str, Any]) -> str:
+    """A conflicting manager as the API server names it: `"alice"` for an apply, `"kopf" using v1` for an update
+    (`with subresource "status"` after the name where it wrote a subresource)."""
+    words = json.dumps(entry.get("manager", ""))
+    if entry.get("subresource"):
+        words += f" with subresource {json.dumps(entry['subresource'])}"
+    if entry.get("operation") == "Update":
+        words += f" using {entry.get('apiVersion')}"
+    return words
+
+
+def _conflict_error(conflicts: list[tuple[str, Path]]) -> ApiError:
+    """409 Conflict in the API server's words: one conflict on one line; several grouped by manager."""
+
     def dotted(path: Path) -> str:
         return "".join(f".{s[2:]}" if s.startswith("f:") else f"[{s[2:]}]" for s in path if s != ".")
 
-    lines = [f'conflict with "{m}" using {api_version}: {dotted(p)}' for m, p in conflicts]
-    message = f"Apply failed with {len(conflicts)} conflict{'s' if len(conflicts) > 1 else ''}: " + "\n".join(lines)
+    if len(conflicts) == 1:
+        (manager, path), *_ = conflicts
+        message = f"Apply failed with 1 conflict: conflict with {manager}: {dotted(path)}"
+    else:
+        lines = []
+        for manager in sorted({m for m, _ in conflicts}):
+            lines += [f"conflicts with {manager}:", *(f"- {dotted(p)}" for m, p in conflicts if m == manager)]
+        message = f"Apply failed with {len(conflicts)} conflicts: " + "\n".join(lines)
     causes = [
-        {"reason": "FieldManagerConflict", "message": f'conflict with "{m}" using {api_version}', "field": dotted(p)}
-        for m, p in conflicts
+        {"reason": "FieldManagerConflict", "message": f"conflict with {m}", "field": dotted(p)} for m, p in conflicts
     ]
     return ApiError(409, "Conflict", message, {"causes": causes})

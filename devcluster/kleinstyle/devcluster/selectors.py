@@ -1,7 +1,9 @@
 """Label and field selectors as the API server reads them (`?labelSelector=a=b,c in (x,y),!d`).
 
 kmock ignores selectors, and the operator lists its children by label, so the emulator filters lists and watches
-itself. A malformed selector is the client's error (HTTP 400), as on a real server.
+itself. A malformed selector is the client's error (HTTP 400), as on a real server, and so is a field selector on a
+field the kind's registry does not index (`FIELD_LABELS`): a real server refuses `status.phase` on a ConfigMap, and
+an emulator that filtered on any field would let such a list pass here and fail on a cluster.
 """
 
 from __future__ import annotations
@@ -105,6 +107,68 @@ def fields_match(selectors: list[tuple[str, str, str]], obj: Mapping[str, Any]) 
     return True
 
 
-def selector_for_labels(labels: Mapping[str, str]) -> str:
-    """The equality selector that matches these labels (what a controller uses to find its children)."""
-    return ",".join(f"{key}={value}" for key, value in sorted(labels.items()))
+_POD_FIELDS = (
+    "spec.nodeName",
+    "spec.restartPolicy",
+    "spec.schedulerName",
+    "spec.serviceAccountName",
+    "spec.hostNetwork",
+    "status.phase",
+    "status.podIP",
+    "status.podIPs",
+    "status.nominatedNodeName",
+)
+_REGARDING = ("kind", "namespace", "name", "uid", "apiVersion", "resourceVersion", "fieldPath")
+_EVENT_FIELDS = (*(f"involvedObject.{f}" for f in _REGARDING), "reason", "reportingComponent", "source", "type")
+_META = ("metadata.name", "metadata.namespace")
+# (group, plural) -> the field labels its registry converts (Kubernetes 1.37's pkg/apis/*/v1/conversion.go), each
+# to the stored object's path, and how it words a refusal; other built-in kinds take metadata.name and
+# metadata.namespace only (runtime.DefaultMetaV1FieldSelectorConversion).
+FIELD_LABELS: dict[tuple[str, str], tuple[dict[str, str], str]] = {
+    ("", "pods"): ({f: f for f in (*_META, *_POD_FIELDS)} | {"spec.host": "spec.nodeName"}, "unsupported"),
+    ("", "nodes"): ({f: f for f in ("metadata.name", "spec.unschedulable")}, "unsupported"),
+    ("", "events"): ({f: f for f in (*_META, *_EVENT_FIELDS)}, "unsupported"),
+    ("", "namespaces"): ({f: f for f in ("metadata.name", "status.phase")}, "unsupported"),
+    ("", "secrets"): ({f: f for f in (*_META, "type")}, "unsupported"),
+    ("", "services"): ({f: f for f in (*_META, "spec.clusterIP", "spec.type")}, "unsupported"),
+    ("", "replicationcontrollers"): ({f: f for f in (*_META, "status.replicas")}, "unsupported"),
+    # events.k8s.io's names for the core Event's fields, which are what is stored
+    ("events.k8s.io", "events"): (
+        {f: f for f in (*_META, "reason", "type")}
+        | {f"regarding.{f}": f"involvedObject.{f}" for f in _REGARDING}
+        | {"reportingController": "reportingComponent"},
+        "unsupported",
+    ),
+    ("batch", "jobs"): ({f: f for f in (*_META, "status.successful")}, "Job"),
+}
+
+
+def convert_field_selector(
+    selectors: list[tuple[str, str, str]],
+    resource: tuple[str, str],
+    *,
+    custom: bool,
+    namespaced: bool,
+    selectable: tuple[str, ...] = (),
+) -> list[tuple[str, str, str]]:
+    """`selectors` with each label as the stored object's path; ValueError, in the API server's words, for a
+    label the kind does not index. `resource` is (group, plural); a custom kind indexes metadata.name,
+    metadata.namespace where it is namespaced, and its CRD's `selectableFields`."""
+    if custom:
+        known = {"metadata.name": "metadata.name"} | (
+            {"metadata.namespace": "metadata.namespace"} if namespaced else {}
+        )
+        known |= {field: field for field in selectable}
+        refusal = "unsupported"
+    else:
+        known, refusal = FIELD_LABELS.get(resource, ({f: f for f in _META}, "meta"))
+    converted = []
+    for label, op, value in selectors:
+        if label not in known:
+            if refusal == "meta":
+                raise ValueError(f'"{label}" is not a known field selector: only "metadata.name", "metadata.namespace"')
+            if refusal == "unsupported":
+                raise ValueError(f"field label not supported: {label}")
+            raise ValueError(f'field label "{label}" not supported for {refusal}')
+        converted.append((known[label], op, value))
+    return converted

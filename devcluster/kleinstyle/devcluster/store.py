@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import copy
 import datetime
+import json
 import random
 import string
 import threading
@@ -47,6 +48,48 @@ _SYSTEM_META = ("uid", "creationTimestamp", "name", "namespace", "deletionTimest
 _NAMESPACES: StorageKey = ("", "namespaces")
 _SECRETS: StorageKey = ("", "secrets")
 _JOBS: StorageKey = ("batch", "jobs")
+# Built-in kinds whose objects carry metadata.generation (their strategies set it on create, as custom resources'
+# does); ConfigMaps, Secrets, ServiceAccounts, RBAC objects and Events have none.
+_GENERATION: frozenset[StorageKey] = frozenset(
+    {
+        ("", "pods"),
+        ("", "podtemplates"),
+        ("", "replicationcontrollers"),
+        ("apps", "deployments"),
+        ("apps", "replicasets"),
+        ("apps", "statefulsets"),
+        ("apps", "daemonsets"),
+        ("batch", "jobs"),
+        ("batch", "cronjobs"),
+        ("policy", "poddisruptionbudgets"),
+        ("autoscaling", "horizontalpodautoscalers"),
+        ("networking.k8s.io", "ingresses"),
+        ("networking.k8s.io", "ingressclasses"),
+        ("networking.k8s.io", "networkpolicies"),
+        ("scheduling.k8s.io", "priorityclasses"),
+        ("discovery.k8s.io", "endpointslices"),
+        (CRD_GROUP, CRD_PLURAL),
+    }
+)
+# Kinds whose DELETE answers with the deleted object; every other kind answers a Status naming what went
+# (the registries' ReturnDeletedObject).
+_RETURNS_DELETED: frozenset[StorageKey] = frozenset(
+    {
+        ("", "pods"),
+        ("", "podtemplates"),
+        ("", "services"),
+        ("", "serviceaccounts"),
+        ("", "namespaces"),
+        ("", "persistentvolumes"),
+        ("", "persistentvolumeclaims"),
+        ("", "resourcequotas"),
+        ("storage.k8s.io", "storageclasses"),
+        ("storage.k8s.io", "csidrivers"),
+        ("storage.k8s.io", "csinodes"),
+        ("storage.k8s.io", "volumeattachments"),
+        ("storage.k8s.io", "volumeattributesclasses"),
+    }
+)
 
 
 def now_rfc3339() -> str:
@@ -64,6 +107,21 @@ def _meta(obj: dict[str, Any]) -> dict[str, Any]:
 def _content(obj: dict[str, Any]) -> dict[str, Any]:
     """What `generation` tracks: everything except metadata, status and the type fields."""
     return {key: value for key, value in obj.items() if key not in ("metadata", "status", "apiVersion", "kind")}
+
+
+def _has_generation(kind: ResourceKind) -> bool:
+    return kind.custom or kind.storage_key in _GENERATION
+
+
+def _unconditional_update(kind: ResourceKind) -> bool:
+    """Whether a PUT without a resourceVersion is allowed: yes for built-in kinds, not for custom resources and
+    CRDs (their strategies' AllowUnconditionalUpdate)."""
+    return not kind.custom and kind.storage_key != (CRD_GROUP, CRD_PLURAL)
+
+
+def _check_name(in_body: Any, in_url: str) -> None:
+    if in_body != in_url:
+        raise errors.bad_request(f"the name of the object ({in_body}) does not match the name on the URL ({in_url})")
 
 
 @dataclass(frozen=True)
@@ -131,6 +189,10 @@ class ObjectStore:
         with self.lock:
             return self._present(kind, self._require(kind, namespace, name))
 
+    def exists(self, kind: ResourceKind, namespace: str | None, name: str) -> bool:
+        with self.lock:
+            return (namespace if kind.namespaced else None, name) in self._objects[kind.storage_key]
+
     def list(
         self,
         kind: ResourceKind,
@@ -189,21 +251,20 @@ class ObjectStore:
             if not name and meta.get("generateName"):
                 name = self._generate_name(kind, namespace, meta["generateName"])
             if not name:
-                raise errors.invalid(
-                    kind.kind,
-                    kind.group,
-                    "",
-                    f"{kind.kind} is invalid: metadata.name: Required value: name or generateName is required",
+                raise errors.field_invalid(
+                    kind.kind, kind.group, "", ["metadata.name: Required value: name or generateName is required"]
                 )
             if (namespace, name) in self._objects[kind.storage_key]:
-                raise errors.already_exists(kind.qualified, name)
+                raise errors.already_exists(kind.plural, name, kind.group)
             for key in (*_SYSTEM_META, "resourceVersion", "generation", "managedFields", "selfLink"):
                 meta.pop(key, None)
             if kind.has_status:
                 obj.pop("status", None)
             if kind.storage_key == _NAMESPACES:
                 obj["status"] = {"phase": "Active"}
-            meta.update(name=name, uid=str(uuid.uuid4()), creationTimestamp=now_rfc3339(), generation=1)
+            meta.update(name=name, uid=str(uuid.uuid4()), creationTimestamp=now_rfc3339())
+            if _has_generation(kind):
+                meta["generation"] = 1
             if namespace is not None:
                 meta["namespace"] = namespace
             system = {key: meta[key] for key in _SYSTEM_META if key in meta} | {"generation": 1}
@@ -233,12 +294,14 @@ class ObjectStore:
         manager: str | None = None,
     ) -> dict[str, Any]:
         with self.lock:
-            current = self._require(kind, namespace, name)
             if not isinstance(body, dict):
                 raise errors.bad_request("the body of an update must be an object")
             meta = body.get("metadata") or {}
-            if meta.get("name", name) != name:
-                raise errors.bad_request("the name of the object does not match the name on the URL")
+            _check_name(meta.get("name", name), name)
+            current = self._require(kind, namespace, name)
+            if not meta.get("resourceVersion") and not _unconditional_update(kind):
+                message = "metadata.resourceVersion: Invalid value: 0: must be specified for an update"
+                raise errors.field_invalid(kind.plural, kind.group, name, [message])
             self._check_version(kind, current, meta.get("resourceVersion"))
             return self._write(kind, current, copy.deepcopy(body), subresource, manager)
 
@@ -263,19 +326,20 @@ class ObjectStore:
                 self._check_version(kind, current, (patch.get("metadata") or {}).get("resourceVersion"))
             try:
                 merged = apply_patch(current, patch, content_type)
-            except PatchError as exc:
-                raise errors.invalid(kind.kind, kind.group, name, f"the patch does not apply: {exc}") from exc
+            except PatchError as exc:  # the real server names nothing here (details empty); this says why
+                raise ApiError(422, "Invalid", f"the patch does not apply: {exc}") from exc
+            _check_name((merged.get("metadata") or {}).get("name", name), name)
             return self._write(kind, current, merged, subresource, manager)
 
     def _server_side_apply(
         self, kind: ResourceKind, namespace: str | None, name: str, config: Any, manager: str | None, force: bool
     ) -> dict[str, Any]:
         if not manager:
-            raise errors.bad_request("PATCH, fieldManager: Required value: is required for apply patch")
+            required = "fieldManager: Required value: is required for apply patch"
+            raise errors.field_invalid("PatchOptions", "meta.k8s.io", "", [required])
         if not isinstance(config, dict):
             raise errors.bad_request("an apply patch must be an object")
-        if (config.get("metadata") or {}).get("name", name) != name:
-            raise errors.bad_request("the name of the object does not match the name on the URL")
+        _check_name((config.get("metadata") or {}).get("name", name), name)
         current = self._objects[kind.storage_key].get((namespace if kind.namespaced else None, name))
         applied = field_managers.apply(
             current, config, manager, force, kind.api_version, now_rfc3339(), self._list_types(kind)
@@ -296,9 +360,14 @@ class ObjectStore:
             preconditions = options.get("preconditions") or {}
             meta = current["metadata"]
             if preconditions.get("uid") not in (None, meta["uid"]):
-                raise errors.conflict(kind.qualified, name)
+                raise errors.conflict(kind.plural, name, kind.group)
             self._check_version(kind, current, preconditions.get("resourceVersion"))
-            return self._delete(kind, current, self._propagation(options))
+            result = self._delete(kind, current, self._propagation(kind, options))
+            if self._key(current) in self._objects[kind.storage_key] or kind.storage_key in _RETURNS_DELETED:
+                return result  # held by finalizers: the object with its deletionTimestamp
+            details = {"name": name, "group": kind.group, "kind": kind.plural, "uid": meta["uid"]}
+            status = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}
+            return status | {"details": {key: value for key, value in details.items() if value}}
 
     def delete_collection(
         self,
@@ -309,7 +378,7 @@ class ObjectStore:
         options: dict[str, Any] | None = None,
     ) -> list[dict[str, Any]]:
         with self.lock:
-            policy = self._propagation(options or {})
+            policy = self._propagation(kind, options or {})
             deleted = []
             for item in self.list(kind, namespace, labels, fields)[0]:
                 current = self._objects[kind.storage_key].get(self._key(item))
@@ -344,7 +413,7 @@ class ObjectStore:
     def _require(self, kind: ResourceKind, namespace: str | None, name: str) -> dict[str, Any]:
         obj = self._objects[kind.storage_key].get((namespace if kind.namespaced else None, name))
         if obj is None:
-            raise errors.not_found(kind.qualified, name)
+            raise errors.not_found(kind.plural, name, kind.group)
         return obj
 
     def _namespace_for(self, kind: ResourceKind, namespace: str | None, meta: dict[str, Any]) -> str | None:
@@ -369,11 +438,17 @@ class ObjectStore:
 
     def _check_version(self, kind: ResourceKind, current: dict[str, Any], expected: str | None) -> None:
         if expected not in (None, "") and str(expected) != current["metadata"]["resourceVersion"]:
-            raise errors.conflict(kind.qualified, current["metadata"]["name"])
+            raise errors.conflict(kind.plural, current["metadata"]["name"], kind.group)
 
     @staticmethod
-    def _propagation(options: dict[str, Any]) -> str:
-        policy = options.get("propagationPolicy") or ("Orphan" if options.get("orphanDependents") else "Background")
+    def _propagation(kind: ResourceKind, options: dict[str, Any]) -> str:
+        """The DeleteOptions' policy; none given: what the kind's registry defaults to (batch/v1 Jobs orphan their
+        pods, for compatibility, as on a real server; everything else goes in the background)."""
+        policy = options.get("propagationPolicy")
+        if not policy and options.get("orphanDependents") is not None:
+            policy = "Orphan" if options["orphanDependents"] else "Background"
+        if not policy:
+            policy = "Orphan" if kind.storage_key == _JOBS and kind.version == "v1" else "Background"
         if policy not in ("Background", "Foreground", "Orphan"):
             raise errors.bad_request(f"unknown propagationPolicy {policy!r}")
         return policy
@@ -419,9 +494,7 @@ class ObjectStore:
     def _validate(self, kind: ResourceKind, obj: dict[str, Any]) -> None:
         problems = object_errors(kind, obj)
         if problems:
-            name = obj["metadata"].get("name", "")
-            prefix = f"{kind.kind}.{kind.group}" if kind.group else kind.kind
-            raise errors.invalid(kind.kind, kind.group, name, f'{prefix} "{name}" is invalid: ' + ", ".join(problems))
+            raise errors.field_invalid(kind.kind, kind.group, obj["metadata"].get("name", ""), problems)
 
     def _write(
         self,
@@ -434,7 +507,7 @@ class ObjectStore:
     ) -> dict[str, Any]:
         """Finish an update (replace or patch): isolate status, keep system fields, admit, bump generation."""
         if subresource not in (None, "status") or (subresource == "status" and not kind.has_status):
-            raise errors.not_found(f"{kind.qualified}/{subresource}", current["metadata"]["name"])
+            raise errors.not_found(kind.plural, current["metadata"]["name"], kind.group)
         if subresource == "status":
             updated = copy.deepcopy(current)
             if new.get("status") is None:
@@ -452,7 +525,9 @@ class ObjectStore:
             meta.pop(key, None)
             if key in old_meta:
                 meta[key] = old_meta[key]
-        meta["generation"] = old_meta.get("generation", 1)
+        meta.pop("generation", None)
+        if "generation" in old_meta:
+            meta["generation"] = old_meta["generation"]
         meta["resourceVersion"] = old_meta["resourceVersion"]
         meta.pop("managedFields", None)  # the server keeps them: from the apply, or recorded below
         if "managedFields" in old_meta:
@@ -464,19 +539,21 @@ class ObjectStore:
             system |= {"generation": meta["generation"], "resourceVersion": meta["resourceVersion"]}
             new = self._admitted(kind, new, system, current.get("status"))
             meta = new["metadata"]
-        if _content(new) != _content(current):
-            meta["generation"] = old_meta.get("generation", 1) + 1
+        if "generation" in old_meta and _content(new) != _content(current):
+            meta["generation"] = old_meta["generation"] + 1
         if old_meta.get("deletionTimestamp"):
-            added = set(meta.get("finalizers") or ()) - set(old_meta.get("finalizers") or ())
+            old_finalizers = set(old_meta.get("finalizers") or ())
+            added = [f for f in meta.get("finalizers") or () if f not in old_finalizers]
             if added:
-                raise errors.invalid(
-                    kind.kind,
-                    kind.group,
-                    meta["name"],
-                    f"metadata.finalizers: Forbidden: no new finalizers can be added if the object is being deleted, "
-                    f"found new finalizers {sorted(added)!r}",
+                found = "[]string{" + ", ".join(json.dumps(f) for f in added) + "}"
+                problem = (
+                    "metadata.finalizers: Forbidden: no new finalizers can be added if the object is being deleted, "
+                    f"found new finalizers {found}"
                 )
+                raise errors.field_invalid(kind.kind, kind.group, meta["name"], [problem])
         self._validate(kind, new)
+        if managed is not None and not field_managers.same_ownership(old_meta.get("managedFields"), managed):
+            meta["managedFields"] = managed  # an apply that changes only who owns what (a shared field) is a write
         if new == current:
             return self._present(kind, current)  # a no-op write: no new resourceVersion, no watch event
         if managed is not None:
@@ -498,6 +575,8 @@ class ObjectStore:
                 return self._present(kind, current)
             marked = copy.deepcopy(current)
             marked["metadata"].update(deletionTimestamp=now_rfc3339(), deletionGracePeriodSeconds=0)
+            if "generation" in meta:  # as a real server: setting deletionTimestamp moves the generation
+                marked["metadata"]["generation"] = meta["generation"] + 1
             return self._store(kind, marked, current, "MODIFIED")
         return self._remove(kind, current, policy)
 
@@ -542,7 +621,10 @@ class ObjectStore:
                     continue  # already removed by an earlier cascade
                 if policy == "Orphan":
                     orphaned = copy.deepcopy(obj)
-                    orphaned["metadata"]["ownerReferences"] = [ref for ref in refs if ref.get("uid") != owner_uid]
+                    kept = [ref for ref in refs if ref.get("uid") != owner_uid]
+                    orphaned["metadata"]["ownerReferences"] = kept
+                    if not kept:  # an empty list is no list, as the server serialises it
+                        del orphaned["metadata"]["ownerReferences"]
                     self._store(dependent_kind, orphaned, obj, "MODIFIED")
                 elif not any(ref.get("uid") in self._uids for ref in refs):
                     self._delete(dependent_kind, obj, "Background")
@@ -570,6 +652,10 @@ class ObjectStore:
             name = crd.get("metadata", {}).get("name", "")
             raise errors.invalid("CustomResourceDefinition", CRD_GROUP, name, str(exc)) from exc
         for kind in kinds:
+            if kind.storage_key not in self._storage_kinds:
+                # A new kind's watch history starts with its CRD, as a real server's watch cache for it does: a
+                # watch from an older resourceVersion is 410 Gone there too.
+                self._floor[kind.storage_key] = self._rv + 1
             self.kinds.add(kind)
             self._storage_kinds[kind.storage_key] = kind
 
