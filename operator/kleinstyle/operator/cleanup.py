@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from pathlib import Path
 from typing import Any
 
 from kleinstyle.contract.layout import owner_folder
+from kleinstyle.contract.pod import local_path
 
 from . import events, metrics
 from .config import OperatorConfig
@@ -37,7 +37,8 @@ async def delete_resource(body: Any, memo: Any, logger: Any, **indexes: Any) -> 
         message = "artifactPolicy is Delete, but the operator has no access to the artifact store"
         await events.post(kube, body, "Warning", "ArtifactsKept", message)
         return
-    folder = Path(root) / owner_folder(owner_of(KIND_RUNS[body["kind"]].kind, body))
+    # Where the pod sees the artifacts volume (under KLEINSTYLE_ROOTFS when the dev cluster runs it as a process).
+    folder = local_path(root) / owner_folder(owner_of(KIND_RUNS[body["kind"]].kind, body))
     await asyncio.to_thread(shutil.rmtree, folder, True)
     if folder.exists():
         await events.post(kube, body, "Warning", "ArtifactsKept", f"could not delete all artifacts in {folder}")

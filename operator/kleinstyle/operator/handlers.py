@@ -28,7 +28,7 @@ from .indexes import (
     index_workload,
     objects_index,
 )
-from .kube import PLURALS
+from .kube import PLURALS, login
 from .naming import OWNER_UID
 from .wakers import Wakers
 
@@ -37,7 +37,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig, kueue_version
     """Attach the indexes, wake-ups, daemons and cleanup of all four kinds to `registry` (and an index of Kueue's
     Workloads when the cluster serves `kueue_version`), and log in as the kubernetes client does (kubeconfig or
     in-cluster ServiceAccount): a registry of our own starts without kopf's default login handlers."""
-    kopf.on.login(registry=registry)(kopf.login_via_client)
+    kopf.on.login(registry=registry)(login)
     owned = {OWNER_UID: kopf.PRESENT}
     for child_kind in CHILD_KINDS:
         api_version, plural = PLURALS[child_kind]
