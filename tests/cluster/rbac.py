@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 from kleinstyle.devcluster.controlplane import RealCluster
+from kleinstyle.devcluster.real_e2e import helm, helm_env
 from kleinstyle.operator.kube import PLURALS
 
 JSON = "application/json"
@@ -230,23 +231,6 @@ class Release:
     def helm(self, *args: str) -> subprocess.CompletedProcess[str]:
         """The built helm against this cluster as the admin; raises with helm's own words when it fails."""
         return helm(self.cluster, self.helm_env, *args)
-
-
-def helm(cluster: RealCluster, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    command = [str(cluster.bin_dir / "helm"), "--kubeconfig", str(cluster.kubeconfig), *args]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, check=False)
-    assert result.returncode == 0, f"helm {' '.join(args)} exited {result.returncode}:\n{result.stderr}"
-    return result
-
-
-def helm_env(home: Path) -> dict[str, str]:
-    """helm's caches, config and data in `home`, never the user's own (no repositories, no plugins)."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("HELM_", "KUBE"))}
-    for name in ("CACHE", "CONFIG", "DATA"):
-        folder = home / name.lower()
-        folder.mkdir(parents=True, exist_ok=True)
-        env[f"HELM_{name}_HOME"] = str(folder)
-    return env
 
 
 def install_chart(

@@ -13,9 +13,19 @@ def _dev_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", default=".kleinstyle-dev", help="folder for volumes, logs and the kubeconfig")
     p.add_argument("--namespace", "-n", default="kleinstyle-demo", help="namespace the operator watches")
     p.add_argument("--apply", "-f", action="append", default=[], help="YAML file or folder to apply at start")
+    p.add_argument(
+        "--real",
+        action="store_true",
+        help="the real control plane (make controlplane), a node agent and the chart installed by helm, instead of "
+        "the embedded cluster",
+    )
 
 
 def _dev_cluster(args: argparse.Namespace) -> int:
+    if args.real:
+        from . import real_e2e
+
+        return real_e2e.serve(args.root, args.namespace, args.apply)
     from .demo import serve
 
     return asyncio.run(serve(args.root, args.namespace, args.apply))

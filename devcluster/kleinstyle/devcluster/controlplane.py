@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import datetime
 import ipaddress
 import json
@@ -42,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 KUBE_VERSION = "v1.37.2"
+PR_SET_PDEATHSIG = 1  # prctl(2)
 STAMP = ".stamp"  # written by build.sh last, inside the bin folder it renames into place
 # What RealCluster runs (build.sh also builds helm beside them, for the chart's tests).
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
@@ -71,6 +73,14 @@ SERVICE_CIDR = "10.0.0.0/24"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 ADMIN_USER = "kleinstyle-admin"
 LOG_TAIL_LINES = 25
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: the kernel kills it when the thread that started it ends (Linux's
+    PR_SET_PDEATHSIG). A test run killed by a timeout, or a SIGKILLed session, leaves no control plane behind; so
+    start a RealCluster from a thread that lives as long as it (the main thread, or the fixture's)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class ControlPlaneError(RuntimeError):
@@ -412,6 +422,7 @@ class RealCluster:
                 stderr=subprocess.STDOUT,
                 cwd=self.root,
                 start_new_session=True,  # a Ctrl-C in the terminal reaches us, and we stop them in order
+                preexec_fn=_die_with_parent,
             )
         self._components.append(_Component(name, process, log))
 

@@ -10,19 +10,26 @@ configuration as the chart's values. tests/cluster/test_examples.py drives it; `
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
 from kleinstyle.operator.api import API_VERSION, KINDS
 
-from .controlplane import RealCluster
+from .controlplane import KUBE_VERSION, RealCluster, find_bin_dir
 from .demo import REFERENCE_CLAIM, dev_config, settled, write_model_cache
+from .node_agent import NodeAgent
 from .references import write_references
 
-RELEASE_NAMESPACE = "kleinstyle-system"
+RELEASE, RELEASE_NAMESPACE = "kleinstyle", "kleinstyle-system"
+REPO = Path(__file__).resolve().parents[3]  # a checkout: the dev cluster is a development tool, never a wheel
+CHART = REPO / "charts" / "kleinstyle"
 # The operator image's ENTRYPOINT (images/operator.Dockerfile): the chart's container gives only its args.
 OPERATOR_ENTRYPOINT = ("kleinstyle",)
 # Each Job gets one core of the machine (its thread pools follow its CPU limit): on 2 cores the two trainings, then
@@ -164,3 +171,64 @@ def summary_line(version: str, objs: list[dict[str, Any]], operator: str) -> str
         f"e2e: Kubernetes {version}, {sum(succeeded.values())}/{len(objs)} resources Succeeded ({kinds}), "
         f"operator ran as {operator}"
     )
+
+
+def helm_env(home: Path) -> dict[str, str]:
+    """helm's caches, config and data in `home`, never the user's own (no repositories, no plugins)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HELM_", "KUBE"))}
+    for name in ("CACHE", "CONFIG", "DATA"):
+        folder = home / name.lower()
+        folder.mkdir(parents=True, exist_ok=True)
+        env[f"HELM_{name}_HOME"] = str(folder)
+    return env
+
+
+def helm(cluster: RealCluster, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """The built helm against `cluster` as its admin; raises with helm's own words when it fails."""
+    command = [str(cluster.bin_dir / "helm"), "--kubeconfig", str(cluster.kubeconfig), *args]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"helm {' '.join(args)} exited {result.returncode}:\n{result.stderr}")
+    return result
+
+
+def serve(root: str, namespace: str, apply: list[str]) -> int:
+    """`kleinstyle dev-cluster --real`: the real control plane, the node agent, the chart installed by helm with the
+    demo's configuration and the demo's volumes, `apply` applied in `namespace`; until Ctrl-C."""
+    bin_dir = find_bin_dir()
+    if bin_dir is None or not (bin_dir / "helm").is_file():
+        print("no real control plane: `make controlplane` builds it once (docs/real-cluster.md)")
+        return 2
+    folder = Path(root).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    with RealCluster(bin_dir) as cluster, NodeAgent(cluster, folder, entrypoint=OPERATOR_ENTRYPOINT):
+        lay_out_volumes(folder)
+        cluster.kubectl("create", "namespace", namespace)
+        claims = [obj for claim in claim_names(folder) for obj in static_claim(namespace, claim)]
+        cluster.kubectl("apply", "-f", "-", input="\n---\n".join(yaml.safe_dump(obj) for obj in claims))
+        values = folder / "values.yaml"
+        values.write_text(yaml.safe_dump(chart_values(folder), sort_keys=False), encoding="utf-8")
+        env = helm_env(folder / "helm")
+        helm(
+            cluster,
+            env,
+            "install",
+            RELEASE,
+            str(CHART),
+            "-n",
+            RELEASE_NAMESPACE,
+            "--create-namespace",
+            "-f",
+            str(values),
+        )
+        for path in apply:
+            cluster.kubectl("apply", "-n", namespace, "-f", path)
+        kubeconfig = folder / "kubeconfig"
+        shutil.copyfile(cluster.kubeconfig, kubeconfig)
+        print(f"Kubernetes {KUBE_VERSION} at {cluster.server}, the chart's operator in {RELEASE_NAMESPACE}")
+        print(f"  export KUBECONFIG={kubeconfig}; kubectl get kleinstyle -n {namespace} -w   (Ctrl-C stops it)")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            return 0
