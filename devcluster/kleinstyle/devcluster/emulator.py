@@ -121,7 +121,6 @@ class ApiServer(kmock.KubernetesScaffold):
     _closing: bool = attrs.field(default=False, init=False)
     _tick: asyncio.Future[None] | None = attrs.field(default=None, init=False)
     _loop: asyncio.AbstractEventLoop | None = attrs.field(default=None, init=False)
-    _discovery_revision: int = attrs.field(default=-1, init=False)
     _openapi_revision: int = attrs.field(default=-1, init=False)
     _openapi_docs: dict[str, Any] = attrs.field(factory=dict, init=False)
 
@@ -147,22 +146,6 @@ class ApiServer(kmock.KubernetesScaffold):
         if self._tick is None or self._tick.done():
             self._tick = asyncio.get_running_loop().create_future()
         return self._tick
-
-    def _sync_discovery(self) -> None:
-        kinds = self.store.kinds
-        if kinds.revision == self._discovery_revision:
-            return
-        self.resources.clear()
-        for kind in kinds:
-            self.resources[kmock.resource(kind.group, kind.version, kind.plural)] = kmock.ResourceInfo(
-                kind=kind.kind,
-                namespaced=kind.namespaced,
-                singular=kind.singular,
-                verbs=set(kind.verbs),
-                shortnames=set(kind.shortnames),
-                subresources=set(kind.subresources),
-            )
-        self._discovery_revision = kinds.revision
 
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         if (raw_request.content_length or 0) > MAX_REQUEST_BYTES:
@@ -197,8 +180,7 @@ class ApiServer(kmock.KubernetesScaffold):
             doc = self._openapi(path)
             return _json_response(200, doc) if doc is not None else _status_response(errors.NOT_FOUND_PATH)
         target = parse_api_path(path)
-        if target is None:
-            self._sync_discovery()
+        if target is None:  # not an API path: kmock's fallback answers (404)
             return await super()._handle(request)
         body = None
         warnings: list[str] = []
@@ -756,11 +738,6 @@ class Emulator:
             if request.name == name and (attempts or request.status == 201):
                 count += 1
         return count
-
-    @property
-    def kmock(self) -> ApiServer | None:
-        """The underlying kmock handler (its request log includes discovery); None when stopped."""
-        return self._server
 
 
 def write_kubeconfig(path: str | Path, url: str, *, namespace: str = "default") -> Path:

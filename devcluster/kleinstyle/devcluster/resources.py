@@ -16,6 +16,9 @@ import kmock
 
 CRD_GROUP = "apiextensions.k8s.io"
 CRD_PLURAL = "customresourcedefinitions"
+# Groups in kmock's bundled discovery (taken from a K3s cluster) that K3s' add-ons serve, not kube-apiserver:
+# metrics-server's and Traefik's Gateway API. A real control plane has neither.
+K3S_ADDON_GROUPS = frozenset({"metrics.k8s.io", "gateway.networking.k8s.io"})
 # Kinds stored as another: events.k8s.io Events are the core Events in another shape (kleinstyle.devcluster.builtin).
 STORAGE_ALIASES = {("events.k8s.io", "events"): ("", "events")}
 ALL_VERBS = frozenset({"get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"})
@@ -70,7 +73,7 @@ def _bundled_kinds() -> tuple[ResourceKind, ...]:
     kinds: list[ResourceKind] = []
     for ref in bundled:
         info = bundled[ref]
-        if not info.kind or "list" not in info.verbs or ref.plural is None:
+        if not info.kind or "list" not in info.verbs or ref.plural is None or ref.group in K3S_ADDON_GROUPS:
             continue
         kinds.append(
             ResourceKind(
@@ -154,7 +157,7 @@ class KindRegistry:
         """Resolve `jobs`, `Job`, `job`, `batch/v1/jobs`, `jobs.batch` or `styleboards.kleinstyle.dev`.
 
         Custom kinds win over built-ins of the same name, then the core and batch groups over look-alikes such as
-        metrics.k8s.io's pods.
+        events.k8s.io's events.
         """
         group: str | None = None
         version: str | None = None
