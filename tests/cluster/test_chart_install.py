@@ -445,3 +445,52 @@ def test_deleting_a_namespace_with_runs_in_it_is_no_error(chart_operator: Operat
     wait_for("the namespace gone", lambda: cluster.api("GET", f"/api/v1/namespaces/{ns}")[0] == 404, timeout=120)
     errors = [line for line in chart_operator.text().splitlines() if '"ERROR"' in line and ns in line]
     assert errors == [], errors[:3]
+
+
+def test_a_generationjob_at_the_crds_limits_is_created_and_deleted_cleanly(chart_operator: OperatorProcess) -> None:
+    """64 prompts of 700 CJK characters are within the CRD's limits. kopf used to copy the spec into an annotation
+    (six bytes a character, escaped): past the 256 KiB the API allows, its patch was refused, and on delete the
+    finalizer stayed, the object Terminating for ever."""
+    cluster = chart_operator.release.cluster
+    ns = ensure_namespace(cluster, "studio-large")
+    large = {
+        "apiVersion": "kleinstyle.dev/v1alpha1",
+        "kind": "GenerationJob",
+        "metadata": {"name": "large", "namespace": ns},
+        "spec": {"loras": [{"name": "absent"}], "prompts": ["漢" * 700] * 64},
+    }
+    status, body = cluster.api("POST", path("GenerationJob", ns), large)
+    assert status == 201, body
+    # The operator takes it in (its finalizer, a status saying what it waits for), which patches the object.
+    waiting = wait_for("the job Waiting", lambda: status_of(cluster, "GenerationJob", ns, "large").get("phase"))
+    assert waiting == "Waiting"
+    found = get(cluster, "GenerationJob", ns, "large")
+    assert found is not None and "kleinstyle.dev/cleanup" in found["metadata"].get("finalizers", [])
+    assert sum(len(v) for v in (found["metadata"].get("annotations") or {}).values()) < 4096
+    assert cluster.api("DELETE", path("GenerationJob", ns, "large"))[0] == 200
+    wait_for("the job gone", lambda: get(cluster, "GenerationJob", ns, "large") is None, timeout=30)
+    assert_no_refusals(chart_operator)
+
+
+def test_a_limits_cpu_quota_admits_the_runs_pod(chart_operator: OperatorProcess) -> None:
+    """A namespace ResourceQuota on limits.cpu refuses a pod that sets no CPU limit: the Job's pod would never be
+    created, and status would only say the run waits for a pod. Every Job pod carries one."""
+    cluster = chart_operator.release.cluster
+    ns = ensure_namespace(cluster, "studio-quota")
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "compute", "namespace": ns},
+        "spec": {"hard": {"limits.cpu": "64", "limits.memory": "512Gi", "requests.cpu": "64"}},
+    }
+    assert cluster.api("POST", f"/api/v1/namespaces/{ns}/resourcequotas", quota)[0] == 201
+    apply(cluster, ns, "styleboard.yaml")
+    job_name = wait_for("the board's Job", lambda: status_of(cluster, "StyleBoard", ns, "bd9").get("jobName"))
+    pods = wait_for(
+        "the Job's pod created under the quota",
+        lambda: cluster.api("GET", f"/api/v1/namespaces/{ns}/pods?labelSelector=job-name%3D{job_name}")[1]["items"],
+    )
+    limits = pods[0]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["cpu"] and limits["memory"]
+    _, used = cluster.api("GET", f"/api/v1/namespaces/{ns}/resourcequotas/compute")
+    assert used["status"]["used"]["limits.cpu"] != "0"

@@ -68,6 +68,7 @@ CONTROLLERS = (
     "clusterrole-aggregation-controller",
     "node-lifecycle-controller",
     "persistentvolume-binder-controller",
+    "resourcequota-controller",  # quotas counted as on any cluster: a limits.cpu quota refuses pods without a limit
 )
 SERVICE_CIDR = "10.0.0.0/24"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
