@@ -11,6 +11,7 @@ A copy of the chart's rules with one grant taken away shows that the scan sees a
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -494,3 +495,25 @@ def test_a_limits_cpu_quota_admits_the_runs_pod(chart_operator: OperatorProcess)
     assert limits["cpu"] and limits["memory"]
     _, used = cluster.api("GET", f"/api/v1/namespaces/{ns}/resourcequotas/compute")
     assert used["status"]["used"]["limits.cpu"] != "0"
+
+
+def test_the_operator_watches_only_its_own_children(chart_operator: OperatorProcess) -> None:
+    """The operator's lists and watches of Jobs, ConfigMaps, pods and RBAC ask the API server for its labelled
+    objects only (a server-side label selector, as the audit log shows each request's URI): not every Job and
+    ConfigMap of the cluster, filtered in the operator's memory."""
+    cluster = chart_operator.release.cluster
+    account = f"system:serviceaccount:{chart_operator.release.namespace}:{chart_operator.release.fullname}"
+    children = {"jobs", "configmaps", "pods", "serviceaccounts", "roles", "rolebindings"}
+
+    def watched() -> dict[str, list[str]]:
+        uris: dict[str, list[str]] = {}
+        for event in cluster.audited():
+            resource = (event.get("objectRef") or {}).get("resource")
+            if event["user"]["username"] == account and event["verb"] in ("list", "watch") and resource in children:
+                uris.setdefault(resource, []).append(event["requestURI"])
+        return uris if set(uris) == children else {}
+
+    uris = wait_for("the operator's watches of every child kind", watched, timeout=30)
+    selector = re.compile(r"[?&]labelSelector=kleinstyle\.dev(%2F|/)owner-uid(&|$)")
+    unselected = [uri for found in uris.values() for uri in found if not selector.search(uri)]
+    assert unselected == [], unselected[:5]

@@ -378,6 +378,8 @@ class RealCluster:
             # The kubernetes Service's endpoint would be 127.0.0.1, which Endpoints validation refuses.
             "--endpoint-reconciler-type=none",
             "--profiling=false",
+            f"--audit-policy-file={self._write_audit_policy()}",
+            f"--audit-log-path={self.audit_log}",
         )
         self._wait_for("the API server's /readyz", lambda: self._get_ok("/readyz"))
         self._spawn(
@@ -412,6 +414,30 @@ class RealCluster:
             "the default ServiceAccount", lambda: self._get_ok("/api/v1/namespaces/default/serviceaccounts/default")
         )
         self.startup_seconds = time.monotonic() - began
+
+    @property
+    def audit_log(self) -> Path:
+        """The API server's audit log (JSON lines): who listed and watched what, with the request's URI."""
+        return self.root / "logs" / "audit.log"
+
+    def audited(self) -> list[dict[str, Any]]:
+        """The audit log's events so far (each request once, at ResponseComplete or its end)."""
+        if not self.audit_log.exists():
+            return []
+        return [json.loads(line) for line in self.audit_log.read_text(encoding="utf-8").splitlines() if line]
+
+    def _write_audit_policy(self) -> Path:
+        """Lists and watches at Metadata level (their URIs show the selectors a client asked for); nothing else,
+        so the log stays small."""
+        policy = {
+            "apiVersion": "audit.k8s.io/v1",
+            "kind": "Policy",
+            "omitStages": ["RequestReceived"],
+            "rules": [{"level": "Metadata", "verbs": ["list", "watch"]}, {"level": "None"}],
+        }
+        path = self.root / "audit-policy.yaml"
+        path.write_text(yaml.safe_dump(policy), encoding="utf-8")
+        return path
 
     def _spawn(self, name: str, *args: str) -> None:
         log = self.root / "logs" / f"{name}.log"
