@@ -73,6 +73,8 @@ CONTROLLERS = (
 SERVICE_CIDR = "10.0.0.0/24"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 ADMIN_USER = "kleinstyle-admin"
+# Who the API server is when it calls a kubelet (pods/log): the node agent's kubelet API answers this user alone.
+KUBELET_CLIENT_USER = "kube-apiserver-kubelet-client"
 LOG_TAIL_LINES = 25
 
 
@@ -299,6 +301,7 @@ class RealCluster:
             server_ips=("127.0.0.1", str(next(ipaddress.ip_network(SERVICE_CIDR).hosts()))),
         )
         admin = _issue(ADMIN_USER, ca=ca, organization="system:masters", client=True)
+        kubelet_client = _issue(KUBELET_CLIENT_USER, ca=ca, client=True)
         # The aggregation layer's own CA and client: aggregated APIs (metrics, Kueue's visibility API) trust the
         # user the API server forwards, and the other components stop complaining of a missing requestheader CA.
         front_proxy_ca = _issue("kleinstyle-front-proxy-ca")
@@ -315,6 +318,8 @@ class RealCluster:
             "apiserver.key": serving.key_pem,
             "admin.crt": admin.cert_pem,
             "admin.key": admin.key_pem,
+            "apiserver-kubelet-client.crt": kubelet_client.cert_pem,
+            "apiserver-kubelet-client.key": kubelet_client.key_pem,
             "front-proxy-ca.crt": front_proxy_ca.cert_pem,
             "front-proxy-client.crt": front_proxy.cert_pem,
             "front-proxy-client.key": front_proxy.key_pem,
@@ -371,6 +376,12 @@ class RealCluster:
             f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
             f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
             "--authorization-mode=Node,RBAC",
+            # pods/log goes to the node agent's kubelet API: the node's InternalIP (its Hostname address resolves
+            # nowhere), its serving certificate checked against the cluster's CA, the API server known by its own.
+            "--kubelet-preferred-address-types=InternalIP",
+            f"--kubelet-certificate-authority={pki / 'ca.crt'}",
+            f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
+            f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}",
             f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
             f"--service-account-key-file={pki / 'sa.pub'}",
             f"--service-account-signing-key-file={pki / 'sa.key'}",
@@ -529,13 +540,22 @@ class RealCluster:
         """A client certificate and key for `user` in `group`, signed by the cluster's CA, as files in the cluster's
         folder: how a component outside the control plane authenticates (the node agent's kubelets are
         `system:node:NAME` in `system:nodes`, whom the Node authorizer confines to their own node's objects)."""
+        return self._write_issued(user.replace(":", "-"), _issue(user, ca=self._ca(), organization=group, client=True))
+
+    def serving_certificate(self, name: str, ips: Sequence[str]) -> tuple[Path, Path]:
+        """A serving certificate for `ips`, signed by the cluster's CA: the node agent's kubelet API, which the API
+        server calls for pods/log and checks against that CA (--kubelet-certificate-authority)."""
+        return self._write_issued(f"{name}-serving", _issue(name, ca=self._ca(), server_ips=ips))
+
+    def _ca(self) -> _Issued:
         pki = self.root / "pki"
         ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), password=None)
         if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
             raise ControlPlaneError(f"{pki / 'ca.key'} is not the EC key RealCluster makes")
-        ca = _Issued(x509.load_pem_x509_certificate((pki / "ca.crt").read_bytes()), ca_key)
-        issued = _issue(user, ca=ca, organization=group, client=True)
-        stem = user.replace(":", "-")
+        return _Issued(x509.load_pem_x509_certificate((pki / "ca.crt").read_bytes()), ca_key)
+
+    def _write_issued(self, stem: str, issued: _Issued) -> tuple[Path, Path]:
+        pki = self.root / "pki"
         cert_file, key_file = pki / f"{stem}.crt", pki / f"{stem}.key"
         cert_file.write_bytes(issued.cert_pem)
         key_file.write_bytes(issued.key_pem)

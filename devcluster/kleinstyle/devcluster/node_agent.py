@@ -14,8 +14,8 @@ process is gone. The Job controller, scheduler and garbage collector are the rea
 
 What a kubelet does that it does not: containers are processes of this machine (no image, no isolation but the
 optional read-only binds, no memory limit, all on 127.0.0.1), only the first container runs (no init or sidecar
-containers), no probes (a running container is Ready), no `kubectl logs`/`exec` (no kubelet API), no events, no
-eviction, pod-level activeDeadlineSeconds or static pods.
+containers), no probes (a running container is Ready), of the kubelet's API only containerLogs (`kubectl logs`; no
+`exec`, `attach` or `port-forward`), no events, no eviction, pod-level activeDeadlineSeconds or static pods.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import platform
+import re
 import shutil
 import ssl
 import subprocess
@@ -44,10 +45,12 @@ from urllib.parse import quote, urlsplit
 
 import aiohttp
 import yaml
+from aiohttp import web
 from kleinstyle.operator.config import NodePool, OperatorConfig
 
-from .controlplane import KUBE_VERSION
+from .controlplane import KUBE_VERSION, KUBELET_CLIENT_USER
 from .errors import ApiError
+from .pod_logs import PodLog
 from .pod_setup import (
     PodSetupError,
     PreparedContainer,
@@ -69,6 +72,11 @@ MERGE = "application/merge-patch+json"
 POD_IP = "127.0.0.1"
 TOKEN_REFRESH = 0.8  # a projected token is rewritten once this share of its lifetime has passed, as the kubelet does
 SHUTDOWN_REASON = "Pod was terminated in response to imminent node shutdown."
+# A namespace, pod or container name as the API validated it: nothing in it can leave the agent's logs folder.
+OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
+# Log options the API server may pass on that the agent's plain log files cannot honour (no per-line times), nor
+# `stream` other than All (stdout and stderr share one file).
+UNSUPPORTED_LOG_OPTIONS = ("timestamps", "sinceSeconds", "sinceTime", "limitBytes")
 ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())  # as Go names it
 # Runs the container's argv after binding each `MODE:PATH` onto itself with that mode (ro, or rw for a writable mount
 # inside a read-only one: a bind inherits its source's read-only flag) in the private mount namespace it runs in.
@@ -90,6 +98,8 @@ class ClusterAccess(Protocol):
     ca_file: Path
 
     def client_certificate(self, user: str, group: str | None = None) -> tuple[Path, Path]: ...
+
+    def serving_certificate(self, name: str, ips: Sequence[str]) -> tuple[Path, Path]: ...
 
 
 @dataclass(frozen=True)
@@ -494,7 +504,8 @@ class _Kubelet:
                 condition("Ready", "True", "KubeletReady", "kleinstyle node agent is posting ready status"),
             ],
             "addresses": [{"type": "InternalIP", "address": POD_IP}, {"type": "Hostname", "address": self.spec.name}],
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},  # no kubelet API: no logs or exec through the API
+            # Where the API server reaches this node's kubelet API (containerLogs, for pods/log), on its InternalIP.
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self.agent.kubelet_api.port}},
             "nodeInfo": {
                 "machineID": uuid.uuid5(uuid.NAMESPACE_DNS, self.spec.name).hex,
                 "systemUUID": str(uuid.uuid5(uuid.NAMESPACE_DNS, self.spec.name)),
@@ -708,6 +719,82 @@ class _Kubelet:
         self.runs.clear()
 
 
+# --- the kubelet API --------------------------------------------------------------------------------------------------
+
+
+def _common_name(peer: Mapping[str, Any] | None) -> str | None:
+    """The CN of a verified TLS peer, as ssl's getpeercert() gives it."""
+    for rdn in (peer or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
+
+
+class _KubeletApi:
+    """The one part of a kubelet's HTTPS API the agent serves: `containerLogs`, which the API server calls for
+    pods/log (`kubectl logs`), from the file each pod's output goes to (PodLog, as the emulator serves it: tailLines,
+    follow; `previous` reads the restarted container's file). One server for every node of the agent: they share
+    127.0.0.1 and the path names the pod. TLS with a serving certificate of the cluster's CA, and only the API
+    server's kubelet client certificate is answered (a kubelet would ask the API server, by SubjectAccessReview,
+    whether a caller may read nodes/log or nodes/proxy; the API server is the only caller here)."""
+
+    def __init__(self, agent: NodeAgent) -> None:
+        self.agent = agent
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        cluster = self.agent.cluster
+        cert, key = cluster.serving_certificate("kleinstyle-node-agent", (POD_IP,))
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(cluster.ca_file))
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_cert_chain(str(cert), str(key))
+        app = web.Application()
+        app.router.add_get("/containerLogs/{namespace}/{pod}/{container}", self.container_logs)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, POD_IP, 0, ssl_context=context).start()
+        self.port = int(self._runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def container_logs(self, request: web.Request) -> web.StreamResponse:
+        peer = request.transport.get_extra_info("peercert") if request.transport else None
+        if _common_name(peer) != KUBELET_CLIENT_USER:
+            raise web.HTTPForbidden(text=f"only the API server ({KUBELET_CLIENT_USER}) reads logs here")
+        namespace, name, container = (request.match_info[key] for key in ("namespace", "pod", "container"))
+        if not all(OBJECT_NAME.fullmatch(part) for part in (namespace, name, container)):
+            raise web.HTTPBadRequest(text="not a namespace, pod and container name")
+        options = request.query
+        unsupported = [key for key in UNSUPPORTED_LOG_OPTIONS if key in options]
+        unsupported += ["stream"] if options.get("stream", "All") != "All" else []
+        if unsupported:
+            raise web.HTTPBadRequest(text=f"the kleinstyle node agent keeps no {', '.join(unsupported)} in its logs")
+        run = self.agent.pod_run(namespace, name)
+        path = self.agent.log_path({"metadata": {"namespace": namespace, "name": name}})
+        previous = options.get("previous") == "true"
+        if previous:
+            path = path.with_suffix(".previous.log")
+        if run is not None and run.container.get("name") != container:
+            raise web.HTTPNotFound(text=f"container {container} is not the one this node runs in pod {name}")
+        if previous and not path.is_file():  # the kubelet's answer, word for word
+            raise web.HTTPBadRequest(text=f'previous terminated container "{container}" in pod "{name}" not found')
+        if run is None and not path.is_file():
+            raise web.HTTPNotFound(text=f'pod "{name}" does not exist')
+        tail = options.get("tailLines", "")
+        log = PodLog(
+            path,
+            follow=options.get("follow") == "true" and not previous,
+            tail_lines=int(tail) if tail.isdigit() else None,
+            finished=lambda: run is None or run.task.done(),
+        )
+        return await log.respond(request)
+
+
 # --- the agent --------------------------------------------------------------------------------------------------------
 
 
@@ -754,6 +841,7 @@ class NodeAgent:
         self._read_only_binds = read_only_binds
         self._runner: list[str] | None = None
         self._kubelets: list[_Kubelet] = []
+        self.kubelet_api = _KubeletApi(self)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
@@ -764,6 +852,15 @@ class NodeAgent:
         """The file a pod's output goes to (what `kubectl logs` would show)."""
         meta = pod["metadata"]
         return self.root / "logs" / str(meta["namespace"]) / f"{meta['name']}.log"
+
+    def pod_run(self, namespace: str, name: str) -> _PodRun | None:
+        """The run of pod `namespace/name` on one of the agent's nodes, while the pod object is there."""
+        for kubelet in self._kubelets:
+            for run in kubelet.runs.values():
+                meta = run.pod["metadata"]
+                if (meta["namespace"], meta["name"]) == (namespace, name):
+                    return run
+        return None
 
     @property
     def read_only_enforced(self) -> bool:
@@ -795,6 +892,7 @@ class NodeAgent:
             self._runner = await asyncio.to_thread(read_only_runner, self.root / "tmp")
             if self._runner is None:
                 logger.info("node agent: no private mount namespace here; readOnly mounts are not enforced")
+        await self.kubelet_api.start()  # before the Nodes: each reports its port
         for spec in self.nodes:
             cert, key = self.cluster.client_certificate(f"system:node:{spec.name}", "system:nodes")
             kubelet = _Kubelet(self, spec, _Api(self.cluster.server, self.cluster.ca_file, cert, key))
@@ -816,6 +914,7 @@ class NodeAgent:
         await asyncio.gather(*(kubelet.stop_pods() for kubelet in self._kubelets))
         for kubelet in self._kubelets:
             await kubelet.api.close()
+        await self.kubelet_api.stop()
         if self.deregister and self._kubelets:
             # An administrator's act (`kubectl delete node`): the Node authorizer lets no kubelet delete its Node.
             cert, key = self.cluster.client_certificate("kleinstyle-node-agent", "system:masters")
