@@ -465,8 +465,12 @@ def test_a_generationjob_at_the_crds_limits_is_created_and_deleted_cleanly(chart
     # The operator takes it in (its finalizer, a status saying what it waits for), which patches the object.
     waiting = wait_for("the job Waiting", lambda: status_of(cluster, "GenerationJob", ns, "large").get("phase"))
     assert waiting == "Waiting"
-    found = get(cluster, "GenerationJob", ns, "large")
-    assert found is not None and "kleinstyle.dev/cleanup" in found["metadata"].get("finalizers", [])
+
+    def finalized() -> dict[str, Any] | None:
+        found = get(cluster, "GenerationJob", ns, "large")
+        return found if found and "kleinstyle.dev/cleanup" in found["metadata"].get("finalizers", []) else None
+
+    found = wait_for("kopf's finalizer on the job", finalized)
     assert sum(len(v) for v in (found["metadata"].get("annotations") or {}).values()) < 4096
     assert cluster.api("DELETE", path("GenerationJob", ns, "large"))[0] == 200
     wait_for("the job gone", lambda: get(cluster, "GenerationJob", ns, "large") is None, timeout=30)

@@ -243,6 +243,9 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
     # The run started when its pod started running (GPU time and the queue wait count from there), not when its Job
     # was created: known from the pods alone, so it is set once, when the watch brings a running pod.
     status.start_time = pods_.started(pods_.of_job(observed.pods, run.name))
+    if status.start_time is None and phase in TERMINAL:
+        # Ended before the watch brought its pod (a short run): the Job's own start, rather than no time at all.
+        status.start_time = job_status.get("startTime")
     status.completion_time = job_status.get("completionTime")
     conds.append(cond("JobCreated", "True", "Created", f"Job {run.name}"))
     report, problem = current_report(old_status.progress, kind_run, short_hash)
