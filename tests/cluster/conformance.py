@@ -22,6 +22,8 @@ from typing import Any
 
 from kleinstyle.devcluster.controlplane import RealCluster
 
+from .rbac import decode_body
+
 JSON = "application/json"
 MERGE = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
@@ -173,7 +175,7 @@ class Server:
             try:
                 connection.request(method, url, body=data, headers=headers)
                 response = connection.getresponse()
-                reply = Reply(response.status, _decode(response.read()))
+                reply = Reply(response.status, decode_body(response.read()))
             finally:
                 connection.close()
             if reply.status != 429 or time.monotonic() > deadline:
@@ -190,7 +192,7 @@ class Server:
                 connection.request("GET", f"{url}{separator}watch=true", headers={"Accept": JSON})
                 response = connection.getresponse()
                 if response.status != 200:
-                    reply = Reply(response.status, _decode(response.read()))
+                    reply = Reply(response.status, decode_body(response.read()))
                 else:
                     reply = Reply(200, _read_events(response, events))
             finally:
@@ -209,14 +211,6 @@ def _read_events(response: http.client.HTTPResponse, count: int) -> list[dict[st
     except TimeoutError:
         pass  # the stream stayed quiet: what came so far is the answer
     return found
-
-
-def _decode(raw: bytes) -> Any:
-    text = raw.decode("utf-8", errors="replace")
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
 
 
 class Pair:

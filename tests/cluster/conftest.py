@@ -34,11 +34,18 @@ CRDS = REPO / "crds"
 
 @pytest.fixture(scope="session")
 def real_cluster() -> Iterator[RealCluster]:
+    yield from started_cluster()
+
+
+def started_cluster(helm: bool = False) -> Iterator[RealCluster]:
+    """A control plane of its own for a fixture to yield (`helm`: the test needs helm too); the test skips, saying
+    how to build them, where the binaries are not built."""
     bin_dir = find_bin_dir()
-    if bin_dir is None:
+    if bin_dir is None or (helm and not (bin_dir / "helm").is_file()):
         pytest.skip(
-            f"no real control plane: `make controlplane` builds Kubernetes {KUBE_VERSION} into "
-            f"{cache_dir() / 'controlplane' / KUBE_VERSION / 'bin'} (once per machine; docs/real-cluster.md)"
+            f"no real control plane{' and helm' if helm else ''}: `make controlplane` builds Kubernetes "
+            f"{KUBE_VERSION}{' and helm' if helm else ''} into {cache_dir() / 'controlplane' / KUBE_VERSION / 'bin'} "
+            "(once per machine; docs/real-cluster.md)"
         )
     with RealCluster(bin_dir) as cluster:
         yield cluster
@@ -113,14 +120,7 @@ def chart_cluster() -> Iterator[RealCluster]:
     """A control plane for the chart alone. The chart is cluster-wide (CRDs, ClusterRoles aggregated into
     admin/edit/view, an operator that watches every namespace and puts its finalizer on every kleinstyle object), so
     it gets a cluster where no other test's objects are reconciled and no other test's node runs its pods."""
-    bin_dir = find_bin_dir()
-    if bin_dir is None or not (bin_dir / "helm").is_file():
-        pytest.skip(
-            f"no real control plane and helm: `make controlplane` builds Kubernetes {KUBE_VERSION} and helm into "
-            f"{cache_dir() / 'controlplane' / KUBE_VERSION / 'bin'} (once per machine; docs/real-cluster.md)"
-        )
-    with RealCluster(bin_dir) as cluster:
-        yield cluster
+    yield from started_cluster(helm=True)
 
 
 @pytest.fixture(scope="session")

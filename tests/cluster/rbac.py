@@ -105,9 +105,9 @@ class Identity:
         try:
             with self._opener.open(request, timeout=30) as response:
                 raw = response.readline() if first_line else response.read()
-                return response.status, _decode(raw)
+                return response.status, decode_body(raw)
         except urllib.error.HTTPError as error:
-            return error.code, _decode(error.read())
+            return error.code, decode_body(error.read())
 
     def kubectl(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
         """The built kubectl with this identity's kubeconfig (its exit status left to the caller)."""
@@ -130,7 +130,8 @@ class Identity:
         return bool(answer["status"]["allowed"])
 
 
-def _decode(raw: bytes) -> Any:
+def decode_body(raw: bytes) -> Any:
+    """A response body: its JSON, or its text where it is none."""
     text = raw.decode("utf-8", errors="replace")
     try:
         return json.loads(text)

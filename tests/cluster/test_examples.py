@@ -23,13 +23,13 @@ import pytest
 import yaml
 from kleinstyle.contract.pod import ROOTFS_ENV, SERVICE_ACCOUNT_TOKEN, local_path
 from kleinstyle.devcluster import real_e2e
-from kleinstyle.devcluster.controlplane import KUBE_VERSION, RealCluster, cache_dir, find_bin_dir
+from kleinstyle.devcluster.controlplane import RealCluster
 from kleinstyle.devcluster.demo import NAMESPACE, dev_config, load_documents, local_artifact
 from kleinstyle.devcluster.node_agent import NodeAgent
 from kleinstyle.devcluster.pod_setup import pod_rootfs
 from kleinstyle.operator.config import OperatorConfig
 
-from .conftest import CHART, CRDS, RELEASE, REPO
+from .conftest import CHART, CRDS, RELEASE, REPO, started_cluster
 from .rbac import Identity, OperatorProcess, bind, ensure_namespace, install_chart, user, wait_for
 
 EXAMPLES = REPO / "examples"
@@ -41,14 +41,7 @@ SETTLE_TIMEOUT = 300.0
 def cluster() -> Iterator[RealCluster]:
     """A control plane of its own: the chart is cluster-wide and the node agent registers the chart's nodes, so no
     other test's release or node may share it."""
-    bin_dir = find_bin_dir()
-    if bin_dir is None or not (bin_dir / "helm").is_file():
-        pytest.skip(
-            f"no real control plane and helm: `make controlplane` builds Kubernetes {KUBE_VERSION} and helm into "
-            f"{cache_dir() / 'controlplane' / KUBE_VERSION / 'bin'} (once per machine; docs/real-cluster.md)"
-        )
-    with RealCluster(bin_dir) as running:
-        yield running
+    yield from started_cluster(helm=True)
 
 
 def create(cluster: RealCluster, obj: dict[str, Any]) -> None:
