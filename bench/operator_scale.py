@@ -35,7 +35,8 @@ Reported:
 - floor_per_resource: the requests a resource needs at the least (its 5 creates, its status patches, and for a
   finished board the 3 deletes that take its run's rights away), averaged over boards and LoRAs;
 - steady_requests_per_second: the operator's requests per second once everything waits;
-- peak_rss_mib: the operator process's peak resident memory (VmHWM).
+- peak_rss_mib: the operator process's peak resident memory (VmHWM);
+- operator_cpu_seconds: the CPU time the operator process used over the whole run (start-up included).
 
     python bench/operator_scale.py [--cluster emulator|real|both] [--resources 500] [--namespaces 50] [--steady 30]
         [--json]
@@ -256,6 +257,12 @@ def stop_operator(operator: subprocess.Popen[bytes]) -> None:
         operator.kill()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU the process has used: less at the mercy of the machine's other load than wall time."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -279,6 +286,7 @@ class Timings:
     before_steady: int
     after_steady: int
     peak_rss_mib: float
+    cpu_seconds: float
 
 
 async def drive(
@@ -309,7 +317,9 @@ async def drive(
     before_steady = await probe.served()
     await asyncio.sleep(steady_s)
     after_steady = await probe.served()
-    return Timings(seconds_to_all_jobs, before_steady, after_steady, peak_rss_mib(operator.pid))
+    return Timings(
+        seconds_to_all_jobs, before_steady, after_steady, peak_rss_mib(operator.pid), cpu_seconds(operator.pid)
+    )
 
 
 def row(cluster: str, total: int, namespaces: int, timed: Timings, steady_s: float, settle_s: float) -> dict[str, Any]:
@@ -323,6 +333,7 @@ def row(cluster: str, total: int, namespaces: int, timed: Timings, steady_s: flo
         "floor_per_resource": round((FLOOR["StyleBoard"] * boards + FLOOR["StyleLoRA"] * loras) / total, 1),
         "steady_requests_per_second": round((timed.after_steady - timed.before_steady) / steady_s, 2),
         "peak_rss_mib": round(timed.peak_rss_mib, 1),
+        "operator_cpu_seconds": round(timed.cpu_seconds, 1),
         "settle_seconds": settle_s,
         "steady_seconds": steady_s,
     }
@@ -364,23 +375,26 @@ async def measure_emulator(total: int, namespaces: int, steady_s: float, settle_
         async def jobs() -> int:
             return len(await client.list("jobs"))
 
+        marks: list[int] = []  # where the request log stood when the steady state began and ended
+
         async def served() -> int:
-            return len(cluster.emulator.requests()) - client.count
+            marks.append(len(cluster.emulator.requests()))
+            return marks[-1] - client.count
 
         probe = Probe(lambda: complete_prepare_jobs(client, done), jobs, served)
         try:
             timed = await drive(probe, client, operator, resources(total, namespaces), {}, steady_s, settle_s, folder)
-            everything = Counter(kind_of(r.method, r.path, r.params) for r in cluster.emulator.requests())
-            breakdown = everything - client.made
-            refused = Counter(
-                (*kind_of(r.method, r.path, r.params), r.status) for r in cluster.emulator.requests() if r.status >= 400
-            )
+            log = cluster.emulator.requests()
+            breakdown = Counter(kind_of(r.method, r.path, r.params) for r in log) - client.made
+            steady = Counter(kind_of(r.method, r.path, r.params) for r in log[marks[0] : marks[1]])
+            refused = Counter((*kind_of(r.method, r.path, r.params), r.status) for r in log if r.status >= 400)
         finally:
             stop_operator(operator)
             await client.close()
     return {
         **row("emulator", total, namespaces, timed, steady_s, settle_s),
         "operator_requests": breakdown_of(breakdown),
+        "operator_requests_steady": breakdown_of(steady),
         "operator_refused": refusals_of(refused),
     }
 
@@ -620,10 +634,13 @@ async def flows(client: KubeClient) -> Counter[tuple[str, str]]:
     return counts
 
 
-def audited(log: Path) -> tuple[Counter[tuple[str, str]], Counter[tuple[str, str, int]]]:
-    """The operator's requests by (verb, resource), in the emulator breakdown's words, and those refused by code,
-    from the audit log."""
+def audited(
+    log: Path, steady: tuple[float, float]
+) -> tuple[Counter[tuple[str, str]], Counter[tuple[str, str]], Counter[tuple[str, str, int]]]:
+    """From the audit log: the operator's requests by (verb, resource), in the emulator breakdown's words, those
+    received within the `steady` window (epoch seconds), and those refused, by code."""
     counts: Counter[tuple[str, str]] = Counter()
+    in_steady: Counter[tuple[str, str]] = Counter()
     refused: Counter[tuple[str, str, int]] = Counter()
     for line in log.read_text(encoding="utf-8").splitlines():
         event = json.loads(line)
@@ -632,9 +649,12 @@ def audited(log: Path) -> tuple[Counter[tuple[str, str]], Counter[tuple[str, str
         code = (event.get("responseStatus") or {}).get("code") or 0
         if event["stage"] == "RequestReceived":
             counts[verb, resource] += 1
+            received = datetime.datetime.fromisoformat(event["requestReceivedTimestamp"]).timestamp()
+            if steady[0] <= received < steady[1]:
+                in_steady[verb, resource] += 1
         elif code >= 400:
             refused[verb, resource, code] += 1
-    return counts, refused
+    return counts, in_steady, refused
 
 
 async def measure_real(total: int, namespaces: int, steady_s: float, settle_s: float) -> dict[str, Any]:
@@ -659,8 +679,10 @@ async def measure_real(total: int, namespaces: int, steady_s: float, settle_s: f
                 return len(listed["items"]) + int(listed["metadata"].get("remainingItemCount") or 0)
 
             seen: list[Counter[tuple[str, str]]] = []
+            marks: list[float] = []  # when the steady state began and ended
 
             async def served() -> int:
+                marks.append(time.time())
                 seen.append(await flows(client) - baseline)
                 return sum(n for (schema, _), n in seen[-1].items() if schema == FLOW_SCHEMA)
 
@@ -670,7 +692,7 @@ async def measure_real(total: int, namespaces: int, steady_s: float, settle_s: f
                 timed = await drive(probe, client, operator, docs, owners, steady_s, settle_s, folder)
             finally:
                 stop_operator(operator)
-            breakdown, refused = audited(cluster.audit_log)
+            breakdown, steady, refused = audited(cluster.audit_log, (marks[0], marks[1]))
         finally:
             if beating is not None:
                 beating.cancel()
@@ -684,12 +706,26 @@ async def measure_real(total: int, namespaces: int, steady_s: float, settle_s: f
     return {
         **row("real", total, namespaces, timed, steady_s, settle_s),
         "operator_requests": breakdown_of(breakdown),
+        "operator_requests_steady": breakdown_of(steady),
         "operator_refused": refusals_of(refused),
         "audited_requests": sum(breakdown.values()),
         "operator_rejected": dict(rejected),
         "server_requests_by_flow_schema": dict(by_schema.most_common()),
         "harness_requests": client.count - harness_baseline,
     }
+
+
+COLUMNS = {
+    "cluster": "cluster",
+    "resources": "resources",
+    "namespaces": "namespaces",
+    "seconds_to_all_jobs": "s to all Jobs",
+    "requests_per_resource": "requests/resource",
+    "floor_per_resource": "floor",
+    "steady_requests_per_second": "steady req/s",
+    "peak_rss_mib": "peak RSS MiB",
+    "operator_cpu_seconds": "operator CPU s",
+}
 
 
 def main() -> None:
@@ -708,16 +744,10 @@ def main() -> None:
         for found in rows:
             print(json.dumps(found))
         return
-    print(
-        "| cluster | resources | namespaces | s to all Jobs | requests/resource | floor | steady req/s | peak RSS MiB |"
-    )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        print(
-            f"| {r['cluster']} | {r['resources']} | {r['namespaces']} | {r['seconds_to_all_jobs']} "
-            f"| {r['requests_per_resource']} | {r['floor_per_resource']} | {r['steady_requests_per_second']} "
-            f"| {r['peak_rss_mib']} |"
-        )
+    print("| " + " | ".join(COLUMNS.values()) + " |")
+    print("| --- " * len(COLUMNS) + "|")
+    for found in rows:
+        print("| " + " | ".join(str(found[key]) for key in COLUMNS) + " |")
     for r in rows:
         requests = ", ".join(f"{n} {k}" for k, n in r["operator_requests"].items())
         print(f"\nthe operator's requests on the {r['cluster']} cluster, whole run: {requests}")
