@@ -19,7 +19,9 @@ reports the pod Running, writes the board's report, and reports it Succeeded thr
 controller completes the Job. Three requests per board and no process: NodeAgent would run 250 real prepare
 processes, with their tokens and volumes, on the same 2 cores, and measure them rather than the operator. Training
 pods need a GPU node and there is none, so they wait Unschedulable, as behind GPUs that never free; unlike on the
-emulator, the operator sees those pods and reports why they wait.
+emulator, the operator sees those pods and reports why they wait. The Job controller is what paces the run there:
+kube-controller-manager's clients send at most 20 requests a second by default (`--kube-api-qps`), and every Job
+takes it four or more (its pod, its status, the pod's finalizer).
 
 The operator runs with a TokenRequest token of the chart's ServiceAccount (its RBAC and admission policy rendered by
 `helm template`), not as the admin, so the server can tell it apart: a FlowSchema matching that ServiceAccount alone,
@@ -31,6 +33,8 @@ API server started with two more flags) gives the breakdown by verb and resource
 
 Reported:
 - seconds_to_all_jobs: from the first create until every resource has its Job;
+- seconds_to_all_waiting: until every LoRA shows the state it waits in (Pending on the emulator; on the real server,
+  Unschedulable, once the Job controller has made its pod and the scheduler has tried it);
 - requests_per_resource: the operator's API requests until then, plus a settling period, per resource;
 - floor_per_resource: the requests a resource needs at the least (its 5 creates, its status patches, and for a
   finished board the 3 deletes that take its run's rights away), averaged over boards and LoRAs;
@@ -272,21 +276,29 @@ def peak_rss_mib(pid: int) -> float:
 
 @dataclass
 class Probe:
-    """What differs between the clusters: how the prepare pods are played, Jobs counted, and the operator's requests
-    counted (as the server counts them, since the operator started)."""
+    """What differs between the clusters: how the prepare pods are played, Jobs counted, when every LoRA shows the
+    state it will wait in, and how the operator's requests are counted (as the server counts them, since the operator
+    started)."""
 
     play: Callable[[], Awaitable[None]]
     jobs: Callable[[], Awaitable[int]]
+    waiting: Callable[[dict[str, Any]], bool]
     served: Callable[[], Awaitable[int]]
 
 
 @dataclass
 class Timings:
     seconds_to_all_jobs: float
+    seconds_to_all_waiting: float
     before_steady: int
     after_steady: int
     peak_rss_mib: float
     cpu_seconds: float
+
+
+def check_alive(operator: subprocess.Popen[bytes], folder: Path) -> None:
+    if operator.poll() is not None:
+        raise RuntimeError(f"the operator exited ({operator.returncode}); see {folder}/operator.log")
 
 
 async def drive(
@@ -299,8 +311,9 @@ async def drive(
     settle_s: float,
     folder: Path,
 ) -> Timings:
-    """Create every resource, play the prepare pods until every resource has its Job, settle, then measure the
-    steady state: the same on both clusters. `owners` maps each created object's uid to its namespace and name."""
+    """Create every resource, play the prepare pods until every resource has its Job and every LoRA shows why it
+    waits, settle, then measure the steady state: the same on both clusters. `owners` maps each created object's uid
+    to its namespace and name."""
     started = time.monotonic()
     for doc in docs:
         created = await client.create(doc["kind"].lower() + "s", doc, doc["metadata"]["namespace"])
@@ -309,16 +322,24 @@ async def drive(
         await probe.play()
         if await probe.jobs() >= len(docs):
             break
-        if operator.poll() is not None:
-            raise RuntimeError(f"the operator exited ({operator.returncode}); see {folder}/operator.log")
+        check_alive(operator, folder)
         await asyncio.sleep(0.5)
     seconds_to_all_jobs = time.monotonic() - started
+    while not all(probe.waiting(lora) for lora in await client.list("styleloras")):
+        check_alive(operator, folder)
+        await asyncio.sleep(1.0)
+    seconds_to_all_waiting = time.monotonic() - started
     await asyncio.sleep(settle_s)
     before_steady = await probe.served()
     await asyncio.sleep(steady_s)
     after_steady = await probe.served()
     return Timings(
-        seconds_to_all_jobs, before_steady, after_steady, peak_rss_mib(operator.pid), cpu_seconds(operator.pid)
+        seconds_to_all_jobs,
+        seconds_to_all_waiting,
+        before_steady,
+        after_steady,
+        peak_rss_mib(operator.pid),
+        cpu_seconds(operator.pid),
     )
 
 
@@ -329,6 +350,7 @@ def row(cluster: str, total: int, namespaces: int, timed: Timings, steady_s: flo
         "resources": total,
         "namespaces": namespaces,
         "seconds_to_all_jobs": round(timed.seconds_to_all_jobs, 1),
+        "seconds_to_all_waiting": round(timed.seconds_to_all_waiting, 1),
         "requests_per_resource": round(timed.before_steady / total, 1),
         "floor_per_resource": round((FLOOR["StyleBoard"] * boards + FLOOR["StyleLoRA"] * loras) / total, 1),
         "steady_requests_per_second": round((timed.after_steady - timed.before_steady) / steady_s, 2),
@@ -345,6 +367,16 @@ def breakdown_of(counts: Counter[tuple[str, str]]) -> dict[str, int]:
 
 def refusals_of(counts: Counter[tuple[str, str, int]]) -> dict[str, int]:
     return {f"{verb} {resource} {code}": n for (verb, resource, code), n in counts.most_common()}
+
+
+def phase(obj: dict[str, Any]) -> str:
+    return str((obj.get("status") or {}).get("phase") or "")
+
+
+def unschedulable(lora: dict[str, Any]) -> bool:
+    """The LoRA says its training pod cannot be scheduled: the state it waits in on the real server."""
+    conditions = (lora.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("reason") == "Unschedulable" for c in conditions)
 
 
 # --- the emulator -----------------------------------------------------------------------------------------------------
@@ -381,7 +413,7 @@ async def measure_emulator(total: int, namespaces: int, steady_s: float, settle_
             marks.append(len(cluster.emulator.requests()))
             return marks[-1] - client.count
 
-        probe = Probe(lambda: complete_prepare_jobs(client, done), jobs, served)
+        probe = Probe(lambda: complete_prepare_jobs(client, done), jobs, lambda lora: phase(lora) == "Pending", served)
         try:
             timed = await drive(probe, client, operator, resources(total, namespaces), {}, steady_s, settle_s, folder)
             log = cluster.emulator.requests()
@@ -686,7 +718,7 @@ async def measure_real(total: int, namespaces: int, steady_s: float, settle_s: f
                 seen.append(await flows(client) - baseline)
                 return sum(n for (schema, _), n in seen[-1].items() if schema == FLOW_SCHEMA)
 
-            probe = Probe(lambda: run_prepare_pods(client, owners, done), jobs, served)
+            probe = Probe(lambda: run_prepare_pods(client, owners, done), jobs, unschedulable, served)
             try:
                 docs = resources(total, namespaces)
                 timed = await drive(probe, client, operator, docs, owners, steady_s, settle_s, folder)
@@ -720,6 +752,7 @@ COLUMNS = {
     "resources": "resources",
     "namespaces": "namespaces",
     "seconds_to_all_jobs": "s to all Jobs",
+    "seconds_to_all_waiting": "s to all waiting",
     "requests_per_resource": "requests/resource",
     "floor_per_resource": "floor",
     "steady_requests_per_second": "steady req/s",
