@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 from kleinstyle.devcluster.demo import cluster_for
 
-from .test_kubectl import Kubectl, manifest
+from tests.support.kubectl_scenario import KUBECTL, NO_KUBECTL, Kubectl, manifest
+
 from .test_operator_e2e import NS
 
-pytestmark = pytest.mark.emulator
+pytestmark = [pytest.mark.emulator, pytest.mark.skipif(KUBECTL is None, reason=NO_KUBECTL)]
 
 PHANTOM = {
     "apiVersion": "kleinstyle.dev/v1alpha1",
