@@ -343,7 +343,9 @@ async def drive(
     )
 
 
-def row(cluster: str, total: int, namespaces: int, timed: Timings, steady_s: float, settle_s: float) -> dict[str, Any]:
+def row(
+    cluster: str, total: int, namespaces: int, timed: Timings, steady_s: float, settle_s: float, folder: Path
+) -> dict[str, Any]:
     boards = loras = total // 2
     return {
         "cluster": cluster,
@@ -358,6 +360,7 @@ def row(cluster: str, total: int, namespaces: int, timed: Timings, steady_s: flo
         "operator_cpu_seconds": round(timed.cpu_seconds, 1),
         "settle_seconds": settle_s,
         "steady_seconds": steady_s,
+        "folder": str(folder),  # the operator's log
     }
 
 
@@ -424,7 +427,7 @@ async def measure_emulator(total: int, namespaces: int, steady_s: float, settle_
             stop_operator(operator)
             await client.close()
     return {
-        **row("emulator", total, namespaces, timed, steady_s, settle_s),
+        **row("emulator", total, namespaces, timed, steady_s, settle_s, folder),
         "operator_requests": breakdown_of(breakdown),
         "operator_requests_steady": breakdown_of(steady),
         "operator_refused": refusals_of(refused),
@@ -736,7 +739,7 @@ async def measure_real(total: int, namespaces: int, steady_s: float, settle_s: f
         if schema == FLOW_SCHEMA and outcome != "dispatched":
             rejected[outcome] += n
     return {
-        **row("real", total, namespaces, timed, steady_s, settle_s),
+        **row("real", total, namespaces, timed, steady_s, settle_s, folder),
         "operator_requests": breakdown_of(breakdown),
         "operator_requests_steady": breakdown_of(steady),
         "operator_refused": refusals_of(refused),
