@@ -44,14 +44,6 @@ def cluster() -> Iterator[RealCluster]:
     yield from started_cluster(helm=True)
 
 
-def create(cluster: RealCluster, obj: dict[str, Any]) -> None:
-    kind, namespace = obj["kind"], obj["metadata"].get("namespace")
-    plural = {"PersistentVolume": "persistentvolumes", "PersistentVolumeClaim": "persistentvolumeclaims"}[kind]
-    scope = f"/namespaces/{namespace}" if namespace else ""
-    status, body = cluster.api("POST", f"/api/v1{scope}/{plural}", obj)
-    assert status == 201, body
-
-
 def operator_pod(cluster: RealCluster, namespace: str) -> dict[str, Any] | None:
     """The chart's operator pod once its container runs (the node agent reports it Running), else None."""
     selector = f"app.kubernetes.io/instance={RELEASE}"
@@ -117,9 +109,7 @@ def test_examples_reach_succeeded_under_the_charts_operator_run_as_its_pod(
         volumes = pool.submit(real_e2e.lay_out_volumes, root)  # the tiny klein takes seconds: meanwhile, the rest
 
         namespace = ensure_namespace(cluster, NAMESPACE)
-        for claim in real_e2e.claim_names(root):
-            for obj in real_e2e.static_claim(namespace, claim):
-                create(cluster, obj)
+        real_e2e.bind_claims(cluster, namespace, root)
         with NodeAgent(cluster, root, entrypoint=real_e2e.OPERATOR_ENTRYPOINT) as agent:
             release = install_chart(
                 cluster,

@@ -32,7 +32,7 @@ from tests.support.kubectl_scenario import KUBECTL, NO_KUBECTL, Kubectl, kubectl
 from . import test_examples
 from .conftest import CHART, CRDS, RELEASE
 from .rbac import bind, ensure_namespace, install_chart, user, wait_for
-from .test_examples import create, operator_pod, still_running, tail
+from .test_examples import operator_pod, still_running, tail
 
 pytestmark = pytest.mark.skipif(KUBECTL is None, reason=NO_KUBECTL)
 # test_examples' control plane of its own (module-scoped: one for this module too; the chart is cluster-wide).
@@ -46,9 +46,7 @@ def agent(cluster: RealCluster, tmp_path_factory: pytest.TempPathFactory) -> Ite
     root = tmp_path_factory.mktemp("node")
     write_references(root / "volumes" / REFERENCE_CLAIM / "bd9")
     ensure_namespace(cluster, NS)
-    for claim in real_e2e.claim_names(root):
-        for obj in real_e2e.static_claim(NS, claim):
-            create(cluster, obj)
+    real_e2e.bind_claims(cluster, NS, root)
     with NodeAgent(cluster, root, entrypoint=real_e2e.OPERATOR_ENTRYPOINT) as running:
         release = install_chart(
             cluster,

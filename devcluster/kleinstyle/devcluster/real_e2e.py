@@ -89,6 +89,17 @@ def static_claim(namespace: str, name: str) -> list[dict[str, Any]]:
     ]
 
 
+def bind_claims(cluster: RealCluster, namespace: str, root: Path) -> None:
+    """Every claim a run of examples/ mounts (`claim_names`), created Bound in `namespace` (`static_claim`)."""
+    for claim in claim_names(root):
+        for obj in static_claim(namespace, claim):
+            plural = "persistentvolumes" if obj["kind"] == "PersistentVolume" else "persistentvolumeclaims"
+            scope = f"/namespaces/{namespace}" if obj["kind"] == "PersistentVolumeClaim" else ""
+            status, body = cluster.api("POST", f"/api/v1{scope}/{plural}", obj)
+            if status != 201:
+                raise RuntimeError(f"creating {obj['kind']} {obj['metadata']['name']}: {status} {body}")
+
+
 def chart_values(root: Path) -> dict[str, Any]:
     """The chart's values for the demo's configuration: the operator's config from demo.dev_config (its wire
     spelling), one core per Job, the log at DEBUG so every response status is in it, an image that is never pulled."""
@@ -204,8 +215,7 @@ def serve(root: str, namespace: str, apply: list[str]) -> int:
     with RealCluster(bin_dir) as cluster, NodeAgent(cluster, folder, entrypoint=OPERATOR_ENTRYPOINT):
         lay_out_volumes(folder)
         cluster.kubectl("create", "namespace", namespace)
-        claims = [obj for claim in claim_names(folder) for obj in static_claim(namespace, claim)]
-        cluster.kubectl("apply", "-f", "-", input="\n---\n".join(yaml.safe_dump(obj) for obj in claims))
+        bind_claims(cluster, namespace, folder)
         values = folder / "values.yaml"
         values.write_text(yaml.safe_dump(chart_values(folder), sort_keys=False), encoding="utf-8")
         env = helm_env(folder / "helm")
