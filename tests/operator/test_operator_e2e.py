@@ -87,14 +87,11 @@ async def test_board_is_prepared_and_its_status_tells_the_story(root: Path):
         reasons = [e["reason"] for e in events if e["involvedObject"]["name"] == "bd9"]
         assert "JobCreated" in reasons and "JobComplete" in reasons
 
+        # The operator records its metrics once its status patch has landed, so the gauge may trail what a reader of
+        # the status sees by a moment (under load, a visible one): wait for it rather than race it.
         sample = metrics.REGISTRY.get_sample_value
-        assert (
-            sample(
-                "kleinstyle_resource_phase",
-                {"namespace": NS, "kind": "StyleBoard", "name": "bd9", "phase": "Succeeded"},
-            )
-            == 1
-        )
+        succeeded = {"namespace": NS, "kind": "StyleBoard", "name": "bd9", "phase": "Succeeded"}
+        await cluster.wait_for(lambda: sample("kleinstyle_resource_phase", succeeded) == 1, timeout=10)
         assert sample("kleinstyle_children_created_total", {"kind": "StyleBoard", "child": "Job"}) >= 1
 
         # Without a model in the model cache the StyleLoRA's Job fails at once (exit 2), naming what is missing.
