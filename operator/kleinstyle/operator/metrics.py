@@ -12,8 +12,10 @@ import contextlib
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
 
 from . import usage
+from .api import BY_KIND
 from .api.common import CommonStatus
 from .api.styleboard import StyleBoardStatus
+from .indexes import CHILD_KINDS
 
 # No `*_created` series beside each counter and histogram: twice the series for a timestamp nobody queries.
 disable_created_metrics()
@@ -107,6 +109,49 @@ TEXT_TOKENS = Counter(
 )
 
 
+OUTCOMES = ("Succeeded", "Failed")  # a finished run's (reconcile.TERMINAL)
+EARLY_STOP_CAUSES = ("no_improvement", "guards", "stop_requested")  # early_stop.stop_cause's, "completed" aside
+
+
+def _zero_what_every_kind_has() -> None:
+    """The series whose labels are known at start, at 0. Prometheus' increase() and rate() see a counter's step only
+    from a sample before it: a series that first appears at 1 hides its first event, so the first reconcile error
+    (or run, below) would never reach an alert or a panel."""
+    for kind in BY_KIND:
+        for outcome in ("ok", "error"):
+            RECONCILES.labels(kind, outcome)
+        RECONCILE_SECONDS.labels(kind)
+        for child in CHILD_KINDS:
+            CHILDREN_CREATED.labels(kind, child)
+        for outcome in OUTCOMES:
+            RUN_SECONDS.labels(kind, outcome)
+
+
+_zero_what_every_kind_has()
+
+
+def zero_what_a_namespace_counts(change: usage.Change) -> None:
+    """The namespace's series of its kind at 0 from its first reconcile there, and a Job's GPU series from when the
+    Job is seen (see _zero_what_every_kind_has): the first Failed run in a namespace is an increase, and fires
+    KleinstyleRunsFailing."""
+    ns, kind = change.namespace, change.kind
+    for outcome in OUTCOMES:
+        RUNS.labels(ns, kind, outcome)
+    QUEUE_WAIT.labels(ns, kind)
+    for job in change.jobs.values():
+        gpus, pool = usage.gpus_of(job)
+        if gpus:
+            GPU_SECONDS.labels(ns, kind, pool)
+    if kind == "StyleLoRA":
+        CHECKPOINTS_SCORED.labels(ns)
+        for cause in EARLY_STOP_CAUSES:
+            EARLY_STOPS.labels(ns, cause)
+    elif kind == "GenerationJob":
+        IMAGES_RENDERED.labels(ns)
+    elif kind == "LoRAFusion":
+        FUSION_SECONDS.labels(ns)
+
+
 def set_phase(namespace: str, kind: str, name: str, phase: str | None) -> None:
     for candidate in PHASES:
         PHASE.labels(namespace, kind, name, candidate).set(1 if candidate == phase else 0)
@@ -128,6 +173,7 @@ def forget(namespace: str, kind: str, name: str) -> None:
 def record(change: usage.Change) -> None:
     """Everything a reconcile's status change adds to the metrics."""
     ns, kind = change.namespace, change.kind
+    zero_what_a_namespace_counts(change)
     set_phase(ns, kind, change.name, change.after.phase)
     count_tokens(kind, change.before, change.after)
     if (gpu := usage.gpu_seconds(change)) is not None:
