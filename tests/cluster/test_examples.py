@@ -6,8 +6,9 @@ the chart with the demo's configuration as values; the node agent runs the Deplo
 with the chart's args, from this repository's .venv) with the projected token of the chart's ServiceAccount as its
 only credential; a tenant bound to `edit` applies examples/ as they are, into a namespace of their own; the real
 scheduler places the prepare and fuse Jobs on the CPU node and the training and generation Jobs on the GPU node,
-where they run for real on the tiny klein. The summary line is printed, and written to $KLEINSTYLE_E2E_SUMMARY when
-that names a file, for `make e2e` to show.
+where they run for real on the tiny klein. Prometheus, where `make controlplane` fetched it, scrapes the operator
+meanwhile, and every query of the chart's Grafana dashboard must answer on what it scraped (dashboard.py). The
+summary line is printed, and written to $KLEINSTYLE_E2E_SUMMARY when that names a file, for `make e2e` to show.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from kleinstyle.devcluster.pod_setup import pod_rootfs
 from kleinstyle.operator.config import OperatorConfig
 
 from .conftest import CHART, CRDS, RELEASE, REPO, started_cluster
+from .dashboard import ScrapedRun
 from .rbac import Identity, OperatorProcess, bind, ensure_namespace, install_chart, user, wait_for
 
 EXAMPLES = REPO / "examples"
@@ -80,12 +82,16 @@ def user_info(bearer: Identity) -> dict[str, Any]:
     return user_info
 
 
-def assert_installed_config_is_the_demos(cluster: RealCluster, namespace: str, name: str, root: Path) -> None:
-    """The operator.yaml the chart rendered from the values holds the demo's settings, as the operator reads them."""
+def assert_installed_config_is_the_demos(
+    cluster: RealCluster, namespace: str, name: str, root: Path, metrics_port: int
+) -> None:
+    """The operator.yaml the chart rendered from the values holds the demo's settings, as the operator reads them
+    (and the metrics port Prometheus scrapes)."""
     status, configmap = cluster.api("GET", f"/api/v1/namespaces/{namespace}/configmaps/{name}")
     assert status == 200, configmap
     installed = OperatorConfig.model_validate(yaml.safe_load(configmap["data"]["operator.yaml"]))
-    wire, demo = installed.model_dump(by_alias=True), dev_config(root).model_dump(by_alias=True)
+    demo_config = dev_config(root).model_copy(update={"metrics_port": metrics_port})
+    wire, demo = installed.model_dump(by_alias=True), demo_config.model_dump(by_alias=True)
     keys = real_e2e.DEMO_CONFIG_KEYS
     assert {key: wire[key] for key in keys} == {key: demo[key] for key in keys}
 
@@ -105,23 +111,25 @@ def test_examples_reach_succeeded_under_the_charts_operator_run_as_its_pod(
 ) -> None:
     started = time.monotonic()
     root = tmp_path / "node"
+    values = real_e2e.chart_values(root)
+    scraped = ScrapedRun(values)  # Prometheus scrapes the operator's metrics: the chart's dashboard is checked on them
     with ThreadPoolExecutor(1) as pool:
         volumes = pool.submit(real_e2e.lay_out_volumes, root)  # the tiny klein takes seconds: meanwhile, the rest
 
         namespace = ensure_namespace(cluster, NAMESPACE)
         real_e2e.bind_claims(cluster, namespace, root)
-        with NodeAgent(cluster, root, entrypoint=real_e2e.OPERATOR_ENTRYPOINT) as agent:
+        with NodeAgent(cluster, root, entrypoint=real_e2e.OPERATOR_ENTRYPOINT) as agent, scraped:
             release = install_chart(
                 cluster,
                 CHART,
-                real_e2e.chart_values(root),
+                values,
                 tmp_path / "helm",
                 name=RELEASE,
                 namespace=real_e2e.RELEASE_NAMESPACE,
             )
             account = f"system:serviceaccount:{release.namespace}:{release.fullname}"
             cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(CRDS))
-            assert_installed_config_is_the_demos(cluster, release.namespace, release.fullname, root)
+            assert_installed_config_is_the_demos(cluster, release.namespace, release.fullname, root, scraped.port)
             # A tenant as a platform team makes one: a user bound to Kubernetes' edit in their namespace, which the
             # chart's tenant roles aggregate into (the controller manager does that a moment after the install).
             bind(cluster, namespace, "edit", "alice")
@@ -142,6 +150,7 @@ def test_examples_reach_succeeded_under_the_charts_operator_run_as_its_pod(
             except TimeoutError as timeout:
                 raise AssertionError(f"{timeout}\noperator log (tail):\n{tail(log)}") from None
             settled = time.monotonic()
+            unanswered = scraped.unanswered(namespace)
 
             # The operator's only credential: the token projected into its pod, the chart's ServiceAccount's, bound
             # to the pod; its process has no kubeconfig to fall back on.
@@ -175,13 +184,14 @@ def test_examples_reach_succeeded_under_the_charts_operator_run_as_its_pod(
         assert environment[ROOTFS_ENV] == str(rootfs)
     assert not refusals, "the API server refused the operator under the chart's RBAC:\n" + "\n".join(refusals)
     assert "Forbidden" not in log.read_text(encoding="utf-8", errors="replace")
+    assert not unanswered, "dashboard queries without data on the run:\n" + "\n".join(unanswered)
 
     _, version = cluster.api("GET", "/version")
     line = real_e2e.summary_line(version["gitVersion"], objs, who["username"])
     with capsys.disabled():
         print(
             f"\n{line}\n  (setup and operator pod {installed - started:.1f}s, examples {settled - installed:.1f}s, "
-            f"total {time.monotonic() - started:.1f}s)"
+            f"total {time.monotonic() - started:.1f}s)\n  {scraped.summary()}"
         )
     if os.environ.get(SUMMARY_ENV):
         Path(os.environ[SUMMARY_ENV]).write_text(line + "\n", encoding="utf-8")
