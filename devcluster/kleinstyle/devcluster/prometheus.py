@@ -150,8 +150,12 @@ class Prometheus:
         try:
             with self._opener.open(url, timeout=30) as response:
                 answer = json.load(response)
-        except urllib.error.HTTPError as error:
-            answer = json.load(error)
+        except urllib.error.HTTPError as error:  # a refused query: its JSON names the error
+            raw = error.read()
+            try:
+                answer = json.loads(raw)
+            except ValueError:
+                raise PrometheusError(f"{path} {params}: HTTP {error.code}: {raw[:200]!r}") from None
         if answer.get("status") != "success":
             raise PrometheusError(f"{path} {params}: {answer.get('errorType')}: {answer.get('error')}")
         return answer["data"]
