@@ -99,8 +99,11 @@ crds-check: $(STAMP)
 clean:
 	rm -rf $(VENV) $(OPERATOR_VENV) .kleinstyle-dev .pytest_cache .ruff_cache
 
-# A real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, helm),
-# built once per machine from pinned Go modules into ~/.cache/kleinstyle (docs/real-cluster.md); tests/cluster uses it.
+# A real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, helm) and
+# Kueue, built once per machine from pinned Go modules into ~/.cache/kleinstyle (docs/real-cluster.md), and Debian's
+# Prometheus and promtool unpacked beside them; tests/cluster uses them.
 .PHONY: controlplane
 controlplane:
 	hack/controlplane/build.sh
+	hack/kueue/build.sh
+	hack/prometheus/fetch.sh
