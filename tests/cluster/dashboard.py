@@ -98,7 +98,6 @@ class ScrapedRun:
         where Prometheus is not fetched (`summary` says so)."""
         if self.prometheus is None:
             return []
-        time.sleep(2 * SCRAPE_SECONDS)  # the last state scraped
         prometheus, start, end, step = self.prometheus, self.started, time.time(), float(SCRAPE_SECONDS)
         dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
         missing = []
