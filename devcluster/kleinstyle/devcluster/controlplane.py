@@ -209,6 +209,20 @@ def _kubeconfig(server: str, ca_pem: bytes, user: str, client: _Issued) -> str:
     return yaml.safe_dump(config, sort_keys=False)
 
 
+def token_kubeconfig(server: str, ca_file: Path, token: str, user: str) -> str:
+    """A kubeconfig for `server` with the cluster's CA (by path) and one bearer token: a ServiceAccount as a client
+    outside the cluster (the operator as a process, or behind a proxy at `server`)."""
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "kleinstyle", "cluster": {"server": server, "certificate-authority": str(ca_file)}}],
+        "users": [{"name": user, "user": {"token": token}}],
+        "contexts": [{"name": "kleinstyle", "context": {"cluster": "kleinstyle", "user": user}}],
+        "current-context": "kleinstyle",
+    }
+    return yaml.safe_dump(config, sort_keys=False)
+
+
 # --- processes -------------------------------------------------------------------------------------------------------
 
 
@@ -217,6 +231,7 @@ class _Component:
     name: str
     process: subprocess.Popen[bytes]
     log: Path
+    args: tuple[str, ...] = ()  # what it was started with: a restart starts it so again
 
     def tail(self, lines: int = LOG_TAIL_LINES) -> str:
         try:
@@ -231,6 +246,12 @@ class RealCluster:
 
     `kubeconfig` is an admin kubeconfig (a client certificate in system:masters), `server` the API's URL, `kubectl()`
     runs the built kubectl against it and `api()` sends one request. Logs are in `root / "logs"` while it runs.
+
+    `node_loss_seconds`: a node whose Lease has not been renewed for that long is NotReady, and its pods are evicted
+    at once (the taint-eviction controller runs, the default NoExecute tolerations are 1 s), as a cluster tuned for
+    quick failover does; None keeps Kubernetes' defaults (50 s, then 300 s), with no taint eviction at all. Kubelets
+    must then renew their Leases well within it. For fault injection: `restart()` a component, `pause()` and
+    `resume()` one (SIGSTOP, SIGCONT).
     """
 
     def __init__(
@@ -239,6 +260,7 @@ class RealCluster:
         *,
         startup_timeout: float = 90.0,
         keep_root: bool = False,
+        node_loss_seconds: float | None = None,
     ) -> None:
         found = Path(bin_dir) if bin_dir is not None else find_bin_dir()
         if found is None:
@@ -249,6 +271,7 @@ class RealCluster:
         self.bin_dir = found
         self.startup_timeout = startup_timeout
         self.keep_root = keep_root
+        self.node_loss_seconds = node_loss_seconds
         self.root = Path()
         self.server = ""
         self.kubeconfig = Path()
@@ -389,6 +412,7 @@ class RealCluster:
             # The kubernetes Service's endpoint would be 127.0.0.1, which Endpoints validation refuses.
             "--endpoint-reconciler-type=none",
             "--profiling=false",
+            *self._node_loss_flags("kube-apiserver"),
             f"--audit-policy-file={self._write_audit_policy()}",
             f"--audit-log-path={self.audit_log}",
         )
@@ -401,7 +425,7 @@ class RealCluster:
             "--bind-address=127.0.0.1",
             f"--secure-port={free_port()}",
             f"--cert-dir={self.root / 'controller-manager'}",
-            f"--controllers={','.join(CONTROLLERS)}",
+            f"--controllers={','.join(self._controllers())}",
             f"--root-ca-file={pki / 'ca.crt'}",
             f"--service-account-private-key-file={pki / 'sa.key'}",
             "--use-service-account-credentials=true",
@@ -409,6 +433,7 @@ class RealCluster:
             f"--cluster-signing-key-file={pki / 'ca.key'}",
             "--cluster-name=kleinstyle",
             "--leader-elect=false",
+            *self._node_loss_flags("kube-controller-manager"),
         )
         self._spawn(
             "kube-scheduler",
@@ -425,6 +450,18 @@ class RealCluster:
             "the default ServiceAccount", lambda: self._get_ok("/api/v1/namespaces/default/serviceaccounts/default")
         )
         self.startup_seconds = time.monotonic() - began
+
+    def _controllers(self) -> tuple[str, ...]:
+        """CONTROLLERS, and the taint-eviction controller where lost nodes' pods are to be evicted."""
+        return (*CONTROLLERS, "taint-eviction-controller") if self.node_loss_seconds is not None else CONTROLLERS
+
+    def _node_loss_flags(self, component: str) -> tuple[str, ...]:
+        """Flags that make a lost node's pods go within `node_loss_seconds` (none where it is None)."""
+        if self.node_loss_seconds is None:
+            return ()
+        if component == "kube-apiserver":  # the tolerations DefaultTolerationSeconds gives every pod
+            return ("--default-not-ready-toleration-seconds=1", "--default-unreachable-toleration-seconds=1")
+        return (f"--node-monitor-grace-period={self.node_loss_seconds:g}s", "--node-monitor-period=1s")
 
     @property
     def audit_log(self) -> Path:
@@ -451,8 +488,11 @@ class RealCluster:
         return path
 
     def _spawn(self, name: str, *args: str) -> None:
+        self._components.append(self._launch(name, args, "wb"))
+
+    def _launch(self, name: str, args: tuple[str, ...], mode: str) -> _Component:
         log = self.root / "logs" / f"{name}.log"
-        with log.open("wb") as out:
+        with log.open(mode) as out:
             process = subprocess.Popen(
                 [str(self.bin_dir / name), *args],
                 stdin=subprocess.DEVNULL,
@@ -462,7 +502,47 @@ class RealCluster:
                 start_new_session=True,  # a Ctrl-C in the terminal reaches us, and we stop them in order
                 preexec_fn=_die_with_parent,
             )
-        self._components.append(_Component(name, process, log))
+        return _Component(name, process, log, args)
+
+    # -- faults
+
+    def _component(self, name: str) -> _Component:
+        for component in self._components:
+            if component.name == name:
+                return component
+        raise ControlPlaneError(f"no component {name} runs (known: {', '.join(c.name for c in self._components)})")
+
+    def pid(self, name: str) -> int:
+        """The process id of component `name` (etcd, kube-apiserver, ...)."""
+        return self._component(name).process.pid
+
+    def restart(self, name: str, *, kill: bool = False) -> float:
+        """Stop component `name` (SIGTERM, or SIGKILL when `kill`) and start it again with the same arguments and
+        port; for the API server, wait until /readyz answers again. Returns the seconds it was away. Clients see what
+        they see on a real cluster when it restarts: refused connections, then a server without its watch cache."""
+        index = self._components.index(self._component(name))
+        old = self._components[index]
+        began = time.monotonic()
+        os.kill(old.process.pid, signal.SIGCONT)  # a paused process ends too
+        old.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            old.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            old.process.kill()
+            old.process.wait()
+        self._components[index] = self._launch(name, old.args, "ab")
+        if name == "kube-apiserver":
+            self._wait_for("the restarted API server's /readyz", lambda: self._get_ok("/readyz"))
+        return time.monotonic() - began
+
+    def pause(self, name: str) -> None:
+        """SIGSTOP component `name`: a disk stall or a GC pause, as far as its clients can tell (etcd: every write and
+        quorum read hangs, the API server's requests time out)."""
+        os.kill(self.pid(name), signal.SIGSTOP)
+
+    def resume(self, name: str) -> None:
+        """SIGCONT what `pause` stopped."""
+        os.kill(self.pid(name), signal.SIGCONT)
 
     def _wait_for(self, what: str, ready: Callable[[], bool]) -> None:
         """Poll `ready()` until it is true; fail at once, with the logs, when a component exits."""
@@ -486,6 +566,7 @@ class RealCluster:
         """Stop the components in reverse order (SIGTERM, then SIGKILL after 10s) and remove the folder."""
         for component in reversed(self._components):
             if component.process.poll() is None:
+                component.process.send_signal(signal.SIGCONT)  # a paused one could not stop
                 component.process.send_signal(signal.SIGTERM)
                 try:
                     component.process.wait(timeout=10)
