@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 import kopf
+import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from . import kueue, metrics
@@ -48,9 +49,28 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.watching.server_timeout = 60
 
 
-async def workload_version(kube: Kube) -> str | None:
+# An API server restarting, shedding load (429) or whose etcd timed out (500, 503, 504) answers again in a moment.
+TRANSIENT = frozenset({429, 500, 502, 503, 504})
+STARTUP_BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 15.0, 15.0)  # about a minute, as kopf's own requests wait
+
+
+async def workload_version(kube: Kube, backoff: Sequence[float] = STARTUP_BACKOFF_S) -> str | None:
     """The newest version of Kueue's Workload API the cluster serves (discovery, open to every client); None without
-    Kueue. Checked once at start: installing Kueue later takes an operator restart to be seen."""
+    Kueue. Checked once at start: installing Kueue later takes an operator restart to be seen. A transient refusal
+    or a lost connection is waited out (`backoff`, seconds between tries), so that an operator started while the API
+    server restarts does not exit; another refusal (403) fails at once."""
+    for delay in (*backoff, None):
+        try:
+            return await _workload_version(kube)
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+            if (isinstance(exc, ApiException) and exc.status not in TRANSIENT) or delay is None:
+                raise
+            logger.warning(f"asking the API server about Kueue failed ({exc!s:.200}); again in {delay:g}s")
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable: the last try raises or returns")
+
+
+async def _workload_version(kube: Kube) -> str | None:
     try:
         group = await kube.request("GET", f"/apis/{kueue.GROUP}")
     except ApiException as exc:
