@@ -171,3 +171,24 @@ def test_a_priority_class_too_long_for_kueues_label_is_refused_naming_the_field(
     # Without a queue it is the pod's priorityClassName, where 253 characters are fine.
     plain = reconcile(observed(body=lora(scheduling={"priorityClassName": long_name}), dependencies=DEPS), CFG, NOW)
     assert job_of(plain)["spec"]["template"]["spec"]["priorityClassName"] == long_name
+
+
+def test_a_finished_run_shows_the_workload_kueue_marks_finished_after_the_job_ends():
+    """Kueue marks the Workload Finished only after the Job has ended (real Kueue v0.17: tests/cluster/
+    test_kueue_real.py), when the run's status is already final; the kept status still takes Kueue's last word."""
+    body, job = queued_lora()
+    job["spec"]["suspend"] = False
+    failed = {"failed": 3, "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}
+    admitted = workload(
+        job, cond("QuotaReserved", "True", "QuotaReserved"), cond("Admitted", "True", "Admitted"), admission=ADMISSION
+    )
+    ended = after(body, observe(body, job, admitted, **failed))
+    assert (ended["status"]["phase"], ended["status"]["queue"]["state"]) == ("Failed", "Admitted")
+    finished = copy.deepcopy(admitted)
+    finished["status"]["conditions"].append(cond("Finished", "True", "Failed", "Job failed: BackoffLimitExceeded"))
+    kept = after(ended, observe(ended, job, finished, **failed))
+    assert kept["status"]["phase"] == "Failed"
+    queue = kept["status"]["queue"]
+    assert (queue["state"], queue["reason"], queue["clusterQueue"]) == ("Finished", "Failed", "h200-cq")
+    # A Workload Kueue has since deleted (its retention policy) leaves the last word standing.
+    assert after(kept, observe(kept, job, None, **failed))["status"]["queue"]["state"] == "Finished"

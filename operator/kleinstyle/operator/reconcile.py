@@ -311,13 +311,26 @@ def kept(body: Mapping[str, Any], observed: Observed, now: str) -> Decision:
     source = sources_condition(status.inputs, observed.dependencies, "used")
     ready = status.condition("Ready")
     phase, reason = status.phase or "Pending", ready.reason if ready else ""
-    decision = _decided(body, now, phase, reason, status.message or "", [source], CommonStatus())
+    fields = CommonStatus()
+    if (workload := _run_workload(body, observed, status.run_hash)) is not None:
+        # Kueue marks a Workload Finished after its Job has ended, so after the run's final status: its last word.
+        fields.queue = kueue.queue_status(workload, status.queue)
+    decision = _decided(body, now, phase, reason, status.message or "", [source], fields)
     before = status.condition("SourcesCurrent")
     changed = source.status == "False" and (before is None or before.status != "False")
     events = [Event("Normal", "SourceChanged", source.message)] if changed else []
     delete = [c for c in superseded(observed.children, keep=status.run_hash) if c["kind"] in RUN_CHILD_KINDS]
     delete += [dict(child) for child in observed.children if child["kind"] in RUNNER_KINDS]
     return Decision(delete=delete, status=decision.status, events=events)
+
+
+def _run_workload(body: Mapping[str, Any], observed: Observed, run_hash: str | None) -> Mapping[str, Any] | None:
+    """The Workload Kueue keeps for the Job of the run `run_hash` of `body`, where there is one."""
+    for job in jobs_of(observed.children):
+        labels = job["metadata"].get("labels") or {}
+        if labels.get(RUN_HASH) == run_hash and controlled_by(job, body["metadata"].get("uid") or ""):
+            return observed.workloads.get(job["metadata"].get("uid", ""))
+    return None
 
 
 def sources_condition(recorded: Sequence[RunInput], dependencies: Dependencies, verb: str) -> Condition:
