@@ -192,3 +192,30 @@ def test_a_finished_run_shows_the_workload_kueue_marks_finished_after_the_job_en
     assert (queue["state"], queue["reason"], queue["clusterQueue"]) == ("Finished", "Failed", "h200-cq")
     # A Workload Kueue has since deleted (its retention policy) leaves the last word standing.
     assert after(kept, observe(kept, job, None, **failed))["status"]["queue"]["state"] == "Finished"
+
+
+def test_a_run_kueue_is_evicting_shows_preempted_while_kueue_still_holds_its_quota():
+    """Real Kueue (v0.17) marks a preempted Workload Evicted and Preempted while it still holds its quota (QuotaReserved
+    and Admitted stay True until the suspended Job's pods are gone): the run reads Preempted from that moment, with
+    the Event to say so, not "admitted and is starting" (tests/cluster/test_kueue_real.py watched this sequence)."""
+    body, job = queued_lora()
+    admitted = workload(
+        job, cond("QuotaReserved", "True", "QuotaReserved"), cond("Admitted", "True", "Admitted"), admission=ADMISSION
+    )
+    job["spec"]["suspend"] = False
+    body = after(body, observe(body, job, admitted, active=1, startTime=NOW))
+    assert body["status"]["phase"] == "Running"
+    message = "Preempted to accommodate a workload (UID: 42, JobUID: 43) due to prioritization in the ClusterQueue"
+    evicting = copy.deepcopy(admitted)
+    evicting["status"]["conditions"] += [
+        cond("Evicted", "True", "Preempted", message, at="2026-12-06T11:00:00Z"),
+        cond("Preempted", "True", "InClusterQueue", message, at="2026-12-06T11:00:00Z"),
+    ]
+    job["spec"]["suspend"] = True  # Kueue stopped the Job; its pod is terminating
+    job["status"] = {"startTime": NOW}
+    workloads = {"job-uid": evicting}
+    decision = reconcile(observed(body=body, dependencies=DEPS, children=[job], workloads=workloads), CFG, NOW)
+    status = decision.status
+    assert (status["phase"], ready(status)["reason"]) == ("Pending", "Preempted")
+    assert (status["queue"]["state"], status["queue"]["requeueCount"]) == ("Evicted", 1)
+    assert [(e.reason, e.message.split(":")[0]) for e in decision.events] == [("Preempted", "Pending")]

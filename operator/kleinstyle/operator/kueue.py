@@ -34,14 +34,17 @@ def _flavors(workload: Mapping[str, Any]) -> list[str]:
 
 
 def state(workload: Mapping[str, Any]) -> str:
-    """Pending, QuotaReserved, Admitted, Evicted (and not readmitted yet) or Finished."""
+    """Pending, QuotaReserved, Admitted, Evicted (and not readmitted yet) or Finished.
+
+    Evicted comes before the reservation: Kueue marks a preempted Workload Evicted while QuotaReserved and Admitted
+    stay True until its suspended Job's pods are gone, and resets Evicted when it admits the Workload again."""
     if true_condition(workload, "Finished"):
         return "Finished"
+    if true_condition(workload, "Evicted"):
+        return "Evicted"
     if true_condition(workload, "Admitted"):
         return "Admitted"
-    if true_condition(workload, "QuotaReserved"):
-        return "QuotaReserved"
-    return "Evicted" if true_condition(workload, "Evicted") else "Pending"
+    return "QuotaReserved" if true_condition(workload, "QuotaReserved") else "Pending"
 
 
 def queue_status(workload: Mapping[str, Any], old: QueueStatus | None) -> QueueStatus:
