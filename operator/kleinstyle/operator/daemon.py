@@ -62,7 +62,8 @@ async def reconcile_once(body: Any, memo: Any, logger: Any, indexes: Mapping[str
         jobs = {c["metadata"]["name"]: c for c in observed.children if c["kind"] == "Job"}
         after = {**before, **decision.status}
         now = datetime.now(UTC)
-        metrics.record(usage.Change.of(kind, meta["namespace"], meta["name"], before, after, jobs, now))
+        change = usage.Change.of(kind, meta["namespace"], meta["name"], before, after, jobs, now, observed.pods)
+        metrics.record(change)
         memo.wakers.succeeded(meta["uid"])
         return None
     except ApiException as exc:

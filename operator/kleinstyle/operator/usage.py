@@ -2,12 +2,13 @@
 and after it (and the owner's Jobs), so each fact is counted once, on the transition that makes it true.
 
 A resource's GPU time is counted per stretch a pod ran: from the Job's `startTime` to its completion, or to the
-moment Kueue evicted it (the Job's `startTime` restarts when it is readmitted), or to now when the run is replaced.
+moment Kueue evicted it (the Job's `startTime` restarts when it is readmitted), or to now when the run is replaced;
+a pod that died before (killed, its node lost) counts until it ended, never through the wait for its replacement.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -34,6 +35,7 @@ class Change:
     after: CommonStatus  # status after it
     jobs: Mapping[str, Mapping[str, Any]]  # the owner's Jobs, by name
     now: datetime
+    pods: Sequence[Mapping[str, Any]] = ()  # the current run's pods, as the reconcile saw them: when each ended
 
     @classmethod
     def of(
@@ -45,10 +47,11 @@ class Change:
         after: Mapping[str, Any],
         jobs: Mapping[str, Mapping[str, Any]],
         now: datetime,
+        pods: Sequence[Mapping[str, Any]] = (),
     ) -> Change:
         """The change between two statuses as the API holds them, read with the kind's status model."""
         model = BY_KIND[kind].status
-        return cls(kind, namespace, name, model.read(before), model.read(after), jobs, now)
+        return cls(kind, namespace, name, model.read(before), model.read(after), jobs, now, pods)
 
     @property
     def same_run(self) -> bool:
@@ -119,9 +122,27 @@ def gpu_seconds(change: Change) -> tuple[float, str] | None:
         end = parse_time(after.completion_time) or end
     elif ready_reason(after) in QUEUE_REASONS:
         end = _evicted_at(after) or end
+    # The pod that started the stretch may have ended before it was seen to (killed, failed, its node lost): it held
+    # its GPUs until it ended, not while its Job waited to replace it; where nobody reported its end (a lost node),
+    # the next pod's start bounds it, so that no second is counted twice.
+    if (ended := pod_finished(change.pods, start)) is not None:
+        end = min(end, ended)
+    if change.same_run and after.start_time != start and (following := parse_time(after.start_time)) is not None:
+        end = min(end, max(following, parse_time(start) or following))
     gpus, pool = gpus_of(change.job(status))
     seconds = _seconds(start, end)
     return (gpus * seconds, pool) if gpus and seconds is not None else None
+
+
+def pod_finished(pods: Sequence[Mapping[str, Any]], started: str | None) -> datetime | None:
+    """When the container that started running at `started` ended, where its pod reports that it did."""
+    begun = parse_time(started)
+    for pod in pods:
+        for container in (pod.get("status") or {}).get("containerStatuses") or []:
+            ended = (container.get("state") or {}).get("terminated") or {}
+            if begun is not None and parse_time(ended.get("startedAt")) == begun:
+                return parse_time(ended.get("finishedAt"))
+    return None
 
 
 def queue_wait(change: Change) -> float | None:
