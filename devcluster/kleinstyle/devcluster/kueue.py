@@ -4,6 +4,10 @@ Real Kueue decides when quota allows; here the test (or the demo) decides, and `
 API as Kueue does: a Workload per queued Job (labelled with the Job's uid, owned by the Job, waiting with Kueue's
 message), admission (QuotaReserved and Admitted, the ClusterQueue and flavor, the Job unsuspended), and eviction
 (Evicted with its reason, Preempted with by whom, the Job suspended again, so its pod gets SIGTERM).
+
+The conditions, their reasons and messages and the order of the moves are those real Kueue v0.17 writes
+(tests/cluster/test_kueue_real.py runs it, kueue_real.py): an eviction is marked while the quota is still held,
+and released (QuotaReserved False with the eviction's message, Admitted False, Requeued) once the Job is suspended.
 """
 
 from __future__ import annotations
@@ -16,7 +20,14 @@ from .client import KubeClient
 from .executor import now_rfc3339
 
 VERSION = VERSIONS[0]
-NO_QUOTA = "couldn't assign flavors to pod set main: insufficient unused quota for nvidia.com/gpu in flavor h200"
+NO_QUOTA = (
+    "couldn't assign flavors to pod set main: insufficient unused quota for nvidia.com/gpu in flavor h200, "
+    "1 more needed"
+)
+PREEMPTED = (
+    "Preempted to accommodate a workload (UID: 0f2e, JobUID: 9a7c) due to prioritization in the ClusterQueue; "
+    "preemptor path: /gpus/h200-cq; preemptee path: /gpus/h200-cq"
+)
 
 WORKLOAD_CRD: dict[str, Any] = {
     "apiVersion": "apiextensions.k8s.io/v1",
@@ -105,9 +116,9 @@ class FakeKueue:
             _condition("QuotaReserved", "True", "QuotaReserved", f"Quota reserved in ClusterQueue {cluster_queue}"),
             _condition("Admitted", "True", "Admitted", "The workload is admitted"),
             *[
-                _condition(type_, "False", "QuotaReserved", "Previously: evicted")
-                for type_ in ("Evicted", "Preempted")
-                if any(c["type"] == type_ for c in (workload.get("status") or {}).get("conditions") or [])
+                _condition(c["type"], "False", "QuotaReserved", f"Previously: {c.get('message', '')}")
+                for c in (workload.get("status") or {}).get("conditions") or []
+                if c["type"] in ("Evicted", "Preempted") and c["status"] == "True"
             ],
         )
         admission = {
@@ -123,21 +134,26 @@ class FakeKueue:
         job_name: str,
         reason: str = "Preempted",
         preempted_by: str = "InClusterQueue",
-        message: str = "Preempted to accommodate a workload (UID: 0f2e) due to prioritization in the ClusterQueue",
+        message: str = PREEMPTED,
     ) -> dict[str, Any]:
+        """Kueue's two moves: the Workload marked Evicted (and Preempted) while it still holds its quota, the Job
+        suspended; then the quota released and the Workload requeued."""
         workload = await self.workload_of(job_name)
         assert workload is not None, f"Job {job_name} has no Workload"
-        changed = [
-            _condition("Evicted", "True", reason, message),
-            _condition("QuotaReserved", "False", "Pending", "evicted; waiting for quota again"),
-            _condition("Admitted", "False", "NoReservation", "The workload has no reservation"),
-        ]
+        name = workload["metadata"]["name"]
+        marked = [_condition("Evicted", "True", reason, message)]
         if reason == "Preempted":
-            changed.append(_condition("Preempted", "True", preempted_by, message))
-        conditions = _with((workload.get("status") or {}).get("conditions") or [], *changed)
-        evicted = await self._status(workload["metadata"]["name"], {"conditions": conditions, "admission": None})
+            marked.append(_condition("Preempted", "True", preempted_by, message))
+        conditions = _with((workload.get("status") or {}).get("conditions") or [], *marked)
+        evicting = await self._status(name, {"conditions": conditions})
         await self.client.patch("jobs", self.namespace, job_name, {"spec": {"suspend": True}})
-        return evicted
+        released = _with(
+            (evicting.get("status") or {}).get("conditions") or [],
+            _condition("QuotaReserved", "False", "Pending", message),
+            _condition("Admitted", "False", "NoReservation", "The workload has no reservation"),
+            _condition("Requeued", "True", reason, message),
+        )
+        return await self._status(name, {"conditions": released, "admission": None})
 
     async def _status(self, name: str, status: dict[str, Any]) -> dict[str, Any]:
         return await self.client.patch("workloads", self.namespace, name, {"status": status}, subresource="status")
