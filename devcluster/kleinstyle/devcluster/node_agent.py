@@ -31,12 +31,13 @@ import os
 import platform
 import re
 import shutil
+import signal
 import ssl
 import subprocess
 import tempfile
 import threading
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -72,6 +73,10 @@ MERGE = "application/merge-patch+json"
 POD_IP = "127.0.0.1"
 TOKEN_REFRESH = 0.8  # a projected token is rewritten once this share of its lifetime has passed, as the kubelet does
 SHUTDOWN_REASON = "Pod was terminated in response to imminent node shutdown."
+# How long the agent keeps sending a pod's status, a read or a token request to an API server that is away
+# (restarting, its etcd stalled): a kubelet's status manager keeps trying, and a pod must not die of it.
+API_PATIENCE_S = 120.0
+TRANSIENT_CODES = frozenset({429, 500, 502, 503, 504})
 # A namespace, pod or container name as the API validated it: nothing in it can leave the agent's logs folder.
 OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
 # Log options the API server may pass on that the agent's plain log files cannot honour (no per-line times), nor
@@ -257,6 +262,24 @@ class _Api:
                         yield json.loads(line)
 
 
+async def until_answered(call: Callable[[], Awaitable[Any]], patience: float = API_PATIENCE_S) -> Any:
+    """`call()`'s answer, asked again every second while the API server is away (no connection, a timeout, 429 or a
+    5xx) for up to `patience` seconds, as a kubelet keeps trying; then the last failure is raised. Any other refusal
+    is raised at once."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + patience
+    while True:
+        try:
+            return await call()
+        except ApiError as exc:
+            if exc.code not in TRANSIENT_CODES or loop.time() >= deadline:
+                raise
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            if loop.time() >= deadline:
+                raise
+        await asyncio.sleep(1.0)
+
+
 def _pod_path(pod: Mapping[str, Any], subresource: str = "") -> str:
     meta = pod["metadata"]
     path = f"/api/v1/namespaces/{quote(meta['namespace'])}/pods/{quote(meta['name'])}"
@@ -311,6 +334,7 @@ class _PodRun:
         self.pod = pod
         self.stop: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         self.shutdown = False  # stopped because the agent stops (a node shutdown), not because the pod was deleted
+        self.pid: int | None = None  # the running container's process (its process group's leader)
         self.task = asyncio.create_task(self._run(), name=f"node-agent pod {pod['metadata']['name']}")
 
     @property
@@ -323,10 +347,15 @@ class _PodRun:
             self.stop.set_result(grace)
 
     async def _status(self, status: dict[str, Any]) -> None:
-        with contextlib.suppress(ApiError):  # a pod deleted meanwhile needs no status
-            await self.kubelet.api.request(
-                "PATCH", _pod_path(self.pod, "status"), {"status": status}, content_type=STRATEGIC
-            )
+        """Report `status`, waiting out an API server that is away; a pod deleted meanwhile needs no status, and one
+        the server stays away from past the agent's patience is reported no more (its next change is)."""
+        api, path = self.kubelet.api, _pod_path(self.pod, "status")
+        try:
+            await until_answered(lambda: api.request("PATCH", path, {"status": status}, content_type=STRATEGIC))
+        except ApiError:
+            pass
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            logger.warning("node agent: the status of pod %s went unreported: %s", path, exc)
 
     async def _run(self) -> None:
         agent, container = self.kubelet.agent, self.container
@@ -402,6 +431,7 @@ class _PodRun:
         while True:
 
             async def running(pid: int, started: str, restarts: int = restarts, last_state: Any = last_state) -> None:
+                self.pid = pid
                 state = {"running": {"startedAt": started}}
                 await self._status(
                     {
@@ -418,6 +448,7 @@ class _PodRun:
             exited = await run_process(
                 prepared, log_path, running, kill_grace=agent.shutdown_grace, stop=self.stop, wrapper=wrapper
             )
+            self.pid = None
             again = policy == "Always" or (policy == "OnFailure" and exited.exit_code != 0)
             if self.stop.done() or not again:
                 await self._finish(exited.terminated(), restarts=restarts, last_state=last_state)
@@ -477,6 +508,27 @@ class _Kubelet:
         self.deleted: set[str] = set()  # pods already deleted with grace 0, waiting for their finalizers
         self.tokens: dict[Path, _Token] = {}
         self.tasks: list[asyncio.Task[None]] = []
+        self.lost = False  # powered off: no Lease, no status, its pods' processes gone (NodeAgent.lose_node)
+
+    async def power_off(self) -> int:
+        """What a node that loses power does: its pods' processes die at once (SIGKILL, nothing reported) and its
+        Lease and heartbeats stop. The Node and its pods stay in the API as they were, for the control plane to
+        find out. Returns how many pods' processes were killed."""
+        self.lost = True
+        for task in self.tasks:
+            task.cancel()
+        killed = 0
+        for run in self.runs.values():
+            if run.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(run.pid, signal.SIGKILL)
+                    killed += 1
+            run.task.cancel()  # before its process's end is seen: a dead node reports nothing
+        await asyncio.gather(*self.tasks, *(run.task for run in self.runs.values()), return_exceptions=True)
+        self.tasks.clear()
+        self.runs.clear()
+        self.tokens.clear()
+        return killed
 
     # -- the Node and its Lease
 
@@ -591,7 +643,8 @@ class _Kubelet:
         """A ConfigMap or Secret a pod uses. The Node authorizer lets a node read only those of its pods, and learns
         of a new pod a moment after it is bound: a refusal is a reason to wait, as a missing object is."""
         try:
-            found: dict[str, Any] = await self.api.request("GET", f"/api/v1/namespaces/{namespace}/{plural}/{name}")
+            path = f"/api/v1/namespaces/{namespace}/{plural}/{name}"
+            found: dict[str, Any] = await until_answered(lambda: self.api.request("GET", path))
             return found
         except ApiError as exc:
             if exc.code == 404:
@@ -614,7 +667,7 @@ class _Kubelet:
         request = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}
         path = f"/api/v1/namespaces/{meta['namespace']}/serviceaccounts/{account}/token"
         try:
-            issued = await self.api.request("POST", path, request)
+            issued = await until_answered(lambda: self.api.request("POST", path, request))
         except ApiError as exc:
             if exc.code in (403, 404):  # the authorizer has not seen the pod yet, or the account is not there
                 raise PodSetupError("ContainerCreating", f"failed to fetch token: {exc.message}") from exc
@@ -692,8 +745,13 @@ class _Kubelet:
         """The kubelet's last word on a pod: its containers are gone, so the pod object may go at once."""
         options = {"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 0}
         options["preconditions"] = {"uid": pod["metadata"]["uid"]}
-        with contextlib.suppress(ApiError):  # already gone
-            await self.api.request("DELETE", _pod_path(pod), options)
+        try:
+            await until_answered(lambda: self.api.request("DELETE", _pod_path(pod), options))
+        except ApiError:
+            pass  # already gone
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:  # the next list sees it again
+            logger.warning("node agent: pod %s not deleted: %s", _pod_path(pod), exc)
+            self.deleted.discard(pod["metadata"]["uid"])
 
     async def gone(self, pod: dict[str, Any]) -> None:
         """The pod object is gone: its process (if any still runs) is killed and its rootfs removed."""
@@ -855,12 +913,49 @@ class NodeAgent:
 
     def pod_run(self, namespace: str, name: str) -> _PodRun | None:
         """The run of pod `namespace/name` on one of the agent's nodes, while the pod object is there."""
-        for kubelet in self._kubelets:
-            for run in kubelet.runs.values():
+        for kubelet in list(self._kubelets):
+            for run in list(kubelet.runs.values()):  # one step under the GIL: safe from another thread
                 meta = run.pod["metadata"]
                 if (meta["namespace"], meta["name"]) == (namespace, name):
                     return run
         return None
+
+    # -- faults (from any thread while the agent runs in its own, or from its event loop)
+
+    def kill_pod(self, namespace: str, name: str, sig: int = signal.SIGKILL) -> bool:
+        """Send `sig` to the process group of pod `namespace/name`'s running container (SIGKILL: what the OOM killer
+        or a crashed runtime does to it); the agent then reports its exit as for any other. False when it runs no
+        process now."""
+        run = self.pod_run(namespace, name)
+        pid = run.pid if run is not None else None
+        if pid is None:
+            return False
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def pod_pid(self, namespace: str, name: str) -> int | None:
+        """The process id of pod `namespace/name`'s running container, None while none runs."""
+        run = self.pod_run(namespace, name)
+        return run.pid if run is not None else None
+
+    def lose_node(self, name: str) -> int:
+        """Power node `name` off (`_Kubelet.power_off`): its pods' processes are killed, its Lease stops; the Node
+        stays registered, so the node-lifecycle controller finds it NotReady and evicts its pods. Returns the number
+        of processes killed. From another thread while the agent runs in its own, or from its loop via
+        `alose_node`."""
+        if self._loop is None or self._thread is None:
+            raise RuntimeError("lose_node from another thread needs the agent run with `with`")
+        future = asyncio.run_coroutine_threadsafe(self.alose_node(name), self._loop)
+        return future.result(timeout=60)
+
+    async def alose_node(self, name: str) -> int:
+        for kubelet in self._kubelets:
+            if kubelet.spec.name == name:
+                return await kubelet.power_off()
+        raise KeyError(f"the agent runs no node {name}")
 
     @property
     def read_only_enforced(self) -> bool:
