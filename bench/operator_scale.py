@@ -72,7 +72,7 @@ import aiohttp
 import yaml
 from kleinstyle.contract.reports import AcceptedImage, PrepareReport, PrepareResult
 from kleinstyle.devcluster import ApiError, DevCluster, KindRegistry, KubeClient, admission, kinds_from_crd
-from kleinstyle.devcluster.controlplane import KUBE_VERSION, RealCluster
+from kleinstyle.devcluster.controlplane import KUBE_VERSION, RealCluster, token_kubeconfig
 from kleinstyle.devcluster.node_agent import ARCH, LEASE_NAMESPACE
 from kleinstyle.devcluster.patching import STRATEGIC_MERGE_PATCH
 from kleinstyle.devcluster.pod_setup import container_status
@@ -92,13 +92,15 @@ CHART = Path(__file__).resolve().parents[1] / "charts" / "kleinstyle"
 RELEASE, RELEASE_NAMESPACE = "kleinstyle", "kleinstyle-system"
 OPERATOR_USER = f"system:serviceaccount:{RELEASE_NAMESPACE}:{RELEASE}"
 # What of the chart the operator's identity needs; its Deployment is this harness's process instead.
-CHART_KINDS = {
-    "ServiceAccount",
-    "ClusterRole",
-    "ClusterRoleBinding",
-    "ValidatingAdmissionPolicy",
-    "ValidatingAdmissionPolicyBinding",
-}
+CHART_KINDS = frozenset(
+    {
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    }
+)
 FLOW_SCHEMA = "kleinstyle-bench-operator"
 NODE = "kleinstyle-bench"
 LEASE_SECONDS = 40
@@ -242,14 +244,17 @@ def prepared(run_hash: str) -> dict[str, Any]:
     return {"status": {"progress": PrepareReport(run_hash=run_hash, state="Succeeded", result=result).model_dump()}}
 
 
-def start_operator(kubeconfig: Path, folder: Path) -> subprocess.Popen[bytes]:
-    config = folder / "operator.yaml"
-    config.write_text(yaml.safe_dump({"metricsPort": 0, "defaultBackend": "builtin"}))
+def start_operator(kubeconfig: Path, folder: Path, config: dict[str, Any] | None = None) -> subprocess.Popen[bytes]:
+    """`kleinstyle operator` as a process of its own, with `config` (default: no metrics port, the builtin backend)
+    and `kubeconfig` as its only credential; its log is folder/operator.log (appended to: a restarted operator's
+    follows the killed one's)."""
+    settings = folder / "operator.yaml"
+    settings.write_text(yaml.safe_dump(config or {"metricsPort": 0, "defaultBackend": "builtin"}))
     env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}  # never in-cluster config
     env["KUBECONFIG"] = str(kubeconfig)
-    command = [sys.executable, "-m", "kleinstyle.cli.main", "operator", "--config", str(config)]
+    command = [sys.executable, "-m", "kleinstyle.cli.main", "operator", "--config", str(settings)]
     command += ["--liveness", "http://127.0.0.1:0/healthz"]
-    log = (folder / "operator.log").open("wb")
+    log = (folder / "operator.log").open("ab")
     return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=folder)
 
 
@@ -445,14 +450,20 @@ def apply(cluster: RealCluster, docs: Sequence[dict[str, Any]]) -> None:
     cluster.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(docs))
 
 
-def chart_objects(cluster: RealCluster, folder: Path) -> list[dict[str, Any]]:
-    """The chart's ServiceAccount, ClusterRoles, ClusterRoleBinding and admission policy, as `helm template` renders
-    them with the default values."""
+def chart_objects(
+    cluster: RealCluster, folder: Path, values: dict[str, Any] | None = None, kinds: frozenset[str] = CHART_KINDS
+) -> list[dict[str, Any]]:
+    """The chart's objects of `kinds` (default: its ServiceAccount, ClusterRoles, ClusterRoleBinding and admission
+    policy), as `helm template` renders them with `values` (default: the chart's own)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HELM_", "KUBE"))}
     env |= {f"HELM_{name}_HOME": str(folder / "helm" / name.lower()) for name in ("CACHE", "CONFIG", "DATA")}
     command = [str(cluster.bin_dir / "helm"), "template", RELEASE, str(CHART), "--namespace", RELEASE_NAMESPACE]
+    if values is not None:
+        values_file = folder / "values.yaml"
+        values_file.write_text(yaml.safe_dump(values), encoding="utf-8")
+        command += ["-f", str(values_file)]
     rendered = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
-    return [doc for doc in yaml.safe_load_all(rendered) if doc and doc.get("kind") in CHART_KINDS]
+    return [doc for doc in yaml.safe_load_all(rendered) if doc and doc.get("kind") in kinds]
 
 
 def flow_schema() -> dict[str, Any]:
@@ -597,21 +608,17 @@ async def set_up(cluster: RealCluster, client: KubeClient, folder: Path, namespa
         return not (found.get("spec") or {}).get("taints", [])
 
     await wait_for(f"node {NODE} is still tainted", schedulable)
+    return await operator_kubeconfig(client, cluster.server, cluster.ca_file, folder)
+
+
+async def operator_kubeconfig(client: KubeClient, server: str, ca_file: Path, folder: Path) -> Path:
+    """folder/operator.kubeconfig: `server` (the API server, or a proxy in front of it) with a TokenRequest token of
+    the chart's ServiceAccount, the operator's only credential."""
     request = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": 7200}}
     path = f"/api/v1/namespaces/{RELEASE_NAMESPACE}/serviceaccounts/{RELEASE}/token"
     token = (await client.request("POST", path, body=request))["status"]["token"]
     kubeconfig = folder / "operator.kubeconfig"
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [
-            {"name": "real", "cluster": {"server": cluster.server, "certificate-authority": str(cluster.ca_file)}}
-        ],
-        "users": [{"name": RELEASE, "user": {"token": token}}],
-        "contexts": [{"name": "real", "context": {"cluster": "real", "user": RELEASE}}],
-        "current-context": "real",
-    }
-    kubeconfig.write_text(yaml.safe_dump(config), encoding="utf-8")
+    kubeconfig.write_text(token_kubeconfig(server, ca_file, token, RELEASE), encoding="utf-8")
     kubeconfig.chmod(0o600)
     return kubeconfig
 
