@@ -49,9 +49,11 @@ from .conftest import CHART, CRDS, REPO, started_cluster
 from .rbac import OperatorProcess, ensure_namespace, install_chart, service_account, wait_for
 
 NS = "team-a"
+OTHER_NS = "team-b"  # a namespace with a LocalQueue named `default`: Kueue's own default queue
 TEAM_QUEUE, DEFAULT_QUEUE = "team-a-gpu", "gpu"
 TEAM_CQ, SPARE_CQ = "team-a", "spare"
-LORAS = "/apis/kleinstyle.dev/v1alpha1/namespaces/" + NS + "/styleloras"
+KLEINSTYLE = "/apis/kleinstyle.dev/v1alpha1/namespaces"
+LORAS = f"{KLEINSTYLE}/{NS}/styleloras"
 NO_QUOTA = f"insufficient unused quota for {GPU} in flavor {FLAVOR}"
 RUN_TIMEOUT = 120.0  # a pod's start and a hundred steps of the tiny klein on a shared 2-core machine
 
@@ -98,14 +100,19 @@ def ready_reason(obj: dict[str, Any]) -> str | None:
 
 
 def lora_when(cluster: RealCluster, name: str, what: str, check: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-    """The StyleLoRA `name` once `check` holds for it (its status for the current generation)."""
+    """The StyleLoRA `name` once `check` holds for it."""
+    return when(cluster, f"{LORAS}/{name}", what, check)
+
+
+def when(cluster: RealCluster, path: str, what: str, check: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    """The object at `path` once `check` holds for it (its status for the current generation)."""
 
     def probe() -> dict[str, Any] | None:
-        obj = get(cluster, f"{LORAS}/{name}")
+        obj = get(cluster, path)
         current = (obj.get("status") or {}).get("observedGeneration") == obj["metadata"].get("generation")
         return obj if current and check(obj) else None
 
-    found: dict[str, Any] = wait_for(f"StyleLoRA {name} {what}", probe, timeout=RUN_TIMEOUT, interval=0.2)
+    found: dict[str, Any] = wait_for(f"{path} {what}", probe, timeout=RUN_TIMEOUT, interval=0.2)
     return found
 
 
@@ -124,13 +131,15 @@ def reason_is(reason: str) -> Callable[[dict[str, Any]], bool]:
 
 
 def job(cluster: RealCluster, obj: dict[str, Any]) -> dict[str, Any]:
-    return get(cluster, f"/apis/batch/v1/namespaces/{NS}/jobs/{obj['status']['jobName']}")
+    namespace = obj["metadata"]["namespace"]
+    return get(cluster, f"/apis/batch/v1/namespaces/{namespace}/jobs/{obj['status']['jobName']}")
 
 
 def workload(cluster: RealCluster, job_: dict[str, Any]) -> dict[str, Any]:
     """Kueue's Workload of a Job, found as the operator finds it: by the Job's uid label."""
     selector = f"{JOB_UID_LABEL}={job_['metadata']['uid']}"
-    found = get(cluster, f"{API}/namespaces/{NS}/workloads?labelSelector={selector}")["items"]
+    namespace = job_["metadata"]["namespace"]
+    found = get(cluster, f"{API}/namespaces/{namespace}/workloads?labelSelector={selector}")["items"]
     assert len(found) == 1, f"Job {job_['metadata']['name']}: Workloads {[w['metadata']['name'] for w in found]}"
     return dict(found[0])
 
@@ -200,11 +209,13 @@ def world(cluster: RealCluster, tmp_path_factory: pytest.TempPathFactory) -> Ite
         volumes = pool.submit(real_e2e.lay_out_volumes, root)  # the tiny klein takes seconds: meanwhile, Kueue
         with RealKueue(cluster) as kueue:
             ensure_namespace(cluster, NS)
+            ensure_namespace(cluster, OTHER_NS)
             set_up_queues(
                 cluster,
                 [
                     TeamQueue(TEAM_CQ, gpus=1, local_queues=((NS, TEAM_QUEUE),), borrowing_limit=1),
                     TeamQueue(SPARE_CQ, gpus=1, local_queues=((NS, DEFAULT_QUEUE),), borrowing_limit=0),
+                    TeamQueue(OTHER_NS, gpus=0, local_queues=((OTHER_NS, "default"),), borrowing_limit=0),
                 ],
             )
             real_e2e.bind_claims(cluster, NS, root)
@@ -212,7 +223,7 @@ def world(cluster: RealCluster, tmp_path_factory: pytest.TempPathFactory) -> Ite
             with NodeAgent(cluster, root) as agent:
                 operator = start_operator(cluster, root, tmp_path_factory.mktemp("operator"))
                 try:
-                    create(cluster, f"/apis/kleinstyle.dev/v1alpha1/namespaces/{NS}/styleboards", BOARD)
+                    create(cluster, f"{KLEINSTYLE}/{NS}/styleboards", BOARD)
                     yield World(cluster, kueue, agent, operator)
                 finally:
                     operator.stop()
@@ -414,3 +425,39 @@ def test_kueue_runs_as_its_own_service_account_and_the_operator_needs_no_more_th
     assert world.kueue.user in watchers
     assert "forbidden" not in world.kueue.log.read_text(encoding="utf-8", errors="replace")
     assert not world.operator.refusals()
+
+
+@pytest.fixture(scope="module")
+def defaulted(world: World) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """A StyleBoard in the namespace whose LocalQueue is named `default`, once its prepare Job waits: the board, the
+    Job, its Workload."""
+
+    def stage() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        cluster = world.cluster
+        create(cluster, f"{KLEINSTYLE}/{OTHER_NS}/styleboards", BOARD)
+        path = f"{KLEINSTYLE}/{OTHER_NS}/styleboards/{BOARD['metadata']['name']}"
+        board = when(cluster, path, "queued by Kueue", reason_is("Queued"))
+        board_job = job(cluster, board)
+        board_workload = wait_for("its Workload", lambda: workload(cluster, board_job), RUN_TIMEOUT)
+        board = when(cluster, path, "showing its Workload", lambda o: bool(o["status"].get("queue")))
+        return board, board_job, board_workload
+
+    result: tuple[dict[str, Any], dict[str, Any], dict[str, Any]] = in_context(world, stage)
+    return result
+
+
+def test_kueues_own_default_local_queue_takes_the_operators_cpu_jobs_too(
+    defaulted: tuple[dict[str, Any], dict[str, Any], dict[str, Any]],
+) -> None:
+    """The chart's README: Kueue's own default LocalQueue (a LocalQueue named `default`) works as is; Kueue labels and
+    suspends the Jobs that name no queue, and the operator reads the queue from the Job. It does so for every Job,
+    the operator's CPU Jobs too (a board's prepare, which the operator never queues): they wait in that queue,
+    and the board's status says why in Kueue's words, here a flavor of the GPU pool whose taint they do not
+    tolerate."""
+    board, board_job, board_workload = defaulted
+    assert board_job["metadata"]["labels"][QUEUE_LABEL] == "default" and board_job["spec"]["suspend"] is True
+    kueue_says = condition(board_workload, "QuotaReserved")["message"]
+    assert "untolerated taint" in kueue_says, kueue_says
+    status = board["status"]
+    assert (status["phase"], status["queue"]["localQueue"]) == ("Pending", "default")
+    assert "queued in default" in status["message"] and kueue_says in status["message"]
