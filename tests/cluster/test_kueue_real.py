@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from kleinstyle.contract.pod import STOP_ANNOTATION
 from kleinstyle.devcluster import real_e2e
 from kleinstyle.devcluster.controlplane import RealCluster
@@ -461,3 +462,25 @@ def test_kueues_own_default_local_queue_takes_the_operators_cpu_jobs_too(
     status = board["status"]
     assert (status["phase"], status["queue"]["localQueue"]) == ("Pending", "default")
     assert "queued in default" in status["message"] and kueue_says in status["message"]
+
+
+def test_the_charts_kueue_example_is_accepted_by_kueue(world: World) -> None:
+    """The queues charts/kleinstyle/README.md shows a platform team (its ```yaml block under Kueue), created as a
+    server-side dry run (each name prefixed, not to meet this world's own `h200` and `gpu`): the API server's
+    schemas and Kueue's own webhooks accept every object."""
+    readme = (CHART / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Kueue", 1)[1].split("\n## ", 1)[0]
+    docs = [doc for doc in yaml.safe_load_all(section.split("```yaml\n", 1)[1].split("```", 1)[0]) if doc]
+    assert [doc["kind"] for doc in docs] == ["ResourceFlavor", "ClusterQueue", "LocalQueue"]
+    for doc in docs:
+        doc["metadata"]["name"] = "readme-" + doc["metadata"]["name"]
+        spec = doc["spec"]
+        for group in spec.get("resourceGroups") or []:
+            for flavor in group["flavors"]:
+                flavor["name"] = "readme-" + flavor["name"]
+        if "clusterQueue" in spec:
+            spec["clusterQueue"] = "readme-" + spec["clusterQueue"]
+    created = world.cluster.kubectl(
+        "create", "--dry-run=server", "-f", "-", input=yaml.safe_dump_all(docs), check=False
+    )
+    assert created.returncode == 0, created.stderr
