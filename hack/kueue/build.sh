@@ -66,7 +66,11 @@ fi
 
 # The install manifests of the same release, as its own `kustomize build config/default` reads them: RealKueue
 # renders them with the cluster's kubectl and applies what runs outside a pod (CRDs, RBAC, webhook configurations).
-source_dir=$(cd "$HERE" && go list -m -f '{{.Dir}}' "$KUEUE_MODULE")
+source_dir=$(cd "$HERE" && go list -m -f '{{.Dir}}' "$KUEUE_MODULE") # in the module cache: the build fetched it
+if [[ ! -d $source_dir/config/default ]]; then
+	echo "no config/default in $KUEUE_MODULE's source ('$source_dir')" >&2
+	exit 1
+fi
 mkdir "$TMP/config"
 cp -R "$source_dir/config/default" "$source_dir/config/components" "$TMP/config/"
 chmod -R u+w,a+rX "$TMP/config" # the module cache is read-only; the cache folder must stay removable
