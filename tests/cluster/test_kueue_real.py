@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import yaml
@@ -56,6 +56,7 @@ TEAM_CQ, SPARE_CQ = "team-a", "spare"
 KLEINSTYLE = "/apis/kleinstyle.dev/v1alpha1/namespaces"
 LORAS = f"{KLEINSTYLE}/{NS}/styleloras"
 NO_QUOTA = f"insufficient unused quota for {GPU} in flavor {FLAVOR}"
+BOARD_NAME: str = cast(dict[str, Any], BOARD)["metadata"]["name"]
 RUN_TIMEOUT = 120.0  # a pod's start and a hundred steps of the tiny klein on a shared 2-core machine
 
 
@@ -72,7 +73,7 @@ def lora(name: str, *, steps: int, gpus: int, queue: str | None = None, priority
         "kind": "StyleLoRA",
         "metadata": {"name": name},
         "spec": {
-            "boardRef": {"name": BOARD["metadata"]["name"]},
+            "boardRef": {"name": BOARD_NAME},
             "backend": "builtin",
             "training": {"steps": steps, "checkpointEvery": 50},
             "earlyStopping": {"enabled": False},
@@ -298,7 +299,7 @@ def queued(world: World) -> Queued:
         pods = running_pods(cluster, borrower_job["metadata"]["name"])
         create(cluster, LORAS, lora("waiting", steps=100, gpus=1))
         waiting = lora_when(
-            cluster, "waiting", "queued by Kueue", lambda o: (o["status"].get("queue") or {}).get("message")
+            cluster, "waiting", "queued by Kueue", lambda o: bool((o["status"].get("queue") or {}).get("message"))
         )
         waiting_job = job(cluster, waiting)
         first = lora_when(cluster, "borrower", "checkpointed", lambda o: bool(o["status"].get("checkpoints")))
@@ -436,7 +437,7 @@ def defaulted(world: World) -> tuple[dict[str, Any], dict[str, Any], dict[str, A
     def stage() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         cluster = world.cluster
         create(cluster, f"{KLEINSTYLE}/{OTHER_NS}/styleboards", BOARD)
-        path = f"{KLEINSTYLE}/{OTHER_NS}/styleboards/{BOARD['metadata']['name']}"
+        path = f"{KLEINSTYLE}/{OTHER_NS}/styleboards/{BOARD_NAME}"
         board = when(cluster, path, "queued by Kueue", reason_is("Queued"))
         board_job = job(cluster, board)
         board_workload = wait_for("its Workload", lambda: workload(cluster, board_job), RUN_TIMEOUT)
