@@ -28,7 +28,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -306,7 +306,8 @@ class RealKueue:
             return status == 201
         return False
 
-    def _wait_for(self, what: str, ready: Any) -> None:
+    def _wait_for(self, what: str, ready: Callable[[], bool]) -> None:
+        """Poll `ready()`; fail at once, with the log, when the manager exits."""
         deadline = time.monotonic() + self.startup_timeout
         while not ready():
             if self._process is not None and self._process.poll() is not None:
@@ -316,6 +317,7 @@ class RealKueue:
             time.sleep(0.2)
 
     def logs(self, lines: int = LOG_TAIL_LINES) -> str:
+        """The manager's last log lines, for a failure message."""
         try:
             text = self.log.read_text(encoding="utf-8", errors="replace")
         except OSError:
