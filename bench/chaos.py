@@ -17,7 +17,9 @@ nodes. The operator runs as its own process under the chart's ServiceAccount and
   controller marks it NotReady, the taint-eviction controller evicts its pods, and the out-of-service taint (an
   administrator's word that it is down) lets the pod garbage collector remove them; the Jobs make new pods elsewhere;
 - watch-cut: every watch stream through the proxy dropped mid-stream;
-- api-errors: a storm of 429 (with Retry-After), 500, 409 on updates and lost answers to writes, via the proxy.
+- api-errors: a storm of 429 (with Retry-After), 500, 409 on updates and lost answers to writes, via the proxy;
+- quota-cut, where Kueue is built (`make controlplane`): the operator sends GPU Jobs to real Kueue, each tenant a
+  ClusterQueue in one cohort, and one tenant's GPU quota is cut to nothing for a while as its runs queue.
 
 The run ends once every resource is Succeeded or Failed, and reports (`--json`: one object) the faults dealt, every
 resource's final phase, and the invariants, each counted from what the cluster and the node recorded, not from the
@@ -46,7 +48,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime
-import importlib.util
 import itertools
 import json
 import os
@@ -72,6 +73,7 @@ from kleinstyle.devcluster import ApiError, KindRegistry, kinds_from_crd, real_e
 from kleinstyle.devcluster.controlplane import RealCluster, free_port
 from kleinstyle.devcluster.demo import local_artifact
 from kleinstyle.devcluster.fault_proxy import FaultProxy, Rates
+from kleinstyle.devcluster.kueue_real import RealKueue, TeamQueue, find_kueue, set_up_queues
 from kleinstyle.devcluster.node_agent import NodeAgent, NodeSpec, default_nodes
 from kleinstyle.devcluster.prometheus import Prometheus, find_prometheus
 from kleinstyle.devcluster.resources import builtin_kinds
@@ -111,6 +113,8 @@ RESUME_LINE = re.compile(r"resuming from (\S+)/checkpoints/step_\d+ \(step (\d+)
 POD_ROOT = re.compile(r"^.*/pods/[^/]+/[^/]+(?=/)")
 JOB_NAME = re.compile(r"^(?P<owner>.+)-(?P<step>prepare|train|generate|fuse)-(?P<run>[a-z0-9]+)$")
 IMAGES = 5
+LOCAL_QUEUE = "gpu"  # each tenant namespace's LocalQueue, the operator's default queue for GPU Jobs
+GPUS_PER_TENANT = 2  # each tenant's nominal quota: the two GPU nodes' GPUs, shared in one cohort
 TRAINING_STEPS = 90
 PLURAL = {
     "StyleBoard": "styleboards",
@@ -150,6 +154,7 @@ SIZES = {
             "node-loss": 1,
             "watch-cut": 2,
             "api-errors": 1,
+            "quota-cut": 1,
         },
         600.0,
     ),
@@ -167,6 +172,7 @@ SIZES = {
             "node-loss": 1,
             "watch-cut": 6,
             "api-errors": 4,
+            "quota-cut": 2,
         },
         3600.0,
     ),
@@ -279,15 +285,26 @@ class Fault:
     kind: str
 
 
-def schedule(seed: int, size: Size) -> list[Fault]:
+def schedule(seed: int, size: Size, kueue: bool = True) -> list[Fault]:
     """The faults of a run, at times drawn from `seed` within the size's window: the node loss in its first half
-    (its pods must be evicted and replaced while the others still run), everything else anywhere in it."""
+    (its pods must be evicted and replaced while the others still run), everything else anywhere in it; a quota cut
+    only where Kueue runs."""
     rng = random.Random(seed)
     faults = []
     for kind, count in sorted(size.faults.items()):
+        if kind == "quota-cut" and not kueue:
+            continue  # no queues to cut without Kueue
         span = size.window / 2 if kind == "node-loss" else size.window
         faults += [Fault(round(rng.uniform(span * 0.1, span), 1), kind) for _ in range(count)]
     return sorted(faults, key=lambda f: (f.at, f.kind))
+
+
+def tenant_queues(spaces: Sequence[str], gpus: int = GPUS_PER_TENANT) -> list[TeamQueue]:
+    """Each tenant's ClusterQueue (`gpus` of nominal quota, in one cohort with the other's, borrowing what it leaves
+    idle), with a LocalQueue in each of its namespaces."""
+    return [
+        TeamQueue(f"tenant-{t}", gpus, tuple((ns, LOCAL_QUEUE) for ns in spaces if tenant_of(ns) == t)) for t in TENANTS
+    ]
 
 
 # --- the checks: pure functions of what was recorded -----------------------------------------------------------------
@@ -599,9 +616,11 @@ class Harness:
     scrapes: list[dict[str, float]] = field(default_factory=list)
     background: list[asyncio.Task[None]] = field(default_factory=list)
     timed_out: bool = False
+    crashes: list[dict[str, Any]] = field(default_factory=list)  # the operator exiting on its own
     prometheus: Prometheus | None = None  # scraping the operator, where hack/prometheus/fetch.sh has run
     operator_gpu: dict[str, float] = field(default_factory=dict)
     gpu_counted_by: str = ""
+    spaces: Sequence[str] = ()
 
     @property
     def root(self) -> Path:
@@ -681,7 +700,10 @@ class Harness:
             if dealing.done() and (error := dealing.exception()) is not None:
                 raise error
             if self.operator is not None and self.operator.poll() is not None and not _restarting(self):
-                raise RuntimeError(f"the operator exited {self.operator.returncode}: see {self.folder}/operator.log")
+                # Its Deployment's kubelet would start it again; so does the harness, and the crash is a finding.
+                tail = (self.folder / "operator.log").read_text(encoding="utf-8", errors="replace")[-3000:]
+                self.crashes.append({"exit": self.operator.returncode, "log_tail": tail})
+                self.start_operator()
             await asyncio.sleep(POLL_S)
         settled_s = time.monotonic() - self.started
         self.timed_out = time.monotonic() >= deadline
@@ -848,8 +870,23 @@ class Harness:
     async def api_errors(self) -> None:
         seconds = round(self.rng.uniform(10.0, 20.0), 1)
         rates = Rates(throttle=0.1, error=0.05, conflict=0.2, reset=0.1)
+        self.proxy.inject("reset", 2)  # the next two writes are done and their answers lost, whatever the draw
         self.proxy.storm(rates, seconds)
-        self.deal("api-errors", seconds=seconds, rates=rates.__dict__)
+        self.deal("api-errors", seconds=seconds, rates=rates.__dict__, lost_answers=2)
+
+    async def quota_cut(self) -> None:
+        """Cut a tenant's GPU quota to nothing while its runs queue (what it lends to the cohort goes with it), then
+        give it back: admitted runs go on, queued ones wait, and none may be lost."""
+        tenant = self.rng.choice(TENANTS)
+        cut = [q for q in tenant_queues(self.spaces, gpus=0) if q.cluster_queue == f"tenant-{tenant}"]
+        restored = [q for q in tenant_queues(self.spaces) if q.cluster_queue == f"tenant-{tenant}"]
+        seconds = round(self.rng.uniform(15.0, 30.0), 1)
+        await asyncio.to_thread(set_up_queues, self.cluster, cut)
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            await asyncio.to_thread(set_up_queues, self.cluster, restored)
+        self.deal("quota-cut", cluster_queue=f"tenant-{tenant}", seconds=seconds)
 
     async def run_faults(self, faults: Sequence[Fault]) -> None:
         """Deal each fault at its time, while the ones before it may still go on (a pod kill waiting for its moment,
@@ -864,12 +901,13 @@ class Harness:
             "node-loss": self.node_loss,
             "watch-cut": self.watch_cut,
             "api-errors": self.api_errors,
+            "quota-cut": self.quota_cut,
         }
         # One of a kind at a time: two operator kills at once would leave two operators running.
         locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
         async def deal(kind: str) -> None:
-            async with locks["control-plane" if kind in ("apiserver-restart", "etcd-pause") else kind]:
+            async with locks["control-plane" if kind in ("apiserver-restart", "etcd-pause", "quota-cut") else kind]:
                 await actions[kind]()
 
         dealing = []
@@ -921,7 +959,9 @@ async def set_up(
 async def chaos(size: Size, seed: int, folder: Path) -> dict[str, Any]:
     """One run: set up, create, deal the faults, wait until every resource settles, then count."""
     planned = plan(size.resources, size.namespaces)
-    faults = schedule(seed, size)
+    kueue = find_kueue() is not None
+    faults = schedule(seed, size, kueue)
+    spaces = namespaces(size.namespaces)
     began = time.monotonic()
     crds = list(crdgen.build_crds().values())
     kinds = KindRegistry([*builtin_kinds(), *(kind for crd in crds for kind in kinds_from_crd(crd))])
@@ -937,10 +977,15 @@ async def chaos(size: Size, seed: int, folder: Path) -> dict[str, Any]:
         h: Harness | None = None
         try:
             volumes = asyncio.create_task(asyncio.to_thread(real_e2e.lay_out_volumes, root))
-            config = await set_up(cluster, client, root, folder, namespaces(size.namespaces))
+            config = await set_up(cluster, client, root, folder, spaces)
+            if kueue:  # before the operator starts: it asks once whether Kueue is there
+                layers_on.enter_context(RealKueue(cluster))
+                await asyncio.to_thread(set_up_queues, cluster, tenant_queues(spaces))
+                config["defaultQueueName"] = LOCAL_QUEUE
             kubeconfig = await operator_kubeconfig(client, proxy.url, cluster.ca_file, folder)
             await volumes
             h = Harness(size, seed, folder, cluster, agent, proxy, client, kubeconfig, config, random.Random(seed))
+            h.spaces = spaces
             if find_prometheus() is not None:
                 target = [f"127.0.0.1:{config['metricsPort']}"]
                 h.prometheus = layers_on.enter_context(Prometheus(target, scrape_interval=PROMETHEUS_SCRAPE))
@@ -1014,6 +1059,7 @@ def summarise(
     gpu_off = gpu_disagreements(h.operator_gpu, pods_gpu)
     invariants = {
         "settled within the size's timeout": not h.timed_out,
+        "the operator never exited on its own": not h.crashes,
         "every resource where it must end": not outcomes,
         "no duplicate Jobs": not duplicates,
         "no run planned twice": not replanned,
@@ -1030,6 +1076,7 @@ def summarise(
         "planted_bad": sum(item.bad_field is not None for item in planned),
         "faults": dict(sorted(dealt.items())),
         "faults_missed": missed,
+        "operator_crashes": h.crashes,
         "api_faults_dealt": dict(h.proxy.injected),
         "phases": dict(Counter(phase_of(o) or "none" for o in final.values())),
         "final": {key: phase_of(obj) for key, obj in sorted(final.items())},
@@ -1063,12 +1110,10 @@ def summarise(
 
 
 def layers() -> dict[str, str]:
-    """The optional layers a run could add, and why this one ran without them: real Kueue (two tenants' ClusterQueues
-    in a cohort, a quota cut while runs queue) and a real Prometheus scraping the operator."""
-    kueue = "kleinstyle.devcluster.kueue_real"
-    absent = importlib.util.find_spec(kueue) is None
+    """The optional layers, and whether this run had them: real Kueue (each tenant a ClusterQueue in one cohort, a
+    quota cut while runs queue) and a real Prometheus scraping the operator."""
     return {
-        "kueue": f"off: {kueue} is not in this tree" if absent else "off: not wired into the chaos run yet",
+        "kueue": "on" if find_kueue() is not None else "off: `make controlplane` has not built Kueue",
         "prometheus": "on" if find_prometheus() is not None else "off: hack/prometheus/fetch.sh has not run",
     }
 
@@ -1090,9 +1135,11 @@ def main() -> int:
     folder = Path(tempfile.mkdtemp(prefix="kleinstyle-chaos-"))
     try:
         summary = asyncio.run(chaos(size, args.seed, folder))
-    finally:
-        if not args.keep:
-            shutil.rmtree(folder, ignore_errors=True)
+    except BaseException:
+        print(f"chaos: the run broke off; its folder (logs, artifacts) is kept: {folder}", file=sys.stderr)
+        raise
+    if not args.keep and summary["ok"]:
+        shutil.rmtree(folder, ignore_errors=True)  # a failed run's folder stays, to look into
     if args.json:
         print(json.dumps(summary))
     else:

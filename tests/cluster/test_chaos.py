@@ -69,6 +69,8 @@ def test_every_kind_of_fault_was_dealt_and_felt(summary: dict[str, Any]) -> None
         "watch-cut",
         "api-errors",
     }
+    if summary["layers"]["kueue"] == "on":
+        kinds.add("quota-cut")
     assert set(summary["faults"]) == kinds, summary["faults_missed"]
     assert summary["faults"]["operator-kill"] >= 3  # the scheduled ones, and one after everything settled
     assert summary["jobs_deleted_by_hand"] >= 1
