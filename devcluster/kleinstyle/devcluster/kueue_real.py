@@ -164,7 +164,8 @@ OVERLAY_SCRIPT = 'mount -t overlay kueue-etc -o "lowerdir=$1:/etc" /etc || exit 
 class RealKueue:
     """Kueue's manager on `cluster`, started on enter, stopped (its webhooks removed first) on exit.
 
-    `log` is its output; `logs()` its last lines, for a failure message.
+    `log` is its output; `logs()` its last lines, for a failure message. The kernel kills the manager when the thread
+    that started it ends (as RealCluster's components): start it from one that lives as long as it, not a pool's.
     """
 
     def __init__(self, cluster: RealCluster, binary: Path | None = None, *, startup_timeout: float = 90.0) -> None:
