@@ -220,6 +220,8 @@ class RealKueue:
         self._apply(installed, "installed.yaml")
         crds = [f"crd/{obj['metadata']['name']}" for obj in installed if obj["kind"] == "CustomResourceDefinition"]
         self.cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", *crds)
+        # RBAC's cache takes a new binding a moment later: a manager started before would log refusals.
+        self._wait_for("Kueue's ClusterRole bound to its ServiceAccount", self._authorized)
         self._spawn(self._write_files())
         self._wait_for("Kueue's /readyz", self._ready)
         self._apply(self._webhooks, "webhooks.yaml")
@@ -289,6 +291,21 @@ class RealKueue:
                 start_new_session=True,
                 preexec_fn=_die_with_parent,  # the test process's end is the manager's
             )
+
+    def _authorized(self) -> bool:
+        """The API server lets Kueue's ServiceAccount watch Workloads (a SubjectAccessReview, as the admin)."""
+        attributes = {"group": GROUP, "resource": "workloads", "verb": "watch"}
+        review = {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SubjectAccessReview",
+            "spec": {
+                "user": self.user,
+                "groups": [f"system:serviceaccounts:{NAMESPACE}"],
+                "resourceAttributes": attributes,
+            },
+        }
+        status, answer = self.cluster.api("POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", review)
+        return status == 201 and bool(answer["status"].get("allowed"))
 
     def _ready(self) -> bool:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
