@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from . import events, metrics, usage
@@ -77,6 +78,13 @@ async def reconcile_once(body: Any, memo: Any, logger: Any, indexes: Mapping[str
         message = f"the Kubernetes API refused a request: {exc.status} {exc.reason}: {_api_message(exc)}"
         logger.error(message)
         return await report_failure(kube, body, memo.wakers, "ApiError", message)
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        # The API server did not answer (restarting, its connection lost mid-request): no bug of anyone's here; the
+        # next try goes through once it is back.
+        outcome = "error"
+        message = f"could not reach the Kubernetes API: {type(exc).__name__}: {str(exc)[:ERROR_TEXT_LIMIT]}"
+        logger.warning(message)
+        return await report_failure(kube, body, memo.wakers, "ApiUnreachable", message)
     except Exception as exc:
         # A bug, or a configuration the code did not expect: the traceback goes to the log, the gist to the user.
         outcome = "error"
@@ -96,10 +104,11 @@ async def report_failure(kube: Kube, body: Any, wakers: Wakers, reason: str, mes
     phase kept; patched only when that changes) and a Warning Event (one per WARNING_INTERVAL_S); the seconds until
     the next try."""
     uid = body["metadata"]["uid"]
-    with contextlib.suppress(ApiException):  # the API may refuse this too: the log and the Event still say it
+    # The API may refuse this too, or not answer: the log still says it, and the next try reports again.
+    with contextlib.suppress(ApiException, urllib3.exceptions.HTTPError, OSError):
         await patch_status(kube, body, failed_reconcile(body, reason, message, now_rfc3339()).status, wakers)
     if wakers.may_warn(uid, reason, time.monotonic()):
-        with contextlib.suppress(ApiException):  # the log line above says it already
+        with contextlib.suppress(ApiException, urllib3.exceptions.HTTPError, OSError):  # the log line says it
             await events.post(kube, body, "Warning", reason, message)
     return wakers.failed(uid, f"{reason}: {message}")
 
