@@ -105,6 +105,7 @@ GPUS_PER_NODE = "2"  # four GPU pods at once on 2 cores is plenty: the rest wait
 NODE_GRACE_S = 20.0  # a node unheard of this long is NotReady: above an API server restart or an etcd pause
 HEARTBEAT_S = 2.0
 POLL_S = 2.0
+STALL_S = 240.0  # every fault dealt, and no resource's status changed for this long: the run is stuck
 PROMETHEUS_SCRAPE = "1s"
 OUT_OF_SERVICE = {"key": "node.kubernetes.io/out-of-service", "value": "nodeshutdown", "effect": "NoExecute"}
 TERMINAL = ("Succeeded", "Failed")
@@ -504,6 +505,11 @@ def gpu_disagreements(operator: Mapping[str, float], pods: Mapping[str, float]) 
     }
 
 
+def job_of(pod: str) -> str:
+    """The Job a Job's pod belongs to: its name less the random suffix."""
+    return pod.rsplit("-", 1)[0]
+
+
 def epoch(stamp: str | None) -> float | None:
     if not stamp:
         return None
@@ -616,7 +622,9 @@ class Harness:
     scrapes: list[dict[str, float]] = field(default_factory=list)
     background: list[asyncio.Task[None]] = field(default_factory=list)
     timed_out: bool = False
+    stalled: bool = False
     crashes: list[dict[str, Any]] = field(default_factory=list)  # the operator exiting on its own
+    hit_jobs: set[str] = field(default_factory=set)  # namespace/job of every pod a fault killed or Job it deleted
     prometheus: Prometheus | None = None  # scraping the operator, where hack/prometheus/fetch.sh has run
     operator_gpu: dict[str, float] = field(default_factory=dict)
     gpu_counted_by: str = ""
@@ -632,6 +640,11 @@ class Harness:
 
     def deal(self, kind: str, **detail: Any) -> None:
         self.dealt.append({"kind": kind, "at": round(time.monotonic() - self.started, 1), **detail})
+        if "pod" in detail:
+            namespace, _, pod = str(detail["pod"]).partition("/")
+            self.hit_jobs.add(f"{namespace}/{job_of(pod)}")
+        if "job" in detail:
+            self.hit_jobs.add(str(detail["job"]))
 
     def start_operator(self) -> None:
         self.operator = start_operator(self.kubeconfig, self.folder, self.config)
@@ -661,11 +674,16 @@ class Harness:
                 self.scrapes.append(gpu_samples(await response.text()))
 
     def running_pods(self, step: str) -> list[PodRecord]:
-        """Pods of `step` whose process runs on a node still up, by name (a seeded choice among them is stable)."""
+        """Pods of `step` whose process runs on a node still up, by name (a seeded choice among them is stable), of
+        Jobs no fault has hit yet: a Job allows backoffLimit (2) failed pods, and each pod SIGKILLed is one (as an
+        OOM kill is), so killing one Job's pods three times fails its run by design, which proves nothing."""
         found = [
             r
             for r in self.pods.values()
-            if r.step == step and r.node not in self.lost_nodes and self.agent.pod_pid(r.namespace, r.name) is not None
+            if r.step == step
+            and r.node not in self.lost_nodes
+            and f"{r.namespace}/{job_of(r.name)}" not in self.hit_jobs
+            and self.agent.pod_pid(r.namespace, r.name) is not None
         ]
         return sorted(found, key=lambda r: (r.namespace, r.name))
 
@@ -692,10 +710,18 @@ class Harness:
             await self.client.create(PLURAL[doc["kind"]], doc, doc["metadata"]["namespace"])
         dealing = asyncio.create_task(self.run_faults(faults))
         deadline = self.started + self.size.timeout
+        last_change, seen = time.monotonic(), ""
         while time.monotonic() < deadline:
             await self.poll()
             done = len(self.resources) == len(planned) and all(settled(o) for o in self.resources.values())
             if done and dealing.done() and all(t.done() for t in self.background):
+                break
+            messages = sorted((key, (obj.get("status") or {}).get("message")) for key, obj in self.resources.items())
+            now_seen = json.dumps(messages)
+            if now_seen != seen:
+                last_change, seen = time.monotonic(), now_seen
+            elif dealing.done() and time.monotonic() - last_change > STALL_S:
+                self.stalled = True  # every fault dealt and nothing moved since: what is left waits for ever
                 break
             if dealing.done() and (error := dealing.exception()) is not None:
                 raise error
@@ -706,7 +732,7 @@ class Harness:
                 self.start_operator()
             await asyncio.sleep(POLL_S)
         settled_s = time.monotonic() - self.started
-        self.timed_out = time.monotonic() >= deadline
+        self.timed_out = time.monotonic() >= deadline or self.stalled
         dealing.cancel()
         for task in self.background:
             task.cancel()
@@ -808,7 +834,7 @@ class Harness:
 
     async def job_delete(self) -> None:
         pod = await self.target("train") or await self.target("prepare", within=10.0)
-        job = JOB_NAME.match(pod.name.rsplit("-", 1)[0]) if pod is not None else None
+        job = JOB_NAME.match(job_of(pod.name)) if pod is not None else None
         if pod is None or job is None:
             self.deal("job-delete", missed="no Job ran")
             return
@@ -1058,7 +1084,7 @@ def summarise(
     pods_gpu = pod_seconds(h.pods.values())
     gpu_off = gpu_disagreements(h.operator_gpu, pods_gpu)
     invariants = {
-        "settled within the size's timeout": not h.timed_out,
+        "settled within the size's timeout, nothing stuck": not h.timed_out,
         "the operator never exited on its own": not h.crashes,
         "every resource where it must end": not outcomes,
         "no duplicate Jobs": not duplicates,
@@ -1076,6 +1102,7 @@ def summarise(
         "planted_bad": sum(item.bad_field is not None for item in planned),
         "faults": dict(sorted(dealt.items())),
         "faults_missed": missed,
+        "stalled": h.stalled,
         "operator_crashes": h.crashes,
         "api_faults_dealt": dict(h.proxy.injected),
         "phases": dict(Counter(phase_of(o) or "none" for o in final.values())),
