@@ -629,6 +629,7 @@ class Harness:
     operator_gpu: dict[str, float] = field(default_factory=dict)
     gpu_counted_by: str = ""
     spaces: Sequence[str] = ()
+    kueue: bool = False
 
     @property
     def root(self) -> Path:
@@ -982,10 +983,10 @@ async def set_up(
     return config
 
 
-async def chaos(size: Size, seed: int, folder: Path) -> dict[str, Any]:
+async def chaos(size: Size, seed: int, folder: Path, *, with_kueue: bool = True) -> dict[str, Any]:
     """One run: set up, create, deal the faults, wait until every resource settles, then count."""
     planned = plan(size.resources, size.namespaces)
-    kueue = find_kueue() is not None
+    kueue = with_kueue and find_kueue() is not None
     faults = schedule(seed, size, kueue)
     spaces = namespaces(size.namespaces)
     began = time.monotonic()
@@ -1011,7 +1012,7 @@ async def chaos(size: Size, seed: int, folder: Path) -> dict[str, Any]:
             kubeconfig = await operator_kubeconfig(client, proxy.url, cluster.ca_file, folder)
             await volumes
             h = Harness(size, seed, folder, cluster, agent, proxy, client, kubeconfig, config, random.Random(seed))
-            h.spaces = spaces
+            h.spaces, h.kueue = spaces, kueue
             if find_prometheus() is not None:
                 target = [f"127.0.0.1:{config['metricsPort']}"]
                 h.prometheus = layers_on.enter_context(Prometheus(target, scrape_interval=PROMETHEUS_SCRAPE))
@@ -1126,7 +1127,7 @@ def summarise(
         "gpu_seconds_pods": pods_gpu,
         "pods": len(h.pods),
         "dealt": h.dealt,
-        "layers": layers(),
+        "layers": layers(h.kueue),
         "invariants": invariants,
         "ok": all(invariants.values()),
         "set_up_seconds": round(set_up_s, 1),
@@ -1136,11 +1137,11 @@ def summarise(
     }
 
 
-def layers() -> dict[str, str]:
+def layers(kueue: bool) -> dict[str, str]:
     """The optional layers, and whether this run had them: real Kueue (each tenant a ClusterQueue in one cohort, a
     quota cut while runs queue) and a real Prometheus scraping the operator."""
     return {
-        "kueue": "on" if find_kueue() is not None else "off: `make controlplane` has not built Kueue",
+        "kueue": "on" if kueue else "off: not built by `make controlplane`, or --no-kueue",
         "prometheus": "on" if find_prometheus() is not None else "off: hack/prometheus/fetch.sh has not run",
     }
 
@@ -1153,6 +1154,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     parser.add_argument("--keep", action="store_true", help="keep the run's folder (logs, artifacts)")
+    parser.add_argument("--no-kueue", action="store_true", help="leave real Kueue out even where it is built")
     args = parser.parse_args()
     size = SIZES[args.size]
     if args.resources or args.namespaces:
@@ -1161,7 +1163,7 @@ def main() -> int:
         )
     folder = Path(tempfile.mkdtemp(prefix="kleinstyle-chaos-"))
     try:
-        summary = asyncio.run(chaos(size, args.seed, folder))
+        summary = asyncio.run(chaos(size, args.seed, folder, with_kueue=not args.no_kueue))
     except BaseException:
         print(f"chaos: the run broke off; its folder (logs, artifacts) is kept: {folder}", file=sys.stderr)
         raise
