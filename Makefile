@@ -99,6 +99,12 @@ crds-check: $(STAMP)
 clean:
 	rm -rf $(VENV) $(OPERATOR_VENV) .kleinstyle-dev .pytest_cache .ruff_cache
 
+# The fault-injection run on the real control plane at its default size (200 resources; about 18 minutes on 2 cores):
+# bench/chaos.py, README "Chaos". The small size runs in `make test` (tests/cluster/test_chaos.py).
+.PHONY: chaos
+chaos: $(STAMP) controlplane
+	$(BIN)/python bench/chaos.py --json
+
 # A real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, helm) and
 # Kueue, built once per machine from pinned Go modules into ~/.cache/kleinstyle (docs/real-cluster.md), and Debian's
 # Prometheus and promtool unpacked beside them; tests/cluster uses them.
