@@ -25,7 +25,6 @@ credentials pass: a bearer token (a ServiceAccount's), never a client certificat
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import random
 import ssl
@@ -35,11 +34,12 @@ from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
+
+from .threaded import ThreadedService
 
 FAULTS = ("429", "500", "409", "reset")
 WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -130,9 +130,11 @@ def status_body(fault: str, method: str, path: str) -> tuple[int, dict[str, str]
     return code, headers, status
 
 
-class FaultProxy:
+class FaultProxy(ThreadedService):
     """The proxy, on 127.0.0.1 with a free port, serving TLS with a certificate of the cluster's CA. `with` runs it in
     a thread of its own; `url` is where clients go. Thread-safe: a harness steers it from any thread."""
+
+    thread_name = "fault-proxy"
 
     def __init__(self, cluster: Upstream, *, seed: int = 0) -> None:
         self.cluster = cluster
@@ -145,9 +147,7 @@ class FaultProxy:
         self._queued: deque[str] = deque()
         self._lock = threading.Lock()
         self._watches: set[asyncio.Future[None]] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping: asyncio.Event | None = None
+        super().__init__()
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -304,38 +304,6 @@ class FaultProxy:
                 await reply.write(chunk)
         finally:
             self._watches.discard(cut)
-
-    # -- a thread of its own
-
-    def __enter__(self) -> FaultProxy:
-        started: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._thread = threading.Thread(
-            target=asyncio.run, args=(self._serve(started),), name="fault-proxy", daemon=True
-        )
-        self._thread.start()
-        started.result(timeout=30)
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        if self._loop is not None and self._stopping is not None:
-            self._loop.call_soon_threadsafe(self._stopping.set)
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
-
-    async def _serve(self, started: concurrent.futures.Future[None]) -> None:
-        self._loop, self._stopping = asyncio.get_running_loop(), asyncio.Event()
-        try:
-            await self.start()
-        except BaseException as exc:
-            started.set_exception(exc)
-            await self.stop()
-            return
-        started.set_result(None)
-        await self._stopping.wait()
-        await self.stop()
 
 
 def _drop(request: web.Request) -> None:

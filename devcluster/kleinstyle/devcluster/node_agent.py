@@ -21,7 +21,6 @@ containers), no probes (a running container is Ready), of the kubelet's API only
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import datetime
 import json
@@ -35,12 +34,10 @@ import signal
 import ssl
 import subprocess
 import tempfile
-import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Protocol
 from urllib.parse import quote, urlsplit
 
@@ -62,6 +59,7 @@ from .pod_setup import (
     run_process,
 )
 from .store import now_rfc3339
+from .threaded import ThreadedService
 
 logger = logging.getLogger(__name__)
 
@@ -856,7 +854,7 @@ class _KubeletApi:
 # --- the agent --------------------------------------------------------------------------------------------------------
 
 
-class NodeAgent:
+class NodeAgent(ThreadedService):
     """Kubelets for `nodes` (default: the chart's CPU and GPU node), running their pods under `root`.
 
     `async with NodeAgent(...)` in an event loop, or `with NodeAgent(...)` from synchronous code (it then runs in a
@@ -870,6 +868,9 @@ class NodeAgent:
     this machine allows a private mount namespace. `entrypoint`: the command of a container that names none (what
     its image's ENTRYPOINT would be, e.g. ["kleinstyle"] for the operator's Deployment).
     """
+
+    thread_name = "node-agent"
+    start_timeout = stop_timeout = 60.0  # registering both nodes, and stopping every pod's process
 
     def __init__(
         self,
@@ -900,9 +901,7 @@ class NodeAgent:
         self._runner: list[str] | None = None
         self._kubelets: list[_Kubelet] = []
         self.kubelet_api = _KubeletApi(self)
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopping: asyncio.Event | None = None
+        super().__init__()
 
     # -- where things are
 
@@ -1025,40 +1024,4 @@ class NodeAgent:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    # -- a thread of its own
-
-    def __enter__(self) -> NodeAgent:
-        started: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._thread = threading.Thread(
-            target=asyncio.run, args=(self._serve(started),), name="node-agent", daemon=True
-        )
-        self._thread.start()
-        try:
-            started.result(timeout=60)
-        except BaseException:
-            self._thread.join(timeout=30)
-            raise
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        if self._loop is not None and self._stopping is not None:
-            self._loop.call_soon_threadsafe(self._stopping.set)
-        if self._thread is not None:
-            self._thread.join(timeout=60)
-            self._thread = None
-
-    async def _serve(self, started: concurrent.futures.Future[None]) -> None:
-        self._loop, self._stopping = asyncio.get_running_loop(), asyncio.Event()
-        try:
-            await self.start()
-        except BaseException as exc:
-            started.set_exception(exc)
-            await self.stop()
-            return
-        started.set_result(None)
-        await self._stopping.wait()
         await self.stop()
