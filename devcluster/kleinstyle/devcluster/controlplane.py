@@ -26,14 +26,12 @@ import signal
 import socket
 import ssl
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any
 
 import yaml
@@ -41,6 +39,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .lifecycle import Started
 
 KUBE_VERSION = "v1.37.2"
 PR_SET_PDEATHSIG = 1  # prctl(2)
@@ -78,7 +78,7 @@ KUBELET_CLIENT_USER = "kube-apiserver-kubelet-client"
 LOG_TAIL_LINES = 25
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child, before exec: the kernel kills it when the thread that started it ends (Linux's
     PR_SET_PDEATHSIG). A test run killed by a timeout, or a SIGKILLed session, leaves no control plane behind; so
     start a RealCluster from a thread that lives as long as it (the main thread, or the fixture's)."""
@@ -241,7 +241,7 @@ class _Component:
         return "\n".join(text.splitlines()[-lines:])
 
 
-class RealCluster:
+class RealCluster(Started):
     """etcd, kube-apiserver, kube-controller-manager and kube-scheduler on 127.0.0.1, started on enter.
 
     `kubeconfig` is an admin kubeconfig (a client certificate in system:masters), `server` the API's URL, `kubectl()`
@@ -253,6 +253,8 @@ class RealCluster:
     must then renew their Leases well within it. For fault injection: `restart()` a component, `pause()` and
     `resume()` one (SIGSTOP, SIGCONT).
     """
+
+    root_prefix = "kleinstyle-cluster-"
 
     def __init__(
         self,
@@ -284,25 +286,8 @@ class RealCluster:
 
     # -- lifecycle
 
-    def __enter__(self) -> RealCluster:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.stop()
-
-    def start(self) -> None:
-        """Start every component and wait until the API is ready and the token controllers work."""
-        self.root = Path(tempfile.mkdtemp(prefix="kleinstyle-cluster-"))
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-
     def _start(self) -> None:
+        """Start every component and wait until the API is ready and the token controllers work."""
         began = time.monotonic()
         pki, logs = self.root / "pki", self.root / "logs"
         pki.mkdir()
@@ -500,7 +485,7 @@ class RealCluster:
                 stderr=subprocess.STDOUT,
                 cwd=self.root,
                 start_new_session=True,  # a Ctrl-C in the terminal reaches us, and we stop them in order
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         return _Component(name, process, log, args)
 

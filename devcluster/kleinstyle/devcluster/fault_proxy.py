@@ -39,7 +39,7 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp import web
 
-from .threaded import ThreadedService
+from .lifecycle import ThreadedService
 
 FAULTS = ("429", "500", "409", "reset")
 WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})

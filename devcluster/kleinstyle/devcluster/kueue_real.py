@@ -25,19 +25,18 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import yaml
 from kleinstyle.operator.config import NodePool
 
-from .controlplane import LOG_TAIL_LINES, RealCluster, _die_with_parent, cache_dir, free_port
+from .controlplane import LOG_TAIL_LINES, RealCluster, cache_dir, die_with_parent, free_port
+from .lifecycle import Started
 from .node_agent import chart_node_pool, pool_taints
 
 KUEUE_VERSION = "v0.17.0"  # hack/kueue/build.sh's KUEUE_VERSION
@@ -161,12 +160,14 @@ OVERLAY_SCRIPT = 'mount -t overlay kueue-etc -o "lowerdir=$1:/etc" /etc || exit 
 # --- the manager ------------------------------------------------------------------------------------------------------
 
 
-class RealKueue:
+class RealKueue(Started):
     """Kueue's manager on `cluster`, started on enter, stopped (its webhooks removed first) on exit.
 
     `log` is its output; `logs()` its last lines, for a failure message. The kernel kills the manager when the thread
     that started it ends (as RealCluster's components): start it from one that lives as long as it, not a pool's.
     """
+
+    root_prefix = "kleinstyle-kueue-"
 
     def __init__(self, cluster: RealCluster, binary: Path | None = None, *, startup_timeout: float = 90.0) -> None:
         found = binary or find_kueue()
@@ -185,31 +186,14 @@ class RealKueue:
         self._webhooks: list[dict[str, Any]] = []
         self._process: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> RealKueue:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.stop()
-
     @property
     def user(self) -> str:
         """Who the API server takes the manager for."""
         return f"system:serviceaccount:{NAMESPACE}:{ACCOUNT}"
 
-    def start(self) -> None:
-        """Install Kueue's manifests, start the manager and wait until the API server reaches its webhooks."""
-        self.root = Path(tempfile.mkdtemp(prefix="kleinstyle-kueue-"))
-        self.log = self.root / "kueue.log"
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-
     def _start(self) -> None:
+        """Install Kueue's manifests, start the manager and wait until the API server reaches its webhooks."""
+        self.log = self.root / "kueue.log"
         began = time.monotonic()
         self.webhook_port, self.health_port, self.metrics_port = free_port(), free_port(), free_port()
         ca_bundle = base64.b64encode(self.cluster.ca_file.read_bytes()).decode()
@@ -289,7 +273,7 @@ class RealKueue:
                 stderr=subprocess.STDOUT,
                 cwd=self.root,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,  # the test process's end is the manager's
+                preexec_fn=die_with_parent,  # the test process's end is the manager's
             )
 
     def _authorized(self) -> bool:

@@ -48,6 +48,7 @@ from kleinstyle.operator.config import NodePool, OperatorConfig
 
 from .controlplane import KUBE_VERSION, KUBELET_CLIENT_USER
 from .errors import ApiError
+from .lifecycle import ThreadedService
 from .pod_logs import PodLog
 from .pod_setup import (
     PodSetupError,
@@ -59,7 +60,6 @@ from .pod_setup import (
     run_process,
 )
 from .store import now_rfc3339
-from .threaded import ThreadedService
 
 logger = logging.getLogger(__name__)
 

@@ -11,19 +11,18 @@ import json
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import yaml
 
-from .controlplane import _die_with_parent, cache_dir, free_port
+from .controlplane import cache_dir, die_with_parent, free_port
+from .lifecycle import Started
 
 VERSION = "2.42.0+ds-5+deb12u1"  # hack/prometheus/fetch.sh's pin
 STAMP = ".stamp"  # written by fetch.sh last, inside the bin folder it renames into place
@@ -43,9 +42,11 @@ class PrometheusError(RuntimeError):
 Series = dict[str, Any]  # the API's {"metric": {labels}, "value": [t, "v"]} or {"metric": ..., "values": [[t, "v"]]}
 
 
-class Prometheus:
+class Prometheus(Started):
     """`prometheus` scraping `targets` (host:port of /metrics endpoints) every `scrape_interval`, its TSDB in a
     temporary folder; started on enter, stopped (and the folder removed) on exit."""
+
+    root_prefix = "kleinstyle-prometheus-"
 
     def __init__(
         self,
@@ -67,20 +68,6 @@ class Prometheus:
         self._process: subprocess.Popen[bytes] | None = None
         # No proxy: urllib would send even 127.0.0.1 through HTTP_PROXY.
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-    def __enter__(self) -> Prometheus:
-        self.root = Path(tempfile.mkdtemp(prefix="kleinstyle-prometheus-"))
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.stop()
 
     @property
     def log(self) -> Path:
@@ -107,7 +94,7 @@ class Prometheus:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=self.root,
-                preexec_fn=_die_with_parent,  # a killed test run leaves no server behind
+                preexec_fn=die_with_parent,  # a killed test run leaves no server behind
             )
         deadline = time.monotonic() + self.startup_timeout
         while not self._ready():

@@ -1,13 +1,49 @@
-"""An asyncio service that tests and benches on plain threads use as a `with` block: it runs on an event loop of
-its own, on a thread of its own, so the caller needs no loop and the service's tasks never wait on the caller's."""
+"""How the dev cluster's servers start and stop as `with` blocks: processes in a folder of their own (`Started`:
+the control plane, Kueue, Prometheus), and asyncio services on a thread of their own (`ThreadedService`: the node
+agent, the fault proxy), so the caller needs no event loop and their tasks never wait on the caller's."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import tempfile
 import threading
+from pathlib import Path
 from types import TracebackType
 from typing import Self
+
+
+class Started:
+    """`start()` makes a temporary folder (`root`) and calls `_start()`; if that fails, `stop()` ends whatever it began
+    before the error goes on. `with` starts and stops. Subclasses give `_start`, `stop` and `root_prefix`."""
+
+    root_prefix = "kleinstyle-"
+
+    def __init__(self) -> None:
+        self.root = Path()
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix=self.root_prefix))
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.stop()
 
 
 class ThreadedService:
