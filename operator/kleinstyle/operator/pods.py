@@ -60,6 +60,16 @@ def started(pods: Sequence[Pod]) -> str | None:
     return max((t for t in times if t), default=None)
 
 
+def finished(pods: Sequence[Pod], started: str | None) -> str | None:
+    """When the container that started running at `started` ended (its finishedAt), where its pod says it did."""
+    for pod in pods:
+        for state in _container_states(pod):
+            ended = state.get("terminated") or {}
+            if started is not None and ended.get("startedAt") == started:
+                return ended.get("finishedAt")
+    return None
+
+
 def waiting(pod: Pod) -> tuple[str, str] | None:
     """(reason, message) when `pod` waits for something it will not get without help (`STUCK_REASONS`): the
     scheduler's verdict, or the reason its container waits. None when it runs, ended, or is merely starting."""

@@ -16,6 +16,7 @@ from typing import Any
 from kleinstyle.contract.early_stop import stop_cause
 from kleinstyle.contract.reports import TrainReport, read_report
 
+from . import pods
 from .api import BY_KIND
 from .api.common import CommonStatus
 from .api.generationjob import GenerationJobStatus
@@ -125,24 +126,13 @@ def gpu_seconds(change: Change) -> tuple[float, str] | None:
     # The pod that started the stretch may have ended before it was seen to (killed, failed, its node lost): it held
     # its GPUs until it ended, not while its Job waited to replace it; where nobody reported its end (a lost node),
     # the next pod's start bounds it, so that no second is counted twice.
-    if (ended := pod_finished(change.pods, start)) is not None:
+    if (ended := parse_time(pods.finished(change.pods, start))) is not None:
         end = min(end, ended)
     if change.same_run and after.start_time != start and (following := parse_time(after.start_time)) is not None:
         end = min(end, max(following, parse_time(start) or following))
     gpus, pool = gpus_of(change.job(status))
     seconds = _seconds(start, end)
     return (gpus * seconds, pool) if gpus and seconds is not None else None
-
-
-def pod_finished(pods: Sequence[Mapping[str, Any]], started: str | None) -> datetime | None:
-    """When the container that started running at `started` ended, where its pod reports that it did."""
-    begun = parse_time(started)
-    for pod in pods:
-        for container in (pod.get("status") or {}).get("containerStatuses") or []:
-            ended = (container.get("state") or {}).get("terminated") or {}
-            if begun is not None and parse_time(ended.get("startedAt")) == begun:
-                return parse_time(ended.get("finishedAt"))
-    return None
 
 
 def queue_wait(change: Change) -> float | None:
