@@ -74,6 +74,7 @@ from kleinstyle.devcluster.controlplane import RealCluster, free_port
 from kleinstyle.devcluster.demo import local_artifact
 from kleinstyle.devcluster.fault_proxy import FaultProxy, Rates
 from kleinstyle.devcluster.kueue_real import RealKueue, TeamQueue, find_kueue, set_up_queues
+from kleinstyle.devcluster.lifecycle import terminate
 from kleinstyle.devcluster.node_agent import NodeAgent, NodeSpec, default_nodes
 from kleinstyle.devcluster.prometheus import Prometheus, find_prometheus
 from kleinstyle.devcluster.resources import builtin_kinds
@@ -91,7 +92,6 @@ from operator_scale import (
     operator_kubeconfig,
     served,
     start_operator,
-    stop_operator,
     wait_for,
 )
 from prometheus_client.parser import text_string_to_metric_families
@@ -742,7 +742,7 @@ class Harness:
         await asyncio.sleep(10.0)
         await self.poll()
         if self.operator is not None:
-            stop_operator(self.operator)
+            terminate(self.operator, 30)
         self.operator_gpu, self.gpu_counted_by = await asyncio.to_thread(self.operator_gpu_seconds)
         return settled_s
 

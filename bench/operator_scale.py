@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime
 import json
 import os
@@ -73,6 +72,7 @@ import yaml
 from kleinstyle.contract.reports import AcceptedImage, PrepareReport, PrepareResult
 from kleinstyle.devcluster import ApiError, DevCluster, KindRegistry, KubeClient, admission, kinds_from_crd
 from kleinstyle.devcluster.controlplane import KUBE_VERSION, RealCluster, token_kubeconfig
+from kleinstyle.devcluster.lifecycle import terminate
 from kleinstyle.devcluster.node_agent import ARCH, LEASE_NAMESPACE
 from kleinstyle.devcluster.patching import STRATEGIC_MERGE_PATCH
 from kleinstyle.devcluster.pod_setup import container_status
@@ -258,14 +258,6 @@ def start_operator(kubeconfig: Path, folder: Path, config: dict[str, Any] | None
     return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=folder)
 
 
-def stop_operator(operator: subprocess.Popen[bytes]) -> None:
-    operator.terminate()
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        operator.wait(timeout=30)
-    if operator.poll() is None:
-        operator.kill()
-
-
 def cpu_seconds(pid: int) -> float:
     """User and system CPU the process has used: less at the mercy of the machine's other load than wall time."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -429,7 +421,7 @@ async def measure_emulator(total: int, namespaces: int, steady_s: float, settle_
             steady = Counter(kind_of(r.method, r.path, r.params) for r in log[marks[0] : marks[1]])
             refused = Counter((*kind_of(r.method, r.path, r.params), r.status) for r in log if r.status >= 400)
         finally:
-            stop_operator(operator)
+            terminate(operator, 30)
             await client.close()
     return {
         **row("emulator", total, namespaces, timed, steady_s, settle_s, folder),
@@ -733,7 +725,7 @@ async def measure_real(total: int, namespaces: int, steady_s: float, settle_s: f
                 docs = resources(total, namespaces)
                 timed = await drive(probe, client, operator, docs, owners, steady_s, settle_s, folder)
             finally:
-                stop_operator(operator)
+                terminate(operator, 30)
             breakdown, steady, refused = audited(cluster.audit_log, (marks[0], marks[1]))
         finally:
             if beating is not None:

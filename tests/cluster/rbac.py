@@ -13,7 +13,6 @@ import base64
 import json
 import os
 import re
-import signal
 import socket
 import ssl
 import subprocess
@@ -28,6 +27,7 @@ from typing import Any
 
 import yaml
 from kleinstyle.devcluster.controlplane import RealCluster
+from kleinstyle.devcluster.lifecycle import terminate
 from kleinstyle.devcluster.real_e2e import helm, helm_env
 from kleinstyle.operator.kube import PLURALS
 
@@ -331,14 +331,8 @@ class OperatorProcess:
 
     def stop(self) -> None:
         """SIGTERM (kopf stops its daemons and watches), SIGKILL after 15 s."""
-        if self._process is None or self._process.poll() is not None:
-            return
-        self._process.send_signal(signal.SIGTERM)
-        try:
-            self._process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        if self._process is not None:
+            terminate(self._process, 15)
 
     def text(self) -> str:
         return self.log.read_text(encoding="utf-8", errors="replace")

@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .lifecycle import Started
+from .lifecycle import Started, terminate
 
 KUBE_VERSION = "v1.37.2"
 PR_SET_PDEATHSIG = 1  # prctl(2)
@@ -508,13 +508,7 @@ class RealCluster(Started):
         index = self._components.index(self._component(name))
         old = self._components[index]
         began = time.monotonic()
-        os.kill(old.process.pid, signal.SIGCONT)  # a paused process ends too
-        old.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-        try:
-            old.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            old.process.kill()
-            old.process.wait()
+        terminate(old.process, 30, signal.SIGKILL if kill else signal.SIGTERM)
         self._components[index] = self._launch(name, old.args, "ab")
         if name == "kube-apiserver":
             self._wait_for("the restarted API server's /readyz", lambda: self._get_ok("/readyz"))
@@ -550,14 +544,7 @@ class RealCluster(Started):
     def stop(self) -> None:
         """Stop the components in reverse order (SIGTERM, then SIGKILL after 10s) and remove the folder."""
         for component in reversed(self._components):
-            if component.process.poll() is None:
-                component.process.send_signal(signal.SIGCONT)  # a paused one could not stop
-                component.process.send_signal(signal.SIGTERM)
-                try:
-                    component.process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    component.process.kill()
-                    component.process.wait()
+            terminate(component.process, 10)
         self._components.clear()
         if self.root != Path() and not self.keep_root:
             shutil.rmtree(self.root, ignore_errors=True)

@@ -23,7 +23,6 @@ import base64
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import time
 import urllib.request
@@ -36,7 +35,7 @@ import yaml
 from kleinstyle.operator.config import NodePool
 
 from .controlplane import LOG_TAIL_LINES, RealCluster, cache_dir, die_with_parent, free_port
-from .lifecycle import Started
+from .lifecycle import Started, terminate
 from .node_agent import chart_node_pool, pool_taints
 
 KUEUE_VERSION = "v0.17.0"  # hack/kueue/build.sh's KUEUE_VERSION
@@ -335,13 +334,8 @@ class RealKueue(Started):
                 self.cluster.api("DELETE", path)
         self._webhooks = []
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        if process is not None:
+            terminate(process, 10)
         if self.root != Path():
             shutil.rmtree(self.root, ignore_errors=True)
 

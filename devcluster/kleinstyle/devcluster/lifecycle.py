@@ -6,11 +6,27 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import signal
+import subprocess
 import tempfile
 import threading
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+
+
+def terminate(process: subprocess.Popen[bytes], grace: float, sig: int = signal.SIGTERM) -> None:
+    """End `process` as a supervisor does: `sig` (SIGTERM: its own clean shutdown), SIGKILL after `grace` seconds.
+    A stopped (SIGSTOP) process is continued first, or it could never act on the signal."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGCONT)
+    process.send_signal(sig)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 class Started:

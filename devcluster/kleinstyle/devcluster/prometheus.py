@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import time
 import urllib.error
@@ -22,7 +21,7 @@ from typing import Any
 import yaml
 
 from .controlplane import cache_dir, die_with_parent, free_port
-from .lifecycle import Started
+from .lifecycle import Started, terminate
 
 VERSION = "2.42.0+ds-5+deb12u1"  # hack/prometheus/fetch.sh's pin
 STAMP = ".stamp"  # written by fetch.sh last, inside the bin folder it renames into place
@@ -113,13 +112,8 @@ class Prometheus(Started):
 
     def stop(self) -> None:
         """SIGTERM (it closes its TSDB), SIGKILL after 10 s; then the folder goes."""
-        if self._process is not None and self._process.poll() is None:
-            self._process.send_signal(signal.SIGTERM)
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+        if self._process is not None:
+            terminate(self._process, 10)
         if self.root != Path():
             shutil.rmtree(self.root, ignore_errors=True)
 
