@@ -61,7 +61,7 @@ import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -483,31 +483,51 @@ class PodRecord:
     started: float | None = None  # epoch seconds
     finished: float | None = None
     last_seen: float = 0.0
+    gone_seen: float | None = None  # the first look that found it gone (a look, not the moment it went)
 
 
-def pod_seconds(records: Iterable[PodRecord]) -> dict[str, float]:
-    """GPU-seconds each tenant's pods held by their own account: from the container's start to its end, or, where
-    nobody reported an end (its node lost), until the pod was gone (the scheduler counts its GPUs held until then)."""
-    per_tenant: defaultdict[str, float] = defaultdict(float)
+def pod_seconds(records: Iterable[PodRecord]) -> dict[str, tuple[float, float]]:
+    """GPU-seconds each tenant's pods held by their own account, as (at least, at most): from the container's start
+    to its end; where nobody reported an end (its node lost, its Job deleted), at least until it was last seen and at
+    most until a look found it gone (the scheduler counts its GPUs held until then). The two differ by the harness's
+    2 s between looks, or by as long as the API server was away."""
+    least: defaultdict[str, float] = defaultdict(float)
+    most: defaultdict[str, float] = defaultdict(float)
     for record in records:
         if record.gpus and record.started is not None:
-            end = record.finished or record.last_seen
-            per_tenant[tenant_of(record.namespace)] += record.gpus * max(0.0, end - record.started)
-    return {tenant: round(value, 1) for tenant, value in sorted(per_tenant.items())}
+            tenant = tenant_of(record.namespace)
+            least[tenant] += record.gpus * max(0.0, (record.finished or record.last_seen) - record.started)
+            most[tenant] += record.gpus * max(
+                0.0, (record.finished or record.gone_seen or record.last_seen) - record.started
+            )
+    return {tenant: (round(least[tenant], 1), round(most[tenant], 1)) for tenant in sorted(least)}
 
 
-GPU_TOLERANCE = (0.2, 10.0)  # share and seconds: what the harness's 2 s look at the pods, and rounding, leave
+GPU_TOLERANCE = (0.2, 10.0)  # share and seconds: the operator sees a pod's start and end through its watch, late by
+# as long as the watch is cut or the API server away, and rounds nothing
 
 
-def gpu_disagreements(operator: Mapping[str, float], pods: Mapping[str, float]) -> dict[str, tuple[float, float]]:
-    """Tenants whose GPU-seconds as the operator counted them differ from what their pods held by more than
-    GPU_TOLERANCE: (operator's, pods')."""
+def gpu_disagreements(
+    operator: Mapping[str, float], pods: Mapping[str, tuple[float, float]]
+) -> dict[str, tuple[float, tuple[float, float]]]:
+    """Tenants whose GPU-seconds as the operator counted them fall outside what their pods held (at least, at most)
+    by more than GPU_TOLERANCE: (operator's, pods')."""
     share, slack = GPU_TOLERANCE
     return {
-        tenant: (operator.get(tenant, 0.0), held)
-        for tenant, held in pods.items()
-        if abs(operator.get(tenant, 0.0) - held) > share * held + slack
+        tenant: (counted, (least, most))
+        for tenant, (least, most) in pods.items()
+        if not least * (1 - share) - slack <= (counted := operator.get(tenant, 0.0)) <= most * (1 + share) + slack
     }
+
+
+def pods_of_tenants(records: Iterable[PodRecord], tenants: Iterable[str]) -> list[dict[str, Any]]:
+    """The GPU pods of `tenants` as the harness saw them: what a GPU-seconds disagreement is read against."""
+    wanted = set(tenants)
+    return [
+        asdict(record)
+        for record in sorted(records, key=lambda r: (r.namespace, r.started or 0.0))
+        if record.gpus and tenant_of(record.namespace) in wanted
+    ]
 
 
 def job_of(pod: str) -> str:
@@ -669,6 +689,10 @@ class Harness:
             listed = await self.client.request("GET", "/api/v1/pods", params={"labelSelector": STEP})
             for pod in listed.get("items") or []:
                 record_pod(self.pods, pod, now)
+            seen = {pod["metadata"]["uid"] for pod in listed.get("items") or []}
+            for uid, record in self.pods.items():
+                if uid not in seen and record.gone_seen is None:
+                    record.gone_seen = now
         port = self.config["metricsPort"]
         if self.prometheus is not None:
             return
@@ -1129,7 +1153,10 @@ def summarise(
         "events_per_tenant": events_per_tenant(events),
         "gpu_seconds_operator": h.operator_gpu,
         "gpu_seconds_operator_scraped_by": h.gpu_counted_by,
-        "gpu_seconds_pods": pods_gpu,
+        "gpu_seconds_pods": {tenant: least for tenant, (least, _) in pods_gpu.items()},
+        "gpu_seconds_pods_until_gone": {tenant: most for tenant, (_, most) in pods_gpu.items()},
+        "gpu_disagreements": gpu_off,
+        "gpu_pods_disagreeing": pods_of_tenants(h.pods.values(), gpu_off),
         "pods": len(h.pods),
         "dealt": h.dealt,
         "layers": layers(h.kueue),

@@ -53,7 +53,8 @@ def summary() -> dict[str, Any]:
 
 def test_nothing_is_lost_when_the_cluster_misbehaves(summary: dict[str, Any]) -> None:
     failed = [name for name, held in summary["invariants"].items() if not held]
-    assert not failed, f"invariants failed: {failed}\n{json.dumps(summary, indent=1)[:6000]}"
+    shown = {key: value for key, value in summary.items() if key not in ("final", "dealt")}  # what went wrong first
+    assert not failed, f"invariants failed: {failed}\n{json.dumps(shown, indent=1)[:8000]}\n{summary['dealt']}"
     assert summary["not_where_they_must_end"] == []
     assert summary["duplicate_jobs"] == 0 and summary["runs_planned_twice"] == {}
     assert summary["checkpoints_lost"] == 0
@@ -214,14 +215,17 @@ def test_counters_reset_by_a_restart_still_add_up(chaos_module: ModuleType) -> N
 @pytest.mark.unit
 def test_gpu_seconds_must_agree_with_what_the_pods_held(chaos_module: ModuleType) -> None:
     now = 1000.0
-    killed = chaos_module.PodRecord("a-00", "p1", "train", "gpu-b", 1, started=100.0, finished=130.0, last_seen=140.0)
-    lost = chaos_module.PodRecord("a-00", "p2", "train", "gpu-b", 1, started=200.0, last_seen=260.0)  # nobody said
-    cpu = chaos_module.PodRecord("b-00", "p3", "prepare", "cpu", 0, started=0.0, finished=now, last_seen=now)
+    record = chaos_module.PodRecord
+    killed = record("a-00", "p1", "train", "gpu-b", 1, started=100.0, finished=130.0, last_seen=140.0, gone_seen=142.0)
+    lost = record("a-00", "p2", "train", "gpu-b", 1, started=200.0, last_seen=260.0, gone_seen=300.0)  # nobody said
+    cpu = record("b-00", "p3", "prepare", "cpu", 0, started=0.0, finished=now, last_seen=now)
     held = chaos_module.pod_seconds([killed, lost, cpu])
-    assert held == {"a": 90.0}
+    assert held == {"a": (90.0, 130.0)}  # the lost pod: seen until 260, found gone at 300
     assert chaos_module.gpu_disagreements({"a": 95.0}, held) == {}
-    assert chaos_module.gpu_disagreements({"a": 250.0}, held) == {"a": (250.0, 90.0)}  # the gaps counted: 2.7 times
-    assert chaos_module.gpu_disagreements({}, held) == {"a": (0.0, 90.0)}  # nothing counted at all
+    assert chaos_module.gpu_disagreements({"a": 160.0}, held) == {}  # counted until it went: within the bounds
+    assert chaos_module.gpu_disagreements({"a": 250.0}, held) == {"a": (250.0, (90.0, 130.0))}  # gaps counted
+    assert chaos_module.gpu_disagreements({}, held) == {"a": (0.0, (90.0, 130.0))}  # nothing counted at all
+    assert [p["name"] for p in chaos_module.pods_of_tenants([cpu, lost, killed], ["a"])] == ["p1", "p2"]
 
 
 @pytest.mark.unit

@@ -64,7 +64,9 @@ async def reconcile_once(body: Any, memo: Any, logger: Any, indexes: Mapping[str
         after = {**before, **decision.status}
         now = datetime.now(UTC)
         change = usage.Change.of(kind, meta["namespace"], meta["name"], before, after, jobs, now, observed.pods)
-        metrics.record(change)
+        if (gpu := metrics.record(change)) is not None:
+            since = change.before.start_time or change.after.start_time
+            logger.info(f"counted {gpu[0]:.1f} GPU-seconds (node pool {gpu[1] or 'none'}) of the pod started {since}")
         memo.wakers.succeeded(meta["uid"])
         return None
     except ApiException as exc:

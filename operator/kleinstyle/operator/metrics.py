@@ -170,8 +170,9 @@ def forget(namespace: str, kind: str, name: str) -> None:
                 gauge.remove(namespace, name)
 
 
-def record(change: usage.Change) -> None:
-    """Everything a reconcile's status change adds to the metrics."""
+def record(change: usage.Change) -> tuple[float, str] | None:
+    """Everything a reconcile's status change adds to the metrics; the GPU-seconds it counted (and their node pool),
+    which the log keeps too: a tenant's bill is read against it."""
     ns, kind = change.namespace, change.kind
     zero_what_a_namespace_counts(change)
     set_phase(ns, kind, change.name, change.after.phase)
@@ -205,6 +206,7 @@ def record(change: usage.Change) -> None:
             else:
                 with contextlib.suppress(KeyError):
                     gauge.remove(ns, change.name)
+    return gpu
 
 
 def serve(port: int) -> None:
