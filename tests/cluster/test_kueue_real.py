@@ -18,7 +18,9 @@ recorded:
 
 from __future__ import annotations
 
+import json
 import re
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -109,12 +111,17 @@ def lora_when(cluster: RealCluster, name: str, what: str, check: Callable[[dict[
 def when(cluster: RealCluster, path: str, what: str, check: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
     """The object at `path` once `check` holds for it (its status for the current generation)."""
 
+    last: dict[str, Any] = {}
+
     def probe() -> dict[str, Any] | None:
-        obj = get(cluster, path)
+        obj = last["seen"] = get(cluster, path)
         current = (obj.get("status") or {}).get("observedGeneration") == obj["metadata"].get("generation")
         return obj if current and check(obj) else None
 
-    found: dict[str, Any] = wait_for(f"{path} {what}", probe, timeout=RUN_TIMEOUT, interval=0.2)
+    try:
+        found: dict[str, Any] = wait_for(f"{path} {what}", probe, timeout=RUN_TIMEOUT, interval=0.2)
+    except AssertionError as failed:
+        raise AssertionError(f"{failed}; its status: {json.dumps(last['seen'].get('status'))[:3000]}") from None
     return found
 
 
@@ -427,6 +434,98 @@ def test_kueue_runs_as_its_own_service_account_and_the_operator_needs_no_more_th
     assert world.kueue.user in watchers
     assert "forbidden" not in world.kueue.log.read_text(encoding="utf-8", errors="replace")
     assert not world.operator.refusals()
+
+
+HOLD = "kleinstyle.dev/test-hold"  # a finalizer of the test's: the deleted Job's Workload lingers while it is there
+
+
+@dataclass
+class Remade:
+    first_job: dict[str, Any]  # the Job deleted by hand
+    waiting: dict[str, Any]  # the run while the deleted Job's Workload lingered
+    remade_meanwhile: int  # HTTP status of a GET of the Job's name while it lingered (404: not made again)
+    running: dict[str, Any]  # the run, running again
+    second_job: dict[str, Any]
+    second_workload: dict[str, Any]
+    done: dict[str, Any]
+
+
+def set_finalizers(cluster: RealCluster, workload_: dict[str, Any], change: Callable[[list[str]], list[str]]) -> None:
+    """Change a Workload's finalizers, at the version read (Kueue writes them too), again on a conflict."""
+    path = f"{API}/namespaces/{NS}/workloads/{workload_['metadata']['name']}"
+
+    def patched() -> bool:
+        meta = get(cluster, path)["metadata"]
+        finalizers = change(meta.get("finalizers") or [])
+        patch = {"metadata": {"finalizers": finalizers, "resourceVersion": meta["resourceVersion"]}}
+        done = cluster.kubectl(
+            "patch",
+            "-n",
+            NS,
+            "workloads.kueue.x-k8s.io",
+            meta["name"],
+            "--type=merge",
+            "-p",
+            json.dumps(patch),
+            check=False,
+        )
+        return done.returncode == 0
+
+    wait_for(f"{path}'s finalizers changed", patched, timeout=20.0, interval=0.5)
+
+
+@pytest.fixture(scope="module")
+def remade(world: World, resumed: Resumed) -> Remade:
+    """A running run's Job deleted by hand while its Workload is held (as the garbage collector may be slow to
+    remove it): the Job is made again under its name only once the Workload is gone."""
+
+    def stage() -> Remade:
+        cluster = world.cluster
+        create(cluster, LORAS, lora("remade", steps=2000, gpus=1, queue=TEAM_QUEUE))
+        running = lora_when(cluster, "remade", "Running", phase_is("Running"))
+        first_job = job(cluster, running)
+        first_workload = workload(cluster, first_job)
+        set_finalizers(cluster, first_workload, lambda held: [*held, HOLD])
+        name = first_job["metadata"]["name"]
+        cluster.kubectl("delete", "-n", NS, "job", name, "--cascade=background", "--wait=false")
+        waiting = lora_when(
+            cluster, "remade", "waiting for the deleted Job's Workload", reason_is("OldWorkloadLingers")
+        )
+        time.sleep(2.0)  # a reconcile or two more: still no Job under the name
+        remade_meanwhile, _ = cluster.api("GET", f"/apis/batch/v1/namespaces/{NS}/jobs/{name}")
+        set_finalizers(cluster, first_workload, lambda held: [f for f in held if f != HOLD])
+        again = lora_when(
+            cluster,
+            "remade",
+            "Running again, under a new Job",
+            lambda o: phase_is("Running")(o) and job(cluster, o)["metadata"]["uid"] != first_job["metadata"]["uid"],
+        )
+        second_job = job(cluster, again)
+        second_workload = workload(cluster, second_job)
+        lora_when(cluster, "remade", "checkpointed", lambda o: bool(o["status"].get("checkpoints")))
+        stop = f"{STOP_ANNOTATION}={again['status']['runHash']}: enough"  # stopped with a checkpoint to promote
+        cluster.kubectl("annotate", "-n", NS, "stylelora", "remade", stop)
+        done = lora_when(cluster, "remade", "Succeeded and Finished", finished)
+        return Remade(first_job, waiting, remade_meanwhile, again, second_job, second_workload, done)
+
+    result: Remade = in_context(world, stage)
+    return result
+
+
+def test_a_job_deleted_by_hand_is_made_again_once_kueue_has_let_go_of_its_workload(remade: Remade) -> None:
+    """Kueue v0.17 matches a Job to a Workload by the Job's name: a Job made again while the deleted one's Workload
+    lingered was admitted as that Workload, then suspended for ever once it went ("Missing Workload; unable to
+    restore pod templates"). The operator waits, says so, and the Job made afterwards gets a Workload of its own,
+    is admitted, runs, and the run Succeeds."""
+    status = remade.waiting["status"]
+    assert status["phase"] == "Pending" and remade.first_job["metadata"]["name"] in status["message"]
+    assert condition(remade.waiting, "JobCreated")["reason"] == "OldWorkloadLingers"
+    assert remade.remade_meanwhile == 404
+    assert remade.second_job["metadata"]["name"] == remade.first_job["metadata"]["name"]
+    assert remade.second_job["spec"]["suspend"] is False
+    assert remade.second_workload["metadata"]["labels"][JOB_UID_LABEL] == remade.second_job["metadata"]["uid"]
+    assert condition(remade.second_workload, "Admitted")["status"] == "True"
+    assert remade.done["status"]["queue"]["state"] == "Finished"
 
 
 @pytest.fixture(scope="module")

@@ -219,3 +219,33 @@ def test_a_run_kueue_is_evicting_shows_preempted_while_kueue_still_holds_its_quo
     assert (status["phase"], ready(status)["reason"]) == ("Pending", "Preempted")
     assert (status["queue"]["state"], status["queue"]["requeueCount"]) == ("Evicted", 1)
     assert [(e.reason, e.message.split(":")[0]) for e in decision.events] == [("Preempted", "Pending")]
+
+
+def test_a_job_deleted_by_hand_is_made_again_only_once_kueue_has_let_go_of_its_workload():
+    """Kueue matches a Job to a Workload by the Job's name: a Job made again while the deleted one's Workload lingers
+    would be taken for it, and kept suspended for ever once that Workload goes."""
+    body, job = queued_lora()
+    name = job["metadata"]["name"]
+    runner = [c for c in reconcile(observed(body=body, dependencies=DEPS), CFG, NOW).create if c["kind"] != "Job"]
+    lingering = observed(body=body, dependencies=DEPS, children=runner, job_workloads={name: ["job-uid"]})
+    waiting = reconcile(lingering, CFG, NOW)
+    assert [c["kind"] for c in waiting.create if c["kind"] == "Job"] == []
+    assert (waiting.status["phase"], ready(waiting.status)["reason"]) == ("Pending", "OldWorkloadLingers")
+    created = next(c for c in waiting.status["conditions"] if c["type"] == "JobCreated")
+    assert (created["status"], created["reason"]) == ("False", "OldWorkloadLingers")
+    assert name in waiting.status["message"]
+    # Another Job's Workload (another run, another object) holds nothing back; gone, the Job is made again.
+    for job_workloads in ({f"{name}x": ["other"]}, {}):
+        again = reconcile(
+            observed(body=body, dependencies=DEPS, children=runner, job_workloads=job_workloads), CFG, NOW
+        )
+        assert [c["metadata"]["name"] for c in again.create if c["kind"] == "Job"] == [name]
+    # The Job there, its own Workload (under its name too) is no reason to wait.
+    mine = observed(
+        body=body,
+        dependencies=DEPS,
+        children=[*runner, job],
+        workloads={"job-uid": workload(job, cond("QuotaReserved", "False", "Pending", NO_QUOTA))},
+        job_workloads={name: ["job-uid"]},
+    )
+    assert ready(reconcile(mine, CFG, NOW).status)["reason"] == "Queued"

@@ -19,10 +19,12 @@ from .config import OperatorConfig
 from .daemon import run_resource
 from .indexes import (
     CHILD_KINDS,
+    JOB_WORKLOADS_INDEX,
     PODS_INDEX,
     WORKLOADS_INDEX,
     child_indexer,
     children_index,
+    index_job_workload,
     index_object,
     index_pod,
     index_workload,
@@ -58,6 +60,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig, kueue_version
         resource = (kueue.GROUP, kueue_version, "workloads")
         by_job = {kueue.JOB_UID_LABEL: kopf.PRESENT}
         kopf.index(*resource, labels=by_job, registry=registry, id=WORKLOADS_INDEX)(index_workload)
+        kopf.index(*resource, labels=by_job, registry=registry, id=JOB_WORKLOADS_INDEX)(index_job_workload)
         kopf.on.event(*resource, labels=by_job, registry=registry, id="wake_workloads")(_wake_job_owner)
 
 

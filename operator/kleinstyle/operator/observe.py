@@ -11,7 +11,15 @@ from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
-from .indexes import CHILD_KINDS, PODS_INDEX, WORKLOADS_INDEX, children_index, objects_index, one
+from .indexes import (
+    CHILD_KINDS,
+    JOB_WORKLOADS_INDEX,
+    PODS_INDEX,
+    WORKLOADS_INDEX,
+    children_index,
+    objects_index,
+    one,
+)
 from .kinds import KIND_RUNS, Dependency, find_cycle
 from .reconcile import Observed
 from .wakers import ChildKey, Wakers
@@ -57,12 +65,20 @@ def observe(body: Any, indexes: Mapping[str, Any], wakers: Wakers) -> Observed:
         wakers.job_owner[job["metadata"]["uid"]] = uid
         if (workload := one((indexes.get(WORKLOADS_INDEX) or {}).get(job["metadata"]["uid"]))) is not None:
             workloads[job["metadata"]["uid"]] = workload
+    # Workloads of this object's Jobs by the Job's name, a deleted Job's among them until they go (its uid wakes this
+    # object when they do).
+    job_workloads: dict[str, list[str]] = {}
+    for job_name, job_uid in (indexes.get(JOB_WORKLOADS_INDEX) or {}).get(namespace, ()):
+        if job_name.startswith(f"{meta['name']}-"):
+            job_workloads.setdefault(job_name, []).append(job_uid)
+            wakers.job_owner.setdefault(job_uid, uid)
     return Observed(
         body=dict(body),
         dependencies=dependencies,
         children=listed,
         pods=pods,
         workloads=workloads,
+        job_workloads=job_workloads,
         cycle=cycle or (),
         dependency_jobs=dependency_jobs,
     )

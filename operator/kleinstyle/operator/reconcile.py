@@ -76,6 +76,8 @@ class Observed:
     pods: Sequence[Mapping[str, Any]] = ()
     # Kueue's Workloads of the owner's Jobs, by the Job's uid (empty where Kueue is not installed).
     workloads: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # The uids of the Jobs Kueue's Workloads in the namespace were made for, by the Job's name (a deleted Job's too).
+    job_workloads: Mapping[str, Sequence[str]] = field(default_factory=dict)
     # A dependency cycle through this object ([self, ..., self]), found by following references in the namespace.
     cycle: Sequence[tuple[str, str]] = ()
     # Each dependency's Jobs (the operator's record of what ran for it), by (kind, name).
@@ -236,9 +238,17 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
 
     workload = observed.workloads.get(job["metadata"].get("uid", "")) if job else None
     status.queue = kueue.queue_status(workload, old_status.queue) if workload else None
+    lingering = [] if job else list(observed.job_workloads.get(run.name, ()))
+    if lingering:
+        # The Job was deleted (by hand, say) and its Workload is not gone yet: Kueue would take it for the Workload
+        # of a Job made again under the name, and that Job would stay suspended for ever. Its removal wakes us.
+        create = [c for c in create if c["kind"] != "Job"]
     # A Job created by this decision reads as it is created (suspended for Kueue, say): its first status is final.
     created_job = next((c for c in create if c["kind"] == "Job"), None)
     phase, reason, message = job_phase(job or created_job, run.name, observed.pods, workload, status.queue)
+    if lingering:
+        reason = "OldWorkloadLingers"
+        message = f"Job {run.name} is made again once Kueue's Workload of the Job of that name that was deleted is gone"
     job_status = (job or {}).get("status") or {}
     # The run started when its pod started running (GPU time and the queue wait count from there), not when its Job
     # was created: known from the pods alone, so it is set once, when the watch brings a running pod.
@@ -247,7 +257,11 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
         # Ended before the watch brought its pod (a short run): the Job's own start, rather than no time at all.
         status.start_time = job_status.get("startTime")
     status.completion_time = job_status.get("completionTime")
-    conds.append(cond("JobCreated", "True", "Created", f"Job {run.name}"))
+    conds.append(
+        cond("JobCreated", "False", reason, message)
+        if lingering
+        else cond("JobCreated", "True", "Created", f"Job {run.name}")
+    )
     report, problem = current_report(old_status.progress, kind_run, short_hash)
     if problem:
         warnings.append(problem)
