@@ -40,10 +40,7 @@ def summary() -> dict[str, Any]:
     bin_dir = find_bin_dir()
     if bin_dir is None or not (bin_dir / "helm").is_file():
         pytest.skip("no real control plane and helm: `make controlplane` builds them (docs/real-cluster.md)")
-    # Without Kueue: a Job deleted by hand and made again under its name can stay suspended for ever behind real
-    # Kueue v0.17 ("Missing Workload; unable to restore pod templates", its new Workload declared finished), which
-    # the default-size run also met; until that is mended the CI run leaves Kueue out (bench/chaos.py runs it).
-    command = [sys.executable, str(BENCH / "chaos.py"), "--size", "small", "--seed", str(SEED), "--json", "--no-kueue"]
+    command = [sys.executable, str(BENCH / "chaos.py"), "--size", "small", "--seed", str(SEED), "--json"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False, cwd=REPO)
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     assert lines, f"no summary (exit {result.returncode}):\n{result.stderr[-4000:]}"
