@@ -184,6 +184,26 @@ def _diffusers_modules(fmt: str, module: str) -> tuple[str, ...] | None:
     return None
 
 
+def bfl_module(module: str) -> tuple[str, int, int] | None:
+    """The BFL module a diffusers module belongs to, its place among the modules fused there and how many are fused
+    (`transformer_blocks.0.attn.to_k` -> ("double_blocks.0.img_attn.qkv", 1, 3)); None when BFL has no such module.
+    The inverse of the tables above, so writing BFL names and reading them cannot disagree."""
+    for prefix, kind, table in (
+        ("transformer_blocks.", "double_blocks", _BFL_DOUBLE),
+        ("single_transformer_blocks.", "single_blocks", _BFL_SINGLE),
+    ):
+        if module.startswith(prefix):
+            index, _, rest = module[len(prefix) :].partition(".")
+            for name, targets in table.items():
+                if index.isdigit() and rest in targets:
+                    return f"{kind}.{index}.{name}", targets.index(rest), len(targets)
+            return None
+    for name, target in _BFL_OTHER.items():
+        if module == target:
+            return name, 0, 1
+    return None
+
+
 # ---- scale ------------------------------------------------------------------------------------------------------
 
 
