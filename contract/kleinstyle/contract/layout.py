@@ -8,6 +8,7 @@ in status and deletes an owner's folder) and the runtime (which writes there).
             dataset/NNN.png, dataset/NNN.txt          StyleBoard: the prepared dataset
             report.json                              StyleBoard: what prepare did (its PrepareResult)
             lora.safetensors, lora.json              StyleLoRA, LoRAFusion: the LoRA and its sidecar
+            lora.bfl.safetensors                     StyleLoRA: the LoRA in another format it asked for
             work/                                    StyleLoRA: checkpoints (work/checkpoints/step_NNNNNN/)
             checkpoint_gallery.png                   StyleLoRA: every evaluated step's probe renders
             aitoolkit/                               StyleLoRA on ai-toolkit: its training folder
@@ -17,6 +18,7 @@ in status and deletes an owner's folder) and the runtime (which writes there).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imports nothing at run time: `kleinstyle fuse` on one machine reads these names too
@@ -38,6 +40,8 @@ IMAGES_DIR = "images"
 CONTACT_SHEET = "contact_sheet.png"
 GENERATION_SUMMARY = "generation.json"
 CHECKPOINT_GALLERY = "checkpoint_gallery.png"
+# The formats a StyleLoRA's LoRA is published in (spec.output.loraFormats; runtime.klein.lora_format), default first.
+LORA_FORMATS = ("diffusers", "bfl")
 
 
 def owner_folder(owner: Owner) -> str:
@@ -64,3 +68,10 @@ def namespace_folder(output_uri: str, owner: Owner) -> str | None:
 def image_file(name: str) -> str:
     """A GenerationJob's image, by the name `GenerateSpec.image_files` gives it."""
     return f"{IMAGES_DIR}/{name}.png"
+
+
+def lora_files(formats: Sequence[str]) -> dict[str, str]:
+    """Format -> file name of each published LoRA file: the first format listed is LORA_FILE (status.loraURI, the
+    file GenerationJobs and LoRAFusions read), every other one `lora.<format>.safetensors` beside it."""
+    stem, _, suffix = LORA_FILE.partition(".")
+    return {fmt: LORA_FILE if i == 0 else f"{stem}.{fmt}.{suffix}" for i, fmt in enumerate(formats)}

@@ -12,7 +12,7 @@ import hashlib
 import json
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .layout import RUN_ID_LENGTH, namespace_folder
 from .plan import TrainingPlan
@@ -21,6 +21,10 @@ RUNSPEC_VERSION: Final = "kleinstyle.dev/runspec-v1"
 # Schemes an input may have besides none (a pod path): object stores, and memory:// (fsspec's in-process store, the
 # tests' stand-in for one). Never http(s), file:// or anything else fsspec would open.
 STORE_SCHEMES = ("s3://", "gs://", "memory://")
+
+# A published LoRA's key names (layout.LORA_FORMATS): diffusers' (`transformer.*`) or BFL's (`diffusion_model.*`).
+LoraFormat = Literal["diffusers", "bfl"]
+DEFAULT_LORA_FORMATS: Final[tuple[LoraFormat, ...]] = ("diffusers",)
 
 
 class _Frozen(BaseModel):
@@ -128,6 +132,19 @@ class TrainSpec(_Frozen):
     # The board's L1 STYLE_PROFILE (None without one): training ignores it; it travels with the LoRA (its sidecar and
     # the StyleLoRA's status) to the GenerationJobs that reformulate prompts for it.
     style_profile: dict[str, Any] | None = None
+    # The formats the LoRA is published in (runtime.klein.lora_format): the first as layout.LORA_FILE, each other
+    # beside it (layout.lora_files). Left out of the JSON at its default, so the hash of every RunSpec written before
+    # the option existed is unchanged (tests/operator/test_runspec_hash.py).
+    lora_formats: tuple[LoraFormat, ...] = Field(
+        default=DEFAULT_LORA_FORMATS, min_length=1, max_length=2, exclude_if=lambda v: v == DEFAULT_LORA_FORMATS
+    )
+
+    @field_validator("lora_formats")
+    @classmethod
+    def _once_each(cls, formats: tuple[LoraFormat, ...]) -> tuple[LoraFormat, ...]:
+        if len(set(formats)) != len(formats):
+            raise ValueError(f"each format at most once: {list(formats)}")
+        return formats
 
 
 class GenerateSpec(_Frozen):

@@ -3,19 +3,26 @@
 The judge's best checkpoint when checkpoints were scored (none when the base model beat them all), else the latest
 one of a stopped run, else the last step's LoRA. It is copied to `{output_uri}/lora.safetensors` atomically (staged
 name, then rename, or one PUT) with its sidecar `lora.json`, and the result says why the run ended.
+
+Formats (`TrainSpec.lora_formats`, runtime.klein.lora_format): by default the trainer's file is published as it is
+(the builtin backend writes `klein-diffusers-v1`). A spec that names formats gets each one exactly: the first as
+`lora.safetensors`, any other beside it (`layout.lora_files`, e.g. `lora.bfl.safetensors`), a file already in the
+format copied byte for byte, any other converted. The sidecar lists every file with its format.
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from kleinstyle.contract.layout import LORA_FILE, LORA_SIDECAR
+from kleinstyle.contract.layout import LORA_SIDECAR, lora_files
 from kleinstyle.contract.pod import EXIT_BAD_SPEC, EXIT_OK, STOP_REQUESTED
 from kleinstyle.contract.reports import TrainResult
-from kleinstyle.contract.runspec import RunSpec
+from kleinstyle.contract.runspec import DEFAULT_LORA_FORMATS, RunSpec
 
 from ..artifacts import join_uri, kleinstyle_version, write_bytes_atomic, write_json_atomic
+from ..klein.lora_format import FORMATS, export_lora
 from ..step import Outcome
 from .backend import Trained
 from .judge import Judge
@@ -23,6 +30,11 @@ from .reporter import TrainReporter
 from .settings import train_spec
 
 COMPLETED = "completed"  # the stop_reason of a run that trained all its planned steps
+# What each format is, in words, for the sidecar.
+FORMAT_WORDS = {
+    "diffusers": "diffusers LoRA (transformer.*.lora_A/lora_B), alpha baked into lora_B",
+    "bfl": "BFL LoRA (diffusion_model.*.lora_A/lora_B, as ai-toolkit and ComfyUI name them), alpha baked into lora_B",
+}
 
 
 def promote(spec: RunSpec, reporter: TrainReporter, trained: Trained, judge: Judge | None) -> Outcome:
@@ -42,9 +54,12 @@ def promote(spec: RunSpec, reporter: TrainReporter, trained: Trained, judge: Jud
 
 
 def publish_lora(spec: RunSpec, source: Path, info: dict[str, Any]) -> str:
-    """Copy `source` to `{output_uri}/lora.safetensors` with its sidecar; return the display URI."""
+    """Publish `source` as `{output_uri}/lora.safetensors` (and any other format the spec asks for beside it) with
+    its sidecar; return the display URI of lora.safetensors."""
     work = train_spec(spec)
-    uri = join_uri(spec.output_display_uri, LORA_FILE)
+    files = lora_files(work.lora_formats)
+    uris = {fmt: join_uri(spec.output_display_uri, name) for fmt, name in files.items()}
+    first = work.lora_formats[0]
     sidecar = {
         "step": "train",
         "runspec_hash": spec.content_hash(),
@@ -54,12 +69,20 @@ def publish_lora(spec: RunSpec, source: Path, info: dict[str, Any]) -> str:
         "trigger_word": work.trigger_word,
         "style_profile": work.style_profile,
         "owner": spec.owner.model_dump(mode="json"),
-        "uri": uri,
-        "format": "diffusers LoRA (transformer.*.lora_A/lora_B), alpha baked into lora_B",
+        "uri": uris[first],
+        "format": FORMAT_WORDS[first],
+        "lora_files": [{"format": FORMATS[fmt], "option": fmt, "uri": uris[fmt]} for fmt in files],
         "kleinstyle_version": kleinstyle_version(),
         **info,
     }
-    write_bytes_atomic(join_uri(spec.output_uri, LORA_FILE), source.read_bytes())  # one PUT or temp + rename
+    if work.lora_formats == DEFAULT_LORA_FORMATS:  # as the trainer wrote it, as before formats could be chosen
+        write_bytes_atomic(join_uri(spec.output_uri, files[first]), source.read_bytes())  # one PUT or temp + rename
+    else:
+        with tempfile.TemporaryDirectory(prefix="kleinstyle-lora-") as scratch:
+            for fmt in reversed(work.lora_formats):  # lora.safetensors last: what a reader of status finds is whole
+                staged = Path(scratch) / files[fmt]
+                export_lora(source, staged, fmt)
+                write_bytes_atomic(join_uri(spec.output_uri, files[fmt]), staged.read_bytes())
     write_json_atomic(join_uri(spec.output_uri, LORA_SIDECAR), sidecar)
     return str(sidecar["uri"])
 
