@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field
+from kleinstyle.contract.runspec import DEFAULT_LORA_FORMATS, LoraFormat
+from pydantic import ConfigDict, Field, field_validator
 
 from .common import (
     ARTIFACT_POLICY_DESCRIPTION,
@@ -94,6 +95,29 @@ class EarlyStopping(Model):
     )
 
 
+class LoRAOutput(Model):
+    """How the trained LoRA is published."""
+
+    lora_formats: list[LoraFormat] = Field(
+        default=list(DEFAULT_LORA_FORMATS),
+        min_length=1,
+        max_length=2,
+        description="Key names of the published LoRA file(s): diffusers (transformer.*, diffusers and ComfyUI load "
+        "it) or bfl (diffusion_model.*, as ai-toolkit writes and ComfyUI's checkpoints name the weights; ComfyUI, "
+        "ai-toolkit and other BFL-based tools). The first is status.loraURI (lora.safetensors), the file "
+        "GenerationJobs and LoRAFusions use (they read both); a second is published beside it "
+        "(lora.FORMAT.safetensors), listed with the first in status.loraFiles.",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+
+    @field_validator("lora_formats")
+    @classmethod
+    def _once_each(cls, formats: list[LoraFormat]) -> list[LoraFormat]:
+        if len(set(formats)) != len(formats):  # the API server refuses it too (a list of type set)
+            raise ValueError(f"each format at most once: {formats}")
+        return formats
+
+
 class StyleLoRASpec(Model):
     """A style LoRA trained on a StyleBoard's dataset."""
 
@@ -115,6 +139,7 @@ class StyleLoRASpec(Model):
     model: ModelSelection = Field(default_factory=ModelSelection, description="Base model.")
     scheduling: Scheduling = Field(default_factory=Scheduling, description="Queue, priority and node pool.")
     artifact_policy: ArtifactPolicy = Field(default="Retain", description=ARTIFACT_POLICY_DESCRIPTION)
+    output: LoRAOutput = Field(default_factory=LoRAOutput, description="How the LoRA is published: its formats.")
 
 
 class Checkpoint(StatusModel):
@@ -159,6 +184,10 @@ class StyleLoRAOutcome(StatusModel):
     early_stopping: str | None = Field(default=None, description="The early-stopping policy's latest verdict.")
     lora_step: int | None = Field(default=None, description="The step of the checkpoint that became the LoRA.")
     lora_uri: str | None = Field(default=None, description="The trained LoRA (the best checkpoint).")
+    lora_files: dict[str, Annotated[str, Field(description="Where the file in that format is.")]] | None = Field(
+        default=None,
+        description="Every published LoRA file by format (spec.output.loraFormats): the first is loraURI.",
+    )
     stop_reason: str | None = Field(default=None, description="Why training ended.")
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from kleinstyle.contract.aitoolkit import aitoolkit_config
 from kleinstyle.contract.early_stop import StoppingSettings, Verdict, decide_reported
-from kleinstyle.contract.layout import AITOOLKIT_DIR, CHECKPOINT_GALLERY, DATASET_DIR, LORA_FILE
+from kleinstyle.contract.layout import AITOOLKIT_DIR, CHECKPOINT_GALLERY, DATASET_DIR, LORA_FILE, lora_files
 from kleinstyle.contract.plan import TrainingPlan, plan_training
 from kleinstyle.contract.pod import AITOOLKIT_CONFIG_FILE, STOP_ANNOTATION, STOP_REQUESTED, parse_stop
 from kleinstyle.contract.reports import CheckpointReport, EvaluationReport, TrainProgress, TrainResult
@@ -58,6 +58,7 @@ class StyleLoRARuns(KindRuns[StyleLoRASpec, TrainSpec, TrainProgress, TrainResul
             plan=plan,
             evaluation=evaluation(cfg, plan) if plan.early_stopping else None,
             style_profile=status.style_profile.document() if status.style_profile else None,
+            lora_formats=tuple(spec.output.lora_formats),
         )
         run = build_run(self.kind, body, work, cfg, spec.scheduling)
         if backend != "ai-toolkit":
@@ -100,6 +101,12 @@ class StyleLoRARuns(KindRuns[StyleLoRASpec, TrainSpec, TrainProgress, TrainResul
         status = scored(result.checkpoints, result.evaluation, run)
         # Where the LoRA is comes from the RunSpec, never from the pod; step 0: the base model won, no LoRA.
         status.lora_uri = f"{run.runspec.output_display_uri}/{LORA_FILE}" if result.lora_step > 0 else None
+        formats = self.work(run).lora_formats
+        status.lora_files = (
+            {fmt: f"{run.runspec.output_display_uri}/{name}" for fmt, name in lora_files(formats).items()}
+            if result.lora_step > 0
+            else None
+        )
         status.stop_reason = result.stop_reason
         status.eta = None
         status.step = result.steps
