@@ -51,7 +51,7 @@ async def test_an_evicted_job_shows_preempted_and_its_next_pod_resumes(root: Pat
         queued = await cluster.wait_for(reason_is(cluster, "bd9-queued", "Queued"), timeout=60)
         job = queued["status"]["jobName"]
         await kueue.queue(job)  # Kueue makes the Workload: no quota yet, and says so
-        waiting = await cluster.wait_for(lambda: _with_queue(cluster, "Pending"), timeout=10)
+        waiting = await cluster.wait_for(lambda: _with_queue(cluster, "Pending", says=NO_QUOTA), timeout=10)
         assert NO_QUOTA in waiting["status"]["message"] and waiting["status"]["queue"]["localQueue"] == "team-a-gpu"
 
         await kueue.admit(job)
@@ -81,10 +81,12 @@ async def test_an_evicted_job_shows_preempted_and_its_next_pod_resumes(root: Pat
         assert [c["step"] for c in done["status"]["checkpoints"]][:1] == [50]
 
 
-async def _with_queue(cluster, state: str):
+async def _with_queue(cluster, state: str, says: str = ""):
+    """The run once status.queue is in `state` and its message says `says`: Kueue writes a Workload, then its
+    conditions, and the operator may see the Workload in between (Pending, nothing said yet)."""
     obj = await cluster.get("styleloras", NS, "bd9-queued")
     queue = ((obj or {}).get("status") or {}).get("queue") or {}
-    return obj if queue.get("state") == state else None
+    return obj if queue.get("state") == state and says in (queue.get("message") or "") else None
 
 
 async def _checkpointed(cluster):
