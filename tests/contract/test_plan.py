@@ -176,12 +176,26 @@ def test_fp8_base_is_off_by_default_and_reaches_both_backends():
     assert config["config"]["process"][0]["model"]["quantize"] is True
 
 
-@pytest.mark.parametrize(("images", "held_out"), [(3, 0), (4, 0), (5, 1), (14, 1), (15, 2), (31, 3), (50, 5)])
+@pytest.mark.parametrize(
+    ("images", "held_out"), [(3, 0), (4, 0), (5, 0), (7, 0), (9, 0), (10, 1), (14, 1), (15, 2), (31, 3), (50, 5)]
+)
 def test_references_held_out_for_the_validation_loss(images: int, held_out: int) -> None:
     plan = plan_training(images, {"boardRef": {"name": "b"}})
     assert plan.validation_images.value == held_out
     off = plan_training(images, {"boardRef": {"name": "b"}, "earlyStopping": {"enabled": False}})
     assert off.validation_images.value == 0  # the held-out loss is part of the evaluation
+
+
+def test_a_board_of_5_to_9_holds_nothing_out_and_the_probes_guard_alone() -> None:
+    # bench/early_stop.py: one held-out image's loss jitters enough to misfire, and the guard never improved a pick.
+    for images in range(5, 10):
+        planned = plan_training(images, {"boardRef": {"name": "b"}}).validation_images
+        assert planned.value == 0 and "the probes guard alone" in planned.reason
+
+
+def test_the_plan_waits_two_evaluations_clearly_below_the_best() -> None:
+    assert plan_training(7, {}).patience == 2
+    assert plan_training(7, {"earlyStopping": {"patience": 4}}).patience == 4
 
 
 def test_the_rank_means_one_lora_per_fused_qkv_on_both_backends() -> None:
