@@ -48,11 +48,12 @@ def test_stylelora_with_only_a_board_gets_every_default() -> None:
         "boardRef": {"name": "bd9"},
         "variant": "auto",
         "mode": "standard",
-        "earlyStopping": {"enabled": True, "patience": 3},
+        "earlyStopping": {"enabled": True, "patience": 2},
         "backend": "auto",
         "model": {"name": "klein-base-9b"},
         "scheduling": {"gpus": 1},
         "artifactPolicy": "Retain",
+        "output": {"loraFormats": ["diffusers"]},
     }
 
 

@@ -40,7 +40,10 @@ def test_a_succeeded_run_lists_every_published_file():
     status = step(body, children=[*first.create[:-1], done], deps=DEPS).status
     folder = first.status["artifactURI"]
     assert status["phase"] == "Succeeded" and status["loraURI"] == f"{folder}/lora.safetensors"
-    assert status["loraFiles"] == {"diffusers": f"{folder}/lora.safetensors", "bfl": f"{folder}/lora.bfl.safetensors"}
+    assert status["loraFiles"] == [
+        {"format": "diffusers", "uri": f"{folder}/lora.safetensors"},
+        {"format": "bfl", "uri": f"{folder}/lora.bfl.safetensors"},
+    ]
 
 
 @pytest.mark.parametrize("formats", [[], ["comfyui"], ["bfl", "bfl"], ["diffusers", "bfl", "diffusers"]])

@@ -122,6 +122,9 @@ class EvaluationReport(_Reported):
 
     baseline: ProbeScoresReport
     checkpoints: list[ProbeScoresReport] = Field(default_factory=list)
+    # Scores measured by a stand-in because their model is missing: score name (style, adherence, leakage) -> what
+    # stood in and why. Non-empty: the scores are proxies, and the run does not stop early on them.
+    proxies: dict[str, str] = Field(default_factory=dict)
 
 
 class TrainProgress(_Reported):

@@ -30,6 +30,7 @@ from kleinstyle.operator.config import (
     TrainingLimits,
 )
 from kleinstyle.operator.main import run_operator
+from kleinstyle.runtime.klein.tiny_evaluators import CONTENT_DIR, STYLE_DIR, TEXT_DIR
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -46,6 +47,7 @@ DEMO_MAX_STEPS = 30
 DEMO_MAX_RESOLUTION = 128
 DEMO_MAX_SIDE = 128
 DEMO_MAX_GENERATION_STEPS = 8
+EVALUATORS = "evaluators"  # where the model cache keeps the (tiny) evaluation models
 # Shown before the examples: a StyleLoRA the schema refuses, as `kubectl apply` would.
 BAD_LORA = {
     "apiVersion": "kleinstyle.dev/v1alpha1",
@@ -69,23 +71,39 @@ def dev_config(root: Path) -> OperatorConfig:
         artifacts_local_path=str(root / "volumes" / ARTIFACT_CLAIM),
         # The tiny model on a CPU: a handful of steps at low resolution train in seconds.
         training_limits=TrainingLimits(max_steps=DEMO_MAX_STEPS, max_resolution=DEMO_MAX_RESOLUTION),
-        # Early stopping scores each checkpoint with two 32 px probes of two steps: a fraction of a second here.
-        checkpoint_evaluation=CheckpointEvaluation(prompts=2, seeds=1, size=32, steps=2),
+        # Early stopping scores each checkpoint with two 32 px probes of two steps: a fraction of a second here, by
+        # tiny random evaluation models in the model cache (write_model_cache): the real-model code, no proxy.
+        checkpoint_evaluation=CheckpointEvaluation(
+            prompts=2,
+            seeds=1,
+            size=32,
+            steps=2,
+            style_embedder_dir=f"{EVALUATORS}/{STYLE_DIR}",
+            text_model_dir=f"{EVALUATORS}/{TEXT_DIR}",
+            embedder_dir=f"{EVALUATORS}/{CONTENT_DIR}",
+        ),
         # ... and renders a few steps at the same size: a GenerationJob's 2048x2048 at 50 steps becomes seconds.
         generation_limits=GenerationLimits(max_side=DEMO_MAX_SIDE, max_steps=DEMO_MAX_GENERATION_STEPS),
     )
 
 
 def write_model_cache(root: Path, model: str = "klein-base-9b") -> Path:
-    """The tiny random klein where the embedded cluster's model-cache volume keeps `model` (kept if present)."""
+    """The tiny random klein where the embedded cluster's model-cache volume keeps `model`, and the tiny evaluation
+    models beside it (each kept if present)."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # "Writing model shards" would open the demo's output
     cfg = dev_config(root)
-    target = root / "volumes" / cfg.model_cache_claim / cfg.model_dirs[model]
+    cache = root / "volumes" / cfg.model_cache_claim
+    target = cache / cfg.model_dirs[model]
     if not (target / "model_index.json").is_file():
         from kleinstyle.runtime.klein.tiny import write_tiny_klein
-        from transformers.utils import logging as transformers_logging
 
-        transformers_logging.disable_progress_bar()  # "Writing model shards" would open the demo's output
         write_tiny_klein(target)
+    if not (cache / EVALUATORS / CONTENT_DIR / "config.json").is_file():
+        from kleinstyle.runtime.klein.tiny_evaluators import write_tiny_evaluators
+
+        write_tiny_evaluators(cache / EVALUATORS)
     return target
 
 

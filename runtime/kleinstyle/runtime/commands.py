@@ -43,6 +43,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=int, help="training resolution in pixels, a multiple of 32 (default 1024)")
     p.add_argument("--checkpoint-every", dest="every", type=int, help="steps between checkpoints")
     p.add_argument("--evaluate", action="store_true", help="score checkpoints and stop early (slow on a CPU)")
+    models = "model folder in the transformers layout; without it the score is a proxy and nothing stops early"
+    p.add_argument("--style-model", metavar="DIR", help=f"with --evaluate: CSD for the style score ({models})")
+    p.add_argument("--text-model", metavar="DIR", help=f"with --evaluate: CLIP or SigLIP for adherence ({models})")
+    p.add_argument("--content-model", metavar="DIR", help=f"with --evaluate: DINOv2 for leakage ({models})")
+    p.add_argument("--probe-steps", type=int, default=20, help="with --evaluate: steps of each probe render")
     p.add_argument("-o", "--output", metavar="OUT", help="folder for the LoRA and its checkpoints")
 
 

@@ -18,6 +18,7 @@ pytest.importorskip("diffusers", reason="the Klein runtime needs the runtime ext
 import torch
 from diffusers import Flux2KleinPipeline
 from kleinstyle.runtime.klein.tiny import TINY_TEXT_ENCODER_LAYERS, write_tiny_klein
+from kleinstyle.runtime.klein.tiny_evaluators import write_tiny_evaluators
 
 CAPTIONS = ("tokstyle. a red house by a lake", "tokstyle. a cat sleeping on a sofa", "tokstyle. a tall pine tree")
 
@@ -52,6 +53,14 @@ def captions() -> tuple[str, ...]:
 def tiny_klein(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random FLUX.2 [klein] pipeline directory (seed 0), written once per session."""
     return write_tiny_klein(tmp_path_factory.mktemp("models") / "tiny-klein")
+
+
+@pytest.fixture(scope="session")
+def tiny_evaluators(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny random CSD, CLIP and DINOv2 folders (tiny_evaluators.STYLE_DIR, TEXT_DIR, CONTENT_DIR), once per session."""
+    folder = tmp_path_factory.mktemp("evaluators")
+    write_tiny_evaluators(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,8 @@ from kleinstyle.runtime.klein.evaluate import (
     TextImageScorer,
     VisionModelEmbedder,
 )
-from kleinstyle.runtime.klein.tiny import TINY_TEXT_ENCODER_LAYERS, tiny_qwen_tokenizer
+from kleinstyle.runtime.klein.tiny import TINY_TEXT_ENCODER_LAYERS
+from kleinstyle.runtime.klein.tiny_evaluators import write_tiny_clip, write_tiny_csd, write_tiny_dinov2
 from PIL import Image, ImageOps
 from safetensors.torch import save_file
 
@@ -141,58 +142,14 @@ PICTURES = [Image.linear_gradient("L").convert("RGB"), Image.radial_gradient("L"
 def test_a_vision_model_directory_gives_leakage_content_from_the_processors_crop(tmp_path: Path) -> None:
     """The real-encoder path: a (tiny, random) DINOv2 saved in the transformers layout, loaded from its folder. Its
     processor crops 48 px while the config says 32: the patch count follows the crop (6 x 6, not 4 x 4)."""
-    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
-
-    config = Dinov2Config(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
-    )
-    torch.manual_seed(0)
-    Dinov2Model(config).save_pretrained(tmp_path / "dino")
-    BitImageProcessor(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48}).save_pretrained(
-        tmp_path / "dino"
-    )
-    content = VisionModelEmbedder(tmp_path / "dino").content(PICTURES)
+    content = VisionModelEmbedder(write_tiny_dinov2(tmp_path / "dino", crop=48)).content(PICTURES)
     assert content.shape == (2, 36 * 32)
     assert torch.allclose(content.norm(dim=1), torch.ones(2))
     assert float(content[0] @ content[1]) < 0.999  # different pictures, different content
 
 
-def _tiny_clip(folder: Path) -> Path:
-    """A tiny random CLIP (text and vision towers) with a tokenizer, in the transformers layout."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    tokenizer = tiny_qwen_tokenizer()
-    config = CLIPConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "max_position_embeddings": 16,
-            # CLIP pools the text at its end token: here, the first padding after the prompt.
-            "eos_token_id": tokenizer.pad_token_id,
-            "bos_token_id": None,
-        },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "image_size": 32,
-            "patch_size": 8,
-        },
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_a_text_image_model_scores_adherence_by_the_prompt(tmp_path: Path) -> None:
-    scorer = TextImageScorer(_tiny_clip(tmp_path / "clip"))
+    scorer = TextImageScorer(write_tiny_clip(tmp_path / "clip"))
     scores = scorer.adherence([PICTURES[0], PICTURES[0]], ["a fox in the snow", "a bowl of fruit"])
     assert scores.shape == (2,) and all(-1.0 <= float(v) <= 1.0 for v in scores)
     assert float(scores[0]) != float(scores[1])  # the same picture agrees differently with different texts
@@ -201,18 +158,10 @@ def test_a_text_image_model_scores_adherence_by_the_prompt(tmp_path: Path) -> No
 
 
 def test_csd_style_comes_from_the_vision_tower_and_its_style_projection(tmp_path: Path) -> None:
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
-
-    folder = tmp_path / "csd"
-    torch.manual_seed(0)
-    config = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
-    )
-    CLIPVisionModel(config).save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-    with pytest.raises(FileNotFoundError, match=CSD_PROJECTION):
-        CSDStyleEmbedder(folder)
-    save_file({"weight": torch.randn(24, 32)}, folder / CSD_PROJECTION)
+    folder = write_tiny_csd(tmp_path / "csd")
     style = CSDStyleEmbedder(folder).style(PICTURES)
     assert style.shape == (2, 24) and torch.allclose(style.norm(dim=1), torch.ones(2))
     assert float(style[0] @ style[1]) < 0.999
+    (folder / CSD_PROJECTION).unlink()
+    with pytest.raises(FileNotFoundError, match=CSD_PROJECTION):
+        CSDStyleEmbedder(folder)

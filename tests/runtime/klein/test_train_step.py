@@ -21,6 +21,7 @@ from kleinstyle.runtime import step, train
 from kleinstyle.runtime.errors import BadInput
 from kleinstyle.runtime.klein import lora_train
 from kleinstyle.runtime.klein.evaluate import Evaluator
+from kleinstyle.runtime.klein.tiny_evaluators import CONTENT_DIR, STYLE_DIR, TEXT_DIR
 from kleinstyle.runtime.train.settings import diffusers_prefix, train_settings
 from PIL import Image
 from safetensors.torch import load_file
@@ -279,7 +280,18 @@ def test_a_full_volume_fails_at_once_with_exit_3_and_keeps_the_checkpoints_saved
     assert load_file(saved / "lora.safetensors") and torch.load(saved / "training_state.pt", weights_only=False)
 
 
-PROBES = EvaluationSpec(prompts=1, seeds=2, size=32, steps=2)
+PROXY_PROBES = EvaluationSpec(prompts=1, seeds=2, size=32, steps=2)  # no evaluation model: proxies
+
+
+@pytest.fixture
+def probes(rootfs: Path, tiny_evaluators: Path) -> EvaluationSpec:
+    """The probes, scored by (tiny) real models in the pod's /models: what early stopping may act on."""
+    models = rootfs / "models"
+    models.mkdir(exist_ok=True)
+    for name in (STYLE_DIR, TEXT_DIR, CONTENT_DIR):
+        (models / name).symlink_to(tiny_evaluators / name, target_is_directory=True)
+    paths = {"style_embedder_path": STYLE_DIR, "text_model_path": TEXT_DIR, "embedder_path": CONTENT_DIR}
+    return PROXY_PROBES.model_copy(update={key: f"/models/{name}" for key, name in paths.items()})
 
 
 def same_file(a: Path, b: Path) -> bool:
@@ -288,10 +300,10 @@ def same_file(a: Path, b: Path) -> bool:
 
 
 def test_checkpoints_are_scored_and_the_best_one_becomes_the_lora(
-    rootfs: Path, kube_api: KubeApi, tiny_klein: Path, two_images: Path
+    probes: EvaluationSpec, rootfs: Path, kube_api: KubeApi, tiny_klein: Path, two_images: Path
 ) -> None:
     serve_owner(kube_api)
-    spec_path = runspec(rootfs, tiny_klein, two_images, evaluation=PROBES, stopping={"patience": 20})
+    spec_path = runspec(rootfs, tiny_klein, two_images, evaluation=probes, stopping={"patience": 20})
     assert train.main(spec_path) == 0
 
     result = progress_reports(kube_api)[-1]["result"]
@@ -314,19 +326,26 @@ def test_checkpoints_are_scored_and_the_best_one_becomes_the_lora(
         assert gallery.height > 4 * 128 and gallery.width >= 2 * 128
 
 
+STYLE_AT = {0: 0.1, 1: 0.3, 2: 0.6, 3: 0.5, 4: 0.4, 5: 0.3, 6: 0.2}  # a peak at step 2, then a fall
+
+
+def scripted_peak(self: Evaluator, step: int, lora_file: Path | None) -> ProbeScores:
+    return ProbeScores(step, (STYLE_AT[step], STYLE_AT[step] + 0.01), (0.9, 0.9), (0.2, 0.2))
+
+
 def test_early_stopping_stops_when_scores_fall_and_promotes_the_best(
-    rootfs: Path, kube_api: KubeApi, tiny_klein: Path, two_images: Path, monkeypatch: pytest.MonkeyPatch
+    probes: EvaluationSpec,
+    rootfs: Path,
+    kube_api: KubeApi,
+    tiny_klein: Path,
+    two_images: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Scores scripted per step (a random tiny model has no style to learn): they peak at step 2 and fall."""
-    style_at = {0: 0.1, 1: 0.3, 2: 0.6, 3: 0.5, 4: 0.4, 5: 0.3, 6: 0.2}
-
-    def scripted(self: Evaluator, step: int, lora_file: Path | None) -> ProbeScores:
-        return ProbeScores(step, (style_at[step], style_at[step] + 0.01), (0.9, 0.9), (0.2, 0.2))
-
-    monkeypatch.setattr(Evaluator, "score", scripted)
+    monkeypatch.setattr(Evaluator, "score", scripted_peak)
     serve_owner(kube_api)
     spec_path = runspec(
-        rootfs, tiny_klein, two_images, evaluation=PROBES, stopping={"patience": 1, "warmupSteps": 0}, checkpointEvery=1
+        rootfs, tiny_klein, two_images, evaluation=probes, stopping={"patience": 1, "warmupSteps": 0}, checkpointEvery=1
     )
     assert train.main(spec_path) == 0
 
@@ -341,7 +360,12 @@ def test_early_stopping_stops_when_scores_fall_and_promotes_the_best(
 
 
 def test_when_no_checkpoint_passes_the_guards_the_latest_is_promoted_with_a_warning(
-    rootfs: Path, kube_api: KubeApi, tiny_klein: Path, two_images: Path, monkeypatch: pytest.MonkeyPatch
+    probes: EvaluationSpec,
+    rootfs: Path,
+    kube_api: KubeApi,
+    tiny_klein: Path,
+    two_images: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     def drifting(self: Evaluator, step: int, lora_file: Path | None) -> ProbeScores:
         adherence = 1.0 if step == 0 else 0.1  # every checkpoint stops drawing the prompts
@@ -349,7 +373,7 @@ def test_when_no_checkpoint_passes_the_guards_the_latest_is_promoted_with_a_warn
 
     monkeypatch.setattr(Evaluator, "score", drifting)
     serve_owner(kube_api)
-    assert train.main(runspec(rootfs, tiny_klein, two_images, evaluation=PROBES, stopping={"patience": 20})) == 0
+    assert train.main(runspec(rootfs, tiny_klein, two_images, evaluation=probes, stopping={"patience": 20})) == 0
     result = progress_reports(kube_api)[-1]["result"]
     # The guards failed at steps 2 and 4: the run stops there and the latest checkpoint is all there is.
     assert result["stop_reason"].startswith("early stopping: step 4: two evaluations in a row failed the guards")
@@ -364,20 +388,58 @@ def worse(self: Evaluator, step: int, lora_file: Path | None) -> ProbeScores:
 
 
 def test_a_lora_scoring_below_the_base_model_is_not_promoted(
-    rootfs: Path, kube_api: KubeApi, tiny_klein: Path, two_images: Path, monkeypatch: pytest.MonkeyPatch
+    probes: EvaluationSpec,
+    rootfs: Path,
+    kube_api: KubeApi,
+    tiny_klein: Path,
+    two_images: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(Evaluator, "score", worse)
     serve_owner(kube_api)
-    assert train.main(runspec(rootfs, tiny_klein, two_images, evaluation=PROBES, stopping={"patience": 20})) == 0
+    assert train.main(runspec(rootfs, tiny_klein, two_images, evaluation=probes, stopping={"patience": 20})) == 0
     result = progress_reports(kube_api)[-1]["result"]
     assert (result["best_checkpoint"], result["lora_step"], result["lora_file"]) == (0, 0, None)
     assert not (output(rootfs) / "lora.safetensors").exists()
     assert result["warnings"][0].startswith("every checkpoint scored below the base model (best J 0.5650, base 0.9050)")
 
 
-def test_a_missing_embedder_directory_exits_2(rootfs: Path, kube_api: KubeApi, tiny_klein: Path, two_images: Path):
+def test_without_evaluation_models_the_scores_are_proxies_and_nothing_stops_early(
+    rootfs: Path, kube_api: KubeApi, tiny_klein: Path, two_images: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scores of test_early_stopping_stops_when_scores_fall_and_promotes_the_best, with no model to measure
+    them (a content model named but not in the cache, none named for style and adherence): they are proxies, said
+    so, and pick nothing: the run trains its planned steps and the last checkpoint becomes the LoRA."""
+    monkeypatch.setattr(Evaluator, "score", scripted_peak)
     serve_owner(kube_api)
-    probes = EvaluationSpec(prompts=1, seeds=1, size=32, steps=1, embedder_path="/models/dinov2")
+    probes = PROXY_PROBES.model_copy(update={"embedder_path": "/models/dinov2"})
+    spec = runspec(
+        rootfs, tiny_klein, two_images, evaluation=probes, stopping={"patience": 1, "warmupSteps": 0}, checkpointEvery=1
+    )
+    assert train.main(spec) == 0
+
+    result = progress_reports(kube_api)[-1]["result"]
+    assert (result["stop_reason"], result["lora_step"], result["steps"]) == ("completed", 6, 6)
+    assert result["best_checkpoint"] is None and not result["stopped_early"]
+    proxies = result["evaluation"]["proxies"]
+    assert set(proxies) == {"style", "adherence", "leakage"}
+    assert "checkpointEvaluation.styleEmbedderDir is not set" in proxies["style"]
+    assert "no model at /models/dinov2 (checkpointEvaluation.embedderDir)" in proxies["leakage"]
+    assert "colour moments" in proxies["style"] and "not measured" in proxies["adherence"]
+    assert any(w.startswith("checkpoint scores are proxies") for w in result["warnings"])
+    assert same_file(
+        output(rootfs) / "lora.safetensors", output(rootfs) / "work/checkpoints/step_000006/lora.safetensors"
+    )
+
+
+def test_an_evaluation_model_that_cannot_be_loaded_exits_2(
+    rootfs: Path, kube_api: KubeApi, tiny_klein: Path, two_images: Path
+) -> None:
+    serve_owner(kube_api)
+    broken = rootfs / "models" / "dinov2"
+    broken.mkdir(parents=True)
+    (broken / "config.json").write_text("{not json")
+    probes = PROXY_PROBES.model_copy(update={"embedder_path": "/models/dinov2"})
     assert train.main(runspec(rootfs, tiny_klein, two_images, evaluation=probes)) == 2
     assert "checkpointEvaluation.embedderDir" in (rootfs / "dev/termination-log").read_text()
 
@@ -591,6 +653,7 @@ def test_aitoolkit_backend_publishes_its_final_file(
 
 @pytest.mark.parametrize(("peak", "published"), [(10, "wc-lora_000000010.safetensors"), (20, "wc-lora.safetensors")])
 def test_aitoolkit_checkpoints_and_final_file_are_judged(
+    probes: EvaluationSpec,
     rootfs: Path,
     kube_api: KubeApi,
     tiny_klein: Path,
@@ -610,7 +673,7 @@ def test_aitoolkit_checkpoints_and_final_file_are_judged(
     monkeypatch.setenv("AI_TOOLKIT_DIR", str(DOUBLE))
     serve_owner(kube_api)
     runspec(rootfs, tiny_klein, two_images)  # puts the tiny model and the dataset where the RunSpec points
-    assert train.main(aitoolkit_runspec(rootfs, "wc-lora", "/models/tiny", PROBES)) == 0
+    assert train.main(aitoolkit_runspec(rootfs, "wc-lora", "/models/tiny", probes)) == 0
     result = progress_reports(kube_api)[-1]["result"]
     assert [c["step"] for c in result["evaluation"]["checkpoints"]] == [5, 10, 15, 20]
     assert result["best_checkpoint"] == result["lora_step"] == peak
@@ -699,6 +762,7 @@ def test_train_on_one_machine_names_bad_input(
 
 @pytest.mark.parametrize("stopped", [False, True], ids=["completed", "stopped"])
 def test_an_aitoolkit_lora_scoring_below_the_base_model_is_not_published(
+    probes: EvaluationSpec,
     rootfs: Path,
     kube_api: KubeApi,
     tiny_klein: Path,
@@ -713,7 +777,7 @@ def test_an_aitoolkit_lora_scoring_below_the_base_model_is_not_published(
     monkeypatch.setenv("AI_TOOLKIT_DIR", str(DOUBLE))
     monkeypatch.setattr(step, "STOP_POLL_S", 0.0)
     runspec(rootfs, tiny_klein, two_images)
-    spec_path = aitoolkit_runspec(rootfs, "wc-lora", "/models/tiny", PROBES)
+    spec_path = aitoolkit_runspec(rootfs, "wc-lora", "/models/tiny", probes)
     folder = output(rootfs) / "aitoolkit/wc-lora"
     if stopped:
         saved = lambda: len(list(folder.glob("wc-lora_*.safetensors"))) >= 2  # noqa: E731
@@ -746,3 +810,27 @@ def test_sigterm_during_training_exits_1_for_the_next_pod_to_resume(
     plan = plan_training(2, {"backend": "builtin", "mode": "two-step", "training": QUICK}, {"maxSteps": 4})
     assert train.main(write_spec(rootfs, plan, "builtin", "/models/tiny")) == 1
     assert len(stages) == 1  # the content stage only
+
+
+def test_train_on_one_machine_scores_checkpoints_with_the_model_folders_given(
+    tiny_klein: Path,
+    tiny_evaluators: Path,
+    dataset: Callable[..., Path],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`kleinstyle train --evaluate` with the three model folders: every score by its model, no proxy said; without
+    them, each score's proxy is named."""
+    from kleinstyle.cli.main import main as kleinstyle
+
+    data = dataset(["tok. a hill", "tok. a boat"])
+    args = ["--model", str(tiny_klein), "--data", str(data), "--trigger", "tok", "--rank", "4", "--steps", "2"]
+    args += ["--resolution", "64", "--checkpoint-every", "2", "--evaluate", "--probe-steps", "1"]
+    models = ["--style-model", str(tiny_evaluators / STYLE_DIR), "--text-model", str(tiny_evaluators / TEXT_DIR)]
+    models += ["--content-model", str(tiny_evaluators / CONTENT_DIR)]
+    assert kleinstyle(["train", *args, *models, "-o", str(tmp_path / "real")]) == 0
+    assert "proxies" not in caplog.text
+    scored = sorted(p.name for p in (tmp_path / "real/work/evaluation").glob("step_*.json"))
+    assert scored == ["step_000000.json", "step_000002.json"]
+    assert kleinstyle(["train", *args, "-o", str(tmp_path / "proxy")]) == 0
+    assert "checkpoint scores are proxies" in caplog.text and "checkpointEvaluation.textModelDir" in caplog.text

@@ -89,7 +89,9 @@ class EarlyStopping(Model):
     """Stop at the best checkpoint instead of the last one."""
 
     enabled: bool = Field(default=True, description="Evaluate checkpoints and stop when they stop improving.")
-    patience: int = Field(default=3, ge=1, le=20, description="Evaluations without improvement before stopping.")
+    patience: int = Field(
+        default=2, ge=1, le=20, description="Evaluations in a row clearly below the best before stopping."
+    )
     warmup_steps: int | None = Field(
         default=None, ge=0, le=10000, description="No stop before this step; unset: a third of the planned steps."
     )
@@ -156,6 +158,16 @@ class Checkpoint(StatusModel):
     loss: float | None = Field(default=None, description="Training loss at the checkpoint.")
 
 
+class LoraFile(StatusModel):
+    format: LoraFormat = Field(description="Its key names: diffusers (transformer.*) or bfl (diffusion_model.*).")
+    uri: str = Field(description="Where the file is.")
+
+
+class ScoreProxy(StatusModel):
+    score: Literal["style", "adherence", "leakage"] = Field(description="The score measured by a stand-in.")
+    measured_by: str = Field(description="What measured it instead of its model, and why the model is missing.")
+
+
 class StyleLoRAOutcome(StatusModel):
     """What the current run reports: rewritten from its progress and result on every reconcile, emptied otherwise."""
 
@@ -182,11 +194,16 @@ class StyleLoRAOutcome(StatusModel):
         "their scores: why a checkpoint won.",
     )
     early_stopping: str | None = Field(default=None, description="The early-stopping policy's latest verdict.")
+    score_proxies: list[ScoreProxy] | None = Field(
+        default=None,
+        description="Scores measured by a stand-in because their model is missing. Set: the checkpoints' scores are "
+        "proxies, and the run neither stops early nor picks a checkpoint on them.",
+    )
     lora_step: int | None = Field(default=None, description="The step of the checkpoint that became the LoRA.")
     lora_uri: str | None = Field(default=None, description="The trained LoRA (the best checkpoint).")
-    lora_files: dict[str, Annotated[str, Field(description="Where the file in that format is.")]] | None = Field(
+    lora_files: list[LoraFile] | None = Field(
         default=None,
-        description="Every published LoRA file by format (spec.output.loraFormats): the first is loraURI.",
+        description="Every published LoRA file, in the order of spec.output.loraFormats: the first is loraURI.",
     )
     stop_reason: str | None = Field(default=None, description="Why training ended.")
 

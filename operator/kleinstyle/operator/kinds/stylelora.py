@@ -20,12 +20,22 @@ from kleinstyle.contract.early_stop import StoppingSettings, Verdict, decide_rep
 from kleinstyle.contract.layout import AITOOLKIT_DIR, CHECKPOINT_GALLERY, DATASET_DIR, LORA_FILE, lora_files
 from kleinstyle.contract.plan import TrainingPlan, plan_training
 from kleinstyle.contract.pod import AITOOLKIT_CONFIG_FILE, STOP_ANNOTATION, STOP_REQUESTED, parse_stop
+from kleinstyle.contract.proxies import on_proxies
 from kleinstyle.contract.reports import CheckpointReport, EvaluationReport, TrainProgress, TrainResult
 from kleinstyle.contract.runspec import EvaluationSettings, EvaluationSpec, TrainSpec
 
 from ..api import BY_KIND
 from ..api.styleboard import StyleBoardSpec, StyleBoardStatus
-from ..api.stylelora import Checkpoint, ContentStage, PlanSummary, StyleLoRAOutcome, StyleLoRASpec, StyleLoRAStatus
+from ..api.stylelora import (
+    Checkpoint,
+    ContentStage,
+    LoraFile,
+    PlanSummary,
+    ScoreProxy,
+    StyleLoRAOutcome,
+    StyleLoRASpec,
+    StyleLoRAStatus,
+)
 from ..children import Run
 from ..config import OperatorConfig
 from .base import Dependencies, Dependency, KindRuns, build_run, dependency_path, model_path, work_of
@@ -82,7 +92,7 @@ class StyleLoRARuns(KindRuns[StyleLoRASpec, TrainSpec, TrainProgress, TrainResul
             trigger_word=work.trigger_word,
             style_profile=work.style_profile,
         )
-        return status, list(work.plan.warnings)
+        return status, [*work.plan.warnings, *proxy_warning(work.evaluation)]
 
     def live(self, progress: TrainProgress, run: Run) -> StyleLoRAStatus:
         status = scored(progress.checkpoints, progress.evaluation, run)
@@ -101,12 +111,9 @@ class StyleLoRARuns(KindRuns[StyleLoRASpec, TrainSpec, TrainProgress, TrainResul
         status = scored(result.checkpoints, result.evaluation, run)
         # Where the LoRA is comes from the RunSpec, never from the pod; step 0: the base model won, no LoRA.
         status.lora_uri = f"{run.runspec.output_display_uri}/{LORA_FILE}" if result.lora_step > 0 else None
-        formats = self.work(run).lora_formats
-        status.lora_files = (
-            {fmt: f"{run.runspec.output_display_uri}/{name}" for fmt, name in lora_files(formats).items()}
-            if result.lora_step > 0
-            else None
-        )
+        folder, formats = run.runspec.output_display_uri, self.work(run).lora_formats
+        published = [LoraFile(format=fmt, uri=f"{folder}/{name}") for fmt, name in lora_files(formats).items()]
+        status.lora_files = published if result.lora_step > 0 else None
         status.stop_reason = result.stop_reason
         status.eta = None
         status.step = result.steps
@@ -152,6 +159,28 @@ def evaluation(cfg: OperatorConfig, plan: TrainingPlan) -> EvaluationSpec:
         style_embedder_path=cached(ev.style_embedder_dir),
         text_model_path=cached(ev.text_model_dir),
     )
+
+
+EVALUATION_MODELS = (  # the chart's checkpointEvaluation key, the score it measures, what is missing without it
+    ("styleEmbedderDir", "style", "style_embedder_path"),
+    ("textModelDir", "adherence", "text_model_path"),
+    ("embedderDir", "leakage", "embedder_path"),
+)
+
+
+def proxy_warning(evaluation: EvaluationSpec | None) -> list[str]:
+    """The warning of a run whose checkpoints will be scored by stand-ins: the models the operator's configuration
+    names none for (a model named but not in the cache, only the pod can tell: it reports `scoreProxies`)."""
+    if evaluation is None:
+        return []
+    unset = [(key, score) for key, score, field in EVALUATION_MODELS if getattr(evaluation, field) is None]
+    if not unset:
+        return []
+    named = ", ".join(f"{score} (checkpointEvaluation.{key})" for key, score in unset)
+    return [
+        f"no model configured for {named}: those checkpoint scores will be proxies, so early stopping will not "
+        "stop the run or pick a checkpoint; the last checkpoint becomes the LoRA"
+    ]
 
 
 def plan_summary(plan: TrainingPlan) -> PlanSummary:
@@ -207,6 +236,8 @@ def scored(checkpoints: list[CheckpointReport], evaluation: EvaluationReport | N
     """Checkpoints as status shows them, with their scores and the policy's verdict when the run evaluates them.
     URIs the pod reports are shown as given but never used by the operator."""
     verdict = verdict_of(evaluation, run)
+    if verdict is not None and evaluation is not None:
+        verdict = on_proxies(verdict, evaluation.proxies)  # as the runtime acts on it
     judged = {j.step: j for j in verdict.judged} if verdict else {}
     held_out = {c.step: c.validation_loss for c in evaluation.checkpoints} if evaluation else {}
     shown = []
@@ -224,6 +255,8 @@ def scored(checkpoints: list[CheckpointReport], evaluation: EvaluationReport | N
         status.best_checkpoint = verdict.best_step
         status.early_stopping = verdict.reason
         status.base_score = verdict.base_score
+    if evaluation is not None and evaluation.proxies:
+        status.score_proxies = [ScoreProxy(score=k, measured_by=v) for k, v in sorted(evaluation.proxies.items())]
     if evaluation is not None:  # the runtime publishes the sheet with the base model's scores
         status.checkpoint_gallery_uri = f"{run.runspec.output_display_uri}/{CHECKPOINT_GALLERY}"
     return status

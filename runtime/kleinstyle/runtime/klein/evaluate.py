@@ -41,6 +41,7 @@ import torch.nn.functional as F
 # placeholders it exports when torch or transformers is missing.
 from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
 from kleinstyle.contract.early_stop import ProbeScores, Verdict
+from kleinstyle.contract.proxies import on_proxies
 from kleinstyle.contract.reports import ProbeScoresReport
 from kleinstyle.contract.runspec import EvaluationSpec
 from PIL import Image
@@ -64,6 +65,12 @@ VALIDATION_SIGMAS = (0.25, 0.5, 0.75, 0.9)
 CSD_PROJECTION = "csd_style_projection.safetensors"  # CSD's style head beside its CLIP vision tower
 THUMB = 128
 _ADAPTER = "kleinstyle_probe"
+# What measures a score when its model is missing: a proxy, said so wherever the score is shown.
+STAND_INS = {
+    "style": "colour moments and texture-filter energies, not a style model",
+    "adherence": "not measured (1.0 for every render)",
+    "leakage": "the 16x16 light/dark layout, not a content model",
+}
 
 
 class StyleEmbedder(Protocol):
@@ -229,6 +236,8 @@ class Evaluator:
         self.settings = settings
         self.device = device or torch.device("cpu")
         offline = PixelStatsEmbedder()
+        given = {"style": style, "adherence": adherence, "leakage": content}
+        self.stand_ins = {score: STAND_INS[score] for score, model in given.items() if model is None}
         self.style_embedder = style or offline
         self.content_embedder = content or offline
         self.adherence_scorer = adherence or UnmeasuredAdherence()
@@ -351,15 +360,17 @@ class Evaluator:
         if not rows:
             return None
         cells = []
+        header = ["a row per step; J: its score"]
+        if self.stand_ins:  # said on the sheet itself: it travels without status
+            header.append("PROXY scores, no early stop: " + "; ".join(f"{k}: {v}" for k, v in self.stand_ins.items()))
+            decision = None if decision is None else on_proxies(decision, self.stand_ins)
         for step in rows:
             title = _row_title(step, decision)
             for index, prompt in enumerate(self.probe_prompts):
                 file = self.cache_dir / f"step_{step:06d}" / f"probe_{index:02d}.png"
                 image = Image.open(file).convert("RGB") if file.is_file() else Image.new("RGB", (THUMB, THUMB))
                 cells.append(Cell(image, title if index == 0 else f"probe {index + 1}", prompt))
-        sheet, _ = contact_sheet(
-            cells, columns=len(self.probe_prompts), header=["a row per step; J: its score"], thumb=THUMB
-        )
+        sheet, _ = contact_sheet(cells, columns=len(self.probe_prompts), header=header, thumb=THUMB)
         return sheet
 
     def close(self) -> None:

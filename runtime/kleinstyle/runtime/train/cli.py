@@ -53,10 +53,22 @@ def cli_spec(args: argparse.Namespace) -> RunSpec:
         backend="builtin",
         model_path=str(Path(args.model).resolve()),
         plan=plan,
-        evaluation=EvaluationSpec() if args.evaluate else None,
+        evaluation=evaluation_spec(args, int(plan.resolution.value)) if args.evaluate else None,
     )
     owner = Owner(kind="StyleLoRA", plural="styleloras", namespace="local", name=Path(output).name, uid="local")
     return RunSpec(owner=owner, output_uri=output, output_display_uri=output, work=work)
+
+
+def evaluation_spec(args: argparse.Namespace, resolution: int) -> EvaluationSpec:
+    """The default probes at no more than the training resolution (as the operator sets them), scored by the model
+    folders given (each one missing: a proxy score)."""
+    given = {
+        "style_embedder_path": args.style_model,
+        "text_model_path": args.text_model,
+        "embedder_path": args.content_model,
+    }
+    paths = {key: str(Path(path).resolve()) for key, path in given.items() if path}
+    return EvaluationSpec(size=min(EvaluationSpec().size, resolution // 16 * 16), steps=args.probe_steps, **paths)
 
 
 def training_sizes(spec: RunSpec) -> list[tuple[str, tuple[int, int], tuple[int, int]]]:

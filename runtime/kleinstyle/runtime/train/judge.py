@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from kleinstyle.contract.early_stop import StoppingSettings, Verdict, decide_reported
 from kleinstyle.contract.layout import CHECKPOINT_GALLERY
+from kleinstyle.contract.proxies import on_proxies
 from kleinstyle.contract.reports import EvaluationReport
 from kleinstyle.contract.runspec import RunSpec, TrainSpec
 
@@ -40,13 +41,18 @@ def judged(work: TrainSpec) -> bool:
     return work.evaluation is not None and work.plan.early_stopping
 
 
-def _load(path: str | None, key: str, load: Callable[..., Model], device: torch.device) -> Model | None:
-    """The evaluation model at `path` (the RunSpec's `checkpointEvaluation.{key}`), None when none is named; a model
-    that is missing or cannot be loaded is bad input (a retry finds the same folder)."""
+def _load(
+    path: str | None, key: str, load: Callable[..., Model], device: torch.device, missing: dict[str, str], score: str
+) -> Model | None:
+    """The evaluation model at `path` (the RunSpec's `checkpointEvaluation.{key}`). None, with why in `missing`
+    under `score`, when none is named or the folder holds none (not provisioned yet): the score is then a proxy.
+    A model there that cannot be loaded is bad input (a retry finds the same folder)."""
     if path is None:
+        missing[score] = f"checkpointEvaluation.{key} is not set"
         return None
     if not (local_path(path) / "config.json").is_file():
-        raise BadInput(f"checkpointEvaluation.{key}: no model at {path} (no config.json)")
+        missing[score] = f"no model at {path} (checkpointEvaluation.{key}): the model cache holds none there"
+        return None
     try:
         return load(local_path(path), device=device)
     except (OSError, ValueError) as exc:
@@ -70,9 +76,10 @@ class Judge:
         self.reporter = reporter
         self.settings = StoppingSettings.from_plan(work.plan)
         device = default_device()
-        content = _load(evaluation.embedder_path, "embedderDir", VisionModelEmbedder, device)
-        style = _load(evaluation.style_embedder_path, "styleEmbedderDir", CSDStyleEmbedder, device)
-        adherence = _load(evaluation.text_model_path, "textModelDir", TextImageScorer, device)
+        missing: dict[str, str] = {}
+        content = _load(evaluation.embedder_path, "embedderDir", VisionModelEmbedder, device, missing, "leakage")
+        style = _load(evaluation.style_embedder_path, "styleEmbedderDir", CSDStyleEmbedder, device, missing, "style")
+        adherence = _load(evaluation.text_model_path, "textModelDir", TextImageScorer, device, missing, "adherence")
         training, validation = held_out(read_dataset(dataset_folder(spec)), held_out_count(work))
         self.evaluator: Evaluator = Evaluator(
             local_path(work.model_path),
@@ -89,8 +96,15 @@ class Judge:
             device=device,
             dtype=compute_dtype(device),
         )
+        self.proxies = {score: f"{self.evaluator.stand_ins[score]}: {why}" for score, why in missing.items()}
+        if self.proxies:
+            reporter.warnings.append(
+                "checkpoint scores are proxies, so the run did not stop early and the last checkpoint became the "
+                "LoRA: " + "; ".join(f"{score} by {how}" for score, how in sorted(self.proxies.items()))
+            )
+            log.warning("checkpoint scores are proxies: %s", self.proxies)
         baseline = self.evaluator.score(0, None)
-        reporter.evaluation = EvaluationReport(baseline=baseline.to_report())
+        reporter.evaluation = EvaluationReport(baseline=baseline.to_report(), proxies=self.proxies)
         self.decision: Verdict | None = None
         self.publish_gallery()
 
@@ -100,8 +114,9 @@ class Judge:
         evaluation = self.reporter.evaluation
         assert evaluation is not None
         evaluation.checkpoints = [c for c in evaluation.checkpoints if c.step != step] + [scores.to_report()]
-        decision = self.decision = decide_reported(evaluation, self.settings)
-        assert decision is not None
+        decided = decide_reported(evaluation, self.settings)
+        assert decided is not None
+        decision = self.decision = on_proxies(decided, self.proxies)  # proxies stop nothing and pick nothing
         log.info(
             "checkpoint %d scored %.4f (base %.4f); best %s; %s",
             step,
@@ -126,6 +141,8 @@ class Judge:
         """The checkpoint to promote: None when none passed the guards (the latest one is, with a warning), 0 when
         the base model beats every eligible one (nothing is, with a warning)."""
         decision = self.decision
+        if self.proxies:
+            return None  # the last checkpoint: its warning was given when the proxies were found
         if decision is not None and decision.best_step is None and decision.judged:
             reasons = "; ".join(sorted({j.why_not for j in decision.judged if j.why_not}))
             self.reporter.warnings.append(
