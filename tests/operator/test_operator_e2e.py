@@ -83,9 +83,11 @@ async def test_board_is_prepared_and_its_status_tells_the_story(root: Path):
         assert len(list(dataset.glob("*.png"))) == 5
         assert captions[0].startswith("bd9style") and "subject" in captions[0]
 
-        events = cluster.emulator.list("events", NS)
-        reasons = [e["reason"] for e in events if e["involvedObject"]["name"] == "bd9"]
-        assert "JobCreated" in reasons and "JobComplete" in reasons
+        # Events are posted after the status patch that goes with them: a moment later under load.
+        def reasons() -> list[str]:
+            return [e["reason"] for e in cluster.emulator.list("events", NS) if e["involvedObject"]["name"] == "bd9"]
+
+        await cluster.wait_for(lambda: {"JobCreated", "JobComplete"} <= set(reasons()), timeout=10)
 
         # The operator records its metrics once its status patch has landed, so the gauge may trail what a reader of
         # the status sees by a moment (under load, a visible one): wait for it rather than race it.

@@ -79,15 +79,15 @@ DEPS = {
 
 CASES = {
     "board": (_obj("StyleBoard", "bd9", BOARD_SPEC), "58bc13dc56"),
-    "lora-builtin": (_obj("StyleLoRA", "bd9-lora", {"boardRef": {"name": "bd9"}, "backend": "builtin"}), "27222405f0"),
-    "lora-aitoolkit": (_obj("StyleLoRA", "bd9-lora", {"boardRef": {"name": "bd9"}}), "07aa74a06c"),
+    "lora-builtin": (_obj("StyleLoRA", "bd9-lora", {"boardRef": {"name": "bd9"}, "backend": "builtin"}), "fe59adc3c0"),
+    "lora-aitoolkit": (_obj("StyleLoRA", "bd9-lora", {"boardRef": {"name": "bd9"}}), "f614b07a58"),
     "lora-two-step": (
         _obj(
             "StyleLoRA",
             "bd9-lora",
             {"boardRef": {"name": "bd9"}, "backend": "builtin", "mode": "two-step", "training": {"rank": 32}},
         ),
-        "30efc000cb",
+        "fd1ff7ebdd",
     ),
     "generation": (
         _obj(
@@ -112,9 +112,9 @@ CONFIGMAPS = {
     "board": "0246c7454b307e6e",
     "fusion": "b078f90093c3bf6e",
     "generation": "f94329feefdf0413",
-    "lora-aitoolkit": "b578eec831cec1f4",
-    "lora-builtin": "3cd7e9058a6bae7f",
-    "lora-two-step": "b93b651d37715bbf",
+    "lora-aitoolkit": "5e287d2f86e72bc7",
+    "lora-builtin": "21d0a25b4e98bc4f",
+    "lora-two-step": "71d9281d145a7f37",
 }
 
 
