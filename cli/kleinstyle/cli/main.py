@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "tiny-model": (RUNTIME, "write a tiny random klein pipeline in the diffusers layout (demo, tests, smoke tests)"),
     "fuse": (RUNTIME, "LoRAFusion step: fuse LoRAs (concat, svd, klora) into one"),
+    "models": (RUNTIME, "pull the base model and the evaluation models into a model cache (pinned, verified)"),
     "dev-cluster": (DEVCLUSTER, "run an embedded cluster (API emulator, operator, local Job executor)"),
     "demo": (DEVCLUSTER, "run the whole flow on the embedded cluster and show where the artifacts are"),
 }

@@ -178,6 +178,18 @@ def _text_command(name: str) -> tuple[Callable[[argparse.ArgumentParser], None],
     return add, run
 
 
+def _models_args(p: argparse.ArgumentParser) -> None:
+    from .models.cli import models_args
+
+    models_args(p)
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .models.cli import models
+
+    return models(args)
+
+
 COMMANDS: dict[str, Command] = {
     name: (add, _with_credentials(run))
     for name, (add, run) in {
@@ -189,5 +201,6 @@ COMMANDS: dict[str, Command] = {
         "generate": (_generate_args, _generate),
         "tiny-model": (_tiny_model_args, _tiny_model),
         "fuse": (_fuse_args, _fuse),
+        "models": (_models_args, _models),
     }.items()
 }
