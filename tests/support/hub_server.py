@@ -12,6 +12,9 @@ memory, so tests drive the real client (HfApi.model_info, get_hf_file_metadata, 
 Faults a test sets: `cut(repo, path, *sizes)`: the next GETs of that file send `size` bytes of the body promised by
 their Content-Length and drop the connection (one size per request); `corrupt(repo, path)`: the file's bytes are
 changed on the wire while its ETag and listing stay those of the real content. `requests` records every request.
+With `cdn` set, LFS files are answered as the Hub does: a 302 to another origin (`localhost` instead of 127.0.0.1,
+standing for the CDN's signed URL) carrying X-Linked-Etag and X-Linked-Size; `cdn_authorized` records whether each
+CDN request carried an Authorization header (the token must stay with the Hub).
 """
 
 from __future__ import annotations
@@ -81,6 +84,8 @@ class LoopbackHub:
     _cuts: dict[tuple[str, str], list[int]] = field(default_factory=dict)
     _corrupt: set[tuple[str, str]] = field(default_factory=set)
     url: str = ""
+    cdn: bool = False
+    cdn_authorized: list[bool] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add_repo(
@@ -126,6 +131,7 @@ class LoopbackHub:
 
 _API = re.compile(r"/api/models/(?P<repo>[^/]+/[^/]+)/revision/(?P<rev>[^/]+)")
 _RESOLVE = re.compile(r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)")
+_CDN = re.compile(r"/cdn/(?P<repo>[^/]+/[^/]+)/(?P<sha>[0-9a-f]{64})/(?P<path>.+)")
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)")
 
 
@@ -190,7 +196,27 @@ def _handler(hub: LoopbackHub) -> type[BaseHTTPRequestHandler]:
                 if served is None:
                     self._error(404, "EntryNotFound", repo.commit)
                     return
+                if hub.cdn and served.lfs:
+                    port = urlsplit(hub.url).port
+                    self._send(
+                        302,
+                        b"",
+                        {
+                            "Location": f"http://localhost:{port}/cdn/{repo.repo_id}/{served.sha256}/{resolve['path']}",
+                            "X-Repo-Commit": repo.commit,
+                            "ETag": f'"{git_sha1(served.pointer)}"',
+                            "X-Linked-Etag": f'"{served.sha256}"',
+                            "X-Linked-Size": str(len(served.data)),
+                        },
+                        body=body,
+                    )
+                    return
                 self._file(repo, resolve["path"], served, body=body)
+                return
+            if cdn := _CDN.fullmatch(path):
+                hub.cdn_authorized.append("Authorization" in self.headers)
+                repo = hub.repos[cdn["repo"]]
+                self._file(repo, cdn["path"], repo.files[cdn["path"]], body=body)
                 return
             self._error(404, "RepoNotFound")
 

@@ -234,3 +234,27 @@ def test_a_pull_replacing_an_older_revision_drops_its_record_first(hub: Loopback
     record.write_text(json.dumps({**old, "revision": "1" * 40}))  # as left by an older manifest
     assert _pull(hub, cache, "--only", "dinov2") == 0
     assert json.loads(record.read_text())["revision"] == SOURCES["dinov2"].revision
+
+
+def test_lfs_files_behind_a_cdn_redirect_are_fetched_without_the_token(
+    hub: LoopbackHub, token_file: Path, tmp_path: Path
+) -> None:
+    """The Hub answers an LFS file with a 302 to a signed CDN URL: the pull follows it, verifies the file by the
+    redirect's X-Linked-Etag, and never sends the token off the Hub."""
+    hub.cdn = True
+    weights = (SOURCES["klein-base-9b-bfl"].repo_id, "flux-2-klein-base-9b.safetensors")
+    hub.cut(*weights, CHUNK)  # and the CDN transfer is resumed like any other
+    cache = tmp_path / "models"
+    assert _pull(hub, cache, "--only", "klein-base-9b-bfl", "--token-file", str(token_file)) == 0
+    assert hub.cdn_authorized == [False, False]
+    assert hub.gets("/flux-2-klein-base-9b.safetensors")[-1] == f"bytes={CHUNK}-"
+    installed = cache / "FLUX.2-klein-base-9B" / "flux-2-klein-base-9b.safetensors"
+    assert installed.read_bytes() == hub.repos[weights[0]].files[weights[1]].data
+
+
+def test_the_endpoint_comes_from_hf_endpoint_too(
+    hub: LoopbackHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    assert main(["models", "pull", "--only", "dinov2", str(tmp_path / "models")]) == 0
+    assert (tmp_path / "models" / "dinov2-base" / RECORD_DIR / "dinov2.json").is_file()

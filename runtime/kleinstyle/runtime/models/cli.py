@@ -74,7 +74,7 @@ def models(args: argparse.Namespace) -> int:
     except (ManifestError, ValueError) as exc:
         print(f"kleinstyle models pull: {exc}", file=sys.stderr)
         return 2
-    from huggingface_hub import disable_progress_bars
+    from huggingface_hub.utils.tqdm import disable_progress_bars
 
     disable_progress_bars()  # one line per file below instead of bars redrawn into a Job's log
 

@@ -203,6 +203,11 @@ def _staged_bytes(staging: Path) -> int:
     return sum(p.stat().st_size for p in staging.rglob("*") if p.is_file())
 
 
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+
+
 def _forget(staging: Path, path: str) -> None:
     """Delete a staged file that failed (and its partial download), so the next pull fetches it anew."""
     (staging / path).unlink(missing_ok=True)
@@ -223,8 +228,12 @@ def _verify(source: ModelSource, remote: RemoteFile, local: Path) -> None:
 def _fetch(plan: Plan, remote: RemoteFile, staging: Path, *, endpoint: str, token: str | None) -> Path:
     """Download one file into `staging` (resuming `PATH.part` left by an earlier run), verify it against the Hub's
     ETag and listing, and rename it to its name there."""
-    from huggingface_hub import build_hf_headers, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.file_download import http_get
+
+    # Documented as huggingface_hub.utils.build_hf_headers; the package re-exports it without `as`, which strict
+    # mypy does not count as an export.
+    from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
 
     source = plan.source
     final, part = staging / remote.path, staging / f"{remote.path}.part"
@@ -247,7 +256,7 @@ def _fetch(plan: Plan, remote: RemoteFile, staging: Path, *, endpoint: str, toke
                 f"{source.name}: {remote.path}: the Hub's ETag {meta.etag} and its listing {expected} disagree"
             )
         headers = build_hf_headers(token=token or False)
-        if urlsplit(meta.location).netloc != urlsplit(url).netloc:
+        if _origin(meta.location) != _origin(url):
             headers.pop("authorization", None)  # a signed CDN URL: the token stays with the Hub
         part.parent.mkdir(parents=True, exist_ok=True)
         if part.is_file() and part.stat().st_size > remote.size:
