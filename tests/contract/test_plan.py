@@ -201,3 +201,80 @@ def test_the_plan_waits_two_evaluations_clearly_below_the_best() -> None:
 def test_the_rank_means_one_lora_per_fused_qkv_on_both_backends() -> None:
     plan = plan_training(12, {"boardRef": {"name": "b"}})
     assert "one rank-r LoRA per fused q/k/v projection" in plan.rank.reason
+
+
+# The training options ai-toolkit users reach for (docs/training-options.md).
+OPTIONS_SET = {"timestepBias": "style", "noiseOffset": 0.05, "flipHorizontal": True, "emaDecay": 0.99}
+OPTION_FIELDS = ("timestep_bias", "noise_offset", "flip_horizontal", "ema_decay", "gradient_checkpointing")
+
+
+def test_training_options_default_to_what_the_reference_runs_trained_with_and_stay_out_of_the_json() -> None:
+    from kleinstyle.contract.plan import TrainingPlan
+
+    plan = plan_training(12, {"boardRef": {"name": "b"}})
+    assert [plan.values()[name] for name in OPTION_FIELDS] == ["balanced", 0.0, False, None, None]
+    assert {getattr(plan, name).source for name in OPTION_FIELDS} == {"policy"}
+    # Out of the JSON at their defaults: every plan hash (so every RunSpec hash) written before they existed holds.
+    dumped = plan.model_dump(mode="json")
+    assert not set(OPTION_FIELDS) & dumped.keys()
+    assert TrainingPlan.model_validate(dumped) == plan
+    assert not any("EMA" in warning for warning in plan.warnings)
+
+
+def test_training_options_from_the_spec_reach_the_plan_with_their_source() -> None:
+    from kleinstyle.contract.plan import TrainingPlan
+
+    default = plan_training(12, {"boardRef": {"name": "b"}})
+    plan = plan_training(12, {"boardRef": {"name": "b"}, "training": {**OPTIONS_SET, "gradientCheckpointing": True}})
+    assert [plan.values()[name] for name in OPTION_FIELDS] == ["style", 0.05, True, 0.99, True]
+    assert {getattr(plan, name).source for name in OPTION_FIELDS} == {"spec"}
+    dumped = plan.model_dump(mode="json")
+    assert set(OPTION_FIELDS) <= dumped.keys()
+    assert TrainingPlan.model_validate(dumped) == plan
+    assert plan.plan_hash() != default.plan_hash()
+    assert any("EMA variant unstable" in warning for warning in plan.warnings)
+    # A spec that sets an option to its default value still says so (and so hashes differently).
+    balanced = plan_training(12, {"training": {"timestepBias": "balanced"}})
+    assert balanced.timestep_bias.source == "spec" and "timestep_bias" in balanced.model_dump(mode="json")
+
+
+@pytest.mark.parametrize(
+    ("training", "message"),
+    [
+        ({"timestepBias": "detail"}, "timestepBias"),
+        ({"noiseOffset": 1.5}, "noiseOffset"),
+        ({"noiseOffset": -0.1}, "noiseOffset"),
+        ({"emaDecay": 1.0}, "emaDecay"),
+        ({"emaDecay": 0}, "emaDecay"),
+    ],
+)
+def test_training_options_out_of_range_are_refused(training: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        plan_training(12, {"training": training})
+
+
+def test_training_options_reach_the_aitoolkit_config_under_the_keys_it_reads() -> None:
+    from kleinstyle.contract.aitoolkit import aitoolkit_config
+
+    def process(training: dict, backend: str = "ai-toolkit") -> dict:
+        plan = plan_training(12, {"training": training, "backend": backend})
+        config = aitoolkit_config(plan, name="x", dataset_dir="/d", training_folder="/t", trigger_word="w")
+        return config["config"]["process"][0]
+
+    # Defaults: ai-toolkit's own (balanced, 0.0, no flip, no EMA), so nothing is written but its checkpointing.
+    default = process({})
+    assert default["train"]["gradient_checkpointing"] is True
+    assert not {"content_or_style", "noise_offset", "ema_config"} & default["train"].keys()
+    assert "flip_x" not in default["datasets"][0]
+
+    # ai-toolkit 27a03a91: TrainConfig reads content_or_style, noise_offset, gradient_checkpointing and ema_config
+    # (use_ema, ema_decay); DatasetConfig reads flip_x (toolkit/config_modules.py).
+    chosen = process({**OPTIONS_SET, "gradientCheckpointing": False})
+    assert chosen["train"]["content_or_style"] == "style"
+    assert chosen["train"]["noise_offset"] == 0.05
+    assert chosen["train"]["ema_config"] == {"use_ema": True, "ema_decay": 0.99}
+    assert chosen["train"]["gradient_checkpointing"] is False
+    assert chosen["datasets"][0]["flip_x"] is True
+    assert process({"timestepBias": "content"})["train"]["content_or_style"] == "content"
+    ema_warnings = plan_training(12, {"training": {"emaDecay": 0.99}, "backend": "ai-toolkit"}).warnings
+    assert any("ai-toolkit keeps no EMA state" in warning for warning in ema_warnings)

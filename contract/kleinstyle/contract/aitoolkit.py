@@ -4,6 +4,11 @@ Keys are the ones ai-toolkit reads at the pinned commit (docs/facts.md#ai-toolki
 process with network/save/datasets/train/model sections. For klein, ai-toolkit trains peft-format LoRAs and ignores
 `linear_alpha` (alpha = rank) and conv settings (klein has no conv layers), so neither is varied here. Block filters use
 BFL names with a trailing dot: "single_blocks.1" alone would also match 10-19.
+
+The training options (docs/training-options.md) go where ai-toolkit reads them: `train.content_or_style`,
+`train.noise_offset`, `train.ema_config` (`use_ema`, `ema_decay`), `train.gradient_checkpointing` and the dataset's
+`flip_x`. Each is written only when the plan departs from ai-toolkit's own default (balanced, 0.0, no EMA, no flip),
+which is also the plan's, so the config of a plan without them is the one written before they existed.
 """
 
 from __future__ import annotations
@@ -34,6 +39,33 @@ def aitoolkit_config(
     network: dict[str, Any] = {"type": "lora", "linear": v["rank"], "linear_alpha": v["rank"]}
     if v["target_blocks"] != "all":
         network["network_kwargs"] = {"only_if_contains": [f"{block}." for block in plan.blocks]}
+    dataset: dict[str, Any] = {
+        "folder_path": dataset_dir,
+        "caption_ext": "txt",
+        "caption_dropout_rate": v["caption_dropout"],
+        "resolution": [v["resolution"]],
+        "cache_latents_to_disk": True,
+    }
+    if v["flip_horizontal"]:
+        dataset["flip_x"] = True  # every image and its mirror (ai-toolkit appends a flipped copy of each)
+    train: dict[str, Any] = {
+        "batch_size": 1,
+        "steps": v["steps"],
+        "lr": v["learning_rate"],
+        "optimizer": v["optimizer"],
+        "optimizer_params": {"weight_decay": v["weight_decay"]},
+        "lr_scheduler": v["scheduler"],
+        "noise_scheduler": v["noise_scheduler"],
+        # ai-toolkit's own default (on) unless the plan says otherwise.
+        "gradient_checkpointing": True if v["gradient_checkpointing"] is None else bool(v["gradient_checkpointing"]),
+        "dtype": "bf16",
+    }
+    if v["timestep_bias"] != "balanced":
+        train["content_or_style"] = v["timestep_bias"]
+    if v["noise_offset"]:
+        train["noise_offset"] = float(v["noise_offset"])
+    if v["ema_decay"] is not None:
+        train["ema_config"] = {"use_ema": True, "ema_decay": float(v["ema_decay"])}
     return {
         "job": "extension",
         "config": {
@@ -51,26 +83,8 @@ def aitoolkit_config(
                         # Keep every checkpoint: early stopping may pick any of them as the best.
                         "max_step_saves_to_keep": len(plan.checkpoint_steps) + 1,
                     },
-                    "datasets": [
-                        {
-                            "folder_path": dataset_dir,
-                            "caption_ext": "txt",
-                            "caption_dropout_rate": v["caption_dropout"],
-                            "resolution": [v["resolution"]],
-                            "cache_latents_to_disk": True,
-                        }
-                    ],
-                    "train": {
-                        "batch_size": 1,
-                        "steps": v["steps"],
-                        "lr": v["learning_rate"],
-                        "optimizer": v["optimizer"],
-                        "optimizer_params": {"weight_decay": v["weight_decay"]},
-                        "lr_scheduler": v["scheduler"],
-                        "noise_scheduler": v["noise_scheduler"],
-                        "gradient_checkpointing": True,
-                        "dtype": "bf16",
-                    },
+                    "datasets": [dataset],
+                    "train": train,
                     "model": {
                         "name_or_path": model_path or HUB_MODEL[model],
                         "arch": ARCH[model],

@@ -38,6 +38,11 @@ contradicts itself:
   ninth of its data, one image's loss jitters most, and in bench/early_stop.py the guard never improved a pick,
   while the old guard (5% at one evaluation) cost late bloomers 17 points of picks within one interval at 3%
   jitter and 31 at 5%. There the probes guard alone: the leakage penalty and guard, and the decline of J.
+- The training options ai-toolkit users reach for (docs/training-options.md): timestep bias (ai-toolkit's
+  `content_or_style`), noise offset, horizontal flip, EMA of the LoRA weights, gradient checkpointing. Each
+  defaults to what the reference runs trained with, which is ai-toolkit's own default (the config never set them):
+  balanced, 0, off, off (the write-up calls its EMA variant unstable), and each backend's own checkpointing. At
+  their defaults they are left out of the plan's JSON, so no RunSpec hash written before they existed changes.
 """
 
 from __future__ import annotations
@@ -88,6 +93,34 @@ class Planned(BaseModel):
     reason: str = ""
 
 
+TimestepBias = Literal["balanced", "style", "content"]
+
+# The options' policy defaults. A plan holding exactly these leaves them out of its JSON (see the module docstring).
+OPTION_DEFAULTS: dict[str, Planned] = {
+    "timestep_bias": Planned(
+        value="balanced",
+        source="policy",
+        reason="balanced: ai-toolkit's default content_or_style, which the reference runs trained with",
+    ),
+    "noise_offset": Planned(value=0.0, source="policy", reason="none: ai-toolkit's default, as the reference runs"),
+    "flip_horizontal": Planned(
+        value=False, source="policy", reason="off: mirrored copies teach a mirrored layout (text, handedness)"
+    ),
+    "ema_decay": Planned(value=None, source="policy", reason="no EMA: the write-up found its EMA variant unstable"),
+    # None: each backend's own default (builtin off: 44 GiB and 0.53 s/step for klein 9B on an H200 without it, 20 GiB
+    # and 0.73 s/step with it, README's benchmark; ai-toolkit on).
+    "gradient_checkpointing": Planned(
+        value=None, source="policy", reason="the backend's default: builtin off (faster), ai-toolkit on (its default)"
+    ),
+}
+
+
+def _option(name: str) -> Any:
+    """A plan field for one training option: its policy default, left out of the JSON while it holds it."""
+    default = OPTION_DEFAULTS[name]
+    return Field(default=default, exclude_if=lambda v: v == default)
+
+
 class TrainingPlan(BaseModel):
     """Every setting of one training run, with its provenance, the checkpoints to evaluate and the warnings."""
 
@@ -123,6 +156,17 @@ class TrainingPlan(BaseModel):
     text_pipeline: Planned
     seed: int
     warnings: tuple[str, ...] = ()
+    # The training options ai-toolkit users reach for (docs/training-options.md); each out of the JSON at its default.
+    # Which timesteps training favours: balanced, style (low noise: detail, texture) or content (high noise: layout).
+    timestep_bias: Planned = _option("timestep_bias")
+    # Per-sample, per-channel offset added to the noise: noise + offset * N(0, 1) of shape (batch, channels, 1, 1).
+    noise_offset: Planned = _option("noise_offset")
+    # Train on every reference and on its mirror image (ai-toolkit's flip_x: the dataset doubled).
+    flip_horizontal: Planned = _option("flip_horizontal")
+    # Decay of an exponential moving average of the LoRA weights, which checkpoints and the LoRA hold (None: no EMA).
+    ema_decay: Planned = _option("ema_decay")
+    # Recompute activations in the backward pass (less memory, slower); None: the backend's default.
+    gradient_checkpointing: Planned = _option("gradient_checkpointing")
 
     def values(self) -> dict[str, Any]:
         """The settings alone, without provenance."""
@@ -344,6 +388,36 @@ def plan_training(images: int, spec: dict[str, Any], limits: Mapping[str, Any] |
     if variant_source == "spec" and variant == "B_r128" and images > 3:
         warnings.append("B_r128 turns the text pipeline off; it is meant for 1-3 references")
 
+    def option(field: str, name: str) -> Planned:
+        """The spec's value when set, else the option's policy default."""
+        if training.get(field) is not None:
+            return Planned(value=training[field], source="spec", reason="set in spec.training")
+        return OPTION_DEFAULTS[name]
+
+    options = {
+        "timestep_bias": option("timestepBias", "timestep_bias"),
+        "noise_offset": option("noiseOffset", "noise_offset"),
+        "flip_horizontal": option("flipHorizontal", "flip_horizontal"),
+        "ema_decay": option("emaDecay", "ema_decay"),
+        "gradient_checkpointing": option("gradientCheckpointing", "gradient_checkpointing"),
+    }
+    if options["timestep_bias"].value not in ("balanced", "style", "content"):
+        raise ValueError(f"timestepBias must be balanced, style or content, not {options['timestep_bias'].value!r}")
+    if not 0.0 <= float(options["noise_offset"].value) <= 1.0:
+        raise ValueError(f"noiseOffset must be within [0, 1], not {options['noise_offset'].value}")
+    ema = options["ema_decay"].value
+    if ema is not None and not 0.0 < float(ema) < 1.0:
+        raise ValueError(f"emaDecay must be between 0 and 1 (exclusive), not {ema}")
+    if ema is not None:
+        warnings.append(
+            "emaDecay: the write-up found its EMA variant unstable; checkpoints and the LoRA hold the averaged weights"
+        )
+        if spec.get("backend") == "ai-toolkit":
+            warnings.append(
+                "ai-toolkit keeps no EMA state in its checkpoints: a resumed run restarts the average from the saved "
+                "(averaged) weights and trains on from them; the builtin backend resumes it exactly"
+            )
+
     warmup = stopping.get("warmupSteps")
     if warmup is None:
         warmup = min(steps.value // 3, 300) if rank.value >= 128 and images < 10 else steps.value // 3
@@ -376,4 +450,9 @@ def plan_training(images: int, spec: dict[str, Any], limits: Mapping[str, Any] |
         text_pipeline=text_pipeline,
         seed=int(training.get("seed") or 0),
         warnings=tuple(warnings),
+        timestep_bias=options["timestep_bias"],
+        noise_offset=options["noise_offset"],
+        flip_horizontal=options["flip_horizontal"],
+        ema_decay=options["ema_decay"],
+        gradient_checkpointing=options["gradient_checkpointing"],
     )
