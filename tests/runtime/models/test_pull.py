@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from kleinstyle.cli.main import main
 from kleinstyle.runtime.models.manifest import MANIFEST, RECORD_DIR, ModelSource
-from kleinstyle.runtime.models.pull import STAGING, PullError, pull
+from kleinstyle.runtime.models.pull import LOCK, STAGING, PullError, pull
 
 from tests.support.hub_server import LoopbackHub, loopback_hub
 from tests.support.tiny_csd import HEADS, write_csd_checkpoint
@@ -85,7 +85,8 @@ def test_pull_installs_every_default_model_where_the_runtime_reads_it(
 ) -> None:
     cache = tmp_path / "models"
     assert _pull(hub, cache, "--token-file", str(token_file)) == 0
-    assert sorted(p.name for p in cache.iterdir()) == [
+    assert (cache / LOCK).is_file()  # one pull at a time; left empty
+    assert sorted(p.name for p in cache.iterdir() if p.name != LOCK) == [
         "CSD-ViT-L",
         "FLUX.2-klein-base-9B",
         "clip-vit-large-patch14",
@@ -258,3 +259,16 @@ def test_the_endpoint_comes_from_hf_endpoint_too(
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     assert main(["models", "pull", "--only", "dinov2", str(tmp_path / "models")]) == 0
     assert (tmp_path / "models" / "dinov2-base" / RECORD_DIR / "dinov2.json").is_file()
+
+
+def test_one_pull_at_a_time_per_cache(hub: LoopbackHub, tmp_path: Path) -> None:
+    import fcntl
+
+    cache = tmp_path / "models"
+    cache.mkdir()
+    with (cache / LOCK).open("a") as other:
+        fcntl.flock(other, fcntl.LOCK_EX)  # another pod's pull of the same claim
+        with pytest.raises(PullError, match="another pull of this model cache is running"):
+            pull([SOURCES["dinov2"]], cache, endpoint=hub.url)
+    assert not [path for _, path, _ in hub.requests]
+    assert pull([SOURCES["dinov2"]], cache, endpoint=hub.url)[0].name == "dinov2"

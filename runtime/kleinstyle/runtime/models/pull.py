@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from .manifest import RECORD_DIR, ModelSource, check_manifest
 DEFAULT_ENDPOINT = "https://huggingface.co"
 DEFAULT_MAX_BYTES = 100 * 1024**3  # the defaults (klein diffusers ~35 GB, CSD 2.4, CLIP 1.7, DINOv2 0.35) and margin
 STAGING = ".kleinstyle-staging"
+LOCK = ".kleinstyle-pull.lock"  # one pull at a time per cache: two would write the same staging files
 _CHUNK = 8 * 1024 * 1024
 
 
@@ -123,6 +124,34 @@ def pull(
     check_manifest(sources)
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
+    with _exclusive(cache / LOCK):
+        return _pull(sources, cache, endpoint=endpoint, token=token, max_bytes=max_bytes, log=log)
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    import fcntl
+
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise PullError(f"{path}: another pull of this model cache is running; wait for it") from exc
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _pull(
+    sources: Sequence[ModelSource],
+    cache: Path,
+    *,
+    endpoint: str,
+    token: str | None,
+    max_bytes: int,
+    log: Callable[[str], None],
+) -> list[Pulled]:
     done: list[Pulled] = []
     plans: list[Plan] = []
     for source in sources:
