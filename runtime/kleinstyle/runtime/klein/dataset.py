@@ -30,6 +30,8 @@ class DatasetError(ValueError):
 class Sample:
     image: Path
     caption: str
+    # Trained as its mirror image (left-right): the flip augmentation's copy (`with_mirror_images`).
+    mirrored: bool = False
 
 
 def read_dataset(directory: str | Path) -> list[Sample]:
@@ -52,6 +54,13 @@ def read_dataset(directory: str | Path) -> list[Sample]:
     if not samples:
         raise DatasetError(f"dataset folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return samples
+
+
+def with_mirror_images(samples: list[Sample]) -> list[Sample]:
+    """The samples, then a mirrored copy of each: ai-toolkit's `flip_x` (toolkit/data_loader.py at 27a03a91 appends
+    a flipped copy of every file item, so an epoch sees each image and its mirror once, with the same caption). The
+    image is mirrored when it is read, before it is resized and cropped into its bucket, as there."""
+    return [*samples, *(Sample(image=s.image, caption=s.caption, mirrored=True) for s in samples)]
 
 
 def bucket_sizes(resolution: int, multiple: int) -> list[tuple[int, int]]:

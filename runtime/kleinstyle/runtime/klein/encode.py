@@ -169,6 +169,8 @@ def encode_images(
         buckets: dict[tuple[int, int], list[int]] = {}
         for index, sample in enumerate(samples):
             image = load_rgb(sample.image)
+            if sample.mirrored:  # the flip augmentation's copy: mirrored before resizing and cropping, as ai-toolkit
+                image = ImageOps.mirror(image)
             width, height = training_size(image.size, resolution, multiple)
             pixels = pipe.image_processor.preprocess(image, height=height, width=width, resize_mode="crop")
             # diffusers annotates generator as a torch.Generator; None (its default downstream) takes the mode.

@@ -11,8 +11,15 @@ encode every caption and image once (then free the text encoder and VAE); load t
 restore the checkpoint; train; publish checkpoints and, at the end, `{output_dir}/lora.safetensors`.
 
 Flow matching as in diffusers' Flux2 training: x_t = (1 - s) x_0 + s n, the transformer sees x_t packed to
-tokens with the pipeline's position ids and `timestep = s`, and regresses n - x_0. `s` is drawn per sample,
-sigmoid of a standard normal ("sigmoid", ai-toolkit's default for flux) or uniform.
+tokens with the pipeline's position ids and `timestep = s`, and regresses the velocity n - x_0 (the direction
+diffusers' FlowMatchEulerDiscreteScheduler steps against: x_{s'} = x_s + (s' - s) v; test_velocity_sign pins it).
+`s` is drawn per sample, sigmoid of a standard normal ("sigmoid", ai-toolkit's default for flux) or uniform, and
+biased as ai-toolkit's `content_or_style` biases it (`sample_sigmas`).
+
+The options ai-toolkit users reach for (docs/training-options.md), each as ai-toolkit 27a03a91 does it: timestep
+bias, noise offset (`draw_noise`), horizontal flip (every reference and its mirror image), gradient checkpointing,
+and an EMA of the LoRA weights, which the checkpoints and the published LoRA hold while the optimizer trains the raw
+weights; a checkpoint saves both, so a resumed run ends where an uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from peft.utils import get_peft_model_state_dict
 from . import checkpoints as ckpt
 from .arch import select_lora_targets
 from .batches import BatchPlan, seeded_generator
-from .dataset import Sample, held_out, read_dataset
+from .dataset import Sample, held_out, read_dataset, with_mirror_images
 from .encode import EncodedDataset, check_model_dir, encode_dataset
 from .lora_format import COMPONENT_PREFIX, FORMAT_NAME, to_artifact_state_dict
 from .optim import OPTIMIZERS, SCHEDULERS, make_lr_scheduler, make_optimizer
@@ -61,6 +68,8 @@ _RESUME_NEUTRAL = frozenset(
 # The projections of a double block that ai-toolkit's BFL model fuses into one qkv linear, per stream.
 QKV_GROUPS = (("to_q", "to_k", "to_v"), ("add_q_proj", "add_k_proj", "add_v_proj"))
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TIMESTEP_BIASES = ("balanced", "style", "content")
+TRAIN_TIMESTEPS = 1000  # ai-toolkit's num_train_timesteps: the grid content_or_style indexes
 
 
 @dataclass(frozen=True)
@@ -112,6 +121,14 @@ class TrainSettings:
     shared_qkv: bool = True
     # References left out of training for the held-out validation loss (dataset.held_out picks them).
     validation_images: int = 0
+    # ai-toolkit's content_or_style: balanced, style (favours low noise) or content (favours high noise).
+    timestep_bias: Literal["balanced", "style", "content"] = "balanced"
+    # ai-toolkit's noise_offset: noise + offset * N(0, 1) per sample and latent channel (0: none).
+    noise_offset: float = 0.0
+    # ai-toolkit's flip_x: train on every reference and on its mirror image (an epoch twice as long).
+    flip_horizontal: bool = False
+    # ai-toolkit's ema_config: an EMA of the LoRA weights with this decay, which checkpoints and the LoRA hold.
+    ema_decay: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.target, str):
@@ -142,6 +159,12 @@ class TrainSettings:
             problems.append(f"bucket_multiple must be a multiple of 16, not {self.bucket_multiple}")
         elif self.resolution < self.bucket_multiple or self.resolution % self.bucket_multiple:
             problems.append(f"resolution must be a multiple of {self.bucket_multiple}, not {self.resolution}")
+        if self.timestep_bias not in TIMESTEP_BIASES:
+            problems.append(f"timestep_bias must be one of {TIMESTEP_BIASES}, not {self.timestep_bias!r}")
+        if not 0.0 <= self.noise_offset <= 1.0:
+            problems.append(f"noise_offset must be within [0, 1], not {self.noise_offset}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            problems.append(f"ema_decay must be between 0 and 1 (exclusive), not {self.ema_decay}")
         if self.save_dtype not in _DTYPES:
             problems.append(f"save_dtype must be one of {tuple(_DTYPES)}, not {self.save_dtype!r}")
         if problems:
@@ -225,6 +248,9 @@ def train_lora(
 
         samples = [dataclasses.replace(s, caption=without_trigger(s.caption, cfg.strip_trigger)) for s in samples]
     fingerprint = dataset_fingerprint(samples)
+    references = len(samples)
+    if cfg.flip_horizontal:
+        samples = with_mirror_images(samples)
     ckpt.remove_staging(output)
 
     resume_from = ckpt.latest_checkpoint(output)
@@ -252,7 +278,7 @@ def train_lora(
         if state is not None:
             trainer.restore(state)
             log.info("resuming from %s (step %d of %d)", resume_from, trainer.step, cfg.steps)
-        run = _Run(trainer, output, cfg, fingerprint, len(samples), on_checkpoint)
+        run = _Run(trainer, output, cfg, fingerprint, references, on_checkpoint)
         return run.loop(stop, on_step, resumed_from=state["step"] if state else None)
 
 
@@ -371,6 +397,8 @@ class _Trainer:
         if cfg.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         self.transformer = transformer.to(device).train()
+        # The EMA starts from the initial LoRA (lora_B zero), as ai-toolkit's ExponentialMovingAverage does.
+        self.ema = {n: p.detach().clone() for n, p in self.params.items()} if cfg.ema_decay is not None else None
         if cfg.compile_blocks and torch.device(device).type == "cuda":
             for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
                 block.compile()  # regional: the 32 blocks share two compiled graphs
@@ -389,8 +417,10 @@ class _Trainer:
         dropped = (torch.rand(len(indices), generator=generator) < self.cfg.caption_dropout).tolist()
         latents = torch.cat([self.encoded.latents[i] for i in indices]).to(self.device, torch.float32)
         embeds = torch.cat([self.encoded.caption_for(i, d) for i, d in zip(indices, dropped, strict=True)])
-        noise = torch.randn(latents.shape, generator=generator).to(self.device)
-        sigmas = self._sample_sigmas(len(indices), generator).to(self.device)
+        noise = draw_noise(latents.shape, generator, self.cfg.noise_offset).to(self.device)
+        sigmas = sample_sigmas(
+            len(indices), generator, sampling=self.cfg.timestep_sampling, bias=self.cfg.timestep_bias
+        ).to(self.device)
 
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
@@ -399,6 +429,7 @@ class _Trainer:
         if self.cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params.values(), self.cfg.max_grad_norm)
         self.optimizer.step()
+        self._update_ema()
         self.last_lr = self.lr
         self.lr_scheduler.step()
         self.step += 1
@@ -406,10 +437,15 @@ class _Trainer:
         self.losses.append(value)
         return value
 
-    def _sample_sigmas(self, count: int, generator: torch.Generator) -> torch.Tensor:
-        if self.cfg.timestep_sampling == "uniform":
-            return torch.rand(count, generator=generator)
-        return torch.sigmoid(torch.randn(count, generator=generator))
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """shadow -= (1 - decay) (shadow - weight), after every optimizer step: ai-toolkit's update (toolkit/ema.py,
+        constant decay, no feedback, no parameter multiplier)."""
+        if self.ema is None or self.cfg.ema_decay is None:
+            return
+        for name, param in self.params.items():
+            shadow = self.ema[name]
+            shadow.sub_((shadow - param.detach()).mul_(1.0 - self.cfg.ema_decay))
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.device.type == "cuda":
@@ -423,7 +459,15 @@ class _Trainer:
     # --- state ---------------------------------------------------------------------------------------------
 
     def artifact_lora(self) -> dict[str, torch.Tensor]:
-        peft_state = get_peft_model_state_dict(self.transformer)
+        """The published LoRA: the EMA weights when the run keeps an EMA (ai-toolkit saves those too), else the
+        trained ones."""
+        state = None
+        if self.ema is not None:
+            # By parameter identity, so q, k and v's shared lora_A all read the EMA of the one tensor.
+            ema = {id(p): self.ema[n] for n, p in self.params.items()}
+            full = self.transformer.state_dict(keep_vars=True)
+            state = {key: ema.get(id(value), value.detach()) for key, value in full.items()}
+        peft_state = get_peft_model_state_dict(self.transformer, state_dict=state)
         return to_artifact_state_dict(
             peft_state, rank=self.cfg.rank, alpha=self.cfg.lora_alpha, dtype=_DTYPES[self.cfg.save_dtype]
         )
@@ -439,6 +483,7 @@ class _Trainer:
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "losses": list(self.losses),
             "rng": rng,
+            **({} if self.ema is None else {"ema": {n: t.detach().to("cpu", copy=True) for n, t in self.ema.items()}}),
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -448,6 +493,11 @@ class _Trainer:
         with torch.no_grad():
             for name, param in self.params.items():
                 param.copy_(adapter[name])
+            if self.ema is not None:
+                if set(state.get("ema") or {}) != set(self.params):
+                    raise ResumeError("checkpoint has no EMA of this run's LoRA layers")
+                for name, shadow in self.ema.items():
+                    shadow.copy_(state["ema"][name])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.losses = [float(v) for v in state["losses"]]
@@ -482,8 +532,52 @@ def flow_matching_loss(
         guidance=None,
         return_dict=False,
     )[0]
-    target = Flux2KleinPipeline._pack_latents(noise - latents)
+    target = Flux2KleinPipeline._pack_latents(noise - latents)  # the velocity: the scheduler steps x by -ds * v
     return F.mse_loss(prediction.float(), target.float())
+
+
+def sample_sigmas(
+    count: int,
+    generator: torch.Generator,
+    *,
+    sampling: Literal["sigmoid", "uniform"] = "sigmoid",
+    bias: Literal["balanced", "style", "content"] = "balanced",
+) -> torch.Tensor:
+    """`count` noise levels in (0, 1) for one step, as ai-toolkit draws them for a flowmatch model
+    (jobs/process/BaseSDTrainProcess.py, toolkit/samplers/custom_flowmatch_sampler.py at 27a03a91).
+
+    ai-toolkit sets a grid of 1000 timesteps per step, descending (timestep_type sigmoid: 1000 (1 - sigmoid(z)) for
+    1000 fresh standard normals z, sorted; uniform, its `linear`: 1000 down to 1), and picks an index into it:
+    `balanced` uniformly; `content` floor(1000 u^3) (near 0: the top of the grid, high noise: composition);
+    `style` floor(1000 (1 - u^3)) (near 999: low noise: detail and texture; its UI names it "Low Noise"); the
+    noise level is the timestep / 1000. `balanced` draws s directly from the grid's distribution (sigmoid of a normal,
+    or uniform), as this trainer always has; the marginal distribution is ai-toolkit's, the draws are unchanged.
+    """
+    if bias == "balanced":
+        if sampling == "uniform":
+            return torch.rand(count, generator=generator)
+        return torch.sigmoid(torch.randn(count, generator=generator))
+    if bias not in TIMESTEP_BIASES:
+        raise ValueError(f"timestep bias must be one of {TIMESTEP_BIASES}, not {bias!r}")
+    if sampling == "uniform":
+        timesteps = torch.linspace(TRAIN_TIMESTEPS, 1, TRAIN_TIMESTEPS)
+    else:
+        t = torch.sigmoid(torch.randn(TRAIN_TIMESTEPS, generator=generator))
+        timesteps = torch.sort((1 - t) * TRAIN_TIMESTEPS, descending=True).values
+    u = torch.rand(count, generator=generator)
+    cubic = u**3 if bias == "content" else 1 - u**3
+    indices = (cubic * TRAIN_TIMESTEPS).long().clamp(0, TRAIN_TIMESTEPS - 1)
+    return timesteps[indices] / TRAIN_TIMESTEPS
+
+
+def draw_noise(shape: Sequence[int], generator: torch.Generator, offset: float = 0.0) -> torch.Tensor:
+    """Standard normal noise of `shape` (batch, channels, h, w), plus ai-toolkit's noise offset
+    (toolkit/train_tools.py apply_noise_offset): offset * N(0, 1) per sample and channel, the same over the image,
+    so the model learns to shift the mean brightness and colour. Offsets under 1e-6 are none, as there."""
+    noise = torch.randn(tuple(shape), generator=generator)
+    if abs(offset) >= 1e-6:
+        noise = noise + offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator)
+    return noise
 
 
 class _Run:
@@ -596,7 +690,9 @@ class _Run:
 
 
 def _check_resumable(metadata: dict[str, Any], cfg: TrainSettings, fingerprint: str) -> None:
-    saved = {k: v for k, v in metadata.get("settings", {}).items() if k not in _RESUME_NEUTRAL}
+    # A checkpoint written before a setting existed trained with that setting's default.
+    settings = {**TrainSettings().as_dict(), **metadata.get("settings", {})}
+    saved = {k: v for k, v in settings.items() if k not in _RESUME_NEUTRAL}
     wanted = {k: v for k, v in cfg.as_dict().items() if k not in _RESUME_NEUTRAL}
     changed = sorted(k for k in wanted.keys() | saved.keys() if saved.get(k) != wanted.get(k))
     if changed:
