@@ -83,6 +83,37 @@ class TrainingSettings(Model):
         description="Keep the frozen base weights in float8 (Hopper GPUs: about half the weight memory, fp8 matmuls); "
         "ai-toolkit: its quantize option. Unset: bf16, as the reference runs trained.",
     )
+    timestep_bias: Literal["balanced", "style", "content"] | None = Field(
+        default=None,
+        description="Which noise levels training favours, as ai-toolkit's content_or_style: balanced (policy), style "
+        "(low noise: texture, brushwork, colour detail; ai-toolkit's 'Low Noise') or content (high noise: layout "
+        "and composition; 'High Noise').",
+    )
+    noise_offset: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="ai-toolkit's noise_offset, 0 to 1: a random per-channel offset added to the noise, so the LoRA "
+        "can move overall brightness and colour (very dark or light styles; small values such as 0.05). Policy: 0.",
+    )
+    flip_horizontal: bool | None = Field(
+        default=None,
+        description="Also train on the mirror image of every reference (ai-toolkit's flip_x; each epoch twice as "
+        "long). Policy: off, since mirrored text and handedness would be learned as the style.",
+    )
+    ema_decay: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="Keep an exponential moving average of the LoRA weights with this decay, between 0 and 1 "
+        "(ai-toolkit's ema_config: its default 0.999, its UI's 0.99); checkpoints and the published LoRA hold the "
+        "average. Unset: no EMA.",
+    )
+    gradient_checkpointing: bool | None = Field(
+        default=None,
+        description="Recompute activations in the backward pass: less GPU memory, slower steps. Unset: the "
+        "backend's default (builtin off, ai-toolkit on).",
+    )
 
 
 class EarlyStopping(Model):
