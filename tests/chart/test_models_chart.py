@@ -86,6 +86,7 @@ def test_the_job_args_are_what_the_cli_parses(chart, monkeypatch):
     (args,) = seen
     assert args.directory == "/models"  # config.modelCacheMountPath, where the claim is mounted
     assert args.only == ["klein-base-9b", "csd"] and args.max_bytes == 10**11
+    assert args.summary == "/dev/termination-log"  # what the pod's status shows of which models are missing
     mount = next(m for m in box["volumeMounts"] if m["name"] == "hub-token")
     assert args.token_file == f"{mount['mountPath']}/token"
 

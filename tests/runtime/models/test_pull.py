@@ -272,3 +272,22 @@ def test_one_pull_at_a_time_per_cache(hub: LoopbackHub, tmp_path: Path) -> None:
             pull([SOURCES["dinov2"]], cache, endpoint=hub.url)
     assert not [path for _, path, _ in hub.requests]
     assert pull([SOURCES["dinov2"]], cache, endpoint=hub.url)[0].name == "dinov2"
+
+
+def test_the_summary_names_what_is_complete_and_what_is_missing(
+    hub: LoopbackHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The chart's Job writes it to its termination log: the operator reads which models are missing from the pod."""
+    cache, summary = tmp_path / "models", tmp_path / "termination-log"
+    hub.corrupt(SOURCES["dinov2"].repo_id, "model.safetensors")
+    assert _pull(hub, cache, "--only", "clip", "--only", "dinov2", "--summary", str(summary)) == 1
+    written = json.loads(summary.read_text())
+    assert written["complete"] == {"clip": "clip-vit-large-patch14"}
+    assert written["missing"] == {"dinov2": "dinov2-base"}
+    assert written["error"].startswith("dinov2: model.safetensors: sha256")
+    hub.heal()
+    assert _pull(hub, cache, "--only", "clip", "--only", "dinov2", "--summary", str(summary)) == 0
+    assert json.loads(summary.read_text()) == {
+        "complete": {"clip": "clip-vit-large-patch14", "dinov2": "dinov2-base"},
+        "missing": {},
+    }

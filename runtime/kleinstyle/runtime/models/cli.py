@@ -7,12 +7,13 @@ key), never from an argument: arguments show in `ps` and in the Job's spec.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .manifest import MANIFEST, ManifestError, select
+from .manifest import MANIFEST, ManifestError, ModelSource, select
 from .pull import DEFAULT_ENDPOINT, DEFAULT_MAX_BYTES
 
 
@@ -25,6 +26,12 @@ def models_args(p: argparse.ArgumentParser) -> None:
     )
     pull.add_argument("--endpoint", help=f"the Hub or a mirror of its API (default: HF_ENDPOINT or {DEFAULT_ENDPOINT})")
     pull.add_argument("--token-file", metavar="PATH", help="file holding the Hub token (default: HF_TOKEN, if set)")
+    pull.add_argument(
+        "--summary",
+        metavar="PATH",
+        help="also write a one-line JSON summary there: the models complete and missing, the error (a Job's "
+        "/dev/termination-log, which the operator reads from the pod's status)",
+    )
     pull.add_argument(
         "--max-bytes",
         type=int,
@@ -85,7 +92,23 @@ def models(args: argparse.Namespace) -> int:
         installed = pull(chosen, args.directory, endpoint=endpoint, token=token, max_bytes=args.max_bytes, log=log)
     except PullError as exc:
         print(f"kleinstyle models pull: {exc}", file=sys.stderr)
+        _summary(args.summary, chosen, exc.complete, str(exc))
         return 1
+    _summary(args.summary, chosen, tuple(model.name for model in installed), None)
     for model in installed:
         print(model.folder)  # one line per model: where the runtime finds it
     return 0
+
+
+def _summary(path: str | None, chosen: list[ModelSource], complete: tuple[str, ...], error: str | None) -> None:
+    """What the pull left: {"complete": {name: folder}, "missing": {name: folder}, "error": ...}, kept under the
+    4096 bytes Kubernetes keeps of a termination message."""
+    if not path:
+        return
+    document: dict[str, object] = {
+        "complete": {s.name: s.folder for s in chosen if s.name in complete},
+        "missing": {s.name: s.folder for s in chosen if s.name not in complete},
+    }
+    if error is not None:
+        document["error"] = error[:2048]
+    Path(path).write_text(json.dumps(document, sort_keys=True) + "\n")

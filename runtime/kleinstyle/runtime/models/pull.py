@@ -37,7 +37,10 @@ _CHUNK = 8 * 1024 * 1024
 
 
 class PullError(RuntimeError):
-    """A model could not be pulled; the message names the model (and the file) and why."""
+    """A model could not be pulled; the message names the model (and the file) and why. `complete`: the models of
+    the pull that were complete before it stopped (installed by it or found so)."""
+
+    complete: tuple[str, ...] = ()
 
 
 class ChecksumError(PullError):
@@ -160,7 +163,11 @@ def _pull(
             files = tuple(json.loads(record_path(cache, source).read_text())["files"])
             done.append(Pulled(source.name, cache / source.folder, files, 0, skipped=True))
         else:
-            plans.append(_plan(source, endpoint=endpoint, token=token))
+            try:
+                plans.append(_plan(source, endpoint=endpoint, token=token))
+            except PullError as exc:
+                exc.complete = tuple(p.name for p in done)
+                raise
     total = sum(plan.size for plan in plans)
     if total > max_bytes:
         sizes = ", ".join(f"{plan.source.name} {plan.size}" for plan in plans)
@@ -169,8 +176,12 @@ def _pull(
     free = shutil.disk_usage(cache).free
     if total - staged > free:
         raise SizeLimitError(f"{cache}: {free} bytes free, the pull needs {total - staged} more")
-    for plan in plans:
-        done.append(_pull_one(plan, cache, endpoint=endpoint, token=token, log=log))
+    try:
+        for plan in plans:
+            done.append(_pull_one(plan, cache, endpoint=endpoint, token=token, log=log))
+    except PullError as exc:
+        exc.complete = tuple(p.name for p in done)
+        raise
     return done
 
 
