@@ -42,6 +42,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="training steps (default: the policy's formula)")
     p.add_argument("--resolution", type=int, help="training resolution in pixels, a multiple of 32 (default 1024)")
     p.add_argument("--checkpoint-every", dest="every", type=int, help="steps between checkpoints")
+    p.add_argument("--timestep-bias", choices=("balanced", "style", "content"), help="ai-toolkit's content_or_style")
+    p.add_argument("--noise-offset", type=float, help="ai-toolkit's noise_offset, 0 to 1")
+    p.add_argument("--flip", action="store_true", default=None, help="train every reference and its mirror image")
+    p.add_argument("--ema-decay", type=float, help="keep an EMA of the LoRA weights (the checkpoints hold it)")
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None, help="less memory, slower steps")
     p.add_argument("--evaluate", action="store_true", help="score checkpoints and stop early (slow on a CPU)")
     models = "model folder in the transformers layout; without it the score is a proxy and nothing stops early"
     p.add_argument("--style-model", metavar="DIR", help=f"with --evaluate: CSD for the style score ({models})")

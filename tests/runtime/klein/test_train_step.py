@@ -834,3 +834,20 @@ def test_train_on_one_machine_scores_checkpoints_with_the_model_folders_given(
     assert scored == ["step_000000.json", "step_000002.json"]
     assert kleinstyle(["train", *args, "-o", str(tmp_path / "proxy")]) == 0
     assert "checkpoint scores are proxies" in caplog.text and "checkpointEvaluation.textModelDir" in caplog.text
+
+
+def test_train_on_one_machine_takes_the_training_options(
+    tiny_klein: Path, dataset: Callable[..., Path], tmp_path: Path
+) -> None:
+    """The spec's training options as flags of `kleinstyle train`: what the checkpoint says it trained with."""
+    from kleinstyle.cli.main import main as kleinstyle
+
+    data = dataset(["tok. a hill", "tok. a boat"])
+    out = tmp_path / "out"
+    args = ["--model", str(tiny_klein), "--data", str(data), "--trigger", "tok", "--rank", "4", "--steps", "1"]
+    options = ["--timestep-bias", "style", "--noise-offset", "0.05", "--flip", "--ema-decay", "0.9"]
+    assert kleinstyle(["train", *args, *options, "--gradient-checkpointing", "--resolution", "64", "-o", str(out)]) == 0
+    settings = json.loads((out / "work/checkpoints/step_000001/metadata.json").read_text())["settings"]
+    wanted = {"timestep_bias": "style", "noise_offset": 0.05, "ema_decay": 0.9, "gradient_checkpointing": True}
+    assert {key: settings[key] for key in wanted} == wanted
+    assert any("flip" in key and value is True for key, value in settings.items()), settings

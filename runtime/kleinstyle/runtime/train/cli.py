@@ -35,7 +35,17 @@ def cli_spec(args: argparse.Namespace) -> RunSpec:
         images = len(read_dataset(args.data))
     except DatasetError as exc:
         raise BadInput(f"--data: {exc}") from exc
-    given = {"rank": args.rank, "steps": args.steps, "resolution": args.resolution, "checkpointEvery": args.every}
+    given = {
+        "rank": args.rank,
+        "steps": args.steps,
+        "resolution": args.resolution,
+        "checkpointEvery": args.every,
+        "timestepBias": args.timestep_bias,
+        "noiseOffset": args.noise_offset,
+        "flipHorizontal": args.flip,
+        "emaDecay": args.ema_decay,
+        "gradientCheckpointing": args.gradient_checkpointing,
+    }
     spec = {
         "backend": "builtin",
         "training": {key: value for key, value in given.items() if value is not None},
