@@ -79,15 +79,15 @@ DEPS = {
 
 CASES = {
     "board": (_obj("StyleBoard", "bd9", BOARD_SPEC), "58bc13dc56"),
-    "lora-builtin": (_obj("StyleLoRA", "bd9-lora", {"boardRef": {"name": "bd9"}, "backend": "builtin"}), "fe59adc3c0"),
-    "lora-aitoolkit": (_obj("StyleLoRA", "bd9-lora", {"boardRef": {"name": "bd9"}}), "f614b07a58"),
+    "lora-builtin": (_obj("StyleLoRA", "bd9-lora", {"boardRef": {"name": "bd9"}, "backend": "builtin"}), "1eb58da51d"),
+    "lora-aitoolkit": (_obj("StyleLoRA", "bd9-lora", {"boardRef": {"name": "bd9"}}), "bc574f5229"),
     "lora-two-step": (
         _obj(
             "StyleLoRA",
             "bd9-lora",
             {"boardRef": {"name": "bd9"}, "backend": "builtin", "mode": "two-step", "training": {"rank": 32}},
         ),
-        "fd1ff7ebdd",
+        "2e64ec7d09",
     ),
     "generation": (
         _obj(
@@ -112,9 +112,9 @@ CONFIGMAPS = {
     "board": "0246c7454b307e6e",
     "fusion": "b078f90093c3bf6e",
     "generation": "f94329feefdf0413",
-    "lora-aitoolkit": "5e287d2f86e72bc7",
-    "lora-builtin": "21d0a25b4e98bc4f",
-    "lora-two-step": "71d9281d145a7f37",
+    "lora-aitoolkit": "8ea6360a3329f235",
+    "lora-builtin": "8bc89ecb9872c2cf",
+    "lora-two-step": "929589f7326e3e94",
 }
 
 

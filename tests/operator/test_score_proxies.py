@@ -21,7 +21,9 @@ BASELINE = {"step": 0, "style": [0.3, 0.3], "adherence": [0.3, 0.3], "leakage": 
 
 
 def config(**evaluation: str) -> OperatorConfig:
-    return OperatorConfig.model_validate({"checkpointEvaluation": evaluation})
+    """The operator's configuration naming only the evaluation models given (none: no model configured)."""
+    unset = dict.fromkeys(MODELS)
+    return OperatorConfig.model_validate({"checkpointEvaluation": {**unset, **evaluation}})
 
 
 def reconciled(body: dict, cfg: OperatorConfig, children=()) -> dict:

@@ -84,13 +84,14 @@ class CheckpointEvaluation(EvaluationSettings):
 
     model_config = ConfigDict(extra="forbid", frozen=False, **WIRE)
 
-    # Model directories in the model cache, by name; None: the offline stand-in (docs/policy.md#early-stopping).
+    # Model directories in the model cache, by name: by default the folders `kleinstyle models pull` fills
+    # (docs/models.md). None, or a folder with no model in it: the score is a proxy (contract/proxies.py).
     # An image encoder (DINOv2, SigLIP vision) for leakage (likeness to the nearest training image).
-    embedder_dir: str | None = None
-    # CSD (a CLIP ViT-L vision tower and csd_style_projection.safetensors) for style; offline: colour and texture.
-    style_embedder_dir: str | None = None
-    # CLIP or SigLIP (text and vision towers) for adherence (render-prompt agreement); offline: not measured.
-    text_model_dir: str | None = None
+    embedder_dir: str | None = "dinov2-base"
+    # CSD (a CLIP ViT-L vision tower and csd_style_projection.safetensors) for style; proxy: colour and texture.
+    style_embedder_dir: str | None = "CSD-ViT-L"
+    # CLIP or SigLIP (text and vision towers) for adherence (render-prompt agreement); proxy: not measured.
+    text_model_dir: str | None = "clip-vit-large-patch14"
 
 
 class GenerationLimits(BaseModel):

@@ -31,18 +31,9 @@ from kleinstyle.runtime.train.settings import train_settings
 from PIL import Image, ImageOps
 from safetensors.torch import load_file
 
-QUICK = TrainSettings(
-    rank=4,
-    alpha=8.0,
-    learning_rate=1e-2,
-    optimizer="adamw",
-    steps=4,
-    checkpoint_every=1,
-    resolution=64,
-    caption_dropout=0.0,
-    seed=5,
-    save_dtype="float32",
-)
+from .test_lora_train import QUICK as LORA_QUICK
+
+QUICK = replace(LORA_QUICK, steps=4, checkpoint_every=1, seed=5)  # a checkpoint every step
 
 
 def _state(checkpoint: Path) -> dict[str, Any]:
