@@ -87,7 +87,8 @@ secretKeyRef, which the kubelet resolves with no operator permission).
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
   verbs: [get, list, watch, create, delete]
-# A Job's annotations (never its spec) are patched to record the spec's generation it runs for.
+# A Job's annotations (never its spec) are patched to record the spec's generation it runs for. The chart's
+# models-pull Jobs are listed (label-selected, never written): training and generation wait for them.
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [get, list, watch, create, patch, delete]
@@ -96,7 +97,8 @@ secretKeyRef, which the kubelet resolves with no operator permission).
 - apiGroups: [kueue.x-k8s.io]
   resources: [workloads]
   verbs: [list, watch]
-# The runs' pods (label-selected), watched for scheduling state, start times and exit codes.
+# The runs' pods (label-selected), watched for scheduling state, start times and exit codes; the models-pull Jobs'
+# pods are listed for the pull's summary (their termination message).
 - apiGroups: [""]
   resources: [pods]
   verbs: [list, watch]

@@ -12,7 +12,7 @@ from typing import Any
 
 import kopf
 
-from . import kueue
+from . import kueue, pulls
 from .api import GROUP, KINDS, VERSION
 from .cleanup import delete_resource
 from .config import OperatorConfig
@@ -56,6 +56,10 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig, kueue_version
         kopf.on.event(*resource, registry=registry, id=f"wake_{kind.plural}")(_wake_self_and_dependents)
         kopf.daemon(*resource, registry=registry, id="reconcile", cancellation_timeout=5.0)(run_resource)
         kopf.on.delete(*resource, registry=registry, id="cleanup")(delete_resource)
+    # The chart's models-pull Jobs and their pods, followed by one task of the operator's (the watches above select
+    # only the operator's own children): runs that read the model cache wait for them (models_gate).
+    kopf.on.startup(registry=registry, id="follow_models_pulls")(pulls.start)
+    kopf.on.cleanup(registry=registry, id="stop_following_models_pulls")(pulls.stop)
     if kueue_version:
         resource = (kueue.GROUP, kueue_version, "workloads")
         by_job = {kueue.JOB_UID_LABEL: kopf.PRESENT}

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
+from .children import GPU_STEPS
 from .indexes import (
     CHILD_KINDS,
     JOB_WORKLOADS_INDEX,
@@ -21,7 +22,7 @@ from .indexes import (
     one,
 )
 from .kinds import KIND_RUNS, Dependency, find_cycle
-from .reconcile import Observed
+from .reconcile import Observed, settled
 from .wakers import ChildKey, Wakers
 
 
@@ -72,6 +73,14 @@ def observe(body: Any, indexes: Mapping[str, Any], wakers: Wakers) -> Observed:
         if job_name.startswith(f"{meta['name']}-"):
             job_workloads.setdefault(job_name, []).append(job_uid)
             wakers.job_owner.setdefault(job_uid, uid)
+    if KIND_RUNS[kind].step in GPU_STEPS and not settled(body):
+        # Its Job would mount the model cache: it waits on the namespace's models-pull Job, listed by `pulls`.
+        wakers.waiting_models[namespace].add(uid)
+        if namespace not in wakers.pulls:
+            wakers.pulls_wanted.set()
+    elif namespace in wakers.waiting_models:
+        wakers.waiting_models[namespace].discard(uid)
+    listed_pulls = wakers.pulls.get(namespace)
     return Observed(
         body=dict(body),
         dependencies=dependencies,
@@ -81,6 +90,8 @@ def observe(body: Any, indexes: Mapping[str, Any], wakers: Wakers) -> Observed:
         job_workloads=job_workloads,
         cycle=cycle or (),
         dependency_jobs=dependency_jobs,
+        models_pulls=listed_pulls[0] if listed_pulls is not None else None,
+        models_pull_pods=listed_pulls[1] if listed_pulls is not None else (),
     )
 
 

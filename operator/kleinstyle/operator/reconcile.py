@@ -2,7 +2,8 @@
 
 The phase machine, in one place:
 
-    Waiting    a dependency is missing, failed or not Succeeded yet (condition DependenciesReady=False)
+    Waiting    a dependency is missing, failed or not Succeeded yet (condition DependenciesReady=False), or the
+               namespace's models-pull Job has not completed and the run reads the model cache (ModelsReady=False)
     Pending    the run's Job is not running yet: just created, or queued (suspended by Kueue)
     Running    the Job has an active pod
     Succeeded  the Job completed; the run's result is copied into status
@@ -48,6 +49,8 @@ from .kinds.base import (
     recorded_run,
     status_of,
 )
+from .models_gate import CONDITION as MODELS_READY
+from .models_gate import NO_PULL, Gate, models_gate, mounts_model_cache
 from .naming import GENERATION, RUN_HASH, run_name
 
 StatusT = TypeVar("StatusT", bound=CommonStatus)
@@ -82,6 +85,10 @@ class Observed:
     cycle: Sequence[tuple[str, str]] = ()
     # Each dependency's Jobs (the operator's record of what ran for it), by (kind, name).
     dependency_jobs: DependencyJobs = field(default_factory=dict)
+    # The namespace's models-pull Jobs (the chart's `kleinstyle models pull`) and their pods: models_gate. None: not
+    # listed yet (the operator just started, or nothing in the namespace waited on them until now).
+    models_pulls: Sequence[Mapping[str, Any]] | None = ()
+    models_pull_pods: Sequence[Mapping[str, Any]] = ()
 
 
 @dataclass(frozen=True)
@@ -211,6 +218,19 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
 
     short_hash = run.runspec.run_id()
     by_key = {_key(child): child for child in observed.children}
+    models: list[Condition] = []
+    new_job = next((c for c in desired if c["kind"] == "Job"), {})
+    if not pinned and ("Job", run.name) not in by_key and mounts_model_cache(new_job, cfg.model_cache_claim):
+        # Not started yet, and its pod would read the model cache: it waits for the namespace's pull, if any.
+        if observed.models_pulls is None:
+            return Decision()  # not known yet: nothing done, nothing written; the listing wakes it in a moment
+        gate = models_gate(observed.models_pulls, observed.models_pull_pods)
+        if gate is not None and gate.hold:
+            return _held(body, observed, gate, now)
+        if gate is not None:
+            models = [cond(MODELS_READY, "True", gate.reason, gate.message)]
+        elif old_status.condition(MODELS_READY) is not None:
+            models = [cond(MODELS_READY, "True", NO_PULL, "no models-pull Job in the namespace")]
     # A run rebuilt from its records is never started again: only its runner's RBAC may be made anew.
     create = [c for c in desired if _key(c) not in by_key and (not pinned or c["kind"] in RUNNER_KINDS)]
     delete = superseded(observed.children, keep=short_hash)
@@ -221,7 +241,7 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
     status.artifact_uri = run.runspec.output_display_uri
     # Result fields are rewritten on every reconcile, from this run's result or empty: a value left by an older
     # run, or written by a pod (RBAC cannot narrow its status patch to `progress`), never stands.
-    conds = [cond("DependenciesReady", "True", "Ready", "all dependencies are Succeeded"), source]
+    conds = [cond("DependenciesReady", "True", "Ready", "all dependencies are Succeeded"), source, *models]
     planned, warnings = kind_run.planned(run)
     asked, unheeded = kind_run.requested(body, run)
     status = merged(status, kind_run.cleared(), planned, asked)
@@ -291,6 +311,23 @@ def reconcile(observed: Observed, cfg: OperatorConfig, now: str) -> Decision:
     if job is not None and (job["metadata"].get("annotations") or {}).get(GENERATION) != generation:
         annotate.append((dict(job), {GENERATION: generation}))
     return Decision(create=create, delete=delete, status=decision.status, events=events, annotate=annotate)
+
+
+def _held(body: Mapping[str, Any], observed: Observed, gate: Gate, now: str) -> Decision:
+    """Waiting for the namespace's models-pull Job (`ModelsReady=False`): nothing is created, nothing deleted (as
+    while a dependency is not ready). An Event says so each time the reason changes (pulling, failed)."""
+    message = gate.message + earlier_run(observed)
+    conds = [
+        cond("DependenciesReady", "True", "Ready", "all dependencies are Succeeded"),
+        cond(MODELS_READY, "False", gate.reason, message),
+        cond("Ready", "False", gate.reason, message),
+    ]
+    decision = _decided(body, now, "Waiting", gate.reason, message, conds, CommonStatus())
+    before = status_of(body).condition(MODELS_READY)
+    events = [e for e in decision.events if e.reason != gate.reason]
+    if before is None or before.status != "False" or before.reason != gate.reason:
+        events.append(Event("Warning" if gate.failed else "Normal", gate.reason, f"Waiting: {message}"))
+    return Decision(status=decision.status, events=events)
 
 
 def _without_run(decision: Decision) -> Decision:

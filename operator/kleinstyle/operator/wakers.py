@@ -34,6 +34,12 @@ class Wakers:
     # twice.
     written: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
     job_owner: dict[str, str] = field(default_factory=dict)  # a Job's uid -> its owner's uid (Workload events)
+    # Resources that wait on their namespace's models-pull Job (models_gate), by namespace: `pulls` lists it for
+    # those namespaces and wakes them when it changes.
+    waiting_models: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    # The models-pull Jobs and their pods of each of those namespaces, as last listed (None until then).
+    pulls: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = field(default_factory=dict)
+    pulls_wanted: asyncio.Event = field(default_factory=asyncio.Event)  # a namespace to list now
     # Reconciles that failed, by uid: the last error and how many times in a row it came (each retry waits longer),
     # and when a Warning Event of each reason was last posted (time.monotonic()).
     failures: dict[str, tuple[str, int]] = field(default_factory=dict)
@@ -90,6 +96,13 @@ class Wakers:
             table.pop(uid, None)
         for job_uid in [job for job, owner in self.job_owner.items() if owner == uid]:
             del self.job_owner[job_uid]
+        for waiting in self.waiting_models.values():
+            waiting.discard(uid)
+
+    def wake_namespace(self, namespace: str) -> None:
+        """Wake the resources of `namespace` that wait on its models-pull Job."""
+        for uid in self.waiting_models.get(namespace, set()).copy():
+            self.wake(uid)
 
 
 def _not_older(seen: str, written: str) -> bool:
