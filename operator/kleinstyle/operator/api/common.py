@@ -159,7 +159,7 @@ ConditionStatus = Literal["True", "False", "Unknown"]
 class Condition(StatusModel):
     """A Kubernetes-style condition."""
 
-    type: str = Field(description="Condition type, e.g. Ready, DependenciesReady, JobCreated, Warning.")
+    type: str = Field(description="Condition type, e.g. Ready, DependenciesReady, ModelsReady, JobCreated, Warning.")
     status: ConditionStatus = Field(description="True, False or Unknown.")
     reason: str = Field(description="CamelCase reason for the last transition.")
     message: str = Field(default="", description="Human-readable detail, naming the field or object concerned.")
