@@ -46,6 +46,8 @@ test: $(STAMP) operator-image-check
 	$(BIN)/mypy
 	@if command -v go > /dev/null; then $(MAKE) --no-print-directory controlplane; \
 	else echo "make test: no go on PATH: the cluster tier (a real control plane) is SKIPPED"; fi
+	@if command -v podman > /dev/null && command -v buildah > /dev/null; then $(MAKE) --no-print-directory images; \
+	else echo "make test: no podman and buildah: the images are not built and their test is SKIPPED"; fi
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope
 
 # One tier of the tests each (tests/conftest.py gives every test one; `make test` runs them all): unit, the
@@ -60,6 +62,8 @@ test-emulator: $(STAMP)
 # Ends with one line: the Kubernetes version, the examples Succeeded, and the identity the operator ran as
 # (tests/cluster/test_examples.py writes it where KLEINSTYLE_E2E_SUMMARY says).
 e2e: $(STAMP) controlplane
+	@if command -v podman > /dev/null && command -v buildah > /dev/null; then $(MAKE) --no-print-directory images; \
+	else echo "make e2e: no podman and buildah: the images are not built and their test is SKIPPED"; fi
 	@rm -f .kleinstyle-e2e-summary
 	@KLEINSTYLE_E2E_SUMMARY=.kleinstyle-e2e-summary $(BIN)/python -m pytest -m cluster; rc=$$?; \
 	cat .kleinstyle-e2e-summary 2>/dev/null || echo "e2e: no summary (the examples test did not finish)"; exit $$rc
@@ -76,7 +80,7 @@ lint: $(STAMP)
 lint-imports: $(STAMP)
 	$(BIN)/lint-imports
 
-# The operator image's own steps (images/operator.Dockerfile), without Docker: `.[operator]` installed (not
+# The operator image's own steps (images/operator.Containerfile), without podman: `.[operator]` installed (not
 # editable) in a fresh virtualenv, its entry point imported and its command started, and none of the runtime's
 # packages there. uv resolves as the image's pip does, from the same metadata, in seconds.
 operator-image-check: $(STAMP)
@@ -113,3 +117,15 @@ controlplane:
 	hack/controlplane/build.sh
 	hack/kueue/build.sh
 	hack/prometheus/fetch.sh
+
+# The operator and runtime images, built with buildah from a Debian base made here with debootstrap, pulling from no
+# registry (hack/images/build.sh, images/README.md): about 3.5 minutes cold on 2 cores, "up to date" after. Tagged
+# $(REGISTRY)/operator:VERSION and $(REGISTRY)/runtime:VERSION, the chart's defaults with the default REGISTRY;
+# `make images push REGISTRY=registry.example.com/team` builds and pushes both (podman login first).
+REGISTRY ?= ghcr.io/kleinstyle
+.PHONY: images push
+images: $(STAMP)
+	REGISTRY=$(REGISTRY) hack/images/build.sh build
+
+push:
+	REGISTRY=$(REGISTRY) hack/images/build.sh push

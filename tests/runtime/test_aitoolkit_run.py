@@ -102,3 +102,9 @@ def test_a_stop_request_ends_the_run_and_a_restart_resumes(tmp_path):
 def test_a_failed_run_is_named(tmp_path, name, reason):
     outcome = launch(_config(tmp_path, name), toolkit_dir=DOUBLE)
     assert outcome.exit_code == 1 and outcome.failure[0] == reason
+
+
+def test_an_image_without_ai_toolkit_fails_the_run_naming_why(tmp_path):
+    outcome = launch(_config(tmp_path, "bd9"), toolkit_dir=tmp_path / "no-ai-toolkit")
+    assert outcome.failure is not None and outcome.failure[0] == "AIToolkitMissing"
+    assert "backend builtin" in outcome.failure[1] and not outcome.stopped

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import json
 import logging
@@ -35,7 +36,7 @@ import ssl
 import subprocess
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -46,6 +47,7 @@ import yaml
 from aiohttp import web
 from kleinstyle.operator.config import NodePool, OperatorConfig
 
+from . import containers
 from .controlplane import KUBE_VERSION, KUBELET_CLIENT_USER
 from .errors import ApiError
 from .lifecycle import ThreadedService
@@ -340,6 +342,37 @@ class _PodRun:
         first: dict[str, Any] = self.pod["spec"]["containers"][0]
         return first
 
+    @property
+    def in_image(self) -> bool:
+        """Whether the container runs from its image with podman (containers.py) rather than as a local process."""
+        return self.container.get("image") in self.kubelet.agent.images
+
+    @property
+    def container_name(self) -> str:
+        """The podman container's name, as the kubelet's dockershim named them."""
+        meta = self.pod["metadata"]
+        return f"k8s_{self.container.get('name', 'main')}_{meta['name']}_{meta['namespace']}_{meta['uid'][:8]}"
+
+    async def _in_image(self, prepared: PreparedContainer) -> tuple[PreparedContainer, list[str]]:
+        """`prepared` made ready to run from the image, and the `podman run` argv that does: the termination-message
+        file and the writable volumes opened to the pod's fsGroup (emptyDirs to all, as the kubelet makes them)."""
+        pod, container = self.pod, self.container
+        prepared.termination_log.parent.mkdir(parents=True, exist_ok=True)
+        prepared.termination_log.touch()
+        prepared.termination_log.chmod(0o666)
+        for volume in pod["spec"].get("volumes") or []:
+            if "emptyDir" in volume:
+                (prepared.rootfs / ".volumes" / volume["name"]).chmod(0o777)
+        group = (pod["spec"].get("securityContext") or {}).get("fsGroup")
+        if group is not None:
+            writable = [mount.source for mount in prepared.mounts if not mount.read_only and mount.source.is_dir()]
+            await asyncio.to_thread(containers.grant_fs_group, writable, int(group))
+        user = await asyncio.to_thread(containers.image_user, container["image"])
+        argv = containers.podman_argv(
+            pod, container, prepared, name=self.container_name, image_user=user, tool=containers.podman() or "podman"
+        )
+        return dataclasses.replace(prepared, env=containers.podman_env()), argv
+
     def request_stop(self, grace: float) -> None:
         if not self.stop.done():
             self.stop.set_result(grace)
@@ -389,6 +422,7 @@ class _PodRun:
                     default_command=agent.entrypoint,
                     cpus=cpu_share(container),
                     write_token=self.kubelet.write_token,
+                    in_image=self.in_image,
                 ),
                 still_waiting,
             )
@@ -405,7 +439,16 @@ class _PodRun:
             failed = {"exitCode": 128, "reason": prepared.reason, "message": prepared.message}
             await self._finish({**failed, "finishedAt": now_rfc3339()})
             return
-        await self._run_container(prepared)
+        wrapper = agent.read_only_wrapper(prepared)
+        if self.in_image:
+            try:
+                prepared, wrapper = await self._in_image(prepared)
+            except PodSetupError as exc:  # e.g. runAsNonRoot with a root image: the kubelet waits, saying why
+                await still_waiting(exc)
+                await asyncio.shield(self.stop)
+                await self._finish(self._lost())
+                return
+        await self._run_container(prepared, wrapper)
 
     @staticmethod
     def _lost() -> dict[str, Any]:
@@ -420,12 +463,11 @@ class _PodRun:
         statuses = (self.pod.get("status") or {}).get("containerStatuses") or []
         return any("running" in (status.get("state") or {}) for status in statuses)
 
-    async def _run_container(self, prepared: PreparedContainer) -> None:
+    async def _run_container(self, prepared: PreparedContainer, wrapper: list[str]) -> None:
         agent, container = self.kubelet.agent, self.container
         policy = self.pod["spec"].get("restartPolicy", "Always")
         log_path = agent.log_path(self.pod)
         restarts, last_state = 0, None
-        wrapper = agent.read_only_wrapper(prepared)
         while True:
 
             async def running(pid: int, started: str, restarts: int = restarts, last_state: Any = last_state) -> None:
@@ -443,9 +485,13 @@ class _PodRun:
                     }
                 )
 
-            exited = await run_process(
-                prepared, log_path, running, kill_grace=agent.shutdown_grace, stop=self.stop, wrapper=wrapper
-            )
+            try:
+                exited = await run_process(
+                    prepared, log_path, running, kill_grace=agent.shutdown_grace, stop=self.stop, wrapper=wrapper
+                )
+            finally:
+                if self.in_image:  # a killed podman client leaves its container behind
+                    await asyncio.shield(asyncio.to_thread(containers.remove, self.container_name))
             self.pid = None
             again = policy == "Always" or (policy == "OnFailure" and exited.exit_code != 0)
             if self.stop.done() or not again:
@@ -866,7 +912,9 @@ class NodeAgent(ThreadedService):
     pods are listed again. `restart_backoff`: a restarting container's first back-off (doubling up to 5 minutes).
     `shutdown_grace`: SIGTERM to SIGKILL when the agent stops. `read_only_binds`: hold readOnly mounts to it where
     this machine allows a private mount namespace. `entrypoint`: the command of a container that names none (what
-    its image's ENTRYPOINT would be, e.g. ["kleinstyle"] for the operator's Deployment).
+    its image's ENTRYPOINT would be, e.g. ["kleinstyle"] for the operator's Deployment). `images`: images in this
+    machine's podman storage (`make images`) whose containers run from the image, under the pod's security context
+    (containers.py), instead of as local processes.
     """
 
     thread_name = "node-agent"
@@ -885,6 +933,7 @@ class NodeAgent(ThreadedService):
         deregister: bool = True,
         read_only_binds: bool = True,
         entrypoint: Sequence[str] | None = None,
+        images: Collection[str] = (),
     ) -> None:
         self.cluster = cluster
         self.root = Path(root).resolve()
@@ -895,6 +944,7 @@ class NodeAgent(ThreadedService):
         self.shutdown_grace = shutdown_grace
         self.deregister = deregister
         self.entrypoint = list(entrypoint) if entrypoint else None  # for a container that names no command (image's)
+        self.images = frozenset(images)
         self.api_env = service_env(cluster.server)
         self.boot_id = str(uuid.uuid4())
         self._read_only_binds = read_only_binds
@@ -964,14 +1014,14 @@ class NodeAgent(ThreadedService):
     def read_only_wrapper(self, prepared: PreparedContainer) -> list[str]:
         """The argv prefix that holds the process to its readOnly mounts, where this machine can (else none): each
         is bound read-only onto itself in a private mount namespace, and a writable mount inside one bound again."""
-        read_only = sorted({source for source, fixed in prepared.mounts if fixed})
+        read_only = sorted({mount.source for mount in prepared.mounts if mount.read_only})
         if not read_only or self._runner is None:
             return []
         nested = sorted(
             {
-                source
-                for source, fixed in prepared.mounts
-                if not fixed and any(source.is_relative_to(folder) for folder in read_only)
+                mount.source
+                for mount in prepared.mounts
+                if not mount.read_only and any(mount.source.is_relative_to(folder) for folder in read_only)
             }
         )
         binds = [f"ro:{path}" for path in read_only] + [f"rw:{path}" for path in nested]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import os
 import re
 import shutil
@@ -64,6 +65,13 @@ class PodSetupError(Exception):
 
 
 @dataclass(frozen=True)
+class Mount:
+    source: Path  # the folder (or file) on this machine
+    path: str  # where the pod sees it: its mountPath
+    read_only: bool
+
+
+@dataclass(frozen=True)
 class PreparedContainer:
     name: str
     argv: list[str]
@@ -73,7 +81,12 @@ class PreparedContainer:
     termination_log: Path  # where the container's terminationMessagePath lands on this machine
     fallback_to_logs: bool  # terminationMessagePolicy: FallbackToLogsOnError
     # What each mount links to on this machine, and whether it is readOnly (a runner that can may hold it to that).
-    mounts: tuple[tuple[Path, bool], ...] = ()
+    mounts: tuple[Mount, ...] = ()
+    # In an image (in_image): the pod's command and args as written (empty: the image's), and its own variables.
+    command: tuple[str, ...] = ()
+    args: tuple[str, ...] = ()
+    own_env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    working_dir: str | None = None
 
 
 def pod_rootfs(root: Path, namespace: str, pod: str) -> Path:
@@ -180,10 +193,11 @@ def mount_volumes(
     rootfs: Path,
     folders: Mapping[str, Path],
     read_only_volumes: frozenset[str] = frozenset(),
-) -> tuple[tuple[Path, bool], ...]:
+) -> tuple[Mount, ...]:
     """Make each `mountPath` (with its `subPath`) a symlink under the rootfs to the volume's folder; return what each
-    links to and whether it is readOnly (or of one of `read_only_volumes`), for a runner that can hold it to that."""
-    linked: list[tuple[Path, bool]] = []
+    links to, its path in the pod and whether it is readOnly (or of one of `read_only_volumes`), for a runner that
+    can hold it to that."""
+    linked: list[Mount] = []
     mounts = sorted(container.get("volumeMounts") or [], key=lambda mount: mount["mountPath"].count("/"))
     for mount in mounts:
         if mount["name"] not in folders:
@@ -211,7 +225,8 @@ def mount_volumes(
                 "CreateContainerConfigError", f"cannot mount {mount['mountPath']}: something already exists there"
             )
         link.symlink_to(source.resolve(), target_is_directory=source.is_dir())
-        linked.append((source.resolve(), bool(mount.get("readOnly")) or mount["name"] in read_only_volumes))
+        read_only = bool(mount.get("readOnly")) or mount["name"] in read_only_volumes
+        linked.append(Mount(source.resolve(), mount["mountPath"], read_only))
     return tuple(linked)
 
 
@@ -336,13 +351,15 @@ async def prepare_container(
     default_command: Sequence[str] | None = None,
     cpus: int | None = None,
     write_token: TokenWriter = placeholder_token,
+    in_image: bool = False,
 ) -> PreparedContainer:
     """Lay out the pod's rootfs and compute how to run its first container; raise PodSetupError if it cannot run.
 
     `api_env`: the variables that tell the process where the API is. `cpus`: the pod's share of this machine's
     cores, given to it as OMP_NUM_THREADS and the like (unless the pod sets them), as a kubelet's CPU limit would
     bound it: without it two torch pods on a 2-core machine each start a thread per core and spend most of their
-    time waiting for each other (the demo's two trainings: about 12 s with it, 40-50 s without)."""
+    time waiting for each other (the demo's two trainings: about 12 s with it, 40-50 s without). `in_image`: the
+    container runs from its image (containers.py), so its command is not looked up here and `argv` stays empty."""
     meta = pod["metadata"]
     rootfs = pod_rootfs(root, meta["namespace"], meta["name"])
     (rootfs / "dev").mkdir(parents=True, exist_ok=True)
@@ -354,15 +371,12 @@ async def prepare_container(
         if (volume.get("persistentVolumeClaim") or {}).get("readOnly")
     )
     mounts = mount_volumes(container, rootfs, folders, claims_read_only)
-    env = base_env()
-    if cpus:
-        env.update(thread_env(cpus))
     own = await container_env(pod, container, read)
-    env.update(own)
-    env.update({"HOSTNAME": meta["name"], ROOTFS_ENV: str(rootfs), **api_env})
-    command = container.get("command") or list(default_command or [])
-    argv = [expand(str(part), own) for part in [*command, *(container.get("args") or [])]]
-    argv = resolve_command(argv, env["PATH"])
+    pod_env = {**(thread_env(cpus) if cpus else {}), **own, "HOSTNAME": meta["name"], **api_env}
+    env = {**base_env(), **pod_env, ROOTFS_ENV: str(rootfs)}
+    command = [expand(str(part), own) for part in container.get("command") or []]
+    args = [expand(str(part), own) for part in container.get("args") or []]
+    argv = [] if in_image else resolve_command([*(command or default_command or []), *args], env["PATH"])
     working_dir = container.get("workingDir")
     cwd = rootfs / working_dir.strip("/") if working_dir else rootfs
     cwd.mkdir(parents=True, exist_ok=True)
@@ -376,6 +390,10 @@ async def prepare_container(
         termination_log=rootfs / termination_path.strip("/"),
         fallback_to_logs=container.get("terminationMessagePolicy") == "FallbackToLogsOnError",
         mounts=mounts,
+        command=tuple(command),
+        args=tuple(args),
+        own_env=pod_env,
+        working_dir=working_dir,
     )
 
 

@@ -30,7 +30,7 @@ from .references import write_references
 RELEASE, RELEASE_NAMESPACE = "kleinstyle", "kleinstyle-system"
 REPO = Path(__file__).resolve().parents[3]  # a checkout: the dev cluster is a development tool, never a wheel
 CHART = REPO / "charts" / "kleinstyle"
-# The operator image's ENTRYPOINT (images/operator.Dockerfile): the chart's container gives only its args.
+# The operator image's ENTRYPOINT (images/operator.Containerfile): the chart's container gives only its args.
 OPERATOR_ENTRYPOINT = ("kleinstyle",)
 # Each Job gets one core of the machine (its thread pools follow its CPU limit): on 2 cores the two trainings, then
 # the generation and the fusion, run side by side as they do in the emulator's executor (cores // parallelism).

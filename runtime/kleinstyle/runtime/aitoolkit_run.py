@@ -112,6 +112,9 @@ def discard_incomplete(training_folder: str | Path, name: str) -> list[Path]:
     return broken
 
 
+TOOLKIT_MISSING = "AIToolkitMissing"
+
+
 def classify_failure(output_tail: str) -> tuple[str, str]:
     for pattern, reason, message in FAILURES:
         if pattern.search(output_tail):
@@ -156,6 +159,12 @@ def launch(
     """
     toolkit_dir = Path(toolkit_dir or os.environ.get("AI_TOOLKIT_DIR", "/opt/ai-toolkit"))
     python = python or os.environ.get("AI_TOOLKIT_PYTHON", sys.executable)
+    if not (toolkit_dir / "run.py").is_file():  # a runtime image built where GitHub was out of reach
+        message = (
+            f"no ai-toolkit at {toolkit_dir} (this runtime image was built without it: label "
+            "io.kleinstyle.ai-toolkit=absent); use backend builtin, or an image built where GitHub answers"
+        )
+        return RunOutcome(exit_code=127, stopped=False, last=None, failure=(TOOLKIT_MISSING, message))
     process = subprocess.Popen(
         [python, str(toolkit_dir / "run.py"), str(config_path)],
         cwd=toolkit_dir,

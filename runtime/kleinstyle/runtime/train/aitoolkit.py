@@ -30,7 +30,8 @@ from .settings import held_out_count, train_spec
 
 log = logging.getLogger(__name__)
 
-FAILURES_NEVER_RETRIED = ("ModelMissing", "BadDataset")  # aitoolkit_run.FAILURES a retry cannot fix: exit 2
+# aitoolkit_run's failures a retry cannot fix: exit 2.
+FAILURES_NEVER_RETRIED = ("ModelMissing", "BadDataset", aitoolkit_run.TOOLKIT_MISSING)
 
 
 class AIToolkitBackend:
