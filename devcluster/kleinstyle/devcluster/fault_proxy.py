@@ -12,7 +12,10 @@ knows the client as itself), and every response streamed back as it comes, watch
   answer: the client cannot tell whether it happened, as after a load balancer's timeout.
 
 The first three never reach the server (the request did not happen); `reset` always does. `cut_watches()` drops every
-open watch stream at once, mid-stream, as a restarted load balancer does. Only the client's certificate-less
+open watch stream at once, mid-stream, as a restarted load balancer does; `expire_watches(seconds)` cuts them and, for
+that long, answers every watch with 410 Gone (its resourceVersion "too old"), as a restarted kube-apiserver, whose
+watch cache starts afresh, answers a client that resumes: the client must list again, and what was deleted
+meanwhile reaches it as no DELETED event. Only the client's certificate-less
 credentials pass: a bearer token (a ServiceAccount's), never a client certificate, which TLS does not forward.
 
     with FaultProxy(cluster, seed=7) as proxy:  # write a kubeconfig with proxy.url and the cluster's CA
@@ -49,6 +52,16 @@ HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length"}
 )
 MAX_BODY = 64 * 1024 * 1024
+# The one event of a watch whose resourceVersion the server no longer has (what kube-apiserver streams).
+GONE = {
+    "kind": "Status",
+    "apiVersion": "v1",
+    "metadata": {},
+    "status": "Failure",
+    "message": "too old resource version",
+    "reason": "Expired",
+    "code": 410,
+}
 
 
 class Upstream(Protocol):
@@ -147,6 +160,7 @@ class FaultProxy(ThreadedService):
         self._queued: deque[str] = deque()
         self._lock = threading.Lock()
         self._watches: set[asyncio.Future[None]] = set()
+        self._expired_until = 0.0
         super().__init__()
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -175,6 +189,12 @@ class FaultProxy(ThreadedService):
         if self._loop is None:
             return 0
         return asyncio.run_coroutine_threadsafe(self._cut(), self._loop).result(timeout=30)
+
+    def expire_watches(self, seconds: float) -> int:
+        """Cut every watch now and answer each watch for `seconds` with 410 Gone; returns how many were cut."""
+        with self._lock:
+            self._expired_until = time.monotonic() + seconds
+        return self.cut_watches()
 
     async def _cut(self) -> int:
         open_now = [cut for cut in self._watches if not cut.done()]
@@ -230,6 +250,10 @@ class FaultProxy(ThreadedService):
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         method, path = request.method, request.path
+        if is_watch(method, path, dict(request.query)) and time.monotonic() < self._expired_until:
+            with self._lock:
+                self.injected["watch-expired"] += 1
+            return web.json_response({"type": "ERROR", "object": GONE})
         fault = self._fault_for(method)
         if fault in ("429", "500", "409"):
             code, headers, status = status_body(fault, method, path)

@@ -12,7 +12,7 @@ from typing import Any
 
 import kopf
 
-from . import kueue, pulls
+from . import kueue, pulls, relists
 from .api import GROUP, KINDS, VERSION
 from .cleanup import delete_resource
 from .config import OperatorConfig
@@ -69,18 +69,23 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig, kueue_version
 
 
 # ---- wake-ups: an event wakes the daemons it concerns ----------------------------------------------------------
+# Coroutines, so kopf runs them on its event loop (a plain function goes to a thread, and asyncio.Event is not
+# thread-safe); each also notes a relist's listed events (relists.py).
 
 
-def _wake_owner(labels: Mapping[str, str], memo: Any, **_: Any) -> None:
+async def _wake_owner(labels: Mapping[str, str], memo: Any, type: str | None, body: Any, **indexes: Any) -> None:
+    relists.note(memo.wakers, memo.kube, type, body, indexes)
     memo.wakers.wake(labels[OWNER_UID])
 
 
-def _wake_job_owner(labels: Mapping[str, str], memo: Any, **_: Any) -> None:
+async def _wake_job_owner(labels: Mapping[str, str], memo: Any, type: str | None, body: Any, **indexes: Any) -> None:
+    relists.note(memo.wakers, memo.kube, type, body, indexes)
     if (owner := memo.wakers.job_owner.get(labels[kueue.JOB_UID_LABEL])) is not None:
         memo.wakers.wake(owner)
 
 
-def _wake_self_and_dependents(body: Any, memo: Any, **_: Any) -> None:
+async def _wake_self_and_dependents(body: Any, memo: Any, type: str | None, **indexes: Any) -> None:
+    relists.note(memo.wakers, memo.kube, type, body, indexes)
     meta = body["metadata"]
     wakers: Wakers = memo.wakers
     wakers.wake(meta["uid"])

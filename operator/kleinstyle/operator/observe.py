@@ -46,9 +46,11 @@ def observe(body: Any, indexes: Mapping[str, Any], wakers: Wakers) -> Observed:
         key: list(jobs_index.get(obj["metadata"]["uid"], ())) for key, obj in dependencies.items() if obj is not None
     }
     children: dict[ChildKey, dict[str, Any]] = {}
+    gone = wakers.tombstones  # deleted while a watch was away (relists.py)
     for child_kind in CHILD_KINDS:
         for child in indexes[children_index(child_kind)].get(uid, ()):
-            children[(child_kind, child["metadata"]["name"])] = child
+            if child["metadata"].get("uid") not in gone:
+                children[(child_kind, child["metadata"]["name"])] = child
     for key, child in list(wakers.created[uid].items()):
         if key in children:
             del wakers.created[uid][key]  # the index has it now
@@ -60,16 +62,20 @@ def observe(body: Any, indexes: Mapping[str, Any], wakers: Wakers) -> Observed:
         else:
             wakers.deleted[uid].discard(key)  # the index has forgotten it too
     listed = list(children.values())
-    pods = list(indexes.get(PODS_INDEX, {}).get(uid, ()))
+    pods = [pod for pod in indexes.get(PODS_INDEX, {}).get(uid, ()) if pod["metadata"].get("uid") not in gone]
     workloads = {}
     for job in (c for c in listed if c["kind"] == "Job" and c["metadata"].get("uid")):
         wakers.job_owner[job["metadata"]["uid"]] = uid
-        if (workload := one((indexes.get(WORKLOADS_INDEX) or {}).get(job["metadata"]["uid"]))) is not None:
+        workload = one((indexes.get(WORKLOADS_INDEX) or {}).get(job["metadata"]["uid"]))
+        if workload is not None and workload["metadata"].get("uid") not in gone:
             workloads[job["metadata"]["uid"]] = workload
     # Workloads of this object's Jobs by the Job's name, a deleted Job's among them until they go (its uid wakes this
     # object when they do).
     job_workloads: dict[str, list[str]] = {}
     for job_name, job_uid in (indexes.get(JOB_WORKLOADS_INDEX) or {}).get(namespace, ()):
+        workload = one((indexes.get(WORKLOADS_INDEX) or {}).get(job_uid))
+        if workload is not None and workload["metadata"].get("uid") in gone:
+            continue
         if job_name.startswith(f"{meta['name']}-"):
             job_workloads.setdefault(job_name, []).append(job_uid)
             wakers.job_owner.setdefault(job_uid, uid)

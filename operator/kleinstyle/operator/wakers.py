@@ -44,6 +44,9 @@ class Wakers:
     # and when a Warning Event of each reason was last posted (time.monotonic()).
     failures: dict[str, tuple[str, int]] = field(default_factory=dict)
     warned: dict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(dict))
+    # Uids of indexed objects found gone after a watch relisted (relists.py): kopf never saw their DELETED event.
+    tombstones: set[str] = field(default_factory=set)
+    listing: Any = None  # relists.Listing: the burst of listed events now coming, if any
 
     def event(self, uid: str) -> asyncio.Event:
         return self.events.setdefault(uid, asyncio.Event())

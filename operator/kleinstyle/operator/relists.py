@@ -1,0 +1,112 @@
+"""Index entries a watch's relist leaves behind, checked and set aside.
+
+kopf keeps an index entry until the object's DELETED event comes. When a watch cannot resume where it stopped (410
+Gone: kube-apiserver restarted and lost its watch cache, or the operator's resourceVersion grew too old), kopf lists
+the resource again and watches from there; an object deleted in between never gets its DELETED event, and its entry
+stays for good. A run whose Job was deleted then would wait on a Job that is not there, for ever (the chaos run
+found it: a Job deleted by hand 2 s before kube-apiserver was killed stayed "running" until the operator restarted).
+
+A listing comes as a burst of events of type None (kopf's convention). A moment after the last of a burst
+(`QUIET_S`), every entry of the audited indexes (the runs' children, their pods, Kueue's Workloads) not seen in it is
+checked with one GET each; one that is gone (404, or another object under its name) gets a tombstone: `observe`
+leaves tombstoned uids out, and the owner is woken to act on it. An API server restart relists every watch, the
+runs' own kinds among them, so a burst comes even when the deleted Job was the only one of its kind. The operator's
+start is a listing too; then every entry was seen and nothing is checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+from . import kueue
+from .indexes import CHILD_KINDS, PODS_INDEX, WORKLOADS_INDEX, children_index
+from .kube import Kube
+from .naming import OWNER_UID
+from .wakers import Wakers
+
+QUIET_S = 2.0  # no listed event for this long: the burst is over
+AUDITED = (*(children_index(kind) for kind in CHILD_KINDS), PODS_INDEX, WORKLOADS_INDEX)
+PLURAL = {"Job": "jobs", "Pod": "pods", "ConfigMap": "configmaps", "ServiceAccount": "serviceaccounts"}
+PLURAL |= {"Role": "roles", "RoleBinding": "rolebindings", "Workload": "workloads"}
+
+logger = logging.getLogger(__name__)
+
+
+def note(wakers: Wakers, kube: Kube, event_type: str | None, body: Any, indexes: Mapping[str, Any]) -> None:
+    """Record a watch event: one of a listing (type None) is seen, and the audit runs once the listing is over."""
+    if event_type is not None:
+        return
+    listing = wakers.listing
+    if listing is None:
+        listing = wakers.listing = Listing()
+        listing.task = asyncio.create_task(_audit_after_quiet(wakers, kube, listing, indexes), name="relist audit")
+    listing.seen.add(body["metadata"]["uid"])
+    listing.last = asyncio.get_running_loop().time()
+
+
+class Listing:
+    """The uids of one burst of listed events, and when its last one came."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+        self.last = 0.0
+        self.task: asyncio.Task[None] | None = None
+
+
+def unseen(indexes: Mapping[str, Any], seen: set[str], tombstones: set[str]) -> Iterator[dict[str, Any]]:
+    """The entries of the audited indexes that a listing did not bring (and that are not known gone already)."""
+    for name in AUDITED:
+        for store in (indexes.get(name) or {}).values():
+            for obj in store:
+                uid = obj["metadata"].get("uid")
+                if uid and uid not in seen and uid not in tombstones:
+                    yield obj
+
+
+def path_of(obj: Mapping[str, Any]) -> str:
+    api_version, meta = obj["apiVersion"], obj["metadata"]
+    prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    return f"{prefix}/namespaces/{meta['namespace']}/{PLURAL[obj['kind']]}/{meta['name']}"
+
+
+async def gone(kube: Kube, obj: Mapping[str, Any]) -> bool:
+    """Whether `obj` is no longer there: 404, or another object (another uid) under its name. Unsure is not gone."""
+    try:
+        found: dict[str, Any] | None = await kube.request("GET", path_of(obj))
+    except ApiException as exc:
+        return bool(exc.status == 404)
+    return found is not None and str(found["metadata"].get("uid")) != str(obj["metadata"]["uid"])
+
+
+async def audit(wakers: Wakers, kube: Kube, indexes: Mapping[str, Any], seen: set[str]) -> list[dict[str, Any]]:
+    """Tombstone every audited entry that a listing did not bring and that the API no longer has; wake its owner.
+    Returns the tombstoned entries."""
+    buried = []
+    for obj in list(unseen(indexes, seen, wakers.tombstones)):
+        if obj["kind"] not in PLURAL or not await gone(kube, obj):
+            continue
+        meta = obj["metadata"]
+        wakers.tombstones.add(meta["uid"])
+        buried.append(obj)
+        logger.info(f"{obj['kind']} {meta['namespace']}/{meta['name']} was deleted while a watch was away")
+        labels = meta.get("labels") or {}  # a child's owner by label; a Workload's through its Job's uid
+        owner = labels.get(OWNER_UID) or wakers.job_owner.get(labels.get(kueue.JOB_UID_LABEL, ""))
+        if owner:
+            wakers.wake(owner)
+    return buried
+
+
+async def _audit_after_quiet(wakers: Wakers, kube: Kube, listing: Listing, indexes: Mapping[str, Any]) -> None:
+    loop = asyncio.get_running_loop()
+    while (wait := listing.last + QUIET_S - loop.time()) > 0:
+        await asyncio.sleep(wait)
+    wakers.listing = None  # a later listed event starts the next burst
+    try:
+        await audit(wakers, kube, indexes, listing.seen)
+    except Exception as exc:  # the entries stay as they were; the next relist looks again
+        logger.warning(f"could not check the index entries a relist left behind: {exc!r}")
