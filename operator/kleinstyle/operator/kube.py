@@ -152,12 +152,19 @@ class Kube:
         query = [("fieldManager", FIELD_MANAGER)]
         return await asyncio.to_thread(self._call, "PATCH", path, {"status": changes}, query, MERGE_PATCH)
 
-    async def annotate(self, kind: str, namespace: str, name: str, annotations: dict[str, str]) -> Any:
-        """A JSON merge patch of `annotations` on an object's metadata (never its spec)."""
+    async def annotate(self, kind: str, namespace: str, name: str, annotations: dict[str, str]) -> bool:
+        """A JSON merge patch of `annotations` on an object's metadata (never its spec); False when the object is gone
+        (deleted meanwhile: by the namespace controller when its namespace goes, say), as `delete` says."""
         path = f"{collection_path(kind, namespace)}/{name}"
         body = {"metadata": {"annotations": annotations}}
         query = [("fieldManager", FIELD_MANAGER)]
-        return await asyncio.to_thread(self._call, "PATCH", path, body, query, MERGE_PATCH)
+        try:
+            await asyncio.to_thread(self._call, "PATCH", path, body, query, MERGE_PATCH)
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
 
     async def delete(self, kind: str, namespace: str, name: str) -> bool:
         body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
