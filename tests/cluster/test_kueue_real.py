@@ -539,8 +539,20 @@ def defaulted(world: World) -> tuple[dict[str, Any], dict[str, Any], dict[str, A
         path = f"{KLEINSTYLE}/{OTHER_NS}/styleboards/{BOARD_NAME}"
         board = when(cluster, path, "queued by Kueue", reason_is("Queued"))
         board_job = job(cluster, board)
-        board_workload = wait_for("its Workload", lambda: workload(cluster, board_job), RUN_TIMEOUT)
-        board = when(cluster, path, "showing its Workload", lambda o: bool(o["status"].get("queue")))
+
+        def saying_why() -> dict[str, Any] | None:
+            found = workload(cluster, board_job)
+            return found if found and condition(found, "QuotaReserved").get("message") else None
+
+        board_workload = wait_for("its Workload saying why it waits", saying_why, RUN_TIMEOUT)
+        kueue_says = condition(board_workload, "QuotaReserved")["message"]
+        # The board's status follows the Workload's a watch event later: wait for Kueue's words, not just the queue.
+        board = when(
+            cluster,
+            path,
+            "showing its Workload and Kueue's words",
+            lambda o: bool(o["status"].get("queue")) and kueue_says in o["status"].get("message", ""),
+        )
         return board, board_job, board_workload
 
     result: tuple[dict[str, Any], dict[str, Any], dict[str, Any]] = in_context(world, stage)
