@@ -71,9 +71,10 @@ def needed_grants() -> set[tuple[str, str, str]]:
     """Every call the operator makes, from the code's own tables (kube.py, indexes.py) plus kopf's."""
     verbs = ("get", "list", "watch", "create", "delete")  # indexes watch; a create that finds one gets it
     needed = {(api_group(k), PLURALS[k][1], v) for k in CHILD_KINDS for v in verbs}
-    needed |= {("", "pods", v) for v in ("list", "watch")}  # the runs' pods index
+    # The runs' pods index and the Workload index; `get`: relists.py reads an entry a relist did not bring.
+    needed |= {("", "pods", v) for v in ("get", "list", "watch")}
     needed.add(("batch", "jobs", "patch"))  # Kube.annotate: the spec generation a Job runs for
-    needed |= {(kueue.GROUP, "workloads", v) for v in ("list", "watch")}  # the Workload index
+    needed |= {(kueue.GROUP, "workloads", v) for v in ("get", "list", "watch")}
     needed.add(("", "events", "create"))  # kopf.event
     for kind in KINDS:
         needed |= {("kleinstyle.dev", kind.plural, v) for v in ("get", "list", "watch", "patch")}

@@ -94,14 +94,16 @@ secretKeyRef, which the kubelet resolves with no operator permission).
   verbs: [get, list, watch, create, patch, delete]
 # Kueue's Workloads (one per queued Job), listed and watched into an index to mirror them into status: why a run
 # waits, where it was admitted, its evictions. Harmless where Kueue is not installed (the operator checks discovery).
+# `get` (here and on pods): after a watch had to list again, an indexed object the listing did not bring is read
+# once to learn whether it is gone (operator/relists.py); nothing a list does not already show.
 - apiGroups: [kueue.x-k8s.io]
   resources: [workloads]
-  verbs: [list, watch]
+  verbs: [get, list, watch]
 # The runs' pods (label-selected), watched for scheduling state, start times and exit codes; the models-pull Jobs'
 # pods are listed for the pull's summary (their termination message).
 - apiGroups: [""]
   resources: [pods]
-  verbs: [list, watch]
+  verbs: [get, list, watch]
 # kopf.event posts core/v1 Events.
 - apiGroups: [""]
   resources: [events]

@@ -38,15 +38,17 @@ logger = logging.getLogger(__name__)
 
 
 def note(wakers: Wakers, kube: Kube, event_type: str | None, body: Any, indexes: Mapping[str, Any]) -> None:
-    """Record a watch event: one of a listing (type None) is seen, and the audit runs once the listing is over."""
-    if event_type is not None:
-        return
+    """Record a watch event: a listed one (type None) starts or extends a listing, whose audit runs once it is over;
+    while one is on, every event's object counts as seen (it was there), so what is created meanwhile is not read."""
     listing = wakers.listing
-    if listing is None:
+    if event_type is None and listing is None:
         listing = wakers.listing = Listing()
         listing.task = asyncio.create_task(_audit_after_quiet(wakers, kube, listing, indexes), name="relist audit")
+    if listing is None:
+        return
     listing.seen.add(body["metadata"]["uid"])
-    listing.last = asyncio.get_running_loop().time()
+    if event_type is None:
+        listing.last = asyncio.get_running_loop().time()
 
 
 class Listing:
