@@ -54,7 +54,11 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig, kueue_version
         resource = (GROUP, VERSION, kind.plural)
         kopf.index(*resource, registry=registry, id=objects_index(kind.kind))(index_object)
         kopf.on.event(*resource, registry=registry, id=f"wake_{kind.plural}")(_wake_self_and_dependents)
-        kopf.daemon(*resource, registry=registry, id="reconcile", cancellation_timeout=5.0)(run_resource)
+        # A deleted resource's daemon that does not stop at once (mid-reconcile) is looked at again after
+        # cancellation_polling: kopf's 60 s default held the finalizer, and `kubectl delete`, that long.
+        kopf.daemon(*resource, registry=registry, id="reconcile", cancellation_timeout=5.0, cancellation_polling=0.5)(
+            run_resource
+        )
         kopf.on.delete(*resource, registry=registry, id="cleanup")(delete_resource)
     # The chart's models-pull Jobs and their pods, followed by one task of the operator's (the watches above select
     # only the operator's own children): runs that read the model cache wait for them (models_gate).
