@@ -119,7 +119,8 @@ controlplane:
 	hack/prometheus/fetch.sh
 
 # The operator and runtime images, built with buildah from a Debian base made here with debootstrap, pulling from no
-# registry (hack/images/build.sh, images/README.md): about 3.5 minutes cold on 2 cores, "up to date" after. Tagged
+# registry (hack/images/build.sh, images/README.md): about 3.5 minutes cold on 2 cores, seconds after a change to the
+# code (the dependencies are an image of their own), "up to date" when nothing changed. Tagged
 # $(REGISTRY)/operator:VERSION and $(REGISTRY)/runtime:VERSION, the chart's defaults with the default REGISTRY;
 # `make images push REGISTRY=registry.example.com/team` builds and pushes both (podman login first).
 REGISTRY ?= ghcr.io/kleinstyle

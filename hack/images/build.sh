@@ -100,42 +100,55 @@ context() {
 	cp "$UV" "$ctx/uv"
 }
 
-# Everything that decides an image: its Containerfile, this script, the base, the versions, the package's files.
+# A hash of what decides an image: the Containerfiles, this script, the base, the versions, and $@'s files.
 inputs_of() {
-	local containerfile=$1 base=$2 ctx=$3
+	local base=$1 ctx=$2
+	shift 2
 	{
-		sha256sum "$containerfile" "${BASH_SOURCE[0]}"
+		sha256sum "${BASH_SOURCE[0]}" "$REPO"/images/*.Containerfile
 		sha256sum <"$ctx/constraints.txt" # by content: the folder's name is new each build
 		podman image inspect --format '{{.Id}}' "$base"
-		cd "$REPO" && find pyproject.toml contract operator runtime cli -type f \
-			-not -path '*/__pycache__/*' -not -name '*.pyc' -not -path '*.egg-info/*' -print0 | sort -z |
-			xargs -0 sha256sum
-		echo "${@:4}"
-	} | sha256sum | cut -c1-16
+		cd "$REPO" && find "$@" -type f -not -path '*/__pycache__/*' -not -name '*.pyc' -not -path '*.egg-info/*' \
+			-print0 | sort -z | xargs -0 sha256sum
+	}
 }
 
-build_one() {
-	local name=$1 tag=$2 base=$3 ctx=$4
-	shift 4
-	local containerfile=$REPO/images/$name.Containerfile inputs
-	inputs=$(inputs_of "$containerfile" "$base" "$ctx" "$@")
-	if [[ $(label_of "$tag" io.kleinstyle.inputs) == "$inputs" ]]; then
-		say "$tag: up to date"
-		return
-	fi
-	say "building $tag"
-	local started=$SECONDS old
-	old=$(podman image inspect --format '{{.Id}}' "$tag" 2>/dev/null || true)
+bud() {
 	local mounts=(-v "$UV_CACHE:/uv-cache")
 	[[ -f $BUILD_CA ]] && mounts+=(-v "$BUILD_CA:/run/build-ca.crt:ro")
 	mkdir -p "$UV_CACHE"
 	buildah bud --quiet --pull-never --layers=false --network host "${mounts[@]}" \
-		--build-arg BASE_IMAGE="$base" --build-arg "VERSION=$VERSION" \
-		--build-arg SSL_CERT_FILE="$([[ -f $BUILD_CA ]] && echo /run/build-ca.crt)" "$@" \
+		--build-arg SSL_CERT_FILE="$([[ -f $BUILD_CA ]] && echo /run/build-ca.crt)" "$@" >/dev/null
+}
+
+# Two steps, so that a change to the code rebuilds seconds, not minutes: NAME.Containerfile makes the image with
+# every dependency (torch's 5 GB for the runtime), tagged by what decides it (the pyproject, the versions, the base)
+# and kept until those change; package.Containerfile adds the package itself, without dependencies, on top.
+build_one() {
+	local name=$1 tag=$2 base=$3 ctx=$4 check=$5
+	shift 5
+	local inputs deps deps_inputs started=$SECONDS old
+	deps_inputs=$({ inputs_of "$base" "$ctx" pyproject.toml; echo "$*"; } | sha256sum | cut -c1-16)
+	deps=localhost/kleinstyle/$name-deps:$deps_inputs
+	inputs=$({ inputs_of "$base" "$ctx" pyproject.toml contract operator runtime cli; echo "$*"; } | sha256sum | cut -c1-16)
+	if [[ $(label_of "$tag" io.kleinstyle.inputs) == "$inputs" ]]; then
+		say "$tag: up to date"
+		return
+	fi
+	local stale
+	stale=$(podman images --format '{{.Repository}}:{{.Tag}}' "localhost/kleinstyle/$name-deps" | grep -vx "$deps" || true)
+	if ! podman image exists "$deps"; then
+		say "building $deps (the dependencies of $tag)"
+		bud --build-arg BASE_IMAGE="$base" "$@" -f "$REPO/images/$name.Containerfile" -t "$deps" "$ctx"
+		say "$deps in $((SECONDS - started)) s"
+	fi
+	say "building $tag"
+	old=$(podman image inspect --format '{{.Id}}' "$tag" 2>/dev/null || true)
+	bud --build-arg DEPS_IMAGE="$deps" --build-arg CHECK="$check" \
 		--label io.kleinstyle.inputs="$inputs" --label org.opencontainers.image.version="$VERSION" \
-		-f "$containerfile" -t "$tag" "$ctx" >/dev/null
-	# The image this one replaces, now untagged, would only hold disk (5 GB for the runtime's).
-	[[ -n $old ]] && podman rmi "$old" >/dev/null 2>&1 || true
+		-f "$REPO/images/package.Containerfile" -t "$tag" "$ctx"
+	# What this build replaced would only hold disk (5 GB for each of the runtime's dependency images).
+	for image in $old $stale; do podman rmi "$image" >/dev/null 2>&1 || true; done
 	say "$tag in $((SECONDS - started)) s, $(podman image inspect --format '{{.Size}}' "$tag" | numfmt --to=iec) uncompressed"
 }
 
@@ -166,11 +179,13 @@ build() {
 	CTX=$(mktemp -d /var/tmp/kleinstyle-images.XXXXXX)
 	trap 'rm -rf "$CTX"' EXIT
 	context "$CTX"
-	build_one operator "$OPERATOR_TAG" "$base" "$CTX"
+	build_one operator "$OPERATOR_TAG" "$base" "$CTX" \
+		'import kleinstyle.operator.main, subprocess; subprocess.run(["kleinstyle", "operator", "--help"], check=True, capture_output=True)'
+
 	# shellcheck disable=SC2046 # the arguments are words on purpose
 	toolkit=$(ai_toolkit_args)
 	# shellcheck disable=SC2086
-	build_one runtime "$RUNTIME_TAG" "$base" "$CTX" $toolkit
+	build_one runtime "$RUNTIME_TAG" "$base" "$CTX" 'import torch, kleinstyle.runtime.train, kleinstyle.runtime.fuse' $toolkit
 }
 
 push() {
