@@ -20,8 +20,9 @@ minutes). With the stacked factors B (out x R) and A (R x in) and D the diagonal
 Layers are independent: a pool of threads takes one layer each, every thread's BLAS single-threaded (one layer per
 core scales, and never pays the synchronisation a multi-threaded BLAS call pays on small matrices, which gets very
 slow when another process holds a core). Arithmetic is numpy float32 (float64 for the small matrices); inputs are
-converted a layer at a time straight into place (bfloat16: one shift), and torch is not imported except for
-K-LoRA's dense pass (importing torch takes longer than a 9B fusion).
+converted a layer at a time straight into place (bfloat16: one shift), and torch is never imported (importing it
+takes longer than a 9B fusion). A layer that is one input's update kept whole (K-LoRA's pick, or a layer only one
+input has) is that input's factors as they are, its energy from the Gram matrices.
 
 `klora` generalises K-LoRA (Ouyang et al., CVPR 2025) to N LoRAs with weights and bakes it into one static LoRA.
 K-LoRA compares, per layer, the sum of the K largest |dW| entries of each LoRA (K = r_1 r_2), balanced by a
@@ -41,19 +42,41 @@ A static LoRA cannot follow t, and N style LoRAs have no content/style roles: th
 average over the schedule would only be a constant factor on one LoRA's score, which is what a weight is.
 Invariants (tested): input order does not matter, weight 0 equals leaving the LoRA out, and rescaling a LoRA's
 factors (c B, A / c) changes nothing; scaling a LoRA's whole update does not change which layers it wins.
+
+S_il without the dense matrix (a 9B layer has up to 151 M entries, 26 G for three LoRAs), exactly: Cauchy-Schwarz
+bounds every entry, |(B A)_jk| <= ||B_j|| ||A_k||. With B's rows and A's columns ordered by norm (a radix sort of
+the norms' top bits), the entries whose bound reaches a level form a staircase: per block of rows (norms within
+BLOCK_SPREAD) a prefix of the columns. `TopKSum` computes the staircase band by band (float32 tiles that stay in
+cache) and keeps the entries at or above the running K-th largest; then
+  lower = the sum of the K largest entries computed (K entries of the matrix),
+  upper = the sum of the K largest of those and of the entries left, each taken at the largest bound left,
+and the sum is exact once the largest bound left is at most the K-th largest computed. Bounds carry a margin for
+the float32 sums, and the K values are rounded to the factors' dtype (rounding is monotone: the K largest stay the
+K largest), as the product in that dtype (torch's bfloat16, before) rounds them. On random factors the bound only
+prunes about a tenth of a layer (a row's norm says little about its largest entry), so an exact S costs nearly a
+dense pass. Hard selection rarely needs one: it needs the winner. Each score is an interval [w lower / gamma,
+w upper / gamma]; the leader (largest lower end) is refined while that spares its rivals more work than it costs,
+and each rival goes straight to the level at which its upper end falls under the leader's lower end; a rival
+that cannot (a near tie) is computed exactly, and exact scores are compared as before (ties share). The result
+is the same selection, having computed only the entries that could change it (on three random rank-32 9B LoRAs
+at weights 1, 0.7 and 0.5, about 4% of them). Soft selection needs every S exactly.
 Weights that cancel (the sum holds under CANCELLED of its terms' energy, estimated per layer from a few random
-probes) are refused before anything is fused: the result would be an all-zero LoRA reported as keeping everything.
+probes of the float32 factors it is fused from) are refused once every layer is done, before `fuse` returns (the
+streamed result is not kept): the result would be an all-zero LoRA reported as keeping everything.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -70,7 +93,14 @@ A_FLOAT32 = 1e-6  # A A^T in float32 is trusted while its eigenvalues stay above
 A_DROP = 1e-13  # eigenvalues of A A^T (float64) below this fraction of the largest are beyond float32 inputs
 M_DROP = 1e-12  # squared singular values below this fraction of the largest are numerically zero
 TRIM = 0.1  # gamma's trimmed mean drops this fraction of layers at each end
-TILE_ELEMENTS = 1 << 22  # dense entries per tile in K-LoRA's top-K pass
+TILE_ELEMENTS = 1 << 19  # dense entries per tile in K-LoRA's top-K pass (2 MiB of float32: a core's L2)
+FIRST_BAND = 32  # K-LoRA's first band computes this many times k entries, each next one as many as so far
+BOUND_SLACK = 2.0**-22  # times the rank: a Cauchy-Schwarz bound's margin for float32 sums (entries and norms)
+BLOCK_SPREAD = 0.01  # K-LoRA's blocks of rows span this much of a norm: a block's bound is its first row's
+BLOCK_ROWS = 32  # and at least this many rows (the few largest norms are far apart)
+BISECTIONS = 14
+MEASURE_CHUNK = 1 << 18  # factor entries converted at a time to measure norms (1 MiB of float32)
+RIVAL_AIM = 0.995  # and aims the others' upper bounds this far under it (newly computed entries may raise them)
 CANCELLED = 1e-6  # a weighted sum holding less than this fraction of its terms' energy: the weights cancel
 PROBES = 8  # random vectors that estimate a layer's energy before fusing
 
@@ -145,7 +175,8 @@ def fuse(
     """Fuse `sources` with `method`. `rank` or `energy` bound svd and klora (default: the largest input rank);
     `dtype` (BF16, F16, F32) is the result's (default: the inputs' common one). Refuses incompatible inputs
     (IncompatibleLoras). `on_layer(module, layer)` is called in this thread as each layer is done (in no
-    particular order), so a writer can stream the result while the rest is computed."""
+    particular order), so a writer can stream the result while the rest is computed; when `fuse` then raises
+    (WeightsCancel: every layer is needed to tell), what was streamed is to be dropped."""
     if method not in METHODS:
         raise FusionError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
     if rank is not None and energy is not None:
@@ -184,34 +215,53 @@ def fuse(
         parts = [(s.lora.layers[module], coefficients[module][s.lora.label]) for s in active if module in s.lora.layers]
         return [(f, c) for f, c in parts if c != 0]
 
-    _refuse_cancelling(active, parallel_map(lambda module: weighted_energy(parts_of(module)), modules))
-
-    def one(module: str) -> FusedLayer:
+    def one(module: str) -> tuple[FusedLayer, tuple[float, float]]:
         parts = parts_of(module)
-        layer = (
-            concat_layer(parts, out_dtype) if method == "concat" else lowrank_layer(parts, target, energy, out_dtype)
-        )
+        if method == "concat":
+            layer, energies = concat_layer(parts, out_dtype), weighted_energy(parts)
+        elif len(parts) == 1 and energy is None and target is not None and target >= parts[0][0].rank:
+            layer = single_layer(parts[0], out_dtype)
+            energies = (layer.energy, layer.energy)
+        else:
+            layer, energies = lowrank_layer(parts, target, energy, out_dtype)
         layer.coefficients = coefficients[module]
-        return layer
+        return layer, energies
 
-    layers = dict(zip(modules, parallel_map(one, modules, on_done=on_layer), strict=True))
+    def done(module: str, result: tuple[FusedLayer, tuple[float, float]]) -> None:
+        if on_layer:
+            on_layer(module, result[0])
+
+    results = parallel_map(one, modules, on_done=done)
+    _refuse_cancelling(active, [energies for _, energies in results])
+    layers = {module: layer for module, (layer, _) in zip(modules, results, strict=True)}
     return Fused(method, layers, selection if method == "klora" else None, partial, compat.base)
 
 
-def weighted_energy(parts: Sequence[tuple[Factors, float]], probes: int = PROBES) -> tuple[float, float]:
-    """Estimates of ||sum_i c_i dW_i||^2 and sum_i ||c_i dW_i||^2 for one layer, from random Gaussian vectors x
-    (E ||M x||^2 = ||M||_F^2): thin products only, so every layer is checked before any is fused. Exactly
-    cancelling terms give exactly cancelling probes, up to float32 rounding (about 1e-14 of the terms' energy)."""
-    if not parts:
-        return 0.0, 0.0
-    x = np.random.default_rng(0).standard_normal((parts[0][0].shape[1], probes)).astype(np.float32)
-    total = np.zeros((parts[0][0].shape[0], probes))
+@lru_cache(maxsize=8)
+def _probe_vectors(size: int, probes: int = PROBES) -> np.ndarray:
+    x = np.random.default_rng(0).standard_normal((size, probes)).astype(np.float32)
+    x.flags.writeable = False
+    return x
+
+
+def _probe(pieces: Iterable[tuple[np.ndarray, np.ndarray, float]]) -> tuple[float, float]:
+    """Estimates of ||sum_i c_i B_i A_i||^2 and sum_i ||c_i B_i A_i||^2 (float32 B_i and A_i) from random
+    Gaussian vectors x (E ||M x||^2 = ||M||_F^2): thin products only. Exactly cancelling terms give exactly
+    cancelling probes, up to float32 rounding (about 1e-14 of the terms' energy)."""
+    total: np.ndarray | None = None
     separate = 0.0
-    for f, c in parts:
-        y = (f.B.float32() @ (f.A.float32() @ x)).astype(np.float64) * (c * f.scale)
+    for B, A, c in pieces:
+        y = (B @ (A @ _probe_vectors(A.shape[1]))).astype(np.float64) * c
         separate += float(np.square(y).sum())
-        total += y
-    return float(np.square(total).sum()) / probes, separate / probes
+        total = y if total is None else total + y
+    if total is None:
+        return 0.0, 0.0
+    return float(np.square(total).sum()) / PROBES, separate / PROBES
+
+
+def weighted_energy(parts: Sequence[tuple[Factors, float]]) -> tuple[float, float]:
+    """Estimates of ||sum_i c_i dW_i||^2 and sum_i ||c_i dW_i||^2 for one layer (`_probe`)."""
+    return _probe((f.B.float32(), f.A.float32(), c * f.scale) for f, c in parts)
 
 
 def _refuse_cancelling(active: Sequence[Source], energies: Sequence[tuple[float, float]]) -> None:
@@ -343,13 +393,26 @@ def _gram_eigh(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return la[keep], Va[:, keep]
 
 
+def single_layer(part: tuple[Factors, float], dtype: str) -> FusedLayer:
+    """One input's update kept whole: its factors as they are (`concat_layer`), its energy from Gram matrices."""
+    f, c = part
+    gram_b, gram_a = _measure(f.B, 0)[1], _measure(f.A, 1)[1]
+    energy = (c * f.scale) ** 2 * max(float((gram_b * gram_a).sum()), 0.0)
+    layer = concat_layer([part], dtype)
+    layer.energy = layer.kept = energy
+    return layer
+
+
 def lowrank_layer(
     parts: Sequence[tuple[Factors, float]], rank: int | None, energy: float | None, dtype: str
-) -> FusedLayer:
-    """The exact truncated SVD of sum_i c_i s_i B_i A_i, to `rank` or to the smallest rank keeping `energy`."""
+) -> tuple[FusedLayer, tuple[float, float]]:
+    """The exact truncated SVD of sum_i c_i s_i B_i A_i, to `rank` or to the smallest rank keeping `energy`, and
+    the layer's probed energies (`_probe`: the weights must not cancel), from the same float32 factors."""
     if not parts:
         raise FusionError("no input updates this layer")
     B, A, d = _prepare(parts)
+    edges = np.cumsum([0, *(f.rank for f, _ in parts)])
+    energies = _probe((B[:, a:b], A[a:b], float(d[a])) for a, b in itertools.pairwise(edges))
     out = B.shape[0]
     la, Va = _gram_eigh(A)
     F = Va * np.sqrt(la)  # A = F Q^T, Q orthonormal
@@ -368,69 +431,219 @@ def lowrank_layer(
         zeros = Factors(
             _store(np.zeros((1, A.shape[1]), np.float32), dtype), _store(np.zeros((out, 1), np.float32), dtype)
         )
-        return FusedLayer(zeros, 0.0, 0.0)
+        return FusedLayer(zeros, 0.0, 0.0), energies
     mk, Wk = m[:k], W[:, :k]
     left = ((d[:, None] * F) @ (Wk * mk**-0.25)).astype(np.float32)  # R x k
     right = ((mk**0.25)[:, None] * Wk.T @ (Va / np.sqrt(la)).T).astype(np.float32)  # k x R
-    return FusedLayer(Factors(_store(right @ A, dtype), _store(B @ left, dtype)), total, float(mk.sum()))
+    return FusedLayer(Factors(_store(right @ A, dtype), _store(B @ left, dtype)), total, float(mk.sum())), energies
 
 
 # ---- K-LoRA -----------------------------------------------------------------------------------------------------
 
+_buffers = threading.local()
+
+
+def _tile_buffer(size: int) -> np.ndarray:
+    """This thread's float32 scratch of at least `size` entries (allocated once: a fresh one per tile would fault
+    its pages in every time)."""
+    buffer: np.ndarray | None = getattr(_buffers, "tile", None)
+    if buffer is None or buffer.size < size:
+        buffer = _buffers.tile = np.empty(size, np.float32)
+    return buffer[:size]
+
+
+def _rounded(values: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values as a product in `dtype` rounds them (to nearest even, like torch)."""
+    if dtype == "BF16":
+        return Stored.from_float32(values, dtype).float32()
+    return values.astype(np.float16).astype(np.float32) if dtype == "F16" else values
+
+
+class TopKSum:
+    """Bounds on the sum of the k largest |entries| of scale * B @ A that close as entries are computed (module
+    docstring, K-LoRA): `lower` <= the sum <= `upper`, equal once `exact`. `refine` computes every entry whose
+    Cauchy-Schwarz bound reaches a level: rows and columns ordered by norm, a staircase of tiles."""
+
+    def __init__(self, factors: Factors, k: int, tile_elements: int = TILE_ELEMENTS) -> None:
+        (row_squares, gram_b), (col_squares, gram_a) = _measure(factors.B, 0), _measure(factors.A, 1)
+        out, inn = factors.shape
+        self.rms = abs(factors.scale) * math.sqrt(max(float((gram_b * gram_a).sum()), 0.0) / (out * inn))
+        self.factors = factors
+        self.rows, row_bounds = _by_norm(row_squares)
+        self.cols, col_bounds = _by_norm(col_squares)
+        self.falling = -col_bounds  # rising, for searchsorted
+        self.starts = _blocks(row_bounds, max(1, tile_elements // 32))
+        self.heights = np.diff(np.append(self.starts, out))
+        self.block_bounds = row_bounds[self.starts] * (1 + BOUND_SLACK * factors.rank)
+        self.done = np.zeros(len(self.starts), np.int64)  # per block of rows: how many ordered columns are computed
+        self.width = max(1, tile_elements // int(self.heights.max(initial=1)))  # columns per tile at most
+        self.size, self.k = out * inn, min(k, out * inn)
+        self.scale = abs(factors.scale)
+        self.dtype = factors.A.dtype if factors.A.dtype == factors.B.dtype in ("BF16", "F16") else "F32"
+        self.ordered_A: np.ndarray | None = None  # A's columns in order, float32, while entries are computed
+        self.computed = 0
+        self.frontier = float(self.block_bounds[0] * col_bounds[0]) if self.size else 0.0  # largest bound left
+        self.kept = np.empty(0, np.float32)  # the largest computed |entries|: all of them until k are merged
+        self.pending: list[np.ndarray] = []
+        self.pending_size = 0
+        self.threshold = 0.0  # the k-th largest computed |entry| once k are computed: nothing below it counts
+        self.top = np.empty(0)  # the kept values as the product's dtype rounds them, float64, largest first
+        self.sums = np.zeros(1)  # and their running sums
+        self.falling_top = np.empty(0)
+
+    @property
+    def floor(self) -> float:
+        """No entry below this can count: the k-th largest computed, else the least positive float."""
+        return self.threshold if self.kept.size >= self.k else float(np.finfo(np.float64).tiny)
+
+    @property
+    def exact(self) -> bool:
+        return self.frontier <= (self.threshold if self.kept.size >= self.k else 0.0)
+
+    @property
+    def lower(self) -> float:
+        """The sum of the k largest entries computed: k entries of the matrix (or all there are)."""
+        return self.scale * float(self.sums[-1])
+
+    @property
+    def upper(self) -> float:
+        return self.upper_at(self.frontier)
+
+    def upper_at(self, frontier: float) -> float:
+        """The sum of the k largest of the kept values and of the entries not computed, each of these taken at
+        `frontier` (the bound once everything above `frontier` is computed, if none of it beats the kept)."""
+        frontier = float(_rounded(np.array([frontier], np.float32), self.dtype)[0])  # none rounds past it
+        above = min(int(np.searchsorted(self.falling_top, -frontier)), self.k)  # kept values over `frontier`
+        at = min(self.k - above, self.size - self.computed)
+        below = min(self.k - above - at, len(self.top) - above)
+        return self.scale * (float(self.sums[above + below]) + frontier * at)
+
+    def level_for(self, upper: float) -> float:
+        """About the highest level to refine to for `upper` to fall under the value given (a bisection: the
+        bound grows with the frontier); `floor` when no level would do."""
+        low, high = self.floor, self.frontier
+        if self.upper_at(low) >= upper:
+            return low
+        for _ in range(BISECTIONS):
+            middle = (low + high) / 2
+            low, high = (middle, high) if self.upper_at(middle) < upper else (low, middle)
+        return low
+
+    def work_at(self, level: float) -> int:
+        """How many entries are computed once `refine(level)` is done."""
+        return int((self.heights * self._columns(max(level, self.floor))).sum())
+
+    def refine(self, level: float | None = None) -> None:
+        """Compute every entry whose bound reaches `level` (by default the level that computes about as many
+        entries again as so far, at least FIRST_BAND k); never below `floor`, never nothing while not exact."""
+        columns = self._columns(max(level or 0.0, self.floor))
+        if level is None or not (columns > self.done).any():
+            columns = self._columns(self._level(max(2 * self.computed, FIRST_BAND * self.k)))
+        if self.ordered_A is None:
+            self.ordered_A = Stored(np.take(self.factors.A.data, self.cols, axis=1), self.factors.A.dtype).float32()
+        touched = np.flatnonzero(columns > self.done)
+        if touched.size:
+            first_row = int(self.starts[touched[0]])
+            B = self._rows(first_row, int(self.starts[touched[-1]] + self.heights[touched[-1]]))
+        for block in touched:
+            top, height = int(self.starts[block]) - first_row, int(self.heights[block])
+            for first in range(int(self.done[block]), int(columns[block]), self.width):
+                A = self.ordered_A[:, first : min(first + self.width, int(columns[block]))]
+                tile = _tile_buffer(height * A.shape[1]).reshape(height, A.shape[1])
+                np.matmul(B[top : top + height], A, out=tile)
+                self._take(np.abs(tile, out=tile).reshape(-1))
+        self.done = columns
+        self.computed = int((self.heights * columns).sum())
+        open_ = columns < len(self.falling)
+        self.frontier = float((self.block_bounds[open_] * -self.falling[columns[open_]]).max(initial=0.0))
+        self._merge()
+
+    def _columns(self, level: float) -> np.ndarray:
+        """Per block of rows, how many ordered columns have a bound of at least `level` (at least those done)."""
+        with np.errstate(divide="ignore"):
+            reach = np.searchsorted(self.falling, -level / self.block_bounds, side="right")
+        columns: np.ndarray = np.maximum(reach, self.done)
+        return columns
+
+    def _level(self, target: int) -> float:
+        """The highest level (at least `floor`) whose staircase holds `target` entries: a bisection on its log."""
+        low, high = max(self.floor, self.frontier * 1e-3), max(self.frontier, self.floor)
+        if self.work_at(low) <= target:
+            return self.floor
+        for _ in range(BISECTIONS):
+            middle = math.sqrt(low * high)
+            low, high = (middle, high) if self.work_at(middle) >= target else (low, middle)
+        return low
+
+    def _rows(self, first: int, last: int) -> np.ndarray:
+        """B's rows first:last in order, float32."""
+        return Stored(np.take(self.factors.B.data, self.rows[first:last], axis=0), self.factors.B.dtype).float32()
+
+    def _take(self, values: np.ndarray) -> None:
+        self.pending.append(values[values >= np.float32(self.threshold)])
+        self.pending_size += self.pending[-1].size
+        if self.pending_size > max(4 * self.k, 1 << 16):
+            self._merge()
+
+    def _merge(self) -> None:
+        values = np.concatenate([self.kept, *self.pending])
+        self.pending, self.pending_size = [], 0
+        if values.size > self.k:
+            values = np.partition(values, values.size - self.k)[values.size - self.k :]
+        if values.size >= self.k:
+            self.threshold = float(values.min(initial=np.inf))
+        self.kept = values
+        self.top = np.sort(_rounded(values, self.dtype).astype(np.float64))[::-1]
+        self.sums = np.concatenate([[0.0], np.cumsum(self.top)])
+        self.falling_top = -self.top
+
+
+def _measure(stored: Stored, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """The squared norms of a factor's vectors (B's rows: axis 0; A's columns: axis 1) and its rank x rank Gram
+    matrix, float64, in one pass of cache-sized float32 chunks (the factor is never converted whole). Norms are
+    summed in float32 (within BOUND_SLACK) except where that loses bits (tiny or huge values): again in float64."""
+    data = stored.data if axis == 0 else stored.data.T
+    step = max(1, MEASURE_CHUNK // max(data.shape[1], 1))
+    squares, gram = np.empty(data.shape[0], np.float32), np.zeros((data.shape[1], data.shape[1]))
+    for start in range(0, data.shape[0], step):
+        chunk = Stored(data[start : start + step], stored.dtype)
+        values = chunk.float32(out=_tile_buffer(chunk.data.size).reshape(chunk.shape))
+        np.einsum("ij,ij->i", values, values, out=squares[start : start + step])
+        gram += values.T @ values
+    exact = squares.astype(np.float64)
+    redo = np.flatnonzero(~((squares >= 2.0**-100) & (squares <= 2.0**100)))
+    if redo.size:
+        values = Stored(data[redo], stored.dtype).float32().astype(np.float64)
+        exact[redo] = np.einsum("ij,ij->i", values, values)
+    return exact, gram
+
+
+def _by_norm(squares: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """An order of vectors by their squared norms, largest first to within 0.3%, and for each position the
+    largest norm from there on (a bound whatever the order). The order is a radix sort of the float32 squares'
+    exponent and 8 bits of mantissa (buckets 0.3% wide), much faster than sorting floats."""
+    buckets = (squares.astype(np.float32).view(np.uint32) >> 15).astype(np.uint16)
+    order = np.argsort(~buckets, kind="stable")
+    norms = np.sqrt(squares[order])
+    return order, np.maximum.accumulate(norms[::-1])[::-1]
+
+
+def _blocks(bounds: np.ndarray, most: int) -> np.ndarray:
+    """Where each block of rows starts, `bounds` falling: a new block where the bound falls to another bucket
+    BLOCK_SPREAD wide, at a multiple of BLOCK_ROWS (the few largest norms are far apart), and every `most` rows."""
+    with np.errstate(divide="ignore"):
+        buckets = np.floor(np.log(bounds) / math.log1p(BLOCK_SPREAD))
+    changes = np.flatnonzero(buckets[1:] != buckets[:-1]) + 1
+    starts = np.concatenate([-(-changes // BLOCK_ROWS) * BLOCK_ROWS, np.arange(0, len(bounds), most)])
+    return np.unique(starts[starts < len(bounds)])
+
 
 def topk_abs_sum(factors: Factors, k: int, tile_elements: int = TILE_ELEMENTS) -> float:
-    """Sum of the k largest |entries| of scale * B @ A, exactly, without holding the dense matrix.
-
-    The one place fusion uses torch: the product is formed a tile of rows at a time into one reused buffer, in the
-    factors' own dtype, and torch runs bfloat16 products on the CPU's matrix units (twice numpy's float32 here).
-    |x| is taken on the bit pattern (sign bit cleared: for floats of one sign the integer order is the numeric
-    order). Maxima over groups of 64 entries bound everything: a group whose maximum is below the running k-th
-    largest value holds nothing that counts, and the k-th largest group maximum of a tile is itself a lower bound
-    (k distinct entries reach it), so only a few groups are ever looked into.
-    """
-    import torch
-
-    sign_cleared = {
-        torch.bfloat16: (torch.int16, 0x7FFF),
-        torch.float16: (torch.int16, 0x7FFF),
-        torch.float32: (torch.int32, 0x7FFFFFFF),
-    }
-    A, B = factors.A.to_torch(), factors.B.to_torch()
-    dtype = A.dtype if A.dtype == B.dtype and A.dtype in sign_cleared else torch.float32
-    A, B = A.to(dtype), B.to(dtype)
-    bits, mask = sign_cleared[dtype]
-    out, inn = factors.shape
-    k = min(k, out * inn)
-    group = math.gcd(inn, 64)
-    rows = max(1, min(out, tile_elements // inn))
-    buffer = torch.empty(rows, inn, dtype=dtype)
-    best = torch.empty(0, dtype=bits)
-    for start in range(0, out, rows):
-        tile = buffer[: min(rows, out - start)]
-        torch.matmul(B[start : start + rows], A, out=tile)
-        groups = tile.view(bits).bitwise_and_(mask).view(-1, group)
-        maxima = groups.amax(dim=1)
-        threshold = best[-1] if best.numel() == k else None
-        if maxima.numel() >= k:
-            floor = torch.topk(maxima, k).values[-1]
-            threshold = floor if threshold is None else torch.maximum(threshold, floor)
-        if threshold is None:
-            candidates = groups.reshape(-1)
-        else:
-            hit = (maxima >= threshold).nonzero().squeeze(1)
-            candidates = groups[hit].reshape(-1)
-            candidates = candidates[candidates >= threshold]
-        pool = torch.cat([best, candidates])
-        best = torch.topk(pool, min(k, pool.numel())).values
-    return float(best.view(dtype).to(torch.float64).sum()) * abs(factors.scale)
-
-
-def _rms(factors: Factors) -> float:
-    """Root-mean-square entry of scale * B @ A, from the Gram matrices."""
-    B, A = factors.B.float32(), factors.A.float32()
-    square = float(((B.T @ B).astype(np.float64) * (A @ A.T).astype(np.float64)).sum())
-    out, inn = factors.shape
-    return abs(factors.scale) * math.sqrt(max(square, 0.0) / (out * inn))
+    """Sum of the k largest |entries| of scale * B @ A, exactly, computing only the entries that can count."""
+    bounds = TopKSum(factors, k, tile_elements)
+    while not bounds.exact:
+        bounds.refine()
+    return bounds.lower
 
 
 def _trimmed_mean(values: Sequence[float]) -> float:
@@ -446,31 +659,81 @@ def klora_coefficients(
     """Per layer, each input's coefficient under K-LoRA's selection (module docstring); inputs with weight > 0."""
     if selection not in ("hard", "soft"):
         raise FusionError(f"selection must be hard or soft, not {selection!r}")
-    import torch  # noqa: F401  (the dense pass uses it: loaded before the pool, so its threads are limited too)
-
     present = {m: [s for s in sources if m in s.lora.layers] for m in modules}
-    layer_rms = parallel_map(lambda m: [_rms(s.lora.layers[m]) for s in present[m]], modules)
-    rms = {
-        (m, s.lora.label): v
-        for m, vs in zip(modules, layer_rms, strict=True)
-        for s, v in zip(present[m], vs, strict=True)
-    }
-    logs: dict[str, list[float]] = {s.lora.label: [] for s in sources}
-    for m in modules:
-        values = [rms[m, s.lora.label] for s in present[m]]
-        if any(v <= 0 for v in values):
-            continue  # a zero update says nothing about a LoRA's scale
-        center = sum(math.log(v) for v in values) / len(values)
-        for s, v in zip(present[m], values, strict=True):
-            logs[s.lora.label].append(math.log(v) - center)
-    gamma = {label: math.exp(_trimmed_mean(v)) if v else 1.0 for label, v in logs.items()}
 
-    def scores(m: str) -> dict[str, float]:
+    def measure(m: str) -> dict[str, TopKSum]:
         ranks = sorted((s.lora.layers[m].rank for s in present[m]), reverse=True)
         k = ranks[0] * (ranks[1] if len(ranks) > 1 else ranks[0])
-        return {s.lora.label: s.weight * topk_abs_sum(s.lora.layers[m], k) / gamma[s.lora.label] for s in present[m]}
+        return {s.lora.label: TopKSum(s.lora.layers[m], k) for s in present[m]}
 
-    return {m: _select(score, selection) for m, score in zip(modules, parallel_map(scores, modules), strict=True)}
+    bounds = dict(zip(modules, parallel_map(measure, modules), strict=True))
+    logs: dict[str, list[float]] = {s.lora.label: [] for s in sources}
+    for m in modules:
+        values = {label: b.rms for label, b in bounds[m].items()}
+        if any(v <= 0 for v in values.values()):
+            continue  # a zero update says nothing about a LoRA's scale
+        center = sum(math.log(v) for v in values.values()) / len(values)
+        for label, v in values.items():
+            logs[label].append(math.log(v) - center)
+    gamma = {label: math.exp(_trimmed_mean(v)) if v else 1.0 for label, v in logs.items()}
+    weights = {s.lora.label: s.weight for s in sources}
+
+    def choose(m: str) -> dict[str, float]:
+        layer = bounds.pop(m)
+        if selection == "hard":
+            return _hard_selection(layer, weights, gamma)
+        for b in layer.values():
+            while not b.exact:
+                b.refine()
+        return _select({label: weights[label] * b.lower / gamma[label] for label, b in layer.items()}, selection)
+
+    largest_first = sorted(modules, key=lambda m: -max(b.size for b in bounds[m].values()))
+    chosen = dict(zip(largest_first, parallel_map(choose, largest_first), strict=True))
+    return {m: chosen[m] for m in modules}
+
+
+def _hard_selection(bounds: dict[str, TopKSum], weights: dict[str, float], gamma: dict[str, float]) -> dict[str, float]:
+    """K-LoRA's hard selection, each score refined only until the winner is proven (module docstring)."""
+
+    def score(label: str, value: float) -> float:
+        return weights[label] * value / gamma[label]
+
+    def aims(leading: float, rivals: list[str]) -> dict[str, float]:
+        """The upper bound, in its own units, under which each rival loses to a leading score."""
+        return {r: leading * gamma[r] / weights[r] * RIVAL_AIM for r in rivals}
+
+    for b in bounds.values():
+        b.refine()
+    gains = dict.fromkeys(bounds, math.inf)  # how much the last refinement raised each score's lower bound
+    while True:
+        low = {label: score(label, b.lower) for label, b in bounds.items()}
+        high = {label: score(label, b.upper) for label, b in bounds.items()}
+        leader = max(low, key=low.__getitem__)
+        rivals = [label for label in bounds if label != leader and high[label] >= low[leader]]
+        if not rivals:
+            return {label: float(label == leader) for label in bounds}
+        if all(bounds[label].exact for label in (leader, *rivals)):
+            winners = _select({label: low[label] for label in (leader, *rivals)}, "hard")
+            return {label: winners.get(label, 0.0) for label in bounds}
+        open_rivals = [label for label in rivals if not bounds[label].exact]
+        # A step of the leader costs about as many entries as it has computed; it pays when raising its lower bound
+        # by about half its last gain spares the rivals more than that.
+        spared = _work_left(bounds, aims(low[leader], open_rivals)) - _work_left(
+            bounds, aims(low[leader] + gains[leader] / 2, open_rivals)
+        )
+        if not bounds[leader].exact and (not open_rivals or spared > bounds[leader].computed):
+            bounds[leader].refine()
+            gains[leader] = score(leader, bounds[leader].lower) - low[leader]
+            continue
+        for label, aim in aims(low[leader], open_rivals).items():
+            bounds[label].refine(bounds[label].level_for(aim))
+
+
+def _work_left(bounds: dict[str, TopKSum], aims: dict[str, float]) -> int:
+    """Entries still to compute for each upper bound named in `aims` to fall under its aim."""
+    return sum(
+        bounds[label].work_at(bounds[label].level_for(aim)) - bounds[label].computed for label, aim in aims.items()
+    )
 
 
 def _select(scores: dict[str, float], selection: Selection) -> dict[str, float]:
