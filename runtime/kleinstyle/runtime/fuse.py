@@ -65,13 +65,20 @@ def parse_input(text: str) -> Input:
 
 
 def open_lora(uri: str, scratch: Path, index: int) -> LoraFile:
-    """Read one input: a path as is (a pod path through the local rootfs), an object-store URI copied to `scratch`."""
-    from .artifacts import local_copy
+    """Read one input: a path as is (a pod path through the local rootfs), an object-store URI copied to `scratch`
+    (artifacts, and the RunSpec models it imports, only then: they take longer to import than a fusion's reading)."""
     from .klein.lora_io import LoraFormatError, read_lora
     from .klein.tensorfile import TensorFileError
+    from .paths import is_remote, local_path
 
     try:
-        return read_lora(local_copy(uri, scratch, f"{index}-{PurePosixPath(uri).name}"), label=uri)
+        if is_remote(uri):
+            from .artifacts import local_copy
+
+            path = local_copy(uri, scratch, f"{index}-{PurePosixPath(uri).name}")
+        else:
+            path = local_path(uri)
+        return read_lora(path, label=uri)
     except FileNotFoundError as exc:
         raise BadInput(f"{uri}: no such LoRA file") from exc
     except IsADirectoryError as exc:
