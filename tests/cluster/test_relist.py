@@ -8,6 +8,7 @@ while the proxy answers every watch with 410, the Job is deleted; the operator m
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -70,5 +71,6 @@ def test_a_job_deleted_while_the_watches_must_relist_is_made_again(
         raise AssertionError(f"{missing}\noperator log (tail):\n{operator.tail()}") from None
     assert proxy.injected["watch-expired"] > 0
     assert "was deleted while a watch was away" in operator.text()
+    assert re.search(r"after a relist, checked \d+ indexed objects in \d+ lists: [1-9]\d* gone", operator.text())
     assert get(cluster, "StyleBoard", ns, "bd9") is not None
     cluster.api("DELETE", path("StyleBoard", ns, "bd9"))

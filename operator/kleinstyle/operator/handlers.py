@@ -77,19 +77,19 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig, kueue_version
 # thread-safe); each also notes a relist's listed events (relists.py).
 
 
-async def _wake_owner(labels: Mapping[str, str], memo: Any, type: str | None, body: Any, **indexes: Any) -> None:
-    relists.note(memo.wakers, memo.kube, type, body, indexes)
+async def _wake_owner(labels: Mapping[str, str], memo: Any, type: str | None, **indexes: Any) -> None:
+    relists.note(memo.wakers, memo.kube, type, indexes)
     memo.wakers.wake(labels[OWNER_UID])
 
 
-async def _wake_job_owner(labels: Mapping[str, str], memo: Any, type: str | None, body: Any, **indexes: Any) -> None:
-    relists.note(memo.wakers, memo.kube, type, body, indexes)
+async def _wake_job_owner(labels: Mapping[str, str], memo: Any, type: str | None, **indexes: Any) -> None:
+    relists.note(memo.wakers, memo.kube, type, indexes)
     if (owner := memo.wakers.job_owner.get(labels[kueue.JOB_UID_LABEL])) is not None:
         memo.wakers.wake(owner)
 
 
 async def _wake_self_and_dependents(body: Any, memo: Any, type: str | None, **indexes: Any) -> None:
-    relists.note(memo.wakers, memo.kube, type, body, indexes)
+    relists.note(memo.wakers, memo.kube, type, indexes)
     meta = body["metadata"]
     wakers: Wakers = memo.wakers
     wakers.wake(meta["uid"])

@@ -7,11 +7,12 @@ stays for good. A run whose Job was deleted then would wait on a Job that is not
 found it: a Job deleted by hand 2 s before kube-apiserver was killed stayed "running" until the operator restarted).
 
 A listing comes as a burst of events of type None (kopf's convention). A moment after the last of a burst
-(`QUIET_S`), every entry of the audited indexes (the runs' children, their pods, Kueue's Workloads) not seen in it is
-checked with one GET each; one that is gone (404, or another object under its name) gets a tombstone: `observe`
-leaves tombstoned uids out, and the owner is woken to act on it. An API server restart relists every watch, the
-runs' own kinds among them, so a burst comes even when the deleted Job was the only one of its kind. The operator's
-start is a listing too; then every entry was seen and nothing is checked.
+(`QUIET_S`), the audited indexes (the runs' children, their pods, Kueue's Workloads) are compared with the API: one
+label-selected list per kind and namespace, and a GET of each entry missing from it; one that is gone (404, or another
+object under its name) gets a tombstone: `observe` leaves tombstoned uids out, and the owner is woken to act on it.
+An API server restart relists every watch, the runs' own kinds among them, so a burst comes even when the deleted
+Job was the only one of its kind. The operator's start is a listing too, audited like any other: at most one list per
+kind and namespace where it already has runs (none when it starts on an empty cluster), then nothing is missing.
 """
 
 from __future__ import annotations
@@ -37,36 +38,31 @@ PLURAL |= {"Role": "roles", "RoleBinding": "rolebindings", "Workload": "workload
 logger = logging.getLogger(__name__)
 
 
-def note(wakers: Wakers, kube: Kube, event_type: str | None, body: Any, indexes: Mapping[str, Any]) -> None:
-    """Record a watch event: a listed one (type None) starts or extends a listing, whose audit runs once it is over;
-    while one is on, every event's object counts as seen (it was there), so what is created meanwhile is not read."""
+def note(wakers: Wakers, kube: Kube, event_type: str | None, indexes: Mapping[str, Any]) -> None:
+    """Record a watch event: a listed one (type None) starts or extends a burst, audited once it is over."""
+    if event_type is not None:
+        return
     listing = wakers.listing
-    if event_type is None and listing is None:
+    if listing is None:
         listing = wakers.listing = Listing()
         listing.task = asyncio.create_task(_audit_after_quiet(wakers, kube, listing, indexes), name="relist audit")
-    if listing is None:
-        return
-    listing.seen.add(body["metadata"]["uid"])
-    if event_type is None:
-        listing.last = asyncio.get_running_loop().time()
+    listing.last = asyncio.get_running_loop().time()
 
 
 class Listing:
-    """The uids of one burst of listed events, and when its last one came."""
+    """One burst of listed events: when its last one came, and the audit that waits for its end."""
 
     def __init__(self) -> None:
-        self.seen: set[str] = set()
         self.last = 0.0
         self.task: asyncio.Task[None] | None = None
 
 
-def unseen(indexes: Mapping[str, Any], seen: set[str], tombstones: set[str]) -> Iterator[dict[str, Any]]:
-    """The entries of the audited indexes that a listing did not bring (and that are not known gone already)."""
+def entries(indexes: Mapping[str, Any], tombstones: set[str]) -> Iterator[dict[str, Any]]:
+    """The entries of the audited indexes (but those known gone already)."""
     for name in AUDITED:
         for store in (indexes.get(name) or {}).values():
             for obj in store:
-                uid = obj["metadata"].get("uid")
-                if uid and uid not in seen and uid not in tombstones:
+                if obj["metadata"].get("uid") not in tombstones:
                     yield obj
 
 
@@ -85,21 +81,38 @@ async def gone(kube: Kube, obj: Mapping[str, Any]) -> bool:
     return found is not None and str(found["metadata"].get("uid")) != str(obj["metadata"]["uid"])
 
 
-async def audit(wakers: Wakers, kube: Kube, indexes: Mapping[str, Any], seen: set[str]) -> list[dict[str, Any]]:
-    """Tombstone every audited entry that a listing did not bring and that the API no longer has; wake its owner.
-    Returns the tombstoned entries."""
+async def audit(wakers: Wakers, kube: Kube, indexes: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Tombstone every audited entry the API no longer has, and wake its owner; returns the tombstoned entries.
+
+    One label-selected list per kind and namespace finds the candidates (the listing kopf made is not at hand, and a
+    burst can hold several rounds of it); each is read once more before it is buried, since what was created after
+    the list is missing from it too."""
+    collections: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for obj in entries(indexes, wakers.tombstones):
+        collections.setdefault((obj["apiVersion"], obj["kind"], obj["metadata"]["namespace"]), []).append(obj)
     buried = []
-    for obj in list(unseen(indexes, seen, wakers.tombstones)):
-        if obj["kind"] not in PLURAL or not await gone(kube, obj):
+    for (api_version, kind, namespace), objs in collections.items():
+        if kind not in PLURAL:
             continue
-        meta = obj["metadata"]
-        wakers.tombstones.add(meta["uid"])
-        buried.append(obj)
-        logger.info(f"{obj['kind']} {meta['namespace']}/{meta['name']} was deleted while a watch was away")
-        labels = meta.get("labels") or {}  # a child's owner by label; a Workload's through its Job's uid
-        owner = labels.get(OWNER_UID) or wakers.job_owner.get(labels.get(kueue.JOB_UID_LABEL, ""))
-        if owner:
-            wakers.wake(owner)
+        prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+        selector = kueue.JOB_UID_LABEL if kind == "Workload" else OWNER_UID
+        listed = await kube.request(
+            "GET", f"{prefix}/namespaces/{namespace}/{PLURAL[kind]}", query=[("labelSelector", selector)]
+        )
+        present = {item["metadata"]["uid"] for item in (listed or {}).get("items") or []}
+        for obj in objs:
+            if obj["metadata"]["uid"] in present or not await gone(kube, obj):
+                continue
+            meta = obj["metadata"]
+            wakers.tombstones.add(meta["uid"])
+            buried.append(obj)
+            logger.info(f"{kind} {namespace}/{meta['name']} was deleted while a watch was away")
+            labels = meta.get("labels") or {}  # a child's owner by label; a Workload's through its Job's uid
+            owner = labels.get(OWNER_UID) or wakers.job_owner.get(labels.get(kueue.JOB_UID_LABEL, ""))
+            if owner:
+                wakers.wake(owner)
+    checked = sum(len(objs) for objs in collections.values())
+    logger.info(f"after a relist, checked {checked} indexed objects in {len(collections)} lists: {len(buried)} gone")
     return buried
 
 
@@ -109,6 +122,6 @@ async def _audit_after_quiet(wakers: Wakers, kube: Kube, listing: Listing, index
         await asyncio.sleep(wait)
     wakers.listing = None  # a later listed event starts the next burst
     try:
-        await audit(wakers, kube, indexes, listing.seen)
+        await audit(wakers, kube, indexes)
     except Exception as exc:  # the entries stay as they were; the next relist looks again
         logger.warning(f"could not check the index entries a relist left behind: {exc!r}")
