@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 from kleinstyle.operator.api import API_VERSION, KINDS
 
-from .controlplane import KUBE_VERSION, RealCluster, find_bin_dir
+from .controlplane import KUBE_VERSION, RealCluster, find_bin_dir, free_port
 from .demo import REFERENCE_CLAIM, dev_config, settled, write_model_cache
 from .node_agent import NodeAgent
 from .references import write_references
@@ -111,6 +111,8 @@ def chart_values(root: Path) -> dict[str, Any]:
     return {
         "image": {"repository": "kleinstyle/operator", "tag": "local"},
         "logLevel": "DEBUG",
+        # Every pod of the node agent shares this machine's ports: two operators (two tests) must not share one.
+        "livenessPort": free_port(),
         "config": config,
     }
 
