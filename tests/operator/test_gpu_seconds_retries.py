@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from kleinstyle.operator.usage import Change, gpu_seconds
+from kleinstyle.operator.usage import Change, gpu_seconds, jobs_by_name
 
 pytestmark = pytest.mark.unit
 
@@ -57,3 +57,14 @@ def test_a_pod_whose_end_nobody_reported_counts_until_the_next_one_started_at_mo
         100.0,
         "h200",
     )
+
+
+def test_a_job_deleted_by_hand_and_made_again_still_counts_the_stretch_of_its_pod() -> None:
+    """The reconcile that makes the Job again sees no Job of that name; the one it creates carries the same GPUs."""
+    running = status("Running", 0)
+    replaced = status("Pending", 40)
+    remade = {**JOB, "kind": "Job"}
+    seen = Change.of("StyleLoRA", "a", "l", running, replaced, jobs_by_name([], [remade]), T0 + timedelta(seconds=41))
+    assert gpu_seconds(seen) == (40.0, "h200")  # 0 -> 40 s, when the next pod started
+    lost = Change.of("StyleLoRA", "a", "l", running, replaced, jobs_by_name([], []), T0 + timedelta(seconds=41))
+    assert gpu_seconds(lost) is None  # what the operator counted before: nothing

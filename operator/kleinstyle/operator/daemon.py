@@ -60,7 +60,7 @@ async def reconcile_once(body: Any, memo: Any, logger: Any, indexes: Mapping[str
         decision = reconcile(observed, cfg, now_rfc3339())
         before = dict(body.get("status") or {})
         decision = await write_decision(kube, body, decision, memo.wakers, logger)
-        jobs = {c["metadata"]["name"]: c for c in observed.children if c["kind"] == "Job"}
+        jobs = usage.jobs_by_name(observed.children, decision.create)
         after = {**before, **decision.status}
         now = datetime.now(UTC)
         change = usage.Change.of(kind, meta["namespace"], meta["name"], before, after, jobs, now, observed.pods)

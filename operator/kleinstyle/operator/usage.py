@@ -81,6 +81,15 @@ def ready_reason(status: CommonStatus) -> str:
     return ready.reason if ready else ""
 
 
+def jobs_by_name(
+    children: Sequence[Mapping[str, Any]], created: Sequence[Mapping[str, Any]]
+) -> dict[str, Mapping[str, Any]]:
+    """The run's Jobs by name, with one a reconcile makes again under its name (the old one deleted by hand, say):
+    the stretch of the deleted Job's pod is counted by its GPUs and pool, and the new one has the same spec. Without
+    it that stretch was lost (bench/chaos.py: a Job deleted after its pod's node was lost)."""
+    return {c["metadata"]["name"]: c for c in [*created, *children] if c["kind"] == "Job"}
+
+
 def gpus_of(job: Mapping[str, Any] | None) -> tuple[int, str]:
     """(GPUs the Job's pod requests, its node pool)."""
     if job is None:
