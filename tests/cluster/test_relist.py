@@ -71,6 +71,8 @@ def test_a_job_deleted_while_the_watches_must_relist_is_made_again(
         raise AssertionError(f"{missing}\noperator log (tail):\n{operator.tail()}") from None
     assert proxy.injected["watch-expired"] > 0
     assert "was deleted while a watch was away" in operator.text()
-    assert re.search(r"after a relist, checked \d+ indexed objects in \d+ lists: [1-9]\d* gone", operator.text())
+    # The audit's summary comes once its last list is done, a moment after the Job was made again.
+    summary = re.compile(r"after a relist, checked \d+ indexed objects in \d+ lists: [1-9]\d* gone")
+    wait_for("the audit's summary", lambda: summary.search(operator.text()), timeout=30)
     assert get(cluster, "StyleBoard", ns, "bd9") is not None
     cluster.api("DELETE", path("StyleBoard", ns, "bd9"))
