@@ -73,6 +73,22 @@ def still_running(cluster: RealCluster, pod: dict[str, Any], log: Path) -> Calla
     return check
 
 
+def apply_examples_until_settled(
+    cluster: RealCluster, tenant: Identity, namespace: str, operator: dict[str, Any], log: Path
+) -> list[dict[str, Any]]:
+    """examples/ applied by `tenant`, and every resource once settled; fails, with the operator's last words, if they
+    do not settle in time or the operator's container stops meanwhile."""
+    applied = tenant.kubectl("apply", "-f", str(EXAMPLES))
+    assert applied.returncode == 0, applied.stderr
+    expected = len(load_documents([str(EXAMPLES)]))
+    try:
+        return real_e2e.wait_until_settled(
+            cluster, namespace, expected, SETTLE_TIMEOUT, check=still_running(cluster, operator, log)
+        )
+    except TimeoutError as timeout:
+        raise AssertionError(f"{timeout}\noperator log (tail):\n{tail(log)}") from None
+
+
 def user_info(bearer: Identity) -> dict[str, Any]:
     """Who the API server takes `bearer` for: a SelfSubjectReview (`kubectl auth whoami`)."""
     review = {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}
@@ -140,15 +156,7 @@ def test_examples_reach_succeeded_under_the_charts_operator_run_as_its_pod(
             volumes.result()
             installed = time.monotonic()
 
-            applied = tenant.kubectl("apply", "-f", str(EXAMPLES))
-            assert applied.returncode == 0, applied.stderr
-            expected = len(load_documents([str(EXAMPLES)]))
-            try:
-                objs = real_e2e.wait_until_settled(
-                    cluster, namespace, expected, SETTLE_TIMEOUT, check=still_running(cluster, pod, log)
-                )
-            except TimeoutError as timeout:
-                raise AssertionError(f"{timeout}\noperator log (tail):\n{tail(log)}") from None
+            objs = apply_examples_until_settled(cluster, tenant, namespace, pod, log)
             settled = time.monotonic()
             unanswered = scraped.unanswered(namespace)
 

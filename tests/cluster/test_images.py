@@ -19,14 +19,13 @@ from typing import Any
 import pytest
 from kleinstyle.devcluster import containers, real_e2e
 from kleinstyle.devcluster.controlplane import RealCluster
-from kleinstyle.devcluster.demo import NAMESPACE, load_documents, local_artifact
+from kleinstyle.devcluster.demo import NAMESPACE, local_artifact
 from kleinstyle.devcluster.node_agent import NodeAgent
 
 from .conftest import CHART, CRDS, RELEASE, REPO, started_cluster
 from .rbac import bind, ensure_namespace, install_chart, user, wait_for
-from .test_examples import SETTLE_TIMEOUT, operator_pod, still_running, tail
+from .test_examples import apply_examples_until_settled, operator_pod, tail
 
-EXAMPLES = REPO / "examples"
 REGISTRY = "ghcr.io/kleinstyle"  # hack/images/build.sh's default, the chart's
 
 
@@ -102,15 +101,7 @@ def test_examples_succeed_with_every_pod_run_from_the_images(
         run = agent.pod_run(pod["metadata"]["namespace"], pod["metadata"]["name"])
         assert run is not None
         inspected = podman_inspect(run.container_name)  # the operator's container, as podman runs it
-        applied = tenant.kubectl("apply", "-f", str(EXAMPLES))
-        assert applied.returncode == 0, applied.stderr
-        expected = len(load_documents([str(EXAMPLES)]))
-        try:
-            objs = real_e2e.wait_until_settled(
-                cluster, namespace, expected, SETTLE_TIMEOUT, check=still_running(cluster, pod, log)
-            )
-        except TimeoutError as timeout:
-            raise AssertionError(f"{timeout}\noperator log (tail):\n{tail(log)}") from None
+        objs = apply_examples_until_settled(cluster, tenant, namespace, pod, log)
         _, job_pods = cluster.api("GET", f"/api/v1/namespaces/{namespace}/pods")
 
     failed = {
