@@ -99,6 +99,7 @@ BOUND_SLACK = 2.0**-22  # times the rank: a Cauchy-Schwarz bound's margin for fl
 BLOCK_SPREAD = 0.01  # K-LoRA's blocks of rows span this much of a norm: a block's bound is its first row's
 BLOCK_ROWS = 32  # and at least this many rows (the few largest norms are far apart)
 BISECTIONS = 14
+MERGE_AT = 4  # K-LoRA merges the entries it keeps once this many times k are pending (the threshold rises)
 MEASURE_CHUNK = 1 << 18  # factor entries converted at a time to measure norms (1 MiB of float32)
 RIVAL_AIM = 0.995  # and aims the others' upper bounds this far under it (newly computed entries may raise them)
 CANCELLED = 1e-6  # a weighted sum holding less than this fraction of its terms' energy: the weights cancel
@@ -231,9 +232,11 @@ def fuse(
         if on_layer:
             on_layer(module, result[0])
 
-    results = parallel_map(one, modules, on_done=done)
-    _refuse_cancelling(active, [energies for _, energies in results])
-    layers = {module: layer for module, (layer, _) in zip(modules, results, strict=True)}
+    size = {m: math.prod(next(s.lora.layers[m].shape for s in active if m in s.lora.layers)) for m in modules}
+    largest_first = sorted(modules, key=lambda m: -size[m])  # no large layer left for one thread at the end
+    results = dict(zip(largest_first, parallel_map(one, largest_first, on_done=done), strict=True))
+    _refuse_cancelling(active, [energies for _, energies in results.values()])
+    layers = {module: results[module][0] for module in modules}
     return Fused(method, layers, selection if method == "klora" else None, partial, compat.base)
 
 
@@ -344,8 +347,25 @@ def parallel_map(
 # ---- one layer --------------------------------------------------------------------------------------------------
 
 
+_buffers = threading.local()
+
+
+def _scratch(name: str, shape: tuple[int, ...], dtype: type[np.generic]) -> np.ndarray:
+    """This thread's scratch array `name`, grown as needed and otherwise reused (a fresh one per tile would fault
+    its pages in every time)."""
+    size = math.prod(shape)
+    buffer: np.ndarray | None = getattr(_buffers, name, None)
+    if buffer is None or buffer.size < size or buffer.dtype != dtype:
+        buffer = np.empty(size, dtype)
+        setattr(_buffers, name, buffer)
+    return buffer[:size].reshape(shape)
+
+
 def _store(values: np.ndarray, dtype: str) -> Stored:
-    return Stored.from_float32(values, dtype) if dtype != "F64" else Stored(values.astype(np.float64), "F64")
+    """float32 `values` (a scratch array, perhaps) as a new tensor of `dtype`."""
+    if dtype in ("F32", "F64"):
+        return Stored(values.astype(np.float64 if dtype == "F64" else np.float32), dtype)  # a copy
+    return Stored.from_float32(values, dtype)
 
 
 def concat_layer(parts: Sequence[tuple[Factors, float]], dtype: str) -> FusedLayer:
@@ -365,10 +385,11 @@ def concat_layer(parts: Sequence[tuple[Factors, float]], dtype: str) -> FusedLay
 
 
 def _prepare(parts: Sequence[tuple[Factors, float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(the B's side by side, out x R, and the A's stacked, R x in, both float32; coefficient x scale per rank
-    column, float64). Each input is converted straight into its place: one pass over it, no concatenation."""
+    """(the B's side by side, out x R, and the A's stacked, R x in, both float32 in this thread's scratch;
+    coefficient x scale per rank column, float64). Each input is converted straight into its place: one pass over
+    it, no concatenation."""
     (out, inn), total = parts[0][0].shape, sum(f.rank for f, _ in parts)
-    B, A = np.empty((out, total), np.float32), np.empty((total, inn), np.float32)
+    B, A = _scratch("stacked B", (out, total), np.float32), _scratch("stacked A", (total, inn), np.float32)
     d, at = np.empty(total), 0
     for f, c in parts:
         f.B.float32(out=B[:, at : at + f.rank])
@@ -378,14 +399,15 @@ def _prepare(parts: Sequence[tuple[Factors, float]]) -> tuple[np.ndarray, np.nda
     return B, A, d
 
 
-def _gram_eigh(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues (ascending, all resolvable ones) and eigenvectors of A A^T for float32 A.
+def _gram_eigh(A: np.ndarray, gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (ascending, all resolvable ones) and eigenvectors of A A^T for float32 A (`gram`, float32
+    products in float64).
 
     A float32 Gram matrix resolves eigenvalues down to about 1e-6 of the largest; below that (two inputs sharing
     nearly the same A, as LoRAs trained from one seed do) it is formed again in float64, where directions under
     1e-13 of the largest are dropped as beyond any float32 input's precision.
     """
-    la, Va = np.linalg.eigh((A @ A.T).astype(np.float64))
+    la, Va = np.linalg.eigh(gram)
     if la[0] < la[-1] * A_FLOAT32:
         A64 = A.astype(np.float64)
         la, Va = np.linalg.eigh(A64 @ A64.T)
@@ -407,16 +429,18 @@ def lowrank_layer(
     parts: Sequence[tuple[Factors, float]], rank: int | None, energy: float | None, dtype: str
 ) -> tuple[FusedLayer, tuple[float, float]]:
     """The exact truncated SVD of sum_i c_i s_i B_i A_i, to `rank` or to the smallest rank keeping `energy`, and
-    the layer's probed energies (`_probe`: the weights must not cancel), from the same float32 factors."""
+    the layer's energies: the sum's probed (the weights must not cancel), its terms' from the Gram matrices."""
     if not parts:
         raise FusionError("no input updates this layer")
     B, A, d = _prepare(parts)
-    edges = np.cumsum([0, *(f.rank for f, _ in parts)])
-    energies = _probe((B[:, a:b], A[a:b], float(d[a])) for a, b in itertools.pairwise(edges))
     out = B.shape[0]
-    la, Va = _gram_eigh(A)
-    F = Va * np.sqrt(la)  # A = F Q^T, Q orthonormal
+    Ga = (A @ A.T).astype(np.float64)
     Gb = (B.T @ B).astype(np.float64) * np.outer(d, d)  # numpy computes X^T X as a symmetric rank-k update
+    edges = list(itertools.accumulate((f.rank for f, _ in parts), initial=0))
+    separate = sum(float((Gb[a:b, a:b] * Ga[a:b, a:b]).sum()) for a, b in itertools.pairwise(edges))
+    probes = ((A @ _probe_vectors(A.shape[1])) * d[:, None]).astype(np.float32)  # the sum probed in one product
+    la, Va = _gram_eigh(A, Ga)
+    F = Va * np.sqrt(la)  # A = F Q^T, Q orthonormal
     m, W = np.linalg.eigh(F.T @ Gb @ F)
     m, W = m[::-1], W[:, ::-1]  # largest first
     total = float(np.clip(m, 0, None).sum())
@@ -428,6 +452,7 @@ def lowrank_layer(
         k = rank if rank is not None else nonzero
     k = max(1, min(k, nonzero)) if nonzero else 0
     if k == 0:  # the weighted sum is zero here: a rank-1 zero update
+        energies = (_probed(B @ probes), max(separate, 0.0))
         zeros = Factors(
             _store(np.zeros((1, A.shape[1]), np.float32), dtype), _store(np.zeros((out, 1), np.float32), dtype)
         )
@@ -435,21 +460,18 @@ def lowrank_layer(
     mk, Wk = m[:k], W[:, :k]
     left = ((d[:, None] * F) @ (Wk * mk**-0.25)).astype(np.float32)  # R x k
     right = ((mk**0.25)[:, None] * Wk.T @ (Va / np.sqrt(la)).T).astype(np.float32)  # k x R
-    return FusedLayer(Factors(_store(right @ A, dtype), _store(B @ left, dtype)), total, float(mk.sum())), energies
+    A_out = np.matmul(right, A, out=_scratch("A out", (k, A.shape[1]), np.float32))
+    B_out = np.matmul(B, np.hstack([left, probes]), out=_scratch("B out", (out, k + PROBES), np.float32))
+    energies = (_probed(B_out[:, k:]), max(separate, 0.0))
+    return FusedLayer(Factors(_store(A_out, dtype), _store(B_out[:, :k], dtype)), total, float(mk.sum())), energies
+
+
+def _probed(values: np.ndarray) -> float:
+    """||M||_F^2 estimated from M x for PROBES Gaussian vectors x."""
+    return float(np.square(values.astype(np.float64)).sum()) / PROBES
 
 
 # ---- K-LoRA -----------------------------------------------------------------------------------------------------
-
-_buffers = threading.local()
-
-
-def _tile_buffer(size: int) -> np.ndarray:
-    """This thread's float32 scratch of at least `size` entries (allocated once: a fresh one per tile would fault
-    its pages in every time)."""
-    buffer: np.ndarray | None = getattr(_buffers, "tile", None)
-    if buffer is None or buffer.size < size:
-        buffer = _buffers.tile = np.empty(size, np.float32)
-    return buffer[:size]
 
 
 def _rounded(values: np.ndarray, dtype: str) -> np.ndarray:
@@ -457,6 +479,16 @@ def _rounded(values: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "BF16":
         return Stored.from_float32(values, dtype).float32()
     return values.astype(np.float16).astype(np.float32) if dtype == "F16" else values
+
+
+def _rounded_scalar(value: float, dtype: str) -> float:
+    """`_rounded` for one value, in plain integer arithmetic (a numpy call per value would cost more)."""
+    single = np.float32(value)
+    if dtype == "BF16":
+        bits = int(single.view(np.uint32))
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return float(np.uint32(bits).view(np.float32))
+    return float(np.float16(single)) if dtype == "F16" else float(single)
 
 
 class TopKSum:
@@ -476,7 +508,8 @@ class TopKSum:
         self.heights = np.diff(np.append(self.starts, out))
         self.block_bounds = row_bounds[self.starts] * (1 + BOUND_SLACK * factors.rank)
         self.done = np.zeros(len(self.starts), np.int64)  # per block of rows: how many ordered columns are computed
-        self.width = max(1, tile_elements // int(self.heights.max(initial=1)))  # columns per tile at most
+        self.group_first = _groups(self.starts)  # per block, the first block of its group
+        self.tile_elements = tile_elements
         self.size, self.k = out * inn, min(k, out * inn)
         self.scale = abs(factors.scale)
         self.dtype = factors.A.dtype if factors.A.dtype == factors.B.dtype in ("BF16", "F16") else "F32"
@@ -512,7 +545,7 @@ class TopKSum:
     def upper_at(self, frontier: float) -> float:
         """The sum of the k largest of the kept values and of the entries not computed, each of these taken at
         `frontier` (the bound once everything above `frontier` is computed, if none of it beats the kept)."""
-        frontier = float(_rounded(np.array([frontier], np.float32), self.dtype)[0])  # none rounds past it
+        frontier = _rounded_scalar(frontier, self.dtype)  # no entry below it rounds past it
         above = min(int(np.searchsorted(self.falling_top, -frontier)), self.k)  # kept values over `frontier`
         at = min(self.k - above, self.size - self.computed)
         below = min(self.k - above - at, len(self.top) - above)
@@ -534,29 +567,46 @@ class TopKSum:
         return int((self.heights * self._columns(max(level, self.floor))).sum())
 
     def refine(self, level: float | None = None) -> None:
-        """Compute every entry whose bound reaches `level` (by default the level that computes about as many
-        entries again as so far, at least FIRST_BAND k); never below `floor`, never nothing while not exact."""
+        """Compute every entry whose bound reaches `level`; by default (or when that computes nothing) those that
+        make about as many entries again as so far (at least FIRST_BAND k), each group of blocks as far as its first
+        (bands of a coarser staircase: fewer, fuller tiles). Never below `floor`."""
         columns = self._columns(max(level or 0.0, self.floor))
         if level is None or not (columns > self.done).any():
-            columns = self._columns(self._level(max(2 * self.computed, FIRST_BAND * self.k)))
+            reach = self._columns(self._level(max(2 * self.computed, FIRST_BAND * self.k)))
+            columns = np.maximum(reach[self.group_first], self.done)
         if self.ordered_A is None:
             self.ordered_A = Stored(np.take(self.factors.A.data, self.cols, axis=1), self.factors.A.dtype).float32()
         touched = np.flatnonzero(columns > self.done)
         if touched.size:
             first_row = int(self.starts[touched[0]])
             B = self._rows(first_row, int(self.starts[touched[-1]] + self.heights[touched[-1]]))
-        for block in touched:
-            top, height = int(self.starts[block]) - first_row, int(self.heights[block])
-            for first in range(int(self.done[block]), int(columns[block]), self.width):
-                A = self.ordered_A[:, first : min(first + self.width, int(columns[block]))]
-                tile = _tile_buffer(height * A.shape[1]).reshape(height, A.shape[1])
-                np.matmul(B[top : top + height], A, out=tile)
+        for top, bottom, left, right in self._tiles(touched, columns):
+            tile = _scratch("tile", (bottom - top, right - left), np.float32)
+            np.matmul(B[top - first_row : bottom - first_row], self.ordered_A[:, left:right], out=tile)
+            if max(tile.max(), -tile.min()) >= self.threshold:  # most tiles hold nothing that counts
                 self._take(np.abs(tile, out=tile).reshape(-1))
         self.done = columns
         self.computed = int((self.heights * columns).sum())
         open_ = columns < len(self.falling)
         self.frontier = float((self.block_bounds[open_] * -self.falling[columns[open_]]).max(initial=0.0))
         self._merge()
+
+    def _tiles(self, touched: np.ndarray, columns: np.ndarray) -> Iterator[tuple[int, int, int, int]]:
+        """Rows top:bottom by ordered columns left:right of each tile computing the new entries: consecutive blocks
+        with the same new columns share tiles, of at most tile_elements entries (BLOCK_ROWS rows at least)."""
+        done = self.done[touched]
+        breaks = np.flatnonzero((np.diff(touched) != 1) | (np.diff(done) != 0) | (np.diff(columns[touched]) != 0))
+        for first, last in zip(np.append(0, breaks + 1), np.append(breaks, len(touched) - 1), strict=True):
+            top, bottom = (
+                int(self.starts[touched[first]]),
+                int(self.starts[touched[last]] + self.heights[touched[last]]),
+            )
+            left, right = int(done[first]), int(columns[touched[first]])
+            height = max(BLOCK_ROWS, self.tile_elements // (right - left))
+            width = max(1, self.tile_elements // min(height, bottom - top))
+            for row in range(top, bottom, height):
+                for column in range(left, right, width):
+                    yield row, min(row + height, bottom), column, min(column + width, right)
 
     def _columns(self, level: float) -> np.ndarray:
         """Per block of rows, how many ordered columns have a bound of at least `level` (at least those done)."""
@@ -576,13 +626,18 @@ class TopKSum:
         return low
 
     def _rows(self, first: int, last: int) -> np.ndarray:
-        """B's rows first:last in order, float32."""
-        return Stored(np.take(self.factors.B.data, self.rows[first:last], axis=0), self.factors.B.dtype).float32()
+        """B's rows first:last in order, float32 (in this thread's scratch)."""
+        data, index = self.factors.B.data, self.rows[first:last]
+        gathered = np.take(
+            data, index, axis=0, mode="clip", out=_scratch("gathered", (len(index), data.shape[1]), data.dtype.type)
+        )
+        return Stored(gathered, self.factors.B.dtype).float32(out=_scratch("rows", gathered.shape, np.float32))
 
     def _take(self, values: np.ndarray) -> None:
-        self.pending.append(values[values >= np.float32(self.threshold)])
+        mask = np.greater_equal(values, np.float32(self.threshold), out=_scratch("mask", values.shape, np.bool_))
+        self.pending.append(values[mask])
         self.pending_size += self.pending[-1].size
-        if self.pending_size > max(4 * self.k, 1 << 16):
+        if self.pending_size > MERGE_AT * self.k:
             self._merge()
 
     def _merge(self) -> None:
@@ -607,7 +662,7 @@ def _measure(stored: Stored, axis: int) -> tuple[np.ndarray, np.ndarray]:
     squares, gram = np.empty(data.shape[0], np.float32), np.zeros((data.shape[1], data.shape[1]))
     for start in range(0, data.shape[0], step):
         chunk = Stored(data[start : start + step], stored.dtype)
-        values = chunk.float32(out=_tile_buffer(chunk.data.size).reshape(chunk.shape))
+        values = chunk.float32(out=_scratch("tile", chunk.shape, np.float32))
         np.einsum("ij,ij->i", values, values, out=squares[start : start + step])
         gram += values.T @ values
     exact = squares.astype(np.float64)
@@ -636,6 +691,16 @@ def _blocks(bounds: np.ndarray, most: int) -> np.ndarray:
     changes = np.flatnonzero(buckets[1:] != buckets[:-1]) + 1
     starts = np.concatenate([-(-changes // BLOCK_ROWS) * BLOCK_ROWS, np.arange(0, len(bounds), most)])
     return np.unique(starts[starts < len(bounds)])
+
+
+def _groups(starts: np.ndarray) -> np.ndarray:
+    """Per block, the first block of its group: groups of blocks each at least twice as many rows down as the
+    last (a staircase of a few steps, finer where the largest entries are)."""
+    first = np.zeros(len(starts), np.int64)
+    for block in range(1, len(starts)):
+        group = first[block - 1]
+        first[block] = block if starts[block] >= 2 * max(starts[group], BLOCK_ROWS) else group
+    return first
 
 
 def topk_abs_sum(factors: Factors, k: int, tile_elements: int = TILE_ELEMENTS) -> float:
