@@ -46,6 +46,7 @@ NUMPY: dict[str, np.dtype] = {
 }
 FLOATS = ("F64", "F32", "F16", "BF16")
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+WRITEBACK_EVERY = 32 << 20  # a streamed file starts this much of its data on its way to disk at a time
 
 
 class TensorFileError(ValueError):
@@ -214,6 +215,7 @@ class SafetensorsWriter:
         self._temporary = self.path.with_name(f".{self.path.name}.tmp-{secrets.token_hex(6)}")
         self._handle = self._temporary.open("wb")
         self._handle.seek(8 + self.reserve)
+        self._flushed = 0  # data bytes whose writeback has been started
 
     def add(self, name: str, tensor: Stored) -> None:
         if tensor.dtype not in NUMPY:
@@ -229,6 +231,11 @@ class SafetensorsWriter:
             "data_offsets": [self.size, self.size + data.nbytes],
         }
         self.size += data.nbytes
+        if self.size - self._flushed >= WRITEBACK_EVERY and hasattr(os, "posix_fadvise"):
+            self._handle.flush()  # start writing back what is written (the final fsync then waits for less)
+            start = 8 + self.reserve + self._flushed
+            os.posix_fadvise(self._handle.fileno(), start, self.size - self._flushed, os.POSIX_FADV_DONTNEED)
+            self._flushed = self.size
 
     def commit(self, metadata: Mapping[str, str] | None = None) -> None:
         entries = dict(sorted(self.entries.items()))  # the data is in arrival order; list it by name
