@@ -98,7 +98,7 @@ FIRST_BAND = 32  # K-LoRA's first band computes this many times k entries, each 
 BOUND_SLACK = 2.0**-22  # times the rank: a Cauchy-Schwarz bound's margin for float32 sums (entries and norms)
 BLOCK_SPREAD = 0.01  # K-LoRA's blocks of rows span this much of a norm: a block's bound is its first row's
 BLOCK_ROWS = 32  # and at least this many rows (the few largest norms are far apart)
-BISECTIONS = 14
+BISECTIONS = 14  # steps of the searches for a level
 MERGE_AT = 4  # K-LoRA merges the entries it keeps once this many times k are pending (the threshold rises)
 MEASURE_CHUNK = 1 << 18  # factor entries converted at a time to measure norms (1 MiB of float32)
 RIVAL_AIM = 0.995  # and aims the others' upper bounds this far under it (newly computed entries may raise them)
@@ -208,9 +208,10 @@ def fuse(
     partial = {m: missing for m, missing in gaps.items() if missing}
 
     if method == "klora":
-        coefficients = klora_coefficients(active, modules, selection)
+        coefficients, known = _klora(active, modules, selection)
     else:
         coefficients = {m: {s.lora.label: s.weight for s in active if m in s.lora.layers} for m in modules}
+        known = {}
 
     def parts_of(module: str) -> list[tuple[Factors, float]]:
         parts = [(s.lora.layers[module], coefficients[module][s.lora.label]) for s in active if module in s.lora.layers]
@@ -221,7 +222,8 @@ def fuse(
         if method == "concat":
             layer, energies = concat_layer(parts, out_dtype), weighted_energy(parts)
         elif len(parts) == 1 and energy is None and target is not None and target >= parts[0][0].rank:
-            layer = single_layer(parts[0], out_dtype)
+            label = next(s.lora.label for s in active if s.lora.layers.get(module) is parts[0][0])
+            layer = single_layer(parts[0], out_dtype, known.get((module, label)))
             energies = (layer.energy, layer.energy)
         else:
             layer, energies = lowrank_layer(parts, target, energy, out_dtype)
@@ -399,27 +401,40 @@ def _prepare(parts: Sequence[tuple[Factors, float]]) -> tuple[np.ndarray, np.nda
     return B, A, d
 
 
-def _gram_eigh(A: np.ndarray, gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues (ascending, all resolvable ones) and eigenvectors of A A^T for float32 A (`gram`, float32
-    products in float64).
+def _gram_root(A: np.ndarray, gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(F, F^+) with F F^T = A A^T for float32 A (`gram`: float32 products in float64), F^+ F = I, so that
+    A = F Q^T with Q orthonormal.
 
-    A float32 Gram matrix resolves eigenvalues down to about 1e-6 of the largest; below that (two inputs sharing
-    nearly the same A, as LoRAs trained from one seed do) it is formed again in float64, where directions under
-    1e-13 of the largest are dropped as beyond any float32 input's precision.
+    While A A^T is well conditioned (its smallest eigenvalue provably above A_FLOAT32 of the largest: 1 / ||L^-1||_F^2
+    against the trace) F is its Cholesky factor, a tenth of an eigendecomposition's cost. Otherwise F = V diag(sqrt l)
+    from the eigenvalues: a float32 Gram matrix resolves them down to about 1e-6 of the largest; below that (two
+    inputs sharing nearly the same A, as LoRAs trained from one seed do) it is formed again in float64, where
+    directions under 1e-13 of the largest are dropped as beyond any float32 input's precision.
     """
+    try:
+        root = np.linalg.cholesky(gram)
+        inverse = np.linalg.inv(root)
+        if 1 / np.square(inverse).sum() >= A_FLOAT32 * np.trace(gram):
+            return root, inverse
+    except np.linalg.LinAlgError:
+        pass
     la, Va = np.linalg.eigh(gram)
     if la[0] < la[-1] * A_FLOAT32:
         A64 = A.astype(np.float64)
         la, Va = np.linalg.eigh(A64 @ A64.T)
     keep = la > la[-1] * A_DROP
-    return la[keep], Va[:, keep]
+    la, Va = la[keep], Va[:, keep]
+    return Va * np.sqrt(la), (Va / np.sqrt(la)).T
 
 
-def single_layer(part: tuple[Factors, float], dtype: str) -> FusedLayer:
-    """One input's update kept whole: its factors as they are (`concat_layer`), its energy from Gram matrices."""
+def single_layer(part: tuple[Factors, float], dtype: str, known: float | None = None) -> FusedLayer:
+    """One input's update kept whole: its factors as they are (`concat_layer`), its energy c^2 ||dW||^2 from Gram
+    matrices (`known`: ||dW||^2 when measured already)."""
     f, c = part
-    gram_b, gram_a = _measure(f.B, 0)[1], _measure(f.A, 1)[1]
-    energy = (c * f.scale) ** 2 * max(float((gram_b * gram_a).sum()), 0.0)
+    if known is None:
+        gram_b, gram_a = _measure(f.B, 0)[1], _measure(f.A, 1)[1]
+        known = f.scale**2 * max(float((gram_b * gram_a).sum()), 0.0)
+    energy = c**2 * known
     layer = concat_layer([part], dtype)
     layer.energy = layer.kept = energy
     return layer
@@ -439,8 +454,7 @@ def lowrank_layer(
     edges = list(itertools.accumulate((f.rank for f, _ in parts), initial=0))
     separate = sum(float((Gb[a:b, a:b] * Ga[a:b, a:b]).sum()) for a, b in itertools.pairwise(edges))
     probes = ((A @ _probe_vectors(A.shape[1])) * d[:, None]).astype(np.float32)  # the sum probed in one product
-    la, Va = _gram_eigh(A, Ga)
-    F = Va * np.sqrt(la)  # A = F Q^T, Q orthonormal
+    F, F_plus = _gram_root(A, Ga)  # A = F Q^T, Q orthonormal
     m, W = np.linalg.eigh(F.T @ Gb @ F)
     m, W = m[::-1], W[:, ::-1]  # largest first
     total = float(np.clip(m, 0, None).sum())
@@ -459,7 +473,7 @@ def lowrank_layer(
         return FusedLayer(zeros, 0.0, 0.0), energies
     mk, Wk = m[:k], W[:, :k]
     left = ((d[:, None] * F) @ (Wk * mk**-0.25)).astype(np.float32)  # R x k
-    right = ((mk**0.25)[:, None] * Wk.T @ (Va / np.sqrt(la)).T).astype(np.float32)  # k x R
+    right = ((mk**0.25)[:, None] * Wk.T @ F_plus).astype(np.float32)  # k x R
     A_out = np.matmul(right, A, out=_scratch("A out", (k, A.shape[1]), np.float32))
     B_out = np.matmul(B, np.hstack([left, probes]), out=_scratch("B out", (out, k + PROBES), np.float32))
     energies = (_probed(B_out[:, k:]), max(separate, 0.0))
@@ -474,13 +488,6 @@ def _probed(values: np.ndarray) -> float:
 # ---- K-LoRA -----------------------------------------------------------------------------------------------------
 
 
-def _rounded(values: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 values as a product in `dtype` rounds them (to nearest even, like torch)."""
-    if dtype == "BF16":
-        return Stored.from_float32(values, dtype).float32()
-    return values.astype(np.float16).astype(np.float32) if dtype == "F16" else values
-
-
 def _rounded_scalar(value: float, dtype: str) -> float:
     """`_rounded` for one value, in plain integer arithmetic (a numpy call per value would cost more)."""
     single = np.float32(value)
@@ -491,12 +498,19 @@ def _rounded_scalar(value: float, dtype: str) -> float:
     return float(np.float16(single)) if dtype == "F16" else float(single)
 
 
+def _rounded(values: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values as a product in `dtype` rounds them (to nearest even, like torch)."""
+    if dtype == "BF16":
+        return Stored.from_float32(values, dtype).float32()
+    return values.astype(np.float16).astype(np.float32) if dtype == "F16" else values
+
+
 class TopKSum:
     """Bounds on the sum of the k largest |entries| of scale * B @ A that close as entries are computed (module
     docstring, K-LoRA): `lower` <= the sum <= `upper`, equal once `exact`. `refine` computes every entry whose
     Cauchy-Schwarz bound reaches a level: rows and columns ordered by norm, a staircase of tiles."""
 
-    def __init__(self, factors: Factors, k: int, tile_elements: int = TILE_ELEMENTS) -> None:
+    def __init__(self, factors: Factors, k: int, tile_elements: int = TILE_ELEMENTS, slot: int = 0) -> None:
         (row_squares, gram_b), (col_squares, gram_a) = _measure(factors.B, 0), _measure(factors.A, 1)
         out, inn = factors.shape
         self.rms = abs(factors.scale) * math.sqrt(max(float((gram_b * gram_a).sum()), 0.0) / (out * inn))
@@ -513,7 +527,8 @@ class TopKSum:
         self.size, self.k = out * inn, min(k, out * inn)
         self.scale = abs(factors.scale)
         self.dtype = factors.A.dtype if factors.A.dtype == factors.B.dtype in ("BF16", "F16") else "F32"
-        self.ordered_A: np.ndarray | None = None  # A's columns in order, float32, while entries are computed
+        self.ordered_B = _Ordered(factors.B, self.rows, f"B {slot}")  # B's rows in order, float32, as needed
+        self.ordered_A = _Ordered(Stored(factors.A.data.T, factors.A.dtype), self.cols, f"A {slot}")  # A's columns
         self.computed = 0
         self.frontier = float(self.block_bounds[0] * col_bounds[0]) if self.size else 0.0  # largest bound left
         self.kept = np.empty(0, np.float32)  # the largest computed |entries|: all of them until k are merged
@@ -574,15 +589,13 @@ class TopKSum:
         if level is None or not (columns > self.done).any():
             reach = self._columns(self._level(max(2 * self.computed, FIRST_BAND * self.k)))
             columns = np.maximum(reach[self.group_first], self.done)
-        if self.ordered_A is None:
-            self.ordered_A = Stored(np.take(self.factors.A.data, self.cols, axis=1), self.factors.A.dtype).float32()
         touched = np.flatnonzero(columns > self.done)
         if touched.size:
-            first_row = int(self.starts[touched[0]])
-            B = self._rows(first_row, int(self.starts[touched[-1]] + self.heights[touched[-1]]))
+            B = self.ordered_B.upto(int(self.starts[touched[-1]] + self.heights[touched[-1]]))
+            A = self.ordered_A.upto(int(columns[touched[0]]))
         for top, bottom, left, right in self._tiles(touched, columns):
             tile = _scratch("tile", (bottom - top, right - left), np.float32)
-            np.matmul(B[top - first_row : bottom - first_row], self.ordered_A[:, left:right], out=tile)
+            np.matmul(B[top:bottom], A[left:right].T, out=tile)
             if max(tile.max(), -tile.min()) >= self.threshold:  # most tiles hold nothing that counts
                 self._take(np.abs(tile, out=tile).reshape(-1))
         self.done = columns
@@ -625,14 +638,6 @@ class TopKSum:
             low, high = (middle, high) if self.work_at(middle) >= target else (low, middle)
         return low
 
-    def _rows(self, first: int, last: int) -> np.ndarray:
-        """B's rows first:last in order, float32 (in this thread's scratch)."""
-        data, index = self.factors.B.data, self.rows[first:last]
-        gathered = np.take(
-            data, index, axis=0, mode="clip", out=_scratch("gathered", (len(index), data.shape[1]), data.dtype.type)
-        )
-        return Stored(gathered, self.factors.B.dtype).float32(out=_scratch("rows", gathered.shape, np.float32))
-
     def _take(self, values: np.ndarray) -> None:
         mask = np.greater_equal(values, np.float32(self.threshold), out=_scratch("mask", values.shape, np.bool_))
         self.pending.append(values[mask])
@@ -651,6 +656,27 @@ class TopKSum:
         self.top = np.sort(_rounded(values, self.dtype).astype(np.float64))[::-1]
         self.sums = np.concatenate([[0.0], np.cumsum(self.top)])
         self.falling_top = -self.top
+
+
+class _Ordered:
+    """A factor's rows in a given order as float32, converted as far as asked (most are never needed), into the
+    scratch `name` of the thread that asks (one per input of a layer: the layers of a thread reuse them)."""
+
+    def __init__(self, stored: Stored, order: np.ndarray, name: str) -> None:
+        self.stored, self.order, self.name = stored, order, name
+        self.ready = 0
+
+    def upto(self, count: int) -> np.ndarray:
+        """The first `count` rows in order (and the ones converted before)."""
+        values = _scratch(self.name, self.stored.shape, np.float32)
+        owners = _buffers.__dict__.setdefault("owners", {})
+        if owners.get(self.name) is not self:  # another one wrote there since: convert again
+            owners[self.name], self.ready = self, 0
+        if count > self.ready:
+            gathered = np.take(self.stored.data, self.order[self.ready : count], axis=0)
+            Stored(gathered, self.stored.dtype).float32(out=values[self.ready : count])
+            self.ready = count
+        return values
 
 
 def _measure(stored: Stored, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -722,6 +748,13 @@ def klora_coefficients(
     sources: Sequence[Source], modules: Sequence[str], selection: Selection
 ) -> dict[str, dict[str, float]]:
     """Per layer, each input's coefficient under K-LoRA's selection (module docstring); inputs with weight > 0."""
+    return _klora(sources, modules, selection)[0]
+
+
+def _klora(
+    sources: Sequence[Source], modules: Sequence[str], selection: Selection
+) -> tuple[dict[str, dict[str, float]], dict[tuple[str, str], float]]:
+    """`klora_coefficients`, and ||dW||^2 of each (module, input) on the way (from the RMS entries gamma needs)."""
     if selection not in ("hard", "soft"):
         raise FusionError(f"selection must be hard or soft, not {selection!r}")
     present = {m: [s for s in sources if m in s.lora.layers] for m in modules}
@@ -729,9 +762,10 @@ def klora_coefficients(
     def measure(m: str) -> dict[str, TopKSum]:
         ranks = sorted((s.lora.layers[m].rank for s in present[m]), reverse=True)
         k = ranks[0] * (ranks[1] if len(ranks) > 1 else ranks[0])
-        return {s.lora.label: TopKSum(s.lora.layers[m], k) for s in present[m]}
+        return {s.lora.label: TopKSum(s.lora.layers[m], k, slot=slot) for slot, s in enumerate(present[m])}
 
     bounds = dict(zip(modules, parallel_map(measure, modules), strict=True))
+    energies = {(m, label): b.rms**2 * b.size for m in modules for label, b in bounds[m].items()}
     logs: dict[str, list[float]] = {s.lora.label: [] for s in sources}
     for m in modules:
         values = {label: b.rms for label, b in bounds[m].items()}
@@ -754,7 +788,7 @@ def klora_coefficients(
 
     largest_first = sorted(modules, key=lambda m: -max(b.size for b in bounds[m].values()))
     chosen = dict(zip(largest_first, parallel_map(choose, largest_first), strict=True))
-    return {m: chosen[m] for m in modules}
+    return {m: chosen[m] for m in modules}, energies
 
 
 def _hard_selection(bounds: dict[str, TopKSum], weights: dict[str, float], gamma: dict[str, float]) -> dict[str, float]:
@@ -796,9 +830,7 @@ def _hard_selection(bounds: dict[str, TopKSum], weights: dict[str, float], gamma
 
 def _work_left(bounds: dict[str, TopKSum], aims: dict[str, float]) -> int:
     """Entries still to compute for each upper bound named in `aims` to fall under its aim."""
-    return sum(
-        bounds[label].work_at(bounds[label].level_for(aim)) - bounds[label].computed for label, aim in aims.items()
-    )
+    return sum(bounds[b].work_at(bounds[b].level_for(aim)) - bounds[b].computed for b, aim in aims.items())
 
 
 def _select(scores: dict[str, float], selection: Selection) -> dict[str, float]:
