@@ -98,7 +98,7 @@ FIRST_BAND = 32  # K-LoRA's first band computes this many times k entries, each 
 BOUND_SLACK = 2.0**-22  # times the rank: a Cauchy-Schwarz bound's margin for float32 sums (entries and norms)
 BLOCK_SPREAD = 0.01  # K-LoRA's blocks of rows span this much of a norm: a block's bound is its first row's
 BLOCK_ROWS = 32  # and at least this many rows (the few largest norms are far apart)
-BISECTIONS = 14  # steps of the searches for a level
+BISECTIONS = 10  # steps of the searches for a level (to 1/1000 of the range)
 MERGE_AT = 4  # K-LoRA merges the entries it keeps once this many times k are pending (the threshold rises)
 MEASURE_CHUNK = 1 << 18  # factor entries converted at a time to measure norms (1 MiB of float32)
 RIVAL_AIM = 0.995  # and aims the others' upper bounds this far under it (newly computed entries may raise them)
@@ -797,9 +797,12 @@ def _hard_selection(bounds: dict[str, TopKSum], weights: dict[str, float], gamma
     def score(label: str, value: float) -> float:
         return weights[label] * value / gamma[label]
 
-    def aims(leading: float, rivals: list[str]) -> dict[str, float]:
-        """The upper bound, in its own units, under which each rival loses to a leading score."""
-        return {r: leading * gamma[r] / weights[r] * RIVAL_AIM for r in rivals}
+    def levels(leading: float, rivals: list[str]) -> dict[str, float]:
+        """Per rival, the level to refine to for its upper bound to fall under what loses to a leading score."""
+        return {r: bounds[r].level_for(leading * gamma[r] / weights[r] * RIVAL_AIM) for r in rivals}
+
+    def work(targets: dict[str, float]) -> int:
+        return sum(bounds[r].work_at(level) - bounds[r].computed for r, level in targets.items())
 
     for b in bounds.values():
         b.refine()
@@ -815,22 +818,18 @@ def _hard_selection(bounds: dict[str, TopKSum], weights: dict[str, float], gamma
             winners = _select({label: low[label] for label in (leader, *rivals)}, "hard")
             return {label: winners.get(label, 0.0) for label in bounds}
         open_rivals = [label for label in rivals if not bounds[label].exact]
+        targets = levels(low[leader], open_rivals) if gains[leader] < math.inf else {}
         # A step of the leader costs about as many entries as it has computed; it pays when raising its lower bound
-        # by about half its last gain spares the rivals more than that.
-        spared = _work_left(bounds, aims(low[leader], open_rivals)) - _work_left(
-            bounds, aims(low[leader] + gains[leader] / 2, open_rivals)
-        )
-        if not bounds[leader].exact and (not open_rivals or spared > bounds[leader].computed):
+        # by about half its last gain spares the rivals more than that (its first step always does).
+        if not bounds[leader].exact and (
+            not targets
+            or work(targets) - work(levels(low[leader] + gains[leader] / 2, open_rivals)) > bounds[leader].computed
+        ):
             bounds[leader].refine()
             gains[leader] = score(leader, bounds[leader].lower) - low[leader]
             continue
-        for label, aim in aims(low[leader], open_rivals).items():
-            bounds[label].refine(bounds[label].level_for(aim))
-
-
-def _work_left(bounds: dict[str, TopKSum], aims: dict[str, float]) -> int:
-    """Entries still to compute for each upper bound named in `aims` to fall under its aim."""
-    return sum(bounds[b].work_at(bounds[b].level_for(aim)) - bounds[b].computed for b, aim in aims.items())
+        for label, level in (targets or levels(low[leader], open_rivals)).items():
+            bounds[label].refine(level)
 
 
 def _select(scores: dict[str, float], selection: Selection) -> dict[str, float]:
