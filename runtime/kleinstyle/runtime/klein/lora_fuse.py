@@ -59,7 +59,7 @@ w upper / gamma]; the leader (largest lower end) is refined while that spares it
 and each rival goes straight to the level at which its upper end falls under the leader's lower end; a rival
 that cannot (a near tie) is computed exactly, and exact scores are compared as before (ties share). The result
 is the same selection, having computed only the entries that could change it (on three random rank-32 9B LoRAs
-at weights 1, 0.7 and 0.5, about 4% of them). Soft selection needs every S exactly.
+at weights 1, 0.7 and 0.5, about 3% of them). Soft selection needs every S exactly.
 Weights that cancel (the sum holds under CANCELLED of its terms' energy, estimated per layer from a few random
 probes of the float32 factors it is fused from) are refused once every layer is done, before `fuse` returns (the
 streamed result is not kept): the result would be an all-zero LoRA reported as keeping everything.
@@ -587,8 +587,10 @@ class TopKSum:
         (bands of a coarser staircase: fewer, fuller tiles). Never below `floor`."""
         columns = self._columns(max(level or 0.0, self.floor))
         if level is None or not (columns > self.done).any():
-            reach = self._columns(self._level(max(2 * self.computed, FIRST_BAND * self.k)))
-            columns = np.maximum(reach[self.group_first], self.done)
+            level = self._level(max(2 * self.computed, FIRST_BAND * self.k))
+            columns = self._columns(level)
+            if level > self.floor:  # a band on the way (the last one, to the floor, computes only what counts)
+                columns = np.maximum(columns[self.group_first], self.done)
         touched = np.flatnonzero(columns > self.done)
         if touched.size:
             B = self.ordered_B.upto(int(self.starts[touched[-1]] + self.heights[touched[-1]]))
