@@ -144,6 +144,19 @@ def test_bounds_hold_and_close_at_every_refinement():
         assert bounds.frontier < level or bounds.exact
 
 
+def test_bounds_refined_in_turn_stay_exact():
+    """Several sums refined alternately in one thread (as hard selection does) do not disturb each other."""
+    g = np.random.default_rng(10)
+    layers = [random_factors(g, 200, 150, 6, "BF16") for _ in range(3)]
+    bounds = [TopKSum(f, 36, tile_elements=3000) for f in layers]
+    while not all(b.exact for b in bounds):
+        for b in bounds:
+            if not b.exact:
+                b.refine()
+    for b, f in zip(bounds, layers, strict=True):
+        assert b.lower == pytest.approx(dense_topk(f, 36), rel=1e-6)
+
+
 # ---- the coefficients -------------------------------------------------------------------------------------------
 
 

@@ -671,9 +671,9 @@ class _Ordered:
     def upto(self, count: int) -> np.ndarray:
         """The first `count` rows in order (and the ones converted before)."""
         values = _scratch(self.name, self.stored.shape, np.float32)
-        owners = _buffers.__dict__.setdefault("owners", {})
-        if owners.get(self.name) is not self:  # another one wrote there since: convert again
-            owners[self.name], self.ready = self, 0
+        owners = _buffers.__dict__.setdefault("owners", {})  # ids, not references: a new one starts at 0 anyway
+        if owners.get(self.name) != id(self):  # another one wrote there since: convert again
+            owners[self.name], self.ready = id(self), 0
         if count > self.ready:
             gathered = np.take(self.stored.data, self.order[self.ready : count], axis=0)
             Stored(gathered, self.stored.dtype).float32(out=values[self.ready : count])
