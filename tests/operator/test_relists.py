@@ -71,6 +71,9 @@ async def test_a_job_deleted_while_the_watch_was_away_is_tombstoned_and_left_out
         seen = {c["metadata"]["name"] for c in observe(board(), indexes, wakers).children}
         assert seen == {"kept"}, "the reconcile must not see the Jobs that are gone"
         assert new_remade["metadata"]["uid"] not in wakers.tombstones
+        # Once kopf forgets them (their entries leave the index), so do the tombstones.
+        assert await relists.audit(wakers, Kube(), indexes_with(kept)) == []
+        assert not wakers.tombstones
 
 
 async def test_the_audit_waits_for_a_bursts_end_then_runs_once(tmp_path: Path) -> None:

@@ -55,7 +55,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig, kueue_version
         kopf.index(*resource, registry=registry, id=objects_index(kind.kind))(index_object)
         kopf.on.event(*resource, registry=registry, id=f"wake_{kind.plural}")(_wake_self_and_dependents)
         # A deleted resource's daemon that does not stop at once (mid-reconcile) is looked at again after
-        # cancellation_polling: kopf's 60 s default held the finalizer, and `kubectl delete`, that long.
+        # cancellation_polling: kopf's 60 s default could hold the finalizer, and `kubectl delete`, that long.
         kopf.daemon(*resource, registry=registry, id="reconcile", cancellation_timeout=5.0, cancellation_polling=0.5)(
             run_resource
         )

@@ -26,14 +26,12 @@ from kubernetes.client.exceptions import ApiException
 
 from . import kueue
 from .indexes import CHILD_KINDS, PODS_INDEX, WORKLOADS_INDEX, children_index
-from .kube import Kube
+from .kube import Kube, collection_path
 from .naming import OWNER_UID
 from .wakers import Wakers
 
 QUIET_S = 2.0  # no listed event for this long: the burst is over
 AUDITED = (*(children_index(kind) for kind in CHILD_KINDS), PODS_INDEX, WORKLOADS_INDEX)
-PLURAL = {"Job": "jobs", "Pod": "pods", "ConfigMap": "configmaps", "ServiceAccount": "serviceaccounts"}
-PLURAL |= {"Role": "roles", "RoleBinding": "rolebindings", "Workload": "workloads"}
 
 logger = logging.getLogger(__name__)
 
@@ -57,25 +55,25 @@ class Listing:
         self.task: asyncio.Task[None] | None = None
 
 
-def entries(indexes: Mapping[str, Any], tombstones: set[str]) -> Iterator[dict[str, Any]]:
-    """The entries of the audited indexes (but those known gone already)."""
+def entries(indexes: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    """The entries of the audited indexes."""
     for name in AUDITED:
         for store in (indexes.get(name) or {}).values():
-            for obj in store:
-                if obj["metadata"].get("uid") not in tombstones:
-                    yield obj
+            yield from store
 
 
-def path_of(obj: Mapping[str, Any]) -> str:
-    api_version, meta = obj["apiVersion"], obj["metadata"]
-    prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
-    return f"{prefix}/namespaces/{meta['namespace']}/{PLURAL[obj['kind']]}/{meta['name']}"
+def collection_of(obj: Mapping[str, Any]) -> str:
+    """The REST path of `obj`'s collection in its namespace (kube.PLURALS' kinds, and Kueue's Workloads)."""
+    namespace = obj["metadata"]["namespace"]
+    if obj["kind"] == "Workload":
+        return f"/apis/{obj['apiVersion']}/namespaces/{namespace}/workloads"
+    return collection_path(obj["kind"], namespace)
 
 
 async def gone(kube: Kube, obj: Mapping[str, Any]) -> bool:
     """Whether `obj` is no longer there: 404, or another object (another uid) under its name. Unsure is not gone."""
     try:
-        found: dict[str, Any] | None = await kube.request("GET", path_of(obj))
+        found: dict[str, Any] | None = await kube.request("GET", f"{collection_of(obj)}/{obj['metadata']['name']}")
     except ApiException as exc:
         return bool(exc.status == 404)
     return found is not None and str(found["metadata"].get("uid")) != str(obj["metadata"]["uid"])
@@ -87,18 +85,17 @@ async def audit(wakers: Wakers, kube: Kube, indexes: Mapping[str, Any]) -> list[
     One label-selected list per kind and namespace finds the candidates (the listing kopf made is not at hand, and a
     burst can hold several rounds of it); each is read once more before it is buried, since what was created after
     the list is missing from it too."""
-    collections: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-    for obj in entries(indexes, wakers.tombstones):
-        collections.setdefault((obj["apiVersion"], obj["kind"], obj["metadata"]["namespace"]), []).append(obj)
+    indexed = list(entries(indexes))
+    # A tombstone is kept while its entry is in an index: once kopf forgets the object, so does this.
+    wakers.tombstones &= {obj["metadata"].get("uid") for obj in indexed}
+    collections: dict[str, list[dict[str, Any]]] = {}
+    for obj in indexed:
+        if obj["metadata"].get("uid") not in wakers.tombstones:
+            collections.setdefault(collection_of(obj), []).append(obj)
     buried = []
-    for (api_version, kind, namespace), objs in collections.items():
-        if kind not in PLURAL:
-            continue
-        prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
-        selector = kueue.JOB_UID_LABEL if kind == "Workload" else OWNER_UID
-        listed = await kube.request(
-            "GET", f"{prefix}/namespaces/{namespace}/{PLURAL[kind]}", query=[("labelSelector", selector)]
-        )
+    for collection, objs in collections.items():
+        selector = kueue.JOB_UID_LABEL if objs[0]["kind"] == "Workload" else OWNER_UID
+        listed = await kube.request("GET", collection, query=[("labelSelector", selector)])
         present = {item["metadata"]["uid"] for item in (listed or {}).get("items") or []}
         for obj in objs:
             if obj["metadata"]["uid"] in present or not await gone(kube, obj):
@@ -106,7 +103,7 @@ async def audit(wakers: Wakers, kube: Kube, indexes: Mapping[str, Any]) -> list[
             meta = obj["metadata"]
             wakers.tombstones.add(meta["uid"])
             buried.append(obj)
-            logger.info(f"{kind} {namespace}/{meta['name']} was deleted while a watch was away")
+            logger.info(f"{obj['kind']} {meta['namespace']}/{meta['name']} was deleted while a watch was away")
             labels = meta.get("labels") or {}  # a child's owner by label; a Workload's through its Job's uid
             owner = labels.get(OWNER_UID) or wakers.job_owner.get(labels.get(kueue.JOB_UID_LABEL, ""))
             if owner:
